@@ -1,0 +1,298 @@
+//! The backend side of the SDK: the [`Backend`] trait a database backend implements, and
+//! the adapter that exposes it across the boundary with panics caught.
+//!
+//! # Contract
+//!
+//! A backend instance owns one database connection and is used by one thread. The host
+//! opens one instance per consumer (one handler of one daemon), so a backend never has
+//! to share a connection between threads.
+//!
+//! Reading is batch by batch: [`Backend::fetch`] returns the next changes for a consumer
+//! in an order where changes to one row come in commit order, together with an opaque
+//! token. The host handles a prefix of the batch and calls [`Backend::ack`] with the token
+//! and the id of the last change it handled; the backend then makes the consumer's cursor
+//! durable in the database. A fetch after a partial ack returns the rest of the batch
+//! first. Nothing may be skipped: a change committed after a fetch must show up in a
+//! later fetch, whatever order transactions committed in.
+
+use std::time::Duration;
+
+use abi_stable::{
+    sabi_trait::TD_Opaque,
+    std_types::{RResult, RStr, RString, RVec},
+};
+
+use crate::change::Change;
+use crate::ffi::{
+    BackendBox, RBatch, RChange, RConsumer, RError, RErrorKind, RRegistered, RStartFrom, RWatch,
+    RawBackend, RawBackend_TO,
+};
+use crate::handler::guard;
+
+/// How a backend call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The connection is gone or unusable: the host backs off and calls
+    /// [`Backend::reconnect`].
+    #[error("{0}")]
+    Connection(String),
+    /// Bad input: an identifier, a missing table or column, a bad URL or option.
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else (SQL errors the backend did not expect).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl BackendError {
+    pub fn is_connection(&self) -> bool {
+        matches!(self, BackendError::Connection(_))
+    }
+}
+
+impl From<BackendError> for RError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Connection(m) => RError::new(RErrorKind::Connection, m),
+            BackendError::Invalid(m) => RError::new(RErrorKind::Invalid, m),
+            BackendError::Other(m) => RError::new(RErrorKind::Permanent, m),
+        }
+    }
+}
+
+impl From<RError> for BackendError {
+    fn from(e: RError) -> Self {
+        match e.kind {
+            RErrorKind::Connection => BackendError::Connection(e.message.into()),
+            RErrorKind::Invalid => BackendError::Invalid(e.message.into()),
+            RErrorKind::Panic => BackendError::Other(format!("backend panicked: {}", e.message)),
+            RErrorKind::Retryable | RErrorKind::Permanent => BackendError::Other(e.message.into()),
+        }
+    }
+}
+
+/// What to capture for one table: the union of the columns every handler needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    pub table: String,
+    pub columns: Vec<String>,
+}
+
+/// One handler of one daemon; owns a durable cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Consumer {
+    pub daemon: String,
+    pub handler: String,
+}
+
+impl std::fmt::Display for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.daemon, self.handler)
+    }
+}
+
+/// Where a consumer seen for the first time starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// Only changes committed from now on.
+    Now,
+    /// Every change still in the log.
+    Oldest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    New,
+    Existing,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub changes: Vec<Change>,
+    /// Opaque to the host; handed back to [`Backend::ack`].
+    pub token: String,
+}
+
+/// A database backend. Implement this, then call [`crate::export_backend!`] once.
+pub trait Backend: Send + 'static {
+    /// The backend's name (`sqlite`, `postgres`).
+    const NAME: &'static str;
+    /// The `database.url` schemes this backend serves, comma-separated
+    /// (`"postgres,postgresql"`).
+    const URL_SCHEMES_JOINED: &'static str;
+
+    /// Connect. `options` is the `[database]` table minus `url`, as JSON.
+    fn open(url: &str, options: &serde_json::Value) -> Result<Self, BackendError>
+    where
+        Self: Sized;
+
+    /// The statements [`Backend::install`] would run now, applying nothing.
+    fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError>;
+
+    /// Create or bring up to date log tables, triggers and bookkeeping tables.
+    /// Idempotent. Returns the statements it ran.
+    fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError>;
+
+    /// The statements [`Backend::uninstall`] would run now.
+    fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError>;
+
+    /// Remove every object Epidemic created, and nothing else.
+    fn uninstall(&mut self) -> Result<Vec<String>, BackendError>;
+
+    /// Make sure the consumer has a durable cursor for these tables.
+    fn register(&mut self, consumer: &Consumer, tables: &[String], start: StartFrom) -> Result<Registered, BackendError>;
+
+    /// The next changes for the consumer, at most `max`. Empty when there is nothing new.
+    fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError>;
+
+    /// The consumer handled the batch's changes up to and including the one with `upto_id`.
+    fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError>;
+
+    /// Block until there may be new changes or `timeout` passes. Returns `true` when woken
+    /// by a sign of new changes. Spurious wake-ups are allowed; missing one is not fatal
+    /// (the host fetches after every timeout) but costs latency.
+    fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError>;
+
+    /// Delete log rows every registered consumer has passed. Returns how many.
+    fn prune(&mut self) -> Result<u64, BackendError>;
+
+    /// Drop the connection and open a new one.
+    fn reconnect(&mut self) -> Result<(), BackendError>;
+}
+
+fn consumer(c: &RConsumer) -> Consumer {
+    Consumer {
+        daemon: c.daemon.to_string(),
+        handler: c.handler.to_string(),
+    }
+}
+
+impl From<&Consumer> for RConsumer {
+    fn from(c: &Consumer) -> Self {
+        RConsumer {
+            daemon: c.daemon.as_str().into(),
+            handler: c.handler.as_str().into(),
+        }
+    }
+}
+
+impl From<&Watch> for RWatch {
+    fn from(w: &Watch) -> Self {
+        RWatch {
+            table: w.table.as_str().into(),
+            columns: w.columns.iter().map(|c| RString::from(c.as_str())).collect(),
+        }
+    }
+}
+
+fn watches(w: RVec<RWatch>) -> Vec<Watch> {
+    w.into_iter()
+        .map(|w| Watch {
+            table: w.table.into(),
+            columns: w.columns.into_iter().map(String::from).collect(),
+        })
+        .collect()
+}
+
+fn strings(v: Vec<String>) -> RVec<RString> {
+    v.into_iter().map(RString::from).collect()
+}
+
+fn res<T, U>(r: Result<T, BackendError>, f: impl FnOnce(T) -> U) -> RResult<U, RError> {
+    match r {
+        Ok(v) => RResult::ROk(f(v)),
+        Err(e) => RResult::RErr(e.into()),
+    }
+}
+
+struct BackendAdapter<B>(B);
+
+impl<B: Backend> RawBackend for BackendAdapter<B> {
+    fn plan_install(&mut self, w: RVec<RWatch>) -> RResult<RVec<RString>, RError> {
+        guard(|| res(self.0.plan_install(&watches(w)), strings))
+    }
+
+    fn install(&mut self, w: RVec<RWatch>) -> RResult<RVec<RString>, RError> {
+        guard(|| res(self.0.install(&watches(w)), strings))
+    }
+
+    fn plan_uninstall(&mut self) -> RResult<RVec<RString>, RError> {
+        guard(|| res(self.0.plan_uninstall(), strings))
+    }
+
+    fn uninstall(&mut self) -> RResult<RVec<RString>, RError> {
+        guard(|| res(self.0.uninstall(), strings))
+    }
+
+    fn register(&mut self, c: &RConsumer, tables: RVec<RString>, start: RStartFrom) -> RResult<RRegistered, RError> {
+        guard(|| {
+            let tables: Vec<String> = tables.into_iter().map(String::from).collect();
+            let start = match start {
+                RStartFrom::Now => StartFrom::Now,
+                RStartFrom::Oldest => StartFrom::Oldest,
+            };
+            res(self.0.register(&consumer(c), &tables, start), |r| match r {
+                Registered::New => RRegistered::New,
+                Registered::Existing => RRegistered::Existing,
+            })
+        })
+    }
+
+    fn fetch(&mut self, c: &RConsumer, max: u32) -> RResult<RBatch, RError> {
+        guard(|| {
+            res(self.0.fetch(&consumer(c), max), |b| RBatch {
+                changes: b.changes.into_iter().map(RChange::from).collect(),
+                token: b.token.into(),
+            })
+        })
+    }
+
+    fn ack(&mut self, c: &RConsumer, token: RStr<'_>, upto_id: i64) -> RResult<(), RError> {
+        guard(|| res(self.0.ack(&consumer(c), token.as_str(), upto_id), |()| ()))
+    }
+
+    fn wait(&mut self, timeout_ms: u64) -> RResult<bool, RError> {
+        guard(|| res(self.0.wait(Duration::from_millis(timeout_ms)), |b| b))
+    }
+
+    fn prune(&mut self) -> RResult<u64, RError> {
+        guard(|| res(self.0.prune(), |n| n))
+    }
+
+    fn reconnect(&mut self) -> RResult<(), RError> {
+        guard(|| res(self.0.reconnect(), |()| ()))
+    }
+}
+
+#[doc(hidden)]
+pub extern "C" fn open_backend<B: Backend>(url: RStr<'_>, options_json: RStr<'_>) -> RResult<BackendBox, RError> {
+    guard(|| {
+        let options: serde_json::Value = match serde_json::from_str(options_json.as_str()) {
+            Ok(v) => v,
+            Err(e) => {
+                return RResult::RErr(RError::new(RErrorKind::Invalid, format!("backend options are not valid JSON: {e}")))
+            }
+        };
+        res(B::open(url.as_str(), &options), |b| {
+            RawBackend_TO::from_value(BackendAdapter(b), TD_Opaque)
+        })
+    })
+}
+
+/// Export a [`Backend`] implementation as this library's plugin root module.
+#[macro_export]
+macro_rules! export_backend {
+    ($backend:ty) => {
+        #[doc(hidden)]
+        pub mod __epidemic_plugin_root {
+            use super::*;
+            use $crate::__private::abi_stable;
+
+            /// The root module of this backend library, read by the Epidemic host.
+            #[$crate::__private::abi_stable::export_root_module]
+            pub fn epidemic_root_module() -> $crate::ffi::PluginModuleRef {
+                $crate::__private::backend_module::<$backend>(env!("CARGO_PKG_VERSION"))
+            }
+        }
+    };
+}

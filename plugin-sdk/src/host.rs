@@ -1,0 +1,320 @@
+//! The host side: load a plugin library, check it, and wrap its handler or backend in
+//! plain Rust types. Used by the `epidemic` binary and by tests.
+//!
+//! Libraries are loaded with `lib_header_from_path(..).init_root_module()` rather than
+//! `RootModule::load_from_file`, which caches one module per root-module type per
+//! process and would hand back the first plugin for every later path. Libraries are
+//! never unloaded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
+use abi_stable::std_types::{RResult, RStr, RString, RVec};
+
+use crate::backend::{Batch, BackendError, Consumer, Registered, StartFrom, Watch};
+use crate::change::{Change, Subscription};
+use crate::ffi::{
+    BackendBox, HandlerBox, PluginKind, PluginModuleRef, RChange, RConsumer, RRegistered, RStartFrom, RWatch,
+    SDK_VERSION,
+};
+use crate::handler::HandlerError;
+
+/// Why a library could not be used as a plugin. Every message is one line and names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin {path}: file not found")]
+    NotFound { path: PathBuf },
+    #[error("plugin {path}: cannot load library: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("plugin {path}: not an Epidemic plugin (no Epidemic root module in it)")]
+    NotAPlugin { path: PathBuf },
+    #[error(
+        "plugin {path}: built against epidemic-plugin-sdk {plugin_sdk}, this epidemic uses {host_sdk}; rebuild the plugin against SDK {host_sdk}"
+    )]
+    IncompatibleVersion {
+        path: PathBuf,
+        plugin_sdk: String,
+        host_sdk: String,
+    },
+    #[error(
+        "plugin {path}: its SDK interface differs from this epidemic's (plugin SDK {plugin_sdk}, host SDK {host_sdk}); rebuild the plugin against SDK {host_sdk}"
+    )]
+    IncompatibleLayout {
+        path: PathBuf,
+        plugin_sdk: String,
+        host_sdk: String,
+        /// abi_stable's full report, often hundreds of lines; shown only on request.
+        detail: String,
+    },
+    #[error("plugin {path}: is a {found} plugin, expected a {expected} plugin")]
+    WrongKind {
+        path: PathBuf,
+        found: &'static str,
+        expected: &'static str,
+    },
+}
+
+impl LoadError {
+    /// abi_stable's long explanation, when there is one.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            LoadError::IncompatibleLayout { detail, .. } => Some(detail),
+            _ => None,
+        }
+    }
+}
+
+fn kind_name(k: PluginKind) -> &'static str {
+    match k {
+        PluginKind::Handler => "handler",
+        PluginKind::Backend => "backend",
+    }
+}
+
+/// A loaded plugin library.
+#[derive(Clone)]
+pub struct Library {
+    pub path: PathBuf,
+    pub kind: PluginKind,
+    pub name: String,
+    pub version: String,
+    /// The SDK version the plugin was built against.
+    pub sdk_version: String,
+    pub url_schemes: Vec<String>,
+    module: PluginModuleRef,
+}
+
+impl std::fmt::Debug for Library {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Library")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("sdk_version", &self.sdk_version)
+            .finish()
+    }
+}
+
+/// Load and check a plugin library.
+pub fn load(path: &Path) -> Result<Library, LoadError> {
+    if !path.exists() {
+        return Err(LoadError::NotFound { path: path.to_owned() });
+    }
+    let header = lib_header_from_path(path).map_err(|e| match e {
+        LibraryError::GetSymbolError { .. } => LoadError::NotAPlugin { path: path.to_owned() },
+        LibraryError::OpenError { err, .. } => LoadError::Open {
+            path: path.to_owned(),
+            reason: one_line(&err.to_string()),
+        },
+        other => LoadError::Open {
+            path: path.to_owned(),
+            reason: one_line(&other.to_string()),
+        },
+    })?;
+    let plugin_sdk = header.version_strings().version.to_string();
+    let host_sdk = SDK_VERSION.to_owned();
+    let module = header.init_root_module::<PluginModuleRef>().map_err(|e| match e {
+        LibraryError::IncompatibleVersionNumber { .. } => LoadError::IncompatibleVersion {
+            path: path.to_owned(),
+            plugin_sdk: plugin_sdk.clone(),
+            host_sdk: host_sdk.clone(),
+        },
+        other => LoadError::IncompatibleLayout {
+            path: path.to_owned(),
+            plugin_sdk: plugin_sdk.clone(),
+            host_sdk: host_sdk.clone(),
+            detail: other.to_string(),
+        },
+    })?;
+    // A plugin built with a different root-module name is a different kind of library
+    // altogether; abi_stable reports that through the version strings above.
+    let _ = PluginModuleRef::NAME;
+    Ok(Library {
+        path: path.to_owned(),
+        kind: module.kind(),
+        name: module.name().to_string(),
+        version: module.version().to_string(),
+        sdk_version: plugin_sdk,
+        url_schemes: module
+            .url_schemes()
+            .as_str()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        module,
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl Library {
+    fn expect(&self, kind: PluginKind) -> Result<(), LoadError> {
+        if self.kind == kind {
+            Ok(())
+        } else {
+            Err(LoadError::WrongKind {
+                path: self.path.clone(),
+                found: kind_name(self.kind),
+                expected: kind_name(kind),
+            })
+        }
+    }
+
+    pub fn expect_handler(&self) -> Result<(), LoadError> {
+        self.expect(PluginKind::Handler)
+    }
+
+    pub fn expect_backend(&self) -> Result<(), LoadError> {
+        self.expect(PluginKind::Backend)
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.kind)
+    }
+
+    /// Create a handler instance from its config table.
+    pub fn new_handler(&self, config: &serde_json::Value) -> Result<HostHandler, HandlerError> {
+        let new = self.module.new_handler();
+        let json = config.to_string();
+        match new(RStr::from_str(&json)) {
+            RResult::ROk(inner) => Ok(HostHandler {
+                inner,
+                columns: Vec::new(),
+            }),
+            RResult::RErr(e) => Err(e.into()),
+        }
+    }
+
+    /// Open a backend connection.
+    pub fn open_backend(&self, url: &str, options: &serde_json::Value) -> Result<HostBackend, BackendError> {
+        let open = self.module.open_backend();
+        let json = options.to_string();
+        match open(RStr::from_str(url), RStr::from_str(&json)) {
+            RResult::ROk(inner) => Ok(HostBackend { inner, columns: None }),
+            RResult::RErr(e) => Err(e.into()),
+        }
+    }
+}
+
+fn ok<T, E: From<crate::ffi::RError>>(r: RResult<T, crate::ffi::RError>) -> Result<T, E> {
+    r.into_result().map_err(E::from)
+}
+
+/// A handler instance on the host's side of the boundary.
+pub struct HostHandler {
+    inner: HandlerBox,
+    /// Reused buffer of the last change's column names, so most calls convert no names.
+    columns: Vec<RString>,
+}
+
+impl HostHandler {
+    pub fn subscriptions(&self) -> Result<Vec<Subscription>, HandlerError> {
+        ok::<_, HandlerError>(self.inner.subscriptions()).map(|v| v.into_iter().map(Subscription::from).collect())
+    }
+
+    pub fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
+        if self.columns.len() != change.columns.len()
+            || self.columns.iter().zip(change.columns.iter()).any(|(a, b)| a.as_str() != b)
+        {
+            self.columns = change.columns.iter().map(|c| RString::from(c.as_str())).collect();
+        }
+        let rc = RChange {
+            id: change.id,
+            table: change.table.as_str().into(),
+            op: change.op,
+            columns: self.columns.iter().cloned().collect(),
+            old: change
+                .old
+                .as_ref()
+                .map(|v| v.iter().cloned().map(Into::into).collect())
+                .into(),
+            new: change
+                .new
+                .as_ref()
+                .map(|v| v.iter().cloned().map(Into::into).collect())
+                .into(),
+            changed_at_us: change.changed_at_us,
+        };
+        ok(self.inner.handle(&rc))
+    }
+}
+
+/// A backend connection on the host's side of the boundary.
+pub struct HostBackend {
+    inner: BackendBox,
+    columns: Option<Arc<[String]>>,
+}
+
+impl HostBackend {
+    pub fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
+        ok(self.inner.plan_install(watches.iter().map(RWatch::from).collect())).map(strings)
+    }
+
+    pub fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
+        ok(self.inner.install(watches.iter().map(RWatch::from).collect())).map(strings)
+    }
+
+    pub fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        ok(self.inner.plan_uninstall()).map(strings)
+    }
+
+    pub fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        ok(self.inner.uninstall()).map(strings)
+    }
+
+    pub fn register(&mut self, consumer: &Consumer, tables: &[String], start: StartFrom) -> Result<Registered, BackendError> {
+        let tables = tables.iter().map(|t| RString::from(t.as_str())).collect();
+        let start = match start {
+            StartFrom::Now => RStartFrom::Now,
+            StartFrom::Oldest => RStartFrom::Oldest,
+        };
+        ok(self.inner.register(&RConsumer::from(consumer), tables, start)).map(|r| match r {
+            RRegistered::New => Registered::New,
+            RRegistered::Existing => Registered::Existing,
+        })
+    }
+
+    pub fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
+        let b = ok::<_, BackendError>(self.inner.fetch(&RConsumer::from(consumer), max))?;
+        let mut changes = Vec::with_capacity(b.changes.len());
+        for c in b.changes {
+            let c = c.into_change(self.columns.as_ref());
+            self.columns = Some(c.columns.clone());
+            changes.push(c);
+        }
+        Ok(Batch {
+            changes,
+            token: b.token.into(),
+        })
+    }
+
+    pub fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError> {
+        ok(self.inner.ack(&RConsumer::from(consumer), RStr::from_str(token), upto_id))
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
+        ok(self.inner.wait(timeout.as_millis().min(u64::MAX as u128) as u64))
+    }
+
+    pub fn prune(&mut self) -> Result<u64, BackendError> {
+        ok(self.inner.prune())
+    }
+
+    pub fn reconnect(&mut self) -> Result<(), BackendError> {
+        ok(self.inner.reconnect())
+    }
+}
+
+fn strings(v: RVec<RString>) -> Vec<String> {
+    v.into_iter().map(String::from).collect()
+}
+
+#[allow(dead_code)]
+fn _assert_rchange_is_send(c: RChange) -> impl Send {
+    c
+}
