@@ -1,1 +1,236 @@
-fn main() {}
+//! `epidemic`: the host. Reads the config, loads the backend library its database URL
+//! asks for and the handler libraries of its `[[handler]]` entries, installs the capture
+//! triggers and dispatches every captured change to the handlers that asked for it.
+//!
+//! The host names no database and links no database client: everything database-specific
+//! is in the backend library, reached only through the plugin SDK.
+
+mod config;
+mod daemon;
+mod plugins;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use epidemic_plugin_sdk::host;
+use epidemic_plugin_sdk::StartFrom;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "epidemic",
+    version,
+    about = "Turns row changes in a database into calls to handler plugins, and never loses one",
+    long_about = "Turns row changes in a database into calls to handler plugins, and never loses one.\n\n\
+        Triggers copy every change of the watched columns into a log table inside the database; \
+        `epidemic run` reads that log, calls each handler plugin's INSERT/UPDATE/DELETE callbacks \
+        and records how far it got, so a daemon that was down catches up when it returns.\n\n\
+        Typical use: `epidemic sql` (let the DBA review the DDL), `epidemic install`, `epidemic run`."
+)]
+struct Cli {
+    /// Config file (TOML). Keys can be overridden with EPIDEMIC_SECTION__KEY variables,
+    /// e.g. EPIDEMIC_DATABASE__URL.
+    #[arg(long, short, global = true, default_value = "epidemic.toml", env = "EPIDEMIC_CONFIG")]
+    config: PathBuf,
+
+    /// Log format on stderr. The level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+
+    /// Show long explanations of errors (e.g. abi_stable's full layout report).
+    #[arg(long, short, global = true)]
+    verbose: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install (idempotently) and run the daemon until SIGTERM or SIGINT.
+    Run {
+        /// A consumer seen for the first time starts from the oldest change still in the
+        /// log instead of from now. Existing consumers always resume where they were.
+        #[arg(long)]
+        from_oldest: bool,
+    },
+    /// Create or update log tables and triggers for the configured handlers.
+    Install,
+    /// Remove every object Epidemic created (log tables, triggers, cursors), nothing else.
+    Uninstall,
+    /// Print the SQL `install` would run now, applying nothing (for review by a DBA).
+    Sql {
+        /// Print what `uninstall` would run instead.
+        #[arg(long)]
+        uninstall: bool,
+    },
+    /// Inspect plugin libraries.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Load a plugin library and print its name, SDK version and subscriptions.
+    Check {
+        /// Path to the .so file.
+        file: PathBuf,
+        /// The handler's config table as JSON, to show its subscriptions; by default the
+        /// config of a [[handler]] using this file in --config, if there is one.
+        #[arg(long)]
+        handler_config: Option<String>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let verbose = cli.verbose;
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line on stderr: the chain of contexts, outermost first.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("epidemic: error: {}", msg.join(": "));
+            if verbose {
+                if let Some(detail) = e.downcast_ref::<host::LoadError>().and_then(|l| l.detail()) {
+                    eprintln!("{detail}");
+                }
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { from_oldest } => {
+            let stop = daemon::install_signal_handlers()?;
+            let cfg = Config::load(&cli.config)?;
+            let start = if from_oldest { StartFrom::Oldest } else { StartFrom::Now };
+            daemon::run(cfg, daemon::RunOptions { start }, stop)
+        }
+        Command::Install => {
+            let cfg = Config::load(&cli.config)?;
+            let (mut conn, watches) = connect_and_plan(&cfg)?;
+            let stmts = conn.install(&watches).context("install")?;
+            let tables: Vec<&str> = watches.iter().map(|w| w.table.as_str()).collect();
+            println!(
+                "installed: {} statements applied; watching {}",
+                stmts.len(),
+                tables.join(", ")
+            );
+            Ok(())
+        }
+        Command::Uninstall => {
+            let cfg = Config::load(&cli.config)?;
+            let lib = plugins::load_backend(&cfg)?;
+            let mut conn = plugins::open(&cfg, &lib)?;
+            let stmts = conn.uninstall().context("uninstall")?;
+            if stmts.is_empty() {
+                println!("nothing to uninstall");
+            } else {
+                println!("uninstalled: {} statements applied", stmts.len());
+            }
+            Ok(())
+        }
+        Command::Sql { uninstall } => {
+            let cfg = Config::load(&cli.config)?;
+            let stmts = if uninstall {
+                let lib = plugins::load_backend(&cfg)?;
+                let mut conn = plugins::open(&cfg, &lib)?;
+                conn.plan_uninstall().context("plan uninstall")?
+            } else {
+                let (mut conn, watches) = connect_and_plan(&cfg)?;
+                conn.plan_install(&watches).context("plan install")?
+            };
+            println!(
+                "-- epidemic {}: {} statement(s) for {} as of now",
+                if uninstall { "uninstall" } else { "install" },
+                stmts.len(),
+                epidemic_plugin_sdk::redact_url(&cfg.database.url)
+            );
+            for s in stmts {
+                println!("{s};\n");
+            }
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::Check { file, handler_config },
+        } => plugin_check(&cli.config, &file, handler_config.as_deref()),
+    }
+}
+
+fn connect_and_plan(cfg: &Config) -> Result<(host::HostBackend, Vec<epidemic_plugin_sdk::Watch>)> {
+    let lib = plugins::load_backend(cfg)?;
+    let handlers = plugins::load_handlers(cfg)?;
+    let watches = plugins::watches(&handlers);
+    let conn = plugins::open(cfg, &lib)?;
+    Ok((conn, watches))
+}
+
+fn plugin_check(config_path: &std::path::Path, file: &std::path::Path, handler_config: Option<&str>) -> Result<()> {
+    let lib = host::load(file)?;
+    println!("file:    {}", lib.path.display());
+    println!("kind:    {}", lib.kind_name());
+    println!("name:    {}", lib.name);
+    println!("version: {}", lib.version);
+    println!(
+        "sdk:     {} (this epidemic: {})",
+        lib.sdk_version,
+        epidemic_plugin_sdk::SDK_VERSION
+    );
+    if lib.expect_backend().is_ok() {
+        println!("schemes: {}", lib.url_schemes.join(", "));
+        return Ok(());
+    }
+    let config: serde_json::Value = match handler_config {
+        Some(json) => serde_json::from_str(json).context("--handler-config is not valid JSON")?,
+        None => matching_handler_config(config_path, file).unwrap_or_else(|| serde_json::json!({})),
+    };
+    match lib.new_handler(&config).and_then(|h| h.subscriptions()) {
+        Ok(subs) => {
+            println!("subscriptions:");
+            for s in subs {
+                println!("  {} ({}) ops: {}", s.table, s.columns.join(", "), s.ops);
+            }
+        }
+        Err(e) => println!("subscriptions: unknown without a valid config ({e}); pass --handler-config JSON"),
+    }
+    Ok(())
+}
+
+/// The `[handler.config]` of a handler in the config file that uses `file`, if any.
+fn matching_handler_config(config_path: &std::path::Path, file: &std::path::Path) -> Option<serde_json::Value> {
+    let cfg = Config::load(config_path).ok()?;
+    let want = std::fs::canonicalize(file).ok()?;
+    cfg.handlers.iter().find_map(|h| {
+        let p = plugins::resolve(&cfg, &h.plugin).ok()?;
+        (std::fs::canonicalize(p).ok()? == want).then(|| h.config.clone())
+    })
+}

@@ -283,16 +283,6 @@ pub extern "C" fn open_backend<B: Backend>(url: RStr<'_>, options_json: RStr<'_>
 #[macro_export]
 macro_rules! export_backend {
     ($backend:ty) => {
-        #[doc(hidden)]
-        pub mod __epidemic_plugin_root {
-            use super::*;
-            use $crate::__private::abi_stable;
-
-            /// The root module of this backend library, read by the Epidemic host.
-            #[$crate::__private::abi_stable::export_root_module]
-            pub fn epidemic_root_module() -> $crate::ffi::PluginModuleRef {
-                $crate::__private::backend_module::<$backend>(env!("CARGO_PKG_VERSION"))
-            }
-        }
+        $crate::__export_root_module!($crate::__private::backend_module::<$backend>(env!("CARGO_PKG_VERSION")));
     };
 }

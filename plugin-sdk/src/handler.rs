@@ -192,7 +192,7 @@ pub extern "C" fn new_handler<H: Handler>(config_json: RStr<'_>) -> RResult<Hand
 
 /// Export a [`Handler`] implementation as this library's plugin root module.
 ///
-/// ```ignore
+/// ```text
 /// struct Hello;
 /// impl epidemic_plugin_sdk::Handler for Hello { /* ... */ }
 /// epidemic_plugin_sdk::export_handler!(Hello);
@@ -200,16 +200,6 @@ pub extern "C" fn new_handler<H: Handler>(config_json: RStr<'_>) -> RResult<Hand
 #[macro_export]
 macro_rules! export_handler {
     ($handler:ty) => {
-        #[doc(hidden)]
-        pub mod __epidemic_plugin_root {
-            use super::*;
-            use $crate::__private::abi_stable;
-
-            /// The root module of this plugin library, read by the Epidemic host.
-            #[$crate::__private::abi_stable::export_root_module]
-            pub fn epidemic_root_module() -> $crate::ffi::PluginModuleRef {
-                $crate::__private::handler_module::<$handler>(env!("CARGO_PKG_VERSION"))
-            }
-        }
+        $crate::__export_root_module!($crate::__private::handler_module::<$handler>(env!("CARGO_PKG_VERSION")));
     };
 }

@@ -10,14 +10,14 @@
 //!
 //! # Writing a handler
 //!
-//! ```ignore
+//! ```no_run
 //! use epidemic_plugin_sdk::{Change, Handler, HandlerConfig, HandlerError, Subscription};
 //!
 //! pub struct Greeter { table: String }
 //!
 //! impl Handler for Greeter {
 //!     const NAME: &'static str = "greeter";
-//!     fn new(config: &HandlerConfig) -> Result<Self, HandlerError> {
+//!     fn new(_config: &HandlerConfig) -> Result<Self, HandlerError> {
 //!         Ok(Greeter { table: "users".into() })
 //!     }
 //!     fn subscriptions(&self) -> Vec<Subscription> {
@@ -30,6 +30,7 @@
 //! }
 //!
 //! epidemic_plugin_sdk::export_handler!(Greeter);
+//! # fn main() {}
 //! ```
 //!
 //! Build it as a `cdylib`; the host refuses a library built against an incompatible SDK
@@ -43,13 +44,48 @@ pub mod change;
 pub mod ffi;
 pub mod handler;
 pub mod host;
+pub mod ident;
 pub mod testing;
 
 pub use backend::{Backend, BackendError, Batch, Consumer, Registered, StartFrom, Watch};
 pub use change::{Change, Op, Ops, Subscription, Value};
 pub use ffi::SDK_VERSION;
+pub use ident::redact_url;
 pub use handler::{Handler, HandlerConfig, HandlerError};
 pub use serde_json;
+
+/// What abi_stable's `#[export_root_module]` generates, written against the SDK's
+/// re-export of abi_stable so plugin crates need no abi_stable dependency of their own
+/// (the attribute names `::abi_stable` directly). The symbol name is abi_stable 0.11's
+/// root-module loader name; `__private::tests` checks it against abi_stable's constant.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_root_module {
+    ($module:expr) => {
+        #[doc(hidden)]
+        pub mod __epidemic_plugin_root {
+            use super::*;
+            use $crate::__private::abi_stable::library as __lib;
+
+            fn __epidemic_root_module() -> $crate::ffi::PluginModuleRef {
+                $module
+            }
+
+            extern "C" fn __epidemic_erased_root_module() -> __lib::RootModuleResult {
+                __lib::__call_root_module_loader(__epidemic_root_module)
+            }
+
+            /// The header the Epidemic host reads to find and check this plugin.
+            #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
+            pub static EPIDEMIC_PLUGIN_HEADER: __lib::LibHeader = unsafe {
+                __lib::LibHeader::from_constructor::<$crate::ffi::PluginModuleRef>(
+                    __epidemic_erased_root_module,
+                    __lib::CheckTypeLayout::Yes,
+                )
+            };
+        }
+    };
+}
 
 #[doc(hidden)]
 pub mod __private {
@@ -81,5 +117,17 @@ pub mod __private {
             open_backend: crate::backend::open_backend::<B>,
         }
         .leak_into_prefix()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn export_symbol_matches_abi_stable() {
+            assert_eq!(
+                abi_stable::library::ROOT_MODULE_LOADER_NAME,
+                "_1as_0lib_1header_0root_bmodule_bloader",
+                "abi_stable changed its root-module symbol: update __export_root_module!"
+            );
+        }
     }
 }

@@ -1,1 +1,403 @@
-//! placeholder
+//! SQLite backend for Epidemic.
+//!
+//! For each watched table the backend keeps a log table `epidemic_log_<table>` with an
+//! `INTEGER PRIMARY KEY AUTOINCREMENT` id, filled by `AFTER INSERT/UPDATE/DELETE` triggers
+//! that copy the old and new values of the watched columns. SQLite has one writer at a
+//! time, so id order is commit order; `AUTOINCREMENT` (not a plain rowid) guarantees that
+//! an id is never handed out twice, even after pruning deleted the newest rows — a plain
+//! rowid table would reuse `max(rowid)+1` and land new changes below a consumer's cursor.
+//!
+//! Each consumer (daemon, handler) has one cursor row per table in `epidemic_cursor`:
+//! the id of the last change it handled. A batch comes from one table at a time, tables
+//! taken in turn, so "handled up to id N" is all a cursor needs.
+//!
+//! Wake-ups: the backend watches the database's directory (inotify through `notify`)
+//! for writes to the database, its WAL or its journal, and confirms each with
+//! `PRAGMA data_version`, which changes only when *another* connection committed. A slow
+//! `data_version` poll covers file systems without change events.
+//!
+//! The backend never changes the user's tables or the database's journal mode; WAL is
+//! recommended (see the README) but left to the application that owns the database.
+
+mod schema;
+mod wake;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use epidemic_plugin_sdk::{
+    Backend, BackendError, Batch, Change, Consumer, Op, Registered, StartFrom, Value, Watch,
+};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Deserialize;
+
+use schema::{LogTable, SqliteSchema};
+use wake::SqliteWaker;
+
+/// `[database]` options for the SQLite backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SqliteOptions {
+    /// How long a statement waits for a lock held by another connection.
+    busy_timeout_ms: u64,
+    /// How often to check `PRAGMA data_version` when no file event arrives.
+    fallback_poll_ms: u64,
+    /// Rows deleted per statement when pruning, so writers never wait long.
+    prune_chunk: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            busy_timeout_ms: 5_000,
+            fallback_poll_ms: 250,
+            prune_chunk: 10_000,
+        }
+    }
+}
+
+/// Path of the database file in a `sqlite://` URL (`sqlite://mail.db` is relative to the
+/// working directory, `sqlite:///var/lib/mail.db` is absolute).
+fn database_path(url: &str) -> Result<PathBuf, BackendError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| BackendError::Invalid(format!("not a sqlite URL: {url:?}")))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return Err(BackendError::Invalid("sqlite URL has no file path (sqlite://FILE)".into()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub(crate) fn sql_err(e: rusqlite::Error) -> BackendError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | CannotOpen | SystemIoFailure | NotADatabase) => {
+            BackendError::Connection(e.to_string())
+        }
+        _ => BackendError::Other(e.to_string()),
+    }
+}
+
+/// What a consumer reads: per table, its log table and cursor.
+struct ConsumerState {
+    tables: Vec<(Arc<LogTable>, i64)>,
+    /// The table to try first on the next fetch, so no table starves the others.
+    next: usize,
+}
+
+pub struct SqliteBackend {
+    path: PathBuf,
+    options: SqliteOptions,
+    conn: Connection,
+    waker: SqliteWaker,
+    consumers: HashMap<Consumer, ConsumerState>,
+}
+
+impl SqliteBackend {
+    fn connect(path: &PathBuf, options: &SqliteOptions) -> Result<Connection, BackendError> {
+        if !path.exists() {
+            return Err(BackendError::Invalid(format!(
+                "database file {} does not exist",
+                path.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|e| BackendError::Connection(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
+            .map_err(sql_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(conn)
+    }
+
+    fn schema(&self) -> SqliteSchema<'_> {
+        SqliteSchema::new(&self.conn)
+    }
+
+    fn state(&mut self, consumer: &Consumer) -> Result<&mut ConsumerState, BackendError> {
+        if !self.consumers.contains_key(consumer) {
+            let state = self.load_state(consumer)?;
+            self.consumers.insert(consumer.clone(), state);
+        }
+        Ok(self.consumers.get_mut(consumer).expect("inserted above"))
+    }
+
+    /// The consumer's cursors as the database has them.
+    fn load_state(&self, consumer: &Consumer) -> Result<ConsumerState, BackendError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT source_table, last_id FROM epidemic_cursor WHERE daemon = ?1 AND handler = ?2 ORDER BY source_table",
+            )
+            .map_err(sql_err)?;
+        let rows: Vec<(String, i64)> = stmt
+            .query_map(params![consumer.daemon, consumer.handler], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql_err)?
+            .collect::<Result<_, _>>()
+            .map_err(sql_err)?;
+        drop(stmt);
+        if rows.is_empty() {
+            return Err(BackendError::Invalid(format!("consumer {consumer} is not registered")));
+        }
+        let schema = self.schema();
+        let mut tables = Vec::with_capacity(rows.len());
+        for (table, last) in rows {
+            let log = schema
+                .watched(&table)?
+                .ok_or_else(|| BackendError::Invalid(format!("table {table} is not watched; run `epidemic install`")))?;
+            tables.push((Arc::new(log), last));
+        }
+        Ok(ConsumerState { tables, next: 0 })
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn value(v: rusqlite::types::ValueRef<'_>) -> Value {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Real(f) => Value::Float(f),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
+    }
+}
+
+impl Backend for SqliteBackend {
+    const NAME: &'static str = "sqlite";
+    const URL_SCHEMES_JOINED: &'static str = "sqlite";
+
+    fn open(url: &str, options: &serde_json::Value) -> Result<Self, BackendError> {
+        let options: SqliteOptions = serde_json::from_value(options.clone())
+            .map_err(|e| BackendError::Invalid(format!("[database] options for sqlite: {e}")))?;
+        let path = database_path(url)?;
+        let conn = Self::connect(&path, &options)?;
+        let waker = SqliteWaker::new(&path, Duration::from_millis(options.fallback_poll_ms));
+        Ok(SqliteBackend {
+            path,
+            options,
+            conn,
+            waker,
+            consumers: HashMap::new(),
+        })
+    }
+
+    fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
+        self.schema().plan_install(watches)
+    }
+
+    fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
+        let plan = self.schema().plan_install(watches)?;
+        let tx = self.conn.transaction().map_err(sql_err)?;
+        for stmt in &plan {
+            tx.execute_batch(stmt)
+                .map_err(|e| BackendError::Other(format!("{e} in: {stmt}")))?;
+        }
+        tx.commit().map_err(sql_err)?;
+        self.consumers.clear();
+        Ok(plan)
+    }
+
+    fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        self.schema().plan_uninstall()
+    }
+
+    fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        let plan = self.schema().plan_uninstall()?;
+        let tx = self.conn.transaction().map_err(sql_err)?;
+        for stmt in &plan {
+            tx.execute_batch(stmt)
+                .map_err(|e| BackendError::Other(format!("{e} in: {stmt}")))?;
+        }
+        tx.commit().map_err(sql_err)?;
+        self.consumers.clear();
+        Ok(plan)
+    }
+
+    fn register(&mut self, consumer: &Consumer, tables: &[String], start: StartFrom) -> Result<Registered, BackendError> {
+        let now = now_us();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql_err)?;
+        let mut created = false;
+        {
+            let schema = SqliteSchema::new(&tx);
+            for table in tables {
+                let log = schema.watched(table)?.ok_or_else(|| {
+                    BackendError::Invalid(format!("table {table} is not watched; run `epidemic install` first"))
+                })?;
+                let start_id = match start {
+                    StartFrom::Oldest => 0,
+                    StartFrom::Now => schema.last_id(&log.log_table)?,
+                };
+                let n = tx
+                    .execute(
+                        "INSERT OR IGNORE INTO epidemic_cursor (daemon, handler, source_table, last_id, registered_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                        params![consumer.daemon, consumer.handler, table, start_id, now],
+                    )
+                    .map_err(sql_err)?;
+                created |= n > 0;
+            }
+            tx.execute(
+                "UPDATE epidemic_cursor SET last_seen = ?3 WHERE daemon = ?1 AND handler = ?2",
+                params![consumer.daemon, consumer.handler, now],
+            )
+            .map_err(sql_err)?;
+        }
+        tx.commit().map_err(sql_err)?;
+        self.consumers.remove(consumer);
+        Ok(if created { Registered::New } else { Registered::Existing })
+    }
+
+    fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
+        // Borrow juggling: take the state out while the connection is in use.
+        let mut state = match self.consumers.remove(consumer) {
+            Some(s) => s,
+            None => self.load_state(consumer)?,
+        };
+        let n = state.tables.len();
+        let mut batch = Batch::default();
+        for i in 0..n {
+            let idx = (state.next + i) % n;
+            let (log, last) = &state.tables[idx];
+            let changes = read_log(&self.conn, log, *last, max)?;
+            if !changes.is_empty() {
+                state.next = (idx + 1) % n;
+                batch = Batch {
+                    changes,
+                    token: log.source_table.clone(),
+                };
+                break;
+            }
+        }
+        self.consumers.insert(consumer.clone(), state);
+        Ok(batch)
+    }
+
+    fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE epidemic_cursor SET last_id = ?4, last_seen = ?5 WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 AND last_id < ?4",
+            )
+            .and_then(|mut s| s.execute(params![consumer.daemon, consumer.handler, token, upto_id, now_us()]))
+            .map_err(sql_err)?;
+        let state = self.state(consumer)?;
+        if let Some((_, last)) = state.tables.iter_mut().find(|(l, _)| l.source_table == token) {
+            *last = (*last).max(upto_id);
+        } else if n == 0 {
+            return Err(BackendError::Other(format!("ack for unknown table {token:?}")));
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
+        self.waker.wait(&self.conn, timeout)
+    }
+
+    fn prune(&mut self) -> Result<u64, BackendError> {
+        let mut total = 0;
+        for log in self.schema().all_watched()? {
+            let min: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT MIN(last_id) FROM epidemic_cursor WHERE source_table = ?1",
+                    [&log.source_table],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql_err)?
+                .flatten();
+            // Nobody registered for the table yet: keep everything, a first consumer
+            // started with "from oldest" wants it.
+            let Some(min) = min else { continue };
+            let sql = format!(
+                "DELETE FROM {q} WHERE id IN (SELECT id FROM {q} WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+                q = schema::quote(&log.log_table)
+            );
+            loop {
+                let n = self
+                    .conn
+                    .prepare_cached(&sql)
+                    .and_then(|mut s| s.execute(params![min, self.options.prune_chunk]))
+                    .map_err(sql_err)?;
+                total += n as u64;
+                if n < self.options.prune_chunk as usize {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    fn reconnect(&mut self) -> Result<(), BackendError> {
+        self.conn = Self::connect(&self.path, &self.options)?;
+        self.consumers.clear();
+        Ok(())
+    }
+}
+
+/// Up to `max` changes after `after` from one log table, in id (= commit) order.
+fn read_log(conn: &Connection, log: &LogTable, after: i64, max: u32) -> Result<Vec<Change>, BackendError> {
+    let mut stmt = conn.prepare_cached(&log.select_sql).map_err(sql_err)?;
+    let mut rows = stmt.query(params![after, max]).map_err(sql_err)?;
+    let ncol = log.columns.len();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        let id: i64 = row.get(0).map_err(sql_err)?;
+        let op: String = row.get(1).map_err(sql_err)?;
+        let changed_at_us: i64 = row.get(2).map_err(sql_err)?;
+        let op = match op.as_str() {
+            "I" => Op::Insert,
+            "U" => Op::Update,
+            "D" => Op::Delete,
+            other => return Err(BackendError::Other(format!("unknown op {other:?} in {}", log.log_table))),
+        };
+        let vals = |offset: usize| -> Result<Vec<Value>, BackendError> {
+            (0..ncol)
+                .map(|i| row.get_ref(offset + i).map(value).map_err(sql_err))
+                .collect()
+        };
+        let old = if op == Op::Insert { None } else { Some(vals(3)?) };
+        let new = if op == Op::Delete { None } else { Some(vals(3 + ncol)?) };
+        out.push(Change {
+            id,
+            table: log.source_table.clone(),
+            op,
+            columns: log.columns.clone(),
+            old,
+            new,
+            changed_at_us,
+        });
+    }
+    Ok(out)
+}
+
+epidemic_plugin_sdk::export_backend!(SqliteBackend);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_paths() {
+        assert_eq!(database_path("sqlite://mail.db").unwrap(), PathBuf::from("mail.db"));
+        assert_eq!(database_path("sqlite:///var/x.db").unwrap(), PathBuf::from("/var/x.db"));
+        assert_eq!(database_path("sqlite:x.db?mode=rw").unwrap(), PathBuf::from("x.db"));
+        assert!(database_path("sqlite://").is_err());
+        assert!(database_path("postgres://x").is_err());
+    }
+}

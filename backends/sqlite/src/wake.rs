@@ -1,0 +1,100 @@
+//! Wake-ups for the SQLite reader without a busy poll.
+//!
+//! A commit by another process writes the database file, its `-wal` or its `-journal`.
+//! The waker watches the directory for those writes (inotify via `notify`) and confirms
+//! each one with `PRAGMA data_version`, which changes only when another connection
+//! committed, so the daemon's own cursor updates do not wake it. Without file events
+//! (network file systems, a failed watch) it falls back to checking `data_version` every
+//! `fallback` interval.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use epidemic_plugin_sdk::BackendError;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use rusqlite::Connection;
+
+use crate::sql_err;
+
+pub(crate) struct SqliteWaker {
+    events: Option<Receiver<()>>,
+    // Kept alive for as long as the waker: dropping it stops the watch.
+    _watcher: Option<RecommendedWatcher>,
+    fallback: Duration,
+    last_version: Option<i64>,
+}
+
+impl SqliteWaker {
+    pub fn new(db: &Path, fallback: Duration) -> Self {
+        let (events, watcher) = match watch(db) {
+            Some((rx, w)) => (Some(rx), Some(w)),
+            None => (None, None),
+        };
+        SqliteWaker {
+            events,
+            _watcher: watcher,
+            fallback: fallback.max(Duration::from_millis(1)),
+            last_version: None,
+        }
+    }
+
+    /// Block until another connection committed, or `timeout` passed.
+    pub fn wait(&mut self, conn: &Connection, timeout: Duration) -> Result<bool, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let version: i64 = conn
+                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .map_err(sql_err)?;
+            match self.last_version.replace(version) {
+                Some(v) if v != version => return Ok(true),
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            let step = (deadline - now).min(self.fallback);
+            match &self.events {
+                Some(rx) => match rx.recv_timeout(step) {
+                    Ok(()) => while rx.try_recv().is_ok() {},
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => self.events = None,
+                },
+                None => std::thread::sleep(step),
+            }
+        }
+    }
+}
+
+fn watch(db: &Path) -> Option<(Receiver<()>, RecommendedWatcher)> {
+    let db = std::path::absolute(db).ok()?;
+    let dir = db.parent()?.to_owned();
+    let name = db.file_name()?.to_owned();
+    let names: Vec<OsString> = ["", "-wal", "-journal"]
+        .iter()
+        .map(|suffix| {
+            let mut n = name.clone();
+            n.push(suffix);
+            n
+        })
+        .collect();
+    let (tx, rx) = channel();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        if matches!(event.kind, EventKind::Access(_)) {
+            return;
+        }
+        if event
+            .paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|f| names.iter().any(|n| n == f)))
+        {
+            let _ = tx.send(());
+        }
+    })
+    .ok()?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive).ok()?;
+    Some((rx, watcher))
+}

@@ -1,0 +1,193 @@
+//! Finding and loading plugin libraries: the backend the database URL asks for, and the
+//! handlers of the `[[handler]]` entries.
+//!
+//! The core knows no database by name: a URL scheme `X` means the library
+//! `libepidemic_backend_X.so`, and if there is none, any backend library whose declared
+//! URL schemes include `X`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use epidemic_plugin_sdk::host::{self, HostBackend, HostHandler, Library};
+use epidemic_plugin_sdk::{redact_url, Subscription, Watch};
+
+use crate::config::{Config, HandlerConfig};
+
+/// Directories searched for a bare library name, in order.
+pub fn search_dirs(cfg: &Config) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = &cfg.daemon.plugin_dir {
+        dirs.push(if d.is_absolute() { d.clone() } else { cfg.dir().join(d) });
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            dirs.push(dir.to_owned());
+            dirs.push(dir.join("../lib/epidemic"));
+        }
+    }
+    dirs
+}
+
+/// Where a plugin named in config lives. `maildir` is short for `libepidemic_maildir.so`;
+/// anything with a `/` is a path relative to the config file.
+pub fn resolve(cfg: &Config, plugin: &str) -> Result<PathBuf> {
+    if plugin.contains('/') {
+        let p = Path::new(plugin);
+        return Ok(if p.is_absolute() { p.to_owned() } else { cfg.dir().join(p) });
+    }
+    let file = if plugin.ends_with(".so") {
+        plugin.to_owned()
+    } else {
+        format!("libepidemic_{plugin}.so")
+    };
+    let dirs = search_dirs(cfg);
+    for d in &dirs {
+        let p = d.join(&file);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    bail!("plugin {file}: file not found (searched {})", searched.join(", "))
+}
+
+fn scheme(url: &str) -> Result<&str> {
+    url.split_once(':')
+        .map(|(s, _)| s)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| anyhow!("database.url {} has no scheme", redact_url(url)))
+}
+
+/// Load the backend library `database.url` asks for.
+pub fn load_backend(cfg: &Config) -> Result<Library> {
+    let scheme = scheme(&cfg.database.url)?;
+    let lib = if let Some(path) = &cfg.database.backend {
+        let path = if path.is_absolute() { path.clone() } else { cfg.dir().join(path) };
+        host::load(&path)?
+    } else {
+        let file = format!("libepidemic_backend_{scheme}.so");
+        let direct = search_dirs(cfg).into_iter().map(|d| d.join(&file)).find(|p| p.exists());
+        match direct {
+            Some(p) => host::load(&p)?,
+            None => find_backend_for(cfg, scheme)?,
+        }
+    };
+    lib.expect_backend()?;
+    if !lib.url_schemes.iter().any(|s| s == scheme) {
+        bail!(
+            "backend {} serves {} URLs, not {scheme}://",
+            lib.path.display(),
+            lib.url_schemes.join(", ")
+        );
+    }
+    Ok(lib)
+}
+
+/// Look through every backend library on the search path for one serving `scheme`
+/// (`postgresql://` is served by `libepidemic_backend_postgres.so`).
+fn find_backend_for(cfg: &Config, scheme: &str) -> Result<Library> {
+    let mut known = Vec::new();
+    for dir in search_dirs(cfg) {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !(name.starts_with("libepidemic_backend_") && name.ends_with(".so")) {
+                continue;
+            }
+            let Ok(lib) = host::load(&p) else { continue };
+            if lib.url_schemes.iter().any(|s| s == scheme) {
+                return Ok(lib);
+            }
+            known.extend(lib.url_schemes.iter().map(|s| format!("{s}://")));
+        }
+    }
+    known.sort();
+    known.dedup();
+    bail!(
+        "database.url: no backend library for {scheme}:// (found backends for: {})",
+        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+    )
+}
+
+/// A configured handler: its library, a live instance and what it subscribed to.
+pub struct LoadedHandler {
+    pub config: HandlerConfig,
+    pub library: Library,
+    pub instance: HostHandler,
+    pub subscriptions: Vec<Subscription>,
+}
+
+impl LoadedHandler {
+    /// The tables this handler reads.
+    pub fn tables(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.subscriptions.iter().map(|s| s.table.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+pub fn load_handler(cfg: &Config, h: &HandlerConfig) -> Result<LoadedHandler> {
+    let path = resolve(cfg, &h.plugin).with_context(|| format!("handler {:?}", h.name))?;
+    let library = host::load(&path)?;
+    library.expect_handler()?;
+    let instance = library
+        .new_handler(&h.config)
+        .map_err(|e| anyhow!("handler {:?} ({}): {e}", h.name, library.name))?;
+    let subscriptions = instance
+        .subscriptions()
+        .map_err(|e| anyhow!("handler {:?} ({}): subscriptions: {e}", h.name, library.name))?;
+    if subscriptions.is_empty() {
+        bail!("handler {:?} ({}): subscribes to nothing", h.name, library.name);
+    }
+    for s in &subscriptions {
+        if s.columns.is_empty() {
+            bail!("handler {:?} ({}): subscription to {} names no columns", h.name, library.name, s.table);
+        }
+    }
+    Ok(LoadedHandler {
+        config: h.clone(),
+        library,
+        instance,
+        subscriptions,
+    })
+}
+
+pub fn load_handlers(cfg: &Config) -> Result<Vec<LoadedHandler>> {
+    if cfg.handlers.is_empty() {
+        bail!("{}: no [[handler]] entries; nothing to do", cfg.path.display());
+    }
+    cfg.handlers.iter().map(|h| load_handler(cfg, h)).collect()
+}
+
+/// Merge every handler's subscriptions into one watch per table: the union of columns,
+/// in first-seen order.
+pub fn watches(handlers: &[LoadedHandler]) -> Vec<Watch> {
+    let mut out: Vec<Watch> = Vec::new();
+    for s in handlers.iter().flat_map(|h| &h.subscriptions) {
+        let w = match out.iter_mut().position(|w| w.table == s.table) {
+            Some(i) => &mut out[i],
+            None => {
+                out.push(Watch {
+                    table: s.table.clone(),
+                    columns: Vec::new(),
+                });
+                out.last_mut().expect("pushed")
+            }
+        };
+        for c in &s.columns {
+            if !w.columns.contains(c) {
+                w.columns.push(c.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Open a connection through the backend library.
+pub fn open(cfg: &Config, lib: &Library) -> Result<HostBackend> {
+    lib.open_backend(&cfg.database.url, &cfg.backend_options())
+        .map_err(|e| anyhow!("{} ({}): {e}", redact_url(&cfg.database.url), lib.name))
+}
