@@ -49,14 +49,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let watches = plugins::watches(&handlers);
     let mut main_conn = plugins::open(&cfg, &backend_lib)?;
     main_conn.install(&watches).context("install")?;
-    info!(
-        daemon = %daemon,
-        backend = %backend_lib.name,
-        url = %epidemic_plugin_sdk::redact_url(&cfg.database.url),
-        handlers = handlers.len(),
-        tables = watches.len(),
-        "epidemic started"
-    );
+    let handler_count = handlers.len();
 
     let mut threads: Vec<(String, JoinHandle<()>)> = Vec::new();
     for h in handlers {
@@ -81,6 +74,16 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             .context("cannot start handler thread")?;
         threads.push((name, handle));
     }
+
+    // Logged once every consumer has a cursor: from here on no change is missed.
+    info!(
+        daemon = %daemon,
+        backend = %backend_lib.name,
+        url = %epidemic_plugin_sdk::redact_url(&cfg.database.url),
+        handlers = handler_count,
+        tables = watches.len(),
+        "epidemic started"
+    );
 
     let prune_every = Duration::from_millis(cfg.daemon.prune_interval_ms.max(10));
     let mut next_prune = Instant::now() + prune_every;

@@ -56,3 +56,143 @@ pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+
+/// The `epidemic` binary under test.
+pub fn epidemic_bin() -> PathBuf {
+    let p = target_dir().join("epidemic");
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// Run `epidemic --config CONFIG ARGS...` to completion.
+pub fn epidemic(config: &Path, args: &[&str]) -> Output {
+    Command::new(epidemic_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run epidemic")
+}
+
+/// A running `epidemic run`, killed when dropped. Its stderr goes to a log file.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `epidemic --config CONFIG run ARGS...`; `log` receives stderr (appended, so
+    /// restarts keep one history).
+    pub fn start(config: &Path, log: &Path, args: &[&str]) -> Daemon {
+        Self::start_with_env(config, log, args, &[])
+    }
+
+    pub fn start_with_env(config: &Path, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let err = File::options().create(true).append(true).open(log).expect("open daemon log");
+        let child = Command::new(epidemic_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", std::env::var("EPIDEMIC_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn epidemic run");
+        Daemon {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Send a signal (SIGTERM, SIGINT) and wait up to `timeout` for the exit.
+    pub fn signal_and_wait(&mut self, sig: i32, timeout: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(c.id() as i32, sig);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log_text().contains(needle))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The lines a `recorder` handler wrote: one JSON object per delivered change.
+pub fn recorded(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?} in {}: {e}", path.display())))
+        .collect()
+}
+
+/// Wait until the recorder file has at least `n` lines; returns them either way.
+pub fn wait_recorded(path: &Path, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+    wait_until(timeout, || recorded(path).len() >= n);
+    recorded(path)
+}
+
+/// A `[[handler]]` entry for the recorder test plugin.
+pub fn recorder_handler(name: &str, file: &Path, table: &str, columns: &[&str], extra: &str) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| format!("{c:?}")).collect();
+    format!(
+        "[[handler]]\nname = {name:?}\nplugin = {:?}\n[handler.config]\nfile = {:?}\ntable = {table:?}\ncolumns = [{}]\n{extra}\n",
+        plugin_path("recorder").display().to_string(),
+        file.display().to_string(),
+        cols.join(", ")
+    )
+}
+pub mod sqlite;
