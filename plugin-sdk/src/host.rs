@@ -31,7 +31,7 @@ pub enum LoadError {
     #[error("plugin {path}: not an Epidemic plugin (no Epidemic root module in it)")]
     NotAPlugin { path: PathBuf },
     #[error(
-        "plugin {path}: built against epidemic-plugin-sdk {plugin_sdk}, this epidemic uses {host_sdk}; rebuild the plugin against SDK {host_sdk}"
+        "plugin {path}: built against epidemic-plugin-sdk {plugin_sdk}, this epidemic uses {host_sdk}; rebuild the plugin against a compatible SDK"
     )]
     IncompatibleVersion {
         path: PathBuf,
@@ -115,6 +115,16 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
     })?;
     let plugin_sdk = header.version_strings().version.to_string();
     let host_sdk = SDK_VERSION.to_owned();
+    // Semver as abi_stable applies it: 0.x.* only with 0.x.*, otherwise same major.
+    // Checked here first so a version mismatch is reported as one, whatever layout
+    // differences come with it.
+    if compat_series(&plugin_sdk) != compat_series(&host_sdk) {
+        return Err(LoadError::IncompatibleVersion {
+            path: path.to_owned(),
+            plugin_sdk,
+            host_sdk,
+        });
+    }
     let module = header.init_root_module::<PluginModuleRef>().map_err(|e| match e {
         LibraryError::IncompatibleVersionNumber { .. } => LoadError::IncompatibleVersion {
             path: path.to_owned(),
@@ -146,6 +156,18 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
             .collect(),
         module,
     })
+}
+
+/// The part of a version that must match for two SDKs to be compatible: `0.1` for
+/// `0.1.7`, `2` for `2.3.1`.
+fn compat_series(version: &str) -> String {
+    let mut parts = version.split('.');
+    let major = parts.next().unwrap_or_default();
+    if major == "0" {
+        format!("0.{}", parts.next().unwrap_or_default())
+    } else {
+        major.to_owned()
+    }
 }
 
 fn one_line(s: &str) -> String {

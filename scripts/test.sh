@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs the database servers the tests
+# start (throwaway instances, in temp dirs, on free ports), builds every crate including
+# the plugin libraries the tests load, then runs all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "==> installing ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # Debian starts the packaged servers; the tests start their own, so stop these.
+    service mariadb stop >/dev/null 2>&1 || true
+    service postgresql stop >/dev/null 2>&1 || true
+fi
+
+echo "==> building the workspace (host, backends, plugins)"
+cargo build --workspace --all-targets
+
+echo "==> running the tests"
+cargo test --workspace --no-fail-fast
