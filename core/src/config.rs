@@ -102,7 +102,11 @@ impl Config {
             );
         }
         let built = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(true))
+            .add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            )
             // `.prefix_separator("_")`: without it the `config` crate expects
             // `EPIDEMIC__DATABASE__URL` and silently ignores `EPIDEMIC_DATABASE__URL`.
             .add_source(
@@ -126,7 +130,9 @@ impl Config {
             bail!("{file}: database.url is empty");
         }
         if !self.database.url.contains(':') {
-            bail!("{file}: database.url must start with a scheme (sqlite://, postgres://, mysql://)");
+            bail!(
+                "{file}: database.url must start with a scheme (sqlite://, postgres://, mysql://)"
+            );
         }
         if self.daemon.batch_size == 0 {
             bail!("{file}: daemon.batch_size must be at least 1");
@@ -138,13 +144,22 @@ impl Config {
         for (i, h) in self.handlers.iter().enumerate() {
             check_name(&format!("{file}: handler[{i}].name"), &h.name)?;
             if !seen.insert(h.name.as_str()) {
-                bail!("{file}: handler name {:?} is used twice; each [[handler]] needs its own name", h.name);
+                bail!(
+                    "{file}: handler name {:?} is used twice; each [[handler]] needs its own name",
+                    h.name
+                );
             }
             if h.max_attempts == 0 {
-                bail!("{file}: handler {:?}: max_attempts must be at least 1", h.name);
+                bail!(
+                    "{file}: handler {:?}: max_attempts must be at least 1",
+                    h.name
+                );
             }
             if !h.config.is_object() {
-                bail!("{file}: handler {:?}: config must be a table ([handler.config])", h.name);
+                bail!(
+                    "{file}: handler {:?}: config must be a table ([handler.config])",
+                    h.name
+                );
             }
         }
         Ok(())

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use epidemic_plugin_sdk::host::{HostBackend, HostHandler};
-use epidemic_plugin_sdk::{BackendError, Change, Consumer, HandlerError, Registered, StartFrom, Subscription};
+use epidemic_plugin_sdk::{
+    BackendError, Change, Consumer, HandlerError, Registered, StartFrom, Subscription,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, HandlerConfig};
@@ -37,7 +39,8 @@ pub fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
         // handler sets it, so only a repeated signal exits immediately.
         signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))
             .context("cannot install signal handler")?;
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install signal handler")?;
     }
     Ok(stop)
 }
@@ -47,8 +50,13 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let backend_lib = plugins::load_backend(&cfg)?;
     let handlers = plugins::load_handlers(&cfg)?;
     let watches = plugins::watches(&handlers);
-    let mut main_conn = plugins::open(&cfg, &backend_lib)?;
-    main_conn.install(&watches).context("install")?;
+    let url = epidemic_plugin_sdk::redact_url(&cfg.database.url);
+    // A daemon may start before its database (boot order, an outage): connection errors
+    // are retried with backoff; anything else (bad tables, bad options) is fatal.
+    let mut main_conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
+    until_connected(&stop, "install", || {
+        reconnect_on_error(&mut main_conn, |c| c.install(&watches))
+    })?;
     let handler_count = handlers.len();
 
     let mut threads: Vec<(String, JoinHandle<()>)> = Vec::new();
@@ -58,14 +66,23 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             handler: h.config.name.clone(),
         };
         let tables = h.tables();
-        match main_conn.register(&consumer, &tables, opts.start).context("register consumer")? {
-            Registered::New => info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "new consumer; reading from {}", match opts.start {
-                StartFrom::Now => "now",
-                StartFrom::Oldest => "the oldest retained change",
-            }),
-            Registered::Existing => info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "resuming consumer"),
+        let registered = until_connected(&stop, "register consumer", || {
+            reconnect_on_error(&mut main_conn, |c| {
+                c.register(&consumer, &tables, opts.start)
+            })
+        })?;
+        match registered {
+            Registered::New => {
+                info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "new consumer; reading from {}", match opts.start {
+                    StartFrom::Now => "now",
+                    StartFrom::Oldest => "the oldest retained change",
+                })
+            }
+            Registered::Existing => {
+                info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "resuming consumer")
+            }
         }
-        let conn = plugins::open(&cfg, &backend_lib)?;
+        let conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
         let dispatcher = Dispatcher::new(&cfg, consumer, conn, h, Arc::clone(&stop));
         let name = dispatcher.consumer.handler.clone();
         let handle = std::thread::Builder::new()
@@ -79,7 +96,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     info!(
         daemon = %daemon,
         backend = %backend_lib.name,
-        url = %epidemic_plugin_sdk::redact_url(&cfg.database.url),
+        url = %url,
         handlers = handler_count,
         tables = watches.len(),
         "epidemic started"
@@ -123,6 +140,52 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
+/// Run `f` until it succeeds, retrying connection errors with capped backoff (logged
+/// once). Other errors, and a shutdown request, end the wait.
+fn until_connected<T>(
+    stop: &AtomicBool,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, BackendError>,
+) -> Result<T> {
+    let mut backoff = RECONNECT_INITIAL;
+    let mut warned = false;
+    loop {
+        match f() {
+            Ok(v) => {
+                if warned {
+                    info!("{what}: database reachable again");
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_connection() && !stop.load(Ordering::Relaxed) => {
+                if !warned {
+                    warn!(error = %e, "{what}: database unavailable; retrying until it is back");
+                    warned = true;
+                }
+                let end = Instant::now() + backoff;
+                while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+            Err(e) => bail!("{what}: {e}"),
+        }
+    }
+}
+
+/// Run `f` on the connection; after a connection error, reconnect so the next try has a
+/// fresh connection.
+fn reconnect_on_error<T>(
+    conn: &mut HostBackend,
+    f: impl FnOnce(&mut HostBackend) -> Result<T, BackendError>,
+) -> Result<T, BackendError> {
+    let r = f(conn);
+    if matches!(&r, Err(e) if e.is_connection()) {
+        let _ = conn.reconnect();
+    }
+    r
+}
+
 enum Delivery {
     /// Handled, skipped (not wanted), or given up on: the cursor may move past it.
     Done,
@@ -142,7 +205,13 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    fn new(cfg: &Config, consumer: Consumer, backend: HostBackend, h: LoadedHandler, stop: Arc<AtomicBool>) -> Self {
+    fn new(
+        cfg: &Config,
+        consumer: Consumer,
+        backend: HostBackend,
+        h: LoadedHandler,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
         Dispatcher {
             consumer,
             backend,
@@ -235,7 +304,11 @@ impl Dispatcher {
     }
 
     fn deliver(&mut self, change: &Change) -> Delivery {
-        let wanted: Vec<&Subscription> = self.subscriptions.iter().filter(|s| s.wants(change)).collect();
+        let wanted: Vec<&Subscription> = self
+            .subscriptions
+            .iter()
+            .filter(|s| s.wants(change))
+            .collect();
         let projected = match wanted.as_slice() {
             [] => return Delivery::Done,
             [one] => one.project(change),
@@ -274,7 +347,11 @@ impl Dispatcher {
                 );
                 return Delivery::Done;
             }
-            let delay = backoff_delay(attempt, self.retry.retry_initial_ms, self.retry.retry_max_ms);
+            let delay = backoff_delay(
+                attempt,
+                self.retry.retry_initial_ms,
+                self.retry.retry_max_ms,
+            );
             warn!(
                 consumer = %self.consumer, table = %change.table, op = %change.op, id = change.id,
                 attempt, error = %err, retry_in = ?delay,

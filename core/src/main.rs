@@ -33,7 +33,13 @@ use crate::config::Config;
 struct Cli {
     /// Config file (TOML). Keys can be overridden with EPIDEMIC_SECTION__KEY variables,
     /// e.g. EPIDEMIC_DATABASE__URL.
-    #[arg(long, short, global = true, default_value = "epidemic.toml", env = "EPIDEMIC_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "epidemic.toml",
+        env = "EPIDEMIC_CONFIG"
+    )]
     config: PathBuf,
 
     /// Log format on stderr. The level comes from RUST_LOG (default: info).
@@ -132,7 +138,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Run { from_oldest } => {
             let stop = daemon::install_signal_handlers()?;
             let cfg = Config::load(&cli.config)?;
-            let start = if from_oldest { StartFrom::Oldest } else { StartFrom::Now };
+            let start = if from_oldest {
+                StartFrom::Oldest
+            } else {
+                StartFrom::Now
+            };
             daemon::run(cfg, daemon::RunOptions { start }, stop)
         }
         Command::Install => {
@@ -181,7 +191,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plugin {
-            command: PluginCommand::Check { file, handler_config },
+            command:
+                PluginCommand::Check {
+                    file,
+                    handler_config,
+                },
         } => plugin_check(&cli.config, &file, handler_config.as_deref()),
     }
 }
@@ -194,7 +208,11 @@ fn connect_and_plan(cfg: &Config) -> Result<(host::HostBackend, Vec<epidemic_plu
     Ok((conn, watches))
 }
 
-fn plugin_check(config_path: &std::path::Path, file: &std::path::Path, handler_config: Option<&str>) -> Result<()> {
+fn plugin_check(
+    config_path: &std::path::Path,
+    file: &std::path::Path,
+    handler_config: Option<&str>,
+) -> Result<()> {
     let lib = host::load(file)?;
     println!("file:    {}", lib.path.display());
     println!("kind:    {}", lib.kind_name());
@@ -220,13 +238,18 @@ fn plugin_check(config_path: &std::path::Path, file: &std::path::Path, handler_c
                 println!("  {} ({}) ops: {}", s.table, s.columns.join(", "), s.ops);
             }
         }
-        Err(e) => println!("subscriptions: unknown without a valid config ({e}); pass --handler-config JSON"),
+        Err(e) => println!(
+            "subscriptions: unknown without a valid config ({e}); pass --handler-config JSON"
+        ),
     }
     Ok(())
 }
 
 /// The `[handler.config]` of a handler in the config file that uses `file`, if any.
-fn matching_handler_config(config_path: &std::path::Path, file: &std::path::Path) -> Option<serde_json::Value> {
+fn matching_handler_config(
+    config_path: &std::path::Path,
+    file: &std::path::Path,
+) -> Option<serde_json::Value> {
     let cfg = Config::load(config_path).ok()?;
     let want = std::fs::canonicalize(file).ok()?;
     cfg.handlers.iter().find_map(|h| {

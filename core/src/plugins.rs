@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use epidemic_plugin_sdk::host::{self, HostBackend, HostHandler, Library};
-use epidemic_plugin_sdk::{redact_url, Subscription, Watch};
+use epidemic_plugin_sdk::{redact_url, BackendError, Subscription, Watch};
 
 use crate::config::{Config, HandlerConfig};
 
@@ -17,7 +17,11 @@ use crate::config::{Config, HandlerConfig};
 pub fn search_dirs(cfg: &Config) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(d) = &cfg.daemon.plugin_dir {
-        dirs.push(if d.is_absolute() { d.clone() } else { cfg.dir().join(d) });
+        dirs.push(if d.is_absolute() {
+            d.clone()
+        } else {
+            cfg.dir().join(d)
+        });
     }
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
@@ -33,7 +37,11 @@ pub fn search_dirs(cfg: &Config) -> Vec<PathBuf> {
 pub fn resolve(cfg: &Config, plugin: &str) -> Result<PathBuf> {
     if plugin.contains('/') {
         let p = Path::new(plugin);
-        return Ok(if p.is_absolute() { p.to_owned() } else { cfg.dir().join(p) });
+        return Ok(if p.is_absolute() {
+            p.to_owned()
+        } else {
+            cfg.dir().join(p)
+        });
     }
     let file = if plugin.ends_with(".so") {
         plugin.to_owned()
@@ -48,7 +56,10 @@ pub fn resolve(cfg: &Config, plugin: &str) -> Result<PathBuf> {
         }
     }
     let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    bail!("plugin {file}: file not found (searched {})", searched.join(", "))
+    bail!(
+        "plugin {file}: file not found (searched {})",
+        searched.join(", ")
+    )
 }
 
 fn scheme(url: &str) -> Result<&str> {
@@ -62,11 +73,18 @@ fn scheme(url: &str) -> Result<&str> {
 pub fn load_backend(cfg: &Config) -> Result<Library> {
     let scheme = scheme(&cfg.database.url)?;
     let lib = if let Some(path) = &cfg.database.backend {
-        let path = if path.is_absolute() { path.clone() } else { cfg.dir().join(path) };
+        let path = if path.is_absolute() {
+            path.clone()
+        } else {
+            cfg.dir().join(path)
+        };
         host::load(&path)?
     } else {
         let file = format!("libepidemic_backend_{scheme}.so");
-        let direct = search_dirs(cfg).into_iter().map(|d| d.join(&file)).find(|p| p.exists());
+        let direct = search_dirs(cfg)
+            .into_iter()
+            .map(|d| d.join(&file))
+            .find(|p| p.exists());
         match direct {
             Some(p) => host::load(&p)?,
             None => find_backend_for(cfg, scheme)?,
@@ -88,7 +106,9 @@ pub fn load_backend(cfg: &Config) -> Result<Library> {
 fn find_backend_for(cfg: &Config, scheme: &str) -> Result<Library> {
     let mut known = Vec::new();
     for dir in search_dirs(cfg) {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
         for p in paths {
@@ -107,7 +127,11 @@ fn find_backend_for(cfg: &Config, scheme: &str) -> Result<Library> {
     known.dedup();
     bail!(
         "database.url: no backend library for {scheme}:// (found backends for: {})",
-        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.join(", ")
+        }
     )
 }
 
@@ -136,15 +160,28 @@ pub fn load_handler(cfg: &Config, h: &HandlerConfig) -> Result<LoadedHandler> {
     let instance = library
         .new_handler(&h.config)
         .map_err(|e| anyhow!("handler {:?} ({}): {e}", h.name, library.name))?;
-    let subscriptions = instance
-        .subscriptions()
-        .map_err(|e| anyhow!("handler {:?} ({}): subscriptions: {e}", h.name, library.name))?;
+    let subscriptions = instance.subscriptions().map_err(|e| {
+        anyhow!(
+            "handler {:?} ({}): subscriptions: {e}",
+            h.name,
+            library.name
+        )
+    })?;
     if subscriptions.is_empty() {
-        bail!("handler {:?} ({}): subscribes to nothing", h.name, library.name);
+        bail!(
+            "handler {:?} ({}): subscribes to nothing",
+            h.name,
+            library.name
+        );
     }
     for s in &subscriptions {
         if s.columns.is_empty() {
-            bail!("handler {:?} ({}): subscription to {} names no columns", h.name, library.name, s.table);
+            bail!(
+                "handler {:?} ({}): subscription to {} names no columns",
+                h.name,
+                library.name,
+                s.table
+            );
         }
     }
     Ok(LoadedHandler {
@@ -157,7 +194,10 @@ pub fn load_handler(cfg: &Config, h: &HandlerConfig) -> Result<LoadedHandler> {
 
 pub fn load_handlers(cfg: &Config) -> Result<Vec<LoadedHandler>> {
     if cfg.handlers.is_empty() {
-        bail!("{}: no [[handler]] entries; nothing to do", cfg.path.display());
+        bail!(
+            "{}: no [[handler]] entries; nothing to do",
+            cfg.path.display()
+        );
     }
     cfg.handlers.iter().map(|h| load_handler(cfg, h)).collect()
 }
@@ -188,6 +228,10 @@ pub fn watches(handlers: &[LoadedHandler]) -> Vec<Watch> {
 
 /// Open a connection through the backend library.
 pub fn open(cfg: &Config, lib: &Library) -> Result<HostBackend> {
+    open_raw(cfg, lib).map_err(|e| anyhow!("{} ({}): {e}", redact_url(&cfg.database.url), lib.name))
+}
+
+/// [`open`], keeping the backend's error kind so callers can retry connection errors.
+pub fn open_raw(cfg: &Config, lib: &Library) -> Result<HostBackend, BackendError> {
     lib.open_backend(&cfg.database.url, &cfg.backend_options())
-        .map_err(|e| anyhow!("{} ({}): {e}", redact_url(&cfg.database.url), lib.name))
 }

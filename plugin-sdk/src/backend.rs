@@ -140,7 +140,12 @@ pub trait Backend: Send + 'static {
     fn uninstall(&mut self) -> Result<Vec<String>, BackendError>;
 
     /// Make sure the consumer has a durable cursor for these tables.
-    fn register(&mut self, consumer: &Consumer, tables: &[String], start: StartFrom) -> Result<Registered, BackendError>;
+    fn register(
+        &mut self,
+        consumer: &Consumer,
+        tables: &[String],
+        start: StartFrom,
+    ) -> Result<Registered, BackendError>;
 
     /// The next changes for the consumer, at most `max`. Empty when there is nothing new.
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError>;
@@ -180,7 +185,11 @@ impl From<&Watch> for RWatch {
     fn from(w: &Watch) -> Self {
         RWatch {
             table: w.table.as_str().into(),
-            columns: w.columns.iter().map(|c| RString::from(c.as_str())).collect(),
+            columns: w
+                .columns
+                .iter()
+                .map(|c| RString::from(c.as_str()))
+                .collect(),
         }
     }
 }
@@ -224,7 +233,12 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
         guard(|| res(self.0.uninstall(), strings))
     }
 
-    fn register(&mut self, c: &RConsumer, tables: RVec<RString>, start: RStartFrom) -> RResult<RRegistered, RError> {
+    fn register(
+        &mut self,
+        c: &RConsumer,
+        tables: RVec<RString>,
+        start: RStartFrom,
+    ) -> RResult<RRegistered, RError> {
         guard(|| {
             let tables: Vec<String> = tables.into_iter().map(String::from).collect();
             let start = match start {
@@ -265,12 +279,18 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
 }
 
 #[doc(hidden)]
-pub extern "C" fn open_backend<B: Backend>(url: RStr<'_>, options_json: RStr<'_>) -> RResult<BackendBox, RError> {
+pub extern "C" fn open_backend<B: Backend>(
+    url: RStr<'_>,
+    options_json: RStr<'_>,
+) -> RResult<BackendBox, RError> {
     guard(|| {
         let options: serde_json::Value = match serde_json::from_str(options_json.as_str()) {
             Ok(v) => v,
             Err(e) => {
-                return RResult::RErr(RError::new(RErrorKind::Invalid, format!("backend options are not valid JSON: {e}")))
+                return RResult::RErr(RError::new(
+                    RErrorKind::Invalid,
+                    format!("backend options are not valid JSON: {e}"),
+                ))
             }
         };
         res(B::open(url.as_str(), &options), |b| {
@@ -283,6 +303,8 @@ pub extern "C" fn open_backend<B: Backend>(url: RStr<'_>, options_json: RStr<'_>
 #[macro_export]
 macro_rules! export_backend {
     ($backend:ty) => {
-        $crate::__export_root_module!($crate::__private::backend_module::<$backend>(env!("CARGO_PKG_VERSION")));
+        $crate::__export_root_module!($crate::__private::backend_module::<$backend>(env!(
+            "CARGO_PKG_VERSION"
+        )));
     };
 }

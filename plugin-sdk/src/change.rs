@@ -190,7 +190,11 @@ fn value_to_json(v: &Value) -> serde_json::Value {
             .map_or(serde_json::Value::Null, serde_json::Value::Number),
         Value::Text(s) => s.clone().into(),
         // Bytes as an array of numbers would be ambiguous with text; use lowercase hex.
-        Value::Bytes(b) => b.iter().map(|x| format!("{x:02x}")).collect::<String>().into(),
+        Value::Bytes(b) => b
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+            .into(),
     }
 }
 
@@ -241,7 +245,10 @@ pub struct Subscription {
 
 impl Subscription {
     /// All operations on `table`, for the given columns.
-    pub fn new<C: Into<String>>(table: impl Into<String>, columns: impl IntoIterator<Item = C>) -> Self {
+    pub fn new<C: Into<String>>(
+        table: impl Into<String>,
+        columns: impl IntoIterator<Item = C>,
+    ) -> Self {
         Subscription {
             table: table.into(),
             columns: columns.into_iter().map(Into::into).collect(),

@@ -83,7 +83,11 @@ impl From<Change> for RChange {
             id: c.id,
             table: c.table.into(),
             op: c.op,
-            columns: c.columns.iter().map(|s| RString::from(s.as_str())).collect(),
+            columns: c
+                .columns
+                .iter()
+                .map(|s| RString::from(s.as_str()))
+                .collect(),
             old: rvalues(c.old),
             new: rvalues(c.new),
             changed_at_us: c.changed_at_us,
@@ -95,7 +99,12 @@ impl RChange {
     /// Convert to the plain type, sharing `columns` when the caller already has them.
     pub fn into_change(self, columns: Option<&Arc<[String]>>) -> Change {
         let columns = match columns {
-            Some(c) if c.len() == self.columns.len() && c.iter().zip(&self.columns).all(|(a, b)| a == b.as_str()) => c.clone(),
+            Some(c)
+                if c.len() == self.columns.len()
+                    && c.iter().zip(&self.columns).all(|(a, b)| a == b.as_str()) =>
+            {
+                c.clone()
+            }
             _ => self.columns.into_iter().map(String::from).collect(),
         };
         Change {
@@ -264,12 +273,18 @@ pub type BackendBox = RawBackend_TO<'static, RBox<()>>;
 
 #[doc(hidden)]
 pub extern "C" fn no_handler(_: RStr<'_>) -> RResult<HandlerBox, RError> {
-    RResult::RErr(RError::new(RErrorKind::Invalid, "this library is a backend plugin, not a handler plugin"))
+    RResult::RErr(RError::new(
+        RErrorKind::Invalid,
+        "this library is a backend plugin, not a handler plugin",
+    ))
 }
 
 #[doc(hidden)]
 pub extern "C" fn no_backend(_: RStr<'_>, _: RStr<'_>) -> RResult<BackendBox, RError> {
-    RResult::RErr(RError::new(RErrorKind::Invalid, "this library is a handler plugin, not a backend plugin"))
+    RResult::RErr(RError::new(
+        RErrorKind::Invalid,
+        "this library is a handler plugin, not a backend plugin",
+    ))
 }
 
 /// The root module every Epidemic plugin library exports.
@@ -291,7 +306,8 @@ pub struct PluginModule {
     pub new_handler: extern "C" fn(config_json: RStr<'_>) -> RResult<HandlerBox, RError>,
     /// Opens a backend connection; a handler library's returns an error.
     #[sabi(last_prefix_field)]
-    pub open_backend: extern "C" fn(url: RStr<'_>, options_json: RStr<'_>) -> RResult<BackendBox, RError>,
+    pub open_backend:
+        extern "C" fn(url: RStr<'_>, options_json: RStr<'_>) -> RResult<BackendBox, RError>,
 }
 
 impl RootModule for PluginModuleRef {

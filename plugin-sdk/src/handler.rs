@@ -10,7 +10,9 @@ use abi_stable::{
 use serde::de::DeserializeOwned;
 
 use crate::change::{Change, Op, Subscription};
-use crate::ffi::{HandlerBox, RChange, RError, RErrorKind, RSubscription, RawHandler, RawHandler_TO};
+use crate::ffi::{
+    HandlerBox, RChange, RError, RErrorKind, RSubscription, RawHandler, RawHandler_TO,
+};
 
 /// How a handler call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,9 +62,13 @@ impl From<HandlerError> for RError {
 impl From<RError> for HandlerError {
     fn from(e: RError) -> Self {
         match e.kind {
-            RErrorKind::Retryable | RErrorKind::Connection => HandlerError::Retryable(e.message.into()),
+            RErrorKind::Retryable | RErrorKind::Connection => {
+                HandlerError::Retryable(e.message.into())
+            }
             RErrorKind::Panic => HandlerError::Panic(e.message.into()),
-            RErrorKind::Permanent | RErrorKind::Invalid => HandlerError::Permanent(e.message.into()),
+            RErrorKind::Permanent | RErrorKind::Invalid => {
+                HandlerError::Permanent(e.message.into())
+            }
         }
     }
 }
@@ -90,7 +96,8 @@ impl HandlerConfig {
             serde_json::Value::Null => serde_json::Value::Object(Default::default()),
             v => v.clone(),
         };
-        serde_json::from_value(value).map_err(|e| HandlerError::Permanent(format!("invalid handler config: {e}")))
+        serde_json::from_value(value)
+            .map_err(|e| HandlerError::Permanent(format!("invalid handler config: {e}")))
     }
 }
 
@@ -161,7 +168,15 @@ struct HandlerAdapter<H> {
 
 impl<H: Handler> RawHandler for HandlerAdapter<H> {
     fn subscriptions(&self) -> RResult<RVec<RSubscription>, RError> {
-        guard(|| RResult::ROk(self.inner.subscriptions().into_iter().map(RSubscription::from).collect()))
+        guard(|| {
+            RResult::ROk(
+                self.inner
+                    .subscriptions()
+                    .into_iter()
+                    .map(RSubscription::from)
+                    .collect(),
+            )
+        })
     }
 
     fn handle(&mut self, change: &RChange) -> RResult<(), RError> {
@@ -178,11 +193,19 @@ pub extern "C" fn new_handler<H: Handler>(config_json: RStr<'_>) -> RResult<Hand
     guard(|| {
         let value: serde_json::Value = match serde_json::from_str(config_json.as_str()) {
             Ok(v) => v,
-            Err(e) => return RResult::RErr(RError::new(RErrorKind::Invalid, format!("handler config is not valid JSON: {e}"))),
+            Err(e) => {
+                return RResult::RErr(RError::new(
+                    RErrorKind::Invalid,
+                    format!("handler config is not valid JSON: {e}"),
+                ))
+            }
         };
         match H::new(&HandlerConfig::from_json(value)) {
             Ok(h) => RResult::ROk(RawHandler_TO::from_value(
-                HandlerAdapter { inner: h, columns: None },
+                HandlerAdapter {
+                    inner: h,
+                    columns: None,
+                },
                 TD_Opaque,
             )),
             Err(e) => RResult::RErr(RError::new(RErrorKind::Invalid, e.to_string())),
@@ -200,6 +223,8 @@ pub extern "C" fn new_handler<H: Handler>(config_json: RStr<'_>) -> RResult<Hand
 #[macro_export]
 macro_rules! export_handler {
     ($handler:ty) => {
-        $crate::__export_root_module!($crate::__private::handler_module::<$handler>(env!("CARGO_PKG_VERSION")));
+        $crate::__export_root_module!($crate::__private::handler_module::<$handler>(env!(
+            "CARGO_PKG_VERSION"
+        )));
     };
 }

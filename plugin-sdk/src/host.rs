@@ -13,11 +13,11 @@ use std::time::Duration;
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use abi_stable::std_types::{RResult, RStr, RString, RVec};
 
-use crate::backend::{Batch, BackendError, Consumer, Registered, StartFrom, Watch};
+use crate::backend::{BackendError, Batch, Consumer, Registered, StartFrom, Watch};
 use crate::change::{Change, Subscription};
 use crate::ffi::{
-    BackendBox, HandlerBox, PluginKind, PluginModuleRef, RChange, RConsumer, RRegistered, RStartFrom, RWatch,
-    SDK_VERSION,
+    BackendBox, HandlerBox, PluginKind, PluginModuleRef, RChange, RConsumer, RRegistered,
+    RStartFrom, RWatch, SDK_VERSION,
 };
 use crate::handler::HandlerError;
 
@@ -100,10 +100,14 @@ impl std::fmt::Debug for Library {
 /// Load and check a plugin library.
 pub fn load(path: &Path) -> Result<Library, LoadError> {
     if !path.exists() {
-        return Err(LoadError::NotFound { path: path.to_owned() });
+        return Err(LoadError::NotFound {
+            path: path.to_owned(),
+        });
     }
     let header = lib_header_from_path(path).map_err(|e| match e {
-        LibraryError::GetSymbolError { .. } => LoadError::NotAPlugin { path: path.to_owned() },
+        LibraryError::GetSymbolError { .. } => LoadError::NotAPlugin {
+            path: path.to_owned(),
+        },
         LibraryError::OpenError { err, .. } => LoadError::Open {
             path: path.to_owned(),
             reason: one_line(&err.to_string()),
@@ -125,19 +129,21 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
             host_sdk,
         });
     }
-    let module = header.init_root_module::<PluginModuleRef>().map_err(|e| match e {
-        LibraryError::IncompatibleVersionNumber { .. } => LoadError::IncompatibleVersion {
-            path: path.to_owned(),
-            plugin_sdk: plugin_sdk.clone(),
-            host_sdk: host_sdk.clone(),
-        },
-        other => LoadError::IncompatibleLayout {
-            path: path.to_owned(),
-            plugin_sdk: plugin_sdk.clone(),
-            host_sdk: host_sdk.clone(),
-            detail: other.to_string(),
-        },
-    })?;
+    let module = header
+        .init_root_module::<PluginModuleRef>()
+        .map_err(|e| match e {
+            LibraryError::IncompatibleVersionNumber { .. } => LoadError::IncompatibleVersion {
+                path: path.to_owned(),
+                plugin_sdk: plugin_sdk.clone(),
+                host_sdk: host_sdk.clone(),
+            },
+            other => LoadError::IncompatibleLayout {
+                path: path.to_owned(),
+                plugin_sdk: plugin_sdk.clone(),
+                host_sdk: host_sdk.clone(),
+                detail: other.to_string(),
+            },
+        })?;
     // A plugin built with a different root-module name is a different kind of library
     // altogether; abi_stable reports that through the version strings above.
     let _ = PluginModuleRef::NAME;
@@ -213,11 +219,18 @@ impl Library {
     }
 
     /// Open a backend connection.
-    pub fn open_backend(&self, url: &str, options: &serde_json::Value) -> Result<HostBackend, BackendError> {
+    pub fn open_backend(
+        &self,
+        url: &str,
+        options: &serde_json::Value,
+    ) -> Result<HostBackend, BackendError> {
         let open = self.module.open_backend();
         let json = options.to_string();
         match open(RStr::from_str(url), RStr::from_str(&json)) {
-            RResult::ROk(inner) => Ok(HostBackend { inner, columns: None }),
+            RResult::ROk(inner) => Ok(HostBackend {
+                inner,
+                columns: None,
+            }),
             RResult::RErr(e) => Err(e.into()),
         }
     }
@@ -236,14 +249,23 @@ pub struct HostHandler {
 
 impl HostHandler {
     pub fn subscriptions(&self) -> Result<Vec<Subscription>, HandlerError> {
-        ok::<_, HandlerError>(self.inner.subscriptions()).map(|v| v.into_iter().map(Subscription::from).collect())
+        ok::<_, HandlerError>(self.inner.subscriptions())
+            .map(|v| v.into_iter().map(Subscription::from).collect())
     }
 
     pub fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
         if self.columns.len() != change.columns.len()
-            || self.columns.iter().zip(change.columns.iter()).any(|(a, b)| a.as_str() != b)
+            || self
+                .columns
+                .iter()
+                .zip(change.columns.iter())
+                .any(|(a, b)| a.as_str() != b)
         {
-            self.columns = change.columns.iter().map(|c| RString::from(c.as_str())).collect();
+            self.columns = change
+                .columns
+                .iter()
+                .map(|c| RString::from(c.as_str()))
+                .collect();
         }
         let rc = RChange {
             id: change.id,
@@ -274,11 +296,17 @@ pub struct HostBackend {
 
 impl HostBackend {
     pub fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
-        ok(self.inner.plan_install(watches.iter().map(RWatch::from).collect())).map(strings)
+        ok(self
+            .inner
+            .plan_install(watches.iter().map(RWatch::from).collect()))
+        .map(strings)
     }
 
     pub fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
-        ok(self.inner.install(watches.iter().map(RWatch::from).collect())).map(strings)
+        ok(self
+            .inner
+            .install(watches.iter().map(RWatch::from).collect()))
+        .map(strings)
     }
 
     pub fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
@@ -289,13 +317,21 @@ impl HostBackend {
         ok(self.inner.uninstall()).map(strings)
     }
 
-    pub fn register(&mut self, consumer: &Consumer, tables: &[String], start: StartFrom) -> Result<Registered, BackendError> {
+    pub fn register(
+        &mut self,
+        consumer: &Consumer,
+        tables: &[String],
+        start: StartFrom,
+    ) -> Result<Registered, BackendError> {
         let tables = tables.iter().map(|t| RString::from(t.as_str())).collect();
         let start = match start {
             StartFrom::Now => RStartFrom::Now,
             StartFrom::Oldest => RStartFrom::Oldest,
         };
-        ok(self.inner.register(&RConsumer::from(consumer), tables, start)).map(|r| match r {
+        ok(self
+            .inner
+            .register(&RConsumer::from(consumer), tables, start))
+        .map(|r| match r {
             RRegistered::New => Registered::New,
             RRegistered::Existing => Registered::Existing,
         })
@@ -315,12 +351,21 @@ impl HostBackend {
         })
     }
 
-    pub fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError> {
-        ok(self.inner.ack(&RConsumer::from(consumer), RStr::from_str(token), upto_id))
+    pub fn ack(
+        &mut self,
+        consumer: &Consumer,
+        token: &str,
+        upto_id: i64,
+    ) -> Result<(), BackendError> {
+        ok(self
+            .inner
+            .ack(&RConsumer::from(consumer), RStr::from_str(token), upto_id))
     }
 
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
-        ok(self.inner.wait(timeout.as_millis().min(u64::MAX as u128) as u64))
+        ok(self
+            .inner
+            .wait(timeout.as_millis().min(u64::MAX as u128) as u64))
     }
 
     pub fn prune(&mut self) -> Result<u64, BackendError> {

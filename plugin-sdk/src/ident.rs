@@ -41,7 +41,18 @@ mod tests {
 
     #[test]
     fn refuses_injection_and_odd_names() {
-        for bad in ["users; DROP TABLE x", "", "1abc", "a\"b", "a`b", "a b", "a.b", "$a", "é", &"x".repeat(64)] {
+        for bad in [
+            "users; DROP TABLE x",
+            "",
+            "1abc",
+            "a\"b",
+            "a`b",
+            "a b",
+            "a.b",
+            "$a",
+            "é",
+            &"x".repeat(64),
+        ] {
             let err = check("table", bad).unwrap_err().to_string();
             assert!(err.contains("invalid table name"), "{bad}: {err}");
         }
@@ -78,9 +89,18 @@ mod redact_tests {
 
     #[test]
     fn hides_only_the_password() {
-        assert_eq!(redact_url("postgres://app:s3cret@db:5432/mail"), "postgres://app:***@db:5432/mail");
-        assert_eq!(redact_url("mysql://root:p@ss@127.0.0.1/x?a=b"), "mysql://root:***@127.0.0.1/x?a=b");
-        assert_eq!(redact_url("mysql://root@127.0.0.1/x"), "mysql://root@127.0.0.1/x");
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/mail"),
+            "postgres://app:***@db:5432/mail"
+        );
+        assert_eq!(
+            redact_url("mysql://root:p@ss@127.0.0.1/x?a=b"),
+            "mysql://root:***@127.0.0.1/x?a=b"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1/x"),
+            "mysql://root@127.0.0.1/x"
+        );
         assert_eq!(redact_url("sqlite://mail.db"), "sqlite://mail.db");
     }
 }

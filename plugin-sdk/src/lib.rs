@@ -50,8 +50,8 @@ pub mod testing;
 pub use backend::{Backend, BackendError, Batch, Consumer, Registered, StartFrom, Watch};
 pub use change::{Change, Op, Ops, Subscription, Value};
 pub use ffi::SDK_VERSION;
-pub use ident::redact_url;
 pub use handler::{Handler, HandlerConfig, HandlerError};
+pub use ident::redact_url;
 pub use serde_json;
 
 /// What abi_stable's `#[export_root_module]` generates, written against the SDK's

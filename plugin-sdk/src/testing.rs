@@ -28,7 +28,12 @@ use crate::handler::{panic_message, Handler, HandlerConfig, HandlerError};
 
 static NEXT_ID: AtomicI64 = AtomicI64::new(1);
 
-fn build(table: &str, op: Op, old: Option<&[(&str, Value)]>, new: Option<&[(&str, Value)]>) -> Change {
+fn build(
+    table: &str,
+    op: Op,
+    old: Option<&[(&str, Value)]>,
+    new: Option<&[(&str, Value)]>,
+) -> Change {
     let cols = old.or(new).unwrap_or(&[]);
     Change {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -68,7 +73,10 @@ impl<H: Handler> Harness<H> {
     pub fn new(config: serde_json::Value) -> Result<Self, HandlerError> {
         let handler = H::new(&HandlerConfig::from_json(config))?;
         let subscriptions = handler.subscriptions();
-        Ok(Harness { handler, subscriptions })
+        Ok(Harness {
+            handler,
+            subscriptions,
+        })
     }
 
     /// Deliver a change. `Ok(false)` when no subscription wanted it.

@@ -10,7 +10,8 @@ use rusqlite::Connection;
 pub fn create_db(dir: &Path, name: &str, schema: &str) -> PathBuf {
     let path = dir.join(format!("{name}.db"));
     let conn = Connection::open(&path).expect("create sqlite db");
-    conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
     conn.execute_batch(schema).expect("apply schema");
     path
 }
@@ -18,7 +19,8 @@ pub fn create_db(dir: &Path, name: &str, schema: &str) -> PathBuf {
 /// A writer connection that waits for locks instead of failing.
 pub fn connect(path: &Path) -> Connection {
     let conn = Connection::open(path).expect("open sqlite db");
-    conn.busy_timeout(Duration::from_secs(30)).expect("busy timeout");
+    conn.busy_timeout(Duration::from_secs(30))
+        .expect("busy timeout");
     conn
 }
 

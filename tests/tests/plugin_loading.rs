@@ -11,7 +11,11 @@ fn plugin_check(file: &Path) -> (bool, String, String) {
     let out = Command::new(epidemic_bin())
         .args(["plugin", "check"])
         .arg(file)
-        .current_dir(file.parent().filter(|p| p.is_dir()).unwrap_or(Path::new("/")))
+        .current_dir(
+            file.parent()
+                .filter(|p| p.is_dir())
+                .unwrap_or(Path::new("/")),
+        )
         .output()
         .expect("run epidemic");
     (
@@ -25,7 +29,11 @@ fn plugin_check(file: &Path) -> (bool, String, String) {
 fn assert_one_line_error(file: &Path, needles: &[&str]) -> String {
     let (ok, _, err) = plugin_check(file);
     assert!(!ok, "{} was accepted", file.display());
-    assert_eq!(err.trim_end().lines().count(), 1, "want one line, got:\n{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "want one line, got:\n{err}"
+    );
     assert!(err.contains(&file.display().to_string()), "{err}");
     for n in needles {
         assert!(err.contains(n), "{n:?} not in {err}");
@@ -35,7 +43,10 @@ fn assert_one_line_error(file: &Path, needles: &[&str]) -> String {
 
 #[test]
 fn missing_file() {
-    assert_one_line_error(Path::new("/nonexistent/libepidemic_x.so"), &["file not found"]);
+    assert_one_line_error(
+        Path::new("/nonexistent/libepidemic_x.so"),
+        &["file not found"],
+    );
 }
 
 #[test]
@@ -50,11 +61,15 @@ fn a_file_that_is_not_a_library() {
 fn a_library_that_is_not_a_plugin() {
     // Any real shared library without Epidemic's root module: take the C library the
     // test binary itself links.
-    let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("libc.so.6");
+    let libc = [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/libc.so.6",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("libc.so.6");
     assert_one_line_error(&libc, &["not an Epidemic plugin"]);
 }
 
@@ -64,28 +79,46 @@ fn plugin_check_describes_a_handler_and_a_backend() {
     assert!(ok, "{err}");
     assert!(out.contains("kind:    handler"), "{out}");
     assert!(out.contains("name:    recorder"), "{out}");
-    assert!(out.contains(&format!("sdk:     {}", epidemic_plugin_sdk::SDK_VERSION)), "{out}");
+    assert!(
+        out.contains(&format!("sdk:     {}", epidemic_plugin_sdk::SDK_VERSION)),
+        "{out}"
+    );
     // Without its config the recorder cannot say what it subscribes to; it says why.
-    assert!(out.contains("subscriptions: unknown without a valid config"), "{out}");
+    assert!(
+        out.contains("subscriptions: unknown without a valid config"),
+        "{out}"
+    );
 
     let out = Command::new(epidemic_bin())
         .args(["plugin", "check"])
         .arg(plugin_path("recorder"))
-        .args(["--handler-config", r#"{"file": "/dev/null", "table": "users", "columns": ["name", "mail"]}"#])
+        .args([
+            "--handler-config",
+            r#"{"file": "/dev/null", "table": "users", "columns": ["name", "mail"]}"#,
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("users (name, mail) ops: INSERT,UPDATE,DELETE"), "{text}");
+    assert!(
+        text.contains("users (name, mail) ops: INSERT,UPDATE,DELETE"),
+        "{text}"
+    );
 
     let (ok, out, _) = plugin_check(&epidemic_tests::backend_path("sqlite"));
     assert!(ok);
-    assert!(out.contains("kind:    backend") && out.contains("schemes: sqlite"), "{out}");
+    assert!(
+        out.contains("kind:    backend") && out.contains("schemes: sqlite"),
+        "{out}"
+    );
 }
 
 /// Build a handler plugin against a modified copy of the SDK, out of this workspace.
 /// `edit` changes the copy's `Cargo.toml` version and/or its source.
 fn build_against_modified_sdk(name: &str, version: &str, edit: impl FnOnce(&Path)) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
     let work = target_dir().join("oot").join(name);
     let _ = std::fs::remove_dir_all(&work);
     let sdk = work.join("sdk");
@@ -122,7 +155,11 @@ fn build_against_modified_sdk(name: &str, version: &str, edit: impl FnOnce(&Path
          epidemic_plugin_sdk::export_handler!(Stale);\n",
     )
     .unwrap();
-    std::fs::write(work.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"sdk\", \"plugin\"]\n").unwrap();
+    std::fs::write(
+        work.join("Cargo.toml"),
+        "[workspace]\nresolver = \"2\"\nmembers = [\"sdk\", \"plugin\"]\n",
+    )
+    .unwrap();
     // The workspace's lock file pins the same dependency versions, so the build needs
     // no network and shares compiled dependencies through one target directory.
     std::fs::copy(root.join("Cargo.lock"), work.join("Cargo.lock")).unwrap();
@@ -133,7 +170,11 @@ fn build_against_modified_sdk(name: &str, version: &str, edit: impl FnOnce(&Path
         .env("CARGO_TARGET_DIR", target_dir().join("oot/target"))
         .output()
         .expect("run cargo");
-    assert!(out.status.success(), "building {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "building {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     target_dir()
         .join("oot/target/debug")
         .join(format!("libepidemic_{}.so", name.replace('-', "_")))
@@ -172,7 +213,14 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn a_plugin_built_against_a_newer_sdk_version_is_refused() {
     let lib = build_against_modified_sdk("sdk-next", "0.2.0", |_| {});
-    let err = assert_one_line_error(&lib, &["0.2.0", epidemic_plugin_sdk::SDK_VERSION, "rebuild the plugin"]);
+    let err = assert_one_line_error(
+        &lib,
+        &[
+            "0.2.0",
+            epidemic_plugin_sdk::SDK_VERSION,
+            "rebuild the plugin",
+        ],
+    );
     assert!(!err.contains("Layout"), "layout dump leaked: {err}");
 }
 
@@ -189,11 +237,23 @@ fn a_plugin_built_against_a_changed_interface_is_refused() {
             1,
         );
         assert_ne!(changed, text, "RChange no longer looks as the test expects");
-        let changed = changed.replacen("RChange {\n            id: c.id,", "RChange {\n            id: c.id,\n            shard: 0,", 1);
+        let changed = changed.replacen(
+            "RChange {\n            id: c.id,",
+            "RChange {\n            id: c.id,\n            shard: 0,",
+            1,
+        );
         std::fs::write(&ffi, changed).unwrap();
         let host = sdk.join("src/host.rs");
         let text = std::fs::read_to_string(&host).unwrap();
-        std::fs::write(&host, text.replacen("let rc = RChange {\n            id: change.id,", "let rc = RChange {\n            id: change.id,\n            shard: 0,", 1)).unwrap();
+        std::fs::write(
+            &host,
+            text.replacen(
+                "let rc = RChange {\n            id: change.id,",
+                "let rc = RChange {\n            id: change.id,\n            shard: 0,",
+                1,
+            ),
+        )
+        .unwrap();
     });
     let err = assert_one_line_error(&lib, &["SDK interface differs", "rebuild the plugin"]);
     assert!(err.len() < 400, "error too long: {err}");

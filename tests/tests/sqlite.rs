@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use epidemic_tests::{epidemic, recorded, recorder_handler, sqlite, wait_recorded, wait_until, Daemon};
+use epidemic_tests::{
+    epidemic, recorded, recorder_handler, sqlite, wait_recorded, wait_until, Daemon,
+};
 use rusqlite::params;
 use serde_json::{json, Value};
 
@@ -51,10 +53,14 @@ impl Setup {
     /// Start the daemon and wait until it has started (this start, not an earlier one
     /// that logged to the same file).
     fn start(&self) -> Daemon {
-        let before = std::fs::read_to_string(&self.log).unwrap_or_default().matches("epidemic started").count();
+        let before = std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("epidemic started")
+            .count();
         let d = Daemon::start(&self.config, &self.log, &[]);
         assert!(
-            wait_until(WAIT, || d.log_text().matches("epidemic started").count() > before),
+            wait_until(WAIT, || d.log_text().matches("epidemic started").count()
+                > before),
             "daemon did not start:\n{}",
             d.log_text()
         );
@@ -65,21 +71,32 @@ impl Setup {
 fn ops(lines: &[Value]) -> Vec<(String, Value, Value)> {
     lines
         .iter()
-        .map(|l| (l["op"].as_str().unwrap_or_default().to_owned(), l["old"].clone(), l["new"].clone()))
+        .map(|l| {
+            (
+                l["op"].as_str().unwrap_or_default().to_owned(),
+                l["old"].clone(),
+                l["new"].clone(),
+            )
+        })
         .collect()
 }
 
 #[test]
 fn each_handler_gets_exactly_what_it_subscribed_to() {
     let s = Setup::new("", |dir| {
-        recorder_handler("all", &dir.join("all.jsonl"), "mail_users", &["username", "quota_bytes", "avatar"], "")
-            + &recorder_handler(
-                "quota",
-                &dir.join("quota.jsonl"),
-                "mail_users",
-                &["quota_bytes"],
-                "ops = [\"update\"]",
-            )
+        recorder_handler(
+            "all",
+            &dir.join("all.jsonl"),
+            "mail_users",
+            &["username", "quota_bytes", "avatar"],
+            "",
+        ) + &recorder_handler(
+            "quota",
+            &dir.join("quota.jsonl"),
+            "mail_users",
+            &["quota_bytes"],
+            "ops = [\"update\"]",
+        )
     });
     let _d = s.start();
     let w = sqlite::connect(&s.db);
@@ -89,12 +106,22 @@ fn each_handler_gets_exactly_what_it_subscribed_to() {
     )
     .unwrap();
     // Unwatched column only: nobody hears of it.
-    w.execute("UPDATE mail_users SET last_login = 'today' WHERE id = 1", []).unwrap();
+    w.execute(
+        "UPDATE mail_users SET last_login = 'today' WHERE id = 1",
+        [],
+    )
+    .unwrap();
     // Username only: "all" hears, "quota" does not.
-    w.execute("UPDATE mail_users SET username = 'ann@example.com' WHERE id = 1", []).unwrap();
+    w.execute(
+        "UPDATE mail_users SET username = 'ann@example.com' WHERE id = 1",
+        [],
+    )
+    .unwrap();
     // Quota to NULL: both hear.
-    w.execute("UPDATE mail_users SET quota_bytes = NULL WHERE id = 1", []).unwrap();
-    w.execute("DELETE FROM mail_users WHERE id = 1", []).unwrap();
+    w.execute("UPDATE mail_users SET quota_bytes = NULL WHERE id = 1", [])
+        .unwrap();
+    w.execute("DELETE FROM mail_users WHERE id = 1", [])
+        .unwrap();
 
     let all = wait_recorded(&s.dir.join("all.jsonl"), 4, WAIT);
     let quota = wait_recorded(&s.dir.join("quota.jsonl"), 1, WAIT);
@@ -102,19 +129,43 @@ fn each_handler_gets_exactly_what_it_subscribed_to() {
     assert_eq!(
         ops(&all),
         vec![
-            ("INSERT".into(), Value::Null, row("ann@example.org", json!(1000))),
-            ("UPDATE".into(), row("ann@example.org", json!(1000)), row("ann@example.com", json!(1000))),
-            ("UPDATE".into(), row("ann@example.com", json!(1000)), row("ann@example.com", Value::Null)),
-            ("DELETE".into(), row("ann@example.com", Value::Null), Value::Null),
+            (
+                "INSERT".into(),
+                Value::Null,
+                row("ann@example.org", json!(1000))
+            ),
+            (
+                "UPDATE".into(),
+                row("ann@example.org", json!(1000)),
+                row("ann@example.com", json!(1000))
+            ),
+            (
+                "UPDATE".into(),
+                row("ann@example.com", json!(1000)),
+                row("ann@example.com", Value::Null)
+            ),
+            (
+                "DELETE".into(),
+                row("ann@example.com", Value::Null),
+                Value::Null
+            ),
         ]
     );
     assert_eq!(
         ops(&quota),
-        vec![("UPDATE".into(), json!({"quota_bytes": 1000}), json!({"quota_bytes": null}))]
+        vec![(
+            "UPDATE".into(),
+            json!({"quota_bytes": 1000}),
+            json!({"quota_bytes": null})
+        )]
     );
     // Nothing more arrives: the last_login update never reaches anyone. Prove the
     // daemon is caught up by sending a marker through and checking only it arrives.
-    w.execute("INSERT INTO mail_users (id, username) VALUES (2, 'marker')", []).unwrap();
+    w.execute(
+        "INSERT INTO mail_users (id, username) VALUES (2, 'marker')",
+        [],
+    )
+    .unwrap();
     let all = wait_recorded(&s.dir.join("all.jsonl"), 5, WAIT);
     assert_eq!(all.len(), 5);
     assert_eq!(all[4]["new"]["username"], "marker");
@@ -151,7 +202,13 @@ fn sigkill_mid_stream_loses_nothing() {
     const N: i64 = 6_000;
     const BATCH: usize = 100;
     let s = Setup::new(&format!("batch_size = {BATCH}"), |dir| {
-        recorder_handler("rec", &dir.join("rec.jsonl"), "mail_users", &["username", "quota_bytes"], "")
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["username", "quota_bytes"],
+            "",
+        )
     });
     let out = s.dir.join("rec.jsonl");
     let mut d = s.start();
@@ -161,12 +218,15 @@ fn sigkill_mid_stream_loses_nothing() {
     for round in 1..=4 {
         // Kill once a few more changes have landed since the last restart.
         let seen = delivered_ids(&out).len();
-        wait_until(WAIT, || delivered_ids(&out).len() > seen + 200 || writer.is_finished());
+        wait_until(WAIT, || {
+            delivered_ids(&out).len() > seen + 200 || writer.is_finished()
+        });
         d.kill();
         kills += 1;
         d = Daemon::start(&s.config, &s.log, &[]);
         assert!(
-            wait_until(WAIT, || d.log_text().matches("resuming consumer").count() >= round),
+            wait_until(WAIT, || d.log_text().matches("resuming consumer").count()
+                >= round),
             "restart {round} failed:\n{}",
             d.log_text()
         );
@@ -179,10 +239,16 @@ fn sigkill_mid_stream_loses_nothing() {
     let got = delivered_ids(&out);
     let unique: HashSet<i64> = got.iter().copied().collect();
     let missing: Vec<i64> = want.difference(&unique).copied().take(10).collect();
-    assert!(missing.is_empty(), "changes lost after SIGKILL, e.g. {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "changes lost after SIGKILL, e.g. {missing:?}"
+    );
     // Duplicates only for the batch in flight at each kill.
     let dups = got.len() - unique.len();
-    assert!(dups <= kills * BATCH, "{dups} duplicates for {kills} kills of batch {BATCH}");
+    assert!(
+        dups <= kills * BATCH,
+        "{dups} duplicates for {kills} kills of batch {BATCH}"
+    );
     // Per row, in commit order: each id's INSERT arrives once at least, and ids of one
     // writer arrive in increasing order apart from redelivered batches.
     assert!(d.alive());
@@ -190,21 +256,33 @@ fn sigkill_mid_stream_loses_nothing() {
 
 fn log_rows(db: &Path) -> i64 {
     sqlite::connect(db)
-        .query_row("SELECT count(*) FROM epidemic_log_mail_users", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM epidemic_log_mail_users", [], |r| {
+            r.get(0)
+        })
         .unwrap()
 }
 
 #[test]
 fn prune_then_write_more_skips_nothing() {
     let s = Setup::new("prune_interval_ms = 50", |dir| {
-        recorder_handler("rec", &dir.join("rec.jsonl"), "mail_users", &["quota_bytes"], "")
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["quota_bytes"],
+            "",
+        )
     });
     let out = s.dir.join("rec.jsonl");
     let mut d = s.start();
     write_rows(&s.db, 1, 50, 10);
     assert_eq!(wait_recorded(&out, 50, WAIT).len(), 50);
     // Every consumer passed every row: the log empties, including its newest row.
-    assert!(wait_until(WAIT, || log_rows(&s.db) == 0), "log not pruned: {} rows", log_rows(&s.db));
+    assert!(
+        wait_until(WAIT, || log_rows(&s.db) == 0),
+        "log not pruned: {} rows",
+        log_rows(&s.db)
+    );
     // With a plain rowid the next change would reuse id 1 and land below the cursor.
     d.kill();
     write_rows(&s.db, 51, 20, 1);
@@ -217,7 +295,13 @@ fn prune_then_write_more_skips_nothing() {
 #[test]
 fn run_twice_then_uninstall_restores_the_schema() {
     let s = Setup::new("", |dir| {
-        recorder_handler("rec", &dir.join("rec.jsonl"), "mail_users", &["username"], "")
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["username"],
+            "",
+        )
     });
     // A user trigger and index that must survive uninstall untouched.
     sqlite::connect(&s.db)
@@ -238,29 +322,52 @@ fn run_twice_then_uninstall_restores_the_schema() {
         );
     }
     let out = epidemic(&s.config, &["install"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_ne!(sqlite::objects(&s.db), before, "install created nothing?");
     let out = epidemic(&s.config, &["uninstall"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(sqlite::objects(&s.db), before);
     // Uninstalling again is a no-op, not an error.
     let out = epidemic(&s.config, &["uninstall"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "nothing to uninstall");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "nothing to uninstall"
+    );
 }
 
 #[test]
 fn sql_prints_the_ddl_and_applies_nothing() {
     let s = Setup::new("", |dir| {
-        recorder_handler("rec", &dir.join("rec.jsonl"), "mail_users", &["username", "quota_bytes"], "")
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["username", "quota_bytes"],
+            "",
+        )
     });
     let before = sqlite::objects(&s.db);
     let out = epidemic(&s.config, &["sql"]);
     assert!(out.status.success());
     let sql = String::from_utf8_lossy(&out.stdout);
-    assert!(sql.contains("CREATE TABLE \"epidemic_log_mail_users\""), "{sql}");
+    assert!(
+        sql.contains("CREATE TABLE \"epidemic_log_mail_users\""),
+        "{sql}"
+    );
     assert!(sql.contains("AUTOINCREMENT"), "{sql}");
-    assert!(sql.contains("CREATE TRIGGER \"epidemic_mail_users_update\""), "{sql}");
+    assert!(
+        sql.contains("CREATE TRIGGER \"epidemic_mail_users_update\""),
+        "{sql}"
+    );
     assert_eq!(sqlite::objects(&s.db), before);
     // The printed script is what install runs: applying it by hand gives the same schema.
     let by_hand = s.dir.join("by_hand.db");
@@ -281,12 +388,23 @@ fn a_panicking_handler_is_a_failed_delivery_not_a_crash() {
             &["username"],
             "panic_on = \"boom\"",
         )
-        .replace("[handler.config]", "max_attempts = 2\nretry_initial_ms = 10\n[handler.config]")
+        .replace(
+            "[handler.config]",
+            "max_attempts = 2\nretry_initial_ms = 10\n[handler.config]",
+        )
     });
     let mut d = s.start();
     let w = sqlite::connect(&s.db);
-    w.execute("INSERT INTO mail_users (id, username) VALUES (1, 'boom')", []).unwrap();
-    w.execute("INSERT INTO mail_users (id, username) VALUES (2, 'fine')", []).unwrap();
+    w.execute(
+        "INSERT INTO mail_users (id, username) VALUES (1, 'boom')",
+        [],
+    )
+    .unwrap();
+    w.execute(
+        "INSERT INTO mail_users (id, username) VALUES (2, 'fine')",
+        [],
+    )
+    .unwrap();
     let got = wait_recorded(&s.dir.join("rec.jsonl"), 1, WAIT);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["new"]["username"], "fine");
@@ -299,15 +417,30 @@ fn a_panicking_handler_is_a_failed_delivery_not_a_crash() {
 #[test]
 fn handler_filters_by_operation_and_projects_columns() {
     let s = Setup::new("", |dir| {
-        recorder_handler("del", &dir.join("del.jsonl"), "mail_users", &["username"], "ops = [\"delete\"]")
+        recorder_handler(
+            "del",
+            &dir.join("del.jsonl"),
+            "mail_users",
+            &["username"],
+            "ops = [\"delete\"]",
+        )
     });
     let _d = s.start();
     let w = sqlite::connect(&s.db);
-    w.execute("INSERT INTO mail_users (id, username, quota_bytes) VALUES (1, 'a', 5)", []).unwrap();
-    w.execute("UPDATE mail_users SET username = 'b' WHERE id = 1", []).unwrap();
-    w.execute("DELETE FROM mail_users WHERE id = 1", []).unwrap();
+    w.execute(
+        "INSERT INTO mail_users (id, username, quota_bytes) VALUES (1, 'a', 5)",
+        [],
+    )
+    .unwrap();
+    w.execute("UPDATE mail_users SET username = 'b' WHERE id = 1", [])
+        .unwrap();
+    w.execute("DELETE FROM mail_users WHERE id = 1", [])
+        .unwrap();
     let got = wait_recorded(&s.dir.join("del.jsonl"), 1, WAIT);
-    assert_eq!(ops(&got), vec![("DELETE".into(), json!({"username": "b"}), Value::Null)]);
+    assert_eq!(
+        ops(&got),
+        vec![("DELETE".into(), json!({"username": "b"}), Value::Null)]
+    );
 }
 
 /// Each bad input: exit non-zero, one line on stderr containing `needle`, nothing created.
@@ -339,33 +472,84 @@ fn bad_config_is_a_clear_error_and_creates_nothing() {
     let good_handler = rec("mail_users", "[\"username\"]");
     let file = s.config.display().to_string();
     assert_refused(&s, "[database\nurl = 1", &file);
-    assert_refused(&s, &format!("[database]\nurl = {url:?}\ncolour = 1\n{good_handler}"), "colour");
-    assert_refused(&s, &format!("[database]\nurl = {url:?}\n[daemon]\nnmae = \"x\"\n{good_handler}"), "nmae");
-    assert_refused(&s, &format!("[database]\nurl = {url:?}\n[extra]\n{good_handler}"), "extra");
     assert_refused(
         &s,
-        &format!("[database]\nurl = {url:?}\n{}", good_handler.replace("table =", "tabel = \"x\"\ntable =")),
+        &format!("[database]\nurl = {url:?}\ncolour = 1\n{good_handler}"),
+        "colour",
+    );
+    assert_refused(
+        &s,
+        &format!("[database]\nurl = {url:?}\n[daemon]\nnmae = \"x\"\n{good_handler}"),
+        "nmae",
+    );
+    assert_refused(
+        &s,
+        &format!("[database]\nurl = {url:?}\n[extra]\n{good_handler}"),
+        "extra",
+    );
+    assert_refused(
+        &s,
+        &format!(
+            "[database]\nurl = {url:?}\n{}",
+            good_handler.replace("table =", "tabel = \"x\"\ntable =")
+        ),
         "tabel",
     );
-    assert_refused(&s, &format!("[database]\nurl = {url:?}\n{}", rec("no_such_table", "[\"username\"]")), "no_such_table");
-    assert_refused(&s, &format!("[database]\nurl = {url:?}\n{}", rec("mail_users", "[\"nope\"]")), "nope");
     assert_refused(
         &s,
-        &format!("[database]\nurl = {url:?}\n{}", rec("users; DROP TABLE mail_users", "[\"username\"]")),
+        &format!(
+            "[database]\nurl = {url:?}\n{}",
+            rec("no_such_table", "[\"username\"]")
+        ),
+        "no_such_table",
+    );
+    assert_refused(
+        &s,
+        &format!(
+            "[database]\nurl = {url:?}\n{}",
+            rec("mail_users", "[\"nope\"]")
+        ),
+        "nope",
+    );
+    assert_refused(
+        &s,
+        &format!(
+            "[database]\nurl = {url:?}\n{}",
+            rec("users; DROP TABLE mail_users", "[\"username\"]")
+        ),
         "users; DROP TABLE mail_users",
     );
     assert_refused(
         &s,
-        &format!("[database]\nurl = {url:?}\n{}", rec("mail_users", "[\"username\\\" text); DROP TABLE x; --\"]")),
+        &format!(
+            "[database]\nurl = {url:?}\n{}",
+            rec("mail_users", "[\"username\\\" text); DROP TABLE x; --\"]")
+        ),
         "invalid column name",
     );
-    assert_refused(&s, &format!("[database]\nurl = \"nosuch://x\"\n{good_handler}"), "no backend library for nosuch://");
-    assert_refused(&s, &format!("[database]\nurl = \"sqlite:///nonexistent/x.db\"\n{good_handler}"), "/nonexistent/x.db");
-    assert_refused(&s, &format!("[database]\nurl = {url:?}\n{}", good_handler.replace("recorder.so", "nothere.so")), "file not found");
+    assert_refused(
+        &s,
+        &format!("[database]\nurl = \"nosuch://x\"\n{good_handler}"),
+        "no backend library for nosuch://",
+    );
+    assert_refused(
+        &s,
+        &format!("[database]\nurl = \"sqlite:///nonexistent/x.db\"\n{good_handler}"),
+        "/nonexistent/x.db",
+    );
+    assert_refused(
+        &s,
+        &format!(
+            "[database]\nurl = {url:?}\n{}",
+            good_handler.replace("recorder.so", "nothere.so")
+        ),
+        "file not found",
+    );
     // The user's table is still there after the injection attempts.
     assert_eq!(
         sqlite::connect(&s.db)
-            .query_row("SELECT count(*) FROM mail_users", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT count(*) FROM mail_users", [], |r| r
+                .get::<_, i64>(0))
             .unwrap(),
         0
     );
@@ -374,17 +558,36 @@ fn bad_config_is_a_clear_error_and_creates_nothing() {
 #[test]
 fn env_overrides_the_config_file() {
     let s = Setup::new("", |dir| {
-        recorder_handler("rec", &dir.join("rec.jsonl"), "mail_users", &["username"], "")
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["username"],
+            "",
+        )
     });
     let other = sqlite::create_db(&s.dir, "other", SCHEMA);
-    let _d = Daemon::start_with_env(&s.config, &s.log, &[], &[("EPIDEMIC_DATABASE__URL", &sqlite::url(&other))]);
-    assert!(wait_until(WAIT, || std::fs::read_to_string(&s.log).unwrap_or_default().contains("epidemic started")));
+    let _d = Daemon::start_with_env(
+        &s.config,
+        &s.log,
+        &[],
+        &[("EPIDEMIC_DATABASE__URL", &sqlite::url(&other))],
+    );
+    assert!(wait_until(WAIT, || std::fs::read_to_string(&s.log)
+        .unwrap_or_default()
+        .contains("epidemic started")));
     sqlite::connect(&other)
-        .execute("INSERT INTO mail_users (id, username) VALUES (1, 'via-env')", [])
+        .execute(
+            "INSERT INTO mail_users (id, username) VALUES (1, 'via-env')",
+            [],
+        )
         .unwrap();
     let got = wait_recorded(&s.dir.join("rec.jsonl"), 1, WAIT);
     assert_eq!(got[0]["new"]["username"], "via-env");
     // The file's database was never touched.
-    let objs: BTreeMap<String, String> = sqlite::objects(&s.db).into_iter().map(|(_, n, sql)| (n, sql)).collect();
+    let objs: BTreeMap<String, String> = sqlite::objects(&s.db)
+        .into_iter()
+        .map(|(_, n, sql)| (n, sql))
+        .collect();
     assert!(!objs.keys().any(|n| n.starts_with("epidemic")), "{objs:?}");
 }

@@ -67,7 +67,9 @@ fn database_path(url: &str) -> Result<PathBuf, BackendError> {
         .ok_or_else(|| BackendError::Invalid(format!("not a sqlite URL: {url:?}")))?;
     let path = rest.split('?').next().unwrap_or_default();
     if path.is_empty() {
-        return Err(BackendError::Invalid("sqlite URL has no file path (sqlite://FILE)".into()));
+        return Err(BackendError::Invalid(
+            "sqlite URL has no file path (sqlite://FILE)".into(),
+        ));
     }
     Ok(PathBuf::from(path))
 }
@@ -107,13 +109,40 @@ impl SqliteBackend {
         }
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
         )
         .map_err(|e| BackendError::Connection(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
             .map_err(sql_err)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(conn)
+    }
+
+    /// Plan and run DDL in one write transaction. `BEGIN IMMEDIATE` takes the write lock
+    /// first: a deferred transaction that read the schema and then writes fails at once
+    /// with SQLITE_BUSY in WAL mode if another connection committed meanwhile (the busy
+    /// handler is not consulted for that upgrade), and planning inside the transaction
+    /// means the plan matches the schema it is applied to.
+    fn apply(
+        &mut self,
+        plan: impl FnOnce(&SqliteSchema<'_>) -> Result<Vec<String>, BackendError>,
+    ) -> Result<Vec<String>, BackendError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql_err)?;
+        let plan = plan(&SqliteSchema::new(&tx))?;
+        for stmt in &plan {
+            tx.execute_batch(stmt).map_err(|e| match sql_err(e) {
+                BackendError::Other(m) => BackendError::Other(format!("{m} in: {stmt}")),
+                other => other,
+            })?;
+        }
+        tx.commit().map_err(sql_err)?;
+        self.consumers.clear();
+        Ok(plan)
     }
 
     fn schema(&self) -> SqliteSchema<'_> {
@@ -137,20 +166,26 @@ impl SqliteBackend {
             )
             .map_err(sql_err)?;
         let rows: Vec<(String, i64)> = stmt
-            .query_map(params![consumer.daemon, consumer.handler], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map(params![consumer.daemon, consumer.handler], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .map_err(sql_err)?
             .collect::<Result<_, _>>()
             .map_err(sql_err)?;
         drop(stmt);
         if rows.is_empty() {
-            return Err(BackendError::Invalid(format!("consumer {consumer} is not registered")));
+            return Err(BackendError::Invalid(format!(
+                "consumer {consumer} is not registered"
+            )));
         }
         let schema = self.schema();
         let mut tables = Vec::with_capacity(rows.len());
         for (table, last) in rows {
-            let log = schema
-                .watched(&table)?
-                .ok_or_else(|| BackendError::Invalid(format!("table {table} is not watched; run `epidemic install`")))?;
+            let log = schema.watched(&table)?.ok_or_else(|| {
+                BackendError::Invalid(format!(
+                    "table {table} is not watched; run `epidemic install`"
+                ))
+            })?;
             tables.push((Arc::new(log), last));
         }
         Ok(ConsumerState { tables, next: 0 })
@@ -199,15 +234,7 @@ impl Backend for SqliteBackend {
     }
 
     fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
-        let plan = self.schema().plan_install(watches)?;
-        let tx = self.conn.transaction().map_err(sql_err)?;
-        for stmt in &plan {
-            tx.execute_batch(stmt)
-                .map_err(|e| BackendError::Other(format!("{e} in: {stmt}")))?;
-        }
-        tx.commit().map_err(sql_err)?;
-        self.consumers.clear();
-        Ok(plan)
+        self.apply(|schema| schema.plan_install(watches))
     }
 
     fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
@@ -215,18 +242,15 @@ impl Backend for SqliteBackend {
     }
 
     fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
-        let plan = self.schema().plan_uninstall()?;
-        let tx = self.conn.transaction().map_err(sql_err)?;
-        for stmt in &plan {
-            tx.execute_batch(stmt)
-                .map_err(|e| BackendError::Other(format!("{e} in: {stmt}")))?;
-        }
-        tx.commit().map_err(sql_err)?;
-        self.consumers.clear();
-        Ok(plan)
+        self.apply(|schema| schema.plan_uninstall())
     }
 
-    fn register(&mut self, consumer: &Consumer, tables: &[String], start: StartFrom) -> Result<Registered, BackendError> {
+    fn register(
+        &mut self,
+        consumer: &Consumer,
+        tables: &[String],
+        start: StartFrom,
+    ) -> Result<Registered, BackendError> {
         let now = now_us();
         let tx = self
             .conn
@@ -237,7 +261,9 @@ impl Backend for SqliteBackend {
             let schema = SqliteSchema::new(&tx);
             for table in tables {
                 let log = schema.watched(table)?.ok_or_else(|| {
-                    BackendError::Invalid(format!("table {table} is not watched; run `epidemic install` first"))
+                    BackendError::Invalid(format!(
+                        "table {table} is not watched; run `epidemic install` first"
+                    ))
                 })?;
                 let start_id = match start {
                     StartFrom::Oldest => 0,
@@ -259,7 +285,11 @@ impl Backend for SqliteBackend {
         }
         tx.commit().map_err(sql_err)?;
         self.consumers.remove(consumer);
-        Ok(if created { Registered::New } else { Registered::Existing })
+        Ok(if created {
+            Registered::New
+        } else {
+            Registered::Existing
+        })
     }
 
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
@@ -296,10 +326,16 @@ impl Backend for SqliteBackend {
             .and_then(|mut s| s.execute(params![consumer.daemon, consumer.handler, token, upto_id, now_us()]))
             .map_err(sql_err)?;
         let state = self.state(consumer)?;
-        if let Some((_, last)) = state.tables.iter_mut().find(|(l, _)| l.source_table == token) {
+        if let Some((_, last)) = state
+            .tables
+            .iter_mut()
+            .find(|(l, _)| l.source_table == token)
+        {
             *last = (*last).max(upto_id);
         } else if n == 0 {
-            return Err(BackendError::Other(format!("ack for unknown table {token:?}")));
+            return Err(BackendError::Other(format!(
+                "ack for unknown table {token:?}"
+            )));
         }
         Ok(())
     }
@@ -351,7 +387,12 @@ impl Backend for SqliteBackend {
 }
 
 /// Up to `max` changes after `after` from one log table, in id (= commit) order.
-fn read_log(conn: &Connection, log: &LogTable, after: i64, max: u32) -> Result<Vec<Change>, BackendError> {
+fn read_log(
+    conn: &Connection,
+    log: &LogTable,
+    after: i64,
+    max: u32,
+) -> Result<Vec<Change>, BackendError> {
     let mut stmt = conn.prepare_cached(&log.select_sql).map_err(sql_err)?;
     let mut rows = stmt.query(params![after, max]).map_err(sql_err)?;
     let ncol = log.columns.len();
@@ -364,15 +405,28 @@ fn read_log(conn: &Connection, log: &LogTable, after: i64, max: u32) -> Result<V
             "I" => Op::Insert,
             "U" => Op::Update,
             "D" => Op::Delete,
-            other => return Err(BackendError::Other(format!("unknown op {other:?} in {}", log.log_table))),
+            other => {
+                return Err(BackendError::Other(format!(
+                    "unknown op {other:?} in {}",
+                    log.log_table
+                )))
+            }
         };
         let vals = |offset: usize| -> Result<Vec<Value>, BackendError> {
             (0..ncol)
                 .map(|i| row.get_ref(offset + i).map(value).map_err(sql_err))
                 .collect()
         };
-        let old = if op == Op::Insert { None } else { Some(vals(3)?) };
-        let new = if op == Op::Delete { None } else { Some(vals(3 + ncol)?) };
+        let old = if op == Op::Insert {
+            None
+        } else {
+            Some(vals(3)?)
+        };
+        let new = if op == Op::Delete {
+            None
+        } else {
+            Some(vals(3 + ncol)?)
+        };
         out.push(Change {
             id,
             table: log.source_table.clone(),
@@ -394,9 +448,18 @@ mod tests {
 
     #[test]
     fn url_paths() {
-        assert_eq!(database_path("sqlite://mail.db").unwrap(), PathBuf::from("mail.db"));
-        assert_eq!(database_path("sqlite:///var/x.db").unwrap(), PathBuf::from("/var/x.db"));
-        assert_eq!(database_path("sqlite:x.db?mode=rw").unwrap(), PathBuf::from("x.db"));
+        assert_eq!(
+            database_path("sqlite://mail.db").unwrap(),
+            PathBuf::from("mail.db")
+        );
+        assert_eq!(
+            database_path("sqlite:///var/x.db").unwrap(),
+            PathBuf::from("/var/x.db")
+        );
+        assert_eq!(
+            database_path("sqlite:x.db?mode=rw").unwrap(),
+            PathBuf::from("x.db")
+        );
         assert!(database_path("sqlite://").is_err());
         assert!(database_path("postgres://x").is_err());
     }

@@ -56,7 +56,11 @@ impl LogTable {
         let news: Vec<String> = columns.iter().map(|c| quote(&format!("n_{c}"))).collect();
         let select_sql = format!(
             "SELECT id, op, changed_at, {} FROM {} WHERE id > ?1 ORDER BY id LIMIT ?2",
-            olds.iter().chain(&news).cloned().collect::<Vec<_>>().join(", "),
+            olds.iter()
+                .chain(&news)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
             quote(&log_table)
         );
         LogTable {
@@ -128,14 +132,18 @@ impl<'c> SqliteSchema<'c> {
         }
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT source_table, log_table, columns FROM epidemic_watch ORDER BY source_table")
+            .prepare_cached(
+                "SELECT source_table, log_table, columns FROM epidemic_watch ORDER BY source_table",
+            )
             .map_err(sql_err)?;
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(sql_err)?
             .collect::<Result<Vec<(String, String, String)>, _>>()
             .map_err(sql_err)?;
-        rows.into_iter().map(|(s, l, c)| registry_entry(s, l, &c)).collect()
+        rows.into_iter()
+            .map(|(s, l, c)| registry_entry(s, l, &c))
+            .collect()
     }
 
     /// The highest id ever handed out in a log table (0 if none), from `sqlite_sequence`
@@ -143,7 +151,11 @@ impl<'c> SqliteSchema<'c> {
     pub fn last_id(&self, log_table: &str) -> Result<i64, BackendError> {
         let seq: Option<i64> = self
             .conn
-            .query_row("SELECT seq FROM sqlite_sequence WHERE name = ?1", [log_table], |r| r.get(0))
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = ?1",
+                [log_table],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(sql_err)?;
         Ok(seq.unwrap_or(0))
@@ -162,9 +174,9 @@ impl<'c> SqliteSchema<'c> {
                     w.table
                 )));
             }
-            let table = self
-                .table_exists(&w.table)?
-                .ok_or_else(|| BackendError::Invalid(format!("table {} does not exist", w.table)))?;
+            let table = self.table_exists(&w.table)?.ok_or_else(|| {
+                BackendError::Invalid(format!("table {} does not exist", w.table))
+            })?;
             let existing = self.table_columns(&table)?;
             // Columns already watched (maybe by another daemon's handlers) stay watched:
             // install only ever adds, so two daemons with different handlers never undo
@@ -178,20 +190,29 @@ impl<'c> SqliteSchema<'c> {
                 let canonical = existing
                     .iter()
                     .find(|e| e.eq_ignore_ascii_case(c))
-                    .ok_or_else(|| BackendError::Invalid(format!("column {c} does not exist in table {table}")))?;
+                    .ok_or_else(|| {
+                        BackendError::Invalid(format!("column {c} does not exist in table {table}"))
+                    })?;
                 if !columns.iter().any(|x| x.eq_ignore_ascii_case(canonical)) {
                     columns.push(canonical.clone());
                 }
             }
             if columns.is_empty() {
-                return Err(BackendError::Invalid(format!("table {table}: no columns to watch")));
+                return Err(BackendError::Invalid(format!(
+                    "table {table}: no columns to watch"
+                )));
             }
             self.plan_table(&table, &columns, &mut plan)?;
         }
         Ok(plan)
     }
 
-    fn plan_table(&self, table: &str, columns: &[String], plan: &mut Vec<String>) -> Result<(), BackendError> {
+    fn plan_table(
+        &self,
+        table: &str,
+        columns: &[String],
+        plan: &mut Vec<String>,
+    ) -> Result<(), BackendError> {
         let log = format!("epidemic_log_{table}");
         let log_q = quote(&log);
         let log_cols: Vec<String> = columns
@@ -200,7 +221,10 @@ impl<'c> SqliteSchema<'c> {
             .collect();
         match self.table_exists(&log)? {
             None => {
-                let cols: Vec<String> = log_cols.iter().map(|c| format!("    {}", quote(c))).collect();
+                let cols: Vec<String> = log_cols
+                    .iter()
+                    .map(|c| format!("    {}", quote(c)))
+                    .collect();
                 plan.push(format!(
                     "CREATE TABLE {log_q} (\n    id INTEGER PRIMARY KEY AUTOINCREMENT,\n    op TEXT NOT NULL,\n    \
                      changed_at INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)),\n{}\n)",
@@ -219,8 +243,14 @@ impl<'c> SqliteSchema<'c> {
         let t = quote(table);
         let olds: Vec<String> = columns.iter().map(|c| quote(&format!("o_{c}"))).collect();
         let news: Vec<String> = columns.iter().map(|c| quote(&format!("n_{c}"))).collect();
-        let old_vals: Vec<String> = columns.iter().map(|c| format!("OLD.{}", quote(c))).collect();
-        let new_vals: Vec<String> = columns.iter().map(|c| format!("NEW.{}", quote(c))).collect();
+        let old_vals: Vec<String> = columns
+            .iter()
+            .map(|c| format!("OLD.{}", quote(c)))
+            .collect();
+        let new_vals: Vec<String> = columns
+            .iter()
+            .map(|c| format!("NEW.{}", quote(c)))
+            .collect();
         let changed: Vec<String> = columns
             .iter()
             .map(|c| format!("OLD.{q} IS NOT NEW.{q}", q = quote(c)))
@@ -250,7 +280,8 @@ impl<'c> SqliteSchema<'c> {
             olds.join(", "),
             old_vals.join(", ")
         ));
-        let cols_json = serde_json::to_string(columns).map_err(|e| BackendError::Other(e.to_string()))?;
+        let cols_json =
+            serde_json::to_string(columns).map_err(|e| BackendError::Other(e.to_string()))?;
         plan.push(format!(
             "INSERT OR REPLACE INTO epidemic_watch (source_table, log_table, columns) VALUES ({}, {}, {})",
             literal(table),
@@ -281,8 +312,13 @@ impl<'c> SqliteSchema<'c> {
     }
 }
 
-fn registry_entry(source: String, log: String, columns_json: &str) -> Result<LogTable, BackendError> {
-    let columns: Vec<String> = serde_json::from_str(columns_json)
-        .map_err(|e| BackendError::Other(format!("epidemic_watch row for {source} is damaged: {e}")))?;
+fn registry_entry(
+    source: String,
+    log: String,
+    columns_json: &str,
+) -> Result<LogTable, BackendError> {
+    let columns: Vec<String> = serde_json::from_str(columns_json).map_err(|e| {
+        BackendError::Other(format!("epidemic_watch row for {source} is damaged: {e}"))
+    })?;
     Ok(LogTable::new(source, log, columns))
 }

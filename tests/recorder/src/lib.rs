@@ -116,7 +116,8 @@ impl Handler for Recorder {
         }
         let mut line = change.to_json();
         line["attempt"] = attempt.into();
-        let mut bytes = serde_json::to_vec(&line).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        let mut bytes =
+            serde_json::to_vec(&line).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         bytes.push(b'\n');
         self.out.write_all(&bytes)?;
         self.attempts.remove(&(change.table.clone(), change.id));
