@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -15,6 +16,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     #[serde(default, rename = "handler")]
     pub handlers: Vec<HandlerConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The file this was read from (set after reading).
     #[serde(skip)]
     pub path: PathBuf,
@@ -32,6 +35,13 @@ pub struct DatabaseConfig {
     pub options: BTreeMap<String, serde_json::Value>,
 }
 
+/// `[metrics]`: Prometheus text on `listen` (e.g. "127.0.0.1:9187") while `run` runs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
@@ -45,6 +55,10 @@ pub struct DaemonConfig {
     pub idle_check_ms: u64,
     /// How often the daemon deletes log rows every consumer has passed.
     pub prune_interval_ms: u64,
+    /// A consumer (of any daemon) unseen this long is evicted: it stops holding back
+    /// pruning, and is told it missed changes when it comes back. "0" never evicts.
+    #[serde(deserialize_with = "duration")]
+    pub consumer_ttl: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -55,6 +69,7 @@ impl Default for DaemonConfig {
             batch_size: 500,
             idle_check_ms: 1_000,
             prune_interval_ms: 5_000,
+            consumer_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -75,9 +90,42 @@ pub struct HandlerConfig {
     pub retry_initial_ms: u64,
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// What to do when a change still fails after `max_attempts` (or fails permanently):
+    /// `dead-letter` stores it in the dead-letter table and moves on; `block` keeps
+    /// retrying it (backoff capped at `retry_max_ms`) and holds back this handler's
+    /// later changes, for handlers that need strict order.
+    #[serde(default)]
+    pub on_failure: OnFailure,
     /// The handler's own settings, passed to the plugin as they are.
     #[serde(default = "empty_table")]
     pub config: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    #[default]
+    DeadLetter,
+    Block,
+}
+
+/// A duration as `"30s"`, `"7d"`, `"500ms"` (humantime), or a number of seconds.
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) if t.trim() == "0" => Ok(Duration::ZERO),
+        Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {t:?}: {e} (examples: \"30s\", \"7d\")"
+            ))
+        }),
+    }
 }
 
 fn default_max_attempts() -> u32 {

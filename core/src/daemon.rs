@@ -1,5 +1,6 @@
 //! `epidemic run`: one consumer thread per handler, each with its own backend
-//! connection and cursor, plus the main thread that prunes and watches for shutdown.
+//! connection and cursor, plus the main thread that prunes, evicts stale consumers,
+//! refreshes metrics and watches for shutdown.
 //!
 //! Delivery is at-least-once. A consumer acknowledges after each batch (and, on shutdown,
 //! after the change in hand), so a crash redelivers at most the batch in flight. One
@@ -14,11 +15,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use epidemic_plugin_sdk::host::{HostBackend, HostHandler};
 use epidemic_plugin_sdk::{
-    BackendError, Change, Consumer, HandlerError, Registered, StartFrom, Subscription,
+    BackendError, Change, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, HandlerError,
+    Registered, StartFrom, Subscription,
 };
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, HandlerConfig};
+use crate::config::{Config, HandlerConfig, OnFailure};
+use crate::metrics::{HandlerMetrics, Metrics};
 use crate::plugins::{self, LoadedHandler};
 
 /// Longest single block in the backend's `wait`, so a shutdown request is seen quickly.
@@ -26,6 +29,8 @@ const WAIT_SLICE: Duration = Duration::from_millis(200);
 /// Reconnect backoff after a lost connection: starts here, doubles, capped.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// How often a consumer looks for dead letters that `epidemic dead-letters retry` marked.
+const RETRY_CHECK: Duration = Duration::from_secs(1);
 
 pub struct RunOptions {
     pub start: StartFrom,
@@ -45,12 +50,47 @@ pub fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+fn log_registration(
+    consumer: &Consumer,
+    h: &LoadedHandler,
+    tables: &[String],
+    r: Registered,
+    start: StartFrom,
+) {
+    let from = match start {
+        StartFrom::Now => "now",
+        StartFrom::Oldest => "the oldest retained change",
+    };
+    match r {
+        Registered::New => {
+            info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "new consumer; reading from {from}")
+        }
+        Registered::Existing => {
+            info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "resuming consumer")
+        }
+        Registered::Evicted => error!(
+            consumer = %consumer, plugin = %h.library.name, tables = ?tables,
+            "this consumer was evicted for being unseen longer than consumer_ttl: changes it had not handled \
+             may have been pruned and are MISSED; it restarts from {from}. Reconcile this host by hand."
+        ),
+    }
+}
+
 pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let daemon = cfg.daemon_name()?;
     let backend_lib = plugins::load_backend(&cfg)?;
     let handlers = plugins::load_handlers(&cfg)?;
     let watches = plugins::watches(&handlers);
     let url = epidemic_plugin_sdk::redact_url(&cfg.database.url);
+    let metrics = Metrics::new(cfg.metrics.listen.is_some());
+    let _server = match &cfg.metrics.listen {
+        Some(addr) => Some(crate::metrics::serve(
+            addr,
+            Arc::clone(&metrics),
+            Arc::clone(&stop),
+        )?),
+        None => None,
+    };
     // A daemon may start before its database (boot order, an outage): connection errors
     // are retried with backoff; anything else (bad tables, bad options) is fatal.
     let mut main_conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
@@ -71,19 +111,18 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 c.register(&consumer, &tables, opts.start)
             })
         })?;
-        match registered {
-            Registered::New => {
-                info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "new consumer; reading from {}", match opts.start {
-                    StartFrom::Now => "now",
-                    StartFrom::Oldest => "the oldest retained change",
-                })
-            }
-            Registered::Existing => {
-                info!(consumer = %consumer, plugin = %h.library.name, tables = ?tables, "resuming consumer")
-            }
-        }
+        log_registration(&consumer, &h, &tables, registered, opts.start);
         let conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
-        let dispatcher = Dispatcher::new(&cfg, consumer, conn, h, Arc::clone(&stop));
+        let handler_metrics = metrics.handler(&consumer.handler);
+        let dispatcher = Dispatcher::new(
+            &cfg,
+            consumer,
+            conn,
+            h,
+            handler_metrics,
+            Arc::clone(&metrics),
+            Arc::clone(&stop),
+        );
         let name = dispatcher.consumer.handler.clone();
         let handle = std::thread::Builder::new()
             .name(format!("handler-{name}"))
@@ -102,30 +141,27 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         "epidemic started"
     );
 
-    let prune_every = Duration::from_millis(cfg.daemon.prune_interval_ms.max(10));
-    let mut next_prune = Instant::now() + prune_every;
-    let mut prune_outage = false;
+    let every = Duration::from_millis(cfg.daemon.prune_interval_ms.max(10));
+    let mut next_tick = Instant::now() + every;
+    let mut outage = false;
     while !stop.load(Ordering::Relaxed) {
         if let Some((name, _)) = threads.iter().find(|(_, t)| t.is_finished()) {
             stop.store(true, Ordering::Relaxed);
             bail!("handler thread {name} stopped unexpectedly");
         }
-        if Instant::now() >= next_prune {
-            next_prune = Instant::now() + prune_every;
-            match main_conn.prune() {
-                Ok(n) => {
-                    prune_outage = false;
-                    if n > 0 {
-                        debug!(rows = n, "pruned log rows every consumer has passed");
-                    }
-                }
+        if Instant::now() >= next_tick {
+            next_tick = Instant::now() + every;
+            match housekeeping(&mut main_conn, &cfg, &metrics) {
+                Ok(()) => outage = false,
                 Err(e) if e.is_connection() => {
-                    if !prune_outage {
-                        prune_outage = true;
+                    // The consumer threads report outages; this one stays quiet.
+                    if !outage {
+                        debug!(error = %e, "housekeeping: database unavailable");
+                        outage = true;
                     }
                     let _ = main_conn.reconnect();
                 }
-                Err(e) => warn!(error = %e, "pruning failed"),
+                Err(e) => warn!(error = %e, "housekeeping failed"),
             }
         }
         std::thread::park_timeout(Duration::from_millis(100));
@@ -137,6 +173,32 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         }
     }
     info!("stopped");
+    Ok(())
+}
+
+/// Evict stale consumers, prune what every live consumer has passed, refresh gauges.
+fn housekeeping(
+    conn: &mut HostBackend,
+    cfg: &Config,
+    metrics: &Metrics,
+) -> Result<(), BackendError> {
+    if !cfg.daemon.consumer_ttl.is_zero() {
+        for c in conn.evict_stale(cfg.daemon.consumer_ttl)? {
+            warn!(
+                consumer = %c,
+                ttl = %humantime::format_duration(cfg.daemon.consumer_ttl),
+                "evicted a consumer unseen longer than consumer_ttl: it no longer holds back pruning, \
+                 and will be told it missed changes if it comes back"
+            );
+        }
+    }
+    let n = conn.prune()?;
+    if n > 0 {
+        debug!(rows = n, "pruned log rows every live consumer has passed");
+    }
+    if metrics.enabled() {
+        metrics.set_status(&conn.status()?);
+    }
     Ok(())
 }
 
@@ -162,14 +224,23 @@ fn until_connected<T>(
                     warn!(error = %e, "{what}: database unavailable; retrying until it is back");
                     warned = true;
                 }
-                let end = Instant::now() + backoff;
-                while Instant::now() < end && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                sleep_unless(stop, backoff);
                 backoff = (backoff * 2).min(RECONNECT_MAX);
             }
             Err(e) => bail!("{what}: {e}"),
         }
+    }
+}
+
+/// Sleep up to `d`, waking early when `stop` is set.
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
     }
 }
 
@@ -187,9 +258,16 @@ fn reconnect_on_error<T>(
 }
 
 enum Delivery {
-    /// Handled, skipped (not wanted), or given up on: the cursor may move past it.
+    /// Handled, skipped (not wanted), or dead-lettered: the cursor may move past it.
     Done,
     /// Shutdown came while retrying: the change was not handled and must come again.
+    Abandoned,
+}
+
+/// How one change fared with the handler after retries.
+enum Outcome {
+    Handled,
+    GaveUp { error: HandlerError, attempts: u32 },
     Abandoned,
 }
 
@@ -198,9 +276,13 @@ struct Dispatcher {
     backend: HostBackend,
     handler: HostHandler,
     subscriptions: Vec<Subscription>,
+    tables: Vec<String>,
     retry: HandlerConfig,
     batch_size: u32,
     idle_check: Duration,
+    heartbeat: Option<Duration>,
+    metrics: Arc<HandlerMetrics>,
+    all_metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 }
 
@@ -210,9 +292,13 @@ impl Dispatcher {
         consumer: Consumer,
         backend: HostBackend,
         h: LoadedHandler,
+        metrics: Arc<HandlerMetrics>,
+        all_metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        let ttl = cfg.daemon.consumer_ttl;
         Dispatcher {
+            tables: h.tables(),
             consumer,
             backend,
             handler: h.instance,
@@ -220,6 +306,12 @@ impl Dispatcher {
             retry: h.config,
             batch_size: cfg.daemon.batch_size,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms.max(1)),
+            // Ten heartbeats per TTL (at most one a minute): a live consumer is never
+            // evicted, however quiet its tables are.
+            heartbeat: (!ttl.is_zero())
+                .then(|| (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))),
+            metrics,
+            all_metrics,
             stop,
         }
     }
@@ -231,8 +323,21 @@ impl Dispatcher {
     fn run(mut self) {
         let mut outage: Option<Instant> = None;
         let mut backoff = RECONNECT_INITIAL;
+        let mut next_beat = Instant::now();
+        let mut next_retry_check = Instant::now();
         while !self.stopping() {
-            match self.step() {
+            let mut result = self.step();
+            if result.is_ok() {
+                if let Some(every) = self.heartbeat.filter(|_| Instant::now() >= next_beat) {
+                    next_beat = Instant::now() + every;
+                    result = self.backend.touch(&self.consumer);
+                }
+            }
+            if result.is_ok() && Instant::now() >= next_retry_check {
+                next_retry_check = Instant::now() + RETRY_CHECK;
+                result = self.redeliver_requested();
+            }
+            match result {
                 Ok(()) => {
                     if let Some(since) = outage.take() {
                         info!(consumer = %self.consumer, after = ?since.elapsed(), "database reachable again; catching up");
@@ -249,29 +354,35 @@ impl Dispatcher {
                     } else {
                         error!(consumer = %self.consumer, error = %e, "reading changes failed; retrying");
                     }
-                    self.sleep(backoff);
+                    sleep_unless(&self.stop, backoff);
                     backoff = (backoff * 2).min(RECONNECT_MAX);
                     if e.is_connection() {
+                        self.all_metrics.reconnect();
                         if let Err(e) = self.backend.reconnect() {
                             debug!(consumer = %self.consumer, error = %e, "reconnect failed");
+                        }
+                    } else {
+                        // E.g. the consumer was evicted while this daemon was stuck:
+                        // register again (which says loudly what was missed).
+                        match self
+                            .backend
+                            .register(&self.consumer, &self.tables, StartFrom::Now)
+                        {
+                            Ok(Registered::Evicted) => error!(
+                                consumer = %self.consumer,
+                                "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
+                                 handled may have been pruned and are MISSED; continuing from now"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => {
+                                debug!(consumer = %self.consumer, error = %e, "re-register failed")
+                            }
                         }
                     }
                 }
             }
         }
         debug!(consumer = %self.consumer, "handler thread stopped");
-    }
-
-    /// Sleep up to `d`, waking early on shutdown.
-    fn sleep(&self, d: Duration) {
-        let end = Instant::now() + d;
-        while !self.stopping() {
-            let now = Instant::now();
-            if now >= end {
-                break;
-            }
-            std::thread::sleep((end - now).min(Duration::from_millis(50)));
-        }
     }
 
     /// Read one batch and deliver it; or wait for changes when there are none.
@@ -288,10 +399,16 @@ impl Dispatcher {
             return Ok(());
         }
         let mut last = None;
+        let mut result = Ok(());
         for change in &batch.changes {
             match self.deliver(change) {
-                Delivery::Done => last = Some(change.id),
-                Delivery::Abandoned => break,
+                Ok(Delivery::Done) => last = Some(change.id),
+                Ok(Delivery::Abandoned) => break,
+                // Could not record a dead letter: do not move past this change.
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
             if self.stopping() {
                 break;
@@ -300,18 +417,19 @@ impl Dispatcher {
         if let Some(id) = last {
             self.backend.ack(&self.consumer, &batch.token, id)?;
         }
-        Ok(())
+        result
     }
 
-    fn deliver(&mut self, change: &Change) -> Delivery {
+    /// The change narrowed to what this handler subscribed to, or `None` if it wants none of it.
+    fn wanted(&self, change: &Change) -> Option<Change> {
         let wanted: Vec<&Subscription> = self
             .subscriptions
             .iter()
             .filter(|s| s.wants(change))
             .collect();
-        let projected = match wanted.as_slice() {
-            [] => return Delivery::Done,
-            [one] => one.project(change),
+        match wanted.as_slice() {
+            [] => None,
+            [one] => Some(one.project(change)),
             many => {
                 let mut columns: Vec<String> = Vec::new();
                 for c in many.iter().flat_map(|s| &s.columns) {
@@ -319,33 +437,70 @@ impl Dispatcher {
                         columns.push(c.clone());
                     }
                 }
-                Subscription {
-                    table: change.table.clone(),
-                    columns,
-                    ops: many[0].ops,
-                }
-                .project(change)
+                Some(
+                    Subscription {
+                        table: change.table.clone(),
+                        columns,
+                        ops: many[0].ops,
+                    }
+                    .project(change),
+                )
             }
+        }
+    }
+
+    fn deliver(&mut self, change: &Change) -> Result<Delivery, BackendError> {
+        let Some(projected) = self.wanted(change) else {
+            return Ok(Delivery::Done);
         };
+        match self.attempt(&projected) {
+            Outcome::Handled => Ok(Delivery::Done),
+            Outcome::Abandoned => Ok(Delivery::Abandoned),
+            Outcome::GaveUp { error, attempts } => {
+                let letter = DeadLetter::new(
+                    &self.consumer,
+                    &projected,
+                    &error.to_string(),
+                    attempts,
+                    now_us(),
+                );
+                let id = self.backend.add_dead_letter(&letter)?;
+                self.metrics.dead_lettered();
+                error!(
+                    consumer = %self.consumer, table = %change.table, op = %change.op, id = change.id,
+                    attempts, error = %error, dead_letter = id,
+                    "handler failed; giving up on this change and moving it to the dead letters \
+                     (`epidemic dead-letters list`)"
+                );
+                Ok(Delivery::Done)
+            }
+        }
+    }
+
+    /// Call the handler, retrying as configured.
+    fn attempt(&mut self, change: &Change) -> Outcome {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let result = self.handler.handle(&projected);
+            let started = Instant::now();
+            let result = self.handler.handle(change);
+            self.metrics.observe(started.elapsed());
             let err = match result {
                 Ok(()) => {
+                    self.metrics.delivered();
                     debug!(consumer = %self.consumer, table = %change.table, op = %change.op, id = change.id, "delivered");
-                    return Delivery::Done;
+                    return Outcome::Handled;
                 }
                 Err(e) => e,
             };
+            self.metrics.failed();
+            let block = self.retry.on_failure == OnFailure::Block;
             let retryable = matches!(err, HandlerError::Retryable(_) | HandlerError::Panic(_));
-            if !retryable || attempt >= self.retry.max_attempts {
-                error!(
-                    consumer = %self.consumer, table = %change.table, op = %change.op, id = change.id,
-                    attempts = attempt, error = %err,
-                    "handler failed; giving up on this change"
-                );
-                return Delivery::Done;
+            if !block && (!retryable || attempt >= self.retry.max_attempts) {
+                return Outcome::GaveUp {
+                    error: err,
+                    attempts: attempt,
+                };
             }
             let delay = backoff_delay(
                 attempt,
@@ -357,15 +512,60 @@ impl Dispatcher {
                 attempt, error = %err, retry_in = ?delay,
                 "handler failed; will retry"
             );
-            self.sleep(delay);
+            sleep_unless(&self.stop, delay);
             if self.stopping() {
-                return Delivery::Abandoned;
+                return Outcome::Abandoned;
             }
         }
     }
+
+    /// Deliver the dead letters `epidemic dead-letters retry` marked for this consumer.
+    fn redeliver_requested(&mut self) -> Result<(), BackendError> {
+        let letters = self
+            .backend
+            .dead_letters(&DeadLetterQuery::RetryRequested(self.consumer.clone()))?;
+        for letter in letters {
+            if self.stopping() {
+                break;
+            }
+            let change = match letter.change() {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(consumer = %self.consumer, dead_letter = letter.id, error = %e, "cannot retry");
+                    continue;
+                }
+            };
+            match self.attempt(&change) {
+                Outcome::Handled => {
+                    self.backend
+                        .update_dead_letters(&DeadLetterUpdate::Delete(vec![letter.id]))?;
+                    info!(consumer = %self.consumer, dead_letter = letter.id, id = change.id, "dead letter redelivered");
+                }
+                Outcome::GaveUp { error, attempts } => {
+                    self.backend
+                        .update_dead_letters(&DeadLetterUpdate::Failed {
+                            id: letter.id,
+                            error: error.to_string(),
+                            attempts: letter.attempts + attempts,
+                            failed_at_us: now_us(),
+                        })?;
+                    warn!(consumer = %self.consumer, dead_letter = letter.id, error = %error, "dead letter failed again");
+                }
+                Outcome::Abandoned => break,
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Exponential backoff with full jitter: a random delay in [d/2, d] where d doubles per
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with jitter: a random delay in [d/2, d] where d doubles per
 /// attempt from `initial_ms` up to `max_ms`, so many daemons retrying the same failure
 /// do not hit the same resource in lockstep.
 fn backoff_delay(attempt: u32, initial_ms: u64, max_ms: u64) -> Duration {

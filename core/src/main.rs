@@ -7,7 +7,9 @@
 
 mod config;
 mod daemon;
+mod metrics;
 mod plugins;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use epidemic_plugin_sdk::host;
-use epidemic_plugin_sdk::StartFrom;
+use epidemic_plugin_sdk::{DeadLetterQuery, DeadLetterUpdate, StartFrom};
 
 use crate::config::Config;
 
@@ -79,10 +81,41 @@ enum Command {
         #[arg(long)]
         uninstall: bool,
     },
+    /// Show each consumer's position, backlog and dead letters, and each watched table's
+    /// triggers and schema problems.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, retry or drop changes that handlers gave up on.
+    #[command(name = "dead-letters", subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// Inspect plugin libraries.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters (all daemons).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the owning daemons to deliver these again (they do within a second or two
+    /// while running); a letter that succeeds is removed.
+    Retry {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+    /// Forget these dead letters.
+    Drop {
+        #[arg(required = true)]
+        ids: Vec<i64>,
     },
 }
 
@@ -190,6 +223,46 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Status { json } => {
+            let cfg = Config::load(&cli.config)?;
+            let lib = plugins::load_backend(&cfg)?;
+            let mut conn = plugins::open(&cfg, &lib)?;
+            let status = conn.status().context("status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", report::status(&status, now_us()));
+            }
+            Ok(())
+        }
+        Command::DeadLetters(cmd) => {
+            let cfg = Config::load(&cli.config)?;
+            let lib = plugins::load_backend(&cfg)?;
+            let mut conn = plugins::open(&cfg, &lib)?;
+            match cmd {
+                DeadLetterCommand::List { json } => {
+                    let letters = conn
+                        .dead_letters(&DeadLetterQuery::All)
+                        .context("dead letters")?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&letters)?);
+                    } else {
+                        print!("{}", report::dead_letters(&letters, now_us()));
+                    }
+                }
+                DeadLetterCommand::Retry { ids } => {
+                    check_ids(&mut conn, &ids)?;
+                    let n = conn.update_dead_letters(&DeadLetterUpdate::RequestRetry(ids))?;
+                    println!("{n} dead letter(s) marked for retry; their daemons redeliver them while running");
+                }
+                DeadLetterCommand::Drop { ids } => {
+                    check_ids(&mut conn, &ids)?;
+                    let n = conn.update_dead_letters(&DeadLetterUpdate::Delete(ids))?;
+                    println!("{n} dead letter(s) dropped");
+                }
+            }
+            Ok(())
+        }
         Command::Plugin {
             command:
                 PluginCommand::Check {
@@ -198,6 +271,30 @@ fn dispatch(cli: Cli) -> Result<()> {
                 },
         } => plugin_check(&cli.config, &file, handler_config.as_deref()),
     }
+}
+
+/// Refuse the whole command if any id does not exist, so nothing is half-done.
+fn check_ids(conn: &mut host::HostBackend, ids: &[i64]) -> Result<()> {
+    let found = conn.dead_letters(&DeadLetterQuery::Ids(ids.to_vec()))?;
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| !found.iter().any(|l| l.id == **id))
+        .map(|id| id.to_string())
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "no dead letter with id {}; nothing changed (see `epidemic dead-letters list`)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 fn connect_and_plan(cfg: &Config) -> Result<(host::HostBackend, Vec<epidemic_plugin_sdk::Watch>)> {

@@ -28,6 +28,7 @@ use crate::ffi::{
     RawBackend, RawBackend_TO,
 };
 use crate::handler::guard;
+use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Status};
 
 /// How a backend call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,7 +80,7 @@ pub struct Watch {
 }
 
 /// One handler of one daemon; owns a durable cursor.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Consumer {
     pub daemon: String,
     pub handler: String,
@@ -104,6 +105,9 @@ pub enum StartFrom {
 pub enum Registered {
     New,
     Existing,
+    /// The consumer had been evicted (unseen longer than `consumer_ttl`); changes it had
+    /// not handled may have been pruned. Its cursor was reset as for a new consumer.
+    Evicted,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -163,6 +167,40 @@ pub trait Backend: Send + 'static {
 
     /// Drop the connection and open a new one.
     fn reconnect(&mut self) -> Result<(), BackendError>;
+
+    /// Heartbeat: the consumer is alive (its last-seen time becomes now).
+    fn touch(&mut self, _consumer: &Consumer) -> Result<(), BackendError> {
+        Err(unsupported(Self::NAME, "touch"))
+    }
+
+    /// Mark every consumer not seen for `ttl` as evicted, so it no longer holds back
+    /// pruning. Returns the consumers this call evicted.
+    fn evict_stale(&mut self, _ttl: Duration) -> Result<Vec<Consumer>, BackendError> {
+        Err(unsupported(Self::NAME, "evict_stale"))
+    }
+
+    /// Store a dead letter; returns its id.
+    fn add_dead_letter(&mut self, _letter: &DeadLetter) -> Result<i64, BackendError> {
+        Err(unsupported(Self::NAME, "add_dead_letter"))
+    }
+
+    fn dead_letters(&mut self, _query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, BackendError> {
+        Err(unsupported(Self::NAME, "dead_letters"))
+    }
+
+    /// Apply an update; returns how many letters it touched.
+    fn update_dead_letters(&mut self, _update: &DeadLetterUpdate) -> Result<u64, BackendError> {
+        Err(unsupported(Self::NAME, "update_dead_letters"))
+    }
+
+    /// Consumers, backlogs, triggers and drift, for `epidemic status`.
+    fn status(&mut self) -> Result<Status, BackendError> {
+        Err(unsupported(Self::NAME, "status"))
+    }
+}
+
+fn unsupported(backend: &str, what: &str) -> BackendError {
+    BackendError::Other(format!("the {backend} backend does not support {what} yet"))
 }
 
 fn consumer(c: &RConsumer) -> Consumer {
@@ -248,6 +286,7 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
             res(self.0.register(&consumer(c), &tables, start), |r| match r {
                 Registered::New => RRegistered::New,
                 Registered::Existing => RRegistered::Existing,
+                Registered::Evicted => RRegistered::Evicted,
             })
         })
     }
@@ -276,6 +315,56 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
     fn reconnect(&mut self) -> RResult<(), RError> {
         guard(|| res(self.0.reconnect(), |()| ()))
     }
+
+    fn touch(&mut self, c: &RConsumer) -> RResult<(), RError> {
+        guard(|| res(self.0.touch(&consumer(c)), |()| ()))
+    }
+
+    fn evict_stale(&mut self, ttl_ms: u64) -> RResult<RVec<RConsumer>, RError> {
+        guard(|| {
+            res(self.0.evict_stale(Duration::from_millis(ttl_ms)), |v| {
+                v.iter().map(RConsumer::from).collect()
+            })
+        })
+    }
+
+    fn add_dead_letter(&mut self, letter_json: RStr<'_>) -> RResult<i64, RError> {
+        guard(|| match from_json::<DeadLetter>(letter_json) {
+            Ok(l) => res(self.0.add_dead_letter(&l), |id| id),
+            Err(e) => RResult::RErr(e),
+        })
+    }
+
+    fn dead_letters(&mut self, query_json: RStr<'_>) -> RResult<RString, RError> {
+        guard(|| match from_json::<DeadLetterQuery>(query_json) {
+            Ok(q) => res(self.0.dead_letters(&q), |v| to_json(&v)),
+            Err(e) => RResult::RErr(e),
+        })
+    }
+
+    fn update_dead_letters(&mut self, update_json: RStr<'_>) -> RResult<u64, RError> {
+        guard(|| match from_json::<DeadLetterUpdate>(update_json) {
+            Ok(u) => res(self.0.update_dead_letters(&u), |n| n),
+            Err(e) => RResult::RErr(e),
+        })
+    }
+
+    fn status(&mut self) -> RResult<RString, RError> {
+        guard(|| res(self.0.status(), |s| to_json(&s)))
+    }
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> RString {
+    serde_json::to_string(v).unwrap_or_default().into()
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(s: RStr<'_>) -> Result<T, RError> {
+    serde_json::from_str(s.as_str()).map_err(|e| {
+        RError::new(
+            RErrorKind::Invalid,
+            format!("bad JSON across the plugin boundary: {e}"),
+        )
+    })
 }
 
 #[doc(hidden)]

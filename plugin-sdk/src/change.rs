@@ -9,8 +9,10 @@ use abi_stable::StableAbi;
 use serde::{Deserialize, Serialize};
 
 /// One column value, as the database stored it.
+///
+/// Its serde form is tagged (`{"Int": 5}`, `"Null"`) so it round-trips exactly, bytes
+/// included; [`Change::to_json`] gives the plain form handlers and scripts want.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
 pub enum Value {
     Null,
     Int(i64),
@@ -115,7 +117,7 @@ impl fmt::Display for Op {
 ///
 /// `columns` names the watched columns; `old` and `new` hold their values in the same
 /// order. `old` is `None` for an INSERT, `new` is `None` for a DELETE.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     /// The backend's id of this change: increasing in commit order for one row, unique
     /// within the table's log.
@@ -267,6 +269,41 @@ impl Subscription {
     }
 }
 
+impl Subscription {
+    /// Whether `change` is for this subscription: same table, a wanted operation, and for
+    /// an UPDATE at least one of the subscribed columns changed.
+    pub fn wants(&self, change: &Change) -> bool {
+        change.table == self.table
+            && self.ops.contains(change.op)
+            && (change.op != Op::Update || self.columns.iter().any(|c| change.changed(c)))
+    }
+
+    /// `change` narrowed to this subscription's columns, in the subscription's order.
+    pub fn project(&self, change: &Change) -> Change {
+        let idx: Vec<Option<usize>> = self
+            .columns
+            .iter()
+            .map(|c| change.columns.iter().position(|x| x == c))
+            .collect();
+        let pick = |vals: &Option<Vec<Value>>| {
+            vals.as_ref().map(|v| {
+                idx.iter()
+                    .map(|i| i.and_then(|i| v.get(i).cloned()).unwrap_or(Value::Null))
+                    .collect()
+            })
+        };
+        Change {
+            id: change.id,
+            table: change.table.clone(),
+            op: change.op,
+            columns: self.columns.iter().cloned().collect(),
+            old: pick(&change.old),
+            new: pick(&change.new),
+            changed_at_us: change.changed_at_us,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,40 +338,5 @@ mod tests {
         assert_eq!(c.value("a"), Some(&Value::Int(7)));
         assert_eq!(c.new_value("a"), None);
         assert_eq!(c.to_json()["old"]["b"], serde_json::Value::Null);
-    }
-}
-
-impl Subscription {
-    /// Whether `change` is for this subscription: same table, a wanted operation, and for
-    /// an UPDATE at least one of the subscribed columns changed.
-    pub fn wants(&self, change: &Change) -> bool {
-        change.table == self.table
-            && self.ops.contains(change.op)
-            && (change.op != Op::Update || self.columns.iter().any(|c| change.changed(c)))
-    }
-
-    /// `change` narrowed to this subscription's columns, in the subscription's order.
-    pub fn project(&self, change: &Change) -> Change {
-        let idx: Vec<Option<usize>> = self
-            .columns
-            .iter()
-            .map(|c| change.columns.iter().position(|x| x == c))
-            .collect();
-        let pick = |vals: &Option<Vec<Value>>| {
-            vals.as_ref().map(|v| {
-                idx.iter()
-                    .map(|i| i.and_then(|i| v.get(i).cloned()).unwrap_or(Value::Null))
-                    .collect()
-            })
-        };
-        Change {
-            id: change.id,
-            table: change.table.clone(),
-            op: change.op,
-            columns: self.columns.iter().cloned().collect(),
-            old: pick(&change.old),
-            new: pick(&change.new),
-            changed_at_us: change.changed_at_us,
-        }
     }
 }

@@ -245,6 +245,8 @@ pub enum RRegistered {
     New,
     /// The consumer already had a cursor.
     Existing,
+    /// The consumer had been evicted; its cursor was reset.
+    Evicted,
 }
 
 /// A backend connection as the host sees it. See [`crate::backend::Backend`] for what
@@ -265,8 +267,15 @@ pub trait RawBackend: Send {
     fn ack(&mut self, consumer: &RConsumer, token: RStr<'_>, upto_id: i64) -> RResult<(), RError>;
     fn wait(&mut self, timeout_ms: u64) -> RResult<bool, RError>;
     fn prune(&mut self) -> RResult<u64, RError>;
-    #[sabi(last_prefix_field)]
     fn reconnect(&mut self) -> RResult<(), RError>;
+    fn touch(&mut self, consumer: &RConsumer) -> RResult<(), RError>;
+    fn evict_stale(&mut self, ttl_ms: u64) -> RResult<RVec<RConsumer>, RError>;
+    /// Operational records cross as JSON (see [`crate::ops`]).
+    fn add_dead_letter(&mut self, letter_json: RStr<'_>) -> RResult<i64, RError>;
+    fn dead_letters(&mut self, query_json: RStr<'_>) -> RResult<RString, RError>;
+    fn update_dead_letters(&mut self, update_json: RStr<'_>) -> RResult<u64, RError>;
+    #[sabi(last_prefix_field)]
+    fn status(&mut self) -> RResult<RString, RError>;
 }
 
 pub type BackendBox = RawBackend_TO<'static, RBox<()>>;

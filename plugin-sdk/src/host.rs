@@ -20,6 +20,7 @@ use crate::ffi::{
     RStartFrom, RWatch, SDK_VERSION,
 };
 use crate::handler::HandlerError;
+use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Status};
 
 /// Why a library could not be used as a plugin. Every message is one line and names the file.
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +335,7 @@ impl HostBackend {
         .map(|r| match r {
             RRegistered::New => Registered::New,
             RRegistered::Existing => Registered::Existing,
+            RRegistered::Evicted => Registered::Evicted,
         })
     }
 
@@ -374,6 +376,46 @@ impl HostBackend {
 
     pub fn reconnect(&mut self) -> Result<(), BackendError> {
         ok(self.inner.reconnect())
+    }
+
+    pub fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
+        ok(self.inner.touch(&RConsumer::from(consumer)))
+    }
+
+    pub fn evict_stale(&mut self, ttl: Duration) -> Result<Vec<Consumer>, BackendError> {
+        let v = ok::<_, BackendError>(self.inner.evict_stale(ttl.as_millis() as u64))?;
+        Ok(v.into_iter()
+            .map(|c| Consumer {
+                daemon: c.daemon.into(),
+                handler: c.handler.into(),
+            })
+            .collect())
+    }
+
+    pub fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<i64, BackendError> {
+        let json = serde_json::to_string(letter).map_err(|e| BackendError::Other(e.to_string()))?;
+        ok(self.inner.add_dead_letter(RStr::from_str(&json)))
+    }
+
+    pub fn dead_letters(
+        &mut self,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetter>, BackendError> {
+        let json = serde_json::to_string(query).map_err(|e| BackendError::Other(e.to_string()))?;
+        let out = ok::<_, BackendError>(self.inner.dead_letters(RStr::from_str(&json)))?;
+        serde_json::from_str(&out)
+            .map_err(|e| BackendError::Other(format!("backend sent bad dead letters: {e}")))
+    }
+
+    pub fn update_dead_letters(&mut self, update: &DeadLetterUpdate) -> Result<u64, BackendError> {
+        let json = serde_json::to_string(update).map_err(|e| BackendError::Other(e.to_string()))?;
+        ok(self.inner.update_dead_letters(RStr::from_str(&json)))
+    }
+
+    pub fn status(&mut self) -> Result<Status, BackendError> {
+        let out = ok::<_, BackendError>(self.inner.status())?;
+        serde_json::from_str(&out)
+            .map_err(|e| BackendError::Other(format!("backend sent a bad status: {e}")))
     }
 }
 

@@ -45,6 +45,7 @@ pub mod ffi;
 pub mod handler;
 pub mod host;
 pub mod ident;
+pub mod ops;
 pub mod testing;
 
 pub use backend::{Backend, BackendError, Batch, Consumer, Registered, StartFrom, Watch};
@@ -52,6 +53,7 @@ pub use change::{Change, Op, Ops, Subscription, Value};
 pub use ffi::SDK_VERSION;
 pub use handler::{Handler, HandlerConfig, HandlerError};
 pub use ident::redact_url;
+pub use ops::{ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Status, TableStatus};
 pub use serde_json;
 
 /// What abi_stable's `#[export_root_module]` generates, written against the SDK's

@@ -19,6 +19,7 @@
 //! The backend never changes the user's tables or the database's journal mode; WAL is
 //! recommended (see the README) but left to the application that owns the database.
 
+mod ops;
 mod schema;
 mod wake;
 
@@ -28,9 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::{
-    Backend, BackendError, Batch, Change, Consumer, Op, Registered, StartFrom, Value, Watch,
+    Backend, BackendError, Batch, Change, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    Op, Registered, StartFrom, Status, Value, Watch,
 };
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags};
 use serde::Deserialize;
 
 use schema::{LogTable, SqliteSchema};
@@ -192,7 +194,7 @@ impl SqliteBackend {
     }
 }
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -257,6 +259,7 @@ impl Backend for SqliteBackend {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql_err)?;
         let mut created = false;
+        let mut evicted = false;
         {
             let schema = SqliteSchema::new(&tx);
             for table in tables {
@@ -269,9 +272,20 @@ impl Backend for SqliteBackend {
                     StartFrom::Oldest => 0,
                     StartFrom::Now => schema.last_id(&log.log_table)?,
                 };
+                // An evicted consumer's old cursor may point at pruned rows: restart it
+                // like a new one, and say so.
                 let n = tx
                     .execute(
-                        "INSERT OR IGNORE INTO epidemic_cursor (daemon, handler, source_table, last_id, registered_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                        "UPDATE epidemic_cursor SET last_id = ?4, evicted_at = NULL, registered_at = ?5
+                         WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 AND evicted_at IS NOT NULL",
+                        params![consumer.daemon, consumer.handler, table, start_id, now],
+                    )
+                    .map_err(sql_err)?;
+                evicted |= n > 0;
+                let n = tx
+                    .execute(
+                        "INSERT OR IGNORE INTO epidemic_cursor (daemon, handler, source_table, last_id, registered_at, last_seen)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
                         params![consumer.daemon, consumer.handler, table, start_id, now],
                     )
                     .map_err(sql_err)?;
@@ -285,7 +299,9 @@ impl Backend for SqliteBackend {
         }
         tx.commit().map_err(sql_err)?;
         self.consumers.remove(consumer);
-        Ok(if created {
+        Ok(if evicted {
+            Registered::Evicted
+        } else if created {
             Registered::New
         } else {
             Registered::Existing
@@ -321,10 +337,27 @@ impl Backend for SqliteBackend {
         let n = self
             .conn
             .prepare_cached(
-                "UPDATE epidemic_cursor SET last_id = ?4, last_seen = ?5 WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 AND last_id < ?4",
+                "UPDATE epidemic_cursor SET last_id = ?4, last_seen = ?5
+                 WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 AND last_id < ?4 AND evicted_at IS NULL",
             )
             .and_then(|mut s| s.execute(params![consumer.daemon, consumer.handler, token, upto_id, now_us()]))
             .map_err(sql_err)?;
+        if n == 0 {
+            let evicted: bool = self
+                .conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM epidemic_cursor WHERE daemon = ?1 AND handler = ?2 AND evicted_at IS NOT NULL",
+                    params![consumer.daemon, consumer.handler],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err)?;
+            if evicted {
+                self.consumers.remove(consumer);
+                return Err(BackendError::Invalid(format!(
+                    "consumer {consumer} was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again"
+                )));
+            }
+        }
         let state = self.state(consumer)?;
         if let Some((_, last)) = state
             .tables
@@ -347,19 +380,23 @@ impl Backend for SqliteBackend {
     fn prune(&mut self) -> Result<u64, BackendError> {
         let mut total = 0;
         for log in self.schema().all_watched()? {
-            let min: Option<i64> = self
+            let (registered, live_min): (i64, Option<i64>) = self
                 .conn
                 .query_row(
-                    "SELECT MIN(last_id) FROM epidemic_cursor WHERE source_table = ?1",
+                    "SELECT count(*), MIN(CASE WHEN evicted_at IS NULL THEN last_id END)
+                     FROM epidemic_cursor WHERE source_table = ?1",
                     [&log.source_table],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-                .optional()
-                .map_err(sql_err)?
-                .flatten();
-            // Nobody registered for the table yet: keep everything, a first consumer
-            // started with "from oldest" wants it.
-            let Some(min) = min else { continue };
+                .map_err(sql_err)?;
+            let min = match live_min {
+                Some(m) => m,
+                // Nobody registered for the table yet: keep everything, a first consumer
+                // started with "from oldest" wants it.
+                None if registered == 0 => continue,
+                // Every consumer was evicted: nobody live needs any of it.
+                None => i64::MAX,
+            };
             let sql = format!(
                 "DELETE FROM {q} WHERE id IN (SELECT id FROM {q} WHERE id <= ?1 ORDER BY id LIMIT ?2)",
                 q = schema::quote(&log.log_table)
@@ -383,6 +420,30 @@ impl Backend for SqliteBackend {
         self.conn = Self::connect(&self.path, &self.options)?;
         self.consumers.clear();
         Ok(())
+    }
+
+    fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
+        ops::touch(&self.conn, consumer)
+    }
+
+    fn evict_stale(&mut self, ttl: Duration) -> Result<Vec<Consumer>, BackendError> {
+        ops::evict_stale(&mut self.conn, ttl.as_micros().min(i64::MAX as u128) as i64)
+    }
+
+    fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<i64, BackendError> {
+        ops::add_dead_letter(&self.conn, letter)
+    }
+
+    fn dead_letters(&mut self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, BackendError> {
+        ops::dead_letters(&self.conn, query)
+    }
+
+    fn update_dead_letters(&mut self, update: &DeadLetterUpdate) -> Result<u64, BackendError> {
+        ops::update_dead_letters(&self.conn, update)
+    }
+
+    fn status(&mut self) -> Result<Status, BackendError> {
+        ops::status(&self.conn)
     }
 }
 

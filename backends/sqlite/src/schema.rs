@@ -34,11 +34,26 @@ const CURSOR_DDL: &str = "CREATE TABLE IF NOT EXISTS epidemic_cursor (
     last_id INTEGER NOT NULL, -- id of the last change handled in epidemic_log_<source_table>
     registered_at INTEGER NOT NULL, -- microseconds since the Unix epoch
     last_seen INTEGER NOT NULL,
+    evicted_at INTEGER, -- set when unseen longer than consumer_ttl; no longer holds back pruning
     PRIMARY KEY (daemon, handler, source_table)
 )";
 
+const DEAD_LETTER_DDL: &str = "CREATE TABLE IF NOT EXISTS epidemic_dead_letter (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    daemon TEXT NOT NULL,
+    handler TEXT NOT NULL,
+    source_table TEXT NOT NULL,
+    change_id INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    change TEXT NOT NULL, -- the change as delivered, JSON
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    failed_at INTEGER NOT NULL, -- microseconds since the Unix epoch
+    retry_requested INTEGER NOT NULL DEFAULT 0
+)";
+
 /// Fixed bookkeeping tables, in the order uninstall drops them.
-const OWN_TABLES: &[&str] = &["epidemic_cursor", "epidemic_watch"];
+const OWN_TABLES: &[&str] = &["epidemic_dead_letter", "epidemic_cursor", "epidemic_watch"];
 
 /// A watched table's log, as the registry describes it.
 #[derive(Debug, Clone)]
@@ -81,7 +96,7 @@ impl<'c> SqliteSchema<'c> {
         SqliteSchema { conn }
     }
 
-    fn table_exists(&self, name: &str) -> Result<Option<String>, BackendError> {
+    pub fn table_exists(&self, name: &str) -> Result<Option<String>, BackendError> {
         self.conn
             .query_row(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
@@ -92,7 +107,7 @@ impl<'c> SqliteSchema<'c> {
             .map_err(sql_err)
     }
 
-    fn table_columns(&self, table: &str) -> Result<Vec<String>, BackendError> {
+    pub fn table_columns(&self, table: &str) -> Result<Vec<String>, BackendError> {
         let mut stmt = self
             .conn
             .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")
@@ -105,7 +120,7 @@ impl<'c> SqliteSchema<'c> {
         Ok(cols)
     }
 
-    fn installed(&self) -> Result<bool, BackendError> {
+    pub fn installed(&self) -> Result<bool, BackendError> {
         Ok(self.table_exists("epidemic_watch")?.is_some())
     }
 
@@ -164,7 +179,11 @@ impl<'c> SqliteSchema<'c> {
     /// Check the watches against the database and return the statements that bring the
     /// log tables and triggers up to date. Applies nothing.
     pub fn plan_install(&self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
-        let mut plan = vec![WATCH_DDL.to_owned(), CURSOR_DDL.to_owned()];
+        let mut plan = vec![
+            WATCH_DDL.to_owned(),
+            CURSOR_DDL.to_owned(),
+            DEAD_LETTER_DDL.to_owned(),
+        ];
         for w in watches {
             ident::check("table", &w.table)?;
             let lower = w.table.to_ascii_lowercase();

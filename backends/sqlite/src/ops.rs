@@ -1,0 +1,305 @@
+//! Consumer liveness, dead letters and the status report for SQLite.
+
+use epidemic_plugin_sdk::{
+    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op,
+    Status, TableStatus,
+};
+use rusqlite::{params, params_from_iter, Connection, Row};
+
+use crate::schema::{quote, SqliteSchema};
+use crate::{now_us, sql_err};
+
+pub(crate) fn touch(conn: &Connection, c: &Consumer) -> Result<(), BackendError> {
+    conn.prepare_cached(
+        "UPDATE epidemic_cursor SET last_seen = ?3 WHERE daemon = ?1 AND handler = ?2 AND evicted_at IS NULL",
+    )
+    .and_then(|mut s| s.execute(params![c.daemon, c.handler, now_us()]))
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+pub(crate) fn evict_stale(
+    conn: &mut Connection,
+    ttl_us: i64,
+) -> Result<Vec<Consumer>, BackendError> {
+    let now = now_us();
+    let tx = conn.transaction().map_err(sql_err)?;
+    let stale: Vec<Consumer> = {
+        let mut stmt = tx
+            .prepare(
+                "SELECT daemon, handler FROM epidemic_cursor WHERE evicted_at IS NULL
+                 GROUP BY daemon, handler HAVING MAX(last_seen) < ?1",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([now - ttl_us], |r| {
+                Ok(Consumer {
+                    daemon: r.get(0)?,
+                    handler: r.get(1)?,
+                })
+            })
+            .map_err(sql_err)?;
+        rows.collect::<Result<_, _>>().map_err(sql_err)?
+    };
+    for c in &stale {
+        tx.execute(
+            "UPDATE epidemic_cursor SET evicted_at = ?3 WHERE daemon = ?1 AND handler = ?2",
+            params![c.daemon, c.handler, now],
+        )
+        .map_err(sql_err)?;
+    }
+    tx.commit().map_err(sql_err)?;
+    Ok(stale)
+}
+
+fn op_code(op: Op) -> &'static str {
+    match op {
+        Op::Insert => "I",
+        Op::Update => "U",
+        Op::Delete => "D",
+    }
+}
+
+fn op_from(code: &str) -> Op {
+    match code {
+        "I" => Op::Insert,
+        "D" => Op::Delete,
+        _ => Op::Update,
+    }
+}
+
+pub(crate) fn add_dead_letter(conn: &Connection, l: &DeadLetter) -> Result<i64, BackendError> {
+    conn.execute(
+        "INSERT INTO epidemic_dead_letter (daemon, handler, source_table, change_id, op, change, error, attempts, failed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![l.daemon, l.handler, l.table, l.change_id, op_code(l.op), l.change, l.error, l.attempts, l.failed_at_us],
+    )
+    .map_err(sql_err)?;
+    Ok(conn.last_insert_rowid())
+}
+
+const LETTER_COLUMNS: &str =
+    "id, daemon, handler, source_table, change_id, op, change, error, attempts, failed_at, retry_requested";
+
+fn letter(r: &Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        daemon: r.get(1)?,
+        handler: r.get(2)?,
+        table: r.get(3)?,
+        change_id: r.get(4)?,
+        op: op_from(&r.get::<_, String>(5)?),
+        change: r.get(6)?,
+        error: r.get(7)?,
+        attempts: r.get(8)?,
+        failed_at_us: r.get(9)?,
+        retry_requested: r.get::<_, i64>(10)? != 0,
+    })
+}
+
+pub(crate) fn dead_letters(
+    conn: &Connection,
+    q: &DeadLetterQuery,
+) -> Result<Vec<DeadLetter>, BackendError> {
+    if !SqliteSchema::new(conn).installed()? {
+        return Ok(Vec::new());
+    }
+    let base = format!("SELECT {LETTER_COLUMNS} FROM epidemic_dead_letter");
+    let (sql, args): (String, Vec<rusqlite::types::Value>) = match q {
+        DeadLetterQuery::All => (format!("{base} ORDER BY id"), vec![]),
+        DeadLetterQuery::Consumer(c) => (
+            format!("{base} WHERE daemon = ?1 AND handler = ?2 ORDER BY id"),
+            vec![c.daemon.clone().into(), c.handler.clone().into()],
+        ),
+        DeadLetterQuery::RetryRequested(c) => (
+            format!(
+                "{base} WHERE daemon = ?1 AND handler = ?2 AND retry_requested = 1 ORDER BY id"
+            ),
+            vec![c.daemon.clone().into(), c.handler.clone().into()],
+        ),
+        DeadLetterQuery::Ids(ids) => (
+            format!(
+                "{base} WHERE id IN ({}) ORDER BY id",
+                placeholders(ids.len())
+            ),
+            ids.iter().map(|i| (*i).into()).collect(),
+        ),
+    };
+    let mut stmt = conn.prepare_cached(&sql).map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params_from_iter(args), letter)
+        .map_err(sql_err)?;
+    rows.collect::<Result<_, _>>().map_err(sql_err)
+}
+
+fn placeholders(n: usize) -> String {
+    if n == 0 {
+        // `IN ()` is a syntax error; `IN (NULL)` matches nothing.
+        return "NULL".into();
+    }
+    (1..=n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(crate) fn update_dead_letters(
+    conn: &Connection,
+    u: &DeadLetterUpdate,
+) -> Result<u64, BackendError> {
+    let n = match u {
+        DeadLetterUpdate::RequestRetry(ids) => conn.execute(
+            &format!("UPDATE epidemic_dead_letter SET retry_requested = 1 WHERE id IN ({})", placeholders(ids.len())),
+            params_from_iter(ids),
+        ),
+        DeadLetterUpdate::Delete(ids) => conn.execute(
+            &format!("DELETE FROM epidemic_dead_letter WHERE id IN ({})", placeholders(ids.len())),
+            params_from_iter(ids),
+        ),
+        DeadLetterUpdate::Failed {
+            id,
+            error,
+            attempts,
+            failed_at_us,
+        } => conn.execute(
+            "UPDATE epidemic_dead_letter SET retry_requested = 0, error = ?2, attempts = ?3, failed_at = ?4 WHERE id = ?1",
+            params![id, error, attempts, failed_at_us],
+        ),
+    }
+    .map_err(sql_err)?;
+    Ok(n as u64)
+}
+
+pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
+    let schema = SqliteSchema::new(conn);
+    let mut status = Status {
+        backend: "sqlite".into(),
+        ..Status::default()
+    };
+    if !schema.installed()? {
+        return Ok(status);
+    }
+    let watched = schema.all_watched()?;
+    let now = now_us();
+    for log in &watched {
+        let mut problems = Vec::new();
+        let exists = schema.table_exists(&log.source_table)?.is_some();
+        let mut triggers = Vec::new();
+        for suffix in ["insert", "update", "delete"] {
+            let name = format!("epidemic_{}_{suffix}", log.source_table);
+            let present: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+                    [&name],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err)?;
+            if !present {
+                problems.push(format!(
+                    "trigger {name} on {} is missing: {} changes are not captured; run `epidemic install`",
+                    log.source_table,
+                    suffix.to_uppercase()
+                ));
+            }
+            triggers.push((name, present));
+        }
+        if !exists {
+            problems.insert(0, format!("table {} no longer exists", log.source_table));
+        } else {
+            let have = schema.table_columns(&log.source_table)?;
+            for c in log.columns.iter() {
+                if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {
+                    problems.push(format!(
+                        "column {c} of table {} no longer exists (dropped or renamed): its triggers fail; \
+                         fix the handler's columns or restore the column, then run `epidemic install`",
+                        log.source_table
+                    ));
+                }
+            }
+        }
+        let log_rows: i64 = conn
+            .query_row(
+                &format!("SELECT count(*) FROM {}", quote(&log.log_table)),
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        status.tables.push(TableStatus {
+            table: log.source_table.clone(),
+            log_table: log.log_table.clone(),
+            columns: log.columns.to_vec(),
+            log_rows,
+            triggers,
+            problems,
+        });
+    }
+    // One row per (consumer, table); fold into one status per consumer.
+    let mut stmt = conn
+        .prepare(
+            "SELECT c.daemon, c.handler, c.source_table, c.last_id, c.last_seen, c.evicted_at IS NOT NULL,
+                    (SELECT count(*) FROM epidemic_dead_letter d WHERE d.daemon = c.daemon AND d.handler = c.handler)
+             FROM epidemic_cursor c ORDER BY c.daemon, c.handler, c.source_table",
+        )
+        .map_err(sql_err)?;
+    let rows: Vec<(String, String, String, i64, i64, bool, i64)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .map_err(sql_err)?
+        .collect::<Result<_, _>>()
+        .map_err(sql_err)?;
+    for (daemon, handler, table, last_id, last_seen, evicted, dead) in rows {
+        let (backlog, oldest): (i64, Option<i64>) =
+            match watched.iter().find(|w| w.source_table == table) {
+                Some(log) => conn
+                    .query_row(
+                        &format!(
+                            "SELECT count(*), min(changed_at) FROM {} WHERE id > ?1",
+                            quote(&log.log_table)
+                        ),
+                        [last_id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .map_err(sql_err)?,
+                None => (0, None),
+            };
+        let age = oldest.map(|t| ((now - t).max(0) as f64) / 1e6);
+        match status
+            .consumers
+            .iter_mut()
+            .find(|c| c.daemon == daemon && c.handler == handler)
+        {
+            Some(c) => {
+                c.tables.push(table.clone());
+                c.position.push_str(&format!(", {table}:{last_id}"));
+                c.backlog += backlog;
+                c.oldest_pending_age_s = match (c.oldest_pending_age_s, age) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                c.last_seen_us = c.last_seen_us.max(last_seen);
+                c.evicted |= evicted;
+            }
+            None => status.consumers.push(ConsumerStatus {
+                daemon,
+                handler,
+                position: format!("{table}:{last_id}"),
+                tables: vec![table],
+                backlog,
+                oldest_pending_age_s: age,
+                dead_letters: dead,
+                last_seen_us: last_seen,
+                evicted,
+            }),
+        }
+    }
+    Ok(status)
+}

@@ -1,0 +1,145 @@
+//! Plain-text tables for `status` and `dead-letters list`.
+
+use std::fmt::Write;
+
+use epidemic_plugin_sdk::{DeadLetter, Status};
+
+/// Columns padded to their widest cell, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(&mut out, r.clone());
+    }
+    out
+}
+
+fn ago(now_us: i64, then_us: i64) -> String {
+    if then_us <= 0 {
+        return "-".into();
+    }
+    let secs = ((now_us - then_us).max(0) / 1_000_000) as u64;
+    format!(
+        "{} ago",
+        humantime::format_duration(std::time::Duration::from_secs(secs))
+    )
+}
+
+pub fn status(s: &Status, now_us: i64) -> String {
+    let mut out = format!("backend: {}\n\n", s.backend);
+    if s.consumers.is_empty() && s.tables.is_empty() {
+        out.push_str("nothing installed (run `epidemic install` or `epidemic run`)\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = s
+        .consumers
+        .iter()
+        .map(|c| {
+            vec![
+                format!("{}/{}", c.daemon, c.handler),
+                c.position.clone(),
+                c.backlog.to_string(),
+                c.oldest_pending_age_s
+                    .map_or("-".into(), |a| format!("{a:.1}s")),
+                c.dead_letters.to_string(),
+                ago(now_us, c.last_seen_us),
+                if c.evicted {
+                    "EVICTED".into()
+                } else {
+                    "live".into()
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "CONSUMER",
+            "POSITION",
+            "BACKLOG",
+            "OLDEST",
+            "DEAD",
+            "LAST SEEN",
+            "STATE",
+        ],
+        &rows,
+    ));
+    out.push('\n');
+    let rows: Vec<Vec<String>> = s
+        .tables
+        .iter()
+        .map(|t| {
+            let triggers: Vec<String> = t
+                .triggers
+                .iter()
+                .map(|(n, ok)| format!("{}{}", if *ok { "" } else { "MISSING " }, n))
+                .collect();
+            vec![
+                t.table.clone(),
+                t.log_rows.to_string(),
+                t.columns.join(","),
+                if t.triggers.iter().all(|(_, ok)| *ok) {
+                    "ok".into()
+                } else {
+                    triggers.join(" ")
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["TABLE", "LOG ROWS", "COLUMNS", "TRIGGERS"], &rows));
+    let problems: Vec<&String> = s.tables.iter().flat_map(|t| &t.problems).collect();
+    if !problems.is_empty() {
+        out.push_str("\nproblems:\n");
+        for p in problems {
+            let _ = writeln!(out, "  - {p}");
+        }
+    }
+    out
+}
+
+pub fn dead_letters(letters: &[DeadLetter], now_us: i64) -> String {
+    if letters.is_empty() {
+        return "no dead letters\n".into();
+    }
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|l| {
+            let mut err = l.error.replace('\n', " ");
+            if err.chars().count() > 80 {
+                err = err.chars().take(77).collect::<String>() + "...";
+            }
+            vec![
+                l.id.to_string(),
+                format!("{}/{}", l.daemon, l.handler),
+                format!("{} {} #{}", l.op, l.table, l.change_id),
+                l.attempts.to_string(),
+                ago(now_us, l.failed_at_us),
+                if l.retry_requested {
+                    "retry requested".into()
+                } else {
+                    String::new()
+                },
+                err,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "CONSUMER", "CHANGE", "ATTEMPTS", "FAILED", "STATE", "ERROR",
+        ],
+        &rows,
+    )
+}

@@ -1,0 +1,123 @@
+//! Operational records backends keep in the database for the host: dead letters and the
+//! status report. They cross the library boundary as JSON, so adding a field is not an
+//! ABI change.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Consumer;
+use crate::change::{Change, Op};
+
+/// A change a handler gave up on, kept in the database until it is retried or dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Assigned by the backend (0 in a new letter).
+    pub id: i64,
+    pub daemon: String,
+    pub handler: String,
+    pub table: String,
+    pub change_id: i64,
+    pub op: Op,
+    /// The change exactly as it was delivered (JSON of [`Change`]).
+    pub change: String,
+    /// The last error.
+    pub error: String,
+    pub attempts: u32,
+    /// When it was (last) given up on, microseconds since the Unix epoch.
+    pub failed_at_us: i64,
+    /// `epidemic dead-letters retry` asked the daemon to deliver it again.
+    pub retry_requested: bool,
+}
+
+impl DeadLetter {
+    pub fn new(
+        consumer: &Consumer,
+        change: &Change,
+        error: &str,
+        attempts: u32,
+        failed_at_us: i64,
+    ) -> Self {
+        DeadLetter {
+            id: 0,
+            daemon: consumer.daemon.clone(),
+            handler: consumer.handler.clone(),
+            table: change.table.clone(),
+            change_id: change.id,
+            op: change.op,
+            change: serde_json::to_string(change).unwrap_or_default(),
+            error: error.to_owned(),
+            attempts,
+            failed_at_us,
+            retry_requested: false,
+        }
+    }
+
+    /// The stored change.
+    pub fn change(&self) -> Result<Change, String> {
+        serde_json::from_str(&self.change)
+            .map_err(|e| format!("dead letter {}: stored change is damaged: {e}", self.id))
+    }
+}
+
+/// Which dead letters to read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeadLetterQuery {
+    All,
+    Consumer(Consumer),
+    /// The consumer's letters that `retry` marked.
+    RetryRequested(Consumer),
+    Ids(Vec<i64>),
+}
+
+/// A change to dead letters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeadLetterUpdate {
+    /// Ask the owning daemon to deliver these again.
+    RequestRetry(Vec<i64>),
+    /// Forget these (after a successful retry, or `epidemic dead-letters drop`).
+    Delete(Vec<i64>),
+    /// A retry failed again: record the error and clear the retry request.
+    Failed {
+        id: i64,
+        error: String,
+        attempts: u32,
+        failed_at_us: i64,
+    },
+}
+
+/// What `epidemic status` shows, as a backend reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub backend: String,
+    pub consumers: Vec<ConsumerStatus>,
+    pub tables: Vec<TableStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
+    pub daemon: String,
+    pub handler: String,
+    pub tables: Vec<String>,
+    /// The cursor in the backend's own terms (an id, a snapshot).
+    pub position: String,
+    /// Changes in the log not yet handled by this consumer.
+    pub backlog: i64,
+    /// Age in seconds of the oldest change not yet handled.
+    pub oldest_pending_age_s: Option<f64>,
+    pub dead_letters: i64,
+    pub last_seen_us: i64,
+    /// Evicted for being unseen longer than `consumer_ttl`: no longer holds back pruning.
+    pub evicted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableStatus {
+    pub table: String,
+    pub log_table: String,
+    pub columns: Vec<String>,
+    /// Rows in the log table.
+    pub log_rows: i64,
+    /// Expected trigger names and whether each is present.
+    pub triggers: Vec<(String, bool)>,
+    /// Schema drift, one sentence each: a dropped trigger, a dropped or renamed column.
+    pub problems: Vec<String>,
+}
