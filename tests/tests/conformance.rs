@@ -1,0 +1,458 @@
+//! The delivery conformance suite: the same scenarios, through the real daemon and the
+//! real plugin libraries, on every backend. A new backend gets them by implementing
+//! [`TestDb`] and adding one line to the `conformance!` list at the bottom.
+//!
+//! Every scenario writes rows with known ids and checks, from the recorder plugin's
+//! output files, that each daemon's handler ended with every committed change.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use epidemic_tests::{epidemic, recorded, recorder_handler, wait_until, Daemon};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A fresh database on one backend, as the suite sees it.
+trait TestDb: Send + Sync + 'static {
+    /// `database.url` for the daemon.
+    fn url(&self) -> String;
+    /// Extra `[database]` lines (backend options).
+    fn options(&self) -> String {
+        String::new()
+    }
+    /// Run statements in one transaction, from the test's own connection.
+    fn transaction(&self, statements: &[String]);
+    /// Make the database unavailable for a moment and bring it back: a server restart,
+    /// or for SQLite an exclusive lock held by another process.
+    fn outage(&self);
+}
+
+const SCHEMA: &str = "CREATE TABLE mail_users (id BIGINT PRIMARY KEY, username VARCHAR(200) NOT NULL, quota_bytes BIGINT)";
+
+fn insert(id: i64) -> String {
+    format!("INSERT INTO mail_users (id, username, quota_bytes) VALUES ({id}, 'user{id}', {id})")
+}
+
+/// A test's working directory, config files and daemons.
+struct Cluster<D: TestDb> {
+    db: Arc<D>,
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl<D: TestDb> Cluster<D> {
+    fn new(db: D) -> Self {
+        db.transaction(&[SCHEMA.to_owned()]);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Cluster {
+            db: Arc::new(db),
+            dir: tmp.path().to_owned(),
+            _tmp: tmp,
+        }
+    }
+
+    fn out(&self, daemon: &str, handler: &str) -> PathBuf {
+        self.dir.join(format!("{daemon}-{handler}.jsonl"))
+    }
+
+    /// Write `daemon`'s config: `handlers` are (name, extra [handler] lines, extra
+    /// [handler.config] lines).
+    fn config(&self, daemon: &str, daemon_extra: &str, handlers: &[(&str, &str, &str)]) -> PathBuf {
+        let mut text = format!(
+            "[database]\nurl = {:?}\n{}\n[daemon]\nname = {daemon:?}\nprune_interval_ms = 100\n{daemon_extra}\n\n",
+            self.db.url(),
+            self.db.options()
+        );
+        for (name, handler_extra, config_extra) in handlers {
+            let h = recorder_handler(
+                name,
+                &self.out(daemon, name),
+                "mail_users",
+                &["username", "quota_bytes"],
+                config_extra,
+            );
+            text.push_str(&h.replace(
+                "[handler.config]",
+                &format!("{handler_extra}\n[handler.config]"),
+            ));
+        }
+        let path = self.dir.join(format!("{daemon}.toml"));
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    fn log(&self, daemon: &str) -> PathBuf {
+        self.dir.join(format!("{daemon}.log"))
+    }
+
+    /// Start a daemon and wait until this start is ready.
+    fn start(&self, daemon: &str) -> Daemon {
+        let log = self.log(daemon);
+        let before = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("epidemic started")
+            .count();
+        let d = Daemon::start(&self.dir.join(format!("{daemon}.toml")), &log, &[]);
+        assert!(
+            wait_until(WAIT, || d.log_text().matches("epidemic started").count()
+                > before),
+            "{daemon} did not start:\n{}",
+            d.log_text()
+        );
+        d
+    }
+
+    /// Rows in the log table(s), from `epidemic status --json`.
+    fn log_rows(&self, daemon: &str) -> i64 {
+        let out = epidemic(
+            &self.dir.join(format!("{daemon}.toml")),
+            &["status", "--json"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: Value = serde_json::from_slice(&out.stdout).expect("status json");
+        status["tables"]
+            .as_array()
+            .expect("tables")
+            .iter()
+            .map(|t| t["log_rows"].as_i64().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Ids (= quota values) of the INSERTs a recorder file holds.
+fn inserted_ids(path: &Path) -> Vec<i64> {
+    recorded(path)
+        .iter()
+        .filter(|l| l["op"] == "INSERT")
+        .filter_map(|l| l["new"]["quota_bytes"].as_i64())
+        .collect()
+}
+
+fn assert_all_delivered(path: &Path, want: &HashSet<i64>) {
+    let ok = wait_until(WAIT, || {
+        inserted_ids(path).into_iter().collect::<HashSet<_>>() == *want
+    });
+    let got: HashSet<i64> = inserted_ids(path).into_iter().collect();
+    let mut missing: Vec<i64> = want.difference(&got).copied().collect();
+    missing.sort_unstable();
+    let extra: Vec<i64> = got.difference(want).copied().collect();
+    assert!(
+        ok,
+        "{}: {} missing (first {:?}), {} unexpected ({:?})",
+        path.display(),
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        extra.len(),
+        extra
+    );
+}
+
+/// Write rows `ids` in transactions of `per_tx` from a background thread.
+fn writer<D: TestDb>(
+    db: &Arc<D>,
+    ids: std::ops::Range<i64>,
+    per_tx: i64,
+    pause: Duration,
+) -> std::thread::JoinHandle<()> {
+    let db = Arc::clone(db);
+    std::thread::spawn(move || {
+        let mut i = ids.start;
+        while i < ids.end {
+            let stmts: Vec<String> = (i..(i + per_tx).min(ids.end)).map(insert).collect();
+            db.transaction(&stmts);
+            i += per_tx;
+            std::thread::sleep(pause);
+        }
+    })
+}
+
+/// Three daemons on one database; a stream of changes while daemons are SIGKILLed and
+/// restarted at random. Every daemon ends with every change; the log ends pruned.
+fn three_daemons_under_sigkill<D: TestDb>(db: D) {
+    const N: i64 = 3_000;
+    let c = Cluster::new(db);
+    let names = ["mx1", "mx2", "mx3"];
+    for n in names {
+        c.config(n, "batch_size = 50", &[("rec", "", "")]);
+    }
+    let mut daemons: Vec<Daemon> = names.iter().map(|n| c.start(n)).collect();
+    let w = writer(&c.db, 1..N + 1, 3, Duration::from_millis(1));
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = 0;
+    while !w.is_finished() || kills < 6 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let i = (rng % 3) as usize;
+        // Let some changes through, then kill one daemon hard and bring it back.
+        let out = c.out(names[i], "rec");
+        let seen = recorded(&out).len();
+        wait_until(Duration::from_secs(10), || {
+            recorded(&out).len() > seen + 50 || w.is_finished()
+        });
+        daemons[i].kill();
+        kills += 1;
+        daemons[i] = c.start(names[i]);
+    }
+    w.join().expect("writer");
+    let want: HashSet<i64> = (1..=N).collect();
+    for n in names {
+        assert_all_delivered(&c.out(n, "rec"), &want);
+    }
+    assert!(
+        wait_until(WAIT, || c.log_rows("mx1") <= 1),
+        "log not pruned: {} rows left",
+        c.log_rows("mx1")
+    );
+    for d in daemons.iter_mut() {
+        assert!(d.alive(), "{}", d.log_text());
+    }
+}
+
+/// A daemon stopped for good stops holding back pruning after `consumer_ttl`, and is
+/// told it missed changes when it comes back.
+fn stopped_daemon_is_evicted<D: TestDb>(db: D) {
+    let c = Cluster::new(db);
+    c.config("mx1", "consumer_ttl = \"2s\"", &[("rec", "", "")]);
+    c.config("mx2", "consumer_ttl = \"2s\"", &[("rec", "", "")]);
+    let _mx1 = c.start("mx1");
+    let mut mx2 = c.start("mx2");
+    mx2.kill();
+    c.db.transaction(&(1..=20).map(insert).collect::<Vec<_>>());
+    assert_all_delivered(&c.out("mx1", "rec"), &(1..=20).collect());
+    // mx2 has handled none of these, so until it is evicted they stay in the log.
+    assert!(c.log_rows("mx1") >= 20);
+    assert!(
+        wait_until(WAIT, || c.log_rows("mx1") <= 1),
+        "log still holds {} rows for the dead consumer",
+        c.log_rows("mx1")
+    );
+    assert!(std::fs::read_to_string(c.log("mx1"))
+        .unwrap()
+        .contains("evicted a consumer"));
+    let status = epidemic(&c.dir.join("mx1.toml"), &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("mx2/rec") && l.contains("EVICTED")),
+        "{text}"
+    );
+    let mx2 = c.start("mx2");
+    assert!(mx2.log_text().contains("MISSED"), "{}", mx2.log_text());
+}
+
+/// Retries, dead letters and `dead-letters retry`, with a healthy handler beside a
+/// failing one in the same daemon.
+fn failing_handlers<D: TestDb>(db: D) {
+    let c = Cluster::new(db);
+    let broken = c.dir.join("broken");
+    std::fs::write(&broken, "").unwrap();
+    let cfg = c.config(
+        "mx1",
+        "",
+        &[
+            (
+                "flaky",
+                "max_attempts = 5\nretry_initial_ms = 5",
+                "fail_first = 2",
+            ),
+            (
+                "broken",
+                "max_attempts = 2\nretry_initial_ms = 5",
+                &format!("fail_while_exists = {:?}", broken.display().to_string()),
+            ),
+            ("healthy", "", ""),
+        ],
+    );
+    let _d = c.start("mx1");
+    let mut stmts: Vec<String> = (1..=10).map(insert).collect();
+    stmts.push("UPDATE mail_users SET quota_bytes = 100 WHERE id = 1".into());
+    c.db.transaction(&stmts);
+    c.db.transaction(&["UPDATE mail_users SET quota_bytes = 101 WHERE id = 1".into()]);
+    let want: HashSet<i64> = (1..=10).collect();
+    // The healthy handler is not held up by the broken one.
+    assert_all_delivered(&c.out("mx1", "healthy"), &want);
+    // The flaky one gets everything, after retries, and row 1's changes in commit order.
+    assert_all_delivered(&c.out("mx1", "flaky"), &want);
+    assert!(wait_until(WAIT, || recorded(&c.out("mx1", "flaky")).len() == 12));
+    let flaky = recorded(&c.out("mx1", "flaky"));
+    let row1: Vec<i64> = flaky
+        .iter()
+        .filter(|l| l["new"]["username"] == "user1")
+        .map(|l| l["new"]["quota_bytes"].as_i64().unwrap())
+        .collect();
+    assert_eq!(row1, vec![1, 100, 101]);
+    assert!(
+        flaky.iter().all(|l| l["attempt"] == 3),
+        "each change failed twice first"
+    );
+    // The broken one delivered nothing; all 12 changes are dead letters.
+    let letters = || -> Vec<Value> {
+        let out = epidemic(&cfg, &["dead-letters", "list", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert!(
+        wait_until(WAIT, || letters().len() == 12),
+        "{:?}",
+        letters()
+    );
+    assert!(recorded(&c.out("mx1", "broken")).is_empty());
+    // Fix the handler, ask for a retry of all of them: they are redelivered and removed.
+    std::fs::remove_file(&broken).unwrap();
+    let ids: Vec<String> = letters().iter().map(|l| l["id"].to_string()).collect();
+    let mut args = vec!["dead-letters", "retry"];
+    args.extend(ids.iter().map(String::as_str));
+    let out = epidemic(&cfg, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_all_delivered(&c.out("mx1", "broken"), &want);
+    assert!(wait_until(WAIT, || letters().is_empty()));
+    // `drop` of an unknown id is refused, changing nothing.
+    let out = epidemic(&cfg, &["dead-letters", "drop", "999999"]);
+    assert!(!out.status.success());
+}
+
+/// The database goes away twice during a stream; the daemon reconnects by itself.
+fn database_outages<D: TestDb>(db: D) {
+    const N: i64 = 600;
+    let c = Cluster::new(db);
+    c.config("mx1", "", &[("rec", "", "")]);
+    let mut d = c.start("mx1");
+    let db = Arc::clone(&c.db);
+    let out = c.out("mx1", "rec");
+    for round in 0..2 {
+        let seen = recorded(&out).len();
+        let first = round * N / 2 + 1;
+        let w = writer(&c.db, first..first + N / 2, 5, Duration::from_millis(2));
+        wait_until(WAIT, || recorded(&out).len() > seen + 20);
+        db.outage();
+        w.join().expect("writer");
+    }
+    assert_all_delivered(&out, &(1..=N).collect());
+    assert!(d.alive(), "daemon died:\n{}", d.log_text());
+    // The outages were real: the daemon lost its connection and logged it, once each.
+    let log = d.log_text();
+    assert!(log.contains("database connection lost"), "{log}");
+    assert!(log.contains("database reachable again"), "{log}");
+}
+
+/// SIGTERM during a stream: exit 0 promptly; the restart redelivers at most one change.
+fn sigterm_during_stream<D: TestDb>(db: D) {
+    const N: i64 = 2_000;
+    let c = Cluster::new(db);
+    c.config("mx1", "batch_size = 200", &[("rec", "", "")]);
+    let mut d = c.start("mx1");
+    let out = c.out("mx1", "rec");
+    let w = writer(&c.db, 1..N + 1, 2, Duration::ZERO);
+    wait_until(WAIT, || recorded(&out).len() > 100);
+    let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(5));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", d.log_text());
+    let before = inserted_ids(&out);
+    w.join().expect("writer");
+    let _d = c.start("mx1");
+    assert_all_delivered(&out, &(1..=N).collect());
+    let all = inserted_ids(&out);
+    let dups = all.len() - all.iter().collect::<HashSet<_>>().len();
+    assert!(
+        dups <= 1,
+        "{dups} changes delivered twice after SIGTERM (had {} before)",
+        before.len()
+    );
+}
+
+mod sqlite_db {
+    use super::*;
+    use epidemic_tests::sqlite;
+
+    pub struct SqliteDb {
+        _tmp: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl SqliteDb {
+        pub fn new() -> Self {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let path = sqlite::create_db(tmp.path(), "mail", "");
+            SqliteDb { _tmp: tmp, path }
+        }
+    }
+
+    impl TestDb for SqliteDb {
+        fn url(&self) -> String {
+            sqlite::url(&self.path)
+        }
+
+        fn options(&self) -> String {
+            // Give up on a lock after 200 ms so the outage below is an outage (a lost
+            // database), not just a slow statement.
+            "busy_timeout_ms = 200".into()
+        }
+
+        fn transaction(&self, statements: &[String]) {
+            let mut conn = sqlite::connect(&self.path);
+            let tx = conn.transaction().expect("begin");
+            for s in statements {
+                tx.execute_batch(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            }
+            tx.commit().expect("commit");
+        }
+
+        fn outage(&self) {
+            // SQLite has no server to restart: another process holding an exclusive
+            // lock is what makes the database unavailable to the daemon.
+            let conn = sqlite::connect(&self.path);
+            conn.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+            std::thread::sleep(Duration::from_secs(3));
+            conn.execute_batch("COMMIT").expect("unlock");
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($backend:ident => $db:expr;)*) => {
+        $(
+            mod $backend {
+                use super::*;
+
+                #[test]
+                fn three_daemons_under_sigkill() {
+                    super::three_daemons_under_sigkill($db);
+                }
+
+                #[test]
+                fn stopped_daemon_is_evicted() {
+                    super::stopped_daemon_is_evicted($db);
+                }
+
+                #[test]
+                fn failing_handlers() {
+                    super::failing_handlers($db);
+                }
+
+                #[test]
+                fn database_outages() {
+                    super::database_outages($db);
+                }
+
+                #[test]
+                fn sigterm_during_stream() {
+                    super::sigterm_during_stream($db);
+                }
+            }
+        )*
+    };
+}
+
+conformance! {
+    sqlite => sqlite_db::SqliteDb::new();
+}
