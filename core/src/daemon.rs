@@ -94,6 +94,13 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     // A daemon may start before its database (boot order, an outage): connection errors
     // are retried with backoff; anything else (bad tables, bad options) is fatal.
     let mut main_conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
+    // Say what drifted before install repairs it (a dropped trigger) or refuses to
+    // start over it (a dropped or renamed column).
+    if let Ok(status) = main_conn.status() {
+        for problem in status.tables.iter().flat_map(|t| &t.problems) {
+            warn!("schema drift: {problem}");
+        }
+    }
     until_connected(&stop, "install", || {
         reconnect_on_error(&mut main_conn, |c| c.install(&watches))
     })?;

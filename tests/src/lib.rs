@@ -196,3 +196,4 @@ pub fn recorder_handler(name: &str, file: &Path, table: &str, columns: &[&str], 
     )
 }
 pub mod sqlite;
+pub mod oot;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use epidemic_tests::{epidemic_bin, plugin_path, target_dir};
+use epidemic_tests::{epidemic_bin, oot, plugin_path};
 
 fn plugin_check(file: &Path) -> (bool, String, String) {
     let out = Command::new(epidemic_bin())
@@ -113,16 +113,12 @@ fn plugin_check_describes_a_handler_and_a_backend() {
 }
 
 /// Build a handler plugin against a modified copy of the SDK, out of this workspace.
-/// `edit` changes the copy's `Cargo.toml` version and/or its source.
+/// `edit` changes the copy's source; `version` is the copy's version.
 fn build_against_modified_sdk(name: &str, version: &str, edit: impl FnOnce(&Path)) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let work = target_dir().join("oot").join(name);
-    let _ = std::fs::remove_dir_all(&work);
+    let root = oot::repo_root();
+    let work = oot::work_dir(name);
     let sdk = work.join("sdk");
-    copy_dir(&root.join("plugin-sdk/src"), &sdk.join("src"));
+    oot::copy_dir(&root.join("plugin-sdk/src"), &sdk.join("src"));
     std::fs::write(
         sdk.join("Cargo.toml"),
         format!(
@@ -160,24 +156,7 @@ fn build_against_modified_sdk(name: &str, version: &str, edit: impl FnOnce(&Path
         "[workspace]\nresolver = \"2\"\nmembers = [\"sdk\", \"plugin\"]\n",
     )
     .unwrap();
-    // The workspace's lock file pins the same dependency versions, so the build needs
-    // no network and shares compiled dependencies through one target directory.
-    std::fs::copy(root.join("Cargo.lock"), work.join("Cargo.lock")).unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--quiet", "--offline"])
-        .current_dir(&work)
-        .env("CARGO_TARGET_DIR", target_dir().join("oot/target"))
-        .output()
-        .expect("run cargo");
-    assert!(
-        out.status.success(),
-        "building {name} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target_dir()
-        .join("oot/target/debug")
-        .join(format!("libepidemic_{}.so", name.replace('-', "_")))
+    oot::cargo_build(&work).join(format!("libepidemic_{}.so", name.replace('-', "_")))
 }
 
 /// `name = "version"` lines for dependencies, copied from the workspace's
@@ -195,19 +174,6 @@ fn workspace_deps(root: &Path, names: &[&str]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -210,8 +210,8 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
             for c in log.columns.iter() {
                 if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {
                     problems.push(format!(
-                        "column {c} of table {} no longer exists (dropped or renamed): its triggers fail; \
-                         fix the handler's columns or restore the column, then run `epidemic install`",
+                        "column {c} of table {} no longer exists (dropped or renamed): handlers that need it \
+                         cannot get it; change their columns or restore the column, then run `epidemic install`",
                         log.source_table
                     ));
                 }

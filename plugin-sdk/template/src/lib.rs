@@ -1,0 +1,134 @@
+//! `hello`: a minimal Epidemic handler plugin to copy and adapt.
+//!
+//! It appends one line per change to a file:
+//!
+//! ```text
+//! INSERT users #17 name=ann@example.org
+//! UPDATE users #18 name: ann@example.org -> ann@example.com
+//! DELETE users #19 name=ann@example.com
+//! ```
+//!
+//! Config (`[handler.config]` in epidemic.toml):
+//!
+//! ```toml
+//! [[handler]]
+//! name = "hello"
+//! plugin = "/usr/local/lib/epidemic/libepidemic_hello.so"
+//! [handler.config]
+//! table = "users"          # the table to watch
+//! columns = ["name"]       # the columns this handler needs
+//! file = "/var/log/hello.log"
+//! ```
+//!
+//! What matters when you write your own:
+//! - `subscriptions` says which table, columns and operations you want; an UPDATE that
+//!   changes none of your columns never reaches you.
+//! - Delivery is at-least-once: after a crash the change in hand may come again, so make
+//!   `handle` idempotent (creating something that exists is success).
+//! - Return `HandlerError::Retryable` for what may work later (the host retries with
+//!   backoff, then dead-letters), `HandlerError::Permanent` for what never will.
+//! - A panic is caught by the SDK and counts as a failed delivery; it never takes the
+//!   daemon down. Still, prefer returning errors.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+
+use epidemic_plugin_sdk::{Change, Handler, HandlerConfig, HandlerError, Op, Subscription};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    table: String,
+    columns: Vec<String>,
+    file: String,
+}
+
+pub struct Hello {
+    config: Config,
+}
+
+impl Hello {
+    fn describe(change: &Change) -> String {
+        let cols = change.columns.iter();
+        let fields: Vec<String> = match change.op {
+            Op::Update => cols
+                .filter(|c| change.changed(c))
+                .map(|c| {
+                    let old = change.old_value(c).map(|v| v.to_string()).unwrap_or_default();
+                    let new = change.new_value(c).map(|v| v.to_string()).unwrap_or_default();
+                    format!("{c}: {old} -> {new}")
+                })
+                .collect(),
+            _ => cols
+                .map(|c| format!("{c}={}", change.value(c).map(|v| v.to_string()).unwrap_or_default()))
+                .collect(),
+        };
+        format!("{} {} #{} {}", change.op, change.table, change.id, fields.join(" "))
+    }
+}
+
+impl Handler for Hello {
+    const NAME: &'static str = "hello";
+
+    fn new(config: &HandlerConfig) -> Result<Self, HandlerError> {
+        let config: Config = config.parse()?;
+        if config.columns.is_empty() {
+            return Err(HandlerError::permanent("hello: `columns` must name at least one column"));
+        }
+        Ok(Hello { config })
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::new(&self.config.table, &self.config.columns)]
+    }
+
+    fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.config.file)
+            .map_err(|e| HandlerError::retryable(format!("{}: {e}", self.config.file)))?;
+        writeln!(f, "{}", Self::describe(change))?;
+        Ok(())
+    }
+}
+
+epidemic_plugin_sdk::export_handler!(Hello);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use epidemic_plugin_sdk::testing::{self, Harness};
+
+    #[test]
+    fn writes_one_line_per_change_it_wants() {
+        let dir = std::env::temp_dir().join(format!("hello-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("out.log");
+        let mut h = Harness::<Hello>::new(serde_json::json!({
+            "table": "users", "columns": ["name"], "file": file.to_str().unwrap(),
+        }))
+        .unwrap();
+        h.send(testing::insert("users", &[("name", "ann".into())])).unwrap();
+        // Another table: not delivered.
+        assert!(!h.send(testing::insert("groups", &[("name", "x".into())])).unwrap());
+        h.send(testing::update("users", &[("name", "ann".into())], &[("name", "bob".into())])).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("INSERT users #") && lines[0].ends_with("name=ann"));
+        assert!(lines[1].ends_with("name: ann -> bob"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_an_unknown_config_key() {
+        let err = Harness::<Hello>::new(serde_json::json!({
+            "table": "users", "columns": ["name"], "file": "/dev/null", "colour": "blue",
+        }))
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}

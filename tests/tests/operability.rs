@@ -1,0 +1,382 @@
+//! What the sysadmin, the DBA and the plugin author see: status, metrics, logs, schema
+//! drift and the plugin template, end to end on SQLite. (Per-backend status checks live
+//! in each backend's test file.)
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use epidemic_tests::{
+    epidemic, epidemic_bin, free_port, oot, recorded, recorder_handler, sqlite, wait_recorded,
+    wait_until, Daemon,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    db: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+fn setup(extra: &str, handlers: impl FnOnce(&Path) -> String) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let db = sqlite::create_db(
+        &dir,
+        "mail",
+        "CREATE TABLE mail_users (id INTEGER PRIMARY KEY, username TEXT NOT NULL, quota_bytes INTEGER);",
+    );
+    let config = dir.join("epidemic.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = {:?}\n{extra}\n\n{}",
+            sqlite::url(&db),
+            handlers(&dir)
+        ),
+    )
+    .unwrap();
+    Setup {
+        log: dir.join("daemon.log"),
+        _tmp: tmp,
+        dir,
+        db,
+        config,
+    }
+}
+
+fn start(s: &Setup, args: &[&str]) -> Daemon {
+    let before = std::fs::read_to_string(&s.log)
+        .unwrap_or_default()
+        .matches("epidemic started")
+        .count();
+    let d = Daemon::start(&s.config, &s.log, args);
+    assert!(
+        wait_until(WAIT, || d.log_text().matches("epidemic started").count()
+            > before),
+        "{}",
+        d.log_text()
+    );
+    d
+}
+
+fn insert(db: &Path, ids: std::ops::RangeInclusive<i64>) {
+    let conn = sqlite::connect(db);
+    for i in ids {
+        conn.execute(
+            "INSERT INTO mail_users (id, username, quota_bytes) VALUES (?1, ?2, ?1)",
+            rusqlite::params![i, format!("u{i}")],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn status_shows_backlog_and_dead_letters() {
+    let s = setup("[daemon]\nname = \"mx1\"", |dir| {
+        recorder_handler("ok", &dir.join("ok.jsonl"), "mail_users", &["username"], "")
+            + &recorder_handler(
+                "bad",
+                &dir.join("bad.jsonl"),
+                "mail_users",
+                &["quota_bytes"],
+                "fail_first = 1000\npermanent = true",
+            )
+    });
+    let mut d = start(&s, &[]);
+    insert(&s.db, 1..=2);
+    // Both changes fail permanently for "bad": two dead letters.
+    assert!(wait_until(WAIT, || {
+        let out = epidemic(&s.config, &["dead-letters", "list", "--json"]);
+        serde_json::from_slice::<Vec<Value>>(&out.stdout)
+            .map(|v| v.len() == 2)
+            .unwrap_or(false)
+    }));
+    assert_eq!(wait_recorded(&s.dir.join("ok.jsonl"), 2, WAIT).len(), 2);
+    // Stop the daemon; three more changes make a known backlog of 3 for both consumers.
+    d.kill();
+    insert(&s.db, 3..=5);
+
+    let out = epidemic(&s.config, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["backend"], "sqlite");
+    let consumer = |h: &str| {
+        status["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["handler"] == h)
+            .unwrap_or_else(|| panic!("no consumer {h} in {status}"))
+            .clone()
+    };
+    for h in ["ok", "bad"] {
+        let c = consumer(h);
+        assert_eq!(c["daemon"], "mx1");
+        assert_eq!(c["backlog"], 3, "{c}");
+        assert!(c["oldest_pending_age_s"].as_f64().is_some(), "{c}");
+        assert_eq!(c["evicted"], false);
+    }
+    assert_eq!(consumer("ok")["dead_letters"], 0);
+    assert_eq!(consumer("bad")["dead_letters"], 2);
+    let table = &status["tables"][0];
+    assert_eq!(table["table"], "mail_users");
+    assert_eq!(
+        table["log_rows"], 5,
+        "nothing pruned: the backlog and the two passed rows"
+    );
+    assert!(table["problems"].as_array().unwrap().is_empty());
+
+    let out = epidemic(&s.config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} in\n{text}"))
+            .to_owned()
+    };
+    let bad: Vec<String> = line("mx1/bad")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    // CONSUMER POSITION BACKLOG OLDEST DEAD ...
+    assert_eq!(bad[2], "3", "{text}");
+    assert_eq!(bad[4], "2", "{text}");
+    assert!(line("mx1/ok").contains("live"), "{text}");
+    assert!(line("mail_users").contains(" ok"), "{text}");
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_counters_move() {
+    let port = free_port();
+    let s = setup(
+        &format!("[daemon]\nname = \"mx1\"\nprune_interval_ms = 100\n[metrics]\nlisten = \"127.0.0.1:{port}\""),
+        |dir| recorder_handler("rec", &dir.join("rec.jsonl"), "mail_users", &["username"], ""),
+    );
+    let _d = start(&s, &[]);
+    let body = scrape(port);
+    assert!(body.contains("200 OK"), "{body}");
+    assert_eq!(
+        metric(&body, "epidemic_changes_delivered_total{handler=\"rec\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    insert(&s.db, 1..=7);
+    wait_recorded(&s.dir.join("rec.jsonl"), 7, WAIT);
+    assert!(wait_until(WAIT, || metric(
+        &scrape(port),
+        "epidemic_changes_delivered_total{handler=\"rec\"}"
+    ) == Some(7.0)));
+    let body = scrape(port);
+    assert_eq!(
+        metric(
+            &body,
+            "epidemic_handler_duration_seconds_count{handler=\"rec\"}"
+        ),
+        Some(7.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "epidemic_handler_duration_seconds_bucket{handler=\"rec\",le=\"+Inf\"}"
+        ),
+        Some(7.0)
+    );
+    assert!(wait_until(WAIT, || metric(
+        &scrape(port),
+        "epidemic_consumer_backlog{daemon=\"mx1\",handler=\"rec\"}"
+    ) == Some(0.0)));
+    assert_eq!(metric(&body, "epidemic_reconnects_total"), Some(0.0));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let s = setup("[daemon]\nname = \"mx1\"", |dir| {
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["username"],
+            "",
+        )
+    });
+    let mut d = start(&s, &["--log-format", "json"]);
+    insert(&s.db, 1..=1);
+    wait_recorded(&s.dir.join("rec.jsonl"), 1, WAIT);
+    assert_eq!(
+        d.signal_and_wait(libc::SIGTERM, WAIT)
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    let log = d.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "epidemic started"),
+        "{log}"
+    );
+    assert!(lines.iter().all(|l| l["level"].is_string()));
+}
+
+#[test]
+fn schema_drift_is_reported_and_repaired() {
+    let s = setup("[daemon]\nname = \"mx1\"", |dir| {
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["username", "quota_bytes"],
+            "",
+        )
+    });
+    let out = epidemic(&s.config, &["install"]);
+    assert!(out.status.success());
+    // A trigger dropped by hand: status names it, run says so, install repairs it.
+    sqlite::connect(&s.db)
+        .execute_batch("DROP TRIGGER epidemic_mail_users_update")
+        .unwrap();
+    let out = epidemic(&s.config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("MISSING epidemic_mail_users_update"),
+        "{text}"
+    );
+    assert!(text.contains("trigger epidemic_mail_users_update on mail_users is missing: UPDATE changes are not captured"), "{text}");
+    let mut d = start(&s, &[]);
+    assert!(
+        d.log_text()
+            .contains("schema drift: trigger epidemic_mail_users_update"),
+        "{}",
+        d.log_text()
+    );
+    // run installs, which repaired it: updates are captured again.
+    insert(&s.db, 1..=1);
+    sqlite::connect(&s.db)
+        .execute("UPDATE mail_users SET quota_bytes = 9 WHERE id = 1", [])
+        .unwrap();
+    let got = wait_recorded(&s.dir.join("rec.jsonl"), 2, WAIT);
+    assert_eq!(got[1]["op"], "UPDATE");
+    d.kill();
+    let status: Value =
+        serde_json::from_slice(&epidemic(&s.config, &["status", "--json"]).stdout).unwrap();
+    assert!(
+        status["tables"][0]["problems"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{status}"
+    );
+
+    // A watched column renamed by hand: status and run name it; install cannot repair it.
+    sqlite::connect(&s.db)
+        .execute_batch("ALTER TABLE mail_users RENAME COLUMN quota_bytes TO quota")
+        .unwrap();
+    let out = epidemic(&s.config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "column quota_bytes of table mail_users no longer exists (dropped or renamed)"
+        ),
+        "{text}"
+    );
+    for cmd in ["install", "run"] {
+        let out = epidemic(&s.config, &[cmd]);
+        assert!(
+            !out.status.success(),
+            "{cmd} started despite the missing column"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("column quota_bytes does not exist in table mail_users"),
+            "{cmd}: {err}"
+        );
+    }
+    assert!(recorded(&s.dir.join("rec.jsonl")).len() == 2);
+}
+
+#[test]
+fn the_template_plugin_builds_out_of_tree_and_runs() {
+    let work = oot::work_dir("template");
+    oot::copy_dir(&oot::repo_root().join("plugin-sdk/template"), &work);
+    // A third party points the SDK dependency at wherever their copy of it is.
+    let manifest = work.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let sdk = oot::repo_root().join("plugin-sdk");
+    let patched = text.replace(
+        "path = \"../../plugin-sdk\"",
+        &format!("path = {:?}", sdk.display().to_string()),
+    );
+    assert_ne!(
+        patched, text,
+        "template's SDK dependency line changed; update this test"
+    );
+    std::fs::write(&manifest, patched).unwrap();
+    let lib = oot::cargo_build(&work).join("libepidemic_hello.so");
+
+    let out = Command::new(epidemic_bin())
+        .args(["plugin", "check"])
+        .arg(&lib)
+        .args([
+            "--handler-config",
+            r#"{"table": "mail_users", "columns": ["username"], "file": "/dev/null"}"#,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("name:    hello"), "{text}");
+    assert!(
+        text.contains("mail_users (username) ops: INSERT,UPDATE,DELETE"),
+        "{text}"
+    );
+
+    // And the daemon runs it like any plugin.
+    let hello_out = work.join("hello.log");
+    let s = setup("[daemon]\nname = \"mx1\"", |_| {
+        format!(
+            "[[handler]]\nname = \"hello\"\nplugin = {:?}\n[handler.config]\ntable = \"mail_users\"\ncolumns = [\"username\"]\nfile = {:?}\n",
+            lib.display().to_string(),
+            hello_out.display().to_string()
+        )
+    });
+    let _d = start(&s, &[]);
+    insert(&s.db, 1..=1);
+    assert!(wait_until(WAIT, || std::fs::read_to_string(&hello_out)
+        .unwrap_or_default()
+        .contains("INSERT mail_users #1 username=u1")));
+}
