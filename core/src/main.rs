@@ -5,6 +5,7 @@
 //! The host names no database and links no database client: everything database-specific
 //! is in the backend library, reached only through the plugin SDK.
 
+mod bench;
 mod config;
 mod daemon;
 mod metrics;
@@ -91,6 +92,9 @@ enum Command {
     /// List, retry or drop changes that handlers gave up on.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Measure trigger overhead on writes and commit-to-handler latency on this database,
+    /// using a scratch table the bench creates and removes (never your tables).
+    Bench(bench::BenchArgs),
     /// Inspect plugin libraries.
     Plugin {
         #[command(subcommand)]
@@ -260,6 +264,16 @@ fn dispatch(cli: Cli) -> Result<()> {
                     let n = conn.update_dead_letters(&DeadLetterUpdate::Delete(ids))?;
                     println!("{n} dead letter(s) dropped");
                 }
+            }
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let cfg = Config::load(&cli.config)?;
+            let report = bench::run(&cfg, &args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::render(&report));
             }
             Ok(())
         }

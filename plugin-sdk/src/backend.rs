@@ -28,7 +28,7 @@ use crate::ffi::{
     RawBackend, RawBackend_TO,
 };
 use crate::handler::guard;
-use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Status};
+use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Scratch, Status};
 
 /// How a backend call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -197,6 +197,11 @@ pub trait Backend: Send + 'static {
     fn status(&mut self) -> Result<Status, BackendError> {
         Err(unsupported(Self::NAME, "status"))
     }
+
+    /// Scratch-table work for `epidemic bench`.
+    fn scratch(&mut self, _op: &Scratch) -> Result<(), BackendError> {
+        Err(unsupported(Self::NAME, "bench"))
+    }
 }
 
 fn unsupported(backend: &str, what: &str) -> BackendError {
@@ -351,6 +356,13 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
 
     fn status(&mut self) -> RResult<RString, RError> {
         guard(|| res(self.0.status(), |s| to_json(&s)))
+    }
+
+    fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError> {
+        guard(|| match from_json::<Scratch>(op_json) {
+            Ok(op) => res(self.0.scratch(&op), |()| ()),
+            Err(e) => RResult::RErr(e),
+        })
     }
 }
 

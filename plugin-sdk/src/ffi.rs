@@ -274,8 +274,9 @@ pub trait RawBackend: Send {
     fn add_dead_letter(&mut self, letter_json: RStr<'_>) -> RResult<i64, RError>;
     fn dead_letters(&mut self, query_json: RStr<'_>) -> RResult<RString, RError>;
     fn update_dead_letters(&mut self, update_json: RStr<'_>) -> RResult<u64, RError>;
-    #[sabi(last_prefix_field)]
     fn status(&mut self) -> RResult<RString, RError>;
+    #[sabi(last_prefix_field)]
+    fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError>;
 }
 
 pub type BackendBox = RawBackend_TO<'static, RBox<()>>;

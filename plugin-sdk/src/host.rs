@@ -20,7 +20,7 @@ use crate::ffi::{
     RStartFrom, RWatch, SDK_VERSION,
 };
 use crate::handler::HandlerError;
-use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Status};
+use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Scratch, Status};
 
 /// Why a library could not be used as a plugin. Every message is one line and names the file.
 #[derive(Debug, thiserror::Error)]
@@ -410,6 +410,11 @@ impl HostBackend {
     pub fn update_dead_letters(&mut self, update: &DeadLetterUpdate) -> Result<u64, BackendError> {
         let json = serde_json::to_string(update).map_err(|e| BackendError::Other(e.to_string()))?;
         ok(self.inner.update_dead_letters(RStr::from_str(&json)))
+    }
+
+    pub fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {
+        let json = serde_json::to_string(op).map_err(|e| BackendError::Other(e.to_string()))?;
+        ok(self.inner.scratch(RStr::from_str(&json)))
     }
 
     pub fn status(&mut self) -> Result<Status, BackendError> {

@@ -53,7 +53,10 @@ pub use change::{Change, Op, Ops, Subscription, Value};
 pub use ffi::SDK_VERSION;
 pub use handler::{Handler, HandlerConfig, HandlerError};
 pub use ident::redact_url;
-pub use ops::{ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Status, TableStatus};
+pub use ops::{
+    ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Scratch, Status, TableStatus,
+    SCRATCH_TABLE,
+};
 pub use serde_json;
 
 /// What abi_stable's `#[export_root_module]` generates, written against the SDK's

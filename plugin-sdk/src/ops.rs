@@ -121,3 +121,25 @@ pub struct TableStatus {
     /// Schema drift, one sentence each: a dropped trigger, a dropped or renamed column.
     pub problems: Vec<String>,
 }
+
+/// Work on the scratch table `epidemic bench` measures with. The table is named by the
+/// host (`epidemic_bench_scratch`) and is never one of the user's tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Scratch {
+    /// Create `table (id BIGINT PRIMARY KEY, payload VARCHAR(64))`, dropping a leftover
+    /// from an earlier run first (with what Epidemic kept for it).
+    Create { table: String },
+    /// Insert rows with ids `first_id ..< first_id + count`, `per_tx` rows per transaction.
+    Insert {
+        table: String,
+        first_id: i64,
+        count: u64,
+        per_tx: u64,
+    },
+    /// Drop the table and everything Epidemic keeps for it: log table, triggers,
+    /// registry entry, cursors, dead letters.
+    Drop { table: String },
+}
+
+/// The scratch table's name: in Epidemic's own namespace, so it can never be a user's.
+pub const SCRATCH_TABLE: &str = "epidemic_bench_scratch";

@@ -445,6 +445,11 @@ impl Backend for SqliteBackend {
     fn status(&mut self) -> Result<Status, BackendError> {
         ops::status(&self.conn)
     }
+
+    fn scratch(&mut self, op: &epidemic_plugin_sdk::Scratch) -> Result<(), BackendError> {
+        self.consumers.clear();
+        ops::scratch(&mut self.conn, op)
+    }
 }
 
 /// Up to `max` changes after `after` from one log table, in id (= commit) order.

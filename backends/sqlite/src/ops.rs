@@ -2,7 +2,7 @@
 
 use epidemic_plugin_sdk::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op,
-    Status, TableStatus,
+    Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 use rusqlite::{params, params_from_iter, Connection, Row};
 
@@ -302,4 +302,87 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
         }
     }
     Ok(status)
+}
+
+/// `epidemic bench`'s scratch table. Only ever touches `SCRATCH_TABLE`-named objects.
+pub(crate) fn scratch(conn: &mut Connection, op: &Scratch) -> Result<(), BackendError> {
+    match op {
+        Scratch::Create { table } => {
+            check_scratch(table)?;
+            drop_scratch(conn, table)?;
+            conn.execute_batch(&format!(
+                "CREATE TABLE {} (id INTEGER PRIMARY KEY, payload TEXT)",
+                quote(table)
+            ))
+            .map_err(sql_err)
+        }
+        Scratch::Insert {
+            table,
+            first_id,
+            count,
+            per_tx,
+        } => {
+            check_scratch(table)?;
+            let sql = format!(
+                "INSERT INTO {} (id, payload) VALUES (?1, 'bench')",
+                quote(table)
+            );
+            let mut id = *first_id;
+            let end = first_id + *count as i64;
+            while id < end {
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(sql_err)?;
+                {
+                    let mut stmt = tx.prepare_cached(&sql).map_err(sql_err)?;
+                    for i in id..(id + (*per_tx).max(1) as i64).min(end) {
+                        stmt.execute([i]).map_err(sql_err)?;
+                    }
+                }
+                tx.commit().map_err(sql_err)?;
+                id += (*per_tx).max(1) as i64;
+            }
+            Ok(())
+        }
+        Scratch::Drop { table } => {
+            check_scratch(table)?;
+            drop_scratch(conn, table)
+        }
+    }
+}
+
+fn check_scratch(table: &str) -> Result<(), BackendError> {
+    if table != SCRATCH_TABLE {
+        return Err(BackendError::Invalid(format!(
+            "bench works only on {SCRATCH_TABLE}, not {table}"
+        )));
+    }
+    Ok(())
+}
+
+fn drop_scratch(conn: &mut Connection, table: &str) -> Result<(), BackendError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sql_err)?;
+    for suffix in ["insert", "update", "delete"] {
+        tx.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS {}",
+            quote(&format!("epidemic_{table}_{suffix}"))
+        ))
+        .map_err(sql_err)?;
+    }
+    tx.execute_batch(&format!(
+        "DROP TABLE IF EXISTS {}",
+        quote(&format!("epidemic_log_{table}"))
+    ))
+    .map_err(sql_err)?;
+    if SqliteSchema::new(&tx).installed()? {
+        for t in ["epidemic_watch", "epidemic_cursor", "epidemic_dead_letter"] {
+            tx.execute(&format!("DELETE FROM {t} WHERE source_table = ?1"), [table])
+                .map_err(sql_err)?;
+        }
+    }
+    tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(table)))
+        .map_err(sql_err)?;
+    tx.commit().map_err(sql_err)
 }

@@ -1,0 +1,565 @@
+//! `epidemic bench`: how much the triggers slow writes, and how fast a change reaches a
+//! handler, measured against the user's own database on a scratch table
+//! ([`SCRATCH_TABLE`]) that the bench creates and removes. The user's tables are never
+//! touched.
+//!
+//! Everything goes through the configured backend library, like the daemon: the core
+//! still names no database. The consumer here is a built-in no-op handler running the
+//! daemon's read loop (fetch, hand over, ack, wait) in this process, so the figures are
+//! the daemon's minus the cost of a plugin call.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use epidemic_plugin_sdk::host::{HostBackend, Library};
+use epidemic_plugin_sdk::{
+    BackendError, Consumer, Scratch, StartFrom, Value, Watch, SCRATCH_TABLE,
+};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::plugins;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Small sizes that finish in seconds (a smoke test of the command, not figures).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Changes per second written during the latency measurement [default: 1000; quick: 500]
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Changes written during the latency measurement [default: 5000; quick: 250]
+    #[arg(long)]
+    pub latency_changes: Option<u64>,
+    /// Backlog to drain [default: 1000000; quick: 5000]
+    #[arg(long)]
+    pub drain: Option<u64>,
+    /// Concurrent writers for the write-overhead measurement [default: 8; quick: 2]
+    #[arg(long)]
+    pub writers: Option<u32>,
+    /// Rows each writer inserts, one per transaction [default: 1000; quick: 100]
+    #[arg(long)]
+    pub rows_per_writer: Option<u64>,
+    /// Seconds of idle to measure the reader's CPU use over [default: 10; quick: 1]
+    #[arg(long)]
+    pub idle_secs: Option<u64>,
+}
+
+struct Sizes {
+    rate: u32,
+    latency_changes: u64,
+    drain: u64,
+    writers: u32,
+    rows_per_writer: u64,
+    idle: Duration,
+}
+
+impl BenchArgs {
+    fn sizes(&self) -> Sizes {
+        let q = self.quick;
+        Sizes {
+            rate: self.rate.unwrap_or(if q { 500 } else { 1000 }).max(1),
+            latency_changes: self
+                .latency_changes
+                .unwrap_or(if q { 250 } else { 5000 })
+                .max(1),
+            drain: self
+                .drain
+                .unwrap_or(if q { 5_000 } else { 1_000_000 })
+                .max(1),
+            writers: self.writers.unwrap_or(if q { 2 } else { 8 }).max(1),
+            rows_per_writer: self
+                .rows_per_writer
+                .unwrap_or(if q { 100 } else { 1_000 })
+                .max(1),
+            idle: Duration::from_secs(self.idle_secs.unwrap_or(if q { 1 } else { 10 }).max(1)),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct WriteThroughput {
+    pub writers: u32,
+    pub rows: u64,
+    pub rows_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub url: String,
+    pub quick: bool,
+    pub latency_changes: u64,
+    pub latency_rate_per_s: u32,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
+    pub drain_changes: u64,
+    pub drain_per_s: f64,
+    pub write_unwatched: WriteThroughput,
+    pub write_watched: WriteThroughput,
+    /// Watched with the backend's wake-up notification turned off, where the backend has
+    /// such an option (PostgreSQL's NOTIFY).
+    pub write_watched_no_notify: Option<WriteThroughput>,
+    pub write_ratio: f64,
+    pub write_ratio_no_notify: Option<f64>,
+    pub idle_cpu_percent: f64,
+    pub peak_rss_mb_draining: Option<f64>,
+}
+
+/// A live progress line on a terminal, plain phase lines otherwise.
+struct Progress {
+    tty: bool,
+}
+
+impl Progress {
+    fn phase(&self, what: &str) {
+        if self.tty {
+            eprint!("\r\x1b[K{what}");
+        } else {
+            eprintln!("bench: {what}");
+        }
+    }
+
+    fn update(&self, what: &str, done: u64, total: u64) {
+        if self.tty {
+            eprint!(
+                "\r\x1b[K{what}: {done}/{total} ({:.0}%)",
+                done as f64 * 100.0 / total.max(1) as f64
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+fn be(e: BackendError) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport> {
+    let sizes = args.sizes();
+    let lib = plugins::load_backend(cfg)?;
+    let progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+    };
+    let mut admin = plugins::open(cfg, &lib)?;
+    // Leave the database as it was: if Epidemic was not installed, remove what installing
+    // the scratch table's capture created.
+    let was_installed = {
+        let s = admin.status().map_err(be)?;
+        !s.tables.is_empty() || !s.consumers.is_empty()
+    };
+    progress.phase("creating the scratch table");
+    admin
+        .scratch(&Scratch::Create {
+            table: SCRATCH_TABLE.into(),
+        })
+        .map_err(be)
+        .context("bench needs the backend's scratch-table support")?;
+    let result = measure(cfg, &lib, &mut admin, &sizes, args.quick, &progress);
+    progress.phase("dropping the scratch table");
+    let dropped = admin.scratch(&Scratch::Drop {
+        table: SCRATCH_TABLE.into(),
+    });
+    let dropped = dropped.and_then(|()| {
+        if was_installed {
+            Ok(())
+        } else {
+            admin.uninstall().map(drop)
+        }
+    });
+    progress.finish();
+    let report = result?;
+    dropped.map_err(be).context("removing the scratch table")?;
+    Ok(report)
+}
+
+fn measure(
+    cfg: &Config,
+    lib: &Library,
+    admin: &mut HostBackend,
+    sizes: &Sizes,
+    quick: bool,
+    progress: &Progress,
+) -> Result<BenchReport> {
+    let watch = Watch {
+        table: SCRATCH_TABLE.into(),
+        columns: vec!["id".into(), "payload".into()],
+    };
+    let mut next_id = 1i64;
+
+    progress.phase("write throughput, table not watched");
+    let unwatched = write_throughput(cfg, lib, None, sizes, &mut next_id)?;
+    admin.install(std::slice::from_ref(&watch)).map_err(be)?;
+    progress.phase("write throughput, table watched");
+    let watched = write_throughput(cfg, lib, None, sizes, &mut next_id)?;
+
+    // A backend with a wake-up notification that costs writers something (PostgreSQL's
+    // NOTIFY takes a database-wide lock at commit) takes `notify = false`; others
+    // refuse the option, and this measurement is skipped.
+    let mut no_notify_options = cfg.backend_options();
+    no_notify_options["notify"] = serde_json::Value::Bool(false);
+    let no_notify = match lib.open_backend(&cfg.database.url, &no_notify_options) {
+        Ok(mut conn) => {
+            conn.install(std::slice::from_ref(&watch)).map_err(be)?;
+            progress.phase("write throughput, table watched, notification off");
+            let r = write_throughput(cfg, lib, Some(&no_notify_options), sizes, &mut next_id)?;
+            admin.install(std::slice::from_ref(&watch)).map_err(be)?;
+            Some(r)
+        }
+        Err(BackendError::Invalid(_)) => None,
+        Err(e) => return Err(be(e)),
+    };
+
+    // Latency: a consumer from now on, a writer at a steady rate on its own connection.
+    let consumer = Consumer {
+        daemon: format!("epidemic-bench-{}", std::process::id()),
+        handler: "noop".into(),
+    };
+    admin
+        .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
+        .map_err(be)?;
+    let reader = Reader::start(cfg, lib, &consumer, cfg.daemon.batch_size)?;
+    progress.phase("commit-to-handler latency");
+    let mut writer = plugins::open(cfg, lib)?;
+    let interval = Duration::from_secs_f64(1.0 / sizes.rate as f64);
+    let mut sent: Vec<(i64, Instant)> = Vec::with_capacity(sizes.latency_changes as usize);
+    let start = Instant::now();
+    for i in 0..sizes.latency_changes {
+        let due = start + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let id = next_id;
+        next_id += 1;
+        let t = Instant::now();
+        writer
+            .scratch(&Scratch::Insert {
+                table: SCRATCH_TABLE.into(),
+                first_id: id,
+                count: 1,
+                per_tx: 1,
+            })
+            .map_err(be)?;
+        sent.push((id, t));
+        if i % 100 == 0 {
+            progress.update("commit-to-handler latency", i, sizes.latency_changes);
+        }
+    }
+    let last = sent.last().map(|(id, _)| *id).unwrap_or(0);
+    reader.wait_for(last, Duration::from_secs(60))?;
+    let mut latencies: Vec<f64> = {
+        let seen = reader.seen.lock().unwrap_or_else(|p| p.into_inner());
+        sent.iter()
+            .filter_map(|(id, t)| {
+                seen.get(id)
+                    .map(|r| r.saturating_duration_since(*t).as_secs_f64() * 1e3)
+            })
+            .collect()
+    };
+    latencies.sort_by(|a, b| a.total_cmp(b));
+
+    // Idle CPU: the reader waits for changes that do not come.
+    progress.phase(&format!("idle CPU over {} s", sizes.idle.as_secs()));
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    std::thread::sleep(sizes.idle);
+    let idle_cpu_percent = (cpu_time() - cpu0).as_secs_f64() * 100.0 / t0.elapsed().as_secs_f64();
+    reader.stop();
+
+    // Drain: a backlog written while nobody reads, then read as fast as possible,
+    // pruning as the daemon does.
+    progress.phase(&format!("writing a backlog of {} changes", sizes.drain));
+    let first = next_id;
+    let chunk = 10_000u64;
+    let mut done = 0;
+    while done < sizes.drain {
+        let n = chunk.min(sizes.drain - done);
+        writer
+            .scratch(&Scratch::Insert {
+                table: SCRATCH_TABLE.into(),
+                first_id: first + done as i64,
+                count: n,
+                per_tx: 1_000,
+            })
+            .map_err(be)?;
+        done += n;
+        progress.update("writing the backlog", done, sizes.drain);
+    }
+    reset_peak_rss();
+    progress.phase("draining the backlog");
+    let mut conn = plugins::open(cfg, lib)?;
+    let t0 = Instant::now();
+    let mut drained = 0u64;
+    let mut last_prune = Instant::now();
+    while drained < sizes.drain {
+        let batch = conn.fetch(&consumer, cfg.daemon.batch_size).map_err(be)?;
+        let Some(last) = batch.changes.last() else {
+            conn.wait(Duration::from_millis(50)).map_err(be)?;
+            continue;
+        };
+        // The no-op handler: look at each change as a handler would.
+        drained += batch
+            .changes
+            .iter()
+            .filter(|c| c.value("id").is_some())
+            .count() as u64;
+        conn.ack(&consumer, &batch.token, last.id).map_err(be)?;
+        if last_prune.elapsed() >= Duration::from_secs(1) {
+            admin.prune().map_err(be)?;
+            last_prune = Instant::now();
+            progress.update("draining the backlog", drained, sizes.drain);
+        }
+    }
+    admin.prune().map_err(be)?;
+    let drain_secs = t0.elapsed().as_secs_f64();
+    let peak_rss_mb_draining = peak_rss_mb();
+
+    let ratio = |w: &WriteThroughput| w.rows_per_s / unwatched.rows_per_s.max(f64::MIN_POSITIVE);
+    Ok(BenchReport {
+        backend: lib.name.clone(),
+        url: epidemic_plugin_sdk::redact_url(&cfg.database.url),
+        quick,
+        latency_changes: sizes.latency_changes,
+        latency_rate_per_s: sizes.rate,
+        latency_ms_p50: percentile(&latencies, 50.0),
+        latency_ms_p95: percentile(&latencies, 95.0),
+        latency_ms_p99: percentile(&latencies, 99.0),
+        latency_ms_max: latencies.last().copied().unwrap_or(0.0),
+        drain_changes: sizes.drain,
+        drain_per_s: sizes.drain as f64 / drain_secs,
+        write_ratio: ratio(&watched),
+        write_ratio_no_notify: no_notify.as_ref().map(ratio),
+        write_unwatched: unwatched,
+        write_watched: watched,
+        write_watched_no_notify: no_notify,
+        idle_cpu_percent,
+        peak_rss_mb_draining,
+    })
+}
+
+/// K writers, each on its own connection, one row per transaction.
+fn write_throughput(
+    cfg: &Config,
+    lib: &Library,
+    options: Option<&serde_json::Value>,
+    sizes: &Sizes,
+    next_id: &mut i64,
+) -> Result<WriteThroughput> {
+    let options = options.cloned().unwrap_or_else(|| cfg.backend_options());
+    let mut conns = Vec::new();
+    for _ in 0..sizes.writers {
+        conns.push(lib.open_backend(&cfg.database.url, &options).map_err(be)?);
+    }
+    let base = *next_id;
+    *next_id += sizes.writers as i64 * sizes.rows_per_writer as i64;
+    let t0 = Instant::now();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut conn)| {
+            let rows = sizes.rows_per_writer;
+            std::thread::spawn(move || {
+                conn.scratch(&Scratch::Insert {
+                    table: SCRATCH_TABLE.into(),
+                    first_id: base + (k as u64 * rows) as i64,
+                    count: rows,
+                    per_tx: 1,
+                })
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow!("writer thread panicked"))?
+            .map_err(be)?;
+    }
+    let rows = sizes.writers as u64 * sizes.rows_per_writer;
+    Ok(WriteThroughput {
+        writers: sizes.writers,
+        rows,
+        rows_per_s: rows as f64 / t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The daemon's read loop with a no-op handler, recording when each row id arrived.
+struct Reader {
+    seen: Arc<Mutex<HashMap<i64, Instant>>>,
+    max_seen: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), BackendError>>>,
+}
+
+impl Reader {
+    fn start(cfg: &Config, lib: &Library, consumer: &Consumer, batch: u32) -> Result<Reader> {
+        let mut conn = plugins::open(cfg, lib)?;
+        let seen: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+        let max_seen = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer = consumer.clone();
+        let (s, m, st) = (Arc::clone(&seen), Arc::clone(&max_seen), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || -> Result<(), BackendError> {
+            while !st.load(Ordering::Relaxed) {
+                let b = conn.fetch(&consumer, batch)?;
+                let Some(last) = b.changes.last() else {
+                    conn.wait(Duration::from_millis(200))?;
+                    continue;
+                };
+                let now = Instant::now();
+                {
+                    let mut seen = s.lock().unwrap_or_else(|p| p.into_inner());
+                    for c in &b.changes {
+                        if let Some(Value::Int(id)) = c.value("id") {
+                            seen.entry(*id).or_insert(now);
+                            m.fetch_max(*id as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+                conn.ack(&consumer, &b.token, last.id)?;
+            }
+            Ok(())
+        });
+        Ok(Reader {
+            seen,
+            max_seen,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn wait_for(&self, id: i64, timeout: Duration) -> Result<()> {
+        let end = Instant::now() + timeout;
+        while (self.max_seen.load(Ordering::Relaxed) as i64) < id {
+            if Instant::now() > end {
+                return Err(anyhow!(
+                    "the reader did not see change {id} within {timeout:?}"
+                ));
+            }
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                return Err(anyhow!("the reader stopped early"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct we hand it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Reset the kernel's peak-RSS mark (Linux `clear_refs` 5) so it covers only what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn render(r: &BenchReport) -> String {
+    let w = |t: &WriteThroughput| {
+        format!(
+            "{:.0} rows/s ({} writers x {} rows)",
+            t.rows_per_s,
+            t.writers,
+            t.rows / t.writers.max(1) as u64
+        )
+    };
+    let mut rows: Vec<(String, String)> = vec![
+        (
+            format!(
+                "commit->handler latency p50 / p95 / p99 / max ({} at {}/s)",
+                r.latency_changes, r.latency_rate_per_s
+            ),
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2} ms",
+                r.latency_ms_p50, r.latency_ms_p95, r.latency_ms_p99, r.latency_ms_max
+            ),
+        ),
+        (
+            format!("drain rate ({} changes, pruning included)", r.drain_changes),
+            format!("{:.0} changes/s", r.drain_per_s),
+        ),
+        ("write throughput, unwatched".into(), w(&r.write_unwatched)),
+        (
+            "write throughput, watched".into(),
+            format!("{}  ratio {:.2}", w(&r.write_watched), r.write_ratio),
+        ),
+    ];
+    if let (Some(t), Some(ratio)) = (&r.write_watched_no_notify, r.write_ratio_no_notify) {
+        rows.push((
+            "write throughput, watched, notify off".into(),
+            format!("{}  ratio {ratio:.2}", w(t)),
+        ));
+    }
+    rows.push((
+        "idle CPU of the reader".into(),
+        format!("{:.2} %", r.idle_cpu_percent),
+    ));
+    rows.push((
+        "peak RSS while draining".into(),
+        r.peak_rss_mb_draining
+            .map_or("n/a".into(), |m| format!("{m:.1} MB")),
+    ));
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!(
+        "epidemic bench: {} ({}){}\n",
+        r.backend,
+        r.url,
+        if r.quick {
+            ", quick mode: sizes too small for real figures"
+        } else {
+            ""
+        }
+    );
+    for (k, v) in rows {
+        out.push_str(&format!("{k:<width$}  {v}\n"));
+    }
+    out
+}
