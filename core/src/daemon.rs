@@ -105,6 +105,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         reconnect_on_error(&mut main_conn, |c| c.install(&watches))
     })?;
     let handler_count = handlers.len();
+    forget_removed_handlers(&mut main_conn, &daemon, &handlers);
 
     let mut threads: Vec<(String, JoinHandle<()>)> = Vec::new();
     for h in handlers {
@@ -181,6 +182,31 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// This daemon's consumers whose handler is no longer in the config would hold back
+/// pruning until `consumer_ttl` evicts them: forget them now, and say so.
+fn forget_removed_handlers(conn: &mut HostBackend, daemon: &str, handlers: &[LoadedHandler]) {
+    let Ok(status) = conn.status() else { return };
+    for c in status.consumers.iter().filter(|c| c.daemon == daemon) {
+        if handlers.iter().any(|h| h.config.name == c.handler) {
+            continue;
+        }
+        let consumer = Consumer {
+            daemon: c.daemon.clone(),
+            handler: c.handler.clone(),
+        };
+        match conn.unregister(&consumer) {
+            Ok(_) => warn!(
+                consumer = %consumer,
+                "handler no longer in the config: forgot its cursor (it no longer holds back pruning; \
+                 its dead letters, if any, stay until dropped)"
+            ),
+            Err(e) => {
+                warn!(consumer = %consumer, error = %e, "could not forget a removed handler's consumer")
+            }
+        }
+    }
 }
 
 /// Evict stale consumers, prune what every live consumer has passed, refresh gauges.

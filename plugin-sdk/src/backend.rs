@@ -168,6 +168,12 @@ pub trait Backend: Send + 'static {
     /// Drop the connection and open a new one.
     fn reconnect(&mut self) -> Result<(), BackendError>;
 
+    /// Forget a consumer and its cursors (a handler removed from a daemon's config), so
+    /// it no longer holds back pruning. Its dead letters stay. Returns whether it existed.
+    fn unregister(&mut self, _consumer: &Consumer) -> Result<bool, BackendError> {
+        Err(unsupported(Self::NAME, "unregister"))
+    }
+
     /// Heartbeat: the consumer is alive (its last-seen time becomes now).
     fn touch(&mut self, _consumer: &Consumer) -> Result<(), BackendError> {
         Err(unsupported(Self::NAME, "touch"))
@@ -319,6 +325,10 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
 
     fn reconnect(&mut self) -> RResult<(), RError> {
         guard(|| res(self.0.reconnect(), |()| ()))
+    }
+
+    fn unregister(&mut self, c: &RConsumer) -> RResult<bool, RError> {
+        guard(|| res(self.0.unregister(&consumer(c)), |b| b))
     }
 
     fn touch(&mut self, c: &RConsumer) -> RResult<(), RError> {

@@ -268,6 +268,7 @@ pub trait RawBackend: Send {
     fn wait(&mut self, timeout_ms: u64) -> RResult<bool, RError>;
     fn prune(&mut self) -> RResult<u64, RError>;
     fn reconnect(&mut self) -> RResult<(), RError>;
+    fn unregister(&mut self, consumer: &RConsumer) -> RResult<bool, RError>;
     fn touch(&mut self, consumer: &RConsumer) -> RResult<(), RError>;
     fn evict_stale(&mut self, ttl_ms: u64) -> RResult<RVec<RConsumer>, RError>;
     /// Operational records cross as JSON (see [`crate::ops`]).

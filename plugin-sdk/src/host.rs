@@ -378,6 +378,10 @@ impl HostBackend {
         ok(self.inner.reconnect())
     }
 
+    pub fn unregister(&mut self, consumer: &Consumer) -> Result<bool, BackendError> {
+        ok(self.inner.unregister(&RConsumer::from(consumer)))
+    }
+
     pub fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
         ok(self.inner.touch(&RConsumer::from(consumer)))
     }

@@ -591,3 +591,66 @@ fn env_overrides_the_config_file() {
         .collect();
     assert!(!objs.keys().any(|n| n.starts_with("epidemic")), "{objs:?}");
 }
+
+#[test]
+fn a_removed_handler_stops_holding_back_its_table() {
+    let s = Setup::new("prune_interval_ms = 50", |dir| {
+        recorder_handler(
+            "users",
+            &dir.join("u.jsonl"),
+            "mail_users",
+            &["username"],
+            "",
+        ) + &recorder_handler("groups", &dir.join("g.jsonl"), "groups", &["name"], "")
+    });
+    sqlite::connect(&s.db)
+        .execute_batch("CREATE TABLE groups (id INTEGER PRIMARY KEY, name TEXT)")
+        .unwrap();
+    let mut d = s.start();
+    d.kill();
+    // The "groups" handler is removed from the config; a second daemon still reads groups.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let cut = text.find("[[handler]]\nname = \"groups\"").unwrap();
+    std::fs::write(&s.config, &text[..cut]).unwrap();
+    let other = s.dir.join("other.toml");
+    std::fs::write(
+        &other,
+        text.replace("name = \"mx1\"", "name = \"mx2\"")
+            .replace("prune_interval_ms = 50", "prune_interval_ms = 50")
+            .replacen(&text[text.find("[[handler]]").unwrap()..cut], "", 1),
+    )
+    .unwrap();
+    let _mx2 = Daemon::start(&other, &s.dir.join("other.log"), &[]);
+    let _mx1 = s.start();
+    let w = sqlite::connect(&s.db);
+    for i in 0..10 {
+        w.execute("INSERT INTO groups (name) VALUES (?1)", [format!("g{i}")])
+            .unwrap();
+    }
+    // mx2 reads them; mx1/groups no longer exists, so nothing holds the log back.
+    assert_eq!(wait_recorded(&s.dir.join("g.jsonl"), 10, WAIT).len(), 10);
+    let rows = || -> i64 {
+        sqlite::connect(&s.db)
+            .query_row("SELECT count(*) FROM epidemic_log_groups", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert!(
+        wait_until(WAIT, || rows() == 0),
+        "groups log holds {} rows; status: {}",
+        rows(),
+        String::from_utf8_lossy(&epidemic(&s.config, &["status"]).stdout)
+    );
+    let out = epidemic(&s.config, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mx1: Vec<&Value> = status["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["daemon"] == "mx1")
+        .collect();
+    assert_eq!(mx1.len(), 1, "{status}");
+    assert_eq!(mx1[0]["handler"], "users");
+    assert!(std::fs::read_to_string(&s.log)
+        .unwrap()
+        .contains("handler no longer in the config"));
+}

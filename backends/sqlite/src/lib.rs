@@ -296,6 +296,16 @@ impl Backend for SqliteBackend {
                 params![consumer.daemon, consumer.handler, now],
             )
             .map_err(sql_err)?;
+            // A table the handler no longer subscribes to: its old cursor would hold
+            // back that table's pruning for ever.
+            let keep =
+                serde_json::to_string(tables).map_err(|e| BackendError::Other(e.to_string()))?;
+            tx.execute(
+                "DELETE FROM epidemic_cursor WHERE daemon = ?1 AND handler = ?2
+                 AND source_table NOT IN (SELECT value FROM json_each(?3))",
+                params![consumer.daemon, consumer.handler, keep],
+            )
+            .map_err(sql_err)?;
         }
         tx.commit().map_err(sql_err)?;
         self.consumers.remove(consumer);
@@ -420,6 +430,21 @@ impl Backend for SqliteBackend {
         self.conn = Self::connect(&self.path, &self.options)?;
         self.consumers.clear();
         Ok(())
+    }
+
+    fn unregister(&mut self, consumer: &Consumer) -> Result<bool, BackendError> {
+        self.consumers.remove(consumer);
+        if !self.schema().installed()? {
+            return Ok(false);
+        }
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM epidemic_cursor WHERE daemon = ?1 AND handler = ?2",
+                params![consumer.daemon, consumer.handler],
+            )
+            .map_err(sql_err)?;
+        Ok(n > 0)
     }
 
     fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
