@@ -196,4 +196,5 @@ pub fn recorder_handler(name: &str, file: &Path, table: &str, columns: &[&str], 
     )
 }
 pub mod sqlite;
+pub mod pg;
 pub mod oot;

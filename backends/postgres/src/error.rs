@@ -1,0 +1,151 @@
+//! The backend's error type and how it maps onto the SDK's [`BackendError`] kinds.
+
+use epidemic_plugin_sdk::BackendError;
+
+/// Everything that can go wrong in the PostgreSQL backend. Messages are one line, name the
+/// object concerned, and never contain a password.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("invalid {what} name \"{name}\": {reason}")]
+    InvalidIdentifier {
+        what: &'static str,
+        name: String,
+        reason: &'static str,
+    },
+    #[error("invalid database option: {0}")]
+    InvalidOption(String),
+    #[error("invalid database url {url}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("table {0} does not exist")]
+    MissingTable(String),
+    #[error("{0} is not a table")]
+    NotATable(String),
+    #[error("column {column} of table {table} does not exist")]
+    MissingColumn { table: String, column: String },
+    #[error("column {column} of table {table} is watched but no longer exists (dropped or renamed?); writes to the table fail until it is restored or Epidemic is reinstalled")]
+    WatchedColumnGone { table: String, column: String },
+    #[error("table {0} has no watched columns")]
+    NoColumns(String),
+    #[error("schema {0} exists but was not created by Epidemic; set another `schema` option")]
+    ForeignSchema(String),
+    #[error("table {0} is not installed; run `epidemic install` first")]
+    NotInstalled(String),
+    #[error("schema {0} does not exist; run `epidemic install` first")]
+    NothingInstalled(String),
+    #[error("a consumer must read at least one table")]
+    NoTables,
+    #[error("consumer {0} is not registered")]
+    NotRegistered(String),
+    #[error("consumer {consumer}: ack token {token:?} is not a batch token of this backend")]
+    BadToken { consumer: String, token: String },
+    #[error("consumer {consumer}: ack for batch {token} but the batch in progress is another one (is a second daemon running with the same name?)")]
+    StaleToken { consumer: String, token: String },
+    #[error("consumer {0}: the cursor changed under this daemon (is a second daemon running with the same name?)")]
+    CursorRace(String),
+    #[error("cannot connect to {url}: {reason}")]
+    Connect {
+        url: String,
+        reason: String,
+        connection: bool,
+    },
+    #[error("{0}")]
+    ConnectionLost(String),
+    #[error("{context}: {}", describe(.source))]
+    Sql {
+        context: String,
+        #[source]
+        source: postgres::Error,
+    },
+}
+
+impl PgError {
+    /// Wrap a driver error with what we were doing.
+    pub fn sql(context: impl Into<String>) -> impl FnOnce(postgres::Error) -> PgError {
+        let context = context.into();
+        move |source| PgError::Sql { context, source }
+    }
+}
+
+impl From<PgError> for BackendError {
+    fn from(e: PgError) -> Self {
+        let message = e.to_string();
+        match &e {
+            PgError::Sql { source, .. } if is_connection_error(source) => {
+                BackendError::Connection(message)
+            }
+            PgError::Connect {
+                connection: true, ..
+            }
+            | PgError::ConnectionLost(_) => BackendError::Connection(message),
+            PgError::Sql { .. }
+            | PgError::Connect { .. }
+            | PgError::CursorRace(_)
+            | PgError::StaleToken { .. } => BackendError::Other(message),
+            PgError::InvalidIdentifier { .. }
+            | PgError::InvalidOption(_)
+            | PgError::InvalidUrl { .. }
+            | PgError::MissingTable(_)
+            | PgError::NotATable(_)
+            | PgError::MissingColumn { .. }
+            | PgError::WatchedColumnGone { .. }
+            | PgError::NoColumns(_)
+            | PgError::ForeignSchema(_)
+            | PgError::NotInstalled(_)
+            | PgError::NothingInstalled(_)
+            | PgError::NotRegistered(_)
+            | PgError::NoTables
+            | PgError::BadToken { .. } => BackendError::Invalid(message),
+        }
+    }
+}
+
+/// Whether the error means the connection is gone or the server is not accepting work
+/// right now, so that reconnecting later is the cure.
+pub fn is_connection_error(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        let code = code.code();
+        // Class 08 is "connection exception"; 57P01-57P03 are admin shutdown, crash
+        // shutdown and "cannot connect now" (starting up, shutting down, recovering).
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
+    }
+    // The driver's own timeout (connect_timeout) has no source to inspect; its kind is
+    // private, so recognise it by its fixed message.
+    if e.to_string() == "timeout waiting for server" {
+        return true;
+    }
+    // Not reported by the server: socket errors carry an io::Error.
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A driver error as one line: its kind, then the server's message, detail and hint.
+pub fn describe(e: &postgres::Error) -> String {
+    let text = match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str("; ");
+                s.push_str(d);
+            }
+            if let Some(h) = db.hint() {
+                s.push_str("; hint: ");
+                s.push_str(h);
+            }
+            s
+        }
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

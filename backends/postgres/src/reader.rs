@@ -1,0 +1,680 @@
+//! Reading the log by transaction snapshots: [`PgReader`] registers consumers, fetches
+//! batches, acknowledges them and prunes what every consumer has passed.
+//!
+//! # Why snapshots
+//!
+//! Sequence values are handed out at INSERT but become visible at COMMIT, so
+//! transactions commit out of id order and a reader that keeps `id > last_seen` skips
+//! rows. Instead every log row carries its writer's transaction id (`txid`), and a
+//! consumer's cursor holds a snapshot (`prev_snapshot`, from `pg_current_snapshot()`)
+//! of what it has fully handled. The next batch is taken against a new snapshot `cur`:
+//! the rows whose transaction is visible in `cur` but was not in `prev`, i.e. exactly
+//! the transactions that committed between the two (the technique of Skytools' PgQ).
+//! Snapshots only grow, so batches partition the committed transactions: none twice,
+//! none skipped, and a rolled-back transaction's rows are never visible at all.
+//!
+//! A transaction visible in `cur` and not in `prev` either started after `prev`
+//! (`txid >= xmax(prev)`, and `< xmax(cur)`) or was running at `prev` (in
+//! `xip(prev)`). The batch query scans exactly those two sets with the `txid` index,
+//! so a long-running transaction (which keeps `xmin` low) does not make batches scan
+//! everything committed since it started, and does not hold back anybody else's
+//! commits either: it is simply in `xip` until it ends.
+//!
+//! # A batch's life
+//!
+//! 1. No batch in progress: one statement takes `cur` and the first and last change id
+//!    of the batch (over all of the consumer's log tables). An empty batch just moves
+//!    `prev` to `cur` (at most once a second, see [`ADVANCE_EVERY`]). Otherwise `cur`,
+//!    the last id and `done_upto = first id - 1` are stored: the batch is durable.
+//! 2. Rows are read by primary key: `id > done_upto AND id <= last_id`, filtered by the
+//!    two snapshots, ordered by id, at most `max`. A large batch is read in pieces by
+//!    later fetches with the same snapshots, each piece costing O(max), not O(batch).
+//! 3. `ack(upto)` is one UPDATE: `done_upto = upto`, or, when `upto` reaches the last id,
+//!    `prev = cur` and the batch is closed. A crash after a partial ack resumes the same
+//!    batch after `upto`.
+//!
+//! Within a batch, rows come in id order. Two changes to one row are in commit order:
+//! the second writer waits for the first one's row lock, so it draws its id after the
+//! first committed.
+//!
+//! Not here: deciding which changes a handler wants, retries, dead letters (the host).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use epidemic_plugin_sdk::{Batch, Change, Consumer, Op, Registered, StartFrom, Value};
+use postgres::types::Type;
+use postgres::{Client, Row, Statement};
+
+use crate::error::PgError;
+use crate::ident::{Ident, TableName};
+use crate::install::{load_registry, schema_state, RegisteredTable, SchemaState};
+
+/// An empty batch moves the consumer's `prev_snapshot` forward (so pruning can proceed
+/// and `last_seen` stays fresh), but at most this often: a consumer woken by changes to
+/// tables it does not watch would otherwise write its cursor once per foreign commit.
+/// Not advancing is always safe: the next batch simply starts from the older snapshot.
+const ADVANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// Rows deleted per statement by [`PgReader::prune`], so no statement holds many locks
+/// or runs long.
+const PRUNE_CHUNK: i64 = 10_000;
+
+/// How one captured column is read back.
+#[derive(Debug, Clone, Copy)]
+enum ValueKind {
+    Int2,
+    Int4,
+    Int8,
+    Float4,
+    Float8,
+    Bytes,
+    Text,
+    /// Any other type: cast to text in SQL. `numeric` is among them, so that no
+    /// precision is lost to a float.
+    CastToText,
+}
+
+impl ValueKind {
+    fn of(type_oid: u32) -> ValueKind {
+        match Type::from_oid(type_oid) {
+            Some(Type::INT2) => ValueKind::Int2,
+            Some(Type::INT4) => ValueKind::Int4,
+            Some(Type::INT8) => ValueKind::Int8,
+            Some(Type::FLOAT4) => ValueKind::Float4,
+            Some(Type::FLOAT8) => ValueKind::Float8,
+            Some(Type::BYTEA) => ValueKind::Bytes,
+            Some(Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME) => ValueKind::Text,
+            _ => ValueKind::CastToText,
+        }
+    }
+
+    fn select(self, column: &Ident) -> String {
+        match self {
+            ValueKind::CastToText => format!("l.{}::text", column.quoted()),
+            _ => format!("l.{}", column.quoted()),
+        }
+    }
+
+    fn read(self, row: &Row, i: usize) -> Result<Value, postgres::Error> {
+        Ok(match self {
+            ValueKind::Int2 => row.try_get::<_, Option<i16>>(i)?.map(i64::from).into(),
+            ValueKind::Int4 => row.try_get::<_, Option<i32>>(i)?.map(i64::from).into(),
+            ValueKind::Int8 => row.try_get::<_, Option<i64>>(i)?.into(),
+            ValueKind::Float4 => row.try_get::<_, Option<f32>>(i)?.map(f64::from).into(),
+            ValueKind::Float8 => row.try_get::<_, Option<f64>>(i)?.into(),
+            ValueKind::Bytes => row.try_get::<_, Option<Vec<u8>>>(i)?.into(),
+            ValueKind::Text | ValueKind::CastToText => row.try_get::<_, Option<String>>(i)?.into(),
+        })
+    }
+}
+
+/// Reads one log table for one consumer.
+struct PgLogTable {
+    /// The table's name as the consumer spelled it: what [`Change::table`] carries, so it
+    /// matches the handler's subscription.
+    table: String,
+    columns: Arc<[String]>,
+    kinds: Vec<ValueKind>,
+    /// `$1 prev, $2 cur, $3 done_upto, $4 last_id, $5 max`.
+    rows: Statement,
+}
+
+impl PgLogTable {
+    fn read(
+        &self,
+        client: &mut Client,
+        cursor: &Cursor,
+        batch: &InProgress,
+        max: i64,
+    ) -> Result<Vec<Change>, PgError> {
+        let rows = client
+            .query(
+                &self.rows,
+                &[
+                    &cursor.prev,
+                    &batch.snapshot,
+                    &batch.done_upto,
+                    &batch.last_id,
+                    &max,
+                ],
+            )
+            .map_err(PgError::sql(format!("read the log of {}", self.table)))?;
+        rows.iter()
+            .map(|r| self.change(r))
+            .collect::<Result<_, _>>()
+            .map_err(PgError::sql(format!("decode the log of {}", self.table)))
+    }
+
+    fn change(&self, row: &Row) -> Result<Change, postgres::Error> {
+        let id: i64 = row.try_get(0)?;
+        let op: i8 = row.try_get(1)?;
+        let changed_at_us: i64 = row.try_get(2)?;
+        let values = |first: usize| -> Result<Vec<Value>, postgres::Error> {
+            self.kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| k.read(row, first + 2 * i))
+                .collect()
+        };
+        let (op, old, new) = match op as u8 {
+            b'I' => (Op::Insert, None, Some(values(4)?)),
+            b'U' => (Op::Update, Some(values(3)?), Some(values(4)?)),
+            // The triggers write only I, U and D.
+            _ => (Op::Delete, Some(values(3)?), None),
+        };
+        Ok(Change {
+            id,
+            table: self.table.clone(),
+            op,
+            columns: self.columns.clone(),
+            old,
+            new,
+            changed_at_us,
+        })
+    }
+}
+
+/// The prepared statements for one consumer on the current connection.
+struct ConsumerPlan {
+    /// The consumer's tables as stored with its cursor; the plan is rebuilt when they change.
+    tables: Vec<String>,
+    /// `$1 prev` -> `(cur, first id, last id)` over all of the consumer's log tables.
+    bounds: Statement,
+    logs: Vec<PgLogTable>,
+    last_advance: Option<Instant>,
+}
+
+/// The consumer's cursor row.
+struct Cursor {
+    tables: Vec<String>,
+    prev: String,
+    batch_id: i64,
+    batch: Option<InProgress>,
+}
+
+struct InProgress {
+    snapshot: String,
+    done_upto: i64,
+    last_id: i64,
+}
+
+/// Statements shared by every consumer, prepared once per connection.
+struct Shared {
+    load: Statement,
+    start: Statement,
+    advance: Statement,
+    finish: Statement,
+    ack: Statement,
+}
+
+/// Registers consumers, reads batches, acknowledges, prunes. Holds prepared statements:
+/// call [`PgReader::reset`] whenever the connection is replaced.
+pub(crate) struct PgReader {
+    schema: Ident,
+    shared: Option<Shared>,
+    plans: HashMap<(String, String), ConsumerPlan>,
+}
+
+fn key(c: &Consumer) -> (String, String) {
+    (c.daemon.clone(), c.handler.clone())
+}
+
+/// `42P01` (undefined table) on our own tables means nothing is installed.
+fn not_installed(schema: &Ident, context: String) -> impl FnOnce(postgres::Error) -> PgError + '_ {
+    move |e| {
+        if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) {
+            PgError::NothingInstalled(schema.to_string())
+        } else {
+            PgError::Sql { context, source: e }
+        }
+    }
+}
+
+impl PgReader {
+    pub fn new(schema: Ident) -> PgReader {
+        PgReader {
+            schema,
+            shared: None,
+            plans: HashMap::new(),
+        }
+    }
+
+    /// Forget every prepared statement (they belong to the old connection).
+    pub fn reset(&mut self) {
+        self.shared = None;
+        self.plans.clear();
+    }
+
+    fn q(&self, name: &str) -> String {
+        format!(
+            "{}.{}",
+            self.schema.quoted(),
+            crate::ident::quote_ident(name)
+        )
+    }
+
+    fn shared(&mut self, client: &mut Client) -> Result<&Shared, PgError> {
+        if self.shared.is_none() {
+            let consumer = self.q("consumer");
+            let schema = self.schema.clone();
+            let mut prepare = |sql: String| {
+                client
+                    .prepare(&sql)
+                    .map_err(not_installed(&schema, "prepare cursor statements".into()))
+            };
+            let shared = Shared {
+                load: prepare(format!(
+                    "SELECT tables, prev_snapshot::text, batch_id, batch_snapshot::text, batch_done_upto, batch_last_id \
+                     FROM {consumer} WHERE daemon = $1 AND handler = $2"
+                ))?,
+                start: prepare(format!(
+                    "UPDATE {consumer} SET batch_id = batch_id + 1, batch_snapshot = $4::text::pg_snapshot, \
+                         batch_done_upto = $5, batch_last_id = $6, last_seen = now() \
+                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NULL \
+                     RETURNING batch_id"
+                ))?,
+                advance: prepare(format!(
+                    "UPDATE {consumer} SET prev_snapshot = $4::text::pg_snapshot, last_seen = now() \
+                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NULL"
+                ))?,
+                finish: prepare(format!(
+                    "UPDATE {consumer} SET prev_snapshot = batch_snapshot, batch_snapshot = NULL, \
+                         batch_done_upto = NULL, batch_last_id = NULL, last_seen = now() \
+                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL"
+                ))?,
+                // Everything on the right-hand side sees the row as it was, so the batch
+                // closes (prev := cur) exactly when upto reaches its last id.
+                ack: prepare(format!(
+                    "UPDATE {consumer} SET \
+                         prev_snapshot = CASE WHEN $4 >= batch_last_id THEN batch_snapshot ELSE prev_snapshot END, \
+                         batch_snapshot = CASE WHEN $4 >= batch_last_id THEN NULL ELSE batch_snapshot END, \
+                         batch_done_upto = CASE WHEN $4 >= batch_last_id THEN NULL \
+                                                ELSE GREATEST(batch_done_upto, $4) END, \
+                         batch_last_id = CASE WHEN $4 >= batch_last_id THEN NULL ELSE batch_last_id END, \
+                         last_seen = now() \
+                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL"
+                ))?,
+            };
+            self.shared = Some(shared);
+        }
+        // Just filled in above when it was missing.
+        self.shared
+            .as_ref()
+            .ok_or_else(|| PgError::NothingInstalled(self.schema.to_string()))
+    }
+
+    /// Resolve `tables` (as a consumer spells them) to registered log tables.
+    fn resolve<'r>(
+        &self,
+        registry: &'r std::collections::BTreeMap<TableName, RegisteredTable>,
+        tables: &[String],
+    ) -> Result<Vec<(String, &'r RegisteredTable)>, PgError> {
+        if tables.is_empty() {
+            return Err(PgError::NoTables);
+        }
+        let mut out: Vec<(String, &RegisteredTable)> = Vec::new();
+        let mut seen = Vec::new();
+        for t in tables {
+            let name = TableName::parse(t)?;
+            let reg = registry
+                .get(&name)
+                .ok_or_else(|| PgError::NotInstalled(t.clone()))?;
+            // `users` and `public.users` are one table: read its log once.
+            if !seen.contains(&name) {
+                seen.push(name);
+                out.push((t.clone(), reg));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn register(
+        &mut self,
+        client: &mut Client,
+        consumer: &Consumer,
+        tables: &[String],
+        start: StartFrom,
+    ) -> Result<Registered, PgError> {
+        if schema_state(client, &self.schema)? != SchemaState::Ours {
+            return Err(PgError::NothingInstalled(self.schema.to_string()));
+        }
+        let registry = load_registry(client, &self.schema)?;
+        self.resolve(&registry, tables)?;
+        let consumer_table = self.q("consumer");
+        let context = || format!("register consumer {consumer}");
+        // 1:1: sees no transaction at all, so the first batch is the whole log.
+        let inserted = client
+            .query_opt(
+                &format!(
+                    "INSERT INTO {consumer_table} (daemon, handler, tables, prev_snapshot) \
+                     VALUES ($1, $2, $3, CASE WHEN $4 THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END) \
+                     ON CONFLICT (daemon, handler) DO NOTHING RETURNING batch_id"
+                ),
+                &[&consumer.daemon, &consumer.handler, &tables, &(start == StartFrom::Now)],
+            )
+            .map_err(PgError::sql(context()))?;
+        if inserted.is_some() {
+            return Ok(Registered::New);
+        }
+        client
+            .execute(
+                &format!(
+                    "UPDATE {consumer_table} SET tables = $3, last_seen = now() WHERE daemon = $1 AND handler = $2"
+                ),
+                &[&consumer.daemon, &consumer.handler, &tables],
+            )
+            .map_err(PgError::sql(context()))?;
+        self.plans.remove(&key(consumer));
+        Ok(Registered::Existing)
+    }
+
+    fn load(&mut self, client: &mut Client, consumer: &Consumer) -> Result<Cursor, PgError> {
+        let load = self.shared(client)?.load.clone();
+        let row = client
+            .query_opt(&load, &[&consumer.daemon, &consumer.handler])
+            .map_err(PgError::sql(format!("read the cursor of {consumer}")))?
+            .ok_or_else(|| PgError::NotRegistered(consumer.to_string()))?;
+        let snapshot: Option<String> = row.get(3);
+        Ok(Cursor {
+            tables: row.get(0),
+            prev: row.get(1),
+            batch_id: row.get(2),
+            batch: snapshot.map(|snapshot| InProgress {
+                snapshot,
+                done_upto: row.get::<_, Option<i64>>(4).unwrap_or(i64::MIN),
+                last_id: row.get::<_, Option<i64>>(5).unwrap_or(i64::MIN),
+            }),
+        })
+    }
+
+    /// Prepare the statements for a consumer reading `tables`.
+    fn build_plan(
+        &self,
+        client: &mut Client,
+        consumer: &Consumer,
+        tables: &[String],
+    ) -> Result<ConsumerPlan, PgError> {
+        let registry = load_registry(client, &self.schema)?;
+        let resolved = self.resolve(&registry, tables)?;
+        // The log columns' actual types decide how each value is read.
+        let types: HashMap<(String, String), u32> = client
+            .query(
+                "SELECT c.relname::text, a.attname::text, a.atttypid FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&self.schema.as_str()],
+            )
+            .map_err(PgError::sql("inspect log tables"))?
+            .into_iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+
+        let mut bound_parts = Vec::new();
+        let mut logs = Vec::new();
+        for (table, reg) in resolved {
+            let log = self.q(reg.log_table.as_str());
+            let mut select = vec![
+                "l.id".to_owned(),
+                "l.op".to_owned(),
+                "(extract(epoch FROM l.changed_at) * 1000000)::int8".to_owned(),
+            ];
+            let mut kinds = Vec::new();
+            for c in &reg.columns {
+                let oid = types
+                    .get(&(reg.log_table.to_string(), c.new_column.to_string()))
+                    .copied()
+                    .unwrap_or(0);
+                let kind = ValueKind::of(oid);
+                select.push(kind.select(&c.old_column));
+                select.push(kind.select(&c.new_column));
+                kinds.push(kind);
+            }
+            // The snapshots are parsed once per statement (scalar subqueries become
+            // init plans), not once per row.
+            let rows_sql = format!(
+                "SELECT {select} FROM {log} l \
+                 WHERE l.id > $3 AND l.id <= $4 \
+                   AND pg_visible_in_snapshot(l.txid, (SELECT $2::text::pg_snapshot)) \
+                   AND NOT pg_visible_in_snapshot(l.txid, (SELECT $1::text::pg_snapshot)) \
+                 ORDER BY l.id LIMIT $5",
+                select = select.join(", ")
+            );
+            let rows = client
+                .prepare(&rows_sql)
+                .map_err(PgError::sql(format!("prepare reading the log of {table}")))?;
+            // Two index scans on txid: transactions that started after `prev`, and those
+            // that were running at `prev` and have finished by `cur`. Neither set can be
+            // visible in `prev`, so only visibility in `cur` needs checking here.
+            bound_parts.push(format!(
+                "SELECT l.id FROM {log} l \
+                 WHERE l.txid >= (SELECT lo FROM r) AND l.txid < (SELECT hi FROM r) \
+                   AND pg_visible_in_snapshot(l.txid, (SELECT cur FROM s)) \
+                 UNION ALL \
+                 SELECT l.id FROM {log} l \
+                 WHERE l.txid = ANY ((SELECT late FROM r)::xid8[]) \
+                   AND pg_visible_in_snapshot(l.txid, (SELECT cur FROM s))"
+            ));
+            logs.push(PgLogTable {
+                table,
+                columns: reg.columns.iter().map(|c| c.name.to_string()).collect(),
+                kinds,
+                rows,
+            });
+        }
+        // `s`: the previous snapshot and a new one. pg_current_snapshot() is this
+        // statement's own snapshot, so the bounds cover exactly what `cur` shows.
+        // `r`: where to look: txids from xmax(prev) to xmax(cur), plus the transactions
+        // in xip(prev) that `cur` sees as finished (`late`).
+        // `batch` is materialised so that the planner cannot turn min/max into a walk
+        // along the primary key that filters every row of the log.
+        let bounds_sql = format!(
+            "WITH s AS MATERIALIZED (SELECT $1::text::pg_snapshot AS prev, pg_current_snapshot() AS cur), \
+                  r AS MATERIALIZED (SELECT pg_snapshot_xmax(prev) AS lo, pg_snapshot_xmax(cur) AS hi, \
+                      ARRAY(SELECT x FROM pg_snapshot_xip(prev) AS x WHERE pg_visible_in_snapshot(x, cur)) AS late \
+                      FROM s), \
+                  batch AS MATERIALIZED ({}) \
+             SELECT (SELECT cur::text FROM s), min(id), max(id) FROM batch",
+            bound_parts.join(" UNION ALL ")
+        );
+        let bounds = client
+            .prepare(&bounds_sql)
+            .map_err(PgError::sql(format!("prepare batch bounds for {consumer}")))?;
+        Ok(ConsumerPlan {
+            tables: tables.to_vec(),
+            bounds,
+            logs,
+            last_advance: None,
+        })
+    }
+
+    pub fn fetch(
+        &mut self,
+        client: &mut Client,
+        consumer: &Consumer,
+        max: u32,
+    ) -> Result<Batch, PgError> {
+        let max = i64::from(max.max(1));
+        let mut cursor = self.load(client, consumer)?;
+        let k = key(consumer);
+        if self.plans.get(&k).is_none_or(|p| p.tables != cursor.tables) {
+            let plan = self.build_plan(client, consumer, &cursor.tables)?;
+            self.plans.insert(k.clone(), plan);
+        }
+        let Some(shared) = self.shared.as_ref() else {
+            return Err(PgError::NothingInstalled(self.schema.to_string()));
+        };
+        let Some(plan) = self.plans.get_mut(&k) else {
+            return Err(PgError::NotRegistered(consumer.to_string()));
+        };
+        let (d, h) = (&consumer.daemon, &consumer.handler);
+        let race = || PgError::CursorRace(consumer.to_string());
+
+        // At most: read the batch in progress, find it exhausted and close it, start a
+        // new one, read it.
+        for _ in 0..3 {
+            match &cursor.batch {
+                Some(batch) => {
+                    let mut changes = Vec::new();
+                    for log in &plan.logs {
+                        changes.extend(log.read(client, &cursor, batch, max)?);
+                    }
+                    if !changes.is_empty() {
+                        if plan.logs.len() > 1 {
+                            changes.sort_unstable_by_key(|c| c.id);
+                            changes.truncate(max as usize);
+                        }
+                        return Ok(Batch {
+                            changes,
+                            token: cursor.batch_id.to_string(),
+                        });
+                    }
+                    // Nothing left after done_upto although the batch was not acked to
+                    // its end (its last rows were deleted by hand): close it.
+                    let n = client
+                        .execute(&shared.finish, &[d, h, &cursor.batch_id])
+                        .map_err(PgError::sql(format!("close the batch of {consumer}")))?;
+                    if n != 1 {
+                        return Err(race());
+                    }
+                    cursor.prev = batch.snapshot.clone();
+                    cursor.batch = None;
+                }
+                None => {
+                    let row = client
+                        .query_one(&plan.bounds, &[&cursor.prev])
+                        .map_err(PgError::sql(format!("find the next batch of {consumer}")))?;
+                    let cur: String = row.get(0);
+                    let first: Option<i64> = row.get(1);
+                    let last: Option<i64> = row.get(2);
+                    let (Some(first), Some(last)) = (first, last) else {
+                        if plan
+                            .last_advance
+                            .is_none_or(|t| t.elapsed() >= ADVANCE_EVERY)
+                        {
+                            let n = client
+                                .execute(&shared.advance, &[d, h, &cursor.batch_id, &cur])
+                                .map_err(PgError::sql(format!(
+                                    "advance the cursor of {consumer}"
+                                )))?;
+                            if n != 1 {
+                                return Err(race());
+                            }
+                            plan.last_advance = Some(Instant::now());
+                        }
+                        return Ok(Batch::default());
+                    };
+                    let done_upto = first - 1;
+                    let row = client
+                        .query_opt(
+                            &shared.start,
+                            &[d, h, &cursor.batch_id, &cur, &done_upto, &last],
+                        )
+                        .map_err(PgError::sql(format!("start a batch for {consumer}")))?
+                        .ok_or_else(race)?;
+                    cursor.batch_id = row.get(0);
+                    cursor.batch = Some(InProgress {
+                        snapshot: cur,
+                        done_upto,
+                        last_id: last,
+                    });
+                }
+            }
+        }
+        Ok(Batch::default())
+    }
+
+    pub fn ack(
+        &mut self,
+        client: &mut Client,
+        consumer: &Consumer,
+        token: &str,
+        upto_id: i64,
+    ) -> Result<(), PgError> {
+        let batch_id: i64 = token.parse().map_err(|_| PgError::BadToken {
+            consumer: consumer.to_string(),
+            token: token.to_owned(),
+        })?;
+        let ack = self.shared(client)?.ack.clone();
+        let n = client
+            .execute(
+                &ack,
+                &[&consumer.daemon, &consumer.handler, &batch_id, &upto_id],
+            )
+            .map_err(PgError::sql(format!("acknowledge for {consumer}")))?;
+        if n == 1 {
+            return Ok(());
+        }
+        // Acking a batch that is already closed is fine: the host may repeat an ack whose
+        // reply was lost with the connection.
+        let cursor = self.load(client, consumer)?;
+        if cursor.batch_id == batch_id && cursor.batch.is_none() {
+            return Ok(());
+        }
+        Err(PgError::StaleToken {
+            consumer: consumer.to_string(),
+            token: token.to_owned(),
+        })
+    }
+
+    /// Delete, per log table, the rows every consumer of that table has passed: those
+    /// whose transaction is older than the oldest `xmin` of the consumers' `prev`
+    /// snapshots (visible in all of them, so handled by all). Tables nobody reads are
+    /// left alone, so a consumer registered later can still start from the oldest.
+    pub fn prune(&mut self, client: &mut Client) -> Result<u64, PgError> {
+        if schema_state(client, &self.schema)? != SchemaState::Ours {
+            return Ok(0);
+        }
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT tables, pg_snapshot_xmin(prev_snapshot)::text FROM {}",
+                    self.q("consumer")
+                ),
+                &[],
+            )
+            .map_err(PgError::sql("read consumer cursors"))?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut horizon: HashMap<TableName, u64> = HashMap::new();
+        for r in &rows {
+            let tables: Vec<String> = r.get(0);
+            let xmin: String = r.get(1);
+            let Ok(xmin) = xmin.parse::<u64>() else {
+                continue;
+            };
+            for t in tables {
+                // Names were validated at registration.
+                if let Ok(name) = TableName::parse(&t) {
+                    let h = horizon.entry(name).or_insert(u64::MAX);
+                    *h = (*h).min(xmin);
+                }
+            }
+        }
+        let registry = load_registry(client, &self.schema)?;
+        let mut total = 0u64;
+        for (name, reg) in &registry {
+            let Some(xmin) = horizon.get(name) else {
+                continue;
+            };
+            let log = self.q(reg.log_table.as_str());
+            let sql = format!(
+                "DELETE FROM {log} WHERE id IN (SELECT id FROM {log} WHERE txid < $1::text::xid8 LIMIT $2)"
+            );
+            let xmin = xmin.to_string();
+            loop {
+                let n = client
+                    .execute(&sql, &[&xmin, &PRUNE_CHUNK])
+                    .map_err(PgError::sql(format!("prune the log of {name}")))?;
+                total += n;
+                if n < PRUNE_CHUNK as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+}

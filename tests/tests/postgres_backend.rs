@@ -1,0 +1,1148 @@
+//! The PostgreSQL backend against a real PostgreSQL 15, driven through the built `.so`
+//! exactly as the host drives it (`host::load` + `HostBackend`). Each test has its own
+//! database on the binary's shared server; the outage test has a server of its own.
+//!
+//! Build the library first: `cargo build -p epidemic-backend-postgres`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use epidemic_plugin_sdk::host::{self, HostBackend, Library};
+use epidemic_plugin_sdk::{
+    BackendError, Change, Consumer, Op, Registered, StartFrom, Value, Watch,
+};
+use epidemic_tests::pg::{wait_for_server, PgServer, StopMode};
+use epidemic_tests::{backend_path, wait_until};
+use serde_json::json;
+
+fn library() -> &'static Library {
+    static LIB: OnceLock<Library> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let lib = host::load(&backend_path("postgres")).expect("load the postgres backend");
+        lib.expect_backend().expect("a backend library");
+        lib
+    })
+}
+
+fn open(url: &str) -> HostBackend {
+    open_with(url, json!({}))
+}
+
+fn open_with(url: &str, options: serde_json::Value) -> HostBackend {
+    library().open_backend(url, &options).expect("open backend")
+}
+
+fn watch(table: &str, columns: &[&str]) -> Watch {
+    Watch {
+        table: table.into(),
+        columns: columns.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+fn consumer(handler: &str) -> Consumer {
+    Consumer {
+        daemon: "mx1".into(),
+        handler: handler.into(),
+    }
+}
+
+/// A fresh database with `schema` applied; returns its URL and name.
+fn database(name: &str, schema: &str) -> (String, String) {
+    let server = PgServer::shared();
+    let url = server.create_database(name);
+    server
+        .client(name)
+        .batch_execute(schema)
+        .expect("apply schema");
+    (url, name.to_owned())
+}
+
+/// Install `watches` and register consumer `handler` reading from the oldest change.
+fn setup(url: &str, watches: &[Watch], handler: &str) -> (HostBackend, Consumer) {
+    let mut b = open(url);
+    b.install(watches).expect("install");
+    let c = consumer(handler);
+    let tables: Vec<String> = watches.iter().map(|w| w.table.clone()).collect();
+    assert_eq!(
+        b.register(&c, &tables, StartFrom::Oldest)
+            .expect("register"),
+        Registered::New
+    );
+    (b, c)
+}
+
+/// Fetch and fully ack until a fetch comes back empty.
+fn drain(b: &mut HostBackend, c: &Consumer, max: u32) -> Vec<Change> {
+    let mut all = Vec::new();
+    loop {
+        let batch = b.fetch(c, max).expect("fetch");
+        let Some(last) = batch.changes.last() else {
+            return all;
+        };
+        b.ack(c, &batch.token, last.id).expect("ack");
+        all.extend(batch.changes);
+    }
+}
+
+/// Keep draining until `n` changes have arrived or `timeout` passes.
+fn drain_until(b: &mut HostBackend, c: &Consumer, n: usize, timeout: Duration) -> Vec<Change> {
+    let mut all = Vec::new();
+    wait_until(timeout, || {
+        all.extend(drain(b, c, 500));
+        all.len() >= n
+    });
+    all
+}
+
+fn int(v: Option<&Value>) -> i64 {
+    match v {
+        Some(Value::Int(i)) => *i,
+        other => panic!("expected an integer, got {other:?}"),
+    }
+}
+
+fn text(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::Text(s)) => s.clone(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+fn schema_exists(db: &str, schema: &str) -> bool {
+    PgServer::shared()
+        .client(db)
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .expect("query")
+        .get(0)
+}
+
+/// A small xorshift generator: the tests need cheap, different-per-thread randomness,
+/// not quality.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Rng((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform-ish in `0..n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading: concurrency, long transactions, outages, crashes between ack and fetch
+// ---------------------------------------------------------------------------------------
+
+/// What a change says about the `items` table: (op, writer, seq, note).
+type ItemKey = (Op, i64, i64, String);
+
+fn item_key(c: &Change) -> ItemKey {
+    (
+        c.op,
+        int(c.value("writer")),
+        int(c.value("seq")),
+        text(c.value("note")),
+    )
+}
+
+#[test]
+fn concurrent_writers_with_rollbacks_deliver_exactly_the_committed_changes() {
+    const WRITERS: u64 = 16;
+    const TXNS: u64 = 1500;
+    let (url, db) = database(
+        "concurrent_writers",
+        "CREATE TABLE items (id bigserial PRIMARY KEY, writer int NOT NULL, seq int NOT NULL, note text NOT NULL);
+         CREATE UNIQUE INDEX ON items (writer, seq);",
+    );
+    let (reader_backend, c) = setup(&url, &[watch("items", &["writer", "seq", "note"])], "h");
+
+    let committed: Arc<Mutex<Vec<ItemKey>>> = Arc::default();
+    let delivered: Arc<Mutex<Vec<ItemKey>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The reader acks a random prefix of each batch, so batches are continued across
+    // fetches while writers keep committing.
+    let reader = {
+        let delivered = delivered.clone();
+        let stop = stop.clone();
+        let c = c.clone();
+        let mut b = reader_backend;
+        thread::spawn(move || {
+            let mut rng = Rng::new(99);
+            while !stop.load(Ordering::SeqCst) {
+                let batch = b.fetch(&c, 500).expect("fetch");
+                if batch.changes.is_empty() {
+                    b.wait(Duration::from_millis(200)).expect("wait");
+                    continue;
+                }
+                let k = 1 + rng.below(batch.changes.len() as u64) as usize;
+                let handled = &batch.changes[..k];
+                delivered
+                    .lock()
+                    .unwrap()
+                    .extend(handled.iter().map(item_key));
+                b.ack(&c, &batch.token, handled[k - 1].id).expect("ack");
+            }
+            b
+        })
+    };
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let committed = committed.clone();
+            let server = PgServer::shared();
+            let db = db.clone();
+            thread::spawn(move || {
+                let mut client = server.client(&db);
+                let mut rng = Rng::new(w);
+                let w = w as i64;
+                let mut last_committed: Option<i64> = None;
+                for i in 0..TXNS as i64 {
+                    let mut tx = client.transaction().expect("begin");
+                    let mut changes = vec![(Op::Insert, w, i, "new".to_owned())];
+                    tx.execute(
+                        "INSERT INTO items (writer, seq, note) VALUES ($1, $2, 'new')",
+                        &[&(w as i32), &(i as i32)],
+                    )
+                    .expect("insert");
+                    // Sometimes also update this writer's previous row.
+                    if let Some(prev) = last_committed.filter(|_| rng.below(3) == 0) {
+                        let note = format!("updated by {i}");
+                        tx.execute(
+                            "UPDATE items SET note = $3 WHERE writer = $1 AND seq = $2",
+                            &[&(w as i32), &(prev as i32), &note],
+                        )
+                        .expect("update");
+                        changes.push((Op::Update, w, prev, note));
+                    }
+                    thread::sleep(Duration::from_micros(rng.below(4000)));
+                    if rng.below(10) == 0 {
+                        tx.rollback().expect("rollback");
+                    } else {
+                        tx.commit().expect("commit");
+                        last_committed = Some(i);
+                        committed.lock().unwrap().extend(changes);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer thread");
+    }
+
+    let expected: HashSet<_> = committed.lock().unwrap().iter().cloned().collect();
+    assert!(
+        expected.len() > 15_000,
+        "{} committed changes",
+        expected.len()
+    );
+    let all_arrived = wait_until(Duration::from_secs(60), || {
+        delivered.lock().unwrap().len() >= expected.len()
+    });
+    stop.store(true, Ordering::SeqCst);
+    let mut b = reader.join().expect("reader thread");
+    assert!(
+        all_arrived,
+        "only {} of {} changes delivered",
+        delivered.lock().unwrap().len(),
+        expected.len()
+    );
+    // Nothing more is pending.
+    assert!(drain(&mut b, &c, 500).is_empty());
+
+    let delivered = delivered.lock().unwrap();
+    let got: HashSet<_> = delivered.iter().cloned().collect();
+    assert_eq!(
+        got.len(),
+        delivered.len(),
+        "some changes were delivered twice"
+    );
+    let missing: Vec<_> = expected.difference(&got).take(5).collect();
+    let extra: Vec<_> = got.difference(&expected).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra (rolled back?) {extra:?}"
+    );
+}
+
+#[test]
+fn a_long_open_transaction_does_not_hold_back_other_commits() {
+    let (url, db) = database(
+        "long_transaction",
+        "CREATE TABLE t (id serial PRIMARY KEY, v text)",
+    );
+    let (mut b, c) = setup(&url, &[watch("t", &["v"])], "h");
+    let server = PgServer::shared();
+
+    // The long transaction holds an xid (it wrote a watched row) and stays open.
+    let mut long = server.client(&db);
+    long.batch_execute("BEGIN; INSERT INTO t (v) VALUES ('long')")
+        .expect("open long transaction");
+
+    let mut writer = server.client(&db);
+    let mut delivered: Vec<String> = Vec::new();
+    for round in 0..3 {
+        for i in 0..5 {
+            writer
+                .execute("INSERT INTO t (v) VALUES ($1)", &[&format!("r{round}-{i}")])
+                .expect("insert");
+        }
+        let got = drain_until(&mut b, &c, 5, Duration::from_secs(10));
+        let values: Vec<String> = got.iter().map(|ch| text(ch.value("v"))).collect();
+        assert_eq!(
+            values,
+            (0..5).map(|i| format!("r{round}-{i}")).collect::<Vec<_>>(),
+            "round {round}: commits after the long transaction began must be delivered while it is open"
+        );
+        delivered.extend(values);
+    }
+
+    long.batch_execute("COMMIT")
+        .expect("commit long transaction");
+    let got = drain_until(&mut b, &c, 1, Duration::from_secs(10));
+    let values: Vec<String> = got.iter().map(|ch| text(ch.value("v"))).collect();
+    assert_eq!(
+        values,
+        vec!["long".to_owned()],
+        "the long transaction's change comes once it commits"
+    );
+    assert!(drain(&mut b, &c, 500).is_empty());
+}
+
+#[test]
+fn a_server_crash_mid_stream_loses_nothing() {
+    let server = PgServer::start_private();
+    let url = server.create_database("outage");
+    server
+        .client("outage")
+        .batch_execute("CREATE TABLE t (id serial PRIMARY KEY, seq int NOT NULL)")
+        .expect("schema");
+    let (reader_backend, c) = setup(&url, &[watch("t", &["seq"])], "h");
+    let server = Arc::new(server);
+
+    let committed: Arc<Mutex<BTreeSet<i64>>> = Arc::default();
+    // Commits whose outcome is unknown: the connection broke during COMMIT.
+    let uncertain: Arc<Mutex<BTreeSet<i64>>> = Arc::default();
+    let delivered: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let connection_errors = Arc::new(AtomicUsize::new(0));
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let stop_reader = Arc::new(AtomicBool::new(false));
+
+    let writer = {
+        let (server, committed, uncertain, stop) = (
+            server.clone(),
+            committed.clone(),
+            uncertain.clone(),
+            stop_writer.clone(),
+        );
+        thread::spawn(move || {
+            let mut client: Option<postgres::Client> = None;
+            let mut seq = 0i64;
+            while !stop.load(Ordering::SeqCst) {
+                let Some(conn) = client.as_mut() else {
+                    match postgres::Client::connect(&server.url("outage"), postgres::NoTls) {
+                        Ok(conn) => client = Some(conn),
+                        // Back off while the server is down.
+                        Err(_) => thread::sleep(Duration::from_millis(50)),
+                    }
+                    continue;
+                };
+                seq += 1;
+                let result = conn
+                    .transaction()
+                    .and_then(|mut tx| {
+                        tx.execute("INSERT INTO t (seq) VALUES ($1)", &[&(seq as i32)])?;
+                        Ok(tx)
+                    })
+                    .map_err(|e| (e, false))
+                    .and_then(|tx| tx.commit().map_err(|e| (e, true)));
+                match result {
+                    Ok(()) => {
+                        committed.lock().unwrap().insert(seq);
+                    }
+                    Err((_, during_commit)) => {
+                        if during_commit {
+                            uncertain.lock().unwrap().insert(seq);
+                        }
+                        client = None;
+                    }
+                }
+            }
+        })
+    };
+
+    let reader = {
+        let (delivered, errors, stop, c) = (
+            delivered.clone(),
+            connection_errors.clone(),
+            stop_reader.clone(),
+            c.clone(),
+        );
+        let mut b = reader_backend;
+        thread::spawn(move || {
+            let mut backoff = Duration::from_millis(20);
+            let failure = |e: BackendError, b: &mut HostBackend, backoff: &mut Duration| {
+                assert!(
+                    e.is_connection(),
+                    "only connection errors are expected, got {e:?}"
+                );
+                errors.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(*backoff);
+                *backoff = (*backoff * 2).min(Duration::from_millis(500));
+                let _ = b.reconnect();
+            };
+            while !stop.load(Ordering::SeqCst) {
+                let batch = match b.fetch(&c, 200) {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        failure(e, &mut b, &mut backoff);
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(20);
+                let Some(last) = batch.changes.last() else {
+                    if let Err(e) = b.wait(Duration::from_millis(100)) {
+                        failure(e, &mut b, &mut backoff);
+                    }
+                    continue;
+                };
+                let seqs: Vec<i64> = batch
+                    .changes
+                    .iter()
+                    .map(|ch| int(ch.value("seq")))
+                    .collect();
+                delivered.lock().unwrap().extend(seqs);
+                if let Err(e) = b.ack(&c, &batch.token, last.id) {
+                    failure(e, &mut b, &mut backoff);
+                }
+            }
+        })
+    };
+
+    assert!(wait_until(Duration::from_secs(30), || delivered
+        .lock()
+        .unwrap()
+        .len()
+        >= 300));
+    server.stop(StopMode::Immediate);
+    assert!(
+        wait_until(Duration::from_secs(10), || connection_errors
+            .load(Ordering::SeqCst)
+            > 0),
+        "the reader should see the connection go"
+    );
+    server.start();
+    assert!(wait_for_server(&server, "outage", Duration::from_secs(30)));
+    let after_restart = committed.lock().unwrap().len();
+    assert!(
+        wait_until(Duration::from_secs(30), || committed.lock().unwrap().len()
+            >= after_restart + 300),
+        "writes resume after the restart"
+    );
+    stop_writer.store(true, Ordering::SeqCst);
+    writer.join().expect("writer thread");
+
+    let committed = committed.lock().unwrap().clone();
+    let uncertain = uncertain.lock().unwrap().clone();
+    let caught_up = wait_until(Duration::from_secs(60), || {
+        let got: BTreeSet<i64> = delivered.lock().unwrap().iter().copied().collect();
+        committed.is_subset(&got)
+    });
+    stop_reader.store(true, Ordering::SeqCst);
+    reader.join().expect("reader thread");
+
+    let got: BTreeSet<i64> = delivered.lock().unwrap().iter().copied().collect();
+    let missing: Vec<_> = committed.difference(&got).take(10).collect();
+    assert!(
+        caught_up && missing.is_empty(),
+        "lost committed changes: {missing:?}"
+    );
+    let extra: Vec<_> = got
+        .difference(&committed)
+        .filter(|s| !uncertain.contains(s))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "delivered changes that never committed: {extra:?}"
+    );
+    assert!(connection_errors.load(Ordering::SeqCst) > 0);
+}
+
+#[test]
+fn after_a_partial_ack_and_a_kill_the_rest_of_the_batch_comes_next() {
+    let (url, db) = database("partial_ack", "CREATE TABLE t (id int PRIMARY KEY)");
+    let (mut b, c) = setup(&url, &[watch("t", &["id"])], "h");
+    let mut w = PgServer::shared().client(&db);
+    for i in 1..=10 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+
+    let batch = b.fetch(&c, 100).expect("fetch");
+    let ids: Vec<i64> = batch.changes.iter().map(|ch| int(ch.value("id"))).collect();
+    assert_eq!(ids, (1..=10).collect::<Vec<_>>());
+    b.ack(&c, &batch.token, batch.changes[3].id)
+        .expect("partial ack");
+    // Meanwhile more commits arrive; they belong to a later batch.
+    for i in 11..=12 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    drop(b); // As if the daemon were killed: nothing of the old instance survives.
+
+    let mut b = open(&url);
+    let batch = b.fetch(&c, 3).expect("fetch after restart");
+    let ids: Vec<i64> = batch.changes.iter().map(|ch| int(ch.value("id"))).collect();
+    assert_eq!(
+        ids,
+        vec![5, 6, 7],
+        "the rest of the batch first, in pieces of max"
+    );
+    // A fetch without an ack returns the same piece again.
+    let again = b.fetch(&c, 3).expect("fetch again");
+    assert_eq!(again.changes, batch.changes);
+    assert_eq!(again.token, batch.token);
+    b.ack(&c, &batch.token, batch.changes[2].id).expect("ack");
+
+    let rest: Vec<i64> = drain(&mut b, &c, 100)
+        .iter()
+        .map(|ch| int(ch.value("id")))
+        .collect();
+    assert_eq!(rest, vec![8, 9, 10, 11, 12]);
+
+    // A batch fetched and never acked comes back whole to a new instance.
+    w.execute("INSERT INTO t VALUES (13), (14)", &[])
+        .expect("insert");
+    let batch = b.fetch(&c, 100).expect("fetch");
+    assert_eq!(batch.changes.len(), 2);
+    drop(b);
+    let mut b = open(&url);
+    let again = b.fetch(&c, 100).expect("fetch");
+    assert_eq!(again.changes, batch.changes);
+    // Repeating an ack whose reply was lost is harmless; acking an old batch is refused.
+    b.ack(&c, &again.token, again.changes[1].id).expect("ack");
+    b.ack(&c, &again.token, again.changes[1].id)
+        .expect("repeated ack");
+    w.execute("INSERT INTO t VALUES (15)", &[]).expect("insert");
+    let next = b.fetch(&c, 100).expect("fetch");
+    assert_eq!(next.changes.len(), 1);
+    let err = b
+        .ack(&c, &again.token, again.changes[1].id)
+        .expect_err("stale token");
+    assert!(!err.is_connection(), "{err:?}");
+    let err = b.ack(&c, "not-a-token", 1).expect_err("bad token");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+}
+
+#[test]
+fn changes_across_tables_come_in_id_order_with_each_tables_name() {
+    let (url, db) = database(
+        "two_tables",
+        "CREATE SCHEMA app;
+         CREATE TABLE a (id int PRIMARY KEY);
+         CREATE TABLE app.b (id int PRIMARY KEY, label text);",
+    );
+    let mut b = open(&url);
+    b.install(&[watch("a", &["id"]), watch("app.b", &["id", "label"])])
+        .expect("install");
+    let c = consumer("h");
+    b.register(&c, &["a".into(), "app.b".into()], StartFrom::Now)
+        .expect("register");
+    let mut w = PgServer::shared().client(&db);
+    w.batch_execute(
+        "BEGIN; INSERT INTO a VALUES (1); INSERT INTO app.b VALUES (1, 'x'); INSERT INTO a VALUES (2); COMMIT;
+         INSERT INTO app.b VALUES (2, 'y');",
+    )
+    .expect("writes");
+    let got = drain_until(&mut b, &c, 4, Duration::from_secs(10));
+    let seen: Vec<(String, i64)> = got
+        .iter()
+        .map(|ch| (ch.table.clone(), int(ch.value("id"))))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".into(), 1),
+            ("app.b".into(), 1),
+            ("a".into(), 2),
+            ("app.b".into(), 2)
+        ]
+    );
+    assert!(got.windows(2).all(|p| p[0].id < p[1].id));
+    assert_eq!(&*got[1].columns, &["id".to_owned(), "label".to_owned()]);
+}
+
+#[test]
+fn start_now_skips_earlier_changes_and_oldest_reads_them() {
+    let (url, db) = database("start_from", "CREATE TABLE t (id int PRIMARY KEY)");
+    let mut b = open(&url);
+    b.install(&[watch("t", &["id"])]).expect("install");
+    let mut w = PgServer::shared().client(&db);
+    w.execute("INSERT INTO t VALUES (1)", &[]).expect("insert");
+    let (now, oldest) = (consumer("now"), consumer("oldest"));
+    assert_eq!(
+        b.register(&now, &["t".into()], StartFrom::Now).unwrap(),
+        Registered::New
+    );
+    assert_eq!(
+        b.register(&oldest, &["t".into()], StartFrom::Oldest)
+            .unwrap(),
+        Registered::New
+    );
+    // Registering again keeps the cursor.
+    assert_eq!(
+        b.register(&now, &["t".into()], StartFrom::Oldest).unwrap(),
+        Registered::Existing
+    );
+    w.execute("INSERT INTO t VALUES (2)", &[]).expect("insert");
+    let ids = |v: Vec<Change>| v.iter().map(|ch| int(ch.value("id"))).collect::<Vec<_>>();
+    assert_eq!(ids(drain(&mut b, &now, 10)), vec![2]);
+    assert_eq!(ids(drain(&mut b, &oldest, 10)), vec![1, 2]);
+    let err = b.fetch(&consumer("nobody"), 10).expect_err("unregistered");
+    assert!(
+        matches!(err, BackendError::Invalid(ref m) if m.contains("nobody")),
+        "{err:?}"
+    );
+    let err = b
+        .register(&consumer("y"), &[], StartFrom::Now)
+        .expect_err("no tables");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    let err = b
+        .register(&consumer("x"), &["u".into()], StartFrom::Now)
+        .expect_err("not installed");
+    assert!(
+        matches!(err, BackendError::Invalid(ref m) if m.contains('u')),
+        "{err:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn wait_wakes_on_a_commit_and_times_out_without_one() {
+    let (url, db) = database("wait_notify", "CREATE TABLE t (id int PRIMARY KEY)");
+    let (mut b, c) = setup(&url, &[watch("t", &["id"])], "h");
+    assert!(drain(&mut b, &c, 10).is_empty());
+    // The first wait starts listening and asks for a read at once.
+    assert!(b.wait(Duration::from_secs(30)).expect("first wait"));
+    assert!(drain(&mut b, &c, 10).is_empty());
+    assert!(
+        !b.wait(Duration::from_millis(200)).expect("idle wait"),
+        "no commit, no wake-up"
+    );
+
+    let mut w = PgServer::shared().client(&db);
+    w.execute("INSERT INTO t VALUES (1)", &[]).expect("insert");
+    let started = Instant::now();
+    assert!(b.wait(Duration::from_secs(30)).expect("wait"));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "woken by the notification, not the timeout"
+    );
+    assert_eq!(drain(&mut b, &c, 10).len(), 1);
+
+    // A writer in another thread while we block.
+    let writer = thread::spawn({
+        let db = db.clone();
+        move || {
+            let mut w = PgServer::shared().client(&db);
+            w.execute("INSERT INTO t VALUES (2)", &[]).expect("insert");
+        }
+    });
+    assert!(wait_until(Duration::from_secs(30), || b
+        .wait(Duration::from_secs(1))
+        .expect("wait")));
+    writer.join().expect("writer");
+    assert_eq!(drain(&mut b, &c, 10).len(), 1);
+}
+
+#[test]
+fn without_notify_the_triggers_stay_quiet_and_wait_polls() {
+    let (url, db) = database("no_notify", "CREATE TABLE t (id int PRIMARY KEY)");
+    let options = json!({"notify": false, "fallback_poll_ms": 50, "schema": "epi_quiet"});
+    let mut b = open_with(&url, options);
+    let plan = b.install(&[watch("t", &["id"])]).expect("install");
+    assert!(plan.iter().all(|s| !s.contains("pg_notify")), "{plan:#?}");
+    assert!(schema_exists(&db, "epi_quiet"));
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    PgServer::shared()
+        .client(&db)
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .expect("insert");
+    assert!(b.wait(Duration::from_secs(5)).expect("wait polls"));
+    assert_eq!(drain(&mut b, &c, 10).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Install, names, validation, uninstall
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn mixed_case_and_reserved_word_names_work() {
+    let (url, db) = database(
+        "quoted_names",
+        r#"CREATE TABLE "Order" ("Id" int PRIMARY KEY, "select" text, "from" int);
+           CREATE SCHEMA "Sales";
+           CREATE TABLE "Sales"."Order" ("Id" int PRIMARY KEY, "Where$" text);"#,
+    );
+    let (mut b, c) = setup(
+        &url,
+        &[
+            watch("Order", &["Id", "select", "from"]),
+            watch("Sales.Order", &["Id", "Where$"]),
+        ],
+        "h",
+    );
+    let mut w = PgServer::shared().client(&db);
+    w.batch_execute(
+        r#"INSERT INTO "Order" VALUES (1, 'a', 10);
+           UPDATE "Order" SET "select" = 'b' WHERE "Id" = 1;
+           DELETE FROM "Order" WHERE "Id" = 1;
+           INSERT INTO "Sales"."Order" VALUES (7, 'w');"#,
+    )
+    .expect("writes");
+    let got = drain_until(&mut b, &c, 4, Duration::from_secs(10));
+    let ops: Vec<(String, Op)> = got.iter().map(|ch| (ch.table.clone(), ch.op)).collect();
+    assert_eq!(
+        ops,
+        vec![
+            ("Order".into(), Op::Insert),
+            ("Order".into(), Op::Update),
+            ("Order".into(), Op::Delete),
+            ("Sales.Order".into(), Op::Insert)
+        ]
+    );
+    assert_eq!(text(got[1].old_value("select")), "a");
+    assert_eq!(text(got[1].new_value("select")), "b");
+    assert_eq!(int(got[2].old_value("from")), 10);
+    assert_eq!(text(got[3].new_value("Where$")), "w");
+}
+
+#[test]
+fn names_at_the_length_limit_work() {
+    let table = format!("t{}", "x".repeat(62));
+    let column = format!("c{}", "y".repeat(62));
+    let (url, db) = database(
+        "long_names",
+        &format!("CREATE TABLE {table} (id int PRIMARY KEY, {column} text)"),
+    );
+    let (mut b, c) = setup(&url, &[watch(&table, &["id", &column])], "h");
+    let mut w = PgServer::shared().client(&db);
+    w.execute(&format!("INSERT INTO {table} VALUES (1, 'long')"), &[])
+        .expect("insert");
+    let got = drain_until(&mut b, &c, 1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].table, table);
+    assert_eq!(text(got[0].new_value(&column)), "long");
+    // Installing again finds the same (shortened) log names.
+    assert!(b
+        .install(&[watch(&table, &["id", &column])])
+        .expect("install again")
+        .iter()
+        .all(|s| !s.contains("TRIGGER")));
+}
+
+fn assert_invalid_naming(result: Result<Vec<String>, BackendError>, name: &str) {
+    match result {
+        Err(BackendError::Invalid(m)) => assert!(m.contains(name), "{m:?} should name {name:?}"),
+        other => panic!("expected an Invalid error naming {name:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn injection_attempts_and_missing_objects_are_invalid_and_create_nothing() {
+    let (url, db) = database(
+        "validation",
+        "CREATE TABLE users (id int PRIMARY KEY, name text); CREATE VIEW v AS SELECT 1 AS x;",
+    );
+    let mut b = open(&url);
+    let evil = "users; DROP TABLE x";
+    assert_invalid_naming(b.install(&[watch(evil, &["id"])]), evil);
+    assert_invalid_naming(b.plan_install(&[watch(evil, &["id"])]), evil);
+    assert_invalid_naming(b.install(&[watch("users", &["id", evil])]), evil);
+    assert_invalid_naming(
+        b.install(&[watch("public.users\"; --", &["id"])]),
+        "public.users\"; --",
+    );
+    assert_invalid_naming(b.install(&[watch("nope", &["id"])]), "nope");
+    assert_invalid_naming(
+        b.install(&[watch("users", &["id", "nope_col"])]),
+        "nope_col",
+    );
+    assert_invalid_naming(b.install(&[watch("v", &["x"])]), "v");
+    assert_invalid_naming(b.install(&[watch("users", &[])]), "users");
+    // A valid watch next to an invalid one: still nothing.
+    assert_invalid_naming(
+        b.install(&[watch("users", &["id"]), watch("missing", &["id"])]),
+        "missing",
+    );
+    assert!(
+        !schema_exists(&db, "epidemic"),
+        "nothing may be created by a failed install"
+    );
+    let users: i64 = PgServer::shared()
+        .client(&db)
+        .query_one("SELECT count(*) FROM pg_class WHERE relname = 'users'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 1);
+
+    let err = library()
+        .open_backend(&url, &json!({"schema": "x; DROP SCHEMA public"}))
+        .err()
+        .expect("bad schema option");
+    assert!(
+        matches!(err, BackendError::Invalid(ref m) if m.contains("x; DROP SCHEMA public")),
+        "{err:?}"
+    );
+    let err = library()
+        .open_backend(&url, &json!({"shema": "x"}))
+        .err()
+        .expect("unknown option");
+    assert!(
+        matches!(err, BackendError::Invalid(ref m) if m.contains("shema")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_connection_failure_is_a_connection_error_without_the_password() {
+    let port = epidemic_tests::free_port();
+    let url = format!("postgres://mx:sekrit-pw@127.0.0.1:{port}/mail?connect_timeout=5");
+    let err = library()
+        .open_backend(&url, &json!({}))
+        .err()
+        .expect("nothing listens there");
+    assert!(err.is_connection(), "{err:?}");
+    let message = err.to_string();
+    assert!(!message.contains("sekrit-pw"), "{message}");
+    assert!(message.contains("127.0.0.1"), "{message}");
+}
+
+/// Everything in the database that is not PostgreSQL's own: relations, triggers,
+/// functions, schemas.
+fn catalog(db: &str) -> Vec<String> {
+    let rows = PgServer::shared()
+        .client(db)
+        .query(
+            "SELECT 'relation ' || n.nspname || '.' || c.relname || ' ' || c.relkind::text FROM pg_class c \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+               WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+             UNION ALL SELECT 'trigger ' || tgname || ' on ' || tgrelid::regclass::text FROM pg_trigger \
+               WHERE NOT tgisinternal \
+             UNION ALL SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p \
+               JOIN pg_namespace n ON n.oid = p.pronamespace \
+               WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             UNION ALL SELECT 'schema ' || nspname FROM pg_namespace \
+             UNION ALL SELECT 'column ' || attrelid::regclass::text || '.' || attname || ' ' || format_type(atttypid, atttypmod) \
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+               WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
+                 AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY 1",
+            &[],
+        )
+        .expect("catalog");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[test]
+fn install_is_idempotent_and_uninstall_leaves_exactly_the_users_objects() {
+    let (url, db) = database(
+        "install_uninstall",
+        "CREATE TABLE mail_users (id int PRIMARY KEY, username text, quota bigint);
+         CREATE TABLE other (id int);
+         CREATE FUNCTION keep_me() RETURNS int LANGUAGE sql AS 'SELECT 1';
+         CREATE FUNCTION other_trg() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+         CREATE TRIGGER users_own BEFORE INSERT ON mail_users FOR EACH ROW EXECUTE FUNCTION other_trg();",
+    );
+    let before = catalog(&db);
+    let mut b = open(&url);
+    let watches = [watch("mail_users", &["username", "quota"])];
+    assert!(b.plan_uninstall().expect("plan uninstall").is_empty());
+
+    let plan = b.plan_install(&watches).expect("plan");
+    let ran = b.install(&watches).expect("install");
+    assert_eq!(plan, ran, "plan_install returns exactly what install runs");
+    assert!(ran.iter().any(|s| s.starts_with("CREATE TRIGGER")));
+    // The second install changes nothing and does not touch the trigger (which would
+    // lock the user's table).
+    let again = b.install(&watches).expect("install again");
+    assert!(again.iter().all(|s| !s.contains("TRIGGER")), "{again:#?}");
+    assert_eq!(b.plan_install(&watches).expect("plan"), again);
+
+    // Captured once, not twice.
+    let c = consumer("h");
+    b.register(&c, &["mail_users".into()], StartFrom::Oldest)
+        .expect("register");
+    let mut w = PgServer::shared().client(&db);
+    w.execute("INSERT INTO mail_users VALUES (1, 'ann', 10)", &[])
+        .expect("insert");
+    assert_eq!(drain_until(&mut b, &c, 1, Duration::from_secs(10)).len(), 1);
+    assert!(drain(&mut b, &c, 10).is_empty());
+
+    let plan = b.plan_uninstall().expect("plan uninstall");
+    assert_eq!(
+        plan,
+        vec![
+            "DROP TRIGGER IF EXISTS \"epidemic_capture\" ON \"public\".\"mail_users\"".to_owned(),
+            "DROP SCHEMA \"epidemic\" CASCADE".to_owned()
+        ]
+    );
+    assert_eq!(b.uninstall().expect("uninstall"), plan);
+    assert_eq!(
+        catalog(&db),
+        before,
+        "uninstall must leave the user's objects exactly as they were"
+    );
+    assert!(b.uninstall().expect("uninstall again").is_empty());
+    // The user's data and trigger are untouched and writes work without Epidemic.
+    w.execute("INSERT INTO mail_users VALUES (2, 'bob', 20)", &[])
+        .expect("insert");
+}
+
+#[test]
+fn a_schema_not_created_by_epidemic_is_never_used_or_dropped() {
+    let (url, db) = database(
+        "foreign_schema",
+        "CREATE SCHEMA epidemic; CREATE TABLE epidemic.precious (id int); CREATE TABLE t (id int);",
+    );
+    let mut b = open(&url);
+    let err = b
+        .install(&[watch("t", &["id"])])
+        .expect_err("foreign schema");
+    assert!(
+        matches!(err, BackendError::Invalid(ref m) if m.contains("epidemic")),
+        "{err:?}"
+    );
+    let err = b.uninstall().expect_err("foreign schema");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert!(schema_exists(&db, "epidemic"));
+}
+
+#[test]
+fn a_growing_column_set_adds_log_columns() {
+    let (url, db) = database(
+        "grow_columns",
+        "CREATE TABLE t (id int PRIMARY KEY, a text, b text)",
+    );
+    let (mut b, c) = setup(&url, &[watch("t", &["id", "a"])], "h");
+    let mut w = PgServer::shared().client(&db);
+    w.execute("INSERT INTO t VALUES (1, 'a1', 'b1')", &[])
+        .expect("insert");
+    // Another daemon's handlers need `b` as well.
+    let plan = b.install(&[watch("t", &["b"])]).expect("install more");
+    assert!(
+        plan.iter()
+            .any(|s| s.starts_with("ALTER TABLE") && s.contains("ADD COLUMN")),
+        "{plan:#?}"
+    );
+    w.execute("UPDATE t SET b = 'b2' WHERE id = 1", &[])
+        .expect("update b");
+    let got = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        &*got[1].columns,
+        &["id".to_owned(), "a".to_owned(), "b".to_owned()]
+    );
+    assert_eq!(
+        got[0].new_value("b"),
+        Some(&Value::Null),
+        "captured before b was watched"
+    );
+    assert_eq!(text(got[1].old_value("b")), "b1");
+    assert_eq!(text(got[1].new_value("b")), "b2");
+    // An install asking for fewer columns does not take any away.
+    let plan = b.install(&[watch("t", &["id"])]).expect("install fewer");
+    assert!(
+        plan.iter().all(|s| !s.starts_with("ALTER TABLE")),
+        "{plan:#?}"
+    );
+    w.execute("UPDATE t SET a = 'a3' WHERE id = 1", &[])
+        .expect("update a");
+    let got = drain_until(&mut b, &c, 1, Duration::from_secs(10));
+    assert_eq!(text(got[0].new_value("a")), "a3");
+}
+
+// ---------------------------------------------------------------------------------------
+// Capture: values and unwatched columns
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn old_and_new_values_are_right_for_insert_update_delete_including_nulls_and_bytea() {
+    let (url, db) = database(
+        "values",
+        "CREATE TABLE acct (id int PRIMARY KEY, name varchar(20), quota bigint, small smallint, ratio float8, \
+             price numeric(10,2), blob bytea, active boolean, code char(4), note text);",
+    );
+    let columns = [
+        "id", "name", "quota", "small", "ratio", "price", "blob", "active", "code",
+    ];
+    let (mut b, c) = setup(&url, &[watch("acct", &columns)], "h");
+    let mut w = PgServer::shared().client(&db);
+    w.batch_execute(
+        "INSERT INTO acct VALUES (1, 'ann', 5000000000, 7, 0.5, 12.34, '\\x00ff10', true, 'ab', 'n');
+         INSERT INTO acct (id) VALUES (2);
+         UPDATE acct SET note = 'only an unwatched column' WHERE id = 1;
+         UPDATE acct SET name = name, quota = quota WHERE id = 1;
+         UPDATE acct SET name = NULL, blob = NULL, quota = 1 WHERE id = 1;
+         UPDATE acct SET blob = '\\x01' WHERE id = 2;
+         DELETE FROM acct WHERE id = 1;",
+    )
+    .expect("writes");
+    let got = drain_until(&mut b, &c, 5, Duration::from_secs(10));
+    let ops: Vec<Op> = got.iter().map(|ch| ch.op).collect();
+    assert_eq!(
+        ops,
+        vec![Op::Insert, Op::Insert, Op::Update, Op::Update, Op::Delete]
+    );
+    assert!(
+        drain(&mut b, &c, 10).is_empty(),
+        "updates that change no watched column write nothing"
+    );
+    let logged: i64 = w
+        .query_one("SELECT count(*) FROM epidemic.log_acct", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(logged, 5);
+
+    let ins = &got[0];
+    assert!(ins.old.is_none());
+    let new = ins.new.as_ref().expect("new values");
+    assert_eq!(
+        new,
+        &vec![
+            Value::Int(1),
+            Value::Text("ann".into()),
+            Value::Int(5_000_000_000),
+            Value::Int(7),
+            Value::Float(0.5),
+            Value::Text("12.34".into()),
+            Value::Bytes(vec![0, 255, 16]),
+            Value::Text("true".into()),
+            Value::Text("ab  ".into()),
+        ]
+    );
+    assert!(got[1].new.as_ref().unwrap()[1..].iter().all(Value::is_null));
+
+    let upd = &got[2];
+    assert_eq!(text(upd.old_value("name")), "ann");
+    assert_eq!(upd.new_value("name"), Some(&Value::Null));
+    assert_eq!(upd.old_value("blob"), Some(&Value::Bytes(vec![0, 255, 16])));
+    assert_eq!(upd.new_value("blob"), Some(&Value::Null));
+    assert_eq!(int(upd.old_value("quota")), 5_000_000_000);
+    assert_eq!(int(upd.new_value("quota")), 1);
+    assert!(upd.changed("name") && !upd.changed("id"));
+    assert_eq!(
+        got[3].old_value("blob"),
+        Some(&Value::Null),
+        "NULL to a value is a change"
+    );
+    assert_eq!(got[3].new_value("blob"), Some(&Value::Bytes(vec![1])));
+
+    let del = &got[4];
+    assert!(del.new.is_none());
+    assert_eq!(int(del.old_value("id")), 1);
+    assert_eq!(int(del.old_value("quota")), 1);
+    assert!(del.changed_at_us > 1_600_000_000_000_000);
+}
+
+// ---------------------------------------------------------------------------------------
+// Pruning
+// ---------------------------------------------------------------------------------------
+
+fn log_rows(db: &str) -> i64 {
+    PgServer::shared()
+        .client(db)
+        .query_one("SELECT count(*) FROM epidemic.log_t", &[])
+        .expect("count")
+        .get(0)
+}
+
+#[test]
+fn prune_deletes_what_every_consumer_passed_and_keeps_the_rest() {
+    let (url, db) = database("prune", "CREATE TABLE t (id int PRIMARY KEY)");
+    let mut b = open(&url);
+    b.install(&[watch("t", &["id"])]).expect("install");
+    let mut w = PgServer::shared().client(&db);
+    for i in 1..=10 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    assert_eq!(
+        b.prune().expect("prune"),
+        0,
+        "no consumer yet: keep everything"
+    );
+
+    let (a, slow) = (consumer("a"), consumer("slow"));
+    b.register(&a, &["t".into()], StartFrom::Oldest)
+        .expect("register");
+    b.register(&slow, &["t".into()], StartFrom::Oldest)
+        .expect("register");
+    assert_eq!(drain(&mut b, &a, 100).len(), 10);
+    assert_eq!(
+        b.prune().expect("prune"),
+        0,
+        "the slow consumer has not passed anything"
+    );
+
+    // Half the batch handled is not the batch passed.
+    let batch = b.fetch(&slow, 5).expect("fetch");
+    b.ack(&slow, &batch.token, batch.changes[4].id)
+        .expect("ack");
+    assert_eq!(b.prune().expect("prune"), 0);
+    assert_eq!(drain(&mut b, &slow, 100).len(), 5);
+
+    // The ten passed rows go once the cursors' snapshots show their transactions as
+    // finished; other tests' transactions on this server can hold that back a little,
+    // and idle fetches move the cursors on.
+    let mut pruned = 0;
+    let done = wait_until(Duration::from_secs(30), || {
+        for c in [&a, &slow] {
+            assert!(b.fetch(c, 100).expect("fetch").changes.is_empty());
+        }
+        pruned += b.prune().expect("prune");
+        pruned >= 10
+    });
+    assert!(done, "pruned {pruned} of 10 rows");
+    assert_eq!(pruned, 10);
+    assert_eq!(log_rows(&db), 0);
+
+    for i in 11..=13 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    assert_eq!(b.prune().expect("prune"), 0);
+    assert_eq!(log_rows(&db), 3, "rows nobody has passed stay");
+    for c in [&a, &slow] {
+        let ids: Vec<i64> = drain(&mut b, c, 100)
+            .iter()
+            .map(|ch| int(ch.value("id")))
+            .collect();
+        assert_eq!(ids, vec![11, 12, 13]);
+    }
+}
