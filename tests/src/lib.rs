@@ -198,3 +198,4 @@ pub fn recorder_handler(name: &str, file: &Path, table: &str, columns: &[&str], 
 pub mod sqlite;
 pub mod pg;
 pub mod oot;
+pub mod mysql;

@@ -616,7 +616,6 @@ fn a_removed_handler_stops_holding_back_its_table() {
     std::fs::write(
         &other,
         text.replace("name = \"mx1\"", "name = \"mx2\"")
-            .replace("prune_interval_ms = 50", "prune_interval_ms = 50")
             .replacen(&text[text.find("[[handler]]").unwrap()..cut], "", 1),
     )
     .unwrap();

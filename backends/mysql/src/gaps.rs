@@ -1,0 +1,254 @@
+//! The ids a consumer has not seen yet although a later id was already visible: gaps.
+//!
+//! InnoDB hands out AUTO_INCREMENT ids at INSERT, but a row becomes visible only at
+//! COMMIT, so transactions commit out of id order. When a reader sees id 12 but not 11,
+//! id 11 is either held by a transaction that is still open (it will appear later) or
+//! was rolled back (it never will). [`GapSet`] remembers such ids, as ranges because one
+//! long transaction can hold thousands of consecutive ids, together with what the reader
+//! knew when it first missed them ([`GapSeen`]), which is what later proves a gap dead.
+//!
+//! This module is pure bookkeeping: no SQL runs here.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The InnoDB transactions open at one moment, each as `trx_id/thread/started`
+/// (from `information_schema.INNODB_TRX`). Read-only transactions all show trx id 0 on
+/// MariaDB, so the id alone does not tell two of them apart; a transaction's thread and
+/// start time do not change while it is open.
+pub(crate) type TrxSet = HashSet<String>;
+
+/// What the reader knew when it first missed some ids.
+#[derive(Debug, Clone)]
+pub(crate) struct GapSeen {
+    /// When this reader (process) first missed the ids; the fallback timeout counts from
+    /// here. After a restart it is the time the cursor was loaded, which is later than
+    /// the real detection and therefore only ever waits longer.
+    pub at: Instant,
+    /// The open transactions in the first up-to-date read of `INNODB_TRX` taken after
+    /// the ids were missed. The transaction holding a missing id was open then, unless it
+    /// had already finished; so once none of these is open any more, a re-read decides.
+    pub open_then: Option<Arc<TrxSet>>,
+}
+
+impl GapSeen {
+    pub fn now() -> Self {
+        GapSeen {
+            at: Instant::now(),
+            open_then: None,
+        }
+    }
+}
+
+/// Missing ids as disjoint, inclusive ranges `lo..=hi`, keyed by `lo`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GapSet {
+    ranges: BTreeMap<i64, (i64, GapSeen)>,
+}
+
+impl GapSet {
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The smallest missing id.
+    pub fn first(&self) -> Option<i64> {
+        self.ranges.keys().next().copied()
+    }
+
+    #[cfg(test)]
+    pub fn contains(&self, id: i64) -> bool {
+        self.ranges
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, (hi, _))| *hi >= id)
+    }
+
+    /// Whether any missing id is at most `upto`.
+    pub fn any_upto(&self, upto: i64) -> bool {
+        self.first().is_some_and(|lo| lo <= upto)
+    }
+
+    /// The ranges in id order.
+    pub fn ranges(&self) -> impl Iterator<Item = (i64, i64, &GapSeen)> {
+        self.ranges.iter().map(|(lo, (hi, seen))| (*lo, *hi, seen))
+    }
+
+    /// The ranges in id order, with their detection records open for update.
+    pub fn seen_mut(&mut self) -> impl Iterator<Item = (i64, i64, &mut GapSeen)> {
+        self.ranges
+            .iter_mut()
+            .map(|(lo, (hi, seen))| (*lo, *hi, seen))
+    }
+
+    /// The ranges that overlap `lo..=hi`, in id order.
+    fn overlapping(&self, lo: i64, hi: i64) -> Vec<(i64, i64)> {
+        let mut out: Vec<(i64, i64)> = self
+            .ranges
+            .range(..=hi)
+            .rev()
+            .take_while(|(_, (h, _))| *h >= lo)
+            .map(|(l, (h, _))| (*l, *h))
+            .collect();
+        // `take_while` above stops at the first range ending before `lo`; ranges are
+        // disjoint and sorted, so every earlier one ends before `lo` too.
+        out.reverse();
+        out
+    }
+
+    /// Record `lo..=hi` as missing. Ids already known to be missing keep their older
+    /// detection record: a transaction holding them was open at the earlier time too.
+    pub fn add_missing(&mut self, lo: i64, hi: i64, seen: &GapSeen) {
+        if lo > hi {
+            return;
+        }
+        let mut next = lo;
+        for (l, h) in self.overlapping(lo, hi) {
+            if l > next {
+                self.ranges.insert(next, (l - 1, seen.clone()));
+            }
+            next = next.max(h.saturating_add(1));
+        }
+        if next <= hi {
+            self.ranges.insert(next, (hi, seen.clone()));
+        }
+    }
+
+    /// Forget `lo..=hi`: the ids were delivered or are proven never to appear.
+    pub fn remove_range(&mut self, lo: i64, hi: i64) {
+        if lo > hi {
+            return;
+        }
+        for (l, h) in self.overlapping(lo, hi) {
+            let Some((_, seen)) = self.ranges.remove(&l) else {
+                continue;
+            };
+            if l < lo {
+                self.ranges.insert(l, (lo - 1, seen.clone()));
+            }
+            if h > hi {
+                self.ranges.insert(hi + 1, (h, seen));
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: i64) {
+        self.remove_range(id, id);
+    }
+
+    /// The durable form of the ranges at or below `upto`: `3,5-9,12` (ascending).
+    pub fn to_text(&self, upto: i64) -> String {
+        let mut out = String::new();
+        for (lo, hi, _) in self.ranges() {
+            if lo > upto {
+                break;
+            }
+            let hi = hi.min(upto);
+            if !out.is_empty() {
+                out.push(',');
+            }
+            if lo == hi {
+                out.push_str(&lo.to_string());
+            } else {
+                out.push_str(&format!("{lo}-{hi}"));
+            }
+        }
+        out
+    }
+
+    /// Parse [`GapSet::to_text`]'s output; every range gets `seen`.
+    pub fn parse(text: &str, seen: &GapSeen) -> Result<GapSet, String> {
+        let mut set = GapSet::default();
+        let mut last: Option<i64> = None;
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = split_range(part);
+            let lo: i64 = lo.parse().map_err(|_| format!("bad gap {part:?}"))?;
+            let hi: i64 = hi.parse().map_err(|_| format!("bad gap {part:?}"))?;
+            if lo > hi || last.is_some_and(|l| lo <= l) {
+                return Err(format!("gap {part:?} is out of order"));
+            }
+            last = Some(hi);
+            set.ranges.insert(lo, (hi, seen.clone()));
+        }
+        Ok(set)
+    }
+}
+
+/// `"5-9"` as `("5", "9")`, `"5"` as `("5", "5")`. A '-' in first place would be a
+/// sign, so the split is on the first '-' after the first character.
+fn split_range(part: &str) -> (&str, &str) {
+    match part.char_indices().skip(1).find(|(_, c)| *c == '-') {
+        Some((i, _)) => (&part[..i], &part[i + 1..]),
+        None => (part, part),
+    }
+}
+
+/// The smallest gap id in a durable gap list, without parsing the rest of it.
+pub(crate) fn first_in_text(text: &str) -> Result<Option<i64>, String> {
+    let part = text.split(',').map(str::trim).find(|p| !p.is_empty());
+    let Some(part) = part else { return Ok(None) };
+    split_range(part)
+        .0
+        .parse()
+        .map(Some)
+        .map_err(|_| format!("bad gap {part:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(g: &GapSet) -> Vec<(i64, i64)> {
+        g.ranges().map(|(l, h, _)| (l, h)).collect()
+    }
+
+    #[test]
+    fn add_keeps_older_records_and_fills_holes() {
+        let mut g = GapSet::default();
+        let early = GapSeen::now();
+        g.add_missing(5, 7, &early);
+        g.add_missing(10, 10, &early);
+        let late = GapSeen::now();
+        g.add_missing(1, 12, &late);
+        assert_eq!(ranges(&g), vec![(1, 4), (5, 7), (8, 9), (10, 10), (11, 12)]);
+        assert_eq!(g.ranges.get(&5).map(|(_, s)| s.at), Some(early.at));
+        g.add_missing(3, 6, &late);
+        assert_eq!(ranges(&g).len(), 5, "nothing new to add");
+    }
+
+    #[test]
+    fn remove_splits_ranges() {
+        let mut g = GapSet::default();
+        g.add_missing(1, 10, &GapSeen::now());
+        g.add_missing(20, 20, &GapSeen::now());
+        g.remove(5);
+        assert_eq!(ranges(&g), vec![(1, 4), (6, 10), (20, 20)]);
+        g.remove_range(3, 20);
+        assert_eq!(ranges(&g), vec![(1, 2)]);
+        assert!(g.contains(2));
+        assert!(!g.contains(3));
+        g.remove(1);
+        g.remove(2);
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn text_round_trip_clips_at_high_water() {
+        let mut g = GapSet::default();
+        g.add_missing(3, 3, &GapSeen::now());
+        g.add_missing(5, 9, &GapSeen::now());
+        g.add_missing(12, 15, &GapSeen::now());
+        assert_eq!(g.to_text(100), "3,5-9,12-15");
+        assert_eq!(g.to_text(13), "3,5-9,12-13");
+        assert_eq!(g.to_text(4), "3");
+        let back = GapSet::parse("3,5-9,12-15", &GapSeen::now()).unwrap();
+        assert_eq!(ranges(&back), vec![(3, 3), (5, 9), (12, 15)]);
+        assert!(GapSet::parse("", &GapSeen::now()).unwrap().is_empty());
+        assert!(GapSet::parse("5,3", &GapSeen::now()).is_err());
+        assert!(GapSet::parse("5-3", &GapSeen::now()).is_err());
+        assert!(GapSet::parse("x", &GapSeen::now()).is_err());
+        assert_eq!(first_in_text("5-9,12"), Ok(Some(5)));
+        assert_eq!(first_in_text(""), Ok(None));
+    }
+}

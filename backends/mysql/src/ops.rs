@@ -1,0 +1,425 @@
+//! Consumer liveness, dead letters, the status report and `epidemic bench`'s scratch
+//! table, for MySQL. None of this is on the path of a change from trigger to handler.
+
+use epidemic_plugin_sdk::{
+    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op,
+    Scratch, Status, TableStatus, SCRATCH_TABLE,
+};
+use mysql::prelude::Queryable;
+use mysql::Conn;
+
+use crate::conn::{sql_err, ServerInfo};
+use crate::gaps::{GapSeen, GapSet};
+use crate::poller::{gap_condition, now_us};
+use crate::schema::{log_table_name, quote, trigger_name, MySqlSchema};
+
+pub(crate) fn touch(conn: &mut Conn, c: &Consumer) -> Result<(), BackendError> {
+    conn.exec_drop(
+        "UPDATE epidemic_cursor SET last_seen = ? WHERE daemon = ? AND handler = ? AND evicted_at IS NULL",
+        (now_us(), &c.daemon, &c.handler),
+    )
+    .map_err(sql_err)
+}
+
+pub(crate) fn unregister(conn: &mut Conn, c: &Consumer) -> Result<bool, BackendError> {
+    conn.exec_drop(
+        "DELETE FROM epidemic_cursor WHERE daemon = ? AND handler = ?",
+        (&c.daemon, &c.handler),
+    )
+    .map_err(sql_err)?;
+    Ok(conn.affected_rows() > 0)
+}
+
+pub(crate) fn evict_stale(conn: &mut Conn, ttl_us: i64) -> Result<Vec<Consumer>, BackendError> {
+    let now = now_us();
+    let stale: Vec<(String, String)> = conn
+        .exec(
+            "SELECT daemon, handler FROM epidemic_cursor WHERE evicted_at IS NULL
+             GROUP BY daemon, handler HAVING MAX(last_seen) < ?",
+            (now.saturating_sub(ttl_us),),
+        )
+        .map_err(sql_err)?;
+    let mut evicted = Vec::new();
+    for (daemon, handler) in stale {
+        // Checked again in the UPDATE: a consumer that came back since the SELECT stays.
+        conn.exec_drop(
+            "UPDATE epidemic_cursor SET evicted_at = ? WHERE daemon = ? AND handler = ? AND evicted_at IS NULL
+             AND last_seen < ?",
+            (now, &daemon, &handler, now.saturating_sub(ttl_us)),
+        )
+        .map_err(sql_err)?;
+        if conn.affected_rows() > 0 {
+            evicted.push(Consumer { daemon, handler });
+        }
+    }
+    Ok(evicted)
+}
+
+fn op_code(op: Op) -> &'static str {
+    match op {
+        Op::Insert => "I",
+        Op::Update => "U",
+        Op::Delete => "D",
+    }
+}
+
+fn op_from(code: &str) -> Op {
+    match code {
+        "I" => Op::Insert,
+        "D" => Op::Delete,
+        _ => Op::Update,
+    }
+}
+
+pub(crate) fn add_dead_letter(conn: &mut Conn, l: &DeadLetter) -> Result<i64, BackendError> {
+    conn.exec_drop(
+        "INSERT INTO epidemic_dead_letter (daemon, handler, source_table, change_id, op, `change`, error, attempts, failed_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            &l.daemon,
+            &l.handler,
+            &l.table,
+            l.change_id,
+            op_code(l.op),
+            l.change.as_bytes(),
+            l.error.as_bytes(),
+            l.attempts,
+            l.failed_at_us,
+        ),
+    )
+    .map_err(sql_err)?;
+    Ok(conn.last_insert_id() as i64)
+}
+
+/// `IN (...)` of ids; `IN (NULL)` (matches nothing) for none, as `IN ()` is an error.
+fn id_list(ids: &[i64]) -> String {
+    if ids.is_empty() {
+        return "NULL".into();
+    }
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+type LetterRow = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Vec<u8>,
+    Vec<u8>,
+    u32,
+    i64,
+    i64,
+);
+
+fn letter(r: LetterRow) -> DeadLetter {
+    let (id, daemon, handler, table, change_id, op, change, error, attempts, failed_at_us, retry) =
+        r;
+    DeadLetter {
+        id,
+        daemon,
+        handler,
+        table,
+        change_id,
+        op: op_from(&op),
+        change: String::from_utf8_lossy(&change).into_owned(),
+        error: String::from_utf8_lossy(&error).into_owned(),
+        attempts,
+        failed_at_us,
+        retry_requested: retry != 0,
+    }
+}
+
+pub(crate) fn dead_letters(
+    conn: &mut Conn,
+    server: ServerInfo,
+    q: &DeadLetterQuery,
+) -> Result<Vec<DeadLetter>, BackendError> {
+    if !MySqlSchema::new(conn, server).table_exists("epidemic_dead_letter")? {
+        return Ok(Vec::new());
+    }
+    let base = "SELECT id, daemon, handler, source_table, change_id, op, `change`, error, attempts, failed_at, \
+                retry_requested FROM epidemic_dead_letter";
+    let rows: Vec<LetterRow> = match q {
+        DeadLetterQuery::All => conn.query(format!("{base} ORDER BY id")),
+        DeadLetterQuery::Consumer(c) => conn.exec(
+            format!("{base} WHERE daemon = ? AND handler = ? ORDER BY id"),
+            (&c.daemon, &c.handler),
+        ),
+        DeadLetterQuery::RetryRequested(c) => conn.exec(
+            format!("{base} WHERE daemon = ? AND handler = ? AND retry_requested = 1 ORDER BY id"),
+            (&c.daemon, &c.handler),
+        ),
+        DeadLetterQuery::Ids(ids) => {
+            conn.query(format!("{base} WHERE id IN ({}) ORDER BY id", id_list(ids)))
+        }
+    }
+    .map_err(sql_err)?;
+    Ok(rows.into_iter().map(letter).collect())
+}
+
+pub(crate) fn update_dead_letters(
+    conn: &mut Conn,
+    u: &DeadLetterUpdate,
+) -> Result<u64, BackendError> {
+    match u {
+        DeadLetterUpdate::RequestRetry(ids) => conn.query_drop(format!(
+            "UPDATE epidemic_dead_letter SET retry_requested = 1 WHERE id IN ({})",
+            id_list(ids)
+        )),
+        DeadLetterUpdate::Delete(ids) => conn.query_drop(format!(
+            "DELETE FROM epidemic_dead_letter WHERE id IN ({})",
+            id_list(ids)
+        )),
+        DeadLetterUpdate::Failed {
+            id,
+            error,
+            attempts,
+            failed_at_us,
+        } => conn.exec_drop(
+            "UPDATE epidemic_dead_letter SET retry_requested = 0, error = ?, attempts = ?, failed_at = ? WHERE id = ?",
+            (error.as_bytes(), attempts, failed_at_us, id),
+        ),
+    }
+    .map_err(sql_err)?;
+    Ok(conn.affected_rows())
+}
+
+/// daemon, handler, source_table, high_water, gaps, last_seen, evicted_at.
+type CursorRow = (String, String, String, i64, String, i64, Option<i64>);
+
+pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, BackendError> {
+    let mut status = Status {
+        backend: "mysql".into(),
+        ..Status::default()
+    };
+    let mut schema = MySqlSchema::new(conn, server);
+    if !schema.installed()? {
+        return Ok(status);
+    }
+    let watched = schema.all_watched()?;
+    let mut log_tables = Vec::new();
+    for log in &watched {
+        let mut problems = Vec::new();
+        let exists = schema.table_exists(&log.source_table)?;
+        let present = schema.trigger_names(&log.source_table)?;
+        let mut triggers = Vec::new();
+        for suffix in ["insert", "update", "delete"] {
+            let name = trigger_name(&log.source_table, suffix);
+            let here = present.contains(&name);
+            if !here && exists {
+                problems.push(format!(
+                    "trigger {name} on {} is missing: {} changes are not captured; run `epidemic install`",
+                    log.source_table,
+                    suffix.to_uppercase()
+                ));
+            }
+            triggers.push((name, here));
+        }
+        if !exists {
+            problems.insert(0, format!("table {} no longer exists", log.source_table));
+        } else {
+            let have = schema.column_names(&log.source_table)?;
+            for c in log.columns.iter() {
+                if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {
+                    problems.push(format!(
+                        "column {c} of table {} no longer exists (dropped or renamed): the triggers fail every \
+                         write to the table; restore the column, or change the handlers' columns and run \
+                         `epidemic install`",
+                        log.source_table
+                    ));
+                }
+            }
+        }
+        log_tables.push(schema.table_exists(&log.log_table)?);
+        status.tables.push(TableStatus {
+            table: log.source_table.clone(),
+            log_table: log.log_table.clone(),
+            columns: log.columns.to_vec(),
+            log_rows: 0,
+            triggers,
+            problems,
+        });
+    }
+    for (t, exists) in status.tables.iter_mut().zip(&log_tables) {
+        if *exists {
+            t.log_rows = conn
+                .query_first(format!("SELECT COUNT(*) FROM {}", quote(&t.log_table)))
+                .map_err(sql_err)?
+                .unwrap_or(0);
+        }
+    }
+    let dead: Vec<(String, String, i64)> =
+        if MySqlSchema::new(conn, server).table_exists("epidemic_dead_letter")? {
+            conn.query(
+            "SELECT daemon, handler, COUNT(*) FROM epidemic_dead_letter GROUP BY daemon, handler",
+        )
+        .map_err(sql_err)?
+        } else {
+            Vec::new()
+        };
+    let rows: Vec<CursorRow> = conn
+        .query(
+            "SELECT daemon, handler, source_table, high_water, gaps, last_seen, evicted_at FROM epidemic_cursor \
+             ORDER BY daemon, handler, source_table",
+        )
+        .map_err(sql_err)?;
+    let now = now_us();
+    for (daemon, handler, table, high_water, gaps_text, last_seen, evicted_at) in rows {
+        let gaps = GapSet::parse(&gaps_text, &GapSeen::now()).unwrap_or_default();
+        let ranges: Vec<(i64, i64)> = gaps.ranges().map(|(lo, hi, _)| (lo, hi)).collect();
+        let log = watched
+            .iter()
+            .zip(&log_tables)
+            .find(|(w, exists)| w.source_table == table && **exists);
+        let (backlog, oldest): (i64, Option<i64>) = match log {
+            Some((log, _)) => conn
+                .query_first(format!(
+                    "SELECT COUNT(*), MIN(`changed_at`) FROM {} WHERE {}",
+                    quote(&log.log_table),
+                    gap_condition(Some(high_water), &ranges)
+                ))
+                .map_err(sql_err)?
+                .unwrap_or((0, None)),
+            _ => (0, None),
+        };
+        let age = oldest.map(|t| ((now - t).max(0) as f64) / 1e6);
+        let position = if ranges.is_empty() {
+            format!("{table}:{high_water}")
+        } else {
+            format!("{table}:{high_water} (gaps {gaps_text})")
+        };
+        let evicted = evicted_at.is_some();
+        match status
+            .consumers
+            .iter_mut()
+            .find(|c| c.daemon == daemon && c.handler == handler)
+        {
+            Some(c) => {
+                c.tables.push(table);
+                c.position.push_str(&format!(", {position}"));
+                c.backlog += backlog;
+                c.oldest_pending_age_s = match (c.oldest_pending_age_s, age) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                c.last_seen_us = c.last_seen_us.max(last_seen);
+                c.evicted |= evicted;
+            }
+            None => {
+                let dead_letters = dead
+                    .iter()
+                    .find(|(d, h, _)| *d == daemon && *h == handler)
+                    .map_or(0, |(.., n)| *n);
+                status.consumers.push(ConsumerStatus {
+                    daemon,
+                    handler,
+                    tables: vec![table],
+                    position,
+                    backlog,
+                    oldest_pending_age_s: age,
+                    dead_letters,
+                    last_seen_us: last_seen,
+                    evicted,
+                })
+            }
+        }
+    }
+    Ok(status)
+}
+
+/// `epidemic bench`'s scratch table. Only ever touches `SCRATCH_TABLE`-named objects.
+pub(crate) fn scratch(
+    conn: &mut Conn,
+    server: ServerInfo,
+    op: &Scratch,
+) -> Result<(), BackendError> {
+    match op {
+        Scratch::Create { table } => {
+            check_scratch(table)?;
+            drop_scratch(conn, server, table)?;
+            conn.query_drop(format!(
+                "CREATE TABLE {} (`id` BIGINT NOT NULL PRIMARY KEY, `payload` VARCHAR(64)) ENGINE=InnoDB",
+                quote(table)
+            ))
+            .map_err(sql_err)
+        }
+        Scratch::Insert {
+            table,
+            first_id,
+            count,
+            per_tx,
+        } => {
+            check_scratch(table)?;
+            let per_tx = (*per_tx).max(1) as i64;
+            let end = first_id.saturating_add(*count as i64);
+            let mut id = *first_id;
+            while id < end {
+                let stop = id.saturating_add(per_tx).min(end);
+                conn.query_drop("START TRANSACTION").map_err(sql_err)?;
+                // Rows go in statements of up to 1000 (the triggers fire per row anyway).
+                let mut from = id;
+                while from < stop {
+                    let to = (from + 1_000).min(stop);
+                    let values: Vec<String> =
+                        (from..to).map(|i| format!("({i}, 'bench')")).collect();
+                    if let Err(e) = conn.query_drop(format!(
+                        "INSERT INTO {} (`id`, `payload`) VALUES {}",
+                        quote(table),
+                        values.join(",")
+                    )) {
+                        let _ = conn.query_drop("ROLLBACK");
+                        return Err(sql_err(e));
+                    }
+                    from = to;
+                }
+                conn.query_drop("COMMIT").map_err(sql_err)?;
+                id = stop;
+            }
+            Ok(())
+        }
+        Scratch::Drop { table } => {
+            check_scratch(table)?;
+            drop_scratch(conn, server, table)
+        }
+    }
+}
+
+fn check_scratch(table: &str) -> Result<(), BackendError> {
+    if table != SCRATCH_TABLE {
+        return Err(BackendError::Invalid(format!(
+            "bench works only on {SCRATCH_TABLE}, not {table}"
+        )));
+    }
+    Ok(())
+}
+
+fn drop_scratch(conn: &mut Conn, server: ServerInfo, table: &str) -> Result<(), BackendError> {
+    for suffix in ["insert", "update", "delete"] {
+        conn.query_drop(format!(
+            "DROP TRIGGER IF EXISTS {}",
+            quote(&trigger_name(table, suffix))
+        ))
+        .map_err(sql_err)?;
+    }
+    conn.query_drop(format!(
+        "DROP TABLE IF EXISTS {}",
+        quote(&log_table_name(table))
+    ))
+    .map_err(sql_err)?;
+    for own in ["epidemic_watch", "epidemic_cursor", "epidemic_dead_letter"] {
+        if MySqlSchema::new(conn, server).table_exists(own)? {
+            conn.exec_drop(
+                format!("DELETE FROM {own} WHERE source_table = ?"),
+                (table,),
+            )
+            .map_err(sql_err)?;
+        }
+    }
+    conn.query_drop(format!("DROP TABLE IF EXISTS {}", quote(table)))
+        .map_err(sql_err)
+}

@@ -1,0 +1,650 @@
+//! Gap-safe reading of the log tables: [`MySqlPoller`].
+//!
+//! # Why ids are not enough
+//!
+//! A log id is handed out when the trigger's INSERT runs and becomes visible when the
+//! transaction commits. With concurrent writers, id 12 can be visible while id 11 is
+//! still held by an open transaction; a reader that moves on to "after 12" never sees
+//! 11. So each (consumer, table) keeps a **high-water mark** (the largest id handled)
+//! and a set of **gaps** (ids at or below it that were missing when read).
+//!
+//! # Reading
+//!
+//! One statement per fetch reads new ids and re-reads every gap:
+//! `SELECT ... WHERE id > high_water OR id IN (gaps) OR id BETWEEN lo AND hi
+//! ORDER BY id LIMIT n`. New ids are delivered at once, however many gaps lie below
+//! them: an open transaction never holds back what others committed. A gap that shows
+//! up is delivered then, in id order with the rest of the batch.
+//!
+//! Changes to one row still arrive in commit order: a second change to a row waits for
+//! the first transaction's row lock, so it gets a larger id, and a read that sees it
+//! also sees the first (InnoDB makes a commit visible before it releases its locks).
+//! That holds only if every gap is re-read in the same statement as the new ids; past
+//! `max_gap_ranges` gap ranges (a pathological pile of rolled-back ids that cannot be
+//! proven dead) reads take the lowest ranges only and new ids wait.
+//!
+//! # When a gap is dead
+//!
+//! A rolled-back transaction leaves a gap that never fills. It may be forgotten only
+//! when no transaction that could still fill it is open:
+//!
+//! - With `information_schema.INNODB_TRX` readable (PROCESS privilege, InnoDB plugin 1.0
+//!   / MySQL 5.5 or later): the first up-to-date list of open transactions taken after a
+//!   gap was seen is kept with the gap. The transaction holding the id was in that list,
+//!   unless it had already finished. Once a later list shares no transaction with it,
+//!   the holder has finished; a re-read **after** that list decides: the row is there
+//!   (committed, deliver it) or not (rolled back, the gap is dead). Checking the list
+//!   first and re-reading second is what makes a commit between the two harmless.
+//!
+//!   "Up-to-date" matters: InnoDB serves INNODB_TRX from a cache that is refreshed only
+//!   when it has not been read for 0.1 s, so a busy server can answer with an old list.
+//!   The check therefore runs inside its own `START TRANSACTION WITH CONSISTENT
+//!   SNAPSHOT` and trusts the list only if it contains that very transaction: then the
+//!   list was taken after the check began, which is after the gap was seen. Stale
+//!   lists are skipped, with the check interval backing off (many readers polling the
+//!   table keep its cache from refreshing).
+//!
+//!   Any transaction open when a gap was seen keeps it alive, even an unrelated one (a
+//!   long report, an idle session left in a transaction): such gaps cost a re-read per
+//!   fetch and hold back pruning until that transaction ends, never delivery.
+//! - Otherwise (no privilege, or MySQL 5.0/5.1 without the table): a gap is dead after
+//!   `gap_timeout_ms` and a re-read that still misses it. A transaction open longer than
+//!   that loses its changes for this consumer; this is the documented fallback only.
+//!
+//! # Acknowledging
+//!
+//! Batches mix gap fills and new ids, in id order. `ack(upto)` marks everything in the
+//! batch with id <= `upto` handled: fills leave the gap set, the high-water becomes the
+//! largest handled new id, and ids that were missing below it become durable gaps. The
+//! cursor row stores both (`high_water`, `gaps` as `3,5-9`), so a restarted daemon keeps
+//! watching old gaps. Nothing else is kept between fetches that matters: a fresh
+//! instance rebuilds everything from the cursor row.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use epidemic_plugin_sdk::{BackendError, Batch, Change, Consumer, Op, Value};
+use mysql::consts::ColumnType;
+use mysql::prelude::Queryable;
+use mysql::Conn;
+
+use crate::conn::{server_code, sql_err, NO_INNODB_TRX_CODES};
+use crate::gaps::{GapSeen, GapSet, TrxSet};
+use crate::schema::MySqlLogTable;
+
+pub(crate) fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// How dead gaps are recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GapMethod {
+    InnoDbTrx,
+    Timeout(Duration),
+}
+
+/// Say once per process which method is in use: operators need to know whether long
+/// transactions are safe.
+pub(crate) fn announce(method: GapMethod, why: &str) {
+    static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+    if ANNOUNCED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    match method {
+        GapMethod::InnoDbTrx => {
+            eprintln!("epidemic mysql backend: gap detection via information_schema.INNODB_TRX")
+        }
+        GapMethod::Timeout(t) => eprintln!(
+            "epidemic mysql backend: gap detection via gap_timeout_ms = {} ({why}); \
+             a transaction open longer than that can lose changes; grant PROCESS to avoid it",
+            t.as_millis()
+        ),
+    }
+}
+
+/// One consumer's position in one table's log.
+pub(crate) struct TableCursor {
+    pub log: Arc<MySqlLogTable>,
+    /// Every id up to here is handled, except the gaps at or below it.
+    pub high_water: i64,
+    /// Missing ids. At or below `high_water` they are durable (`epidemic_cursor.gaps`);
+    /// above it they were only noticed by the last reads and become durable when an ack
+    /// moves the high-water past them.
+    pub gaps: GapSet,
+    /// Ids of the last batch from this table, ascending, for `ack`.
+    pending: Vec<i64>,
+    /// Gaps were proven dead since the cursor row was last written.
+    dirty: bool,
+}
+
+impl TableCursor {
+    pub fn new(log: Arc<MySqlLogTable>, high_water: i64, gaps: GapSet) -> Self {
+        TableCursor {
+            log,
+            high_water,
+            gaps,
+            pending: Vec::new(),
+            dirty: false,
+        }
+    }
+}
+
+/// Everything one consumer reads.
+pub(crate) struct ConsumerCursors {
+    pub tables: Vec<TableCursor>,
+    /// The table to try first on the next fetch, so no table starves the others.
+    next: usize,
+}
+
+impl ConsumerCursors {
+    pub fn new(tables: Vec<TableCursor>) -> Self {
+        ConsumerCursors { tables, next: 0 }
+    }
+
+    /// Whether a gap is waiting to be re-read or proven dead.
+    pub fn has_gaps(&self) -> bool {
+        self.tables.iter().any(|t| !t.gaps.is_empty())
+    }
+}
+
+/// Decides when gaps are dead; see the module docs.
+pub(crate) struct GapJudge {
+    pub method: GapMethod,
+    /// The timeout to fall back to if INNODB_TRX stops being readable.
+    fallback: Duration,
+    base_interval: Duration,
+    interval: Duration,
+    next_check: Instant,
+}
+
+impl GapJudge {
+    pub fn new(method: GapMethod, fallback: Duration, interval: Duration) -> Self {
+        GapJudge {
+            method,
+            fallback,
+            base_interval: interval,
+            interval,
+            next_check: Instant::now(),
+        }
+    }
+
+    fn due(&self) -> bool {
+        Instant::now() >= self.next_check
+    }
+
+    /// The open transactions, excluding this connection's, if the list is up to date.
+    fn open_transactions(&mut self, conn: &mut Conn) -> Result<Option<Arc<TrxSet>>, BackendError> {
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            .map_err(sql_err)?;
+        // trx_id, trx_mysql_thread_id, trx_started; as text, which every version has.
+        type TrxRow = (Option<String>, Option<String>, Option<String>);
+        let rows: Result<Vec<TrxRow>, mysql::Error> = conn.query(
+            "SELECT trx_id, trx_mysql_thread_id, trx_started FROM information_schema.INNODB_TRX",
+        );
+        let ended = conn.query_drop("COMMIT");
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) if server_code(&e).is_some_and(|c| NO_INNODB_TRX_CODES.contains(&c)) => {
+                self.method = GapMethod::Timeout(self.fallback);
+                eprintln!(
+                    "epidemic mysql backend: information_schema.INNODB_TRX is no longer readable ({e}); \
+                     falling back to gap_timeout_ms = {}",
+                    self.fallback.as_millis()
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(sql_err(e)),
+        };
+        ended.map_err(sql_err)?;
+        let me = conn.connection_id().to_string();
+        let mut fresh = false;
+        let mut open = TrxSet::new();
+        for (id, thread, started) in rows {
+            let thread = thread.unwrap_or_default();
+            if thread == me {
+                fresh = true;
+                continue;
+            }
+            open.insert(format!(
+                "{}/{thread}/{}",
+                id.unwrap_or_default(),
+                started.unwrap_or_default()
+            ));
+        }
+        // A stale list is most likely when many readers poll INNODB_TRX: back off so the
+        // cache gets the 0.1 s of quiet it needs to refresh.
+        self.interval = if fresh {
+            self.base_interval
+        } else {
+            (self.interval * 2).min(self.base_interval * 16)
+        };
+        self.next_check = Instant::now() + self.interval;
+        Ok(fresh.then(|| Arc::new(open)))
+    }
+
+    /// The gap ranges at or below the high-water that may be dead: a re-read that still
+    /// misses them proves it. `open_now` caches one INNODB_TRX list per fetch.
+    fn candidates(
+        &mut self,
+        conn: &mut Conn,
+        tc: &mut TableCursor,
+        open_now: &mut Option<Option<Arc<TrxSet>>>,
+    ) -> Result<Vec<(i64, i64, GapSeen)>, BackendError> {
+        let hw = tc.high_water;
+        if let GapMethod::Timeout(timeout) = self.method {
+            return Ok(tc
+                .gaps
+                .ranges()
+                .take_while(|(lo, ..)| *lo <= hw)
+                .filter(|(.., seen)| seen.at.elapsed() >= timeout)
+                .map(|(lo, hi, seen)| (lo, hi.min(hw), seen.clone()))
+                .collect());
+        }
+        let open = match open_now {
+            Some(open) => open.clone(),
+            None => {
+                let open = self.open_transactions(conn)?;
+                *open_now = Some(open.clone());
+                open
+            }
+        };
+        let Some(open) = open else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (lo, hi, seen) in tc.gaps.seen_mut() {
+            // Every gap here was seen by an earlier statement than this check's, so the
+            // list is the first up-to-date one after the gap was seen, or a later one.
+            let then = seen.open_then.get_or_insert_with(|| Arc::clone(&open));
+            if lo <= hw && then.is_disjoint(&open) {
+                out.push((lo, hi.min(hw), seen.clone()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads batches and keeps cursors for the consumers of one backend instance.
+pub(crate) struct MySqlPoller {
+    pub judge: GapJudge,
+    /// Most gap ranges one read re-reads (10 000 is about 150 KB of SQL). Beyond that,
+    /// reads hold new ids back until gaps are filled or proven dead.
+    pub max_gap_ranges: usize,
+}
+
+impl MySqlPoller {
+    pub fn fetch(
+        &mut self,
+        conn: &mut Conn,
+        consumer: &Consumer,
+        cursors: &mut ConsumerCursors,
+        max: u32,
+    ) -> Result<Batch, BackendError> {
+        if max == 0 || cursors.tables.is_empty() {
+            return Ok(Batch::default());
+        }
+        let check = self.judge.method != GapMethod::InnoDbTrx || self.judge.due();
+        let mut open_now = None;
+        let n = cursors.tables.len();
+        for i in 0..n {
+            let idx = (cursors.next + i) % n;
+            let tc = &mut cursors.tables[idx];
+            let candidates = if check && tc.gaps.any_upto(tc.high_water) {
+                self.judge.candidates(conn, tc, &mut open_now)?
+            } else {
+                Vec::new()
+            };
+            let changes = read_table(conn, tc, max, self.max_gap_ranges, &candidates)?;
+            if changes.is_empty() {
+                if tc.dirty {
+                    let text = tc.gaps.to_text(tc.high_water);
+                    write_cursor(conn, consumer, &tc.log.source_table, tc.high_water, &text)?;
+                    tc.dirty = false;
+                }
+                continue;
+            }
+            cursors.next = (idx + 1) % n;
+            return Ok(Batch {
+                changes,
+                token: tc.log.source_table.clone(),
+            });
+        }
+        Ok(Batch::default())
+    }
+
+    pub fn ack(
+        &mut self,
+        conn: &mut Conn,
+        consumer: &Consumer,
+        cursors: &mut ConsumerCursors,
+        token: &str,
+        upto_id: i64,
+    ) -> Result<(), BackendError> {
+        let tc = cursors
+            .tables
+            .iter_mut()
+            .find(|t| t.log.source_table == token)
+            .ok_or_else(|| BackendError::Other(format!("ack for unknown table {token:?}")))?;
+        let handled = tc.pending.partition_point(|id| *id <= upto_id);
+        if handled == 0 && !tc.dirty {
+            return Ok(());
+        }
+        let mut gaps = tc.gaps.clone();
+        let mut high_water = tc.high_water;
+        for &id in &tc.pending[..handled] {
+            if id <= tc.high_water {
+                gaps.remove(id);
+            } else {
+                high_water = high_water.max(id);
+            }
+        }
+        // Ids that were missing between the old and the new high-water are already in
+        // `gaps` (the read put them there); `to_text` makes them durable.
+        write_cursor(conn, consumer, token, high_water, &gaps.to_text(high_water))?;
+        tc.high_water = high_water;
+        tc.gaps = gaps;
+        tc.pending.drain(..handled);
+        tc.dirty = false;
+        Ok(())
+    }
+}
+
+pub(crate) fn write_cursor(
+    conn: &mut Conn,
+    consumer: &Consumer,
+    table: &str,
+    high_water: i64,
+    gaps: &str,
+) -> Result<(), BackendError> {
+    conn.exec_drop(
+        "UPDATE epidemic_cursor SET high_water = ?, gaps = ?, last_seen = ? \
+         WHERE daemon = ? AND handler = ? AND source_table = ? AND evicted_at IS NULL",
+        (
+            high_water,
+            gaps,
+            now_us(),
+            &consumer.daemon,
+            &consumer.handler,
+            table,
+        ),
+    )
+    .map_err(sql_err)?;
+    // MySQL counts changed rows, so 0 can also mean "same values"; only an evicted
+    // cursor is an error.
+    if conn.affected_rows() == 0 {
+        let evicted: Option<i64> = conn
+            .exec_first(
+                "SELECT 1 FROM epidemic_cursor WHERE daemon = ? AND handler = ? AND evicted_at IS NOT NULL",
+                (&consumer.daemon, &consumer.handler),
+            )
+            .map_err(sql_err)?;
+        if evicted.is_some() {
+            return Err(BackendError::Invalid(format!(
+                "consumer {consumer} was evicted (unseen longer than consumer_ttl) and may have missed changes; \
+                 it must register again"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `WHERE` condition of one read: new ids (after `high_water`, if given) plus the
+/// gap ranges to re-read.
+pub(crate) fn gap_condition(high_water: Option<i64>, ranges: &[(i64, i64)]) -> String {
+    let mut terms = Vec::new();
+    if let Some(hw) = high_water {
+        terms.push(format!("`id` > {hw}"));
+    }
+    let singles: Vec<String> = ranges
+        .iter()
+        .filter(|(lo, hi)| lo == hi)
+        .map(|(lo, _)| lo.to_string())
+        .collect();
+    if !singles.is_empty() {
+        terms.push(format!("`id` IN ({})", singles.join(",")));
+    }
+    for (lo, hi) in ranges.iter().filter(|(lo, hi)| lo != hi) {
+        terms.push(format!("`id` BETWEEN {lo} AND {hi}"));
+    }
+    terms.join(" OR ")
+}
+
+/// Read one table's next changes and update the cursor's gap bookkeeping: fills found,
+/// dead gaps forgotten, new ids missing below the last one read remembered.
+fn read_table(
+    conn: &mut Conn,
+    tc: &mut TableCursor,
+    max: u32,
+    max_gap_ranges: usize,
+    candidates: &[(i64, i64, GapSeen)],
+) -> Result<Vec<Change>, BackendError> {
+    let hw = tc.high_water;
+    let mut included: Vec<(i64, i64)> = tc
+        .gaps
+        .ranges()
+        .take_while(|(lo, ..)| *lo <= hw)
+        .take(max_gap_ranges + 1)
+        .map(|(lo, hi, _)| (lo, hi.min(hw)))
+        .collect();
+    // With too many gap ranges for one statement, re-read the lowest ones and hold new
+    // ids back: a fill of a range left out could be an older change of the same row as
+    // a new id, and changes to one row must arrive in commit order.
+    let read_new = included.len() <= max_gap_ranges;
+    included.truncate(max_gap_ranges);
+    let sql = format!(
+        "{}{} ORDER BY `id` LIMIT {max}",
+        tc.log.select_prefix,
+        gap_condition(read_new.then_some(hw), &included)
+    );
+    let changes = query_changes(conn, &tc.log, &sql)?;
+
+    // Dead gaps: candidates the re-read examined and still did not find. With a full
+    // batch, ids after the last row read were not examined.
+    let examined_upto = if changes.len() == max as usize {
+        changes.last().map_or(i64::MAX, |c| c.id)
+    } else {
+        i64::MAX
+    };
+    for (lo, hi, seen) in candidates {
+        // Both lists are in id order.
+        if included.binary_search_by_key(lo, |(l, _)| *l).is_err() {
+            continue;
+        }
+        let hi = (*hi).min(examined_upto);
+        if *lo > hi {
+            continue;
+        }
+        let from = changes.partition_point(|c| c.id < *lo);
+        let to = changes.partition_point(|c| c.id <= hi);
+        let found: Vec<i64> = changes[from..to].iter().map(|c| c.id).collect();
+        if found.len() as i64 == hi - lo + 1 {
+            continue;
+        }
+        tc.gaps.remove_range(*lo, hi);
+        // Rows found are in this batch but not handled yet: they stay gaps until acked.
+        for id in found {
+            tc.gaps.add_missing(id, id, seen);
+        }
+        tc.dirty = true;
+    }
+
+    // New ids: everything between the high-water and the last id read that is not here
+    // is held by an open transaction or was rolled back.
+    let seen = GapSeen::now();
+    let mut expect = hw.saturating_add(1);
+    for c in changes.iter().filter(|c| c.id > hw) {
+        if c.id > expect {
+            tc.gaps.add_missing(expect, c.id - 1, &seen);
+        }
+        tc.gaps.remove(c.id);
+        expect = c.id + 1;
+    }
+    tc.pending = changes.iter().map(|c| c.id).collect();
+    Ok(changes)
+}
+
+/// Run a log read (text protocol) and turn the rows into changes.
+fn query_changes(
+    conn: &mut Conn,
+    log: &MySqlLogTable,
+    sql: &str,
+) -> Result<Vec<Change>, BackendError> {
+    let ncol = log.columns.len();
+    let mut out = Vec::new();
+    let result = conn.query_iter(sql).map_err(sql_err)?;
+    for row in result {
+        let row = row.map_err(sql_err)?;
+        let columns = row.columns();
+        let mut vals = row.unwrap().into_iter().zip(columns.iter());
+        let mut next = || vals.next().map(|(v, c)| value(v, c)).unwrap_or(Value::Null);
+        let id = next().as_i64().ok_or_else(|| bad_row(log, "id"))?;
+        let op = match next().as_str() {
+            Some("I") => Op::Insert,
+            Some("U") => Op::Update,
+            Some("D") => Op::Delete,
+            other => {
+                return Err(BackendError::Other(format!(
+                    "unknown op {other:?} in {} id {id}",
+                    log.log_table
+                )))
+            }
+        };
+        let changed_at_us = next().as_i64().unwrap_or(0);
+        let old: Vec<Value> = (0..ncol).map(|_| next()).collect();
+        let new: Vec<Value> = (0..ncol).map(|_| next()).collect();
+        out.push(Change {
+            id,
+            table: log.source_table.clone(),
+            op,
+            columns: Arc::clone(&log.columns),
+            old: (op != Op::Insert).then_some(old),
+            new: (op != Op::Delete).then_some(new),
+            changed_at_us,
+        });
+    }
+    Ok(out)
+}
+
+fn bad_row(log: &MySqlLogTable, what: &str) -> BackendError {
+    BackendError::Other(format!("{}: row without a valid {what}", log.log_table))
+}
+
+/// The character set number of binary strings (`BINARY`, `VARBINARY`, `BLOB`).
+const BINARY_CHARSET: u16 = 63;
+
+/// A column value as the SDK carries it. The text protocol sends every value as bytes;
+/// the column's type says what they are. Integers become `Int` (an unsigned BIGINT
+/// above i64's range stays text), FLOAT/DOUBLE `Float`, DECIMAL text (exact), dates and
+/// times their SQL text, binary strings, BIT and geometry `Bytes`, everything else text.
+pub(crate) fn value(v: mysql::Value, col: &mysql::Column) -> Value {
+    use ColumnType::*;
+    let bytes = match v {
+        mysql::Value::NULL => return Value::Null,
+        mysql::Value::Bytes(b) => b,
+        mysql::Value::Int(i) => return Value::Int(i),
+        mysql::Value::UInt(u) => {
+            return i64::try_from(u).map_or_else(|_| Value::Text(u.to_string()), Value::Int)
+        }
+        mysql::Value::Float(f) => return Value::Float(f64::from(f)),
+        mysql::Value::Double(f) => return Value::Float(f),
+        // Only the binary protocol sends these; the reader uses the text protocol.
+        other => return Value::Text(other.as_sql(true).trim_matches('\'').to_owned()),
+    };
+    match col.column_type() {
+        MYSQL_TYPE_TINY | MYSQL_TYPE_SHORT | MYSQL_TYPE_LONG | MYSQL_TYPE_INT24
+        | MYSQL_TYPE_LONGLONG | MYSQL_TYPE_YEAR => match std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+        {
+            Some(i) => Value::Int(i),
+            None => Value::Text(into_text(bytes)),
+        },
+        MYSQL_TYPE_FLOAT | MYSQL_TYPE_DOUBLE => {
+            match std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.parse::<f64>().ok())
+            {
+                Some(f) => Value::Float(f),
+                None => Value::Text(into_text(bytes)),
+            }
+        }
+        MYSQL_TYPE_BIT | MYSQL_TYPE_GEOMETRY => Value::Bytes(bytes),
+        MYSQL_TYPE_DECIMAL
+        | MYSQL_TYPE_NEWDECIMAL
+        | MYSQL_TYPE_JSON
+        | MYSQL_TYPE_DATE
+        | MYSQL_TYPE_NEWDATE
+        | MYSQL_TYPE_TIME
+        | MYSQL_TYPE_TIME2
+        | MYSQL_TYPE_DATETIME
+        | MYSQL_TYPE_DATETIME2
+        | MYSQL_TYPE_TIMESTAMP
+        | MYSQL_TYPE_TIMESTAMP2
+        | MYSQL_TYPE_ENUM
+        | MYSQL_TYPE_SET => Value::Text(into_text(bytes)),
+        _ if col.character_set() == BINARY_CHARSET => Value::Bytes(bytes),
+        _ => Value::Text(into_text(bytes)),
+    }
+}
+
+/// Bytes the server sent as text; invalid UTF-8 (a latin1 column read through a utf8
+/// connection cannot produce it, but a misdeclared one can) is replaced, not an error.
+fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// The ids missing from a log table at or below `upto`: everything below its smallest
+/// id and the holes between its rows. Used when a consumer starts "from now": an open
+/// transaction may hold any of them, and its change commits after the consumer started.
+pub(crate) fn missing_ids(
+    conn: &mut Conn,
+    log: &MySqlLogTable,
+    upto: i64,
+) -> Result<GapSet, BackendError> {
+    const CHUNK: usize = 10_000;
+    let seen = GapSeen::now();
+    let mut gaps = GapSet::default();
+    let mut expect = 1_i64;
+    let sql = format!(
+        "SELECT `id` FROM {} WHERE `id` >= ? AND `id` <= ? ORDER BY `id` LIMIT {CHUNK}",
+        crate::schema::quote(&log.log_table)
+    );
+    loop {
+        let ids: Vec<i64> = conn.exec(&sql, (expect, upto)).map_err(sql_err)?;
+        for &id in &ids {
+            if id > expect {
+                gaps.add_missing(expect, id - 1, &seen);
+            }
+            expect = id + 1;
+        }
+        if ids.len() < CHUNK {
+            break;
+        }
+    }
+    if expect <= upto {
+        gaps.add_missing(expect, upto, &seen);
+    }
+    Ok(gaps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_condition_lists_singles_and_ranges() {
+        assert_eq!(gap_condition(Some(10), &[]), "`id` > 10");
+        assert_eq!(
+            gap_condition(Some(10), &[(2, 2), (4, 6), (8, 8)]),
+            "`id` > 10 OR `id` IN (2,8) OR `id` BETWEEN 4 AND 6"
+        );
+        assert_eq!(
+            gap_condition(None, &[(2, 2), (4, 6)]),
+            "`id` IN (2) OR `id` BETWEEN 4 AND 6"
+        );
+    }
+}

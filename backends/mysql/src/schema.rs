@@ -1,0 +1,719 @@
+//! The SQL objects the MySQL backend creates, and the checks before it creates them.
+//!
+//! Objects (all named `epidemic_*`, in the URL's database):
+//! - `epidemic_watch`: one row per watched table: its log table and watched columns.
+//! - `epidemic_cursor`: one row per (daemon, handler, table): high-water mark and gaps.
+//! - `epidemic_dead_letter`: changes handlers gave up on.
+//! - `epidemic_log_<table>`: the change log of one table (InnoDB, `BIGINT AUTO_INCREMENT`
+//!   id, `op`, `changed_at` in microseconds, typed `old_<col>`/`new_<col>` columns).
+//! - triggers `epidemic_<table>_insert|_update|_delete`, `AFTER`, on the user's table.
+//!
+//! Names longer than MySQL's 64 characters are cut and given a hash suffix.
+//!
+//! Everything generated here runs on MySQL 5.0: no JSON functions, no `IF NOT EXISTS`
+//! on triggers, no fractional-second types in the DDL (the time is a `BIGINT` filled by
+//! the trigger, with microseconds where the server has `UTC_TIMESTAMP(6)`), one trigger
+//! per table, event and timing. MySQL DDL is not transactional, so
+//! [`MySqlSchema::plan_install`] checks every table and column before it returns a
+//! statement, and `install` runs exactly the statements it returned.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use epidemic_plugin_sdk::{ident, BackendError, Watch};
+use mysql::prelude::Queryable;
+use mysql::Conn;
+
+use crate::conn::{sql_err, ServerInfo};
+
+/// MySQL's limit for table, column and trigger names.
+const MAX_NAME: usize = 64;
+
+/// Backtick-quote an identifier (a backtick inside is doubled).
+pub(crate) fn quote(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// A string literal. Only ever used with checked identifiers and comma-joined lists of
+/// them; quotes and backslashes are escaped anyway.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// FNV-1a, for stable short name suffixes (not for security).
+fn fnv1a32(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// `name` if it fits MySQL's 64 characters, else its first 55 characters, `_` and eight
+/// hex digits of its hash. Names are ASCII (checked by [`ident::check`]).
+fn fit(name: String) -> String {
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    format!("{}_{:08x}", &name[..MAX_NAME - 9], fnv1a32(&name))
+}
+
+pub(crate) fn log_table_name(source: &str) -> String {
+    fit(format!("epidemic_log_{source}"))
+}
+
+pub(crate) fn trigger_name(source: &str, event: &str) -> String {
+    fit(format!("epidemic_{source}_{event}"))
+}
+
+fn log_column(prefix: &str, column: &str) -> String {
+    fit(format!("{prefix}_{column}"))
+}
+
+const WATCH_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_watch` (
+    `source_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `log_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `columns` TEXT CHARACTER SET utf8 NOT NULL COMMENT 'watched columns, comma-separated',
+    PRIMARY KEY (`source_table`)
+) ENGINE=InnoDB COMMENT='Epidemic: watched tables'";
+
+const CURSOR_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_cursor` (
+    `daemon` VARCHAR(128) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `handler` VARCHAR(128) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `source_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `high_water` BIGINT NOT NULL COMMENT 'largest log id handled',
+    `gaps` MEDIUMTEXT CHARACTER SET ascii NOT NULL COMMENT 'ids below high_water not seen yet: 3,5-9',
+    `registered_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch',
+    `last_seen` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch',
+    `evicted_at` BIGINT NULL DEFAULT NULL COMMENT 'set when unseen longer than consumer_ttl: no longer holds back pruning',
+    PRIMARY KEY (`daemon`, `handler`, `source_table`)
+) ENGINE=InnoDB COMMENT='Epidemic: one cursor per consumer and table'";
+
+/// Changes and errors are stored as bytes: MySQL 5.0's `utf8` holds no 4-byte
+/// characters, and a dead letter must never fail to be written over an emoji.
+const DEAD_LETTER_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_dead_letter` (
+    `id` BIGINT NOT NULL AUTO_INCREMENT,
+    `daemon` VARCHAR(128) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `handler` VARCHAR(128) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `source_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `change_id` BIGINT NOT NULL,
+    `op` CHAR(1) CHARACTER SET ascii NOT NULL,
+    `change` LONGBLOB NOT NULL COMMENT 'the change as delivered, JSON (UTF-8)',
+    `error` MEDIUMBLOB NOT NULL COMMENT 'the last error (UTF-8)',
+    `attempts` INT NOT NULL,
+    `failed_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch',
+    `retry_requested` TINYINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (`id`),
+    KEY `consumer` (`daemon`, `handler`)
+) ENGINE=InnoDB COMMENT='Epidemic: changes handlers gave up on'";
+
+/// Longest daemon or handler name `epidemic_cursor` holds.
+pub(crate) const MAX_CONSUMER_NAME: usize = 128;
+
+/// A watched table's log, as the registry describes it.
+#[derive(Debug, Clone)]
+pub(crate) struct MySqlLogTable {
+    pub source_table: String,
+    pub log_table: String,
+    pub columns: Arc<[String]>,
+    /// `SELECT id, op, changed_at, old_..., new_... FROM log WHERE `; the reader adds
+    /// its id conditions, `ORDER BY` and `LIMIT`.
+    pub select_prefix: String,
+}
+
+impl MySqlLogTable {
+    fn new(source_table: String, log_table: String, columns: Vec<String>) -> Self {
+        let olds = columns.iter().map(|c| quote(&log_column("old", c)));
+        let news = columns.iter().map(|c| quote(&log_column("new", c)));
+        let select_prefix = format!(
+            "SELECT `id`, `op`, `changed_at`, {} FROM {} WHERE ",
+            olds.chain(news).collect::<Vec<_>>().join(", "),
+            quote(&log_table)
+        );
+        MySqlLogTable {
+            source_table,
+            log_table,
+            columns: columns.into(),
+            select_prefix,
+        }
+    }
+}
+
+/// A column of a user's table, as `information_schema.COLUMNS` describes it.
+#[derive(Debug, Clone)]
+struct SourceColumn {
+    name: String,
+    /// `varchar(255)`, `int(10) unsigned`, `enum('a','b')`.
+    column_type: String,
+    /// `utf8mb4` for character columns, `None` otherwise.
+    charset: Option<String>,
+}
+
+impl SourceColumn {
+    /// The type of a log column holding this column's values: the same type, the same
+    /// character set, and always nullable (an INSERT has no old values). `NULL DEFAULT
+    /// NULL` also keeps MySQL 5.x from giving a `TIMESTAMP` column automatic
+    /// initialisation, which would replace a NULL with the current time.
+    fn log_type(&self) -> String {
+        match &self.charset {
+            Some(cs) => format!("{} CHARACTER SET {cs} NULL DEFAULT NULL", self.column_type),
+            None => format!("{} NULL DEFAULT NULL", self.column_type),
+        }
+    }
+
+    fn same_type(&self, other: &SourceColumn) -> bool {
+        self.column_type.eq_ignore_ascii_case(&other.column_type) && self.charset == other.charset
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ExistingTrigger {
+    name: String,
+    timing: String,
+    event: String,
+    table: String,
+    body: String,
+}
+
+/// One watch after validation: the table's real name and the full column set.
+struct ResolvedWatch {
+    table: String,
+    columns: Vec<SourceColumn>,
+}
+
+const EVENTS: [(&str, &str); 3] = [
+    ("insert", "INSERT"),
+    ("update", "UPDATE"),
+    ("delete", "DELETE"),
+];
+
+pub(crate) struct MySqlSchema<'c> {
+    conn: &'c mut Conn,
+    server: ServerInfo,
+}
+
+impl<'c> MySqlSchema<'c> {
+    pub fn new(conn: &'c mut Conn, server: ServerInfo) -> Self {
+        MySqlSchema { conn, server }
+    }
+
+    /// Tables of the current database named `name`, with their type (`BASE TABLE`,
+    /// `VIEW`). information_schema may compare names without regard to case, so the
+    /// caller picks among the rows.
+    pub fn tables_named(&mut self, name: &str) -> Result<Vec<(String, String)>, BackendError> {
+        self.conn
+            .exec(
+                "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                (name,),
+            )
+            .map_err(sql_err)
+    }
+
+    pub fn table_exists(&mut self, name: &str) -> Result<bool, BackendError> {
+        Ok(self.tables_named(name)?.iter().any(|(n, _)| n == name))
+    }
+
+    /// The real name of a user's table as the config names it: the exact name, or on a
+    /// server with case-insensitive table names (`lower_case_table_names` 1 or 2) the
+    /// one table that matches without regard to case.
+    fn resolve_table(&mut self, name: &str) -> Result<String, BackendError> {
+        let found = self.tables_named(name)?;
+        let pick = match found.iter().find(|(n, _)| n == name) {
+            Some(exact) => Some(exact.clone()),
+            None => {
+                let lctn: Option<u32> = self
+                    .conn
+                    .query_first("SELECT @@lower_case_table_names")
+                    .map_err(sql_err)?;
+                let ci: Vec<&(String, String)> = found
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .collect();
+                match (lctn.unwrap_or(0), ci.as_slice()) {
+                    (1 | 2, [one]) => Some((*one).clone()),
+                    _ => None,
+                }
+            }
+        };
+        match pick {
+            None => Err(BackendError::Invalid(format!(
+                "table {name} does not exist"
+            ))),
+            Some((real, kind)) if kind != "BASE TABLE" => Err(BackendError::Invalid(format!(
+                "table {real} is a {}: only base tables can have triggers",
+                kind.to_ascii_lowercase()
+            ))),
+            Some((real, _)) => Ok(real),
+        }
+    }
+
+    pub fn column_names(&mut self, table: &str) -> Result<Vec<String>, BackendError> {
+        Ok(self
+            .columns_of(table)?
+            .into_iter()
+            .map(|c| c.name)
+            .collect())
+    }
+
+    fn columns_of(&mut self, table: &str) -> Result<Vec<SourceColumn>, BackendError> {
+        let rows: Vec<(String, String, String, Option<String>)> = self
+            .conn
+            .exec(
+                "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, CHARACTER_SET_NAME FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+                (table,),
+            )
+            .map_err(sql_err)?;
+        Ok(rows
+            .into_iter()
+            .filter(|(t, ..)| t == table)
+            .map(|(_, name, column_type, charset)| SourceColumn {
+                name,
+                column_type,
+                charset,
+            })
+            .collect())
+    }
+
+    fn triggers(&mut self) -> Result<Vec<ExistingTrigger>, BackendError> {
+        let rows: Vec<(String, String, String, String, String)> = self
+            .conn
+            .query(
+                "SELECT TRIGGER_NAME, ACTION_TIMING, EVENT_MANIPULATION, EVENT_OBJECT_TABLE, ACTION_STATEMENT \
+                 FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE()",
+            )
+            .map_err(sql_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, timing, event, table, body)| ExistingTrigger {
+                name,
+                timing,
+                event,
+                table,
+                body,
+            })
+            .collect())
+    }
+
+    /// The names of the triggers on `table`.
+    pub fn trigger_names(&mut self, table: &str) -> Result<Vec<String>, BackendError> {
+        Ok(self
+            .triggers()?
+            .into_iter()
+            .filter(|t| t.table == table)
+            .map(|t| t.name)
+            .collect())
+    }
+
+    pub fn installed(&mut self) -> Result<bool, BackendError> {
+        self.table_exists("epidemic_watch")
+    }
+
+    /// The registry entry for a source table, if it is watched.
+    pub fn watched(&mut self, table: &str) -> Result<Option<MySqlLogTable>, BackendError> {
+        if !self.installed()? {
+            return Ok(None);
+        }
+        let row: Option<(String, String, String)> = self
+            .conn
+            .exec_first(
+                "SELECT source_table, log_table, columns FROM epidemic_watch WHERE source_table = ?",
+                (table,),
+            )
+            .map_err(sql_err)?;
+        row.map(|(s, l, c)| registry_entry(s, l, &c)).transpose()
+    }
+
+    pub fn all_watched(&mut self) -> Result<Vec<MySqlLogTable>, BackendError> {
+        if !self.installed()? {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String, String)> = self
+            .conn
+            .query(
+                "SELECT source_table, log_table, columns FROM epidemic_watch ORDER BY source_table",
+            )
+            .map_err(sql_err)?;
+        rows.into_iter()
+            .map(|(s, l, c)| registry_entry(s, l, &c))
+            .collect()
+    }
+
+    /// Check that every watched column still exists in the source table; a dropped or
+    /// renamed column makes the triggers fail every write to the table, so say so.
+    pub fn check_columns(&mut self, log: &MySqlLogTable) -> Result<(), BackendError> {
+        let have = self.columns_of(&log.source_table)?;
+        if have.is_empty() {
+            return Err(BackendError::Invalid(format!(
+                "watched table {} no longer exists; run `epidemic uninstall` or restore it",
+                log.source_table
+            )));
+        }
+        for c in log.columns.iter() {
+            if !have.iter().any(|h| h.name.eq_ignore_ascii_case(c)) {
+                return Err(BackendError::Invalid(format!(
+                    "watched column {c} no longer exists in table {} (dropped or renamed?); \
+                     writes to the table fail until it is restored or the table is re-installed",
+                    log.source_table
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the watches against the database and return the statements that bring the
+    /// log tables and triggers up to date. Applies nothing.
+    pub fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
+        // Cheap checks first, so a bad name never reaches the server.
+        for w in watches {
+            ident::check("table", &w.table)?;
+            // `epidemic bench` watches its own scratch table; nothing else of ours.
+            let lower = w.table.to_ascii_lowercase();
+            if lower.starts_with("epidemic_") && !lower.starts_with("epidemic_bench_") {
+                return Err(BackendError::Invalid(format!(
+                    "table {}: Epidemic cannot watch its own tables",
+                    w.table
+                )));
+            }
+            for c in &w.columns {
+                ident::check("column", c)?;
+            }
+        }
+        let installed = self.installed()?;
+        let registry: HashMap<String, MySqlLogTable> = self
+            .all_watched()?
+            .into_iter()
+            .map(|l| (l.source_table.clone(), l))
+            .collect();
+        let triggers = self.triggers()?;
+
+        // Resolve every table and column before generating anything: MySQL DDL is not
+        // transactional, so a bad watch found half-way would leave half an install.
+        let mut resolved: Vec<ResolvedWatch> = Vec::new();
+        for w in watches {
+            let table = self.resolve_table(&w.table)?;
+            let source = self.columns_of(&table)?;
+            let find = |c: &str| {
+                source
+                    .iter()
+                    .find(|s| s.name.eq_ignore_ascii_case(c))
+                    .cloned()
+            };
+            let idx = match resolved.iter().position(|r| r.table == table) {
+                Some(i) => i,
+                None => {
+                    // Columns already watched (maybe by another daemon's handlers) stay
+                    // watched: install only ever adds, so two daemons with different
+                    // handlers never undo each other's triggers.
+                    let mut columns = Vec::new();
+                    if let Some(reg) = registry.get(&table) {
+                        for c in reg.columns.iter() {
+                            columns.push(find(c).ok_or_else(|| {
+                                BackendError::Invalid(format!(
+                                    "watched column {c} no longer exists in table {table} (dropped or renamed?)"
+                                ))
+                            })?);
+                        }
+                    }
+                    resolved.push(ResolvedWatch {
+                        table: table.clone(),
+                        columns,
+                    });
+                    resolved.len() - 1
+                }
+            };
+            for c in &w.columns {
+                let col = find(c).ok_or_else(|| {
+                    BackendError::Invalid(format!("column {c} does not exist in table {table}"))
+                })?;
+                let r = &mut resolved[idx];
+                if !r
+                    .columns
+                    .iter()
+                    .any(|x| x.name.eq_ignore_ascii_case(&col.name))
+                {
+                    r.columns.push(col);
+                }
+            }
+            if resolved[idx].columns.is_empty() {
+                return Err(BackendError::Invalid(format!(
+                    "table {table}: no columns to watch"
+                )));
+            }
+            if !self.server.multiple_triggers() {
+                for (suffix, event) in EVENTS {
+                    let ours = trigger_name(&table, suffix);
+                    if let Some(t) = triggers.iter().find(|t| {
+                        t.table == table
+                            && t.event == event
+                            && t.timing == "AFTER"
+                            && t.name != ours
+                    }) {
+                        return Err(BackendError::Invalid(format!(
+                            "table {table} already has an AFTER {event} trigger ({}) and this server allows only one \
+                             per table and event; merge it by hand or upgrade to MySQL 5.7.2+/MariaDB 10.2.3+",
+                            t.name
+                        )));
+                    }
+                }
+            }
+        }
+
+        let mut plan = Vec::new();
+        if !installed {
+            plan.push(WATCH_DDL.to_owned());
+        }
+        if !self.table_exists("epidemic_cursor")? {
+            plan.push(CURSOR_DDL.to_owned());
+        } else if !self
+            .column_names("epidemic_cursor")?
+            .iter()
+            .any(|c| c == "evicted_at")
+        {
+            // Installed by a version before consumer eviction.
+            plan.push(
+                "ALTER TABLE `epidemic_cursor` ADD COLUMN `evicted_at` BIGINT NULL DEFAULT NULL"
+                    .to_owned(),
+            );
+        }
+        if !self.table_exists("epidemic_dead_letter")? {
+            plan.push(DEAD_LETTER_DDL.to_owned());
+        }
+        for r in &resolved {
+            self.plan_table(r, registry.get(&r.table), &triggers, &mut plan)?;
+        }
+        Ok(plan)
+    }
+
+    fn plan_table(
+        &mut self,
+        r: &ResolvedWatch,
+        registered: Option<&MySqlLogTable>,
+        triggers: &[ExistingTrigger],
+        plan: &mut Vec<String>,
+    ) -> Result<(), BackendError> {
+        let table = &r.table;
+        let log = log_table_name(table);
+        let log_q = quote(&log);
+        let names: Vec<String> = r.columns.iter().map(|c| c.name.clone()).collect();
+
+        // The registry row first: if a later statement fails, `uninstall` still knows
+        // every object this install may have created. Readers fail (and retry) on the
+        // missing log columns until the install is completed.
+        let up_to_date =
+            registered.is_some_and(|reg| reg.log_table == log && reg.columns[..] == names[..]);
+        if !up_to_date {
+            plan.push(format!(
+                "INSERT INTO `epidemic_watch` (`source_table`, `log_table`, `columns`) VALUES ({}, {}, {}) \
+                 ON DUPLICATE KEY UPDATE `log_table` = VALUES(`log_table`), `columns` = VALUES(`columns`)",
+                literal(table),
+                literal(&log),
+                literal(&names.join(","))
+            ));
+        }
+
+        let wanted: Vec<(String, &SourceColumn)> = ["old", "new"]
+            .iter()
+            .flat_map(|p| r.columns.iter().map(move |c| (log_column(p, &c.name), c)))
+            .collect();
+        if self.table_exists(&log)? {
+            let have = self.columns_of(&log)?;
+            let mut changes = Vec::new();
+            for (name, col) in &wanted {
+                match have.iter().find(|h| h.name.eq_ignore_ascii_case(name)) {
+                    None => changes.push(format!("ADD COLUMN {} {}", quote(name), col.log_type())),
+                    // The source column's type changed (a longer VARCHAR, say): follow it.
+                    Some(h) if !h.same_type(col) => {
+                        changes.push(format!("MODIFY COLUMN {} {}", quote(name), col.log_type()))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if !changes.is_empty() {
+                plan.push(format!(
+                    "ALTER TABLE {log_q}\n    {}",
+                    changes.join(",\n    ")
+                ));
+            }
+        } else {
+            let cols: Vec<String> = wanted
+                .iter()
+                .map(|(name, col)| format!("    {} {},\n", quote(name), col.log_type()))
+                .collect();
+            plan.push(format!(
+                "CREATE TABLE {log_q} (\n    `id` BIGINT NOT NULL AUTO_INCREMENT,\n    `op` CHAR(1) CHARACTER SET ascii NOT NULL,\n    \
+                 `changed_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch',\n{}    PRIMARY KEY (`id`)\n) \
+                 ENGINE=InnoDB COMMENT={}",
+                cols.concat(),
+                literal(&format!("Epidemic: changes of {table}"))
+            ));
+        }
+
+        let bodies = self.trigger_bodies(&log_q, &r.columns);
+        let current = EVENTS.iter().zip(&bodies).all(|((suffix, event), body)| {
+            let name = trigger_name(table, suffix);
+            triggers.iter().any(|t| {
+                t.name == name
+                    && t.table == *table
+                    && t.event == *event
+                    && t.timing == "AFTER"
+                    && t.body == *body
+            })
+        });
+        if !current {
+            // Between DROP TRIGGER and CREATE TRIGGER a write to the table would not be
+            // captured. A WRITE lock on the table holds writers off for those few
+            // milliseconds; DDL's implicit commits do not release table locks.
+            plan.push(format!("LOCK TABLES {} WRITE", quote(table)));
+            for (suffix, _) in EVENTS {
+                plan.push(format!(
+                    "DROP TRIGGER IF EXISTS {}",
+                    quote(&trigger_name(table, suffix))
+                ));
+            }
+            for ((suffix, event), body) in EVENTS.iter().zip(&bodies) {
+                plan.push(format!(
+                    "CREATE TRIGGER {} AFTER {event} ON {} FOR EACH ROW {body}",
+                    quote(&trigger_name(table, suffix)),
+                    quote(table)
+                ));
+            }
+            plan.push("UNLOCK TABLES".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The bodies of the INSERT, UPDATE and DELETE triggers, exactly as the server
+    /// reports them back in `information_schema.TRIGGERS.ACTION_STATEMENT`.
+    fn trigger_bodies(&self, log_q: &str, columns: &[SourceColumn]) -> [String; 3] {
+        // The time a change was captured, in microseconds since the Unix epoch. Servers
+        // without fractional seconds (before MySQL 5.6.4) give whole seconds.
+        let now = if self.server.fractional_seconds() {
+            "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))"
+        } else {
+            "UNIX_TIMESTAMP() * 1000000"
+        };
+        let list = |prefix: &str| -> String {
+            columns
+                .iter()
+                .map(|c| quote(&log_column(prefix, &c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let vals = |row: &str| -> String {
+            columns
+                .iter()
+                .map(|c| format!("{row}.{}", quote(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // NULL-safe equality, on the bytes for character columns: under a
+        // case-insensitive or PAD SPACE collation 'ann' = 'Ann ' holds, but a handler
+        // that copies the value must still hear of the change.
+        let same: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let q = quote(&c.name);
+                if c.charset.is_some() {
+                    format!("CAST(OLD.{q} AS BINARY) <=> CAST(NEW.{q} AS BINARY)")
+                } else {
+                    format!("OLD.{q} <=> NEW.{q}")
+                }
+            })
+            .collect();
+        [
+            format!(
+                "BEGIN\n    INSERT INTO {log_q} (`op`, `changed_at`, {}) VALUES ('I', {now}, {});\nEND",
+                list("new"),
+                vals("NEW")
+            ),
+            format!(
+                "BEGIN\n    IF NOT ({}) THEN\n        INSERT INTO {log_q} (`op`, `changed_at`, {}, {}) VALUES ('U', {now}, {}, {});\n    END IF;\nEND",
+                same.join(" AND "),
+                list("old"),
+                list("new"),
+                vals("OLD"),
+                vals("NEW")
+            ),
+            format!(
+                "BEGIN\n    INSERT INTO {log_q} (`op`, `changed_at`, {}) VALUES ('D', {now}, {});\nEND",
+                list("old"),
+                vals("OLD")
+            ),
+        ]
+    }
+
+    /// The statements that remove every object Epidemic created.
+    pub fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        let mut plan = Vec::new();
+        for log in self.all_watched()? {
+            // Triggers first, so writes to the table never hit a missing log table.
+            for (suffix, _) in EVENTS {
+                plan.push(format!(
+                    "DROP TRIGGER IF EXISTS {}",
+                    quote(&trigger_name(&log.source_table, suffix))
+                ));
+            }
+            plan.push(format!("DROP TABLE IF EXISTS {}", quote(&log.log_table)));
+        }
+        for t in ["epidemic_dead_letter", "epidemic_cursor", "epidemic_watch"] {
+            if self.table_exists(t)? {
+                plan.push(format!("DROP TABLE {}", quote(t)));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+fn registry_entry(
+    source: String,
+    log: String,
+    columns: &str,
+) -> Result<MySqlLogTable, BackendError> {
+    let columns: Vec<String> = columns.split(',').map(str::to_owned).collect();
+    // The row is ours, but a damaged one must not become SQL.
+    ident::check("table", &source)
+        .and_then(|()| columns.iter().try_for_each(|c| ident::check("column", c)))
+        .map_err(|e| {
+            BackendError::Other(format!("epidemic_watch row for {source:?} is damaged: {e}"))
+        })?;
+    if !log.starts_with("epidemic_log_") || log.contains('`') {
+        return Err(BackendError::Other(format!(
+            "epidemic_watch row for {source}: unexpected log table {log:?}"
+        )));
+    }
+    Ok(MySqlLogTable::new(source, log, columns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_backticks() {
+        assert_eq!(quote("order"), "`order`");
+        assert_eq!(quote("a`b"), "`a``b`");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn long_names_fit_and_stay_distinct() {
+        let a = "a".repeat(63);
+        let b = format!("{}b", "a".repeat(62));
+        let la = log_table_name(&a);
+        let lb = log_table_name(&b);
+        assert_eq!(la.len(), 64);
+        assert!(la.starts_with("epidemic_log_aaa"));
+        assert_ne!(la, lb);
+        assert_eq!(la, log_table_name(&a), "stable");
+        assert_eq!(log_table_name("users"), "epidemic_log_users");
+        assert_eq!(trigger_name("users", "update"), "epidemic_users_update");
+        assert!(trigger_name(&a, "delete").len() <= 64);
+        assert!(log_column("old", &a).len() <= 64);
+    }
+
+    #[test]
+    fn damaged_registry_rows_are_refused() {
+        assert!(registry_entry("users".into(), "epidemic_log_users".into(), "a,b").is_ok());
+        assert!(registry_entry("users".into(), "epidemic_log_users".into(), "a,b`; DROP").is_err());
+        assert!(registry_entry("users".into(), "users".into(), "a").is_err());
+    }
+}
