@@ -160,7 +160,8 @@ impl Config {
             .add_source(
                 config::Environment::with_prefix("EPIDEMIC")
                     .prefix_separator("_")
-                    .separator("__"),
+                    .separator("__")
+                    .source(Some(env_overrides())),
             )
             .build()
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
@@ -238,6 +239,18 @@ impl Config {
     pub fn backend_options(&self) -> serde_json::Value {
         serde_json::Value::Object(self.database.options.clone().into_iter().collect())
     }
+}
+
+/// The `EPIDEMIC_SECTION__KEY` variables. Others with the prefix (`EPIDEMIC_CONFIG`,
+/// which names the file, or a test harness's own) are not config keys and would
+/// otherwise be read as unknown top-level keys.
+fn env_overrides() -> config::Map<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| {
+            k.strip_prefix("EPIDEMIC_")
+                .is_some_and(|rest| rest.contains("__"))
+        })
+        .collect()
 }
 
 /// Daemon and handler names end up as keys in the database and in metric labels: keep

@@ -380,3 +380,92 @@ fn the_template_plugin_builds_out_of_tree_and_runs() {
         .unwrap_or_default()
         .contains("INSERT mail_users #1 username=u1")));
 }
+
+#[test]
+fn no_password_in_any_output() {
+    use epidemic_tests::pg::{PgServer, StopMode};
+    const PASSWORD: &str = "s3cr3t-pw-Zq9";
+    let server = PgServer::start_private();
+    server.create_database("pwtest");
+    let mut admin = server.client("pwtest");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE app LOGIN PASSWORD '{PASSWORD}';
+             GRANT ALL ON SCHEMA public TO app;
+             CREATE TABLE mail_users (id BIGINT PRIMARY KEY, username TEXT NOT NULL, quota_bytes BIGINT);
+             ALTER TABLE mail_users OWNER TO app;
+             GRANT CREATE ON DATABASE pwtest TO app;"
+        ))
+        .unwrap();
+    let url = format!(
+        "postgres://app:{PASSWORD}@127.0.0.1:{}/pwtest",
+        server.port()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = dir.join("epidemic.toml");
+    let write_config = |url: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[database]\nurl = {url:?}\n[daemon]\nname = \"mx1\"\n\n{}",
+                recorder_handler(
+                    "rec",
+                    &dir.join("rec.jsonl"),
+                    "mail_users",
+                    &["username"],
+                    "permanent = true\nfail_first = 1"
+                )
+            ),
+        )
+        .unwrap();
+    };
+    write_config(&url);
+    let log = dir.join("daemon.log");
+    let mut outputs: Vec<String> = Vec::new();
+    let mut record = |out: std::process::Output| {
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        outputs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+    };
+    record(epidemic(&config, &["sql"]));
+    let mut d = Daemon::start(&config, &log, &[]);
+    assert!(d.wait_for_log("epidemic started", WAIT), "{}", d.log_text());
+    admin
+        .batch_execute("INSERT INTO mail_users VALUES (1, 'ann', 5)")
+        .unwrap();
+    // The change fails permanently: a dead letter whose listing must not leak either.
+    assert!(wait_until(WAIT, || String::from_utf8_lossy(
+        &epidemic(&config, &["dead-letters", "list"]).stdout
+    )
+    .contains("INSERT")));
+    record(epidemic(&config, &["status"]));
+    record(epidemic(&config, &["status", "--json"]));
+    record(epidemic(&config, &["dead-letters", "list", "--json"]));
+    // An outage: the daemon logs the lost connection and the reconnect.
+    server.stop(StopMode::Immediate);
+    assert!(
+        d.wait_for_log("database connection lost", WAIT),
+        "{}",
+        d.log_text()
+    );
+    record(epidemic(&config, &["status"]));
+    server.start();
+    assert!(
+        d.wait_for_log("database reachable again", WAIT),
+        "{}",
+        d.log_text()
+    );
+    // Errors that echo the URL: a missing database, a refused connection.
+    write_config(&url.replace("/pwtest", "/nosuchdb"));
+    record(epidemic(&config, &["status"]));
+    write_config(&url.replace(&format!(":{}/", server.port()), ":1/"));
+    record(epidemic(&config, &["install"]));
+    d.kill();
+    outputs.push(d.log_text());
+    let all = outputs.join("\n");
+    assert!(
+        all.contains("app:***@") || all.contains("nosuchdb"),
+        "the errors above should name the database:\n{all}"
+    );
+    assert!(!all.contains(PASSWORD), "password leaked:\n{all}");
+}

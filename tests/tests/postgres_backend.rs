@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use epidemic_plugin_sdk::host::{self, HostBackend, Library};
 use epidemic_plugin_sdk::{
-    BackendError, Change, Consumer, Op, Registered, StartFrom, Value, Watch,
+    BackendError, Change, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    Op, Registered, Scratch, StartFrom, Status, TableStatus, Value, Watch, SCRATCH_TABLE,
 };
 use epidemic_tests::pg::{wait_for_server, PgServer, StopMode};
-use epidemic_tests::{backend_path, wait_until};
+use epidemic_tests::{backend_path, epidemic, wait_until};
 use serde_json::json;
 
 fn library() -> &'static Library {
@@ -908,7 +909,12 @@ fn install_is_idempotent_and_uninstall_leaves_exactly_the_users_objects() {
     assert_eq!(
         plan,
         vec![
-            "DROP TRIGGER IF EXISTS \"epidemic_capture\" ON \"public\".\"mail_users\"".to_owned(),
+            "DROP TRIGGER IF EXISTS \"epidemic_capture_insert\" ON \"public\".\"mail_users\""
+                .to_owned(),
+            "DROP TRIGGER IF EXISTS \"epidemic_capture_update\" ON \"public\".\"mail_users\""
+                .to_owned(),
+            "DROP TRIGGER IF EXISTS \"epidemic_capture_delete\" ON \"public\".\"mail_users\""
+                .to_owned(),
             "DROP SCHEMA \"epidemic\" CASCADE".to_owned()
         ]
     );
@@ -1145,4 +1151,817 @@ fn prune_deletes_what_every_consumer_passed_and_keeps_the_rest() {
             .collect();
         assert_eq!(ids, vec![11, 12, 13]);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Consumers: liveness, eviction, table lists
+// ---------------------------------------------------------------------------------------
+
+fn consumer_status<'a>(s: &'a Status, handler: &str) -> &'a ConsumerStatus {
+    s.consumers
+        .iter()
+        .find(|c| c.handler == handler)
+        .unwrap_or_else(|| panic!("no consumer {handler} in {s:#?}"))
+}
+
+fn table_status<'a>(s: &'a Status, table: &str) -> &'a TableStatus {
+    s.tables
+        .iter()
+        .find(|t| t.table == table)
+        .unwrap_or_else(|| panic!("no table {table} in {s:#?}"))
+}
+
+fn log_count(db: &str, log: &str) -> i64 {
+    PgServer::shared()
+        .client(db)
+        .query_one(&format!("SELECT count(*) FROM epidemic.{log}"), &[])
+        .expect("count")
+        .get(0)
+}
+
+const EVICTED: &str = "consumer mx1/stale was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again";
+
+#[test]
+fn an_evicted_consumer_releases_pruning_and_must_register_again() {
+    let (url, db) = database(
+        "eviction",
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE u (id int PRIMARY KEY);
+         CREATE TABLE v (id int PRIMARY KEY);",
+    );
+    let mut b = open(&url);
+    b.install(&[
+        watch("t", &["id"]),
+        watch("u", &["id"]),
+        watch("v", &["id"]),
+    ])
+    .expect("install");
+    let (live, stale) = (consumer("live"), consumer("stale"));
+    b.register(&live, &["t".into()], StartFrom::Oldest)
+        .expect("register");
+    b.register(&stale, &["t".into(), "u".into()], StartFrom::Oldest)
+        .expect("register");
+    let mut w = PgServer::shared().client(&db);
+    for i in 1..=5 {
+        for table in ["t", "u", "v"] {
+            w.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&i])
+                .expect("insert");
+        }
+    }
+    assert_eq!(drain(&mut b, &live, 100).len(), 5);
+    // The stale consumer takes a batch and is never heard of again.
+    let held = b.fetch(&stale, 100).expect("fetch");
+    assert_eq!(held.changes.len(), 10);
+    assert!(b
+        .evict_stale(Duration::from_secs(3600))
+        .expect("evict")
+        .is_empty());
+
+    // `live` sends heartbeats; `stale` falls silent and goes after the TTL.
+    let mut evicted = Vec::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        b.touch(&live).expect("touch");
+        evicted.extend(b.evict_stale(Duration::from_millis(300)).expect("evict"));
+        !evicted.is_empty()
+    }));
+    assert_eq!(evicted, vec![stale.clone()]);
+    // A heartbeat does not bring an evicted consumer back.
+    b.touch(&stale).expect("touch");
+    let s = b.status().expect("status");
+    assert!(consumer_status(&s, "stale").evicted);
+    assert!(!consumer_status(&s, "live").evicted);
+
+    // Its work is refused, and its cursor stays where it was.
+    let position = consumer_status(&s, "stale").position.clone();
+    for err in [
+        b.ack(&stale, &held.token, held.changes[9].id)
+            .expect_err("ack after eviction"),
+        b.fetch(&stale, 100).expect_err("fetch after eviction"),
+    ] {
+        assert_eq!(err, BackendError::Invalid(EVICTED.into()));
+    }
+    let s = b.status().expect("status");
+    assert_eq!(consumer_status(&s, "stale").position, position);
+
+    // It holds back nothing: `u`, read only by it, is emptied; `t` goes as far as `live`
+    // has read; `v`, which nobody reads, is kept for a consumer still to come.
+    let mut pruned = 0;
+    assert!(wait_until(Duration::from_secs(30), || {
+        assert!(b.fetch(&live, 100).expect("fetch").changes.is_empty());
+        pruned += b.prune().expect("prune");
+        pruned >= 10
+    }));
+    assert_eq!(pruned, 10);
+    assert_eq!((log_count(&db, "log_t"), log_count(&db, "log_u")), (0, 0));
+    assert_eq!(log_count(&db, "log_v"), 5);
+
+    // Registering again says what happened and starts over; the old batch is void.
+    assert_eq!(
+        b.register(&stale, &["t".into(), "u".into()], StartFrom::Oldest)
+            .expect("register"),
+        Registered::Evicted
+    );
+    let s = b.status().expect("status");
+    assert!(!consumer_status(&s, "stale").evicted);
+    let err = b
+        .ack(&stale, &held.token, held.changes[9].id)
+        .expect_err("the batch of before the eviction");
+    assert!(!err.is_connection(), "{err:?}");
+    w.execute("INSERT INTO u VALUES (6)", &[]).expect("insert");
+    let got: Vec<(String, i64)> = drain(&mut b, &stale, 100)
+        .iter()
+        .map(|ch| (ch.table.clone(), int(ch.value("id"))))
+        .collect();
+    assert_eq!(got, vec![("u".to_owned(), 6)]);
+    assert_eq!(
+        b.register(&stale, &["t".into(), "u".into()], StartFrom::Oldest)
+            .expect("register"),
+        Registered::Existing
+    );
+
+    // Unregistering forgets the cursor, not the dead letters.
+    w.execute("INSERT INTO t VALUES (7)", &[]).expect("insert");
+    let batch = b.fetch(&stale, 100).expect("fetch");
+    let letter = DeadLetter::new(&stale, &batch.changes[0], "boom", 3, 1);
+    b.add_dead_letter(&letter).expect("dead letter");
+    assert!(b.unregister(&stale).expect("unregister"));
+    assert!(!b.unregister(&stale).expect("unregister again"));
+    let err = b.fetch(&stale, 100).expect_err("unregistered");
+    assert!(
+        matches!(err, BackendError::Invalid(ref m) if m.contains("not registered")),
+        "{err:?}"
+    );
+    assert_eq!(
+        b.dead_letters(&DeadLetterQuery::Consumer(stale.clone()))
+            .expect("dead letters")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn register_sets_the_table_list_and_a_table_added_mid_batch_loses_nothing() {
+    let (url, db) = database(
+        "table_lists",
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE u (id int PRIMARY KEY);",
+    );
+    let mut b = open(&url);
+    b.install(&[watch("t", &["id"]), watch("u", &["id"])])
+        .expect("install");
+    let (a, c) = (consumer("a"), consumer("c"));
+    b.register(&a, &["t".into(), "u".into()], StartFrom::Oldest)
+        .expect("register");
+    b.register(&c, &["t".into()], StartFrom::Oldest)
+        .expect("register");
+    let mut w = PgServer::shared().client(&db);
+    w.batch_execute("INSERT INTO t VALUES (1), (2), (3)")
+        .expect("insert");
+    assert_eq!(drain(&mut b, &c, 100).len(), 3);
+    assert_eq!(b.prune().expect("prune"), 0, "a has not read t");
+
+    // The handler no longer reads t: its old cursor must not hold t back.
+    assert_eq!(
+        b.register(&a, &["u".into()], StartFrom::Oldest)
+            .expect("register"),
+        Registered::Existing
+    );
+    assert_eq!(
+        consumer_status(&b.status().expect("status"), "a").tables,
+        vec!["u"]
+    );
+    let mut pruned = 0;
+    assert!(wait_until(Duration::from_secs(30), || {
+        assert!(b.fetch(&c, 100).expect("fetch").changes.is_empty());
+        pruned += b.prune().expect("prune");
+        pruned >= 3
+    }));
+    assert!(drain(&mut b, &a, 100).is_empty());
+
+    // A batch of u in progress, partly acknowledged, when t is added: t's changes in the
+    // batch's range come too (the acknowledged part of u may come again).
+    w.batch_execute("INSERT INTO u VALUES (1), (2), (3); INSERT INTO t VALUES (4), (5);")
+        .expect("insert");
+    let batch = b.fetch(&a, 100).expect("fetch");
+    assert_eq!(batch.changes.len(), 3);
+    b.ack(&a, &batch.token, batch.changes[0].id).expect("ack");
+    b.register(&a, &["u".into(), "t".into()], StartFrom::Oldest)
+        .expect("register");
+    let got: BTreeSet<(String, i64)> = drain(&mut b, &a, 100)
+        .iter()
+        .map(|ch| (ch.table.clone(), int(ch.value("id"))))
+        .collect();
+    let want: BTreeSet<(String, i64)> = [("u", 2), ("u", 3), ("t", 4), ("t", 5)]
+        .iter()
+        .map(|(t, i)| (t.to_string(), *i))
+        .collect();
+    assert!(got.is_superset(&want), "{got:?}");
+    assert!(got.iter().all(|(t, i)| t == "u" || *i >= 4), "{got:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Dead letters
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn dead_letters_round_trip() {
+    let (url, db) = database(
+        "dead_letters",
+        "CREATE TABLE t (id int PRIMARY KEY, v text)",
+    );
+    let mut b = open(&url);
+    // Before install there are none, and nothing to update.
+    assert!(b
+        .dead_letters(&DeadLetterQuery::All)
+        .expect("list")
+        .is_empty());
+    assert_eq!(
+        b.update_dead_letters(&DeadLetterUpdate::Delete(vec![1]))
+            .expect("update"),
+        0
+    );
+    let (mut b, c) = setup(&url, &[watch("t", &["id", "v"])], "h");
+    let other = consumer("other");
+    b.register(&other, &["t".into()], StartFrom::Oldest)
+        .expect("register");
+    PgServer::shared()
+        .client(&db)
+        .batch_execute("INSERT INTO t VALUES (1, 'it''s'), (2, 'b')")
+        .expect("insert");
+    let changes = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+
+    let failed_at_us = 1_712_345_678_901_234;
+    let mut first = DeadLetter::new(&c, &changes[0], "mailbox full", 5, failed_at_us);
+    first.id = b.add_dead_letter(&first).expect("add");
+    let mut second = DeadLetter::new(&other, &changes[1], "nope", 1, failed_at_us + 1);
+    second.id = b.add_dead_letter(&second).expect("add");
+    assert!(second.id > first.id);
+    assert_eq!(
+        b.dead_letters(&DeadLetterQuery::All).expect("list"),
+        vec![first.clone(), second.clone()]
+    );
+    assert_eq!(first.change().expect("stored change"), changes[0]);
+    assert_eq!(
+        b.dead_letters(&DeadLetterQuery::Consumer(c.clone()))
+            .expect("list"),
+        vec![first.clone()]
+    );
+    assert_eq!(
+        b.dead_letters(&DeadLetterQuery::Ids(vec![second.id, 999_999]))
+            .expect("list"),
+        vec![second.clone()]
+    );
+    assert!(b
+        .dead_letters(&DeadLetterQuery::RetryRequested(c.clone()))
+        .expect("list")
+        .is_empty());
+
+    assert_eq!(
+        b.update_dead_letters(&DeadLetterUpdate::RequestRetry(vec![first.id]))
+            .expect("retry"),
+        1
+    );
+    let marked = b
+        .dead_letters(&DeadLetterQuery::RetryRequested(c.clone()))
+        .expect("list");
+    assert_eq!(marked.len(), 1);
+    assert!(marked[0].retry_requested);
+    assert_eq!(
+        consumer_status(&b.status().expect("status"), "h").dead_letters,
+        1
+    );
+
+    // The retry failed again.
+    assert_eq!(
+        b.update_dead_letters(&DeadLetterUpdate::Failed {
+            id: first.id,
+            error: "still full".into(),
+            attempts: 10,
+            failed_at_us: failed_at_us + 7,
+        })
+        .expect("failed"),
+        1
+    );
+    let again = &b
+        .dead_letters(&DeadLetterQuery::Ids(vec![first.id]))
+        .expect("list")[0];
+    assert!(!again.retry_requested);
+    assert_eq!(
+        (again.error.as_str(), again.attempts, again.failed_at_us),
+        ("still full", 10, failed_at_us + 7)
+    );
+
+    assert_eq!(
+        b.update_dead_letters(&DeadLetterUpdate::Delete(vec![first.id, second.id, 42]))
+            .expect("delete"),
+        2
+    );
+    assert!(b
+        .dead_letters(&DeadLetterQuery::All)
+        .expect("list")
+        .is_empty());
+    assert_eq!(
+        b.update_dead_letters(&DeadLetterUpdate::RequestRetry(vec![]))
+            .expect("nothing"),
+        0
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Status and schema drift
+// ---------------------------------------------------------------------------------------
+
+const TRIGGERS: [&str; 3] = [
+    "epidemic_capture_insert",
+    "epidemic_capture_update",
+    "epidemic_capture_delete",
+];
+
+#[test]
+fn status_counts_the_backlog_exactly_and_reports_a_dropped_trigger_until_install() {
+    let (url, db) = database("status", "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let mut b = open(&url);
+    let s = b.status().expect("status before install");
+    assert_eq!(s.backend, "postgres");
+    assert!(s.consumers.is_empty() && s.tables.is_empty());
+
+    let watches = [watch("t", &["id", "v"])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    let server = PgServer::shared();
+    let mut w = server.client(&db);
+    for i in 1..=5 {
+        w.execute("INSERT INTO t VALUES ($1, 'x')", &[&i])
+            .expect("insert");
+    }
+    w.batch_execute("INSERT INTO t VALUES (6, 'y'), (7, 'y'), (8, 'y')")
+        .expect("insert");
+    // Not committed yet: not part of anybody's backlog.
+    let mut open_tx = server.client(&db);
+    open_tx
+        .batch_execute("BEGIN; INSERT INTO t VALUES (9, 'late')")
+        .expect("open transaction");
+
+    let s = b.status().expect("status");
+    let h = consumer_status(&s, "h");
+    assert_eq!((h.backlog, h.dead_letters, h.evicted), (8, 0, false));
+    assert_eq!(h.tables, vec!["t"]);
+    assert!(h.oldest_pending_age_s.is_some_and(|a| a >= 0.0), "{h:?}");
+    assert!(h.last_seen_us > 1_600_000_000_000_000);
+    let t = table_status(&s, "t");
+    assert_eq!(t.log_table, "epidemic.log_t");
+    assert_eq!(t.columns, vec!["id", "v"]);
+    assert_eq!(t.log_rows, 8);
+    assert_eq!(
+        t.triggers,
+        TRIGGERS
+            .iter()
+            .map(|n| (n.to_string(), true))
+            .collect::<Vec<_>>()
+    );
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+
+    // Two of a batch handled; a third given up on.
+    let batch = b.fetch(&c, 3).expect("fetch");
+    b.ack(&c, &batch.token, batch.changes[1].id).expect("ack");
+    b.add_dead_letter(&DeadLetter::new(&c, &batch.changes[2], "boom", 1, 1))
+        .expect("dead letter");
+    let s = b.status().expect("status");
+    let h = consumer_status(&s, "h");
+    assert_eq!((h.backlog, h.dead_letters), (6, 1));
+    assert!(h.position.contains("batch"), "{}", h.position);
+    open_tx.batch_execute("COMMIT").expect("commit");
+    assert_eq!(
+        consumer_status(&b.status().expect("status"), "h").backlog,
+        7
+    );
+    assert_eq!(drain(&mut b, &c, 100).len(), 7);
+    let s = b.status().expect("status");
+    let h = consumer_status(&s, "h");
+    assert_eq!((h.backlog, h.oldest_pending_age_s), (0, None));
+
+    // A trigger dropped by hand: named, with what is lost.
+    w.batch_execute("DROP TRIGGER epidemic_capture_update ON t")
+        .expect("drop trigger");
+    let s = b.status().expect("status");
+    let t = table_status(&s, "t");
+    assert_eq!(
+        t.problems,
+        vec!["trigger epidemic_capture_update on t is missing: UPDATE changes are not captured; run `epidemic install`"]
+    );
+    assert_eq!(t.triggers[1], ("epidemic_capture_update".to_owned(), false));
+    w.execute("UPDATE t SET v = 'lost' WHERE id = 1", &[])
+        .expect("update");
+    assert!(drain(&mut b, &c, 100).is_empty());
+
+    // Install puts back exactly that trigger.
+    let plan = b.install(&watches).expect("install");
+    let triggers: Vec<&String> = plan.iter().filter(|s| s.contains("TRIGGER")).collect();
+    assert_eq!(triggers.len(), 1, "{plan:#?}");
+    assert!(triggers[0].starts_with("CREATE TRIGGER \"epidemic_capture_update\" AFTER UPDATE"));
+    assert!(table_status(&b.status().expect("status"), "t")
+        .problems
+        .is_empty());
+    w.execute("UPDATE t SET v = 'seen' WHERE id = 1", &[])
+        .expect("update");
+    let got = drain(&mut b, &c, 100);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].op, text(got[0].new_value("v"))),
+        (Op::Update, "seen".into())
+    );
+}
+
+#[test]
+fn a_watched_column_cannot_be_dropped_and_a_cascade_is_reported_then_repaired() {
+    let (url, db) = database(
+        "column_drift",
+        "CREATE TABLE t (id int PRIMARY KEY, a varchar(10), b text, c text)",
+    );
+    let (mut b, h) = setup(&url, &[watch("t", &["id", "a", "c"])], "h");
+    let mut admin = PgServer::shared().client(&db);
+    let refused = |admin: &mut postgres::Client, sql: &str| -> String {
+        let e = admin.batch_execute(sql).expect_err(sql);
+        let db = e.as_db_error().expect("a server error");
+        format!("{} {}", db.message(), db.detail().unwrap_or_default())
+    };
+
+    // Unwatched columns come and go freely; watched ones cannot be dropped or retyped.
+    admin
+        .batch_execute("ALTER TABLE t DROP COLUMN b")
+        .expect("drop an unwatched column");
+    let m = refused(&mut admin, "ALTER TABLE t DROP COLUMN a");
+    assert!(
+        m.contains("other objects depend on it") && m.contains("epidemic_capture_update"),
+        "{m}"
+    );
+    let m = refused(&mut admin, "ALTER TABLE t ALTER COLUMN a TYPE varchar(20)");
+    assert!(m.contains("used in a trigger definition"), "{m}");
+
+    // The type change recipe of the install module's docs keeps capturing throughout.
+    admin
+        .batch_execute(
+            r"BEGIN;
+            CREATE TEMP TABLE capture_triggers ON COMMIT DROP AS
+                SELECT pg_get_triggerdef(oid) AS def FROM pg_trigger
+                WHERE tgrelid = 't'::regclass AND tgname LIKE 'epidemic\_capture\_%';
+            DROP TRIGGER epidemic_capture_insert ON t;
+            DROP TRIGGER epidemic_capture_update ON t;
+            DROP TRIGGER epidemic_capture_delete ON t;
+            ALTER TABLE t ALTER COLUMN a TYPE varchar(20);
+            DO $$ DECLARE d text; BEGIN
+                FOR d IN SELECT def FROM capture_triggers LOOP EXECUTE d; END LOOP;
+            END $$;
+            COMMIT;",
+        )
+        .expect("type change recipe");
+    let plan = b
+        .install(&[watch("t", &["id", "a", "c"])])
+        .expect("install");
+    assert!(plan.iter().all(|s| !s.contains("TRIGGER")), "{plan:#?}");
+    admin
+        .batch_execute(
+            "INSERT INTO t VALUES (1, 'long enough!', 'c1'); UPDATE t SET a = 'x' WHERE id = 1",
+        )
+        .expect("writes");
+    let got = drain_until(&mut b, &h, 2, Duration::from_secs(10));
+    assert_eq!(
+        got.iter().map(|c| c.op).collect::<Vec<_>>(),
+        vec![Op::Insert, Op::Update]
+    );
+
+    // CASCADE takes the triggers along: writes go on, uncaptured, and status says so.
+    admin
+        .batch_execute("ALTER TABLE t DROP COLUMN a CASCADE; INSERT INTO t VALUES (2, 'c2')")
+        .expect("drop cascade, then write");
+    let s = b.status().expect("status");
+    let mut want: Vec<String> = TRIGGERS
+        .iter()
+        .map(|n| {
+            let op = n.rsplit('_').next().unwrap_or_default().to_uppercase();
+            format!("trigger {n} on t is missing: {op} changes are not captured; run `epidemic install`")
+        })
+        .collect();
+    want.push(
+        "column a of table t no longer exists (dropped or renamed): handlers that need it cannot get it; \
+         change their columns or restore the column, then run `epidemic install`"
+            .into(),
+    );
+    assert_eq!(table_status(&s, "t").problems, want);
+
+    // Install refuses while a handler still asks for the column, and repairs the
+    // capture once none does.
+    let err = b
+        .install(&[watch("t", &["id", "a", "c"])])
+        .expect_err("a is gone");
+    assert!(
+        matches!(err, BackendError::Invalid(ref m) if m.contains("column a of table t")),
+        "{err:?}"
+    );
+    let plan = b.install(&[watch("t", &["id", "c"])]).expect("install");
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("DROP COLUMN IF EXISTS \"old_a\"")),
+        "{plan:#?}"
+    );
+    let s = b.status().expect("status");
+    assert!(table_status(&s, "t").problems.is_empty(), "{s:#?}");
+    assert_eq!(table_status(&s, "t").columns, vec!["id", "c"]);
+    admin
+        .batch_execute("INSERT INTO t VALUES (3, 'c3')")
+        .expect("insert");
+    let got = drain_until(&mut b, &h, 1, Duration::from_secs(10));
+    assert_eq!(
+        got.len(),
+        1,
+        "the insert during the cascade was not captured"
+    );
+    assert_eq!(&*got[0].columns, &["id".to_owned(), "c".to_owned()]);
+    assert_eq!(text(got[0].new_value("c")), "c3");
+
+    // A rename is allowed (triggers name columns by number) but the capture function
+    // names them: writes fail until install, and status names the column.
+    admin
+        .batch_execute("ALTER TABLE t RENAME COLUMN c TO c2")
+        .expect("rename");
+    let problems = table_status(&b.status().expect("status"), "t")
+        .problems
+        .clone();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("column c of table t no longer exists (dropped or renamed)")),
+        "{problems:?}"
+    );
+    let m = refused(&mut admin, "INSERT INTO t VALUES (4, 'c4')");
+    assert!(m.contains("has no field \"c\""), "{m}");
+    b.install(&[watch("t", &["id", "c2"])]).expect("install");
+    admin
+        .batch_execute("INSERT INTO t VALUES (4, 'c4')")
+        .expect("insert");
+    let got = drain_until(&mut b, &h, 1, Duration::from_secs(10));
+    assert_eq!(text(got[0].new_value("c2")), "c4");
+}
+
+// ---------------------------------------------------------------------------------------
+// The bench's scratch table
+// ---------------------------------------------------------------------------------------
+
+fn scratch_create() -> Scratch {
+    Scratch::Create {
+        table: SCRATCH_TABLE.into(),
+    }
+}
+
+fn scratch_drop() -> Scratch {
+    Scratch::Drop {
+        table: SCRATCH_TABLE.into(),
+    }
+}
+
+fn scratch_insert(first_id: i64, count: u64, per_tx: u64) -> Scratch {
+    Scratch::Insert {
+        table: SCRATCH_TABLE.into(),
+        first_id,
+        count,
+        per_tx,
+    }
+}
+
+fn capture_source(db: &str) -> String {
+    PgServer::shared()
+        .client(db)
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'capture_epidemic_bench_scratch'",
+            &[],
+        )
+        .expect("capture function")
+        .get(0)
+}
+
+#[test]
+fn the_scratch_table_comes_and_goes_with_everything_epidemic_kept_for_it() {
+    let (url, db) = database("scratch", "CREATE TABLE t (id int PRIMARY KEY)");
+    let mut b = open(&url);
+    // Without an installation.
+    let before = catalog(&db);
+    b.scratch(&scratch_create()).expect("create");
+    assert!(catalog(&db).contains(&"relation public.epidemic_bench_scratch r".to_owned()));
+    b.scratch(&scratch_drop()).expect("drop");
+    assert_eq!(catalog(&db), before);
+    // Only ever the scratch table.
+    for op in [
+        Scratch::Create { table: "t".into() },
+        Scratch::Insert {
+            table: "t".into(),
+            first_id: 1,
+            count: 1,
+            per_tx: 1,
+        },
+        Scratch::Drop { table: "t".into() },
+    ] {
+        let err = b.scratch(&op).expect_err("not the scratch table");
+        assert!(
+            matches!(err, BackendError::Invalid(ref m) if m.contains(SCRATCH_TABLE)),
+            "{err:?}"
+        );
+    }
+    assert_eq!(catalog(&db), before);
+
+    // Beside an installation for a user's table, with a consumer and a dead letter.
+    let (mut b, h) = setup(&url, &[watch("t", &["id"])], "h");
+    PgServer::shared()
+        .client(&db)
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .expect("insert");
+    let change = drain_until(&mut b, &h, 1, Duration::from_secs(10)).remove(0);
+    b.add_dead_letter(&DeadLetter::new(&h, &change, "boom", 1, 1))
+        .expect("dead letter");
+    let mixed = consumer("mixed");
+    b.register(&mixed, &["t".into()], StartFrom::Now)
+        .expect("register");
+    let before = catalog(&db);
+    let letters = b.dead_letters(&DeadLetterQuery::All).expect("letters");
+
+    let scratch_watch = [watch(SCRATCH_TABLE, &["id", "payload"])];
+    b.scratch(&scratch_create()).expect("create");
+    b.install(&scratch_watch)
+        .expect("the scratch table can be watched");
+    // The bench measures writes without NOTIFY through a second connection, then
+    // installs again with the configured options.
+    let mut quiet = open_with(&url, json!({"notify": false}));
+    let plan = quiet
+        .install(&scratch_watch)
+        .expect("install without notify");
+    assert!(plan.iter().all(|s| !s.contains("TRIGGER")), "{plan:#?}");
+    assert!(!capture_source(&db).contains("pg_notify"));
+    b.install(&scratch_watch).expect("install with notify");
+    assert!(capture_source(&db).contains("pg_notify"));
+
+    let bench = Consumer {
+        daemon: "epidemic-bench-1".into(),
+        handler: "noop".into(),
+    };
+    b.register(&bench, &[SCRATCH_TABLE.into()], StartFrom::Now)
+        .expect("register");
+    b.register(&mixed, &["t".into(), SCRATCH_TABLE.into()], StartFrom::Now)
+        .expect("register");
+    b.scratch(&scratch_insert(1, 10, 1)).expect("insert");
+    b.scratch(&scratch_insert(11, 25, 10)).expect("insert");
+    let got = drain_until(&mut b, &bench, 35, Duration::from_secs(10));
+    let ids: Vec<i64> = got.iter().map(|c| int(c.value("id"))).collect();
+    assert_eq!(ids, (1..=35).collect::<Vec<_>>());
+    assert_eq!(text(got[0].new_value("payload")), "bench");
+    b.add_dead_letter(&DeadLetter::new(&bench, &got[0], "boom", 1, 1))
+        .expect("dead letter");
+
+    // A leftover of an interrupted run goes with its capture.
+    b.scratch(&scratch_create())
+        .expect("create over a leftover");
+    let s = b.status().expect("status");
+    assert_eq!(
+        s.tables
+            .iter()
+            .map(|t| t.table.as_str())
+            .collect::<Vec<_>>(),
+        vec!["t"]
+    );
+    let consumers: Vec<(&str, &[String])> = s
+        .consumers
+        .iter()
+        .map(|c| (c.handler.as_str(), c.tables.as_slice()))
+        .collect();
+    assert_eq!(
+        consumers,
+        vec![
+            ("h", &["t".to_owned()][..]),
+            ("mixed", &["t".to_owned()][..])
+        ]
+    );
+    assert_eq!(
+        b.dead_letters(&DeadLetterQuery::All).expect("letters"),
+        letters
+    );
+    b.scratch(&scratch_insert(1, 3, 2))
+        .expect("insert into the new table");
+
+    b.install(&scratch_watch).expect("install");
+    b.register(&bench, &[SCRATCH_TABLE.into()], StartFrom::Now)
+        .expect("register");
+    b.scratch(&scratch_drop()).expect("drop");
+    assert_eq!(
+        catalog(&db),
+        before,
+        "drop must leave the catalog as it was"
+    );
+    assert_eq!(
+        b.dead_letters(&DeadLetterQuery::All).expect("letters"),
+        letters
+    );
+    assert_eq!(b.status().expect("status").consumers.len(), 2);
+}
+
+#[test]
+fn quick_bench_runs_and_cleans_up() {
+    let (url, db) = database(
+        "bench",
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let before = catalog(&db);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("epidemic.toml");
+    std::fs::write(&config, format!("[database]\nurl = {url:?}\n")).expect("config");
+    let out = epidemic(&config, &["bench", "--quick", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("bench --json prints JSON");
+    assert_eq!(r["backend"], "postgres");
+    assert!(r["drain_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    assert!(
+        r["write_watched_no_notify"]["rows"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "the notify-off measurement ran: {r}"
+    );
+    assert_eq!(catalog(&db), before, "bench left something behind");
+}
+
+// ---------------------------------------------------------------------------------------
+// Passwords
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn no_password_reaches_a_message_or_the_status() {
+    const PASSWORD: &str = "s3cr3t-pw";
+    let server = PgServer::start_private();
+    server.create_database("secrets");
+    server
+        .client("postgres")
+        .batch_execute(&format!(
+            "CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'; ALTER DATABASE secrets OWNER TO app;"
+        ))
+        .expect("role");
+    let port = server.port();
+    let url = |db: &str| format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/{db}");
+    let hidden = |what: &str, text: &str| {
+        assert!(
+            !text.contains(PASSWORD),
+            "{what} shows the password: {text}"
+        );
+    };
+
+    // The application's own role owns its table and Epidemic's schema.
+    let mut app =
+        postgres::Client::connect(&url("secrets"), postgres::NoTls).expect("connect as app");
+    app.batch_execute("CREATE TABLE mail_users (id int PRIMARY KEY, name text)")
+        .expect("table");
+    let (mut b, c) = setup(
+        &url("secrets"),
+        &[watch("mail_users", &["id", "name"])],
+        "h",
+    );
+    app.batch_execute("INSERT INTO mail_users VALUES (1, 'ann'), (2, 'bob')")
+        .expect("insert");
+    let batch = b.fetch(&c, 1).expect("fetch");
+    b.add_dead_letter(&DeadLetter::new(&c, &batch.changes[0], "failed", 1, 1))
+        .expect("dead letter");
+    let status = b.status().expect("status");
+    assert_eq!(consumer_status(&status, "h").backlog, 2);
+    hidden("status", &serde_json::to_string(&status).expect("json"));
+    hidden("status", &format!("{status:?}"));
+
+    // A database that does not exist, with the password in each form libpq takes.
+    for bad in [
+        url("nope"),
+        format!("postgres://app@127.0.0.1:{port}/nope?password={PASSWORD}&connect_timeout=5"),
+        format!("host=127.0.0.1 port={port} user=app password={PASSWORD} dbname=nope"),
+    ] {
+        let err = library()
+            .open_backend(&bad, &json!({}))
+            .err()
+            .expect("no such database");
+        hidden("a wrong database name", &err.to_string());
+        assert!(err.to_string().contains("\"nope\" does not exist"), "{err}");
+    }
+
+    // The server goes away under a working backend.
+    server.stop(StopMode::Fast);
+    let err = b.fetch(&c, 10).expect_err("server stopped");
+    assert!(err.is_connection(), "{err:?}");
+    hidden("a lost connection", &err.to_string());
+    let err = b.reconnect().expect_err("server stopped");
+    assert!(err.is_connection(), "{err:?}");
+    hidden("a failed reconnect", &err.to_string());
+    assert!(err.to_string().contains("app:***@127.0.0.1"), "{err}");
+    let err = b.status().expect_err("server stopped");
+    hidden("status without a server", &err.to_string());
+
+    server.start();
+    assert!(wait_for_server(&server, "secrets", Duration::from_secs(30)));
+    b.reconnect().expect("reconnect");
+    hidden(
+        "status",
+        &serde_json::to_string(&b.status().expect("status")).expect("json"),
+    );
 }

@@ -2,16 +2,15 @@
 
 use epidemic_plugin_sdk::BackendError;
 
+use crate::ident::Ident;
+
 /// Everything that can go wrong in the PostgreSQL backend. Messages are one line, name the
 /// object concerned, and never contain a password.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("invalid {what} name \"{name}\": {reason}")]
-    InvalidIdentifier {
-        what: &'static str,
-        name: String,
-        reason: &'static str,
-    },
+    /// The SDK's message, which names the identifier.
+    #[error("{0}")]
+    InvalidIdentifier(String),
     #[error("invalid database option: {0}")]
     InvalidOption(String),
     #[error("invalid database url {url}: {reason}")]
@@ -22,8 +21,10 @@ pub enum PgError {
     NotATable(String),
     #[error("column {column} of table {table} does not exist")]
     MissingColumn { table: String, column: String },
-    #[error("column {column} of table {table} is watched but no longer exists (dropped or renamed?); writes to the table fail until it is restored or Epidemic is reinstalled")]
+    #[error("column {column} of table {table} is watched but no longer exists (dropped or renamed?); change the handlers' columns or restore the column, then run `epidemic install`")]
     WatchedColumnGone { table: String, column: String },
+    #[error("table {table} is in schema {schema}, which holds Epidemic's own objects; it cannot be watched")]
+    OwnTable { table: String, schema: String },
     #[error("table {0} has no watched columns")]
     NoColumns(String),
     #[error("schema {0} exists but was not created by Epidemic; set another `schema` option")]
@@ -36,6 +37,13 @@ pub enum PgError {
     NoTables,
     #[error("consumer {0} is not registered")]
     NotRegistered(String),
+    #[error("consumer {0} was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again")]
+    Evicted(String),
+    #[error("bench works only on {expected}, not {table}")]
+    NotScratch {
+        expected: &'static str,
+        table: String,
+    },
     #[error("consumer {consumer}: ack token {token:?} is not a batch token of this backend")]
     BadToken { consumer: String, token: String },
     #[error("consumer {consumer}: ack for batch {token} but the batch in progress is another one (is a second daemon running with the same name?)")]
@@ -81,7 +89,7 @@ impl From<PgError> for BackendError {
             | PgError::Connect { .. }
             | PgError::CursorRace(_)
             | PgError::StaleToken { .. } => BackendError::Other(message),
-            PgError::InvalidIdentifier { .. }
+            PgError::InvalidIdentifier(_)
             | PgError::InvalidOption(_)
             | PgError::InvalidUrl { .. }
             | PgError::MissingTable(_)
@@ -93,8 +101,29 @@ impl From<PgError> for BackendError {
             | PgError::NotInstalled(_)
             | PgError::NothingInstalled(_)
             | PgError::NotRegistered(_)
+            | PgError::Evicted(_)
+            | PgError::NotScratch { .. }
+            | PgError::OwnTable { .. }
             | PgError::NoTables
             | PgError::BadToken { .. } => BackendError::Invalid(message),
+        }
+    }
+}
+
+/// Wrap a driver error with what we were doing, except that a missing table or schema
+/// of our own (`42P01`, `3F000`) means nothing is installed.
+pub fn not_installed(
+    schema: &Ident,
+    context: impl Into<String>,
+) -> impl FnOnce(postgres::Error) -> PgError + '_ {
+    let context = context.into();
+    move |e| {
+        use postgres::error::SqlState;
+        match e.code() {
+            Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
+                PgError::NothingInstalled(schema.to_string())
+            }
+            _ => PgError::Sql { context, source: e },
         }
     }
 }

@@ -1,18 +1,21 @@
 //! Validated SQL identifiers and table names.
 //!
-//! Table and column names come from config files and plugins. They are checked against a
-//! deliberately narrow pattern (`^[A-Za-z_][A-Za-z0-9_$]*$`, at most 63 bytes, the
-//! PostgreSQL limit) and then always double-quoted in generated SQL, so mixed case and
-//! reserved words (`"Order"`, `"select"`) work, names are case-sensitive exactly as
-//! `pg_catalog` spells them, and no name can ever carry SQL.
+//! Table and column names come from config files and plugins. They are checked by the
+//! SDK's [`ident::check`] (letters, digits, `_` and `$`, at most 63 bytes, the PostgreSQL
+//! limit) and then always double-quoted in generated SQL, so mixed case and reserved
+//! words (`"Order"`, `"select"`) work, names are case-sensitive exactly as `pg_catalog`
+//! spells them, and no name can ever carry SQL. What is PostgreSQL's own lives here:
+//! `schema.table` names and quoting.
 
 use std::fmt;
+
+use epidemic_plugin_sdk::ident;
 
 use crate::error::PgError;
 
 /// PostgreSQL's `NAMEDATALEN - 1`: longer identifiers are silently truncated by the
-/// server, which would make two different names collide.
-pub const MAX_IDENT_BYTES: usize = 63;
+/// server, which would make two different names collide. The SDK's limit is this one.
+pub const MAX_IDENT_BYTES: usize = ident::MAX_LEN;
 
 /// An identifier that passed validation. Displayed unquoted; use [`Ident::quoted`] in SQL.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -21,23 +24,7 @@ pub struct Ident(String);
 impl Ident {
     /// Validate `name`; `what` says what it is for the error message ("table", "column").
     pub fn parse(what: &'static str, name: &str) -> Result<Ident, PgError> {
-        let invalid = |reason: &'static str| PgError::InvalidIdentifier {
-            what,
-            name: printable(name),
-            reason,
-        };
-        let mut chars = name.chars();
-        match chars.next() {
-            None => return Err(invalid("it is empty")),
-            Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
-            Some(_) => return Err(invalid("it must start with a letter or an underscore")),
-        }
-        if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$') {
-            return Err(invalid("only letters, digits, `_` and `$` are allowed"));
-        }
-        if name.len() > MAX_IDENT_BYTES {
-            return Err(invalid("it is longer than 63 bytes"));
-        }
+        ident::check(what, name).map_err(|e| PgError::InvalidIdentifier(e.to_string()))?;
         Ok(Ident(name.to_owned()))
     }
 
@@ -76,11 +63,12 @@ impl TableName {
             Some((schema, table)) => Ok(TableName {
                 schema: Ident::parse("schema", schema)?,
                 // A second dot fails the identifier check and is reported with the full name.
-                table: Ident::parse("table", table).map_err(|_| PgError::InvalidIdentifier {
-                    what: "table",
-                    name: printable(name),
-                    reason:
-                        "expected `table` or `schema.table` made of letters, digits, `_` and `$`",
+                table: Ident::parse("table", table).map_err(|_| {
+                    PgError::InvalidIdentifier(format!(
+                        "invalid table name \"{}\": expected `table` or `schema.table` made of \
+                         letters, digits, `_` and `$`",
+                        printable(name)
+                    ))
                 })?,
             }),
             None => Ok(TableName {
@@ -148,7 +136,7 @@ mod tests {
     fn rejects_injection_and_odd_names() {
         for name in ["users; DROP TABLE x", "", "1abc", "a-b", "a\"b", "ä", "a b"] {
             let err = Ident::parse("table", name).unwrap_err();
-            assert!(err.to_string().contains(&format!("\"{name}\"")), "{err}");
+            assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
         }
         assert!(Ident::parse("table", &"a".repeat(63)).is_ok());
         assert!(Ident::parse("table", &"a".repeat(64)).is_err());

@@ -15,18 +15,54 @@
 //!   `search_path` so that it cannot be hijacked by the writer's.
 //! - `watched_table`, `watched_column`: the registry of what is captured and under which
 //!   log names (for `uninstall`, for readers, for drift checks).
-//! - `consumer`: one durable cursor per (daemon, handler).
+//! - `consumer`: one durable cursor per (daemon, handler); `evicted_at` is set when the
+//!   consumer was unseen longer than the daemon's `consumer_ttl`.
+//! - `dead_letter`: changes a handler gave up on.
 //!
-//! On the user's table there is one trigger, `<schema>_capture`, `AFTER INSERT OR UPDATE
-//! OR DELETE ... FOR EACH ROW`. Nothing else outside the schema is touched.
+//! On the user's table there are three triggers, `<schema>_capture_insert`, `_update` and
+//! `_delete`, each `AFTER ... FOR EACH ROW` with a `WHEN` clause that names every watched
+//! column. The update trigger's `WHEN (OLD.c IS DISTINCT FROM NEW.c OR ...)` is the
+//! "did a watched column change" test, so an update of other columns does not even call
+//! the function. The insert and delete triggers' `WHEN (true OR NEW.c IS NULL ...)` is
+//! always true (the planner folds it away once per statement); it is there so that
+//! PostgreSQL records that the trigger depends on each watched column. That is the point
+//! of all three clauses: `ALTER TABLE ... DROP COLUMN` of a watched column is refused
+//! ("other objects depend on it") instead of succeeding and leaving a capture function
+//! that fails every later write to the table. `DROP COLUMN ... CASCADE` drops the three
+//! triggers with the column: writes keep working, nothing is captured, and `status` says
+//! so. The price: PostgreSQL also refuses `ALTER COLUMN ... TYPE` of a column used in a
+//! trigger's `WHEN`. To change a watched column's type without losing changes, recreate
+//! the triggers in the same transaction:
 //!
-//! Install only grows the captured column set (the union of what every daemon's handlers
-//! asked for, so one daemon cannot take columns away from another). The trigger is
-//! (re)created only when it is missing or not ours, because `CREATE TRIGGER` takes a lock
-//! that blocks writers; the function is replaced in place, which needs no such lock.
+//! ```sql
+//! BEGIN;
+//! CREATE TEMP TABLE capture_triggers ON COMMIT DROP AS
+//!     SELECT pg_get_triggerdef(oid) AS def FROM pg_trigger
+//!     WHERE tgrelid = 'mail_users'::regclass AND tgname LIKE 'epidemic\_capture\_%';
+//! DROP TRIGGER epidemic_capture_insert ON mail_users;
+//! DROP TRIGGER epidemic_capture_update ON mail_users;
+//! DROP TRIGGER epidemic_capture_delete ON mail_users;
+//! ALTER TABLE mail_users ALTER COLUMN username TYPE varchar(128);
+//! DO $$ DECLARE d text; BEGIN
+//!     FOR d IN SELECT def FROM capture_triggers LOOP EXECUTE d; END LOOP;
+//! END $$;
+//! COMMIT;
+//! ```
 //!
-//! Not here: reading (see [`crate::reader`]); noticing a dropped or renamed column at
-//! run time (install reports it).
+//! then run `epidemic install`, which brings the log columns' types up to date. Renaming
+//! a watched column is not refused (a trigger refers to columns by number); the capture
+//! function refers to them by name, so writes fail until the handlers' columns are
+//! changed and `epidemic install` has run, and `status` names the column meanwhile.
+//!
+//! Install grows the captured column set (the union of what every daemon's handlers
+//! asked for, so one daemon cannot take columns away from another). The one exception
+//! is a column that no longer exists in the table and that this install does not ask
+//! for: it is dropped from the capture, so that the table can be captured again. The
+//! triggers are (re)created only when they are missing, not ours or out of date, because
+//! `CREATE TRIGGER` takes a lock that blocks writers; the function is replaced in place,
+//! which needs no such lock (and is how the `notify` option takes effect).
+//!
+//! Not here: reading (see [`crate::reader`]); reporting drift (see [`crate::status`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -34,7 +70,7 @@ use epidemic_plugin_sdk::Watch;
 use postgres::GenericClient;
 
 use crate::error::PgError;
-use crate::ident::{quote_literal, Ident, TableName, MAX_IDENT_BYTES};
+use crate::ident::{quote_ident, quote_literal, Ident, TableName, MAX_IDENT_BYTES};
 
 /// Longest `key` in `capture_<key>`, `log_<key>`, `txid_<key>`, `pkey_<key>`: the longest
 /// prefix is `capture_` (8 bytes).
@@ -48,30 +84,32 @@ const CATALOG_EQ_SQL: &str = "EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
 
 /// One column of a watched table, as the catalog describes it now.
 #[derive(Debug, Clone)]
-struct UserColumn {
+pub(crate) struct UserColumn {
     attnum: i16,
     /// The type for the log table's columns: `format_type` without the type modifier,
     /// so that widening the user's column (`varchar(64)` to `varchar(128)`) cannot make
     /// the trigger fail and with it the user's write.
     type_sql: String,
-    /// Whether `IS DISTINCT FROM` can use a `pg_catalog` operator. The trigger function
-    /// runs with `search_path = pg_catalog, pg_temp`; for other types (extension types,
-    /// enums, domains, arrays, `json`) it compares the text forms, which is never wrong,
-    /// at worst reports an update whose text changed but whose value compares equal.
+    /// Whether `IS DISTINCT FROM` can use a `pg_catalog` operator (which is found first
+    /// whatever the installer's `search_path`); for other types (extension types, enums,
+    /// domains, arrays, `json`) the trigger compares the text forms, which is never
+    /// wrong, at worst reports an update whose text changed but whose value compares
+    /// equal.
     has_catalog_eq: bool,
 }
 
 /// A watched table as the catalog describes it now.
 #[derive(Debug, Clone)]
-struct UserTable {
-    oid: u32,
-    columns: HashMap<String, UserColumn>,
+pub(crate) struct UserTable {
+    pub oid: u32,
+    pub columns: HashMap<String, UserColumn>,
 }
 
 /// A watched column as the registry records it.
 #[derive(Debug, Clone)]
 pub(crate) struct RegisteredColumn {
     pub name: Ident,
+    pub position: i32,
     pub column_type: String,
     pub old_column: Ident,
     pub new_column: Ident,
@@ -82,9 +120,104 @@ pub(crate) struct RegisteredColumn {
 pub(crate) struct RegisteredTable {
     pub log_table: Ident,
     pub capture_function: Ident,
+    /// The base of the capture triggers' names; see [`Event::trigger_name`].
     pub trigger_name: Ident,
     /// In capture order.
     pub columns: Vec<RegisteredColumn>,
+}
+
+/// A row event Epidemic captures with one trigger each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Event {
+    pub const ALL: [Event; 3] = [Event::Insert, Event::Update, Event::Delete];
+
+    pub fn sql(self) -> &'static str {
+        match self {
+            Event::Insert => "INSERT",
+            Event::Update => "UPDATE",
+            Event::Delete => "DELETE",
+        }
+    }
+
+    /// `pg_trigger.tgtype` of our trigger: ROW (1) plus INSERT (4), DELETE (8) or
+    /// UPDATE (16); AFTER has no bit.
+    fn tgtype(self) -> i16 {
+        1 | match self {
+            Event::Insert => 4,
+            Event::Update => 16,
+            Event::Delete => 8,
+        }
+    }
+
+    /// `<base>_insert` etc., `base` being the registry's `trigger_name`.
+    pub fn trigger_name(self, base: &Ident) -> Ident {
+        Ident::internal(format!("{base}_{}", self.sql().to_ascii_lowercase()))
+    }
+}
+
+/// A trigger on a watched table that has one of our names or fires our function.
+#[derive(Debug, Clone)]
+pub(crate) struct FoundTrigger {
+    pub name: String,
+    tgtype: i16,
+    /// Fires our capture function.
+    ours: bool,
+    /// The columns it depends on (those in its `WHEN`), sorted.
+    attnums: Vec<i16>,
+}
+
+impl FoundTrigger {
+    /// Whether this is the working trigger for `event` (whatever columns it names).
+    pub fn captures(&self, event: Event, base: &Ident) -> bool {
+        self.ours && self.tgtype == event.tgtype() && self.name == event.trigger_name(base).as_str()
+    }
+}
+
+/// The triggers on `table_oid` that fire `schema.function()` or are named like one of
+/// the capture triggers of `base`.
+pub(crate) fn find_triggers(
+    client: &mut impl GenericClient,
+    table_oid: u32,
+    schema: &Ident,
+    function: &Ident,
+    base: &Ident,
+) -> Result<Vec<FoundTrigger>, PgError> {
+    let names: Vec<String> = Event::ALL
+        .iter()
+        .map(|e| e.trigger_name(base).to_string())
+        .collect();
+    let rows = client
+        .query(
+            "SELECT t.tgname::text, t.tgtype, (n.nspname = $2 AND p.proname = $3), \
+                    ARRAY(SELECT DISTINCT d.refobjsubid::int2 FROM pg_catalog.pg_depend d \
+                          WHERE d.classid = 'pg_catalog.pg_trigger'::regclass AND d.objid = t.oid \
+                            AND d.refclassid = 'pg_catalog.pg_class'::regclass \
+                            AND d.refobjid = t.tgrelid AND d.refobjsubid > 0 \
+                          ORDER BY 1) \
+             FROM pg_catalog.pg_trigger t \
+             JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+             WHERE t.tgrelid = $1 AND NOT t.tgisinternal \
+               AND ((n.nspname = $2 AND p.proname = $3) OR t.tgname = ANY ($4)) \
+             ORDER BY 1",
+            &[&table_oid, &schema.as_str(), &function.as_str(), &names],
+        )
+        .map_err(PgError::sql("inspect triggers"))?;
+    Ok(rows
+        .iter()
+        .map(|r| FoundTrigger {
+            name: r.get(0),
+            tgtype: r.get(1),
+            ours: r.get(2),
+            attnums: r.get(3),
+        })
+        .collect())
 }
 
 /// Produces install and uninstall DDL for one Epidemic schema.
@@ -120,6 +253,26 @@ pub(crate) enum SchemaState {
     Foreign,
 }
 
+/// Whether `schema.table` has a column `column`: for bookkeeping tables that gained a
+/// column after a schema was first installed.
+fn has_column(
+    client: &mut impl GenericClient,
+    schema: &Ident,
+    table: &str,
+    column: &str,
+) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND NOT a.attisdropped)",
+            &[&schema.as_str(), &table, &column],
+        )
+        .map_err(PgError::sql(format!("inspect {schema}.{table}")))?;
+    Ok(row.get(0))
+}
+
 /// The registry: every watched table and its columns. Call only when the schema is ours.
 pub(crate) fn load_registry(
     client: &mut impl GenericClient,
@@ -130,11 +283,11 @@ pub(crate) fn load_registry(
         .query(
             &format!(
                 "SELECT t.table_schema, t.table_name, t.log_table, t.capture_function, t.trigger_name, \
-                        c.column_name, c.column_type, c.old_column, c.new_column \
+                        c.column_name, c.position, c.column_type, c.old_column, c.new_column \
                  FROM {s}.watched_table t \
                  LEFT JOIN {s}.watched_column c \
                    ON c.table_schema = t.table_schema AND c.table_name = t.table_name \
-                 ORDER BY t.table_schema, t.table_name, c.position"
+                 ORDER BY t.table_schema, t.table_name, c.position, c.column_name"
             ),
             &[],
         )
@@ -155,9 +308,10 @@ pub(crate) fn load_registry(
         if let Some(column) = r.get::<_, Option<String>>(5) {
             entry.columns.push(RegisteredColumn {
                 name: Ident::internal(column),
-                column_type: r.get(6),
-                old_column: Ident::internal(r.get(7)),
-                new_column: Ident::internal(r.get(8)),
+                position: r.get(6),
+                column_type: r.get(7),
+                old_column: Ident::internal(r.get(8)),
+                new_column: Ident::internal(r.get(9)),
             });
         }
     }
@@ -185,7 +339,11 @@ fn merge_watches(watches: &[Watch]) -> Result<BTreeMap<TableName, Vec<Ident>>, P
     Ok(merged)
 }
 
-fn inspect_table(client: &mut impl GenericClient, name: &TableName) -> Result<UserTable, PgError> {
+/// The table as the catalog describes it now; [`PgError::MissingTable`] when it is gone.
+pub(crate) fn inspect_table(
+    client: &mut impl GenericClient,
+    name: &TableName,
+) -> Result<UserTable, PgError> {
     let row = client
         .query_opt(
             "SELECT c.oid, c.relkind::text FROM pg_catalog.pg_class c \
@@ -256,13 +414,14 @@ fn log_column(prefix: &str, column: &Ident, attnum: i16) -> Ident {
     }
 }
 
+/// `a, b, c` from `pick` applied to each column.
+fn list(columns: &[RegisteredColumn], pick: impl Fn(&RegisteredColumn) -> String) -> String {
+    columns.iter().map(pick).collect::<Vec<_>>().join(", ")
+}
+
 impl PgInstaller<'_> {
     fn q(&self, name: &str) -> String {
-        format!(
-            "{}.{}",
-            self.schema.quoted(),
-            crate::ident::quote_ident(name)
-        )
+        format!("{}.{}", self.schema.quoted(), quote_ident(name))
     }
 
     /// The statements that bring the installation up to date for `watches`. Validates
@@ -273,6 +432,15 @@ impl PgInstaller<'_> {
         watches: &[Watch],
     ) -> Result<Vec<String>, PgError> {
         let requested = merge_watches(watches)?;
+        for name in requested.keys() {
+            // A capture trigger on a log table would log its own log.
+            if &name.schema == self.schema {
+                return Err(PgError::OwnTable {
+                    table: name.to_string(),
+                    schema: self.schema.to_string(),
+                });
+            }
+        }
         let state = schema_state(client, self.schema)?;
         if state == SchemaState::Foreign {
             return Err(PgError::ForeignSchema(self.schema.to_string()));
@@ -287,40 +455,38 @@ impl PgInstaller<'_> {
         let mut inspected = Vec::with_capacity(requested.len());
         for (name, columns) in &requested {
             let table = inspect_table(client, name)?;
+            let registered = registry.get(name);
             for c in columns {
-                if !table.columns.contains_key(c.as_str()) {
-                    return Err(PgError::MissingColumn {
+                if table.columns.contains_key(c.as_str()) {
+                    continue;
+                }
+                let was_watched =
+                    registered.is_some_and(|r| r.columns.iter().any(|rc| &rc.name == c));
+                return Err(if was_watched {
+                    PgError::WatchedColumnGone {
                         table: name.to_string(),
                         column: c.to_string(),
-                    });
-                }
-            }
-            if let Some(reg) = registry.get(name) {
-                for c in &reg.columns {
-                    if !table.columns.contains_key(c.name.as_str()) {
-                        return Err(PgError::WatchedColumnGone {
-                            table: name.to_string(),
-                            column: c.name.to_string(),
-                        });
                     }
-                }
+                } else {
+                    PgError::MissingColumn {
+                        table: name.to_string(),
+                        column: c.to_string(),
+                    }
+                });
             }
             inspected.push((name, columns, table));
         }
 
-        let mut plan = self.bookkeeping_ddl();
+        let mut plan = self.bookkeeping_ddl(client, state)?;
         let mut taken_logs: HashSet<String> =
             registry.values().map(|r| r.log_table.to_string()).collect();
         for (name, columns, table) in inspected {
             let existing = registry.get(name);
-            let (key_tables, is_new) = match existing {
+            let (log_table, function, trigger_base) = match existing {
                 Some(reg) => (
-                    (
-                        reg.log_table.clone(),
-                        reg.capture_function.clone(),
-                        reg.trigger_name.clone(),
-                    ),
-                    false,
+                    reg.log_table.clone(),
+                    reg.capture_function.clone(),
+                    reg.trigger_name.clone(),
                 ),
                 None => {
                     let mut key = table_key(name, table.oid);
@@ -329,21 +495,22 @@ impl PgInstaller<'_> {
                     }
                     taken_logs.insert(format!("log_{key}"));
                     (
-                        (
-                            Ident::internal(format!("log_{key}")),
-                            Ident::internal(format!("capture_{key}")),
-                            Ident::internal(format!("{}_capture", self.schema)),
-                        ),
-                        true,
+                        Ident::internal(format!("log_{key}")),
+                        Ident::internal(format!("capture_{key}")),
+                        Ident::internal(format!("{}_capture", self.schema)),
                     )
                 }
             };
-            let (log_table, function, trigger) = key_tables;
             let key = &log_table.as_str()["log_".len()..];
 
-            // The captured set: what is registered, then what is newly asked for.
-            let mut all: Vec<RegisteredColumn> =
+            // The captured set: what is registered and still exists, then what is newly
+            // asked for. A registered column that is gone and not asked for (checked
+            // above) leaves the capture.
+            let registered: Vec<RegisteredColumn> =
                 existing.map(|r| r.columns.clone()).unwrap_or_default();
+            let (mut all, gone): (Vec<RegisteredColumn>, Vec<RegisteredColumn>) = registered
+                .into_iter()
+                .partition(|c| table.columns.contains_key(c.name.as_str()));
             let mut added: Vec<RegisteredColumn> = Vec::new();
             let mut retyped: Vec<RegisteredColumn> = Vec::new();
             for reg in &mut all {
@@ -353,6 +520,9 @@ impl PgInstaller<'_> {
                     retyped.push(reg.clone());
                 }
             }
+            let mut next_position = existing
+                .and_then(|r| r.columns.iter().map(|c| c.position).max())
+                .map_or(0, |p| p + 1);
             for c in columns {
                 if all.iter().any(|r| &r.name == c) {
                     continue;
@@ -360,16 +530,25 @@ impl PgInstaller<'_> {
                 let attnum = table.columns[c.as_str()].attnum;
                 let column = RegisteredColumn {
                     name: c.clone(),
+                    position: next_position,
                     column_type: table.columns[c.as_str()].type_sql.clone(),
                     old_column: log_column("old_", c, attnum),
                     new_column: log_column("new_", c, attnum),
                 };
+                next_position += 1;
                 all.push(column.clone());
                 added.push(column);
             }
 
             let log = self.q(log_table.as_str());
-            if is_new {
+            let in_registry = |extra: String| {
+                format!(
+                    "table_schema = {} AND table_name = {}{extra}",
+                    quote_literal(name.schema.as_str()),
+                    quote_literal(name.table.as_str()),
+                )
+            };
+            if existing.is_none() {
                 let mut cols = String::new();
                 for c in &all {
                     cols.push_str(&format!(
@@ -388,11 +567,11 @@ impl PgInstaller<'_> {
                          changed_at timestamptz NOT NULL DEFAULT clock_timestamp(){cols},\n    \
                          CONSTRAINT {pkey} PRIMARY KEY (id)\n)",
                     seq = quote_literal(&self.q("change_id")),
-                    pkey = crate::ident::quote_ident(&format!("pkey_{key}")),
+                    pkey = quote_ident(&format!("pkey_{key}")),
                 ));
                 plan.push(format!(
                     "CREATE INDEX IF NOT EXISTS {} ON {log} (txid)",
-                    crate::ident::quote_ident(&format!("txid_{key}"))
+                    quote_ident(&format!("txid_{key}"))
                 ));
                 plan.push(format!(
                     "INSERT INTO {} (table_schema, table_name, log_table, capture_function, trigger_name) \
@@ -402,27 +581,40 @@ impl PgInstaller<'_> {
                     quote_literal(name.table.as_str()),
                     quote_literal(log_table.as_str()),
                     quote_literal(function.as_str()),
-                    quote_literal(trigger.as_str()),
+                    quote_literal(trigger_base.as_str()),
                 ));
             } else if !added.is_empty() {
                 let adds: Vec<String> = added
                     .iter()
                     .flat_map(|c| {
-                        [
+                        [&c.old_column, &c.new_column].map(|col| {
                             format!(
                                 "ADD COLUMN IF NOT EXISTS {} {}",
-                                c.old_column.quoted(),
+                                col.quoted(),
                                 c.column_type
-                            ),
-                            format!(
-                                "ADD COLUMN IF NOT EXISTS {} {}",
-                                c.new_column.quoted(),
-                                c.column_type
-                            ),
-                        ]
+                            )
+                        })
                     })
                     .collect();
                 plan.push(format!("ALTER TABLE {log} {}", adds.join(", ")));
+            }
+            if !gone.is_empty() {
+                let drops: Vec<String> = gone
+                    .iter()
+                    .flat_map(|c| {
+                        [&c.old_column, &c.new_column]
+                            .map(|col| format!("DROP COLUMN IF EXISTS {}", col.quoted()))
+                    })
+                    .collect();
+                plan.push(format!("ALTER TABLE {log} {}", drops.join(", ")));
+                plan.push(format!(
+                    "DELETE FROM {} WHERE {}",
+                    self.q("watched_column"),
+                    in_registry(format!(
+                        " AND column_name IN ({})",
+                        list(&gone, |c| quote_literal(c.name.as_str()))
+                    ))
+                ));
             }
             if !retyped.is_empty() {
                 let alters: Vec<String> = retyped
@@ -440,27 +632,26 @@ impl PgInstaller<'_> {
                 plan.push(format!("ALTER TABLE {log} {}", alters.join(", ")));
                 for c in &retyped {
                     plan.push(format!(
-                        "UPDATE {} SET column_type = {} WHERE table_schema = {} AND table_name = {} AND column_name = {}",
+                        "UPDATE {} SET column_type = {} WHERE {}",
                         self.q("watched_column"),
                         quote_literal(&c.column_type),
-                        quote_literal(name.schema.as_str()),
-                        quote_literal(name.table.as_str()),
-                        quote_literal(c.name.as_str()),
+                        in_registry(format!(
+                            " AND column_name = {}",
+                            quote_literal(c.name.as_str())
+                        )),
                     ));
                 }
             }
             if !added.is_empty() {
-                let first_position = all.len() - added.len();
                 let values: Vec<String> = added
                     .iter()
-                    .enumerate()
-                    .map(|(i, c)| {
+                    .map(|c| {
                         format!(
                             "({}, {}, {}, {}, {}, {}, {})",
                             quote_literal(name.schema.as_str()),
                             quote_literal(name.table.as_str()),
                             quote_literal(c.name.as_str()),
-                            first_position + i,
+                            c.position,
                             quote_literal(&c.column_type),
                             quote_literal(c.old_column.as_str()),
                             quote_literal(c.new_column.as_str()),
@@ -475,30 +666,65 @@ impl PgInstaller<'_> {
                 ));
             }
 
-            plan.push(self.capture_function(&function, &log, &all, &table));
-            if is_new
-                || !trigger_is_ours(client, table.oid, &trigger, self.schema, &function, name)?
-            {
-                plan.push(format!(
-                    "DROP TRIGGER IF EXISTS {} ON {}",
-                    trigger.quoted(),
-                    name.quoted()
-                ));
-                plan.push(format!(
-                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {}()",
-                    trigger.quoted(),
-                    name.quoted(),
-                    self.q(function.as_str())
-                ));
+            plan.push(self.capture_function(&function, &log, &all));
+            let found = if existing.is_some() {
+                find_triggers(client, table.oid, self.schema, &function, &trigger_base)?
+            } else {
+                // A new registration has no triggers of ours yet; one of our names may
+                // be taken by a leftover, which DROP ... IF EXISTS handles.
+                Vec::new()
+            };
+            let mut attnums: Vec<i16> = all
+                .iter()
+                .map(|c| table.columns[c.name.as_str()].attnum)
+                .collect();
+            attnums.sort_unstable();
+            attnums.dedup();
+            let expected: Vec<Ident> = Event::ALL
+                .iter()
+                .map(|e| e.trigger_name(&trigger_base))
+                .collect();
+            // Triggers firing our function under another name (an older layout).
+            for t in &found {
+                if t.ours && !expected.iter().any(|e| e.as_str() == t.name) {
+                    plan.push(format!(
+                        "DROP TRIGGER IF EXISTS {} ON {}",
+                        quote_ident(&t.name),
+                        name.quoted()
+                    ));
+                }
+            }
+            for event in Event::ALL {
+                let trigger = event.trigger_name(&trigger_base);
+                let current = found
+                    .iter()
+                    .any(|t| t.captures(event, &trigger_base) && t.attnums == attnums);
+                if current {
+                    continue;
+                }
+                if existing.is_none() || found.iter().any(|t| t.name == trigger.as_str()) {
+                    plan.push(format!(
+                        "DROP TRIGGER IF EXISTS {} ON {}",
+                        trigger.quoted(),
+                        name.quoted()
+                    ));
+                }
+                plan.push(self.capture_trigger(event, &trigger, name, &function, &all, &table));
             }
         }
         Ok(plan)
     }
 
-    /// The schema, the shared sequence, the registry and the consumer table. Idempotent
-    /// and cheap (no lock on any user table), so always part of the plan.
-    fn bookkeeping_ddl(&self) -> Vec<String> {
-        vec![
+    /// The schema, the shared sequence, the registry, the consumer and dead-letter
+    /// tables. Idempotent and cheap (no lock on any user table), so always part of the
+    /// plan; a column added to a bookkeeping table since a schema was first installed is
+    /// added when it is missing.
+    fn bookkeeping_ddl(
+        &self,
+        client: &mut impl GenericClient,
+        state: SchemaState,
+    ) -> Result<Vec<String>, PgError> {
+        let mut ddl = vec![
             format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema.quoted()),
             format!(
                 "CREATE SEQUENCE IF NOT EXISTS {} AS bigint",
@@ -531,7 +757,8 @@ impl PgInstaller<'_> {
             ),
             // prev_snapshot: what the consumer has fully handled. batch_*: the batch in
             // progress (NULL when none), kept durable so that a partial ack followed by a
-            // crash resumes exactly the same batch.
+            // crash resumes exactly the same batch. evicted_at: set by evict_stale; an
+            // evicted consumer holds back no pruning and must register again.
             format!(
                 "CREATE TABLE IF NOT EXISTS {} (\n    \
                      daemon text NOT NULL,\n    \
@@ -544,38 +771,54 @@ impl PgInstaller<'_> {
                      batch_last_id bigint,\n    \
                      registered_at timestamptz NOT NULL DEFAULT now(),\n    \
                      last_seen timestamptz NOT NULL DEFAULT now(),\n    \
+                     evicted_at timestamptz,\n    \
                      PRIMARY KEY (daemon, handler)\n)",
                 self.q("consumer")
             ),
-        ]
+        ];
+        if state == SchemaState::Ours && !has_column(client, self.schema, "consumer", "evicted_at")?
+        {
+            ddl.push(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS evicted_at timestamptz",
+                self.q("consumer")
+            ));
+        }
+        // change: the change as delivered (JSON, opaque here). source_table: as the
+        // consumer spelled it.
+        ddl.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} (\n    \
+                 id bigserial PRIMARY KEY,\n    \
+                 daemon text NOT NULL,\n    \
+                 handler text NOT NULL,\n    \
+                 source_table text NOT NULL,\n    \
+                 change_id bigint NOT NULL,\n    \
+                 op text NOT NULL,\n    \
+                 change text NOT NULL,\n    \
+                 error text NOT NULL,\n    \
+                 attempts integer NOT NULL,\n    \
+                 failed_at timestamptz NOT NULL,\n    \
+                 retry_requested boolean NOT NULL DEFAULT false\n)",
+            self.q("dead_letter")
+        ));
+        ddl.push(format!(
+            "CREATE INDEX IF NOT EXISTS dead_letter_consumer ON {} (daemon, handler)",
+            self.q("dead_letter")
+        ));
+        Ok(ddl)
     }
 
+    /// The trigger function: one log row per call. Which calls happen is decided by the
+    /// triggers' `WHEN` clauses (an update that changes no watched column never gets here).
     fn capture_function(
         &self,
         function: &Ident,
         log: &str,
         columns: &[RegisteredColumn],
-        table: &UserTable,
     ) -> String {
-        let list = |pick: &dyn Fn(&RegisteredColumn) -> String| {
-            columns.iter().map(pick).collect::<Vec<_>>().join(", ")
-        };
-        let old_cols = list(&|c| c.old_column.quoted());
-        let new_cols = list(&|c| c.new_column.quoted());
-        let old_vals = list(&|c| format!("OLD.{}", c.name.quoted()));
-        let new_vals = list(&|c| format!("NEW.{}", c.name.quoted()));
-        let unchanged = columns
-            .iter()
-            .map(|c| {
-                let col = c.name.quoted();
-                if table.columns[c.name.as_str()].has_catalog_eq {
-                    format!("OLD.{col} IS NOT DISTINCT FROM NEW.{col}")
-                } else {
-                    format!("OLD.{col}::text IS NOT DISTINCT FROM NEW.{col}::text")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n           AND ");
+        let old_cols = list(columns, |c| c.old_column.quoted());
+        let new_cols = list(columns, |c| c.new_column.quoted());
+        let old_vals = list(columns, |c| format!("OLD.{}", c.name.quoted()));
+        let new_vals = list(columns, |c| format!("NEW.{}", c.name.quoted()));
         // One notification per transaction: PostgreSQL folds identical notifications
         // (same channel, same payload) sent within one transaction.
         let notify = if self.notify {
@@ -591,9 +834,6 @@ impl PgInstaller<'_> {
                  IF TG_OP = 'INSERT' THEN\n        \
                      INSERT INTO {log} (op, {new_cols}) VALUES ('I', {new_vals});\n    \
                  ELSIF TG_OP = 'UPDATE' THEN\n        \
-                     IF {unchanged} THEN\n            \
-                         RETURN NULL;\n        \
-                     END IF;\n        \
                      INSERT INTO {log} (op, {old_cols}, {new_cols}) VALUES ('U', {old_vals}, {new_vals});\n    \
                  ELSE\n        \
                      INSERT INTO {log} (op, {old_cols}) VALUES ('D', {old_vals});\n    \
@@ -616,7 +856,51 @@ impl PgInstaller<'_> {
         )
     }
 
-    /// The statements that remove every object Epidemic created: the trigger on each
+    /// `CREATE TRIGGER` for one event; see the module docs for what the `WHEN` is for.
+    fn capture_trigger(
+        &self,
+        event: Event,
+        trigger: &Ident,
+        name: &TableName,
+        function: &Ident,
+        columns: &[RegisteredColumn],
+        table: &UserTable,
+    ) -> String {
+        let when = match event {
+            Event::Update => columns
+                .iter()
+                .map(|c| {
+                    let col = c.name.quoted();
+                    if table.columns[c.name.as_str()].has_catalog_eq {
+                        format!("OLD.{col} IS DISTINCT FROM NEW.{col}")
+                    } else {
+                        format!("OLD.{col}::text IS DISTINCT FROM NEW.{col}::text")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n    OR "),
+            Event::Insert | Event::Delete => {
+                let row = if event == Event::Insert { "NEW" } else { "OLD" };
+                std::iter::once("true".to_owned())
+                    .chain(
+                        columns
+                            .iter()
+                            .map(|c| format!("{row}.{} IS NULL", c.name.quoted())),
+                    )
+                    .collect::<Vec<_>>()
+                    .join(" OR ")
+            }
+        };
+        format!(
+            "CREATE TRIGGER {} AFTER {} ON {} FOR EACH ROW\nWHEN ({when})\nEXECUTE FUNCTION {}()",
+            trigger.quoted(),
+            event.sql(),
+            name.quoted(),
+            self.q(function.as_str())
+        )
+    }
+
+    /// The statements that remove every object Epidemic created: the triggers on each
     /// watched table that still exists, then the schema with everything in it.
     pub fn plan_uninstall(&self, client: &mut impl GenericClient) -> Result<Vec<String>, PgError> {
         match schema_state(client, self.schema)? {
@@ -626,46 +910,109 @@ impl PgInstaller<'_> {
         }
         let mut plan = Vec::new();
         for (name, reg) in load_registry(client, self.schema)? {
-            match inspect_table(client, &name) {
-                Ok(_) => plan.push(format!(
-                    "DROP TRIGGER IF EXISTS {} ON {}",
-                    reg.trigger_name.quoted(),
-                    name.quoted()
-                )),
-                // The user dropped the table (and with it the trigger) already.
-                Err(PgError::MissingTable(_)) => {}
-                Err(e) => return Err(e),
-            }
+            plan.extend(self.drop_triggers(client, &name, &reg)?);
         }
         plan.push(format!("DROP SCHEMA {} CASCADE", self.schema.quoted()));
         Ok(plan)
     }
-}
 
-/// Whether `table` has our trigger, firing our function for every row change.
-fn trigger_is_ours(
-    client: &mut impl GenericClient,
-    table_oid: u32,
-    trigger: &Ident,
-    schema: &Ident,
-    function: &Ident,
-    name: &TableName,
-) -> Result<bool, PgError> {
-    // tgtype 29 = ROW (1) | INSERT (4) | DELETE (8) | UPDATE (16), AFTER (no BEFORE bit).
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t \
-                 JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
-                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-                 WHERE t.tgrelid = $1 AND t.tgname = $2 AND NOT t.tgisinternal AND t.tgtype = 29 \
-                   AND n.nspname = $3 AND p.proname = $4)",
-            &[
-                &table_oid,
-                &trigger.as_str(),
-                &schema.as_str(),
-                &function.as_str(),
-            ],
-        )
-        .map_err(PgError::sql(format!("inspect triggers of {name}")))?;
-    Ok(row.get(0))
+    /// `DROP TRIGGER` for every capture trigger of a registered table (none when the table
+    /// is gone: the triggers went with it).
+    fn drop_triggers(
+        &self,
+        client: &mut impl GenericClient,
+        name: &TableName,
+        reg: &RegisteredTable,
+    ) -> Result<Vec<String>, PgError> {
+        let table = match inspect_table(client, name) {
+            Ok(t) => t,
+            Err(PgError::MissingTable(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names: Vec<String> = Event::ALL
+            .iter()
+            .map(|e| e.trigger_name(&reg.trigger_name).to_string())
+            .collect();
+        for t in find_triggers(
+            client,
+            table.oid,
+            self.schema,
+            &reg.capture_function,
+            &reg.trigger_name,
+        )? {
+            if t.ours && !names.contains(&t.name) {
+                names.push(t.name);
+            }
+        }
+        Ok(names
+            .iter()
+            .map(|t| {
+                format!(
+                    "DROP TRIGGER IF EXISTS {} ON {}",
+                    quote_ident(t),
+                    name.quoted()
+                )
+            })
+            .collect())
+    }
+
+    /// The statements that remove everything Epidemic keeps for one table (triggers, log,
+    /// function, registry entry, the table from consumers' lists and consumers left with
+    /// no table, dead letters), leaving the rest of the installation alone. Empty when
+    /// the table is not registered.
+    pub fn plan_forget_table(
+        &self,
+        client: &mut impl GenericClient,
+        name: &TableName,
+    ) -> Result<Vec<String>, PgError> {
+        if schema_state(client, self.schema)? != SchemaState::Ours {
+            return Ok(Vec::new());
+        }
+        let registry = load_registry(client, self.schema)?;
+        let Some(reg) = registry.get(name) else {
+            return Ok(Vec::new());
+        };
+        let mut plan = self.drop_triggers(client, name, reg)?;
+        plan.push(format!(
+            "DROP TABLE IF EXISTS {}",
+            self.q(reg.log_table.as_str())
+        ));
+        plan.push(format!(
+            "DROP FUNCTION IF EXISTS {}()",
+            self.q(reg.capture_function.as_str())
+        ));
+        plan.push(format!(
+            "DELETE FROM {} WHERE table_schema = {} AND table_name = {}",
+            self.q("watched_table"),
+            quote_literal(name.schema.as_str()),
+            quote_literal(name.table.as_str())
+        ));
+        // Consumers and dead letters name the table as configured: `t` or `public.t`.
+        let mut spellings = vec![format!("{}.{}", name.schema, name.table)];
+        if name.schema.as_str() == "public" {
+            spellings.push(name.table.to_string());
+        }
+        let spellings_sql = spellings
+            .iter()
+            .map(|s| quote_literal(s))
+            .collect::<Vec<_>>()
+            .join(", ");
+        plan.push(format!(
+            "UPDATE {} SET tables = ARRAY(SELECT t FROM unnest(tables) AS t WHERE t NOT IN ({spellings_sql})) \
+             WHERE tables && ARRAY[{spellings_sql}]",
+            self.q("consumer")
+        ));
+        plan.push(format!(
+            "DELETE FROM {} WHERE cardinality(tables) = 0",
+            self.q("consumer")
+        ));
+        // A schema installed before dead letters existed has no such table yet.
+        if has_column(client, self.schema, "dead_letter", "source_table")? {
+            plan.push(format!(
+                "DELETE FROM {} WHERE source_table IN ({spellings_sql})",
+                self.q("dead_letter")
+            ));
+        }
+        Ok(plan)
+    }
 }

@@ -5,8 +5,11 @@
 //! wake-up (module `install` describes every object). Reading: a consumer's cursor is a
 //! pair of transaction snapshots, as in Skytools' PgQ, so changes are never skipped
 //! whatever order transactions commit in, and a long-running transaction holds back
-//! nobody else's changes (module `reader`). Waiting: `LISTEN` on one channel (module
-//! `listener`).
+//! nobody else's changes (module `reader`, which also keeps consumers' liveness and
+//! eviction). Waiting: `LISTEN` on one channel (module `listener`). For the host's
+//! operations: dead letters (module `dead_letters`), the status report with exact
+//! backlogs and schema drift (module `status`), and the bench's scratch table
+//! ([`PgBackend::scratch`](epidemic_plugin_sdk::Backend::scratch)).
 //!
 //! Value mapping: `int2`/`int4`/`int8` are [`Value::Int`](epidemic_plugin_sdk::Value),
 //! `float4`/`float8` are `Float`, `bytea` is `Bytes`, `text`/`varchar`/`char`/`name` are
@@ -17,21 +20,28 @@
 //! keep any state that matters outside the database (a killed daemon loses nothing),
 //! capture `TRUNCATE`, or speak TLS (the URL must allow a plain connection).
 
+mod dead_letters;
 mod error;
 mod ident;
 mod install;
 mod listener;
 mod options;
 mod reader;
+mod status;
 
 pub use error::PgError;
 
 use std::time::Duration;
 
-use epidemic_plugin_sdk::{Backend, BackendError, Batch, Consumer, Registered, StartFrom, Watch};
-use postgres::{Client, Config, NoTls};
+use epidemic_plugin_sdk::{
+    Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    Registered, Scratch, StartFrom, Status, Watch, SCRATCH_TABLE,
+};
+use postgres::{Client, Config, NoTls, Statement};
 
+use crate::dead_letters::PgDeadLetters;
 use crate::error::is_connection_error;
+use crate::ident::TableName;
 use crate::install::PgInstaller;
 use crate::listener::PgListener;
 use crate::options::{redact_url, PgOptions};
@@ -50,6 +60,8 @@ pub struct PgBackend {
     client: Client,
     listener: PgListener,
     reader: PgReader,
+    /// The bench's scratch-table insert, prepared on this connection.
+    scratch_insert: Option<Statement>,
 }
 
 fn connect(config: &Config, url: &str) -> Result<Client, PgError> {
@@ -91,7 +103,57 @@ impl PgBackend {
         }
         tx.commit()
             .map_err(PgError::sql(format!("commit {what}")))?;
+        // Registrations, captured columns or tables may have changed: prepared reads
+        // are rebuilt on the next use.
+        self.reader.reset();
+        self.scratch_insert = None;
         Ok(statements)
+    }
+
+    /// Insert scratch rows `first_id ..< first_id + count`, `per_tx` per transaction.
+    fn scratch_insert(
+        &mut self,
+        name: &TableName,
+        first_id: i64,
+        count: u64,
+        per_tx: u64,
+    ) -> Result<(), PgError> {
+        let statement = match &self.scratch_insert {
+            Some(s) => s.clone(),
+            None => {
+                let s = self
+                    .client
+                    .prepare(&format!(
+                        "INSERT INTO {} (id, payload) VALUES ($1, 'bench')",
+                        name.quoted()
+                    ))
+                    .map_err(PgError::sql(format!("prepare inserts into {name}")))?;
+                self.scratch_insert = Some(s.clone());
+                s
+            }
+        };
+        let context = || format!("insert into {name}");
+        let end = first_id.saturating_add(i64::try_from(count).unwrap_or(i64::MAX));
+        let per_tx = i64::try_from(per_tx.max(1)).unwrap_or(i64::MAX);
+        let mut id = first_id;
+        while id < end {
+            let upto = id.saturating_add(per_tx).min(end);
+            if upto - id == 1 {
+                // One row: one round trip, the statement is its own transaction.
+                self.client
+                    .execute(&statement, &[&id])
+                    .map_err(PgError::sql(context()))?;
+            } else {
+                let mut tx = self.client.transaction().map_err(PgError::sql(context()))?;
+                for i in id..upto {
+                    tx.execute(&statement, &[&i])
+                        .map_err(PgError::sql(context()))?;
+                }
+                tx.commit().map_err(PgError::sql(context()))?;
+            }
+            id = upto;
+        }
+        Ok(())
     }
 }
 
@@ -130,6 +192,7 @@ impl Backend for PgBackend {
             url: redacted,
             options,
             client,
+            scratch_insert: None,
         })
     }
 
@@ -142,10 +205,7 @@ impl Backend for PgBackend {
     }
 
     fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
-        let statements = self.apply("install", |i, tx| i.plan_install(tx, watches))?;
-        // Captured columns may have grown: re-read them on the next fetch.
-        self.reader.reset();
-        Ok(statements)
+        Ok(self.apply("install", |i, tx| i.plan_install(tx, watches))?)
     }
 
     fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
@@ -157,9 +217,7 @@ impl Backend for PgBackend {
     }
 
     fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
-        let statements = self.apply("uninstall", |i, tx| i.plan_uninstall(tx))?;
-        self.reader.reset();
-        Ok(statements)
+        Ok(self.apply("uninstall", |i, tx| i.plan_uninstall(tx))?)
     }
 
     fn register(
@@ -197,6 +255,87 @@ impl Backend for PgBackend {
         self.listener.reconnected(&mut client)?;
         self.client = client;
         self.reader.reset();
+        self.scratch_insert = None;
+        Ok(())
+    }
+
+    fn unregister(&mut self, consumer: &Consumer) -> Result<bool, BackendError> {
+        Ok(self.reader.unregister(&mut self.client, consumer)?)
+    }
+
+    fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
+        Ok(self.reader.touch(&mut self.client, consumer)?)
+    }
+
+    fn evict_stale(&mut self, ttl: Duration) -> Result<Vec<Consumer>, BackendError> {
+        Ok(self.reader.evict_stale(&mut self.client, ttl)?)
+    }
+
+    fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<i64, BackendError> {
+        let letters = PgDeadLetters {
+            schema: &self.options.schema,
+        };
+        Ok(letters.add(&mut self.client, letter)?)
+    }
+
+    fn dead_letters(&mut self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, BackendError> {
+        let letters = PgDeadLetters {
+            schema: &self.options.schema,
+        };
+        Ok(letters.list(&mut self.client, query)?)
+    }
+
+    fn update_dead_letters(&mut self, update: &DeadLetterUpdate) -> Result<u64, BackendError> {
+        let letters = PgDeadLetters {
+            schema: &self.options.schema,
+        };
+        Ok(letters.update(&mut self.client, update)?)
+    }
+
+    fn status(&mut self) -> Result<Status, BackendError> {
+        Ok(status::status(&mut self.client, &self.options.schema)?)
+    }
+
+    /// Only ever touches [`SCRATCH_TABLE`] in `public` (the default `search_path`) and
+    /// what Epidemic keeps for it. `Create` and `Drop` run like install: in one
+    /// transaction, under the install lock.
+    fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {
+        let (Scratch::Create { table } | Scratch::Insert { table, .. } | Scratch::Drop { table }) =
+            op;
+        if table != SCRATCH_TABLE {
+            return Err(PgError::NotScratch {
+                expected: SCRATCH_TABLE,
+                table: table.clone(),
+            }
+            .into());
+        }
+        let name = TableName::parse(table)?;
+        match op {
+            Scratch::Create { .. } => {
+                self.apply("create the bench's scratch table", |i, tx| {
+                    let mut plan = i.plan_forget_table(tx, &name)?;
+                    plan.push(format!("DROP TABLE IF EXISTS {}", name.quoted()));
+                    plan.push(format!(
+                        "CREATE TABLE {} (id bigint PRIMARY KEY, payload text)",
+                        name.quoted()
+                    ));
+                    Ok(plan)
+                })?;
+            }
+            Scratch::Insert {
+                first_id,
+                count,
+                per_tx,
+                ..
+            } => self.scratch_insert(&name, *first_id, *count, *per_tx)?,
+            Scratch::Drop { .. } => {
+                self.apply("drop the bench's scratch table", |i, tx| {
+                    let mut plan = i.plan_forget_table(tx, &name)?;
+                    plan.push(format!("DROP TABLE IF EXISTS {}", name.quoted()));
+                    Ok(plan)
+                })?;
+            }
+        }
         Ok(())
     }
 }

@@ -7,9 +7,10 @@ use serde::Deserialize;
 use crate::error::PgError;
 use crate::ident::Ident;
 
-/// The longest schema name we accept: the trigger on each watched table is named
-/// `<schema>_capture`, which must stay within PostgreSQL's 63-byte limit.
-const MAX_SCHEMA_BYTES: usize = 55;
+/// The longest schema name we accept: the triggers on each watched table are named
+/// `<schema>_capture_insert|update|delete`, which must stay within PostgreSQL's 63-byte
+/// limit.
+const MAX_SCHEMA_BYTES: usize = crate::ident::MAX_IDENT_BYTES - "_capture_update".len();
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +46,7 @@ impl PgOptions {
         let schema = Ident::parse("schema", raw.schema.as_deref().unwrap_or("epidemic"))?;
         if schema.as_str().len() > MAX_SCHEMA_BYTES {
             return Err(PgError::InvalidOption(format!(
-                "schema {schema:?} is longer than {MAX_SCHEMA_BYTES} bytes"
+                "schema \"{schema}\" is longer than {MAX_SCHEMA_BYTES} bytes"
             )));
         }
         let notify = raw.notify.unwrap_or(true);
@@ -65,24 +66,13 @@ impl PgOptions {
     }
 }
 
-/// The URL with any password replaced by `***`, for messages. Handles both URL form
-/// (`postgres://user:secret@host/db`, `?password=secret`) and key-value form
-/// (`host=... password=secret`).
+/// The URL with any password replaced by `***`, for messages. The SDK's
+/// [`redact_url`](epidemic_plugin_sdk::redact_url) handles the userinfo
+/// (`postgres://user:secret@host/db`); libpq also takes the password as a query parameter
+/// (`?password=secret`) and in its key-value form (`host=... password=secret`), which are
+/// PostgreSQL's own and handled here.
 pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                out.replace_range(rest_start + colon + 1..rest_start + at, "***");
-            }
-        }
-    }
-    redact_key_value(&out)
+    redact_key_value(&epidemic_plugin_sdk::redact_url(url))
 }
 
 /// Replace the value of every `password=` pair (query string or key-value form).

@@ -37,6 +37,14 @@
 //! the second writer waits for the first one's row lock, so it draws its id after the
 //! first committed.
 //!
+//! # Liveness
+//!
+//! Every cursor write, and [`PgReader::touch`], sets the consumer's `last_seen`.
+//! [`PgReader::evict_stale`] marks consumers unseen for longer than a TTL as evicted:
+//! they no longer hold back pruning, and since changes they had not handled may be gone,
+//! fetching or acknowledging for them is refused until they register again, which
+//! restarts them like a new consumer and says so ([`Registered::Evicted`]).
+//!
 //! Not here: deciding which changes a handler wants, retries, dead letters (the host).
 
 use std::collections::HashMap;
@@ -47,7 +55,7 @@ use epidemic_plugin_sdk::{Batch, Change, Consumer, Op, Registered, StartFrom, Va
 use postgres::types::Type;
 use postgres::{Client, Row, Statement};
 
-use crate::error::PgError;
+use crate::error::{not_installed, PgError};
 use crate::ident::{Ident, TableName};
 use crate::install::{load_registry, schema_state, RegisteredTable, SchemaState};
 
@@ -192,6 +200,7 @@ struct Cursor {
     prev: String,
     batch_id: i64,
     batch: Option<InProgress>,
+    evicted: bool,
 }
 
 struct InProgress {
@@ -219,17 +228,6 @@ pub(crate) struct PgReader {
 
 fn key(c: &Consumer) -> (String, String) {
     (c.daemon.clone(), c.handler.clone())
-}
-
-/// `42P01` (undefined table) on our own tables means nothing is installed.
-fn not_installed(schema: &Ident, context: String) -> impl FnOnce(postgres::Error) -> PgError + '_ {
-    move |e| {
-        if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) {
-            PgError::NothingInstalled(schema.to_string())
-        } else {
-            PgError::Sql { context, source: e }
-        }
-    }
 }
 
 impl PgReader {
@@ -262,27 +260,33 @@ impl PgReader {
             let mut prepare = |sql: String| {
                 client
                     .prepare(&sql)
-                    .map_err(not_installed(&schema, "prepare cursor statements".into()))
+                    .map_err(not_installed(&schema, "prepare cursor statements"))
             };
             let shared = Shared {
                 load: prepare(format!(
-                    "SELECT tables, prev_snapshot::text, batch_id, batch_snapshot::text, batch_done_upto, batch_last_id \
+                    "SELECT tables, prev_snapshot::text, batch_id, batch_snapshot::text, batch_done_upto, batch_last_id, \
+                         evicted_at IS NOT NULL \
                      FROM {consumer} WHERE daemon = $1 AND handler = $2"
                 ))?,
+                // Every cursor write checks `evicted_at IS NULL`: an eviction between
+                // reading the cursor and writing it must not be overwritten.
                 start: prepare(format!(
                     "UPDATE {consumer} SET batch_id = batch_id + 1, batch_snapshot = $4::text::pg_snapshot, \
                          batch_done_upto = $5, batch_last_id = $6, last_seen = now() \
                      WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NULL \
+                       AND evicted_at IS NULL \
                      RETURNING batch_id"
                 ))?,
                 advance: prepare(format!(
                     "UPDATE {consumer} SET prev_snapshot = $4::text::pg_snapshot, last_seen = now() \
-                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NULL"
+                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NULL \
+                       AND evicted_at IS NULL"
                 ))?,
                 finish: prepare(format!(
                     "UPDATE {consumer} SET prev_snapshot = batch_snapshot, batch_snapshot = NULL, \
                          batch_done_upto = NULL, batch_last_id = NULL, last_seen = now() \
-                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL"
+                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL \
+                       AND evicted_at IS NULL"
                 ))?,
                 // Everything on the right-hand side sees the row as it was, so the batch
                 // closes (prev := cur) exactly when upto reaches its last id.
@@ -294,7 +298,8 @@ impl PgReader {
                                                 ELSE GREATEST(batch_done_upto, $4) END, \
                          batch_last_id = CASE WHEN $4 >= batch_last_id THEN NULL ELSE batch_last_id END, \
                          last_seen = now() \
-                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL"
+                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL \
+                       AND evicted_at IS NULL"
                 ))?,
             };
             self.shared = Some(shared);
@@ -330,6 +335,15 @@ impl PgReader {
         Ok(out)
     }
 
+    /// Create the consumer's cursor, or bring an existing one up to date: its table list
+    /// becomes exactly `tables` (a table it no longer reads stops holding back pruning),
+    /// and an evicted consumer starts over as a new one would, at `start`.
+    ///
+    /// A batch in progress is kept when tables are only removed (their remaining rows in
+    /// it are simply not read). When a table is added the batch is dropped and the next
+    /// one starts from the last fully handled snapshot: the batch's bounds were taken over
+    /// the old tables and would skip the new table's rows, so the part of it already
+    /// handled is delivered again instead (at least once, never lost).
     pub fn register(
         &mut self,
         client: &mut Client,
@@ -342,32 +356,71 @@ impl PgReader {
         }
         let registry = load_registry(client, &self.schema)?;
         self.resolve(&registry, tables)?;
+        self.plans.remove(&key(consumer));
         let consumer_table = self.q("consumer");
         let context = || format!("register consumer {consumer}");
+        let from_now = start == StartFrom::Now;
+        let (d, h) = (&consumer.daemon, &consumer.handler);
+        let mut tx = client.transaction().map_err(PgError::sql(context()))?;
         // 1:1: sees no transaction at all, so the first batch is the whole log.
-        let inserted = client
+        let start_snapshot = "CASE WHEN $3 THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END";
+        let inserted = tx
             .query_opt(
                 &format!(
                     "INSERT INTO {consumer_table} (daemon, handler, tables, prev_snapshot) \
-                     VALUES ($1, $2, $3, CASE WHEN $4 THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END) \
+                     VALUES ($1, $2, $4, {start_snapshot}) \
                      ON CONFLICT (daemon, handler) DO NOTHING RETURNING batch_id"
                 ),
-                &[&consumer.daemon, &consumer.handler, &tables, &(start == StartFrom::Now)],
+                &[d, h, &from_now, &tables],
             )
             .map_err(PgError::sql(context()))?;
-        if inserted.is_some() {
-            return Ok(Registered::New);
-        }
-        client
-            .execute(
-                &format!(
-                    "UPDATE {consumer_table} SET tables = $3, last_seen = now() WHERE daemon = $1 AND handler = $2"
-                ),
-                &[&consumer.daemon, &consumer.handler, &tables],
-            )
+        let registered = if inserted.is_some() {
+            Registered::New
+        } else {
+            let row = tx
+                .query_one(
+                    &format!(
+                        "SELECT evicted_at IS NOT NULL, batch_snapshot IS NOT NULL AND NOT tables @> $3 \
+                         FROM {consumer_table} WHERE daemon = $1 AND handler = $2 FOR UPDATE"
+                    ),
+                    &[d, h, &tables],
+                )
+                .map_err(PgError::sql(context()))?;
+            let (evicted, grown_mid_batch): (bool, bool) = (row.get(0), row.get(1));
+            let restart_batch = "batch_id = batch_id + 1, batch_snapshot = NULL, \
+                                 batch_done_upto = NULL, batch_last_id = NULL";
+            if evicted {
+                tx.execute(
+                    &format!(
+                        "UPDATE {consumer_table} SET tables = $4, prev_snapshot = {start_snapshot}, {restart_batch}, \
+                             evicted_at = NULL, registered_at = now(), last_seen = now() \
+                         WHERE daemon = $1 AND handler = $2"
+                    ),
+                    &[d, h, &from_now, &tables],
+                )
+            } else {
+                let restart = if grown_mid_batch {
+                    format!(", {restart_batch}")
+                } else {
+                    String::new()
+                };
+                tx.execute(
+                    &format!(
+                        "UPDATE {consumer_table} SET tables = $3{restart}, last_seen = now() \
+                         WHERE daemon = $1 AND handler = $2"
+                    ),
+                    &[d, h, &tables],
+                )
+            }
             .map_err(PgError::sql(context()))?;
-        self.plans.remove(&key(consumer));
-        Ok(Registered::Existing)
+            if evicted {
+                Registered::Evicted
+            } else {
+                Registered::Existing
+            }
+        };
+        tx.commit().map_err(PgError::sql(context()))?;
+        Ok(registered)
     }
 
     fn load(&mut self, client: &mut Client, consumer: &Consumer) -> Result<Cursor, PgError> {
@@ -386,6 +439,7 @@ impl PgReader {
                 done_upto: row.get::<_, Option<i64>>(4).unwrap_or(i64::MIN),
                 last_id: row.get::<_, Option<i64>>(5).unwrap_or(i64::MIN),
             }),
+            evicted: row.get(6),
         })
     }
 
@@ -498,6 +552,11 @@ impl PgReader {
     ) -> Result<Batch, PgError> {
         let max = i64::from(max.max(1));
         let mut cursor = self.load(client, consumer)?;
+        if cursor.evicted {
+            self.plans.remove(&key(consumer));
+            return Err(PgError::Evicted(consumer.to_string()));
+        }
+        let consumer_table = self.q("consumer");
         let k = key(consumer);
         if self.plans.get(&k).is_none_or(|p| p.tables != cursor.tables) {
             let plan = self.build_plan(client, consumer, &cursor.tables)?;
@@ -510,7 +569,7 @@ impl PgReader {
             return Err(PgError::NotRegistered(consumer.to_string()));
         };
         let (d, h) = (&consumer.daemon, &consumer.handler);
-        let race = || PgError::CursorRace(consumer.to_string());
+        let race = |client: &mut Client| lost_race(client, &consumer_table, consumer);
 
         // At most: read the batch in progress, find it exhausted and close it, start a
         // new one, read it.
@@ -537,7 +596,7 @@ impl PgReader {
                         .execute(&shared.finish, &[d, h, &cursor.batch_id])
                         .map_err(PgError::sql(format!("close the batch of {consumer}")))?;
                     if n != 1 {
-                        return Err(race());
+                        return Err(race(client));
                     }
                     cursor.prev = batch.snapshot.clone();
                     cursor.batch = None;
@@ -560,20 +619,22 @@ impl PgReader {
                                     "advance the cursor of {consumer}"
                                 )))?;
                             if n != 1 {
-                                return Err(race());
+                                return Err(race(client));
                             }
                             plan.last_advance = Some(Instant::now());
                         }
                         return Ok(Batch::default());
                     };
                     let done_upto = first - 1;
-                    let row = client
+                    let Some(row) = client
                         .query_opt(
                             &shared.start,
                             &[d, h, &cursor.batch_id, &cur, &done_upto, &last],
                         )
                         .map_err(PgError::sql(format!("start a batch for {consumer}")))?
-                        .ok_or_else(race)?;
+                    else {
+                        return Err(race(client));
+                    };
                     cursor.batch_id = row.get(0);
                     cursor.batch = Some(InProgress {
                         snapshot: cur,
@@ -610,6 +671,10 @@ impl PgReader {
         // Acking a batch that is already closed is fine: the host may repeat an ack whose
         // reply was lost with the connection.
         let cursor = self.load(client, consumer)?;
+        if cursor.evicted {
+            self.plans.remove(&key(consumer));
+            return Err(PgError::Evicted(consumer.to_string()));
+        }
         if cursor.batch_id == batch_id && cursor.batch.is_none() {
             return Ok(());
         }
@@ -619,10 +684,11 @@ impl PgReader {
         })
     }
 
-    /// Delete, per log table, the rows every consumer of that table has passed: those
-    /// whose transaction is older than the oldest `xmin` of the consumers' `prev`
+    /// Delete, per log table, the rows every live consumer of that table has passed:
+    /// those whose transaction is older than the oldest `xmin` of the consumers' `prev`
     /// snapshots (visible in all of them, so handled by all). Tables nobody reads are
-    /// left alone, so a consumer registered later can still start from the oldest.
+    /// left alone, so a consumer registered later can still start from the oldest;
+    /// tables whose consumers are all evicted are emptied, since nobody live needs them.
     pub fn prune(&mut self, client: &mut Client) -> Result<u64, PgError> {
         if schema_state(client, &self.schema)? != SchemaState::Ours {
             return Ok(0);
@@ -630,7 +696,7 @@ impl PgReader {
         let rows = client
             .query(
                 &format!(
-                    "SELECT tables, pg_snapshot_xmin(prev_snapshot)::text FROM {}",
+                    "SELECT tables, pg_snapshot_xmin(prev_snapshot)::text, evicted_at IS NOT NULL FROM {}",
                     self.q("consumer")
                 ),
                 &[],
@@ -639,18 +705,24 @@ impl PgReader {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut horizon: HashMap<TableName, u64> = HashMap::new();
+        // Per table: the oldest xmin of its live consumers; None while all are evicted.
+        let mut horizon: HashMap<TableName, Option<u64>> = HashMap::new();
         for r in &rows {
             let tables: Vec<String> = r.get(0);
             let xmin: String = r.get(1);
-            let Ok(xmin) = xmin.parse::<u64>() else {
-                continue;
+            let evicted: bool = r.get(2);
+            let xmin = match xmin.parse::<u64>() {
+                Ok(x) if !evicted => Some(x),
+                _ => None,
             };
             for t in tables {
                 // Names were validated at registration.
                 if let Ok(name) = TableName::parse(&t) {
-                    let h = horizon.entry(name).or_insert(u64::MAX);
-                    *h = (*h).min(xmin);
+                    let h = horizon.entry(name).or_insert(None);
+                    *h = match (*h, xmin) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                 }
             }
         }
@@ -661,10 +733,12 @@ impl PgReader {
                 continue;
             };
             let log = self.q(reg.log_table.as_str());
+            // Without a live consumer the horizon is "everything committed": rows of
+            // transactions still running are invisible to the DELETE and stay.
+            let xmin = xmin.map_or_else(|| u64::MAX.to_string(), |x| x.to_string());
             let sql = format!(
                 "DELETE FROM {log} WHERE id IN (SELECT id FROM {log} WHERE txid < $1::text::xid8 LIMIT $2)"
             );
-            let xmin = xmin.to_string();
             loop {
                 let n = client
                     .execute(&sql, &[&xmin, &PRUNE_CHUNK])
@@ -676,5 +750,102 @@ impl PgReader {
             }
         }
         Ok(total)
+    }
+
+    /// The consumer is alive: `last_seen` becomes now. Nothing for an evicted consumer
+    /// (it must register again) or an unknown one.
+    pub fn touch(&mut self, client: &mut Client, consumer: &Consumer) -> Result<(), PgError> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET last_seen = now() WHERE daemon = $1 AND handler = $2 AND evicted_at IS NULL",
+                    self.q("consumer")
+                ),
+                &[&consumer.daemon, &consumer.handler],
+            )
+            .map_err(not_installed(
+                &self.schema,
+                format!("record that {consumer} is alive"),
+            ))?;
+        Ok(())
+    }
+
+    /// Evict every live consumer unseen for longer than `ttl`; returns them.
+    pub fn evict_stale(
+        &mut self,
+        client: &mut Client,
+        ttl: Duration,
+    ) -> Result<Vec<Consumer>, PgError> {
+        if schema_state(client, &self.schema)? != SchemaState::Ours {
+            return Ok(Vec::new());
+        }
+        // Some 3000 years: a longer TTL would take `now() - ttl` out of the range of
+        // timestamps, and can evict nobody anyway.
+        let ttl_s = ttl.as_secs_f64().min(1e11);
+        let rows = client
+            .query(
+                &format!(
+                    "UPDATE {} SET evicted_at = now() \
+                     WHERE evicted_at IS NULL AND last_seen < now() - make_interval(secs => $1) \
+                     RETURNING daemon, handler",
+                    self.q("consumer")
+                ),
+                &[&ttl_s],
+            )
+            .map_err(PgError::sql("evict stale consumers"))?;
+        let mut evicted: Vec<Consumer> = rows
+            .iter()
+            .map(|r| Consumer {
+                daemon: r.get(0),
+                handler: r.get(1),
+            })
+            .collect();
+        evicted.sort_by(|a, b| (&a.daemon, &a.handler).cmp(&(&b.daemon, &b.handler)));
+        for c in &evicted {
+            self.plans.remove(&key(c));
+        }
+        Ok(evicted)
+    }
+
+    /// Forget the consumer's cursor; returns whether there was one.
+    pub fn unregister(
+        &mut self,
+        client: &mut Client,
+        consumer: &Consumer,
+    ) -> Result<bool, PgError> {
+        self.plans.remove(&key(consumer));
+        if schema_state(client, &self.schema)? != SchemaState::Ours {
+            return Ok(false);
+        }
+        let n = client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE daemon = $1 AND handler = $2",
+                    self.q("consumer")
+                ),
+                &[&consumer.daemon, &consumer.handler],
+            )
+            .map_err(PgError::sql(format!("unregister consumer {consumer}")))?;
+        Ok(n > 0)
+    }
+}
+
+/// A cursor write found the row changed since it was read: the consumer was evicted
+/// meanwhile, or another daemon with the same name moved it.
+fn lost_race(client: &mut Client, consumer_table: &str, consumer: &Consumer) -> PgError {
+    let evicted = client
+        .query_opt(
+            &format!(
+                "SELECT evicted_at IS NOT NULL FROM {consumer_table} WHERE daemon = $1 AND handler = $2"
+            ),
+            &[&consumer.daemon, &consumer.handler],
+        )
+        .ok()
+        .flatten()
+        .is_some_and(|r| r.get::<_, bool>(0));
+    if evicted {
+        PgError::Evicted(consumer.to_string())
+    } else {
+        PgError::CursorRace(consumer.to_string())
     }
 }
