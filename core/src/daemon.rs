@@ -361,6 +361,10 @@ impl Dispatcher {
         while !self.stopping() {
             let mut result = self.step();
             if result.is_ok() {
+                if let Some(since) = outage.take() {
+                    info!(consumer = %self.consumer, after = ?since.elapsed(), "database reachable again; catching up");
+                }
+                backoff = RECONNECT_INITIAL;
                 if let Some(every) = self.heartbeat.filter(|_| Instant::now() >= next_beat) {
                     next_beat = Instant::now() + every;
                     result = self.backend.touch(&self.consumer);
@@ -370,46 +374,38 @@ impl Dispatcher {
                 next_retry_check = Instant::now() + RETRY_CHECK;
                 result = self.redeliver_requested();
             }
-            match result {
-                Ok(()) => {
-                    if let Some(since) = outage.take() {
-                        info!(consumer = %self.consumer, after = ?since.elapsed(), "database reachable again; catching up");
+            if let Err(e) = result {
+                if e.is_connection() {
+                    // Log an outage once, not once per attempt.
+                    if outage.is_none() {
+                        warn!(consumer = %self.consumer, error = %e, "database connection lost; reconnecting");
+                        outage = Some(Instant::now());
                     }
-                    backoff = RECONNECT_INITIAL;
+                } else {
+                    error!(consumer = %self.consumer, error = %e, "reading changes failed; retrying");
                 }
-                Err(e) => {
-                    if e.is_connection() {
-                        // Log an outage once, not once per attempt.
-                        if outage.is_none() {
-                            warn!(consumer = %self.consumer, error = %e, "database connection lost; reconnecting");
-                            outage = Some(Instant::now());
-                        }
-                    } else {
-                        error!(consumer = %self.consumer, error = %e, "reading changes failed; retrying");
+                sleep_unless(&self.stop, backoff);
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                if e.is_connection() {
+                    self.all_metrics.reconnect();
+                    if let Err(e) = self.backend.reconnect() {
+                        debug!(consumer = %self.consumer, error = %e, "reconnect failed");
                     }
-                    sleep_unless(&self.stop, backoff);
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
-                    if e.is_connection() {
-                        self.all_metrics.reconnect();
-                        if let Err(e) = self.backend.reconnect() {
-                            debug!(consumer = %self.consumer, error = %e, "reconnect failed");
-                        }
-                    } else {
-                        // E.g. the consumer was evicted while this daemon was stuck:
-                        // register again (which says loudly what was missed).
-                        match self
-                            .backend
-                            .register(&self.consumer, &self.tables, StartFrom::Now)
-                        {
-                            Ok(Registered::Evicted) => error!(
-                                consumer = %self.consumer,
-                                "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
-                                 handled may have been pruned and are MISSED; continuing from now"
-                            ),
-                            Ok(_) => {}
-                            Err(e) => {
-                                debug!(consumer = %self.consumer, error = %e, "re-register failed")
-                            }
+                } else {
+                    // E.g. the consumer was evicted while this daemon was stuck:
+                    // register again (which says loudly what was missed).
+                    match self
+                        .backend
+                        .register(&self.consumer, &self.tables, StartFrom::Now)
+                    {
+                        Ok(Registered::Evicted) => error!(
+                            consumer = %self.consumer,
+                            "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
+                             handled may have been pruned and are MISSED; continuing from now"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!(consumer = %self.consumer, error = %e, "re-register failed")
                         }
                     }
                 }

@@ -64,7 +64,11 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 /// The `epidemic` binary under test.
 pub fn epidemic_bin() -> PathBuf {
     let p = target_dir().join("epidemic");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        p.display()
+    );
     p
 }
 
@@ -93,14 +97,26 @@ impl Daemon {
         Self::start_with_env(config, log, args, &[])
     }
 
-    pub fn start_with_env(config: &Path, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let err = File::options().create(true).append(true).open(log).expect("open daemon log");
+    pub fn start_with_env(
+        config: &Path,
+        log: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let err = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open daemon log");
         let child = Command::new(epidemic_bin())
             .arg("--config")
             .arg(config)
             .arg("run")
             .args(args)
-            .env("RUST_LOG", std::env::var("EPIDEMIC_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("EPIDEMIC_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -170,12 +186,21 @@ impl Drop for Daemon {
     }
 }
 
-/// The lines a `recorder` handler wrote: one JSON object per delivered change.
+/// The lines a `recorder` handler wrote: one JSON object per delivered change. A last
+/// line still being written (no newline yet) is left for the next read.
 pub fn recorded(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?} in {}: {e}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("bad line {l:?} in {}: {e}", path.display()))
+        })
         .collect()
 }
 
@@ -186,7 +211,13 @@ pub fn wait_recorded(path: &Path, n: usize, timeout: Duration) -> Vec<serde_json
 }
 
 /// A `[[handler]]` entry for the recorder test plugin.
-pub fn recorder_handler(name: &str, file: &Path, table: &str, columns: &[&str], extra: &str) -> String {
+pub fn recorder_handler(
+    name: &str,
+    file: &Path,
+    table: &str,
+    columns: &[&str],
+    extra: &str,
+) -> String {
     let cols: Vec<String> = columns.iter().map(|c| format!("{c:?}")).collect();
     format!(
         "[[handler]]\nname = {name:?}\nplugin = {:?}\n[handler.config]\nfile = {:?}\ntable = {table:?}\ncolumns = [{}]\n{extra}\n",
@@ -195,7 +226,7 @@ pub fn recorder_handler(name: &str, file: &Path, table: &str, columns: &[&str], 
         cols.join(", ")
     )
 }
-pub mod sqlite;
-pub mod pg;
-pub mod oot;
 pub mod mysql;
+pub mod oot;
+pub mod pg;
+pub mod sqlite;

@@ -615,8 +615,11 @@ fn a_removed_handler_stops_holding_back_its_table() {
     let other = s.dir.join("other.toml");
     std::fs::write(
         &other,
-        text.replace("name = \"mx1\"", "name = \"mx2\"")
-            .replacen(&text[text.find("[[handler]]").unwrap()..cut], "", 1),
+        text.replace("name = \"mx1\"", "name = \"mx2\"").replacen(
+            &text[text.find("[[handler]]").unwrap()..cut],
+            "",
+            1,
+        ),
     )
     .unwrap();
     let _mx2 = Daemon::start(&other, &s.dir.join("other.log"), &[]);
