@@ -23,4 +23,14 @@ echo "==> building the workspace (host, backends, plugins)"
 cargo build --workspace --all-targets
 
 echo "==> running the tests"
-cargo test --workspace --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo ends with the last crate's doc tests).
+passed=$(grep -oE 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
+echo "summary: $passed passed, $failed failed"
+exit "$status"

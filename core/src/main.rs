@@ -208,13 +208,15 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Sql { uninstall } => {
             let cfg = Config::load(&cli.config)?;
-            let stmts = if uninstall {
+            let (conn, stmts) = if uninstall {
                 let lib = plugins::load_backend(&cfg)?;
                 let mut conn = plugins::open(&cfg, &lib)?;
-                conn.plan_uninstall().context("plan uninstall")?
+                let stmts = conn.plan_uninstall().context("plan uninstall")?;
+                (conn, stmts)
             } else {
                 let (mut conn, watches) = connect_and_plan(&cfg)?;
-                conn.plan_install(&watches).context("plan install")?
+                let stmts = conn.plan_install(&watches).context("plan install")?;
+                (conn, stmts)
             };
             println!(
                 "-- epidemic {}: {} statement(s) for {} as of now",
@@ -222,9 +224,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 stmts.len(),
                 epidemic_plugin_sdk::redact_url(&cfg.database.url)
             );
-            for s in stmts {
-                println!("{s};\n");
-            }
+            print!(
+                "{}",
+                conn.render_script(&stmts).context("render the script")?
+            );
             Ok(())
         }
         Command::Status { json } => {

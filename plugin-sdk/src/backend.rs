@@ -204,6 +204,13 @@ pub trait Backend: Send + 'static {
         Err(unsupported(Self::NAME, "status"))
     }
 
+    /// The statements as one script for the database's own command-line client, for
+    /// `epidemic sql`. The default ends each with `;` and a blank line; a backend whose
+    /// client needs more (MySQL's `DELIMITER` around trigger bodies) overrides it.
+    fn render_script(&self, statements: &[String]) -> String {
+        statements.iter().map(|s| format!("{s};\n\n")).collect()
+    }
+
     /// Scratch-table work for `epidemic bench`.
     fn scratch(&mut self, _op: &Scratch) -> Result<(), BackendError> {
         Err(unsupported(Self::NAME, "bench"))
@@ -366,6 +373,13 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
 
     fn status(&mut self) -> RResult<RString, RError> {
         guard(|| res(self.0.status(), |s| to_json(&s)))
+    }
+
+    fn render_script(&self, statements: RVec<RString>) -> RResult<RString, RError> {
+        guard(|| {
+            let v: Vec<String> = statements.into_iter().map(String::from).collect();
+            RResult::ROk(self.0.render_script(&v).into())
+        })
     }
 
     fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError> {

@@ -276,8 +276,9 @@ pub trait RawBackend: Send {
     fn dead_letters(&mut self, query_json: RStr<'_>) -> RResult<RString, RError>;
     fn update_dead_letters(&mut self, update_json: RStr<'_>) -> RResult<u64, RError>;
     fn status(&mut self) -> RResult<RString, RError>;
-    #[sabi(last_prefix_field)]
     fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError>;
+    #[sabi(last_prefix_field)]
+    fn render_script(&self, statements: RVec<RString>) -> RResult<RString, RError>;
 }
 
 pub type BackendBox = RawBackend_TO<'static, RBox<()>>;

@@ -416,6 +416,15 @@ impl HostBackend {
         ok(self.inner.update_dead_letters(RStr::from_str(&json)))
     }
 
+    /// The statements as a script for the database's command-line client.
+    pub fn render_script(&self, statements: &[String]) -> Result<String, BackendError> {
+        let v = statements
+            .iter()
+            .map(|s| RString::from(s.as_str()))
+            .collect();
+        ok::<RString, BackendError>(self.inner.render_script(v)).map(String::from)
+    }
+
     pub fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {
         let json = serde_json::to_string(op).map_err(|e| BackendError::Other(e.to_string()))?;
         ok(self.inner.scratch(RStr::from_str(&json)))

@@ -567,6 +567,21 @@ impl Backend for MySqlBackend {
         ops::status(&mut self.conn, self.server)
     }
 
+    /// Trigger bodies contain `;`, which the `mysql` client takes as the end of the
+    /// statement unless the delimiter is changed around them.
+    fn render_script(&self, statements: &[String]) -> String {
+        statements
+            .iter()
+            .map(|s| {
+                if s.trim_start().starts_with("CREATE TRIGGER") {
+                    format!("DELIMITER //\n{s} //\nDELIMITER ;\n\n")
+                } else {
+                    format!("{s};\n\n")
+                }
+            })
+            .collect()
+    }
+
     fn scratch(&mut self, op: &epidemic_plugin_sdk::Scratch) -> Result<(), BackendError> {
         self.consumers.clear();
         ops::scratch(&mut self.conn, self.server, op)
