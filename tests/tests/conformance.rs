@@ -380,6 +380,98 @@ fn sigterm_during_stream<D: TestDb>(db: D) {
     );
 }
 
+/// `epidemic status`, human and JSON, with a known backlog and known dead letters.
+fn status_reports_backlog_and_dead_letters<D: TestDb>(db: D) {
+    let c = Cluster::new(db);
+    let cfg = c.config(
+        "mx1",
+        "",
+        &[
+            ("ok", "", ""),
+            ("bad", "", "fail_first = 1000\npermanent = true"),
+        ],
+    );
+    let mut d = c.start("mx1");
+    c.db.transaction(&[insert(1), insert(2)]);
+    let letters = || -> usize {
+        let out = epidemic(&cfg, &["dead-letters", "list", "--json"]);
+        serde_json::from_slice::<Vec<Value>>(&out.stdout)
+            .map(|v| v.len())
+            .unwrap_or(0)
+    };
+    assert!(wait_until(WAIT, || letters() == 2), "{}", d.log_text());
+    assert_all_delivered(&c.out("mx1", "ok"), &(1..=2).collect());
+    // With the daemon stopped, three more changes are a backlog of 3 for both handlers.
+    d.kill();
+    c.db.transaction(&[insert(3), insert(4), insert(5)]);
+
+    let out = epidemic(&cfg, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let consumer = |h: &str| -> Value {
+        status["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["daemon"] == "mx1" && x["handler"] == h)
+            .unwrap_or_else(|| panic!("no consumer mx1/{h} in {status}"))
+            .clone()
+    };
+    for h in ["ok", "bad"] {
+        let x = consumer(h);
+        assert_eq!(x["backlog"], 3, "{x}");
+        assert!(x["oldest_pending_age_s"].as_f64().is_some(), "{x}");
+        assert_eq!(x["evicted"], false, "{x}");
+        assert_eq!(x["tables"].as_array().map(Vec::len), Some(1), "{x}");
+    }
+    assert_eq!(consumer("ok")["dead_letters"], 0);
+    assert_eq!(consumer("bad")["dead_letters"], 2);
+    let table = &status["tables"][0];
+    assert!(
+        table["table"].as_str().unwrap().contains("mail_users"),
+        "{table}"
+    );
+    assert!(
+        table["triggers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t[1] == true),
+        "{table}"
+    );
+    assert!(table["problems"].as_array().unwrap().is_empty(), "{table}");
+
+    let out = epidemic(&cfg, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Cells are read under their column headers (positions may contain spaces).
+    let cell = |prefix: &str, column: &str| -> String {
+        let header = text
+            .lines()
+            .find(|l| l.starts_with("CONSUMER"))
+            .expect("header");
+        let start = header.find(column).expect("column");
+        let end = header[start..].find("  ").map(|w| {
+            let next = header[start + w..].find(|c: char| c != ' ').unwrap_or(0);
+            start + w + next
+        });
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} in\n{text}"));
+        let end = end.unwrap_or(row.len()).min(row.len());
+        row[start.min(row.len())..end].trim().to_owned()
+    };
+    assert_eq!(cell("mx1/bad", "BACKLOG"), "3", "{text}");
+    assert_eq!(cell("mx1/bad", "DEAD"), "2", "{text}");
+    assert_eq!(cell("mx1/bad", "STATE"), "live", "{text}");
+    assert_eq!(cell("mx1/ok", "BACKLOG"), "3", "{text}");
+    assert_eq!(cell("mx1/ok", "DEAD"), "0", "{text}");
+}
+
 mod sqlite_db {
     use super::*;
     use epidemic_tests::sqlite;
@@ -600,6 +692,11 @@ macro_rules! conformance {
                 #[test]
                 fn sigterm_during_stream() {
                     super::sigterm_during_stream($db);
+                }
+
+                #[test]
+                fn status_reports_backlog_and_dead_letters() {
+                    super::status_reports_backlog_and_dead_letters($db);
                 }
             }
         )*

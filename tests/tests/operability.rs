@@ -1,6 +1,6 @@
-//! What the sysadmin, the DBA and the plugin author see: status, metrics, logs, schema
-//! drift and the plugin template, end to end on SQLite. (Per-backend status checks live
-//! in each backend's test file.)
+//! What the sysadmin, the DBA and the plugin author see: metrics, logs, schema drift,
+//! the plugin template, and that no password is ever printed. (`status` with a known
+//! backlog and dead letters is a conformance scenario, run on every backend.)
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -75,85 +75,6 @@ fn insert(db: &Path, ids: std::ops::RangeInclusive<i64>) {
         )
         .unwrap();
     }
-}
-
-#[test]
-fn status_shows_backlog_and_dead_letters() {
-    let s = setup("[daemon]\nname = \"mx1\"", |dir| {
-        recorder_handler("ok", &dir.join("ok.jsonl"), "mail_users", &["username"], "")
-            + &recorder_handler(
-                "bad",
-                &dir.join("bad.jsonl"),
-                "mail_users",
-                &["quota_bytes"],
-                "fail_first = 1000\npermanent = true",
-            )
-    });
-    let mut d = start(&s, &[]);
-    insert(&s.db, 1..=2);
-    // Both changes fail permanently for "bad": two dead letters.
-    assert!(wait_until(WAIT, || {
-        let out = epidemic(&s.config, &["dead-letters", "list", "--json"]);
-        serde_json::from_slice::<Vec<Value>>(&out.stdout)
-            .map(|v| v.len() == 2)
-            .unwrap_or(false)
-    }));
-    assert_eq!(wait_recorded(&s.dir.join("ok.jsonl"), 2, WAIT).len(), 2);
-    // Stop the daemon; three more changes make a known backlog of 3 for both consumers.
-    d.kill();
-    insert(&s.db, 3..=5);
-
-    let out = epidemic(&s.config, &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(status["backend"], "sqlite");
-    let consumer = |h: &str| {
-        status["consumers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["handler"] == h)
-            .unwrap_or_else(|| panic!("no consumer {h} in {status}"))
-            .clone()
-    };
-    for h in ["ok", "bad"] {
-        let c = consumer(h);
-        assert_eq!(c["daemon"], "mx1");
-        assert_eq!(c["backlog"], 3, "{c}");
-        assert!(c["oldest_pending_age_s"].as_f64().is_some(), "{c}");
-        assert_eq!(c["evicted"], false);
-    }
-    assert_eq!(consumer("ok")["dead_letters"], 0);
-    assert_eq!(consumer("bad")["dead_letters"], 2);
-    let table = &status["tables"][0];
-    assert_eq!(table["table"], "mail_users");
-    assert_eq!(
-        table["log_rows"], 5,
-        "nothing pruned: the backlog and the two passed rows"
-    );
-    assert!(table["problems"].as_array().unwrap().is_empty());
-
-    let out = epidemic(&s.config, &["status"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = |prefix: &str| {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("{prefix} in\n{text}"))
-            .to_owned()
-    };
-    let bad: Vec<String> = line("mx1/bad")
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    // CONSUMER POSITION BACKLOG OLDEST DEAD ...
-    assert_eq!(bad[2], "3", "{text}");
-    assert_eq!(bad[4], "2", "{text}");
-    assert!(line("mx1/ok").contains("live"), "{text}");
-    assert!(line("mail_users").contains(" ok"), "{text}");
 }
 
 fn scrape(port: u16) -> String {

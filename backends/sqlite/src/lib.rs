@@ -118,6 +118,21 @@ impl SqliteBackend {
         .map_err(|e| BackendError::Connection(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
             .map_err(sql_err)?;
+        // This connection writes only Epidemic's bookkeeping: cursors, heartbeats, dead
+        // letters, pruning. In WAL mode `synchronous = NORMAL` skips the fsync per commit
+        // (a reader acks after every batch; each fsync held SQLite's one write lock for
+        // milliseconds, delaying writers and the reader's next read). What a power loss
+        // can cost is the newest bookkeeping commits, in order: an ack lost means a change
+        // is delivered again, never that one is lost. Writers' own commits, which fill
+        // the log through the triggers, keep their connection's setting. In
+        // rollback-journal mode NORMAL risks corruption on power loss: left as it is.
+        let journal: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(sql_err)?;
+        if journal.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(sql_err)?;
+        }
         conn.set_prepared_statement_cache_capacity(64);
         Ok(conn)
     }

@@ -323,32 +323,52 @@ pub(crate) fn scratch(conn: &mut Connection, op: &Scratch) -> Result<(), Backend
             per_tx,
         } => {
             check_scratch(table)?;
-            let sql = format!(
-                "INSERT INTO {} (id, payload) VALUES (?1, 'bench')",
-                quote(table)
-            );
-            let mut id = *first_id;
-            let end = first_id + *count as i64;
-            while id < end {
-                let tx = conn
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(sql_err)?;
-                {
-                    let mut stmt = tx.prepare_cached(&sql).map_err(sql_err)?;
-                    for i in id..(id + (*per_tx).max(1) as i64).min(end) {
-                        stmt.execute([i]).map_err(sql_err)?;
-                    }
-                }
-                tx.commit().map_err(sql_err)?;
-                id += (*per_tx).max(1) as i64;
-            }
-            Ok(())
+            // Write as an application does, with SQLite's default durability, not the
+            // relaxed setting Epidemic uses for its own bookkeeping (see `connect`).
+            let sync: i64 = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .map_err(sql_err)?;
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(sql_err)?;
+            let result = insert_scratch(conn, table, *first_id, *count, (*per_tx).max(1));
+            conn.pragma_update(None, "synchronous", sync)
+                .map_err(sql_err)?;
+            result
         }
         Scratch::Drop { table } => {
             check_scratch(table)?;
             drop_scratch(conn, table)
         }
     }
+}
+
+fn insert_scratch(
+    conn: &mut Connection,
+    table: &str,
+    first_id: i64,
+    count: u64,
+    per_tx: u64,
+) -> Result<(), BackendError> {
+    let sql = format!(
+        "INSERT INTO {} (id, payload) VALUES (?1, 'bench')",
+        quote(table)
+    );
+    let end = first_id + count as i64;
+    let mut id = first_id;
+    while id < end {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql_err)?;
+        {
+            let mut stmt = tx.prepare_cached(&sql).map_err(sql_err)?;
+            for i in id..(id + per_tx as i64).min(end) {
+                stmt.execute([i]).map_err(sql_err)?;
+            }
+        }
+        tx.commit().map_err(sql_err)?;
+        id += per_tx as i64;
+    }
+    Ok(())
 }
 
 fn check_scratch(table: &str) -> Result<(), BackendError> {
