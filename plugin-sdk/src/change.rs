@@ -98,6 +98,25 @@ pub enum Op {
 }
 
 impl Op {
+    /// The one-letter code backends store in their log tables: `I`, `U`, `D`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Insert => "I",
+            Op::Update => "U",
+            Op::Delete => "D",
+        }
+    }
+
+    /// The operation for a one-letter code, if it is one.
+    pub fn from_code(code: &str) -> Option<Op> {
+        match code {
+            "I" => Some(Op::Insert),
+            "U" => Some(Op::Update),
+            "D" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Insert => "INSERT",

@@ -55,20 +55,9 @@ pub(crate) fn evict_stale(conn: &mut Conn, ttl_us: i64) -> Result<Vec<Consumer>,
     Ok(evicted)
 }
 
-fn op_code(op: Op) -> &'static str {
-    match op {
-        Op::Insert => "I",
-        Op::Update => "U",
-        Op::Delete => "D",
-    }
-}
-
+/// A stored dead letter's operation; the column is only ever written from an `Op`.
 fn op_from(code: &str) -> Op {
-    match code {
-        "I" => Op::Insert,
-        "D" => Op::Delete,
-        _ => Op::Update,
-    }
+    Op::from_code(code).unwrap_or(Op::Update)
 }
 
 pub(crate) fn add_dead_letter(conn: &mut Conn, l: &DeadLetter) -> Result<i64, BackendError> {
@@ -80,7 +69,7 @@ pub(crate) fn add_dead_letter(conn: &mut Conn, l: &DeadLetter) -> Result<i64, Ba
             &l.handler,
             &l.table,
             l.change_id,
-            op_code(l.op),
+            l.op.code(),
             l.change.as_bytes(),
             l.error.as_bytes(),
             l.attempts,

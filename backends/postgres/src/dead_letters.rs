@@ -22,20 +22,9 @@ const LETTER_COLUMNS: &str =
     "id, daemon, handler, source_table, change_id, op, change, error, attempts, \
      (extract(epoch FROM failed_at) * 1000000)::int8, retry_requested";
 
-fn op_code(op: Op) -> &'static str {
-    match op {
-        Op::Insert => "I",
-        Op::Update => "U",
-        Op::Delete => "D",
-    }
-}
-
+/// A stored dead letter's operation; the column is only ever written from an `Op`.
 fn op_from(code: &str) -> Op {
-    match code {
-        "I" => Op::Insert,
-        "D" => Op::Delete,
-        _ => Op::Update,
-    }
+    Op::from_code(code).unwrap_or(Op::Update)
 }
 
 fn letter(r: &Row) -> Result<DeadLetter, postgres::Error> {
@@ -84,7 +73,7 @@ impl PgDeadLetters<'_> {
                     &l.handler,
                     &l.table,
                     &l.change_id,
-                    &op_code(l.op),
+                    &l.op.code(),
                     &l.change,
                     &l.error,
                     &attempts(l.attempts),

@@ -52,27 +52,16 @@ pub(crate) fn evict_stale(
     Ok(stale)
 }
 
-fn op_code(op: Op) -> &'static str {
-    match op {
-        Op::Insert => "I",
-        Op::Update => "U",
-        Op::Delete => "D",
-    }
-}
-
+/// A stored dead letter's operation; the column is only ever written from an `Op`.
 fn op_from(code: &str) -> Op {
-    match code {
-        "I" => Op::Insert,
-        "D" => Op::Delete,
-        _ => Op::Update,
-    }
+    Op::from_code(code).unwrap_or(Op::Update)
 }
 
 pub(crate) fn add_dead_letter(conn: &Connection, l: &DeadLetter) -> Result<i64, BackendError> {
     conn.execute(
         "INSERT INTO epidemic_dead_letter (daemon, handler, source_table, change_id, op, change, error, attempts, failed_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![l.daemon, l.handler, l.table, l.change_id, op_code(l.op), l.change, l.error, l.attempts, l.failed_at_us],
+        params![l.daemon, l.handler, l.table, l.change_id, l.op.code(), l.change, l.error, l.attempts, l.failed_at_us],
     )
     .map_err(sql_err)?;
     Ok(conn.last_insert_rowid())
@@ -323,15 +312,23 @@ pub(crate) fn scratch(conn: &mut Connection, op: &Scratch) -> Result<(), Backend
             per_tx,
         } => {
             check_scratch(table)?;
-            // Write as an application does, with SQLite's default durability, not the
-            // relaxed setting Epidemic uses for its own bookkeeping (see `connect`).
+            // Write as an application does, with SQLite's default durability and
+            // checkpointing, not the settings Epidemic uses for its own bookkeeping
+            // (see `connect`).
             let sync: i64 = conn
                 .query_row("PRAGMA synchronous", [], |r| r.get(0))
                 .map_err(sql_err)?;
+            let checkpoint: i64 = conn
+                .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+                .map_err(sql_err)?;
             conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(sql_err)?;
+            conn.pragma_update(None, "wal_autocheckpoint", 1000)
                 .map_err(sql_err)?;
             let result = insert_scratch(conn, table, *first_id, *count, (*per_tx).max(1));
             conn.pragma_update(None, "synchronous", sync)
+                .map_err(sql_err)?;
+            conn.pragma_update(None, "wal_autocheckpoint", checkpoint)
                 .map_err(sql_err)?;
             result
         }

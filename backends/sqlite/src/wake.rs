@@ -18,6 +18,12 @@ use rusqlite::Connection;
 
 use crate::sql_err;
 
+/// How often `data_version` is checked while a commit is likely in progress.
+const HOT_POLL: Duration = Duration::from_micros(500);
+/// How long after a file event a commit is considered likely in progress (longer than
+/// a slow fsync).
+const HOT_WINDOW: Duration = Duration::from_millis(100);
+
 pub(crate) struct SqliteWaker {
     events: Option<Receiver<()>>,
     // Kept alive for as long as the waker: dropping it stops the watch.
@@ -41,8 +47,15 @@ impl SqliteWaker {
     }
 
     /// Block until another connection committed, or `timeout` passed.
+    ///
+    /// A write to the WAL comes *before* the commit is visible: the writer then syncs
+    /// and publishes the commit in the shared-memory index, which makes no file event.
+    /// So after an event that `data_version` does not confirm yet, the waker checks
+    /// again every [`HOT_POLL`] for [`HOT_WINDOW`]: a commit in progress is seen within
+    /// half a millisecond of becoming visible, and an idle database costs nothing.
     pub fn wait(&mut self, conn: &Connection, timeout: Duration) -> Result<bool, BackendError> {
         let deadline = Instant::now() + timeout;
+        let mut hot_until: Option<Instant> = None;
         loop {
             let version: i64 = conn
                 .query_row("PRAGMA data_version", [], |r| r.get(0))
@@ -55,10 +68,14 @@ impl SqliteWaker {
             if now >= deadline {
                 return Ok(false);
             }
-            let step = (deadline - now).min(self.fallback);
+            let hot = hot_until.is_some_and(|t| now < t);
+            let step = (deadline - now).min(if hot { HOT_POLL } else { self.fallback });
             match &self.events {
                 Some(rx) => match rx.recv_timeout(step) {
-                    Ok(()) => while rx.try_recv().is_ok() {},
+                    Ok(()) => {
+                        while rx.try_recv().is_ok() {}
+                        hot_until = Some(Instant::now() + HOT_WINDOW);
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => self.events = None,
                 },
