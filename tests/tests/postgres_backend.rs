@@ -698,6 +698,335 @@ fn without_notify_the_triggers_stay_quiet_and_wait_polls() {
     assert_eq!(drain(&mut b, &c, 10).len(), 1);
 }
 
+/// Counts the capture triggers' notifications on a channel: everything committed before
+/// [`NotifyCounter::count`] is called, since then.
+struct NotifyCounter {
+    client: postgres::Client,
+    channel: String,
+}
+
+impl NotifyCounter {
+    fn new(db: &str, channel: &str) -> NotifyCounter {
+        let mut client = PgServer::shared().client(db);
+        client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .expect("listen");
+        NotifyCounter {
+            client,
+            channel: channel.to_owned(),
+        }
+    }
+
+    /// Notifications with the triggers' empty payload that arrived before a fence this
+    /// connection sends now: notifications come in commit order, so the fence comes after
+    /// every transaction that committed before this call.
+    fn count(&mut self) -> usize {
+        use postgres::fallible_iterator::FallibleIterator;
+        self.client
+            .batch_execute(&format!("NOTIFY \"{}\", 'fence'", self.channel))
+            .expect("notify the fence");
+        let mut n = 0;
+        let mut notifications = self.client.notifications();
+        let mut arriving = notifications.timeout_iter(Duration::from_secs(30));
+        loop {
+            match arriving.next().expect("receive notifications") {
+                Some(m) if m.payload() == "fence" => return n,
+                Some(m) if m.payload().is_empty() => n += 1,
+                Some(_) => {}
+                None => panic!("the fence notification did not arrive"),
+            }
+        }
+    }
+}
+
+/// The source of the capture function of table `t` in `public`.
+fn capture_source_of_t(db: &str) -> String {
+    PgServer::shared()
+        .client(db)
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'capture_t'",
+            &[],
+        )
+        .expect("capture function")
+        .get(0)
+}
+
+/// Rows of `schema.sleeper` that say their reader waits.
+fn waiting_readers(db: &str, schema: &str) -> i64 {
+    PgServer::shared()
+        .client(db)
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".sleeper WHERE since IS NOT NULL"),
+            &[],
+        )
+        .expect("count waiting readers")
+        .get(0)
+}
+
+fn insert_ids(client: &mut postgres::Client, ids: std::ops::Range<i32>) {
+    for id in ids {
+        client
+            .execute("INSERT INTO t VALUES ($1)", &[&id])
+            .expect("insert");
+    }
+}
+
+#[test]
+fn when_idle_writers_notify_only_while_a_reader_waits() {
+    let (url, db) = database("when_idle", "CREATE TABLE t (id int PRIMARY KEY)");
+    // A fallback poll far beyond every wait below: a wait that returns true was woken by
+    // a notification (or asks for the read that follows registering).
+    let mut b = open_with(&url, json!({"fallback_poll_ms": 600_000}));
+    b.install(&[watch("t", &["id"])]).expect("install");
+    assert!(capture_source_of_t(&db).contains("sleeper"));
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    let mut counter = NotifyCounter::new(&db, "epidemic");
+    let mut w = PgServer::shared().client(&db);
+
+    // Nobody waits: writers do not notify, and the changes are all there.
+    insert_ids(&mut w, 0..10);
+    assert_eq!(counter.count(), 0, "nobody waits, nobody is notified");
+    assert_eq!(drain(&mut b, &c, 100).len(), 10);
+
+    // The first wait listens and registers, and asks for one more read first.
+    assert!(b.wait(Duration::from_secs(30)).expect("first wait"));
+    assert_eq!(waiting_readers(&db, "epidemic"), 1);
+    assert!(drain(&mut b, &c, 100).is_empty());
+    assert!(
+        !b.wait(Duration::from_millis(100)).expect("idle wait"),
+        "registered, nothing committed: no wake-up"
+    );
+
+    // A commit while the reader waits notifies it.
+    insert_ids(&mut w, 10..11);
+    assert!(b.wait(Duration::from_secs(60)).expect("woken"));
+    assert_eq!(counter.count(), 1);
+
+    // Woken for one change, the reader stays registered: the next commit notifies too.
+    assert_eq!(drain(&mut b, &c, 100).len(), 1);
+    assert_eq!(waiting_readers(&db, "epidemic"), 1);
+    insert_ids(&mut w, 11..13);
+    assert!(b.wait(Duration::from_secs(60)).expect("woken again"));
+    assert_eq!(counter.count(), 2);
+
+    // A fetch that returns changes right after one that did (a stream) clears the
+    // registration: a busy reader is not notified, and still gets everything.
+    assert_eq!(drain(&mut b, &c, 1).len(), 2);
+    assert_eq!(waiting_readers(&db, "epidemic"), 0);
+    insert_ids(&mut w, 13..31);
+    assert_eq!(counter.count(), 0, "the reader is busy: no notification");
+    assert_eq!(drain(&mut b, &c, 100).len(), 18);
+
+    // Waiting again registers again, read first.
+    assert!(b.wait(Duration::from_secs(30)).expect("wait registers"));
+    assert_eq!(waiting_readers(&db, "epidemic"), 1);
+    assert!(drain(&mut b, &c, 100).is_empty());
+
+    // A registration that has not been refreshed for a while (its reader died while
+    // waiting) no longer counts.
+    w.batch_execute("UPDATE epidemic.sleeper SET since = now() - interval '2 minutes'")
+        .expect("age the registration");
+    insert_ids(&mut w, 31..32);
+    assert_eq!(counter.count(), 0, "a lapsed registration wakes nobody");
+    assert_eq!(drain(&mut b, &c, 100).len(), 1);
+
+    // A reader that starts listening deletes the rows of connections that are gone.
+    let pid: i32 = w
+        .query_one("SELECT pid FROM epidemic.sleeper", &[])
+        .expect("the row of the first reader")
+        .get(0);
+    drop(b);
+    assert!(wait_until(Duration::from_secs(30), || {
+        !w.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+            &[&pid],
+        )
+        .expect("query")
+        .get::<_, bool>(0)
+    }));
+    let mut b2 = open(&url);
+    assert!(b2
+        .wait(Duration::from_secs(30))
+        .expect("listen and register"));
+    let pids: Vec<i32> = w
+        .query("SELECT pid FROM epidemic.sleeper", &[])
+        .expect("sleepers")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert_ne!(pids[0], pid);
+}
+
+#[test]
+fn a_waiting_reader_is_woken_by_a_commit_in_another_thread() {
+    let (url, db) = database("woken_thread", "CREATE TABLE t (id int PRIMARY KEY)");
+    let mut b = open_with(&url, json!({"fallback_poll_ms": 600_000}));
+    b.install(&[watch("t", &["id"])]).expect("install");
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    let received = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // The daemon's loop: read; when there is nothing, wait.
+    let reader = thread::spawn({
+        let (received, stop, c) = (received.clone(), stop.clone(), c.clone());
+        move || {
+            while !stop.load(Ordering::SeqCst) {
+                let batch = b.fetch(&c, 100).expect("fetch");
+                match batch.changes.last() {
+                    Some(last) => {
+                        b.ack(&c, &batch.token, last.id).expect("ack");
+                        received.fetch_add(batch.changes.len(), Ordering::SeqCst);
+                    }
+                    None => {
+                        b.wait(Duration::from_millis(200)).expect("wait");
+                    }
+                }
+            }
+        }
+    });
+    let mut w = PgServer::shared().client(&db);
+    for round in 0..3 {
+        // Once the reader is registered, every commit notifies it: with the fallback poll
+        // ten minutes away, only the notification can deliver the row in time.
+        assert!(wait_until(Duration::from_secs(30), || waiting_readers(
+            &db, "epidemic"
+        ) == 1));
+        insert_ids(&mut w, round..round + 1);
+        assert!(
+            wait_until(Duration::from_secs(30), || received.load(Ordering::SeqCst)
+                == round as usize + 1),
+            "round {round}: the waiting reader was not woken"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    reader.join().expect("reader thread");
+}
+
+#[test]
+fn when_idle_loses_nothing_to_writers_racing_a_reader_that_goes_to_wait() {
+    const WRITERS: i32 = 4;
+    const ROWS: i32 = 300;
+    let (url, db) = database("when_idle_race", "CREATE TABLE t (id int PRIMARY KEY)");
+    // A short fallback poll, so that changes whose notification lost the race come soon.
+    let mut b = open_with(&url, json!({"notify": "when-idle", "fallback_poll_ms": 20}));
+    b.install(&[watch("t", &["id"])]).expect("install");
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = thread::spawn({
+        let (seen, stop, c) = (seen.clone(), stop.clone(), c.clone());
+        move || {
+            while !stop.load(Ordering::SeqCst) {
+                let batch = b.fetch(&c, 100).expect("fetch");
+                match batch.changes.last() {
+                    Some(last) => {
+                        b.ack(&c, &batch.token, last.id).expect("ack");
+                        seen.lock()
+                            .unwrap()
+                            .extend(batch.changes.iter().map(|ch| int(ch.value("id"))));
+                    }
+                    None => {
+                        b.wait(Duration::from_millis(200)).expect("wait");
+                    }
+                }
+            }
+        }
+    });
+    // Writers with pauses of random length, so that the reader keeps going to wait and
+    // being woken, and commits land in every step of that.
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|k| {
+            let db = db.clone();
+            thread::spawn(move || {
+                let mut w = PgServer::shared().client(&db);
+                let mut rng = Rng::new(k as u64);
+                for i in 0..ROWS {
+                    let id = k * ROWS + i;
+                    let mut tx = w.transaction().expect("begin");
+                    tx.execute("INSERT INTO t VALUES ($1)", &[&id])
+                        .expect("insert");
+                    // Some transactions dawdle between their row and their commit: the
+                    // race's window.
+                    if rng.below(4) == 0 {
+                        thread::sleep(Duration::from_micros(rng.below(3000)));
+                    }
+                    tx.commit().expect("commit");
+                    thread::sleep(Duration::from_micros(rng.below(2000)));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer thread");
+    }
+    let total = (WRITERS * ROWS) as usize;
+    let all = wait_until(Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= total
+    });
+    stop.store(true, Ordering::SeqCst);
+    reader.join().expect("reader thread");
+    assert!(
+        all,
+        "only {} of {total} changes",
+        seen.lock().unwrap().len()
+    );
+    let mut ids = seen.lock().unwrap().clone();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..total as i64).collect::<Vec<_>>());
+}
+
+#[test]
+fn notify_always_notifies_every_transaction_and_off_none() {
+    let (url, db) = database("notify_modes", "CREATE TABLE t (id int PRIMARY KEY)");
+    let mut counter = NotifyCounter::new(&db, "epidemic");
+    let mut w = PgServer::shared().client(&db);
+    let mut always = open_with(&url, json!({"notify": "always"}));
+    always
+        .install(&[watch("t", &["id"])])
+        .expect("install always");
+    assert!(!capture_source_of_t(&db).contains("sleeper"));
+    insert_ids(&mut w, 0..5);
+    assert_eq!(counter.count(), 5);
+
+    // Booleans still work: false is off, true is when-idle.
+    let mut off = open_with(&url, json!({"notify": false}));
+    off.install(&[watch("t", &["id"])]).expect("install off");
+    assert!(!capture_source_of_t(&db).contains("pg_notify"));
+    insert_ids(&mut w, 5..10);
+    assert_eq!(counter.count(), 0);
+    let mut on = open_with(&url, json!({"notify": true}));
+    on.install(&[watch("t", &["id"])])
+        .expect("install when-idle");
+    assert!(capture_source_of_t(&db).contains("sleeper"));
+    insert_ids(&mut w, 10..15);
+    assert_eq!(counter.count(), 0, "nobody waits");
+
+    // A reader configured `always` registers as waiting all the same, so triggers
+    // installed `when-idle` wake it.
+    let c = consumer("h");
+    always
+        .register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    assert!(always.wait(Duration::from_secs(30)).expect("listen"));
+    assert!(drain(&mut always, &c, 100).is_empty());
+    insert_ids(&mut w, 15..16);
+    assert!(wait_until(Duration::from_secs(30), || always
+        .wait(Duration::from_secs(1))
+        .expect("wait")));
+    assert_eq!(counter.count(), 1);
+    assert_eq!(drain(&mut always, &c, 100).len(), 1);
+
+    assert!(library()
+        .open_backend(&url, &json!({"notify": "sometimes"}))
+        .is_err());
+}
+
 // ---------------------------------------------------------------------------------------
 // Install, names, validation, uninstall
 // ---------------------------------------------------------------------------------------

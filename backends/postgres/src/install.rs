@@ -18,6 +18,12 @@
 //! - `consumer`: one durable cursor per (daemon, handler); `evicted_at` is set when the
 //!   consumer was unseen longer than the daemon's `consumer_ttl`.
 //! - `dead_letter`: changes a handler gave up on.
+//! - `sleeper`: UNLOGGED, one row per reading connection (`pid`), with `since` set while
+//!   that reader waits for a wake-up (written again every few seconds) and NULL while it
+//!   works. With `notify = "when-idle"` the capture functions send `NOTIFY` only while
+//!   some row has a `since` of the last ten seconds (see [`crate::listener`]). Nothing in
+//!   it matters after a crash, hence UNLOGGED: writing it costs no WAL, and readers never
+//!   wait for a flush to register.
 //!
 //! On the user's table there are three triggers, `<schema>_capture_insert`, `_update` and
 //! `_delete`, each `AFTER ... FOR EACH ROW` with a `WHEN` clause that names every watched
@@ -60,7 +66,8 @@
 //! for: it is dropped from the capture, so that the table can be captured again. The
 //! triggers are (re)created only when they are missing, not ours or out of date, because
 //! `CREATE TRIGGER` takes a lock that blocks writers; the function is replaced in place,
-//! which needs no such lock (and is how the `notify` option takes effect).
+//! which needs no such lock (and is how the `notify` option takes effect: the capture
+//! functions notify always, only while a reader waits, or never).
 //!
 //! Not here: reading (see [`crate::reader`]); reporting drift (see [`crate::status`]).
 
@@ -71,6 +78,7 @@ use postgres::GenericClient;
 
 use crate::error::PgError;
 use crate::ident::{quote_ident, quote_literal, Ident, TableName, MAX_IDENT_BYTES};
+use crate::options::NotifyMode;
 
 /// Longest `key` in `capture_<key>`, `log_<key>`, `txid_<key>`, `pkey_<key>`: the longest
 /// prefix is `capture_` (8 bytes).
@@ -223,7 +231,7 @@ pub(crate) fn find_triggers(
 /// Produces install and uninstall DDL for one Epidemic schema.
 pub(crate) struct PgInstaller<'a> {
     pub schema: &'a Ident,
-    pub notify: bool,
+    pub notify: NotifyMode,
 }
 
 /// Whether the schema exists, and whether it is ours.
@@ -783,6 +791,14 @@ impl PgInstaller<'_> {
                 self.q("consumer")
             ));
         }
+        // pid: the reading connection's backend; since: set while it waits for a wake-up.
+        // Rows of connections that are gone are deleted by the next reader that registers.
+        ddl.push(format!(
+            "CREATE UNLOGGED TABLE IF NOT EXISTS {} (\n    \
+                 pid integer PRIMARY KEY,\n    \
+                 since timestamptz\n)",
+            self.q("sleeper")
+        ));
         // change: the change as delivered (JSON, opaque here). source_table: as the
         // consumer spelled it.
         ddl.push(format!(
@@ -820,14 +836,20 @@ impl PgInstaller<'_> {
         let old_vals = list(columns, |c| format!("OLD.{}", c.name.quoted()));
         let new_vals = list(columns, |c| format!("NEW.{}", c.name.quoted()));
         // One notification per transaction: PostgreSQL folds identical notifications
-        // (same channel, same payload) sent within one transaction.
-        let notify = if self.notify {
-            format!(
-                "\n    PERFORM pg_notify({}, '');",
-                quote_literal(self.schema.as_str())
-            )
-        } else {
-            String::new()
+        // (same channel, same payload) sent within one transaction. With `when-idle` the
+        // test runs for every row, not once per transaction, so that a long transaction
+        // still notifies a reader that started waiting after its first row.
+        let channel = quote_literal(self.schema.as_str());
+        let notify = match self.notify {
+            NotifyMode::Always => format!("\n    PERFORM pg_notify({channel}, '');"),
+            NotifyMode::WhenIdle => format!(
+                "\n    IF EXISTS (SELECT 1 FROM {} WHERE since > now() - interval '{} seconds') THEN\n        \
+                     PERFORM pg_notify({channel}, '');\n    \
+                 END IF;",
+                self.q("sleeper"),
+                crate::listener::SLEEPER_TTL.as_secs()
+            ),
+            NotifyMode::Off => String::new(),
         };
         let body = format!(
             "\nBEGIN\n    \

@@ -6,7 +6,8 @@
 //! pair of transaction snapshots, as in Skytools' PgQ, so changes are never skipped
 //! whatever order transactions commit in, and a long-running transaction holds back
 //! nobody else's changes (module `reader`, which also keeps consumers' liveness and
-//! eviction). Waiting: `LISTEN` on one channel (module `listener`). For the host's
+//! eviction). Waiting: `LISTEN` on one channel, with writers notifying only while a
+//! reader waits unless configured otherwise (module `listener`). For the host's
 //! operations: dead letters (module `dead_letters`), the status report with exact
 //! backlogs and schema drift (module `status`), and the bench's scratch table
 //! ([`PgBackend::scratch`](epidemic_plugin_sdk::Backend::scratch)).
@@ -106,6 +107,7 @@ impl PgBackend {
         // Registrations, captured columns or tables may have changed: prepared reads
         // are rebuilt on the next use.
         self.reader.reset();
+        self.listener.schema_changed();
         self.scratch_insert = None;
         Ok(statements)
     }
@@ -232,8 +234,11 @@ impl Backend for PgBackend {
     }
 
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
-        self.listener.discard_pending(&mut self.client);
-        Ok(self.reader.fetch(&mut self.client, consumer, max)?)
+        self.listener.read_started(&mut self.client);
+        let clear = self.listener.clear_if_busy();
+        let batch = self.reader.fetch(&mut self.client, consumer, max, clear)?;
+        self.listener.read_done(!batch.changes.is_empty(), clear);
+        Ok(batch)
     }
 
     fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError> {

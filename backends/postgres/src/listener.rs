@@ -1,9 +1,67 @@
-//! [`PgListener`]: wake-ups from the capture triggers' `NOTIFY`.
+//! [`PgListener`]: wake-ups from the capture triggers' `NOTIFY`, and telling writers
+//! when a wake-up is wanted.
 //!
 //! A notification is only a hint: the data stays in the log tables, every trigger sends
 //! the same constant payload on one channel (the schema's name), and PostgreSQL folds
 //! identical notifications of one transaction into one, so there is one wake-up per
-//! writing transaction at most. What is lost, and why that is fine:
+//! writing transaction at most.
+//!
+//! # Notifying only while a reader waits (`notify = "when-idle"`, the default)
+//!
+//! A transaction that calls `pg_notify` takes a database-wide lock at commit
+//! (`PreCommit_Notify`) and holds it until its commit is flushed, so notifying writers
+//! commit one at a time and lose group commit. With `when-idle` the capture function
+//! notifies only while some row of `sleeper` has `since` set, that is while some reader
+//! is waiting; under a steady stream readers are busy reading and writers skip the lock.
+//!
+//! A reader about to block, unless it is registered already, (1) registers: one
+//! statement sets its connection's row (`since = now()`) and commits, (2) has the host
+//! read the log once more (`wait` returns `true` at once), and only then (3) blocks in
+//! `LISTEN`, which it has been doing since before (1), so every notification sent after
+//! (1) reaches it. Once the reader is busy, the fetch statement clears the row (see
+//! [`crate::reader`]), and the reader registers again before it next blocks. "Busy"
+//! means a fetch returns changes right after a fetch that returned changes: the host
+//! found more work without waiting, the sign of a stream that keeps the reader going.
+//! A reader woken for a change now and then stays registered through the fetch, the
+//! acknowledgement and the next wait: a trickle of commits notifies every time, which
+//! costs little because they rarely meet at the lock, and the reader writes its row once
+//! per idle period, not once per change (few dead row versions for writers to skip
+//! when a long transaction elsewhere keeps them from being pruned).
+//!
+//! A writing transaction W tests `sleeper` for every captured row, with the snapshot of
+//! the statement that wrote it, and notifies at its commit if some test saw a waiting
+//! reader. Against a reader R that registers:
+//!
+//! - W commits before R's read (2) takes its snapshot: (2) reads W's changes.
+//! - W's last test runs after (1) committed: W notifies when it commits; R wakes.
+//! - W's last test ran before (1) committed and W commits after (2) took its snapshot:
+//!   nobody tells R. This is the race, and it **delays** W's changes, it never loses
+//!   them: they are in the log, and R's next read (which any other writer's notification
+//!   triggers) delivers them. At the latest, `wait` reports "read again" when
+//!   `fallback_poll` has passed since R's last read (default 250 ms with `when-idle`),
+//!   so that is the bound on the delay. For the race, W's interval from its last
+//!   captured row to its commit must span R's steps (1) and (2), two round trips: for a
+//!   one-statement transaction that takes its commit's WAL flush; a transaction that
+//!   does other work after its last captured row widens it by that time. Under
+//!   REPEATABLE READ or SERIALIZABLE, W's tests see its transaction's snapshot, so the
+//!   window opens at W's first statement instead.
+//!
+//! A registration counts for [`SLEEPER_TTL`] (ten seconds) after it was written: the
+//! triggers compare `since` with their transaction's start. A waiting reader writes it
+//! again every [`REFRESH_EVERY`], which needs no read since it never lapsed. So a reader
+//! that exits or crashes while waiting makes writers notify for nothing for ten seconds
+//! at most, and a reader whose registration lapsed (it was busy that long) registers
+//! anew, read included, before it blocks. Each reader also deletes the rows of
+//! connections that are gone when it starts listening and every [`CLEANUP_EVERY`] after,
+//! so that the table stays a page or so. The rows live in an UNLOGGED table:
+//! registering writes no WAL and waits for no flush.
+//!
+//! With `notify = "always"` the triggers notify unconditionally; readers register all the
+//! same, so a daemon configured `always` is still woken by triggers that another daemon
+//! installed `when-idle`. A schema without a `sleeper` table (installed by an older
+//! version) is read as with `always`.
+//!
+//! # What is lost, and why that is fine
 //!
 //! - Notifications sent while the connection is down: the host reads the log after every
 //!   (re)connect.
@@ -11,50 +69,176 @@
 //!   first `wait`, and that `wait` returns at once so the host reads the log again. A
 //!   connection used only for `install` or `prune` therefore never listens, and never
 //!   buffers notifications nobody drains.
-//! - A notification lost for any other reason: `wait` never blocks longer than the
-//!   fallback poll interval before reporting "maybe new changes".
+//! - A notification lost or not sent for any other reason (the race above): `wait`
+//!   reports "maybe new changes" once `fallback_poll` has passed since the last read.
 //!
 //! Notifications that pile up while the host works through a long backlog are dropped at
-//! the start of each fetch (see [`PgListener::discard_pending`]): that fetch reads
+//! the start of each fetch (see [`PgListener::read_started`]): that fetch reads
 //! everything they announced.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
 
 use crate::error::PgError;
-use crate::ident::Ident;
+use crate::ident::{quote_ident, Ident};
+use crate::options::NotifyMode;
+
+/// How long a registration as waiting counts, from when it was written: how long writers
+/// keep notifying for nothing after a waiting reader went away. The capture functions'
+/// `interval '10 seconds'` (see [`crate::install`]) is this.
+pub(crate) const SLEEPER_TTL: Duration = Duration::from_secs(10);
+
+/// How often a waiting reader writes its registration again, well within
+/// [`SLEEPER_TTL`] so that a slow round trip does not let it lapse. The reader counts a
+/// registration from before it sent it, so it never takes for alive a registration that
+/// writers already ignore.
+pub(crate) const REFRESH_EVERY: Duration = Duration::from_secs(3);
+
+/// How often a registering reader deletes `sleeper` rows of connections that are gone:
+/// housekeeping only, since such a row stops counting after [`SLEEPER_TTL`].
+pub(crate) const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 pub(crate) struct PgListener {
-    channel: Ident,
-    /// `notify` option: when off, `wait` just sleeps.
-    enabled: bool,
+    /// The schema: the channel's name and where `sleeper` is.
+    schema: Ident,
+    mode: NotifyMode,
     fallback_poll: Duration,
+    /// When `wait` reports "read again" at the latest: `fallback_poll` after the last read.
+    read_due: Instant,
     /// Whether this connection has issued LISTEN.
     listening: bool,
+    /// When this connection last wrote its `sleeper` row as waiting; `None` when the row
+    /// does not say it waits.
+    registered: Option<Instant>,
+    /// The schema has no `sleeper` table: wait without registering. Checked again after
+    /// a reconnect or an install through this connection.
+    no_sleeper_table: bool,
+    /// When this connection last deleted rows of connections that are gone.
+    last_cleanup: Option<Instant>,
+    /// The last fetch returned changes.
+    busy: bool,
 }
 
 impl PgListener {
-    pub fn new(channel: Ident, enabled: bool, fallback_poll: Duration) -> PgListener {
+    pub fn new(schema: Ident, mode: NotifyMode, fallback_poll: Duration) -> PgListener {
         PgListener {
-            channel,
-            enabled,
+            schema,
+            mode,
             fallback_poll,
+            read_due: Instant::now() + fallback_poll,
             listening: false,
+            registered: None,
+            no_sleeper_table: false,
+            last_cleanup: None,
+            busy: false,
         }
     }
 
+    /// Whether the fetch starting now is to clear this connection's registration if it
+    /// returns changes: the connection is registered, and the previous fetch returned
+    /// changes too, so the host found more work without waiting (see the module docs).
+    pub fn clear_if_busy(&self) -> bool {
+        self.registered.is_some() && self.busy
+    }
+
+    /// A fetch ended: whether it returned changes, and whether it was to clear the
+    /// registration (if it returned changes, it did).
+    pub fn read_done(&mut self, had_changes: bool, cleared: bool) {
+        if had_changes && cleared {
+            self.registered = None;
+        }
+        self.busy = had_changes;
+    }
+
+    /// Objects in the schema may have been created or dropped (install, uninstall).
+    pub fn schema_changed(&mut self) {
+        self.no_sleeper_table = false;
+        self.registered = None;
+    }
+
+    /// LISTEN and, unless the schema has no `sleeper` table, register as waiting: one
+    /// round trip, one transaction.
     fn listen(&mut self, client: &mut Client) -> Result<(), PgError> {
+        let listen = format!("LISTEN {}", self.schema.quoted());
+        if !self.no_sleeper_table {
+            let script = format!("{listen}; {}", self.registration(true));
+            let written = Instant::now();
+            match client.batch_execute(&script) {
+                Ok(()) => {
+                    self.listening = true;
+                    self.registered = Some(written);
+                    self.last_cleanup = Some(written);
+                    return Ok(());
+                }
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                    self.no_sleeper_table = true;
+                }
+                Err(e) => {
+                    return Err(PgError::sql(format!("listen on channel {}", self.schema))(
+                        e,
+                    ))
+                }
+            }
+        }
         client
-            .batch_execute(&format!("LISTEN {}", self.channel.quoted()))
-            .map_err(PgError::sql(format!("listen on channel {}", self.channel)))?;
+            .batch_execute(&listen)
+            .map_err(PgError::sql(format!("listen on channel {}", self.schema)))?;
         self.listening = true;
         Ok(())
     }
 
-    /// A new connection replaced the old one: listen again if we were listening.
+    /// Set this connection's `sleeper` row to "waiting since now", and first delete the
+    /// rows of connections that are gone when it is time to.
+    fn register(&mut self, client: &mut Client) -> Result<(), PgError> {
+        let cleanup = self
+            .last_cleanup
+            .is_none_or(|t| t.elapsed() >= CLEANUP_EVERY);
+        let written = Instant::now();
+        match client.batch_execute(&self.registration(cleanup)) {
+            Ok(()) => {
+                self.registered = Some(written);
+                if cleanup {
+                    self.last_cleanup = Some(Instant::now());
+                }
+                Ok(())
+            }
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                self.no_sleeper_table = true;
+                Ok(())
+            }
+            Err(e) => Err(PgError::sql("register as waiting for changes")(e)),
+        }
+    }
+
+    /// The registration script. A row is gone when no connection has its pid
+    /// (`pg_stat_activity` shows every connection's pid to everyone). A row whose pid was
+    /// reused stays, harmlessly: its registration has lapsed, and the new connection
+    /// overwrites it if it registers.
+    fn registration(&self, cleanup: bool) -> String {
+        let sleeper = format!("{}.{}", self.schema.quoted(), quote_ident("sleeper"));
+        let mut script = String::new();
+        if cleanup {
+            script.push_str(&format!(
+                "DELETE FROM {sleeper} s WHERE NOT EXISTS \
+                 (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = s.pid); "
+            ));
+        }
+        script.push_str(&format!(
+            "INSERT INTO {sleeper} (pid, since) VALUES (pg_catalog.pg_backend_pid(), pg_catalog.now()) \
+             ON CONFLICT (pid) DO UPDATE SET since = EXCLUDED.since"
+        ));
+        script
+    }
+
+    /// A new connection replaced the old one: listen (and register) again if we were
+    /// listening. The host reads the log after a reconnect, so registering now is enough.
     pub fn reconnected(&mut self, client: &mut Client) -> Result<(), PgError> {
+        self.registered = None;
+        self.no_sleeper_table = false;
+        self.last_cleanup = None;
         if self.listening {
             self.listening = false;
             self.listen(client)?;
@@ -62,9 +246,10 @@ impl PgListener {
         Ok(())
     }
 
-    /// Drop notifications already received: the caller is about to read the log, which
-    /// covers every commit they announced.
-    pub fn discard_pending(&mut self, client: &mut Client) {
+    /// The host is about to read the log, which covers every commit that notifications
+    /// already received announced: drop them, and restart the fallback poll interval.
+    pub fn read_started(&mut self, client: &mut Client) {
+        self.read_due = Instant::now() + self.fallback_poll;
         if self.listening {
             let mut pending = client.notifications();
             // Errors surface on the next statement; this is only housekeeping.
@@ -72,20 +257,69 @@ impl PgListener {
         }
     }
 
-    /// Block until a notification arrives, the fallback poll interval passes (both:
-    /// `true`, read the log) or `timeout` passes (`false`).
+    /// Block until a notification arrives or `fallback_poll` has passed since the last
+    /// read (both: `true`, read the log), or `timeout` passes (`false`). Returns `true`
+    /// at once after starting to listen or registering as waiting: the host must read the
+    /// log once more before this connection may block (see the module docs).
     pub fn wait(&mut self, client: &mut Client, timeout: Duration) -> Result<bool, PgError> {
-        let limit = timeout.min(self.fallback_poll);
-        let polled = self.fallback_poll <= timeout;
-        if !self.enabled {
-            std::thread::sleep(limit);
-            return Ok(polled);
+        self.busy = false;
+        let end = Instant::now() + timeout;
+        if self.mode == NotifyMode::Off {
+            let polled = self.read_due <= end;
+            std::thread::sleep(
+                self.read_due
+                    .min(end)
+                    .saturating_duration_since(Instant::now()),
+            );
+            return Ok(self.poll(polled));
         }
         if !self.listening {
             self.listen(client)?;
             // Commits between the host's last read and LISTEN sent nothing we could hear.
             return Ok(true);
         }
+        // A registration that is about to lapse, or has, cannot be refreshed in time to
+        // be sure that no writer saw none: register anew, with the read that goes with it.
+        let lapsing = |t: Instant| t.elapsed() >= SLEEPER_TTL - REFRESH_EVERY;
+        if !self.no_sleeper_table && self.registered.is_none_or(lapsing) {
+            self.register(client)?;
+            // Writers that tested `sleeper` before the registration do not notify: read
+            // what they committed meanwhile before blocking.
+            return Ok(true);
+        }
+        loop {
+            let refresh_due = self
+                .registered
+                .map(|t| t + REFRESH_EVERY)
+                .filter(|_| !self.no_sleeper_table);
+            let until = refresh_due
+                .map_or(self.read_due, |r| r.min(self.read_due))
+                .min(end);
+            if self.block(client, until.saturating_duration_since(Instant::now()))? {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if self.read_due <= now || end <= now {
+                return Ok(self.poll(self.read_due <= now));
+            }
+            if refresh_due.is_some_and(|r| r <= now) {
+                // It never lapsed meanwhile, so no read is needed.
+                self.register(client)?;
+            }
+        }
+    }
+
+    /// `polled`: the fallback poll is due; tell the host to read, and count the next
+    /// interval from now even if it does not.
+    fn poll(&mut self, polled: bool) -> bool {
+        if polled {
+            self.read_due = Instant::now() + self.fallback_poll;
+        }
+        polled
+    }
+
+    /// Block for a notification for at most `limit`; whether one came.
+    fn block(&mut self, client: &mut Client, limit: Duration) -> Result<bool, PgError> {
         let woken = {
             let mut notifications = client.notifications();
             let first = notifications
@@ -102,15 +336,12 @@ impl PgListener {
             }
             first.is_some()
         };
-        if woken {
-            return Ok(true);
-        }
         // The driver reports a lost connection as "no notification": check.
-        if client.is_closed() {
+        if !woken && client.is_closed() {
             return Err(PgError::ConnectionLost(
                 "connection closed while waiting for notifications".into(),
             ));
         }
-        Ok(polled)
+        Ok(woken)
     }
 }

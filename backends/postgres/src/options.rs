@@ -16,8 +16,52 @@ const MAX_SCHEMA_BYTES: usize = crate::ident::MAX_IDENT_BYTES - "_capture_update
 #[serde(deny_unknown_fields)]
 struct RawOptions {
     schema: Option<String>,
-    notify: Option<bool>,
+    /// A mode name, or a boolean (the option's original form).
+    notify: Option<serde_json::Value>,
     fallback_poll_ms: Option<u64>,
+}
+
+/// When the capture triggers send their `NOTIFY` wake-up; see [`crate::listener`] for the
+/// trade-off. The option takes effect on the triggers at `install`; the reading side is
+/// the same for `Always` and `WhenIdle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyMode {
+    /// Every writing transaction notifies (`"always"`). Wake-ups are never late, but every
+    /// writing transaction takes PostgreSQL's database-wide notify lock at commit, which
+    /// serialises the commits of concurrent writers.
+    Always,
+    /// A transaction notifies only while some reader is registered as waiting
+    /// (`"when-idle"`, or `true`; the default). Under a steady stream readers are busy and
+    /// writers skip the lock; a wake-up can be late by at most the fallback poll interval.
+    WhenIdle,
+    /// No notification (`"off"`, or `false`): readers poll every fallback poll interval.
+    Off,
+}
+
+impl NotifyMode {
+    fn parse(raw: Option<&serde_json::Value>) -> Result<NotifyMode, PgError> {
+        use serde_json::Value;
+        match raw {
+            None | Some(Value::Bool(true)) => Ok(NotifyMode::WhenIdle),
+            Some(Value::Bool(false)) => Ok(NotifyMode::Off),
+            Some(Value::String(m)) if m == "always" => Ok(NotifyMode::Always),
+            Some(Value::String(m)) if m == "when-idle" => Ok(NotifyMode::WhenIdle),
+            Some(Value::String(m)) if m == "off" => Ok(NotifyMode::Off),
+            Some(other) => Err(PgError::InvalidOption(format!(
+                "notify must be \"always\", \"when-idle\", \"off\", true or false, not {other}"
+            ))),
+        }
+    }
+
+    /// The default for `fallback_poll_ms`. With `WhenIdle` it bounds how late a wake-up
+    /// that lost the race described in [`crate::listener`] can be, so it is short.
+    fn default_fallback_poll_ms(self) -> u64 {
+        match self {
+            NotifyMode::Always => 10_000,
+            NotifyMode::WhenIdle => 250,
+            NotifyMode::Off => 1_000,
+        }
+    }
 }
 
 /// Validated options.
@@ -26,13 +70,12 @@ pub struct PgOptions {
     /// The one schema that holds everything Epidemic creates (default `epidemic`). Also
     /// the NOTIFY channel, so two installations in one database do not wake each other.
     pub schema: Ident,
-    /// Whether the capture triggers send `NOTIFY` and `wait` listens for it (default
-    /// true). Without it `wait` simply sleeps for `fallback_poll`; writes are cheaper
-    /// because notifying transactions serialise their commits.
-    pub notify: bool,
-    /// The longest `wait` blocks before telling the host to read the log anyway: covers a
-    /// lost notification, and is the polling interval when `notify` is off. Default 10 s
-    /// with notify, 1 s without.
+    /// When the capture triggers send `NOTIFY` (default [`NotifyMode::WhenIdle`]). With
+    /// [`NotifyMode::Off`] `wait` does not listen and simply sleeps.
+    pub notify: NotifyMode,
+    /// The longest time after a read of the log before `wait` tells the host to read it
+    /// again anyway: covers a late or lost notification, and is the polling interval when
+    /// `notify` is off. Default 250 ms with `when-idle`, 10 s with `always`, 1 s with `off`.
     pub fallback_poll: Duration,
 }
 
@@ -49,10 +92,10 @@ impl PgOptions {
                 "schema \"{schema}\" is longer than {MAX_SCHEMA_BYTES} bytes"
             )));
         }
-        let notify = raw.notify.unwrap_or(true);
+        let notify = NotifyMode::parse(raw.notify.as_ref())?;
         let fallback_ms = raw
             .fallback_poll_ms
-            .unwrap_or(if notify { 10_000 } else { 1_000 });
+            .unwrap_or_else(|| notify.default_fallback_poll_ms());
         if fallback_ms == 0 {
             return Err(PgError::InvalidOption(
                 "fallback_poll_ms must be at least 1".into(),
@@ -106,12 +149,35 @@ mod tests {
     fn defaults() {
         let o = PgOptions::from_json(&json!({})).unwrap();
         assert_eq!(o.schema.as_str(), "epidemic");
-        assert!(o.notify);
-        assert_eq!(o.fallback_poll, Duration::from_secs(10));
+        assert_eq!(o.notify, NotifyMode::WhenIdle);
+        assert_eq!(o.fallback_poll, Duration::from_millis(250));
         let o = PgOptions::from_json(&serde_json::Value::Null).unwrap();
         assert_eq!(o.schema.as_str(), "epidemic");
         let o = PgOptions::from_json(&json!({"notify": false})).unwrap();
+        assert_eq!(o.notify, NotifyMode::Off);
         assert_eq!(o.fallback_poll, Duration::from_secs(1));
+        let o = PgOptions::from_json(&json!({"notify": "always"})).unwrap();
+        assert_eq!(o.notify, NotifyMode::Always);
+        assert_eq!(o.fallback_poll, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn notify_takes_a_mode_or_a_boolean() {
+        for (v, mode) in [
+            (json!(true), NotifyMode::WhenIdle),
+            (json!(false), NotifyMode::Off),
+            (json!("when-idle"), NotifyMode::WhenIdle),
+            (json!("always"), NotifyMode::Always),
+            (json!("off"), NotifyMode::Off),
+        ] {
+            let o = PgOptions::from_json(&json!({ "notify": v, "fallback_poll_ms": 5 })).unwrap();
+            assert_eq!(o.notify, mode, "{v}");
+            assert_eq!(o.fallback_poll, Duration::from_millis(5));
+        }
+        for bad in [json!("sometimes"), json!(1)] {
+            let e = PgOptions::from_json(&json!({ "notify": bad })).unwrap_err();
+            assert!(e.to_string().contains("notify"), "{e}");
+        }
     }
 
     #[test]

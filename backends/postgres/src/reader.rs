@@ -22,16 +22,37 @@
 //!
 //! # A batch's life
 //!
-//! 1. No batch in progress: one statement takes `cur` and the first and last change id
-//!    of the batch (over all of the consumer's log tables). An empty batch just moves
-//!    `prev` to `cur` (at most once a second, see [`ADVANCE_EVERY`]). Otherwise `cur`,
-//!    the last id and `done_upto = first id - 1` are stored: the batch is durable.
-//! 2. Rows are read by primary key: `id > done_upto AND id <= last_id`, filtered by the
-//!    two snapshots, ordered by id, at most `max`. A large batch is read in pieces by
-//!    later fetches with the same snapshots, each piece costing O(max), not O(batch).
+//! One statement per fetch does steps 1 and 2 (round trips are most of the latency from
+//! a commit to the handler):
+//!
+//! 1. It reads the consumer's cursor. No batch in progress: it takes `cur` and the first
+//!    and last change id of the batch (over all of the consumer's log tables). An empty
+//!    batch just moves `prev` to `cur` (at most once a second, see [`ADVANCE_EVERY`]).
+//!    Otherwise it stores `cur`, the last id and `done_upto = first id - 1`: the batch is
+//!    started.
+//! 2. It reads the rows of the batch in progress (or just started) by primary key:
+//!    `id > done_upto AND id <= last_id`, filtered by the two snapshots, ordered by id, at
+//!    most `max`. A large batch is read in pieces by later fetches with the same
+//!    snapshots, each piece costing O(max), not O(batch).
 //! 3. `ack(upto)` is one UPDATE: `done_upto = upto`, or, when `upto` reaches the last id,
 //!    `prev = cur` and the batch is closed. A crash after a partial ack resumes the same
 //!    batch after `upto`.
+//!
+//! The fetch statement commits without waiting for its WAL to reach disk
+//! (`synchronous_commit = off` for that transaction only), which takes a flush off the
+//! path from a commit to the handler. What it writes may be lost in a server crash, and
+//! that is safe: a lost batch start leaves the cursor at `prev`, and the next fetch
+//! starts a batch from `prev` again that holds everything the lost one held (delivered
+//! again: at least once); a lost advance of an empty batch leaves `prev` where it was,
+//! which spans no change of the consumer's. Nothing durable can build on a lost one:
+//! the WAL is flushed in order, so the flush an ack waits for also makes durable the
+//! batch start before it, and `prune`, which deletes by the cursors it reads, flushes its
+//! own commit, written after theirs. Acks still wait for the flush: a handled change is
+//! acknowledged durably.
+//!
+//! When asked to (the connection is registered as waiting for a wake-up and busy, see
+//! [`crate::listener`]), the fetch statement also clears the registration if it returns
+//! changes.
 //!
 //! Within a batch, rows come in id order. Two changes to one row are in commit order:
 //! the second writer waits for the first one's row lock, so it draws its id after the
@@ -98,6 +119,26 @@ impl ValueKind {
         }
     }
 
+    /// The SQL type of what [`ValueKind::select`] yields for a column of `type_oid`: the
+    /// type of the NULL that stands for the column in rows of another log table.
+    fn sql_type(self, type_oid: u32) -> &'static str {
+        match self {
+            ValueKind::Int2 => "pg_catalog.int2",
+            ValueKind::Int4 => "pg_catalog.int4",
+            ValueKind::Int8 => "pg_catalog.int8",
+            ValueKind::Float4 => "pg_catalog.float4",
+            ValueKind::Float8 => "pg_catalog.float8",
+            ValueKind::Bytes => "pg_catalog.bytea",
+            ValueKind::Text => match Type::from_oid(type_oid) {
+                Some(Type::VARCHAR) => "pg_catalog.varchar",
+                Some(Type::BPCHAR) => "pg_catalog.bpchar",
+                Some(Type::NAME) => "pg_catalog.name",
+                _ => "pg_catalog.text",
+            },
+            ValueKind::CastToText => "pg_catalog.text",
+        }
+    }
+
     fn select(self, column: &Ident) -> String {
         match self {
             ValueKind::CastToText => format!("l.{}::text", column.quoted()),
@@ -118,47 +159,49 @@ impl ValueKind {
     }
 }
 
-/// Reads one log table for one consumer.
+/// How to decode the rows of one log table in the fetch statement's result.
 struct PgLogTable {
     /// The table's name as the consumer spelled it: what [`Change::table`] carries, so it
     /// matches the handler's subscription.
     table: String,
     columns: Arc<[String]>,
     kinds: Vec<ValueKind>,
-    /// `$1 prev, $2 cur, $3 done_upto, $4 last_id, $5 max`.
-    rows: Statement,
+    /// Result column of this table's first old value; the new value follows it, then
+    /// the next column's pair.
+    first: usize,
+}
+
+/// The fetch statement's result columns. It returns one header row (the change columns
+/// NULL), and one row per change (the header columns NULL): the header's columns cost
+/// nothing on the many rows of a large batch.
+mod col {
+    /// The consumer has a cursor.
+    pub const REGISTERED: usize = 0;
+    pub const EVICTED: usize = 1;
+    /// The cursor's tables are the ones the statement was built for.
+    pub const SAME_TABLES: usize = 2;
+    /// A batch was in progress when the statement started.
+    pub const IN_PROGRESS: usize = 3;
+    /// The batch read from: the one in progress or the one just started.
+    pub const BATCH_ID: usize = 4;
+    /// No batch was in progress and the new snapshot holds changes.
+    pub const FOUND_NEW: usize = 5;
+    pub const STARTED: usize = 6;
+    pub const ADVANCED: usize = 7;
+    // 8: what turning off synchronous commit returned, unused.
+    pub const ID: usize = 9;
+    pub const OP: usize = 10;
+    pub const CHANGED_AT_US: usize = 11;
+    /// Which of the plan's log tables the row comes from.
+    pub const LOG: usize = 12;
+    /// The first of the log tables' value columns.
+    pub const VALUES: usize = 13;
 }
 
 impl PgLogTable {
-    fn read(
-        &self,
-        client: &mut Client,
-        cursor: &Cursor,
-        batch: &InProgress,
-        max: i64,
-    ) -> Result<Vec<Change>, PgError> {
-        let rows = client
-            .query(
-                &self.rows,
-                &[
-                    &cursor.prev,
-                    &batch.snapshot,
-                    &batch.done_upto,
-                    &batch.last_id,
-                    &max,
-                ],
-            )
-            .map_err(PgError::sql(format!("read the log of {}", self.table)))?;
-        rows.iter()
-            .map(|r| self.change(r))
-            .collect::<Result<_, _>>()
-            .map_err(PgError::sql(format!("decode the log of {}", self.table)))
-    }
-
-    fn change(&self, row: &Row) -> Result<Change, postgres::Error> {
-        let id: i64 = row.try_get(0)?;
-        let op: i8 = row.try_get(1)?;
-        let changed_at_us: i64 = row.try_get(2)?;
+    fn change(&self, row: &Row, id: i64) -> Result<Change, postgres::Error> {
+        let op: i8 = row.try_get(col::OP)?;
+        let changed_at_us: i64 = row.try_get(col::CHANGED_AT_US)?;
         let values = |first: usize| -> Result<Vec<Value>, postgres::Error> {
             self.kinds
                 .iter()
@@ -167,10 +210,14 @@ impl PgLogTable {
                 .collect()
         };
         let (op, old, new) = match op as u8 {
-            b'I' => (Op::Insert, None, Some(values(4)?)),
-            b'U' => (Op::Update, Some(values(3)?), Some(values(4)?)),
+            b'I' => (Op::Insert, None, Some(values(self.first + 1)?)),
+            b'U' => (
+                Op::Update,
+                Some(values(self.first)?),
+                Some(values(self.first + 1)?),
+            ),
             // The triggers write only I, U and D.
-            _ => (Op::Delete, Some(values(3)?), None),
+            _ => (Op::Delete, Some(values(self.first)?), None),
         };
         Ok(Change {
             id,
@@ -188,32 +235,30 @@ impl PgLogTable {
 struct ConsumerPlan {
     /// The consumer's tables as stored with its cursor; the plan is rebuilt when they change.
     tables: Vec<String>,
-    /// `$1 prev` -> `(cur, first id, last id)` over all of the consumer's log tables.
-    bounds: Statement,
+    /// The fetch statement: `$1 daemon, $2 handler, $3 tables, $4 max, $5 may advance an
+    /// empty batch, $6 clear the connection's waiting registration if it returns changes`;
+    /// columns as in [`col`].
+    next: Statement,
+    /// The same for a batch in progress, read-only: `$1 daemon, $2 handler, $3 tables,
+    /// $4 max`.
+    more: Statement,
+    /// The last fetch returned a full piece of a batch: the batch likely has more.
+    continuing: bool,
     logs: Vec<PgLogTable>,
     last_advance: Option<Instant>,
 }
 
-/// The consumer's cursor row.
+/// The consumer's cursor row, as far as this module needs it outside the fetch statement.
 struct Cursor {
     tables: Vec<String>,
-    prev: String,
     batch_id: i64,
-    batch: Option<InProgress>,
+    in_progress: bool,
     evicted: bool,
-}
-
-struct InProgress {
-    snapshot: String,
-    done_upto: i64,
-    last_id: i64,
 }
 
 /// Statements shared by every consumer, prepared once per connection.
 struct Shared {
     load: Statement,
-    start: Statement,
-    advance: Statement,
     finish: Statement,
     ack: Statement,
 }
@@ -264,24 +309,11 @@ impl PgReader {
             };
             let shared = Shared {
                 load: prepare(format!(
-                    "SELECT tables, prev_snapshot::text, batch_id, batch_snapshot::text, batch_done_upto, batch_last_id, \
-                         evicted_at IS NOT NULL \
+                    "SELECT tables, batch_id, batch_snapshot IS NOT NULL, evicted_at IS NOT NULL \
                      FROM {consumer} WHERE daemon = $1 AND handler = $2"
                 ))?,
                 // Every cursor write checks `evicted_at IS NULL`: an eviction between
                 // reading the cursor and writing it must not be overwritten.
-                start: prepare(format!(
-                    "UPDATE {consumer} SET batch_id = batch_id + 1, batch_snapshot = $4::text::pg_snapshot, \
-                         batch_done_upto = $5, batch_last_id = $6, last_seen = now() \
-                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NULL \
-                       AND evicted_at IS NULL \
-                     RETURNING batch_id"
-                ))?,
-                advance: prepare(format!(
-                    "UPDATE {consumer} SET prev_snapshot = $4::text::pg_snapshot, last_seen = now() \
-                     WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NULL \
-                       AND evicted_at IS NULL"
-                ))?,
                 finish: prepare(format!(
                     "UPDATE {consumer} SET prev_snapshot = batch_snapshot, batch_snapshot = NULL, \
                          batch_done_upto = NULL, batch_last_id = NULL, last_seen = now() \
@@ -429,21 +461,15 @@ impl PgReader {
             .query_opt(&load, &[&consumer.daemon, &consumer.handler])
             .map_err(PgError::sql(format!("read the cursor of {consumer}")))?
             .ok_or_else(|| PgError::NotRegistered(consumer.to_string()))?;
-        let snapshot: Option<String> = row.get(3);
         Ok(Cursor {
             tables: row.get(0),
-            prev: row.get(1),
-            batch_id: row.get(2),
-            batch: snapshot.map(|snapshot| InProgress {
-                snapshot,
-                done_upto: row.get::<_, Option<i64>>(4).unwrap_or(i64::MIN),
-                last_id: row.get::<_, Option<i64>>(5).unwrap_or(i64::MIN),
-            }),
-            evicted: row.get(6),
+            batch_id: row.get(1),
+            in_progress: row.get(2),
+            evicted: row.get(3),
         })
     }
 
-    /// Prepare the statements for a consumer reading `tables`.
+    /// Prepare the fetch statement for a consumer reading `tables`.
     fn build_plan(
         &self,
         client: &mut Client,
@@ -452,7 +478,8 @@ impl PgReader {
     ) -> Result<ConsumerPlan, PgError> {
         let registry = load_registry(client, &self.schema)?;
         let resolved = self.resolve(&registry, tables)?;
-        // The log columns' actual types decide how each value is read.
+        // The log columns' actual types decide how each value is read; the same query
+        // says whether the schema has a `sleeper` table (older installations do not).
         let types: HashMap<(String, String), u32> = client
             .query(
                 "SELECT c.relname::text, a.attname::text, a.atttypid FROM pg_catalog.pg_attribute a \
@@ -465,16 +492,19 @@ impl PgReader {
             .into_iter()
             .map(|r| ((r.get(0), r.get(1)), r.get(2)))
             .collect();
+        let has_sleeper = types.contains_key(&("sleeper".to_owned(), "since".to_owned()));
 
-        let mut bound_parts = Vec::new();
+        // Per log table: its value columns with their types, so that every table's rows
+        // can share one result (a row fills its own table's columns, NULL the others').
+        struct Part {
+            log: String,
+            columns: Vec<(ValueKind, u32, Ident, Ident)>,
+        }
+        let mut parts = Vec::new();
         let mut logs = Vec::new();
+        let mut first = col::VALUES;
         for (table, reg) in resolved {
-            let log = self.q(reg.log_table.as_str());
-            let mut select = vec![
-                "l.id".to_owned(),
-                "l.op".to_owned(),
-                "(extract(epoch FROM l.changed_at) * 1000000)::int8".to_owned(),
-            ];
+            let mut columns = Vec::new();
             let mut kinds = Vec::new();
             for c in &reg.columns {
                 let oid = types
@@ -482,23 +512,26 @@ impl PgReader {
                     .copied()
                     .unwrap_or(0);
                 let kind = ValueKind::of(oid);
-                select.push(kind.select(&c.old_column));
-                select.push(kind.select(&c.new_column));
+                columns.push((kind, oid, c.old_column.clone(), c.new_column.clone()));
                 kinds.push(kind);
             }
-            // The snapshots are parsed once per statement (scalar subqueries become
-            // init plans), not once per row.
-            let rows_sql = format!(
-                "SELECT {select} FROM {log} l \
-                 WHERE l.id > $3 AND l.id <= $4 \
-                   AND pg_visible_in_snapshot(l.txid, (SELECT $2::text::pg_snapshot)) \
-                   AND NOT pg_visible_in_snapshot(l.txid, (SELECT $1::text::pg_snapshot)) \
-                 ORDER BY l.id LIMIT $5",
-                select = select.join(", ")
-            );
-            let rows = client
-                .prepare(&rows_sql)
-                .map_err(PgError::sql(format!("prepare reading the log of {table}")))?;
+            logs.push(PgLogTable {
+                table,
+                columns: reg.columns.iter().map(|c| c.name.to_string()).collect(),
+                first,
+                kinds,
+            });
+            first += 2 * columns.len();
+            parts.push(Part {
+                log: self.q(reg.log_table.as_str()),
+                columns,
+            });
+        }
+
+        let mut bound_parts = Vec::new();
+        let mut row_parts = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let log = &part.log;
             // Two index scans on txid: transactions that started after `prev`, and those
             // that were running at `prev` and have finished by `cur`. Neither set can be
             // visible in `prev`, so only visibility in `cur` needs checking here.
@@ -511,137 +544,279 @@ impl PgReader {
                  WHERE l.txid = ANY ((SELECT late FROM r)::xid8[]) \
                    AND pg_visible_in_snapshot(l.txid, (SELECT cur FROM s))"
             ));
-            logs.push(PgLogTable {
-                table,
-                columns: reg.columns.iter().map(|c| c.name.to_string()).collect(),
-                kinds,
-                rows,
-            });
+            let mut select = vec![
+                "l.id".to_owned(),
+                "l.op".to_owned(),
+                "(extract(epoch FROM l.changed_at) * 1000000)::int8".to_owned(),
+                format!("{i}"),
+            ];
+            for (j, other) in parts.iter().enumerate() {
+                for (kind, oid, old, new) in &other.columns {
+                    if i == j {
+                        select.push(kind.select(old));
+                        select.push(kind.select(new));
+                    } else {
+                        let null = format!("NULL::{}", kind.sql_type(*oid));
+                        select.push(null.clone());
+                        select.push(null);
+                    }
+                }
+            }
+            // The bounds and snapshots are scalar subqueries (init plans): evaluated
+            // once per statement, and the id range drives the primary key index.
+            row_parts.push(format!(
+                "(SELECT {select} FROM {log} l \
+                  WHERE l.id > (SELECT done_upto FROM w) AND l.id <= (SELECT last_id FROM w) \
+                    AND pg_visible_in_snapshot(l.txid, (SELECT cur FROM w)) \
+                    AND NOT pg_visible_in_snapshot(l.txid, (SELECT prev FROM w)) \
+                  ORDER BY l.id LIMIT $4)",
+                select = select.join(", ")
+            ));
         }
-        // `s`: the previous snapshot and a new one. pg_current_snapshot() is this
-        // statement's own snapshot, so the bounds cover exactly what `cur` shows.
-        // `r`: where to look: txids from xmax(prev) to xmax(cur), plus the transactions
-        // in xip(prev) that `cur` sees as finished (`late`).
-        // `batch` is materialised so that the planner cannot turn min/max into a walk
-        // along the primary key that filters every row of the log.
-        let bounds_sql = format!(
-            "WITH s AS MATERIALIZED (SELECT $1::text::pg_snapshot AS prev, pg_current_snapshot() AS cur), \
-                  r AS MATERIALIZED (SELECT pg_snapshot_xmax(prev) AS lo, pg_snapshot_xmax(cur) AS hi, \
-                      ARRAY(SELECT x FROM pg_snapshot_xip(prev) AS x WHERE pg_visible_in_snapshot(x, cur)) AS late \
-                      FROM s), \
-                  batch AS MATERIALIZED ({}) \
-             SELECT (SELECT cur::text FROM s), min(id), max(id) FROM batch",
-            bound_parts.join(" UNION ALL ")
+        // The header row's change columns: NULL, typed as in the change rows.
+        let mut no_change: Vec<String> = [
+            "NULL::int8",
+            "NULL::\"char\"",
+            "NULL::int8",
+            "NULL::int4",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        for part in &parts {
+            for (kind, oid, _, _) in &part.columns {
+                no_change.push(format!("NULL::{}", kind.sql_type(*oid)));
+                no_change.push(format!("NULL::{}", kind.sql_type(*oid)));
+            }
+        }
+        let rows_sql = if row_parts.len() == 1 {
+            row_parts.remove(0)
+        } else {
+            format!("{} ORDER BY 1 LIMIT $4", row_parts.join(" UNION ALL "))
+        };
+        let woke_sql = if has_sleeper {
+            format!(
+                "UPDATE {} SET since = NULL \
+                 WHERE $6 AND pid = pg_backend_pid() AND since IS NOT NULL AND EXISTS (SELECT 1 FROM rows) \
+                 RETURNING 1",
+                self.q("sleeper")
+            )
+        } else {
+            "SELECT 1 WHERE $6::bool AND false".to_owned()
+        };
+        let consumer_table = self.q("consumer");
+
+        // `c`: the cursor. `in_progress`: the batch it has in progress, if any.
+        let cursor_cte = format!(
+            "c AS MATERIALIZED (\
+                 SELECT tables = $3::text[] AS same_tables, evicted_at IS NOT NULL AS evicted, \
+                        prev_snapshot, batch_id, batch_snapshot, batch_done_upto, batch_last_id \
+                 FROM {consumer_table} WHERE daemon = $1 AND handler = $2)"
         );
-        let bounds = client
-            .prepare(&bounds_sql)
-            .map_err(PgError::sql(format!("prepare batch bounds for {consumer}")))?;
+        let in_progress = "SELECT batch_id, prev_snapshot AS prev, batch_snapshot AS cur, \
+                                  batch_done_upto AS done_upto, batch_last_id AS last_id \
+                           FROM c WHERE batch_snapshot IS NOT NULL AND same_tables AND NOT evicted";
+        let cursor_header = "EXISTS (SELECT 1 FROM c), (SELECT evicted FROM c), (SELECT same_tables FROM c), \
+                             (SELECT batch_snapshot IS NOT NULL FROM c), (SELECT batch_id FROM w)";
+        let change_rows = "UNION ALL \
+                           SELECT NULL::bool, NULL::bool, NULL::bool, NULL::bool, NULL::int8, NULL::bool, \
+                                  NULL::int8, NULL::int8, NULL::text, rows.* \
+                           FROM rows";
+        let no_change = no_change.join(", ");
+
+        // `s`: when no batch is in progress, the previous snapshot and a new one;
+        // pg_current_snapshot() is this statement's own snapshot, so the bounds cover
+        // exactly what `cur` shows, and every row they find is visible here. `r`: where to
+        // look: txids from xmax(prev) to xmax(cur), plus the transactions in xip(prev)
+        // that `cur` sees as finished (`late`). `found` is materialised so that the
+        // planner cannot turn min/max into a walk along the primary key that filters
+        // every row of the log. `started` or `advanced` writes the cursor; both re-check
+        // that nobody moved it since `c` read it (`batch_id`), and an eviction meanwhile
+        // stops them. `w`: the batch to read, in progress or just started. Data-modifying
+        // CTEs run whether or not anything reads them (`woke`). The `set_config` in `b`
+        // (one row, so called once) turns off the synchronous commit of this statement's
+        // transaction only (see the module docs for why that is safe).
+        let next_sql = format!(
+            "WITH {cursor_cte}, \
+             s AS MATERIALIZED (\
+                 SELECT prev_snapshot AS prev, pg_current_snapshot() AS cur FROM c \
+                 WHERE batch_snapshot IS NULL AND same_tables AND NOT evicted), \
+             r AS MATERIALIZED (SELECT pg_snapshot_xmax(prev) AS lo, pg_snapshot_xmax(cur) AS hi, \
+                 ARRAY(SELECT x FROM pg_snapshot_xip(prev) AS x WHERE pg_visible_in_snapshot(x, cur)) AS late \
+                 FROM s), \
+             found AS MATERIALIZED ({bounds}), \
+             b AS MATERIALIZED (\
+                 SELECT min(id) AS first_id, max(id) AS last_id, \
+                        set_config('synchronous_commit', 'off', true) AS async_commit \
+                 FROM found), \
+             started AS (\
+                 UPDATE {consumer_table} u SET batch_id = u.batch_id + 1, batch_snapshot = s.cur, \
+                     batch_done_upto = b.first_id - 1, batch_last_id = b.last_id, last_seen = now() \
+                 FROM c, s, b \
+                 WHERE u.daemon = $1 AND u.handler = $2 AND b.first_id IS NOT NULL \
+                   AND u.batch_id = c.batch_id AND u.batch_snapshot IS NULL AND u.evicted_at IS NULL \
+                 RETURNING u.batch_id), \
+             advanced AS (\
+                 UPDATE {consumer_table} u SET prev_snapshot = s.cur, last_seen = now() \
+                 FROM c, s, b \
+                 WHERE $5 AND u.daemon = $1 AND u.handler = $2 AND b.first_id IS NULL \
+                   AND u.batch_id = c.batch_id AND u.batch_snapshot IS NULL AND u.evicted_at IS NULL \
+                 RETURNING u.batch_id), \
+             w AS MATERIALIZED (\
+                 {in_progress} \
+                 UNION ALL \
+                 SELECT started.batch_id, s.prev, s.cur, b.first_id - 1, b.last_id FROM started, s, b), \
+             rows AS NOT MATERIALIZED ({rows_sql}), \
+             woke AS ({woke_sql}) \
+             SELECT {cursor_header}, b.first_id IS NOT NULL, (SELECT count(*) FROM started), \
+                    (SELECT count(*) FROM advanced), b.async_commit, {no_change} \
+             FROM b \
+             {change_rows}",
+            bounds = bound_parts.join(" UNION ALL "),
+        );
+        let next = client.prepare(&next_sql).map_err(PgError::sql(format!(
+            "prepare reading the log for {consumer}"
+        )))?;
+        // The next piece of a batch in progress, when the last fetch returned a full piece
+        // of it: read-only, so it skips setting up the writes that have nothing to do.
+        let more_sql = format!(
+            "WITH {cursor_cte}, \
+             w AS MATERIALIZED ({in_progress}), \
+             rows AS ({rows_sql}) \
+             SELECT {cursor_header}, false, 0::int8, 0::int8, NULL::text, {no_change} \
+             {change_rows}"
+        );
+        let more = client.prepare(&more_sql).map_err(PgError::sql(format!(
+            "prepare reading the log for {consumer}"
+        )))?;
         Ok(ConsumerPlan {
             tables: tables.to_vec(),
-            bounds,
+            next,
+            more,
+            continuing: false,
             logs,
             last_advance: None,
         })
     }
 
+    /// The next changes for the consumer, at most `max`. `clear_waiting`: if it returns
+    /// changes, clear this connection's registration as waiting for a wake-up.
     pub fn fetch(
         &mut self,
         client: &mut Client,
         consumer: &Consumer,
         max: u32,
+        clear_waiting: bool,
     ) -> Result<Batch, PgError> {
         let max = i64::from(max.max(1));
-        let mut cursor = self.load(client, consumer)?;
-        if cursor.evicted {
-            self.plans.remove(&key(consumer));
-            return Err(PgError::Evicted(consumer.to_string()));
-        }
-        let consumer_table = self.q("consumer");
         let k = key(consumer);
-        if self.plans.get(&k).is_none_or(|p| p.tables != cursor.tables) {
-            let plan = self.build_plan(client, consumer, &cursor.tables)?;
-            self.plans.insert(k.clone(), plan);
-        }
-        let Some(shared) = self.shared.as_ref() else {
-            return Err(PgError::NothingInstalled(self.schema.to_string()));
-        };
-        let Some(plan) = self.plans.get_mut(&k) else {
-            return Err(PgError::NotRegistered(consumer.to_string()));
-        };
+        let consumer_table = self.q("consumer");
         let (d, h) = (&consumer.daemon, &consumer.handler);
         let race = |client: &mut Client| lost_race(client, &consumer_table, consumer);
 
-        // At most: read the batch in progress, find it exhausted and close it, start a
-        // new one, read it.
-        for _ in 0..3 {
-            match &cursor.batch {
-                Some(batch) => {
-                    let mut changes = Vec::new();
-                    for log in &plan.logs {
-                        changes.extend(log.read(client, &cursor, batch, max)?);
-                    }
-                    if !changes.is_empty() {
-                        if plan.logs.len() > 1 {
-                            changes.sort_unstable_by_key(|c| c.id);
-                            changes.truncate(max as usize);
-                        }
-                        return Ok(Batch {
-                            changes,
-                            token: cursor.batch_id.to_string(),
-                        });
-                    }
+        // At most: find the plan stale and rebuild it, find a batch that was expected to
+        // go on finished, find the batch in progress exhausted and close it, start a new
+        // one and read it.
+        for _ in 0..4 {
+            if !self.plans.contains_key(&k) {
+                let cursor = self.load(client, consumer)?;
+                if cursor.evicted {
+                    return Err(PgError::Evicted(consumer.to_string()));
+                }
+                let plan = self.build_plan(client, consumer, &cursor.tables)?;
+                self.plans.insert(k.clone(), plan);
+            }
+            let finish = self.shared(client)?.finish.clone();
+            let Some(plan) = self.plans.get_mut(&k) else {
+                return Err(PgError::NotRegistered(consumer.to_string()));
+            };
+            let may_advance = plan
+                .last_advance
+                .is_none_or(|t| t.elapsed() >= ADVANCE_EVERY);
+            // The statement that clears the registration is `next`.
+            let continuing = std::mem::take(&mut plan.continuing) && !clear_waiting;
+            let rows = if continuing {
+                client.query(&plan.more, &[d, h, &plan.tables, &max])
+            } else {
+                client.query(
+                    &plan.next,
+                    &[d, h, &plan.tables, &max, &may_advance, &clear_waiting],
+                )
+            }
+            .map_err(PgError::sql(format!("read the log for {consumer}")))?;
+            // The statement returns exactly one header row: the one without a change.
+            let Some(head) = rows
+                .iter()
+                .find(|r| r.get::<_, Option<i64>>(col::ID).is_none())
+            else {
+                return Err(PgError::NotRegistered(consumer.to_string()));
+            };
+            let get_flag = |i: usize| head.get::<_, Option<bool>>(i).unwrap_or(false);
+            if !get_flag(col::REGISTERED) {
+                self.plans.remove(&k);
+                return Err(PgError::NotRegistered(consumer.to_string()));
+            }
+            if get_flag(col::EVICTED) {
+                self.plans.remove(&k);
+                return Err(PgError::Evicted(consumer.to_string()));
+            }
+            if !get_flag(col::SAME_TABLES) {
+                // Registered again with other tables: prepare for those.
+                self.plans.remove(&k);
+                continue;
+            }
+            let in_progress = get_flag(col::IN_PROGRESS);
+            let found_new = get_flag(col::FOUND_NEW);
+            let batch_id: Option<i64> = head.get(col::BATCH_ID);
+            let started: i64 = head.get(col::STARTED);
+            let advanced: i64 = head.get(col::ADVANCED);
+            if continuing && rows.len() < 2 {
+                // The batch had nothing more, or is no longer in progress: `next` sorts
+                // that out.
+                continue;
+            }
+            if found_new && started != 1 {
+                return Err(race(client));
+            }
+            if !continuing && !in_progress && !found_new && may_advance {
+                if advanced != 1 {
+                    return Err(race(client));
+                }
+                plan.last_advance = Some(Instant::now());
+            }
+            let mut changes = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let Some(id) = row.get::<_, Option<i64>>(col::ID) else {
+                    continue;
+                };
+                let log: i32 = row.get(col::LOG);
+                let Some(log) = usize::try_from(log).ok().and_then(|i| plan.logs.get(i)) else {
+                    continue;
+                };
+                changes.push(
+                    log.change(row, id)
+                        .map_err(PgError::sql(format!("decode the log of {}", log.table)))?,
+                );
+            }
+            if let (false, Some(batch_id)) = (changes.is_empty(), batch_id) {
+                changes.sort_unstable_by_key(|c| c.id);
+                plan.continuing = changes.len() as i64 == max;
+                return Ok(Batch {
+                    changes,
+                    token: batch_id.to_string(),
+                });
+            }
+            match (in_progress, batch_id) {
+                (true, Some(batch_id)) => {
                     // Nothing left after done_upto although the batch was not acked to
                     // its end (its last rows were deleted by hand): close it.
                     let n = client
-                        .execute(&shared.finish, &[d, h, &cursor.batch_id])
+                        .execute(&finish, &[d, h, &batch_id])
                         .map_err(PgError::sql(format!("close the batch of {consumer}")))?;
                     if n != 1 {
                         return Err(race(client));
                     }
-                    cursor.prev = batch.snapshot.clone();
-                    cursor.batch = None;
                 }
-                None => {
-                    let row = client
-                        .query_one(&plan.bounds, &[&cursor.prev])
-                        .map_err(PgError::sql(format!("find the next batch of {consumer}")))?;
-                    let cur: String = row.get(0);
-                    let first: Option<i64> = row.get(1);
-                    let last: Option<i64> = row.get(2);
-                    let (Some(first), Some(last)) = (first, last) else {
-                        if plan
-                            .last_advance
-                            .is_none_or(|t| t.elapsed() >= ADVANCE_EVERY)
-                        {
-                            let n = client
-                                .execute(&shared.advance, &[d, h, &cursor.batch_id, &cur])
-                                .map_err(PgError::sql(format!(
-                                    "advance the cursor of {consumer}"
-                                )))?;
-                            if n != 1 {
-                                return Err(race(client));
-                            }
-                            plan.last_advance = Some(Instant::now());
-                        }
-                        return Ok(Batch::default());
-                    };
-                    let done_upto = first - 1;
-                    let Some(row) = client
-                        .query_opt(
-                            &shared.start,
-                            &[d, h, &cursor.batch_id, &cur, &done_upto, &last],
-                        )
-                        .map_err(PgError::sql(format!("start a batch for {consumer}")))?
-                    else {
-                        return Err(race(client));
-                    };
-                    cursor.batch_id = row.get(0);
-                    cursor.batch = Some(InProgress {
-                        snapshot: cur,
-                        done_upto,
-                        last_id: last,
-                    });
-                }
+                _ => return Ok(Batch::default()),
             }
         }
         Ok(Batch::default())
@@ -675,7 +850,7 @@ impl PgReader {
             self.plans.remove(&key(consumer));
             return Err(PgError::Evicted(consumer.to_string()));
         }
-        if cursor.batch_id == batch_id && cursor.batch.is_none() {
+        if cursor.batch_id == batch_id && !cursor.in_progress {
             return Ok(());
         }
         Err(PgError::StaleToken {
