@@ -50,6 +50,10 @@ pub enum PgError {
     StaleToken { consumer: String, token: String },
     #[error("consumer {0}: the cursor changed under this daemon (is a second daemon running with the same name?)")]
     CursorRace(String),
+    /// A bug, not a condition: the statement built for the consumer returned a row of a
+    /// log table it does not read.
+    #[error("consumer {0}: reading the log returned a row of an unknown log table")]
+    UnknownLog(String),
     #[error("cannot connect to {url}: {reason}")]
     Connect {
         url: String,
@@ -88,6 +92,7 @@ impl From<PgError> for BackendError {
             PgError::Sql { .. }
             | PgError::Connect { .. }
             | PgError::CursorRace(_)
+            | PgError::UnknownLog(_)
             | PgError::StaleToken { .. } => BackendError::Other(message),
             PgError::InvalidIdentifier(_)
             | PgError::InvalidOption(_)

@@ -22,8 +22,10 @@
 //!
 //! # A batch's life
 //!
-//! One statement per fetch does steps 1 and 2 (round trips are most of the latency from
-//! a commit to the handler):
+//! One statement per fetch does steps 1 and 2, so a change costs one round trip to read
+//! and one to acknowledge (round trips are most of the latency from a commit to the
+//! handler). After a fetch that returned a full piece of a batch, the next piece is read
+//! by a read-only variant that only does step 2.
 //!
 //! 1. It reads the consumer's cursor. No batch in progress: it takes `cur` and the first
 //!    and last change id of the batch (over all of the consumer's log tables). An empty
@@ -574,14 +576,10 @@ impl PgReader {
             ));
         }
         // The header row's change columns: NULL, typed as in the change rows.
-        let mut no_change: Vec<String> = [
-            "NULL::int8",
-            "NULL::\"char\"",
-            "NULL::int8",
-            "NULL::int4",
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        let mut no_change: Vec<String> =
+            ["NULL::int8", "NULL::\"char\"", "NULL::int8", "NULL::int4"]
+                .map(str::to_owned)
+                .to_vec();
         for part in &parts {
             for (kind, oid, _, _) in &part.columns {
                 no_change.push(format!("NULL::{}", kind.sql_type(*oid)));
@@ -615,7 +613,8 @@ impl PgReader {
         let in_progress = "SELECT batch_id, prev_snapshot AS prev, batch_snapshot AS cur, \
                                   batch_done_upto AS done_upto, batch_last_id AS last_id \
                            FROM c WHERE batch_snapshot IS NOT NULL AND same_tables AND NOT evicted";
-        let cursor_header = "EXISTS (SELECT 1 FROM c), (SELECT evicted FROM c), (SELECT same_tables FROM c), \
+        let cursor_header =
+            "EXISTS (SELECT 1 FROM c), (SELECT evicted FROM c), (SELECT same_tables FROM c), \
                              (SELECT batch_snapshot IS NOT NULL FROM c), (SELECT batch_id FROM w)";
         let change_rows = "UNION ALL \
                            SELECT NULL::bool, NULL::bool, NULL::bool, NULL::bool, NULL::int8, NULL::bool, \
@@ -790,7 +789,8 @@ impl PgReader {
                 };
                 let log: i32 = row.get(col::LOG);
                 let Some(log) = usize::try_from(log).ok().and_then(|i| plan.logs.get(i)) else {
-                    continue;
+                    self.plans.remove(&k);
+                    return Err(PgError::UnknownLog(consumer.to_string()));
                 };
                 changes.push(
                     log.change(row, id)
