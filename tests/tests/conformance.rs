@@ -28,6 +28,12 @@ trait TestDb: Send + Sync + 'static {
     /// Make the database unavailable for a moment and bring it back: a server restart,
     /// or for SQLite an exclusive lock held by another process.
     fn outage(&self);
+    /// Whether every outage cuts the daemon off. SQLite's exclusive lock blocks only
+    /// writes (WAL readers go on), so a daemon with nothing to acknowledge during it
+    /// may rightly never notice.
+    fn outage_always_seen(&self) -> bool {
+        true
+    }
 }
 
 const SCHEMA: &str = "CREATE TABLE mail_users (id BIGINT PRIMARY KEY, username VARCHAR(200) NOT NULL, quota_bytes BIGINT)";
@@ -343,13 +349,19 @@ fn database_outages<D: TestDb>(db: D) {
     // The outages were real: the daemon lost its connection, said so, and says when it is
     // back (it may sleep through a short outage between two reconnect attempts, so the
     // count of outages it saw can be lower than two).
-    assert!(
-        wait_until(WAIT, || d.log_text().contains("database reachable again")),
-        "{}",
-        d.log_text()
-    );
+    if db.outage_always_seen() {
+        assert!(
+            wait_until(WAIT, || d.log_text().contains("database reachable again")),
+            "{}",
+            d.log_text()
+        );
+        assert!(
+            d.log_text().contains("database connection lost"),
+            "{}",
+            d.log_text()
+        );
+    }
     let log = d.log_text();
-    assert!(log.contains("database connection lost"), "{log}");
     assert!(
         log.matches("database connection lost").count() <= 2,
         "an outage must be logged once, not per attempt:\n{log}"
@@ -507,6 +519,10 @@ mod sqlite_db {
                 tx.execute_batch(s).unwrap_or_else(|e| panic!("{s}: {e}"));
             }
             tx.commit().expect("commit");
+        }
+
+        fn outage_always_seen(&self) -> bool {
+            false
         }
 
         fn outage(&self) {
