@@ -624,7 +624,11 @@ fn a_removed_handler_stops_holding_back_its_table() {
     .unwrap();
     let mx2 = Daemon::start(&other, &s.dir.join("other.log"), &[]);
     // mx2 starts from now: only changes after it is up count.
-    assert!(mx2.wait_for_log("epidemic started", WAIT), "{}", mx2.log_text());
+    assert!(
+        mx2.wait_for_log("epidemic started", WAIT),
+        "{}",
+        mx2.log_text()
+    );
     let _mx1 = s.start();
     let w = sqlite::connect(&s.db);
     for i in 0..10 {
