@@ -122,6 +122,31 @@ pub struct TableStatus {
     pub problems: Vec<String>,
 }
 
+/// The drift sentences of [`TableStatus::problems`], shared so every backend says the
+/// same thing (tests and operators match on them).
+pub mod drift {
+    use crate::change::Op;
+
+    use std::fmt::Display;
+
+    pub fn table_gone(table: impl Display) -> String {
+        format!("table {table} no longer exists")
+    }
+
+    pub fn trigger_missing(trigger: impl Display, table: impl Display, op: Op) -> String {
+        format!("trigger {trigger} on {table} is missing: {op} changes are not captured; run `epidemic install`")
+    }
+
+    /// `consequence` is what it means on that backend ("handlers that need it cannot get
+    /// it", "the triggers fail every write to the table"); "their" is the handlers'.
+    pub fn column_gone(column: impl Display, table: impl Display, consequence: &str) -> String {
+        format!(
+            "column {column} of table {table} no longer exists (dropped or renamed): {consequence}; \
+             change their columns or restore the column, then run `epidemic install`"
+        )
+    }
+}
+
 /// Work on the scratch table `epidemic bench` measures with. The table is named by the
 /// host (`epidemic_bench_scratch`) and is never one of the user's tables.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

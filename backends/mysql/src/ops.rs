@@ -1,6 +1,7 @@
 //! Consumer liveness, dead letters, the status report and `epidemic bench`'s scratch
 //! table, for MySQL. None of this is on the path of a change from trigger to handler.
 
+use epidemic_plugin_sdk::ops::drift;
 use epidemic_plugin_sdk::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op,
     Scratch, Status, TableStatus, SCRATCH_TABLE,
@@ -197,29 +198,28 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
         let exists = schema.table_exists(&log.source_table)?;
         let present = schema.trigger_names(&log.source_table)?;
         let mut triggers = Vec::new();
-        for suffix in ["insert", "update", "delete"] {
+        for (suffix, op) in [
+            ("insert", Op::Insert),
+            ("update", Op::Update),
+            ("delete", Op::Delete),
+        ] {
             let name = trigger_name(&log.source_table, suffix);
             let here = present.contains(&name);
             if !here && exists {
-                problems.push(format!(
-                    "trigger {name} on {} is missing: {} changes are not captured; run `epidemic install`",
-                    log.source_table,
-                    suffix.to_uppercase()
-                ));
+                problems.push(drift::trigger_missing(&name, &log.source_table, op));
             }
             triggers.push((name, here));
         }
         if !exists {
-            problems.insert(0, format!("table {} no longer exists", log.source_table));
+            problems.insert(0, drift::table_gone(&log.source_table));
         } else {
             let have = schema.column_names(&log.source_table)?;
             for c in log.columns.iter() {
                 if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {
-                    problems.push(format!(
-                        "column {c} of table {} no longer exists (dropped or renamed): the triggers fail every \
-                         write to the table; restore the column, or change the handlers' columns and run \
-                         `epidemic install`",
-                        log.source_table
+                    problems.push(drift::column_gone(
+                        c,
+                        &log.source_table,
+                        "the triggers fail every write to the table",
                     ));
                 }
             }

@@ -12,7 +12,8 @@
 //! `txid` index like the batch query does (transactions from `xmax(prev)` on, plus those
 //! running at `prev`), so a caught-up consumer costs little however long its log is.
 
-use epidemic_plugin_sdk::{ConsumerStatus, Status, TableStatus};
+use epidemic_plugin_sdk::ops::drift;
+use epidemic_plugin_sdk::{ConsumerStatus, Op, Status, TableStatus};
 use postgres::Client;
 
 use crate::error::PgError;
@@ -38,7 +39,7 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
         let table = match inspect_table(client, name) {
             Ok(t) => Some(t),
             Err(PgError::MissingTable(_)) => {
-                problems.push(format!("table {name} no longer exists"));
+                problems.push(drift::table_gone(name));
                 None
             }
             Err(e) => return Err(e),
@@ -58,20 +59,22 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
             let trigger = event.trigger_name(&reg.trigger_name);
             let present = found.iter().any(|t| t.captures(event, &reg.trigger_name));
             if !present {
-                problems.push(format!(
-                    "trigger {trigger} on {name} is missing: {} changes are not captured; run `epidemic install`",
-                    event.sql()
-                ));
+                let op = match event {
+                    Event::Insert => Op::Insert,
+                    Event::Update => Op::Update,
+                    Event::Delete => Op::Delete,
+                };
+                problems.push(drift::trigger_missing(&trigger, name, op));
             }
             triggers.push((trigger.to_string(), present));
         }
         if let Some(t) = &table {
             for c in &reg.columns {
                 if !t.columns.contains_key(c.name.as_str()) {
-                    problems.push(format!(
-                        "column {} of table {name} no longer exists (dropped or renamed): handlers that need it \
-                         cannot get it; change their columns or restore the column, then run `epidemic install`",
-                        c.name
+                    problems.push(drift::column_gone(
+                        c.name.as_str(),
+                        name,
+                        "handlers that need it cannot get it",
                     ));
                 }
             }

@@ -6,6 +6,8 @@ use epidemic_plugin_sdk::{
 };
 use rusqlite::{params, params_from_iter, Connection, Row};
 
+use epidemic_plugin_sdk::ops::drift;
+
 use crate::schema::{quote, SqliteSchema};
 use crate::{now_us, sql_err};
 
@@ -174,7 +176,11 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
         let mut problems = Vec::new();
         let exists = schema.table_exists(&log.source_table)?.is_some();
         let mut triggers = Vec::new();
-        for suffix in ["insert", "update", "delete"] {
+        for (suffix, op) in [
+            ("insert", Op::Insert),
+            ("update", Op::Update),
+            ("delete", Op::Delete),
+        ] {
             let name = format!("epidemic_{}_{suffix}", log.source_table);
             let present: bool = conn
                 .query_row(
@@ -184,24 +190,20 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
                 )
                 .map_err(sql_err)?;
             if !present {
-                problems.push(format!(
-                    "trigger {name} on {} is missing: {} changes are not captured; run `epidemic install`",
-                    log.source_table,
-                    suffix.to_uppercase()
-                ));
+                problems.push(drift::trigger_missing(&name, &log.source_table, op));
             }
             triggers.push((name, present));
         }
         if !exists {
-            problems.insert(0, format!("table {} no longer exists", log.source_table));
+            problems.insert(0, drift::table_gone(&log.source_table));
         } else {
             let have = schema.table_columns(&log.source_table)?;
             for c in log.columns.iter() {
                 if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {
-                    problems.push(format!(
-                        "column {c} of table {} no longer exists (dropped or renamed): handlers that need it \
-                         cannot get it; change their columns or restore the column, then run `epidemic install`",
-                        log.source_table
+                    problems.push(drift::column_gone(
+                        c,
+                        &log.source_table,
+                        "handlers that need it cannot get it",
                     ));
                 }
             }
