@@ -79,8 +79,7 @@ fn log_registration(
 pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let daemon = cfg.daemon_name()?;
     let backend_lib = plugins::load_backend(&cfg)?;
-    let handlers = plugins::load_handlers(&cfg)?;
-    let watches = plugins::watches(&handlers);
+    let mut handlers = plugins::load_handlers(&cfg)?;
     let url = epidemic_plugin_sdk::redact_url(&cfg.database.url);
     let metrics = Metrics::new(cfg.metrics.listen.is_some());
     let _server = match &cfg.metrics.listen {
@@ -100,7 +99,14 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         for problem in status.tables.iter().flat_map(|t| &t.problems) {
             warn!("schema drift: {problem}");
         }
+        for warning in &status.warnings {
+            warn!("{warning}");
+        }
     }
+    // The catalog's spelling of every name, so dispatch matches what the backend reports.
+    let watches = until_connected(&stop, "resolve names", || {
+        reconnect_on_error(&mut main_conn, |c| plugins::resolve_names(c, &mut handlers))
+    })?;
     until_connected(&stop, "install", || {
         reconnect_on_error(&mut main_conn, |c| c.install(&watches))
     })?;

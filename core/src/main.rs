@@ -316,9 +316,9 @@ fn now_us() -> i64 {
 
 fn connect_and_plan(cfg: &Config) -> Result<(host::HostBackend, Vec<epidemic_plugin_sdk::Watch>)> {
     let lib = plugins::load_backend(cfg)?;
-    let handlers = plugins::load_handlers(cfg)?;
-    let watches = plugins::watches(&handlers);
-    let conn = plugins::open(cfg, &lib)?;
+    let mut handlers = plugins::load_handlers(cfg)?;
+    let mut conn = plugins::open(cfg, &lib)?;
+    let watches = plugins::resolve_names(&mut conn, &mut handlers).context("resolve names")?;
     Ok((conn, watches))
 }
 

@@ -226,6 +226,41 @@ pub fn watches(handlers: &[LoadedHandler]) -> Vec<Watch> {
     out
 }
 
+/// Ask the backend for the catalog's spelling of every watched table and column and use
+/// it in every handler's subscriptions, so that dispatch (which compares names exactly)
+/// matches what the backend reports on a database whose names are case-insensitive.
+/// Returns the merged watches in that spelling.
+pub fn resolve_names(
+    conn: &mut HostBackend,
+    handlers: &mut [LoadedHandler],
+) -> Result<Vec<Watch>, BackendError> {
+    let asked = watches(handlers);
+    let resolved = conn.resolve(&asked)?;
+    let same_shape = resolved.len() == asked.len()
+        && asked
+            .iter()
+            .zip(&resolved)
+            .all(|(a, r)| a.columns.len() == r.columns.len());
+    if !same_shape {
+        return Err(BackendError::Other(
+            "backend resolved the watched names into a different shape".into(),
+        ));
+    }
+    // Positional: the backend returns one watch per watch asked, columns in order.
+    for s in handlers.iter_mut().flat_map(|h| h.subscriptions.iter_mut()) {
+        let Some(i) = asked.iter().position(|w| w.table == s.table) else {
+            continue;
+        };
+        for c in s.columns.iter_mut() {
+            if let Some(j) = asked[i].columns.iter().position(|a| a == c) {
+                *c = resolved[i].columns[j].clone();
+            }
+        }
+        s.table = resolved[i].table.clone();
+    }
+    Ok(watches(handlers))
+}
+
 /// Open a connection through the backend library.
 pub fn open(cfg: &Config, lib: &Library) -> Result<HostBackend> {
     open_raw(cfg, lib).map_err(|e| anyhow!("{} ({}): {e}", redact_url(&cfg.database.url), lib.name))

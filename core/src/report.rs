@@ -107,6 +107,12 @@ pub fn status(s: &Status, now_us: i64) -> String {
             let _ = writeln!(out, "  - {p}");
         }
     }
+    if !s.warnings.is_empty() {
+        out.push_str("\nwarnings:\n");
+        for w in &s.warnings {
+            let _ = writeln!(out, "  - {w}");
+        }
+    }
     out
 }
 

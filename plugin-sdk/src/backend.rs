@@ -28,7 +28,9 @@ use crate::ffi::{
     RawBackend, RawBackend_TO,
 };
 use crate::handler::guard;
-use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Scratch, Status};
+use crate::ops::{
+    DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Scratch, Status,
+};
 
 /// How a backend call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -215,6 +217,23 @@ pub trait Backend: Send + 'static {
     fn scratch(&mut self, _op: &Scratch) -> Result<(), BackendError> {
         Err(unsupported(Self::NAME, "bench"))
     }
+
+    /// The watches with every table and column name in the catalog's own spelling, for a
+    /// database whose names are case-insensitive (SQLite, MySQL): the host then uses
+    /// these spellings everywhere (subscriptions, dispatch), so a handler that wrote
+    /// `Mail_Users` still gets the changes of `mail_users`. One watch per watch given, in
+    /// the same order, each with its columns in the same order; a name that does not
+    /// exist is returned as given (install reports it). The default returns the watches
+    /// unchanged.
+    fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
+        Ok(watches.to_vec())
+    }
+
+    /// Claim, renew or release the lease on a daemon name (see [`LeaseRequest`]), atomically
+    /// and by the database's clock, so two live daemons can never share one name.
+    fn lease(&mut self, _request: &LeaseRequest) -> Result<LeaseState, BackendError> {
+        Err(unsupported(Self::NAME, "daemon leases"))
+    }
 }
 
 fn unsupported(backend: &str, what: &str) -> BackendError {
@@ -250,7 +269,7 @@ impl From<&Watch> for RWatch {
     }
 }
 
-fn watches(w: RVec<RWatch>) -> Vec<Watch> {
+pub(crate) fn watches(w: RVec<RWatch>) -> Vec<Watch> {
     w.into_iter()
         .map(|w| Watch {
             table: w.table.into(),
@@ -385,6 +404,21 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
     fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError> {
         guard(|| match from_json::<Scratch>(op_json) {
             Ok(op) => res(self.0.scratch(&op), |()| ()),
+            Err(e) => RResult::RErr(e),
+        })
+    }
+
+    fn resolve(&mut self, w: RVec<RWatch>) -> RResult<RVec<RWatch>, RError> {
+        guard(|| {
+            res(self.0.resolve(&watches(w)), |v| {
+                v.iter().map(RWatch::from).collect()
+            })
+        })
+    }
+
+    fn lease(&mut self, request_json: RStr<'_>) -> RResult<RString, RError> {
+        guard(|| match from_json::<LeaseRequest>(request_json) {
+            Ok(r) => res(self.0.lease(&r), |s| to_json(&s)),
             Err(e) => RResult::RErr(e),
         })
     }

@@ -279,6 +279,9 @@ pub trait RawBackend: Send {
     fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError>;
     #[sabi(last_prefix_field)]
     fn render_script(&self, statements: RVec<RString>) -> RResult<RString, RError>;
+    fn resolve(&mut self, watches: RVec<RWatch>) -> RResult<RVec<RWatch>, RError>;
+    /// [`crate::ops::LeaseRequest`] in, [`crate::ops::LeaseState`] out, as JSON.
+    fn lease(&mut self, request_json: RStr<'_>) -> RResult<RString, RError>;
 }
 
 pub type BackendBox = RawBackend_TO<'static, RBox<()>>;

@@ -20,7 +20,9 @@ use crate::ffi::{
     RStartFrom, RWatch, SDK_VERSION,
 };
 use crate::handler::HandlerError;
-use crate::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Scratch, Status};
+use crate::ops::{
+    DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Scratch, Status,
+};
 
 /// Why a library could not be used as a plugin. Every message is one line and names the file.
 #[derive(Debug, thiserror::Error)]
@@ -428,6 +430,23 @@ impl HostBackend {
     pub fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {
         let json = serde_json::to_string(op).map_err(|e| BackendError::Other(e.to_string()))?;
         ok(self.inner.scratch(RStr::from_str(&json)))
+    }
+
+    /// The watches in the catalog's spelling (see [`crate::Backend::resolve`]).
+    pub fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
+        ok::<_, BackendError>(
+            self.inner
+                .resolve(watches.iter().map(RWatch::from).collect()),
+        )
+        .map(crate::backend::watches)
+    }
+
+    pub fn lease(&mut self, request: &LeaseRequest) -> Result<LeaseState, BackendError> {
+        let json =
+            serde_json::to_string(request).map_err(|e| BackendError::Other(e.to_string()))?;
+        let out = ok::<_, BackendError>(self.inner.lease(RStr::from_str(&json)))?;
+        serde_json::from_str(&out)
+            .map_err(|e| BackendError::Other(format!("backend sent a bad lease state: {e}")))
     }
 
     pub fn status(&mut self) -> Result<Status, BackendError> {

@@ -90,6 +90,11 @@ pub struct Status {
     pub backend: String,
     pub consumers: Vec<ConsumerStatus>,
     pub tables: Vec<TableStatus>,
+    /// Conditions that weaken a guarantee, one sentence each with the remedy (a missing
+    /// privilege that makes gap detection fall back to a timeout, say). `run` logs them
+    /// as warnings at start; `status` prints them.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,3 +173,46 @@ pub enum Scratch {
 
 /// The scratch table's name: in Epidemic's own namespace, so it can never be a user's.
 pub const SCRATCH_TABLE: &str = "epidemic_bench_scratch";
+
+/// A request on the lease that makes a daemon name exclusive to one live daemon.
+///
+/// The lease is one row per daemon name holding the instance that owns it and when it
+/// expires, by the database's clock (never a daemon's). A backend carries out each
+/// request atomically (one statement or one transaction).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseRequest {
+    /// Take the name, or keep it: granted when nobody holds it, when `instance` already
+    /// holds it, when the holder's lease has expired, or when the holder is
+    /// `take_over` (an instance the caller proved dead). A grant sets the holder to
+    /// `instance`/`holder` and the expiry to now + `ttl_ms`.
+    Claim {
+        daemon: String,
+        /// Random, new for every start of a daemon.
+        instance: String,
+        /// Who holds it, for people: `pid 1234 on host mx1`.
+        holder: String,
+        ttl_ms: u64,
+        take_over: Option<String>,
+    },
+    /// Give the name up at a clean shutdown (only if `instance` holds it).
+    Release { daemon: String, instance: String },
+}
+
+/// The lease after a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseState {
+    /// The caller holds the name.
+    Granted,
+    /// Another live instance holds it.
+    Held {
+        instance: String,
+        holder: String,
+        /// Until its lease expires, by the database's clock.
+        expires_in_ms: u64,
+        /// How many times the holder has claimed or renewed it: a number that moves
+        /// while the caller waits means the holder is alive.
+        renewals: i64,
+    },
+    /// After a release.
+    Released,
+}
