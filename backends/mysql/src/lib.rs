@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use epidemic_plugin_sdk::{
     Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    Registered, StartFrom, Status, Watch,
+    LeaseRequest, LeaseState, Registered, StartFrom, Status, Watch,
 };
 use mysql::prelude::Queryable;
 use mysql::Conn;
@@ -202,8 +202,8 @@ impl MySqlBackend {
             )
             .map_err(sql_err)?;
         if rows.is_empty() {
-            return Err(BackendError::Invalid(format!(
-                "consumer {consumer} is not registered"
+            return Err(BackendError::Evicted(format!(
+                "consumer {consumer} is not registered (its cursor is gone); it must register again"
             )));
         }
         let seen = GapSeen::now();
@@ -421,10 +421,14 @@ impl Backend for MySqlBackend {
                 params,
             )
             .map_err(sql_err)?;
+        // By the server's clock, like every other `last_seen`.
         self.conn
             .exec_drop(
-                "UPDATE epidemic_cursor SET last_seen = ? WHERE daemon = ? AND handler = ?",
-                (now, &consumer.daemon, &consumer.handler),
+                format!(
+                    "UPDATE epidemic_cursor SET last_seen = {} WHERE daemon = ? AND handler = ?",
+                    ops::DB_NOW_US
+                ),
+                (&consumer.daemon, &consumer.handler),
             )
             .map_err(sql_err)?;
         self.consumers.remove(consumer);
@@ -540,6 +544,10 @@ impl Backend for MySqlBackend {
 
     fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
         ops::touch(&mut self.conn, consumer)
+    }
+
+    fn lease(&mut self, request: &LeaseRequest) -> Result<LeaseState, BackendError> {
+        ops::lease(&mut self.conn, request)
     }
 
     fn evict_stale(&mut self, ttl: Duration) -> Result<Vec<Consumer>, BackendError> {

@@ -361,33 +361,16 @@ pub(crate) fn write_cursor(
     gaps: &str,
 ) -> Result<(), BackendError> {
     conn.exec_drop(
-        "UPDATE epidemic_cursor SET high_water = ?, gaps = ?, last_seen = ? \
-         WHERE daemon = ? AND handler = ? AND source_table = ? AND evicted_at IS NULL",
-        (
-            high_water,
-            gaps,
-            now_us(),
-            &consumer.daemon,
-            &consumer.handler,
-            table,
+        format!(
+            "UPDATE epidemic_cursor SET high_water = ?, gaps = ?, last_seen = {} \
+             WHERE daemon = ? AND handler = ? AND source_table = ? AND evicted_at IS NULL",
+            crate::ops::DB_NOW_US
         ),
+        (high_water, gaps, &consumer.daemon, &consumer.handler, table),
     )
     .map_err(sql_err)?;
-    // MySQL counts changed rows, so 0 can also mean "same values"; only an evicted
-    // cursor is an error.
     if conn.affected_rows() == 0 {
-        let evicted: Option<i64> = conn
-            .exec_first(
-                "SELECT 1 FROM epidemic_cursor WHERE daemon = ? AND handler = ? AND evicted_at IS NOT NULL",
-                (&consumer.daemon, &consumer.handler),
-            )
-            .map_err(sql_err)?;
-        if evicted.is_some() {
-            return Err(BackendError::Invalid(format!(
-                "consumer {consumer} was evicted (unseen longer than consumer_ttl) and may have missed changes; \
-                 it must register again"
-            )));
-        }
+        crate::ops::ensure_live(conn, consumer, Some(table))?;
     }
     Ok(())
 }
