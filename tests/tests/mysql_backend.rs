@@ -1190,7 +1190,7 @@ fn eviction_dead_letters_and_status() {
         &batch.token,
         batch.changes.last().map_or(0, |c| c.id),
     ) {
-        Err(BackendError::Invalid(m)) => assert!(m.contains("evicted"), "{m}"),
+        Err(BackendError::Evicted(m)) => assert!(m.contains("evicted"), "{m}"),
         other => panic!("an evicted consumer's ack must be refused: {other:?}"),
     }
     assert_eq!(
