@@ -150,8 +150,8 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             handler_metrics,
             Arc::clone(&metrics),
             Arc::clone(&stop),
-            lost_cursor,
-        );
+        )
+        .with_lost_cursor_flag(lost_cursor);
         let name = dispatcher.consumer.handler.clone();
         let handle = std::thread::Builder::new()
             .name(format!("handler-{name}"))
@@ -375,7 +375,6 @@ impl Dispatcher {
         metrics: Arc<HandlerMetrics>,
         all_metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
-        lost_cursor: Arc<AtomicBool>,
     ) -> Self {
         Dispatcher {
             tables: h.tables(),
@@ -389,8 +388,14 @@ impl Dispatcher {
             metrics,
             all_metrics,
             stop,
-            lost_cursor,
+            lost_cursor: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The flag the heartbeat sets when touching this consumer updated no cursor.
+    fn with_lost_cursor_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.lost_cursor = flag;
+        self
     }
 
     fn stopping(&self) -> bool {
