@@ -670,3 +670,65 @@ fn session_auto_increment_increment_is_delivered_exactly() {
         .collect();
     assert_exactly_committed(&committed, &delivered);
 }
+
+/// Item 19: a Galera node (here a real one-node cluster) judges gaps by its own
+/// INNODB_TRX only, so the backend refuses it with one line unless `allow_galera = true`
+/// accepts the risk, which `status` and the daemon's log then repeat.
+#[test]
+fn a_galera_node_is_refused_unless_the_risk_is_accepted() {
+    let provider = Path::new("/usr/lib/galera/libgalera_smm.so");
+    assert!(
+        provider.exists(),
+        "{} is missing: install galera-4 (a dependency of mariadb-server)",
+        provider.display()
+    );
+    let (group, ist) = (epidemic_tests::free_port(), epidemic_tests::free_port());
+    let server = MySqlServer::start_new_with_args(&[
+        "--wsrep-on=ON",
+        &format!("--wsrep-provider={}", provider.display()),
+        "--wsrep-cluster-address=gcomm://",
+        &format!("--wsrep-node-address=127.0.0.1:{group}"),
+        &format!(
+            "--wsrep-provider-options=gmcast.listen_addr=tcp://127.0.0.1:{group};ist.recv_addr=127.0.0.1:{ist}"
+        ),
+        "--binlog-format=ROW",
+        "--innodb-autoinc-lock-mode=2",
+    ]);
+    let (url, mut conn) = database(&server, "galera", ITEMS);
+    let on: Option<(String, String)> = conn
+        .query_first("SHOW GLOBAL VARIABLES LIKE 'wsrep_on'")
+        .unwrap();
+    assert_eq!(on.map(|(_, v)| v).as_deref(), Some("ON"));
+
+    let refused = open(&url, json!({}))
+        .err()
+        .expect("a Galera node must be refused");
+    let msg = refused.to_string();
+    assert!(
+        msg.contains("Galera") && msg.contains("allow_galera = true") && !msg.contains('\n'),
+        "{msg}"
+    );
+    let files = daemon_files(&url, "");
+    let out = epidemic(&files.config, &["install"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("Galera"),
+        "{stderr}"
+    );
+    let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+    assert_eq!(tables, vec!["items".to_owned()], "nothing may be installed");
+
+    let files = daemon_files(&url, "allow_galera = true");
+    let daemon = start_daemon(&files);
+    assert!(
+        daemon.wait_for_log("allow_galera = true on a Galera node", WAIT),
+        "{}",
+        daemon.log_text()
+    );
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('one', '1')")
+        .unwrap();
+    assert!(wait_key(&files.out, "one"), "{}", daemon.log_text());
+    let status = epidemic(&files.config, &["status"]);
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(stdout.contains("allow_galera = true"), "{stdout}");
+}
