@@ -84,11 +84,18 @@ use crate::options::NotifyMode;
 /// prefix is `capture_` (8 bytes).
 const MAX_KEY_BYTES: usize = MAX_IDENT_BYTES - "capture_".len();
 
-/// Type OIDs whose `=` operator lives in `pg_catalog` are compared with `IS DISTINCT
-/// FROM` directly; see [`UserColumn::has_catalog_eq`].
-const CATALOG_EQ_SQL: &str = "EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
-     WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid \
-       AND o.oprnamespace = 'pg_catalog'::regnamespace)";
+/// Types whose equality is identity (two values are equal only if a handler would see
+/// the same value) are compared with `IS DISTINCT FROM` directly; see
+/// [`UserColumn::identity_eq`]. Their `=` operators live in `pg_catalog`, which is found
+/// first whatever the installer's `search_path`.
+const IDENTITY_EQ_SQL: &str = "a.atttypid = ANY (ARRAY['pg_catalog.bool', 'pg_catalog.int2', \
+     'pg_catalog.int4', 'pg_catalog.int8', 'pg_catalog.oid', 'pg_catalog.bytea', 'pg_catalog.\"char\"', \
+     'pg_catalog.date', 'pg_catalog.timestamp', 'pg_catalog.timestamptz', 'pg_catalog.uuid']::pg_catalog.regtype[])";
+
+/// The comment on every capture trigger: the layout of the triggers it belongs to. A
+/// capture trigger with another comment (an older layout: a `WHEN` that used the
+/// type's equality, no `ENABLE ALWAYS`) is recreated by the next install.
+pub(crate) const TRIGGER_LAYOUT: &str = "epidemic capture 2";
 
 /// One column of a watched table, as the catalog describes it now.
 #[derive(Debug, Clone)]
@@ -98,18 +105,20 @@ pub(crate) struct UserColumn {
     /// so that widening the user's column (`varchar(64)` to `varchar(128)`) cannot make
     /// the trigger fail and with it the user's write.
     type_sql: String,
-    /// Whether `IS DISTINCT FROM` can use a `pg_catalog` operator (which is found first
-    /// whatever the installer's `search_path`); for other types (extension types, enums,
-    /// domains, arrays, `json`) the trigger compares the text forms, which is never
-    /// wrong, at worst reports an update whose text changed but whose value compares
-    /// equal.
-    has_catalog_eq: bool,
+    /// Whether the type's equality is identity (integers, `bool`, `bytea`, timestamps,
+    /// `uuid`...). For every other type the update trigger compares the text forms, byte
+    /// for byte (`COLLATE "C"`), which is what a handler sees: `1.0` and `1.00`
+    /// (`numeric`), or `alice` and `Alice` under a case-insensitive collation, are equal
+    /// to `IS DISTINCT FROM` but not to a handler.
+    identity_eq: bool,
 }
 
 /// A watched table as the catalog describes it now.
 #[derive(Debug, Clone)]
 pub(crate) struct UserTable {
     pub oid: u32,
+    /// A partitioned table (`relkind = 'p'`): its rows are in its partitions.
+    pub partitioned: bool,
     pub columns: HashMap<String, UserColumn>,
 }
 
@@ -134,32 +143,37 @@ pub(crate) struct RegisteredTable {
     pub columns: Vec<RegisteredColumn>,
 }
 
-/// A row event Epidemic captures with one trigger each.
+/// An event Epidemic captures with one trigger each: the row events, and `TRUNCATE`
+/// (a statement-level trigger that logs a delete of every row the table still holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Event {
     Insert,
     Update,
     Delete,
+    Truncate,
 }
 
 impl Event {
-    pub const ALL: [Event; 3] = [Event::Insert, Event::Update, Event::Delete];
+    pub const ALL: [Event; 4] = [Event::Insert, Event::Update, Event::Delete, Event::Truncate];
 
     pub fn sql(self) -> &'static str {
         match self {
             Event::Insert => "INSERT",
             Event::Update => "UPDATE",
             Event::Delete => "DELETE",
+            Event::Truncate => "TRUNCATE",
         }
     }
 
     /// `pg_trigger.tgtype` of our trigger: ROW (1) plus INSERT (4), DELETE (8) or
-    /// UPDATE (16); AFTER has no bit.
+    /// UPDATE (16), AFTER having no bit; for TRUNCATE, BEFORE (2) plus TRUNCATE (32),
+    /// statement-level having no bit.
     fn tgtype(self) -> i16 {
-        1 | match self {
-            Event::Insert => 4,
-            Event::Update => 16,
-            Event::Delete => 8,
+        match self {
+            Event::Insert => 1 | 4,
+            Event::Update => 1 | 16,
+            Event::Delete => 1 | 8,
+            Event::Truncate => 2 | 32,
         }
     }
 
@@ -178,12 +192,26 @@ pub(crate) struct FoundTrigger {
     ours: bool,
     /// The columns it depends on (those in its `WHEN`), sorted.
     attnums: Vec<i16>,
+    /// `pg_trigger.tgenabled`: `A` fires always, `O` not under
+    /// `session_replication_role = replica`, `D` never.
+    pub enabled: i8,
+    /// Its comment: [`TRIGGER_LAYOUT`] when this version created it.
+    layout: Option<String>,
 }
 
 impl FoundTrigger {
     /// Whether this is the working trigger for `event` (whatever columns it names).
     pub fn captures(&self, event: Event, base: &Ident) -> bool {
         self.ours && self.tgtype == event.tgtype() && self.name == event.trigger_name(base).as_str()
+    }
+
+    /// Whether this is the trigger install would create for `event` watching `attnums`:
+    /// same columns, same layout, firing always.
+    fn is_current(&self, event: Event, base: &Ident, attnums: &[i16]) -> bool {
+        self.captures(event, base)
+            && self.enabled == b'A' as i8
+            && self.layout.as_deref() == Some(TRIGGER_LAYOUT)
+            && (event == Event::Truncate || self.attnums == attnums)
     }
 }
 
@@ -207,7 +235,8 @@ pub(crate) fn find_triggers(
                           WHERE d.classid = 'pg_catalog.pg_trigger'::regclass AND d.objid = t.oid \
                             AND d.refclassid = 'pg_catalog.pg_class'::regclass \
                             AND d.refobjid = t.tgrelid AND d.refobjsubid > 0 \
-                          ORDER BY 1) \
+                          ORDER BY 1), \
+                    t.tgenabled, pg_catalog.obj_description(t.oid, 'pg_trigger') \
              FROM pg_catalog.pg_trigger t \
              JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
              JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
@@ -224,6 +253,8 @@ pub(crate) fn find_triggers(
             tgtype: r.get(1),
             ours: r.get(2),
             attnums: r.get(3),
+            enabled: r.get(4),
+            layout: r.get(5),
         })
         .collect())
 }
@@ -259,6 +290,62 @@ pub(crate) enum SchemaState {
     Missing,
     Ours,
     Foreign,
+}
+
+/// The advisory lock that orders consumer registrations against pruning (and against
+/// the rebase after a restore into another cluster): a registration holds it shared from
+/// before it takes its snapshot until it commits; `prune` holds it exclusively while it
+/// reads the cursors. So `prune` never computes its horizon without a consumer that is
+/// being registered, whose snapshot may miss rows the other consumers have passed.
+pub(crate) fn cursor_lock_key(schema: &Ident) -> String {
+    format!(
+        "pg_catalog.hashtext({})",
+        quote_literal(&format!("epidemic cursors {schema}"))
+    )
+}
+
+/// Whether the cursors in the schema were written by this cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClusterCheck {
+    /// The recorded system identifier is this cluster's.
+    Same,
+    /// Nothing recorded (an installation older than the record; install records it).
+    Unrecorded,
+    /// Recorded by another cluster: the schema came here by a dump and restore, and its
+    /// cursors are snapshots of the other cluster's transaction ids.
+    Foreign { recorded: i64, current: i64 },
+}
+
+/// Compare the system identifier recorded in the schema with this cluster's
+/// (`pg_control_system()`, executable by everyone).
+pub(crate) fn check_cluster(
+    client: &mut impl GenericClient,
+    schema: &Ident,
+) -> Result<ClusterCheck, PgError> {
+    let table = format!("{}.{}", schema.quoted(), quote_ident("cluster"));
+    let exists: bool = client
+        .query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&table])
+        .map_err(PgError::sql("inspect the cluster record"))?
+        .get(0);
+    if !exists {
+        return Ok(ClusterCheck::Unrecorded);
+    }
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT system_identifier FROM {table} LIMIT 1), \
+                        (SELECT system_identifier FROM pg_catalog.pg_control_system())"
+            ),
+            &[],
+        )
+        .map_err(PgError::sql("read the cluster record"))?;
+    let recorded: Option<i64> = row.get(0);
+    let current: i64 = row.get(1);
+    Ok(match recorded {
+        None => ClusterCheck::Unrecorded,
+        Some(r) if r == current => ClusterCheck::Same,
+        Some(recorded) => ClusterCheck::Foreign { recorded, current },
+    })
 }
 
 /// Whether `schema.table` has a column `column`: for bookkeeping tables that gained a
@@ -363,6 +450,7 @@ pub(crate) fn inspect_table(
         .ok_or_else(|| PgError::MissingTable(name.to_string()))?;
     let oid: u32 = row.get(0);
     let kind: String = row.get(1);
+    let partitioned = kind == "p";
     // Ordinary and partitioned tables; row triggers on a partitioned table (PostgreSQL
     // 13+) are cloned onto every partition.
     if kind != "r" && kind != "p" {
@@ -376,7 +464,7 @@ pub(crate) fn inspect_table(
                             WHEN 'pg_catalog.bpchar'::regtype THEN 'pg_catalog.bpchar' \
                             WHEN 'pg_catalog.bit'::regtype THEN 'pg_catalog.varbit' \
                             ELSE pg_catalog.format_type(a.atttypid, NULL) END, \
-                        {CATALOG_EQ_SQL} \
+                        {IDENTITY_EQ_SQL} \
                  FROM pg_catalog.pg_attribute a \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped"
             ),
@@ -393,12 +481,16 @@ pub(crate) fn inspect_table(
                 UserColumn {
                     attnum: r.get(1),
                     type_sql: r.get(2),
-                    has_catalog_eq: r.get(3),
+                    identity_eq: r.get(3),
                 },
             )
         })
         .collect();
-    Ok(UserTable { oid, columns })
+    Ok(UserTable {
+        oid,
+        partitioned,
+        columns,
+    })
 }
 
 /// `log_<key>` etc.: `table` in `public`, `schema.table` elsewhere (a dot cannot occur in
@@ -486,6 +578,11 @@ impl PgInstaller<'_> {
         }
 
         let mut plan = self.bookkeeping_ddl(client, state)?;
+        if state == SchemaState::Ours {
+            if let ClusterCheck::Foreign { .. } = check_cluster(client, self.schema)? {
+                plan.extend(self.rebase_ddl(&registry));
+            }
+        }
         let mut taken_logs: HashSet<String> =
             registry.values().map(|r| r.log_table.to_string()).collect();
         for (name, columns, table) in inspected {
@@ -674,7 +771,7 @@ impl PgInstaller<'_> {
                 ));
             }
 
-            plan.push(self.capture_function(&function, &log, &all));
+            plan.push(self.capture_function(&function, &log, &all, name, &table));
             let found = if existing.is_some() {
                 find_triggers(client, table.oid, self.schema, &function, &trigger_base)?
             } else {
@@ -706,7 +803,7 @@ impl PgInstaller<'_> {
                 let trigger = event.trigger_name(&trigger_base);
                 let current = found
                     .iter()
-                    .any(|t| t.captures(event, &trigger_base) && t.attnums == attnums);
+                    .any(|t| t.is_current(event, &trigger_base, &attnums));
                 if current {
                     continue;
                 }
@@ -718,6 +815,22 @@ impl PgInstaller<'_> {
                     ));
                 }
                 plan.push(self.capture_trigger(event, &trigger, name, &function, &all, &table));
+                // Fire under `session_replication_role = replica` too: changes applied by
+                // logical replication, or restored with `pg_restore --disable-triggers`
+                // as a replica, are changes the handlers must hear about. On a
+                // partitioned table this reaches the partitions' clones, and partitions
+                // created later inherit it.
+                plan.push(format!(
+                    "ALTER TABLE {} ENABLE ALWAYS TRIGGER {}",
+                    name.quoted(),
+                    trigger.quoted()
+                ));
+                plan.push(format!(
+                    "COMMENT ON TRIGGER {} ON {} IS {}",
+                    trigger.quoted(),
+                    name.quoted(),
+                    quote_literal(TRIGGER_LAYOUT)
+                ));
             }
         }
         Ok(plan)
@@ -791,6 +904,18 @@ impl PgInstaller<'_> {
                 self.q("consumer")
             ));
         }
+        // The cluster whose transaction ids the cursors and log rows hold; see
+        // `rebase_ddl` for what a restore into another cluster does.
+        ddl.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} (system_identifier bigint NOT NULL)",
+            self.q("cluster")
+        ));
+        ddl.push(format!(
+            "INSERT INTO {c} (system_identifier) \
+             SELECT system_identifier FROM pg_catalog.pg_control_system() \
+             WHERE NOT EXISTS (SELECT 1 FROM {c})",
+            c = self.q("cluster")
+        ));
         // pid: the reading connection's backend; since: set while it waits for a wake-up.
         // Rows of connections that are gone are deleted by the next reader that registers.
         ddl.push(format!(
@@ -823,6 +948,44 @@ impl PgInstaller<'_> {
         Ok(ddl)
     }
 
+    /// After a dump of the schema was restored into another cluster (a migration, an
+    /// upgrade by dump), the cursors are snapshots of the old cluster's transaction ids,
+    /// and so are the restored log rows' `txid`s, while rows written here since carry
+    /// this cluster's: compared with each other they mean nothing (typically every new
+    /// change looks handled, and is pruned). Rebasing makes them mean something again,
+    /// without losing any change: every restored log row gets `txid` 1, which every
+    /// snapshot of this cluster sees as committed; rows written here keep theirs (a
+    /// row's `xmin` is its writer's, and the `txid` its trigger stored has the same
+    /// low 32 bits, while a restored row's `xmin` is the restore's); every consumer
+    /// restarts from the snapshot that sees nothing, so it is delivered everything in
+    /// the log, again for what it had handled before the move (at least once, never
+    /// lost). Under the cursor lock, so that no prune runs on the old cursors meanwhile.
+    fn rebase_ddl(&self, registry: &BTreeMap<TableName, RegisteredTable>) -> Vec<String> {
+        let mut ddl = vec![format!(
+            "SELECT pg_catalog.pg_advisory_xact_lock({})",
+            cursor_lock_key(self.schema)
+        )];
+        for reg in registry.values() {
+            ddl.push(format!(
+                "UPDATE {} SET txid = '1'::pg_catalog.xid8 \
+                 WHERE txid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) \
+                    OR (txid::text::numeric % 4294967296) <> xmin::text::numeric",
+                self.q(reg.log_table.as_str())
+            ));
+        }
+        ddl.push(format!(
+            "UPDATE {} SET prev_snapshot = '1:1:', batch_id = batch_id + 1, batch_snapshot = NULL, \
+                 batch_done_upto = NULL, batch_last_id = NULL",
+            self.q("consumer")
+        ));
+        ddl.push(format!(
+            "UPDATE {} SET system_identifier = \
+                 (SELECT system_identifier FROM pg_catalog.pg_control_system())",
+            self.q("cluster")
+        ));
+        ddl
+    }
+
     /// The trigger function: one log row per call. Which calls happen is decided by the
     /// triggers' `WHEN` clauses (an update that changes no watched column never gets here).
     fn capture_function(
@@ -830,20 +993,40 @@ impl PgInstaller<'_> {
         function: &Ident,
         log: &str,
         columns: &[RegisteredColumn],
+        name: &TableName,
+        table: &UserTable,
     ) -> String {
         let old_cols = list(columns, |c| c.old_column.quoted());
         let new_cols = list(columns, |c| c.new_column.quoted());
         let old_vals = list(columns, |c| format!("OLD.{}", c.name.quoted()));
         let new_vals = list(columns, |c| format!("NEW.{}", c.name.quoted()));
+        let row_vals = list(columns, |c| format!("t.{}", c.name.quoted()));
+        // TRUNCATE: the BEFORE trigger still sees every row, and logs each as deleted,
+        // so handlers act on it as on deletes. A partitioned table's rows are all in its
+        // partitions (a TRUNCATE of the parent truncates them all); an ordinary table's
+        // inheritance children have no capture triggers of their own, so only its own
+        // rows are logged.
+        let only = if table.partitioned { "" } else { "ONLY " };
+        let truncated = name.quoted();
         // One notification per transaction: PostgreSQL folds identical notifications
         // (same channel, same payload) sent within one transaction. With `when-idle` the
         // test runs for every row, not once per transaction, so that a long transaction
         // still notifies a reader that started waiting after its first row.
         let channel = quote_literal(self.schema.as_str());
+        //
+        // A transaction that notified cannot `PREPARE TRANSACTION`. Where the server
+        // allows prepared transactions at all (`max_prepared_transactions` > 0) the
+        // capture functions therefore never notify: a write must never fail, and the
+        // readers' fallback poll finds the changes instead (see [`crate::listener`]).
+        let two_phase_off = "current_setting('max_prepared_transactions') = '0'";
         let notify = match self.notify {
-            NotifyMode::Always => format!("\n    PERFORM pg_notify({channel}, '');"),
+            NotifyMode::Always => format!(
+                "\n    IF {two_phase_off} THEN\n        \
+                     PERFORM pg_notify({channel}, '');\n    \
+                 END IF;"
+            ),
             NotifyMode::WhenIdle => format!(
-                "\n    IF EXISTS (SELECT 1 FROM {} WHERE since > now() - interval '{} seconds') THEN\n        \
+                "\n    IF {two_phase_off} AND EXISTS (SELECT 1 FROM {} WHERE since > now() - interval '{} seconds') THEN\n        \
                      PERFORM pg_notify({channel}, '');\n    \
                  END IF;",
                 self.q("sleeper"),
@@ -857,6 +1040,8 @@ impl PgInstaller<'_> {
                      INSERT INTO {log} (op, {new_cols}) VALUES ('I', {new_vals});\n    \
                  ELSIF TG_OP = 'UPDATE' THEN\n        \
                      INSERT INTO {log} (op, {old_cols}, {new_cols}) VALUES ('U', {old_vals}, {new_vals});\n    \
+                 ELSIF TG_OP = 'TRUNCATE' THEN\n        \
+                     INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM {only}{truncated} t;\n    \
                  ELSE\n        \
                      INSERT INTO {log} (op, {old_cols}) VALUES ('D', {old_vals});\n    \
                  END IF;{notify}\n    \
@@ -893,10 +1078,12 @@ impl PgInstaller<'_> {
                 .iter()
                 .map(|c| {
                     let col = c.name.quoted();
-                    if table.columns[c.name.as_str()].has_catalog_eq {
+                    if table.columns[c.name.as_str()].identity_eq {
                         format!("OLD.{col} IS DISTINCT FROM NEW.{col}")
                     } else {
-                        format!("OLD.{col}::text IS DISTINCT FROM NEW.{col}::text")
+                        format!(
+                            "(OLD.{col}::text COLLATE pg_catalog.\"C\") IS DISTINCT FROM (NEW.{col}::text COLLATE pg_catalog.\"C\")"
+                        )
                     }
                 })
                 .collect::<Vec<_>>()
@@ -911,6 +1098,14 @@ impl PgInstaller<'_> {
                     )
                     .collect::<Vec<_>>()
                     .join(" OR ")
+            }
+            Event::Truncate => {
+                return format!(
+                    "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT\nEXECUTE FUNCTION {}()",
+                    trigger.quoted(),
+                    name.quoted(),
+                    self.q(function.as_str())
+                );
             }
         };
         format!(
