@@ -25,17 +25,32 @@
 //!   it matters after a crash, hence UNLOGGED: writing it costs no WAL, and readers never
 //!   wait for a flush to register.
 //!
-//! On the user's table there are three triggers, `<schema>_capture_insert`, `_update` and
-//! `_delete`, each `AFTER ... FOR EACH ROW` with a `WHEN` clause that names every watched
-//! column. The update trigger's `WHEN (OLD.c IS DISTINCT FROM NEW.c OR ...)` is the
-//! "did a watched column change" test, so an update of other columns does not even call
-//! the function. The insert and delete triggers' `WHEN (true OR NEW.c IS NULL ...)` is
+//! On the user's table there are three row triggers, `<schema>_capture_insert`, `_update`
+//! and `_delete`, each `AFTER ... FOR EACH ROW` with a `WHEN` clause that names every
+//! watched column; `_trunc`, `BEFORE TRUNCATE ... FOR EACH STATEMENT`, which logs a delete
+//! of every row the table still holds (so a `TRUNCATE`, also one that reaches the table
+//! through `TRUNCATE ... CASCADE`, reaches handlers as the deletes it amounts to, at the
+//! price of copying the rows into the log); and on a partitioned table `_mvrow`, `_mvbeg`
+//! and `_mvend`, which deliver a row's move to another partition as one update (see
+//! [`PgInstaller::move_prologue`]). Every capture trigger is `ENABLE ALWAYS`: it fires
+//! under `session_replication_role = replica` too (logical replication's apply worker,
+//! `pg_restore --disable-triggers` run as a replica), because those are changes to the
+//! table all the same; a trigger found firing only as origin (`ENABLE TRIGGER ALL`
+//! resets it) or disabled is reported by `status` and re-enabled by install. Each carries
+//! the comment [`TRIGGER_LAYOUT`], so that install recreates triggers of an older layout.
+//!
+//! The update trigger's `WHEN` is the "did a watched column change" test, so an update of
+//! other columns does not even call the function. It compares what a handler would see:
+//! `OLD.c IS DISTINCT FROM NEW.c` for types whose equality is identity (integers, `bool`,
+//! `bytea`, timestamps...), and the text forms byte by byte otherwise
+//! (`(OLD.c::text COLLATE "C") IS DISTINCT FROM ...`), since `1.0 = 1.00` (`numeric`) and
+//! `'alice' = 'Alice'` under a case-insensitive collation. The insert and delete triggers' `WHEN (true OR NEW.c IS NULL ...)` is
 //! always true (the planner folds it away once per statement); it is there so that
 //! PostgreSQL records that the trigger depends on each watched column. That is the point
 //! of all three clauses: `ALTER TABLE ... DROP COLUMN` of a watched column is refused
 //! ("other objects depend on it") instead of succeeding and leaving a capture function
 //! that fails every later write to the table. `DROP COLUMN ... CASCADE` drops the three
-//! triggers with the column: writes keep working, nothing is captured, and `status` says
+//! row triggers with the column: writes keep working, nothing is captured, and `status` says
 //! so. The price: PostgreSQL also refuses `ALTER COLUMN ... TYPE` of a column used in a
 //! trigger's `WHEN`. To change a watched column's type without losing changes, recreate
 //! the triggers in the same transaction:
@@ -43,14 +58,20 @@
 //! ```sql
 //! BEGIN;
 //! CREATE TEMP TABLE capture_triggers ON COMMIT DROP AS
-//!     SELECT pg_get_triggerdef(oid) AS def FROM pg_trigger
-//!     WHERE tgrelid = 'mail_users'::regclass AND tgname LIKE 'epidemic\_capture\_%';
+//!     SELECT tgname, pg_get_triggerdef(oid) AS def, obj_description(oid, 'pg_trigger') AS note
+//!     FROM pg_trigger
+//!     WHERE tgrelid = 'mail_users'::regclass
+//!       AND tgname ~ '^epidemic_capture_(insert|update|delete)$';
 //! DROP TRIGGER epidemic_capture_insert ON mail_users;
 //! DROP TRIGGER epidemic_capture_update ON mail_users;
 //! DROP TRIGGER epidemic_capture_delete ON mail_users;
 //! ALTER TABLE mail_users ALTER COLUMN username TYPE varchar(128);
-//! DO $$ DECLARE d text; BEGIN
-//!     FOR d IN SELECT def FROM capture_triggers LOOP EXECUTE d; END LOOP;
+//! DO $$ DECLARE t record; BEGIN
+//!     FOR t IN SELECT * FROM capture_triggers LOOP
+//!         EXECUTE t.def;
+//!         EXECUTE format('ALTER TABLE mail_users ENABLE ALWAYS TRIGGER %I', t.tgname);
+//!         EXECUTE format('COMMENT ON TRIGGER %I ON mail_users IS %L', t.tgname, t.note);
+//!     END LOOP;
 //! END $$;
 //! COMMIT;
 //! ```
@@ -143,43 +164,90 @@ pub(crate) struct RegisteredTable {
     pub columns: Vec<RegisteredColumn>,
 }
 
-/// An event Epidemic captures with one trigger each: the row events, and `TRUNCATE`
-/// (a statement-level trigger that logs a delete of every row the table still holds).
+/// What Epidemic captures with one trigger each: the row events; `TRUNCATE` (a
+/// statement-level trigger that logs a delete of every row the table still holds); and,
+/// on a partitioned table, the three triggers that turn a row's move to another
+/// partition back into the update it was (see [`PgInstaller::capture_function`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Event {
     Insert,
     Update,
     Delete,
     Truncate,
+    /// BEFORE INSERT OR UPDATE OR DELETE, for each row: recognises a move.
+    MoveRow,
+    /// BEFORE UPDATE, for each statement: where the statement's log rows start.
+    MoveStart,
+    /// AFTER UPDATE, for each statement: merges each move's delete and insert.
+    MoveEnd,
 }
 
 impl Event {
-    pub const ALL: [Event; 4] = [Event::Insert, Event::Update, Event::Delete, Event::Truncate];
+    pub const ALL: [Event; 7] = [
+        Event::Insert,
+        Event::Update,
+        Event::Delete,
+        Event::Truncate,
+        Event::MoveRow,
+        Event::MoveStart,
+        Event::MoveEnd,
+    ];
+
+    /// The triggers a table gets: the move triggers only on a partitioned one.
+    pub fn for_table(partitioned: bool) -> &'static [Event] {
+        if partitioned {
+            &Event::ALL
+        } else {
+            &Event::ALL[..4]
+        }
+    }
 
     pub fn sql(self) -> &'static str {
         match self {
             Event::Insert => "INSERT",
-            Event::Update => "UPDATE",
+            Event::Update | Event::MoveStart | Event::MoveEnd => "UPDATE",
             Event::Delete => "DELETE",
             Event::Truncate => "TRUNCATE",
+            Event::MoveRow => "INSERT OR UPDATE OR DELETE",
         }
     }
 
-    /// `pg_trigger.tgtype` of our trigger: ROW (1) plus INSERT (4), DELETE (8) or
-    /// UPDATE (16), AFTER having no bit; for TRUNCATE, BEFORE (2) plus TRUNCATE (32),
-    /// statement-level having no bit.
+    /// The trigger name's suffix: at most six bytes, like `update`, so that every name
+    /// fits PostgreSQL's limit with the longest schema name we accept.
+    fn suffix(self) -> &'static str {
+        match self {
+            Event::Insert => "insert",
+            Event::Update => "update",
+            Event::Delete => "delete",
+            Event::Truncate => "trunc",
+            Event::MoveRow => "mvrow",
+            Event::MoveStart => "mvbeg",
+            Event::MoveEnd => "mvend",
+        }
+    }
+
+    /// `pg_trigger.tgtype` of our trigger: ROW (1), BEFORE (2), INSERT (4), DELETE (8),
+    /// UPDATE (16), TRUNCATE (32); AFTER and statement-level have no bit.
     fn tgtype(self) -> i16 {
         match self {
             Event::Insert => 1 | 4,
             Event::Update => 1 | 16,
             Event::Delete => 1 | 8,
             Event::Truncate => 2 | 32,
+            Event::MoveRow => 1 | 2 | 4 | 8 | 16,
+            Event::MoveStart => 2 | 16,
+            Event::MoveEnd => 16,
         }
+    }
+
+    /// Whether the trigger depends on the watched columns (a `WHEN` naming them).
+    fn names_columns(self) -> bool {
+        matches!(self, Event::Insert | Event::Update | Event::Delete)
     }
 
     /// `<base>_insert` etc., `base` being the registry's `trigger_name`.
     pub fn trigger_name(self, base: &Ident) -> Ident {
-        Ident::internal(format!("{base}_{}", self.sql().to_ascii_lowercase()))
+        Ident::internal(format!("{base}_{}", self.suffix()))
     }
 }
 
@@ -211,7 +279,7 @@ impl FoundTrigger {
         self.captures(event, base)
             && self.enabled == b'A' as i8
             && self.layout.as_deref() == Some(TRIGGER_LAYOUT)
-            && (event == Event::Truncate || self.attnums == attnums)
+            && (!event.names_columns() || self.attnums == attnums)
     }
 }
 
@@ -785,7 +853,7 @@ impl PgInstaller<'_> {
                 .collect();
             attnums.sort_unstable();
             attnums.dedup();
-            let expected: Vec<Ident> = Event::ALL
+            let expected: Vec<Ident> = Event::for_table(table.partitioned)
                 .iter()
                 .map(|e| e.trigger_name(&trigger_base))
                 .collect();
@@ -799,7 +867,7 @@ impl PgInstaller<'_> {
                     ));
                 }
             }
-            for event in Event::ALL {
+            for &event in Event::for_table(table.partitioned) {
                 let trigger = event.trigger_name(&trigger_base);
                 let current = found
                     .iter()
@@ -1034,8 +1102,13 @@ impl PgInstaller<'_> {
             ),
             NotifyMode::Off => String::new(),
         };
+        let prologue = if table.partitioned {
+            self.move_prologue(log, columns, table.oid)
+        } else {
+            "\nBEGIN".to_owned()
+        };
         let body = format!(
-            "\nBEGIN\n    \
+            "{prologue}\n    \
                  IF TG_OP = 'INSERT' THEN\n        \
                      INSERT INTO {log} (op, {new_cols}) VALUES ('I', {new_vals});\n    \
                  ELSIF TG_OP = 'UPDATE' THEN\n        \
@@ -1060,6 +1133,98 @@ impl PgInstaller<'_> {
              LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp\n\
              AS {tag}{body}{tag}",
             self.q(function.as_str())
+        )
+    }
+
+    /// For a partitioned table: the start of the capture function, up to its `BEGIN` and
+    /// the branches of the move triggers.
+    ///
+    /// An UPDATE that moves a row to another partition is carried out as a DELETE from
+    /// the old partition and an INSERT into the new one: PostgreSQL 15 fires the row
+    /// triggers BEFORE UPDATE, BEFORE DELETE (old partition), BEFORE INSERT (new one),
+    /// one row after the other, and then, at the end of the statement, AFTER DELETE and
+    /// AFTER INSERT for each moved row, again one right after the other, and no AFTER
+    /// UPDATE. So the log gets a delete and an insert, and a handler would remove a
+    /// mailbox and create an empty one. The move triggers give it back the update:
+    ///
+    /// - the row trigger (BEFORE, every row event) recognises each move: BEFORE UPDATE
+    ///   notes the old row, BEFORE DELETE of that same row right after it says "moving",
+    ///   and the BEFORE INSERT that follows counts one move;
+    /// - the statement trigger BEFORE UPDATE notes where the statement's log rows begin
+    ///   (the shared sequence's last value) and zeroes the count;
+    /// - the statement trigger AFTER UPDATE, which runs after every row trigger of the
+    ///   statement, pairs each logged delete with the insert logged right after it and,
+    ///   if there are exactly as many pairs as moves counted, merges each pair into one
+    ///   update (at the delete's id, so per-row order holds), dropping it if no watched
+    ///   column changed. Otherwise (a `MERGE` that deletes and inserts besides moving
+    ///   rows, a row a user's BEFORE trigger skipped) it leaves the deletes and inserts
+    ///   as they are: never an update that did not happen.
+    ///
+    /// The notes are transaction-local settings (`set_config(.., true)`, undone with a
+    /// rolled-back subtransaction like the log rows they describe) named after the table
+    /// and the trigger depth, so a statement run by a trigger inside another keeps its
+    /// own. A sub-partitioned partition updated directly, or a direct UPDATE of a
+    /// partition, fires no statement trigger of the watched table: moves there (only the
+    /// former can move rows) stay a delete and an insert.
+    fn move_prologue(&self, log: &str, columns: &[RegisteredColumn], oid: u32) -> String {
+        let set_new = list(columns, |c| {
+            format!("{col} = i.{col}", col = c.new_column.quoted())
+        });
+        let old_text = list(columns, |c| format!("{}::text", c.old_column.quoted()));
+        let new_text = list(columns, |c| format!("{}::text", c.new_column.quoted()));
+        let seq = self.q("change_id");
+        format!(
+            "\nDECLARE\n    \
+                 depth text := pg_trigger_depth()::text;\n    \
+                 k_state text := 'epidemic.mvs_{oid}_' || depth;\n    \
+                 k_start text := 'epidemic.mvw_{oid}_' || depth;\n    \
+                 k_count text := 'epidemic.mvn_{oid}_' || depth;\n    \
+                 moves int;\n    \
+                 d_ids bigint[];\n    \
+                 i_ids bigint[];\n\
+             BEGIN\n    \
+                 IF TG_LEVEL = 'STATEMENT' AND TG_OP = 'UPDATE' THEN\n        \
+                     IF TG_WHEN = 'BEFORE' THEN\n            \
+                         PERFORM set_config(k_start, (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq})::text, true),\n                    \
+                                 set_config(k_count, '0', true), set_config(k_state, '', true);\n            \
+                         RETURN NULL;\n        \
+                     END IF;\n        \
+                     moves := coalesce(nullif(current_setting(k_count, true), '')::int, 0);\n        \
+                     IF moves > 0 THEN\n            \
+                         SELECT coalesce(array_agg(r.id ORDER BY r.id), '{{}}'), coalesce(array_agg(r.next_id ORDER BY r.id), '{{}}')\n            \
+                         INTO d_ids, i_ids\n            \
+                         FROM (SELECT l.id, l.op, lead(l.id) OVER w AS next_id, lead(l.op) OVER w AS next_op\n                  \
+                               FROM {log} l\n                  \
+                               WHERE l.id > nullif(current_setting(k_start, true), '')::bigint\n                    \
+                                 AND l.txid = pg_current_xact_id() AND l.op IN ('D', 'I')\n                  \
+                               WINDOW w AS (ORDER BY l.id)) r\n            \
+                         WHERE r.op = 'D' AND r.next_op = 'I';\n            \
+                         IF cardinality(d_ids) = moves THEN\n                \
+                             UPDATE {log} d SET op = 'U', {set_new}\n                \
+                             FROM unnest(d_ids, i_ids) AS p(d_id, i_id), {log} i\n                \
+                             WHERE d.id = p.d_id AND i.id = p.i_id;\n                \
+                             DELETE FROM {log} WHERE id = ANY (i_ids);\n                \
+                             DELETE FROM {log} WHERE id = ANY (d_ids)\n                  \
+                               AND ROW({old_text}) IS NOT DISTINCT FROM ROW({new_text});\n            \
+                         END IF;\n        \
+                     END IF;\n        \
+                     PERFORM set_config(k_count, '0', true);\n        \
+                     RETURN NULL;\n    \
+                 END IF;\n    \
+                 IF TG_WHEN = 'BEFORE' THEN\n        \
+                     IF TG_OP = 'UPDATE' THEN\n            \
+                         PERFORM set_config(k_state, 'u' || OLD::text, true);\n            \
+                         RETURN NEW;\n        \
+                     ELSIF TG_OP = 'DELETE' THEN\n            \
+                         PERFORM set_config(k_state, CASE WHEN current_setting(k_state, true) = 'u' || OLD::text THEN 'd' ELSE '' END, true);\n            \
+                         RETURN OLD;\n        \
+                     END IF;\n        \
+                     IF current_setting(k_state, true) = 'd' THEN\n            \
+                         PERFORM set_config(k_count, (coalesce(nullif(current_setting(k_count, true), '')::int, 0) + 1)::text, true);\n        \
+                     END IF;\n        \
+                     PERFORM set_config(k_state, '', true);\n        \
+                     RETURN NEW;\n    \
+                 END IF;"
         )
     }
 
@@ -1099,10 +1264,16 @@ impl PgInstaller<'_> {
                     .collect::<Vec<_>>()
                     .join(" OR ")
             }
-            Event::Truncate => {
+            Event::Truncate | Event::MoveRow | Event::MoveStart | Event::MoveEnd => {
+                let (timing, level) = match event {
+                    Event::MoveRow => ("BEFORE", "ROW"),
+                    Event::MoveEnd => ("AFTER", "STATEMENT"),
+                    _ => ("BEFORE", "STATEMENT"),
+                };
                 return format!(
-                    "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT\nEXECUTE FUNCTION {}()",
+                    "CREATE TRIGGER {} {timing} {} ON {} FOR EACH {level}\nEXECUTE FUNCTION {}()",
                     trigger.quoted(),
+                    event.sql(),
                     name.quoted(),
                     self.q(function.as_str())
                 );
@@ -1146,7 +1317,7 @@ impl PgInstaller<'_> {
             Err(PgError::MissingTable(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let mut names: Vec<String> = Event::ALL
+        let mut names: Vec<String> = Event::for_table(table.partitioned)
             .iter()
             .map(|e| e.trigger_name(&reg.trigger_name).to_string())
             .collect();

@@ -79,7 +79,8 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
             None => Vec::new(),
         };
         let mut triggers = Vec::new();
-        for event in Event::ALL {
+        let events = Event::for_table(table.as_ref().is_some_and(|t| t.partitioned));
+        for &event in events {
             let trigger = event.trigger_name(&reg.trigger_name);
             let working = found.iter().find(|t| t.captures(event, &reg.trigger_name));
             let present = working.is_some();
@@ -87,7 +88,10 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
                 None => {
                     let op = match event {
                         Event::Insert => Op::Insert,
-                        Event::Update => Op::Update,
+                        // A move to another partition is delivered as an update.
+                        Event::Update | Event::MoveRow | Event::MoveStart | Event::MoveEnd => {
+                            Op::Update
+                        }
                         // A TRUNCATE is delivered as deletes.
                         Event::Delete | Event::Truncate => Op::Delete,
                     };
