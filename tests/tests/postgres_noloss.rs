@@ -183,6 +183,67 @@ fn truncate_is_delivered_as_a_delete_of_every_row_including_cascades() {
     assert_eq!(doms[2]["op"], "INSERT");
 }
 
+#[test]
+fn truncating_a_partitioned_table_or_one_partition_is_delivered_as_deletes() {
+    let url = database(
+        "noloss_truncate_parts",
+        "CREATE TABLE mail_users (id int NOT NULL, server text NOT NULL, username text NOT NULL) PARTITION BY LIST (server);
+         CREATE TABLE mail_users_mx1 PARTITION OF mail_users FOR VALUES IN ('mx1');
+         CREATE TABLE mail_users_mx2 PARTITION OF mail_users FOR VALUES IN ('mx2');
+         INSERT INTO mail_users VALUES (1, 'mx1', 'alice'), (2, 'mx2', 'bob');",
+    );
+    let s = Setup::new();
+    s.config(&url, &[("rec", "mail_users", &["id", "username"])]);
+    let d = s.start();
+    let mut c = PgServer::shared().client("noloss_truncate_parts");
+    c.batch_execute("TRUNCATE mail_users_mx1").expect("truncate a partition");
+    // A partition created after install gets the row triggers (cloned) but no TRUNCATE
+    // trigger until the next install: status says so, and a TRUNCATE of the parent
+    // still captures its rows, once.
+    c.batch_execute(
+        "CREATE TABLE mail_users_mx3 PARTITION OF mail_users FOR VALUES IN ('mx3');
+         INSERT INTO mail_users VALUES (3, 'mx3', 'carol');",
+    )
+    .expect("new partition");
+    let lines = wait_for(&s.out("rec"), 2, &d);
+    let status = epidemic_tests::epidemic(&s.dir.join("mx1.toml"), &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("partition public.mail_users_mx3 of mail_users has no working TRUNCATE trigger"),
+        "{text}"
+    );
+    c.batch_execute("TRUNCATE mail_users").expect("truncate the parent");
+    let lines = {
+        let _ = lines;
+        wait_for(&s.out("rec"), 4, &d)
+    };
+    let got: Vec<(String, Value)> = ops(&lines)
+        .into_iter()
+        .map(|(op, old, new)| (op, if old.is_null() { new } else { old }))
+        .collect();
+    assert_eq!(
+        got[..2].to_vec(),
+        [
+            ("DELETE".to_owned(), json!({"id": 1, "username": "alice"})),
+            ("INSERT".to_owned(), json!({"id": 3, "username": "carol"})),
+        ]
+    );
+    let mut rest = got[2..].to_vec();
+    rest.sort_by_key(|(_, row)| row["id"].as_i64());
+    assert_eq!(
+        rest,
+        [
+            ("DELETE".to_owned(), json!({"id": 2, "username": "bob"})),
+            ("DELETE".to_owned(), json!({"id": 3, "username": "carol"})),
+        ]
+    );
+    assert!(
+        !wait_until(Duration::from_millis(500), || recorded(&s.out("rec")).len() > 4),
+        "each truncated row once: {:#?}",
+        recorded(&s.out("rec"))
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Item 6: pg_dump / restore into a new cluster
 // ---------------------------------------------------------------------------------------
@@ -375,6 +436,40 @@ fn a_row_moved_to_another_partition_arrives_as_one_update() {
     first.sort_by_key(|(_, old, _)| old["id"].as_i64());
     assert_eq!(first, want[..3].to_vec(), "{got:#?}");
     assert_eq!(got[3..].to_vec(), want[3..].to_vec(), "{got:#?}");
+}
+
+#[test]
+fn a_move_that_changes_no_watched_column_is_no_change() {
+    let url = database(
+        "noloss_partition_quiet",
+        "CREATE TABLE boxes (id int NOT NULL, server text NOT NULL, username text NOT NULL) PARTITION BY LIST (server);
+         CREATE TABLE boxes_mx1 PARTITION OF boxes FOR VALUES IN ('mx1');
+         CREATE TABLE boxes_mx2 PARTITION OF boxes FOR VALUES IN ('mx2');
+         INSERT INTO boxes VALUES (1, 'mx1', 'alice'), (2, 'mx1', 'bob');",
+    );
+    let s = Setup::new();
+    s.config(&url, &[("rec", "boxes", &["id", "username"])]);
+    let d = s.start();
+    let mut c = PgServer::shared().client("noloss_partition_quiet");
+    c.batch_execute(
+        "UPDATE boxes SET server = 'mx2';
+         UPDATE boxes SET username = 'carol' WHERE id = 2;",
+    )
+    .expect("writes");
+    let lines = wait_for(&s.out("rec"), 1, &d);
+    assert_eq!(
+        ops(&lines[..1]),
+        [(
+            "UPDATE".to_owned(),
+            json!({"id": 2, "username": "bob"}),
+            json!({"id": 2, "username": "carol"})
+        )]
+    );
+    assert!(
+        !wait_until(Duration::from_millis(500), || recorded(&s.out("rec")).len() > 1),
+        "{:#?}",
+        recorded(&s.out("rec"))
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -327,6 +327,69 @@ pub(crate) fn find_triggers(
         .collect())
 }
 
+/// A leaf partition of a watched partitioned table, with the TRUNCATE trigger of ours it
+/// carries, if any. Statement triggers are not cloned onto partitions, and a `TRUNCATE`
+/// of one partition fires only that partition's, so each leaf gets its own.
+#[derive(Debug, Clone)]
+pub(crate) struct Leaf {
+    /// `schema.table`, quoted.
+    pub quoted: String,
+    /// `schema.table`, for messages.
+    pub name: String,
+    /// `tgenabled` of its TRUNCATE trigger firing our function; `None` without one.
+    pub enabled: Option<i8>,
+    layout: Option<String>,
+}
+
+impl Leaf {
+    /// Its TRUNCATE trigger is the one install would create.
+    pub fn is_current(&self) -> bool {
+        self.enabled == Some(b'A' as i8) && self.layout.as_deref() == Some(TRIGGER_LAYOUT)
+    }
+}
+
+/// The leaf partitions of the partitioned table `root_oid` (at any depth), with their
+/// TRUNCATE trigger named `trigger` firing `schema.function()`.
+pub(crate) fn partition_leaves(
+    client: &mut impl GenericClient,
+    root_oid: u32,
+    schema: &Ident,
+    function: &Ident,
+    trigger: &Ident,
+) -> Result<Vec<Leaf>, PgError> {
+    let rows = client
+        .query(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), n.nspname || '.' || c.relname, \
+                    t.tgenabled, pg_catalog.obj_description(t.oid, 'pg_trigger') \
+             FROM pg_catalog.pg_partition_tree($1::pg_catalog.oid::pg_catalog.regclass) pt \
+             JOIN pg_catalog.pg_class c ON c.oid = pt.relid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN (pg_catalog.pg_trigger t \
+                        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+                        JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace) \
+               ON t.tgrelid = c.oid AND t.tgname = $2 AND t.tgparentid = 0 \
+                  AND pn.nspname = $3 AND p.proname = $4 \
+             WHERE pt.isleaf AND pt.relid <> $1::pg_catalog.oid::pg_catalog.regclass \
+             ORDER BY 2",
+            &[
+                &root_oid,
+                &trigger.as_str(),
+                &schema.as_str(),
+                &function.as_str(),
+            ],
+        )
+        .map_err(PgError::sql("inspect partitions"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Leaf {
+            quoted: r.get(0),
+            name: r.get(1),
+            enabled: r.get(2),
+            layout: r.get(3),
+        })
+        .collect())
+}
+
 /// Produces install and uninstall DDL for one Epidemic schema.
 pub(crate) struct PgInstaller<'a> {
     pub schema: &'a Ident,
@@ -839,7 +902,7 @@ impl PgInstaller<'_> {
                 ));
             }
 
-            plan.push(self.capture_function(&function, &log, &all, name, &table));
+            plan.push(self.capture_function(&function, &log, &all, name, &table, &trigger_base));
             let found = if existing.is_some() {
                 find_triggers(client, table.oid, self.schema, &function, &trigger_base)?
             } else {
@@ -899,6 +962,34 @@ impl PgInstaller<'_> {
                     name.quoted(),
                     quote_literal(TRIGGER_LAYOUT)
                 ));
+            }
+            if table.partitioned {
+                let trigger = Event::Truncate.trigger_name(&trigger_base);
+                let leaves = partition_leaves(client, table.oid, self.schema, &function, &trigger)?;
+                for leaf in leaves.iter().filter(|l| !l.is_current()) {
+                    plan.push(format!(
+                        "DROP TRIGGER IF EXISTS {} ON {}",
+                        trigger.quoted(),
+                        leaf.quoted
+                    ));
+                    plan.push(format!(
+                        "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT\nEXECUTE FUNCTION {}()",
+                        trigger.quoted(),
+                        leaf.quoted,
+                        self.q(function.as_str())
+                    ));
+                    plan.push(format!(
+                        "ALTER TABLE {} ENABLE ALWAYS TRIGGER {}",
+                        leaf.quoted,
+                        trigger.quoted()
+                    ));
+                    plan.push(format!(
+                        "COMMENT ON TRIGGER {} ON {} IS {}",
+                        trigger.quoted(),
+                        leaf.quoted,
+                        quote_literal(TRIGGER_LAYOUT)
+                    ));
+                }
             }
         }
         Ok(plan)
@@ -1063,6 +1154,7 @@ impl PgInstaller<'_> {
         columns: &[RegisteredColumn],
         name: &TableName,
         table: &UserTable,
+        trigger_base: &Ident,
     ) -> String {
         let old_cols = list(columns, |c| c.old_column.quoted());
         let new_cols = list(columns, |c| c.new_column.quoted());
@@ -1074,8 +1166,35 @@ impl PgInstaller<'_> {
         // partitions (a TRUNCATE of the parent truncates them all); an ordinary table's
         // inheritance children have no capture triggers of their own, so only its own
         // rows are logged.
-        let only = if table.partitioned { "" } else { "ONLY " };
-        let truncated = name.quoted();
+        let truncate = if table.partitioned {
+            // The partitions' own TRUNCATE triggers log their rows (each fires whether
+            // the partition or the parent was named); the parent's logs the rows of
+            // partitions that have no working trigger of their own (created since the
+            // last install), so that truncating the parent captures them too.
+            let trigger = quote_literal(Event::Truncate.trigger_name(trigger_base).as_str());
+            let template = format!(
+                "INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY %s t"
+            )
+            .replace('%', "%%")
+            .replacen("%%s", "%s", 1);
+            let replica = "current_setting('session_replication_role') = 'replica'";
+            format!(
+                "IF TG_RELID = {root}::regclass THEN\n            \
+                     INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM {table_sql} t\n            \
+                     WHERE t.tableoid <> ALL (ARRAY(SELECT tr.tgrelid FROM pg_trigger tr\n                \
+                         WHERE tr.tgname = {trigger} AND tr.tgfoid = {func}::regprocedure AND tr.tgparentid = 0\n                  \
+                           AND (tr.tgenabled = 'A' OR (tr.tgenabled = 'O' AND NOT {replica}) OR (tr.tgenabled = 'R' AND {replica}))));\n        \
+                 ELSE\n            \
+                     EXECUTE format({template}, TG_RELID::regclass);\n        \
+                 END IF;",
+                root = quote_literal(&name.quoted()),
+                table_sql = name.quoted(),
+                func = quote_literal(&format!("{}()", self.q(function.as_str()))),
+                template = quote_literal(&template),
+            )
+        } else {
+            format!("INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY {} t;", name.quoted())
+        };
         // One notification per transaction: PostgreSQL folds identical notifications
         // (same channel, same payload) sent within one transaction. With `when-idle` the
         // test runs for every row, not once per transaction, so that a long transaction
@@ -1114,7 +1233,7 @@ impl PgInstaller<'_> {
                  ELSIF TG_OP = 'UPDATE' THEN\n        \
                      INSERT INTO {log} (op, {old_cols}, {new_cols}) VALUES ('U', {old_vals}, {new_vals});\n    \
                  ELSIF TG_OP = 'TRUNCATE' THEN\n        \
-                     INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM {only}{truncated} t;\n    \
+                     {truncate}\n    \
                  ELSE\n        \
                      INSERT INTO {log} (op, {old_cols}) VALUES ('D', {old_vals});\n    \
                  END IF;{notify}\n    \
@@ -1211,7 +1330,7 @@ impl PgInstaller<'_> {
                      PERFORM set_config(k_count, '0', true);\n        \
                      RETURN NULL;\n    \
                  END IF;\n    \
-                 IF TG_WHEN = 'BEFORE' THEN\n        \
+                 IF TG_WHEN = 'BEFORE' AND TG_LEVEL = 'ROW' THEN\n        \
                      IF TG_OP = 'UPDATE' THEN\n            \
                          PERFORM set_config(k_state, 'u' || OLD::text, true);\n            \
                          RETURN NEW;\n        \
@@ -1332,7 +1451,7 @@ impl PgInstaller<'_> {
                 names.push(t.name);
             }
         }
-        Ok(names
+        let mut plan: Vec<String> = names
             .iter()
             .map(|t| {
                 format!(
@@ -1341,7 +1460,26 @@ impl PgInstaller<'_> {
                     name.quoted()
                 )
             })
-            .collect())
+            .collect();
+        if table.partitioned {
+            let trigger = Event::Truncate.trigger_name(&reg.trigger_name);
+            for leaf in partition_leaves(
+                client,
+                table.oid,
+                self.schema,
+                &reg.capture_function,
+                &trigger,
+            )? {
+                if leaf.enabled.is_some() {
+                    plan.push(format!(
+                        "DROP TRIGGER IF EXISTS {} ON {}",
+                        trigger.quoted(),
+                        leaf.quoted
+                    ));
+                }
+            }
+        }
+        Ok(plan)
     }
 
     /// The statements that remove everything Epidemic keeps for one table (triggers, log,

@@ -19,8 +19,8 @@ use postgres::Client;
 use crate::error::PgError;
 use crate::ident::{quote_ident, Ident, TableName};
 use crate::install::{
-    check_cluster, find_triggers, inspect_table, load_registry, schema_state, ClusterCheck, Event,
-    SchemaState,
+    check_cluster, find_triggers, inspect_table, load_registry, partition_leaves, schema_state,
+    ClusterCheck, Event, SchemaState,
 };
 
 /// The status report of one Epidemic schema; empty before install.
@@ -110,6 +110,17 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
                 Some(_) => {}
             }
             triggers.push((trigger.to_string(), present));
+        }
+        if let Some(t) = table.as_ref().filter(|t| t.partitioned) {
+            let trigger = Event::Truncate.trigger_name(&reg.trigger_name);
+            let leaves = partition_leaves(client, t.oid, schema, &reg.capture_function, &trigger)?;
+            for leaf in leaves.iter().filter(|l| !l.is_current()) {
+                problems.push(format!(
+                    "partition {} of {name} has no working TRUNCATE trigger of Epidemic's (created after the \
+                     last install?): a TRUNCATE of that partition alone is not captured; run `epidemic install`",
+                    leaf.name
+                ));
+            }
         }
         if let Some(t) = &table {
             for c in &reg.columns {
