@@ -1885,9 +1885,14 @@ fn status_counts_the_backlog_exactly_and_reports_a_dropped_trigger_until_install
 
     // Install puts back exactly that trigger.
     let plan = b.install(&watches).expect("install");
+    // Created, enabled always and marked with its layout; no other trigger touched.
     let triggers: Vec<&String> = plan.iter().filter(|s| s.contains("TRIGGER")).collect();
-    assert_eq!(triggers.len(), 1, "{plan:#?}");
+    assert_eq!(triggers.len(), 3, "{plan:#?}");
     assert!(triggers[0].starts_with("CREATE TRIGGER \"epidemic_capture_update\" AFTER UPDATE"));
+    assert!(
+        triggers.iter().all(|s| s.contains("\"epidemic_capture_update\"")),
+        "{plan:#?}"
+    );
     assert!(table_status(&b.status().expect("status"), "t")
         .problems
         .is_empty());
