@@ -1890,7 +1890,9 @@ fn status_counts_the_backlog_exactly_and_reports_a_dropped_trigger_until_install
     assert_eq!(triggers.len(), 3, "{plan:#?}");
     assert!(triggers[0].starts_with("CREATE TRIGGER \"epidemic_capture_update\" AFTER UPDATE"));
     assert!(
-        triggers.iter().all(|s| s.contains("\"epidemic_capture_update\"")),
+        triggers
+            .iter()
+            .all(|s| s.contains("\"epidemic_capture_update\"")),
         "{plan:#?}"
     );
     assert!(table_status(&b.status().expect("status"), "t")

@@ -196,7 +196,8 @@ fn truncating_a_partitioned_table_or_one_partition_is_delivered_as_deletes() {
     s.config(&url, &[("rec", "mail_users", &["id", "username"])]);
     let d = s.start();
     let mut c = PgServer::shared().client("noloss_truncate_parts");
-    c.batch_execute("TRUNCATE mail_users_mx1").expect("truncate a partition");
+    c.batch_execute("TRUNCATE mail_users_mx1")
+        .expect("truncate a partition");
     // A partition created after install gets the row triggers (cloned) but no TRUNCATE
     // trigger until the next install: status says so, and a TRUNCATE of the parent
     // still captures its rows, once.
@@ -209,10 +210,13 @@ fn truncating_a_partitioned_table_or_one_partition_is_delivered_as_deletes() {
     let status = epidemic_tests::epidemic(&s.dir.join("mx1.toml"), &["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
-        text.contains("partition public.mail_users_mx3 of mail_users has no working TRUNCATE trigger"),
+        text.contains(
+            "partition public.mail_users_mx3 of mail_users has no working TRUNCATE trigger"
+        ),
         "{text}"
     );
-    c.batch_execute("TRUNCATE mail_users").expect("truncate the parent");
+    c.batch_execute("TRUNCATE mail_users")
+        .expect("truncate the parent");
     let lines = {
         let _ = lines;
         wait_for(&s.out("rec"), 4, &d)
@@ -238,7 +242,8 @@ fn truncating_a_partitioned_table_or_one_partition_is_delivered_as_deletes() {
         ]
     );
     assert!(
-        !wait_until(Duration::from_millis(500), || recorded(&s.out("rec")).len() > 4),
+        !wait_until(Duration::from_millis(500), || recorded(&s.out("rec")).len()
+            > 4),
         "each truncated row once: {:#?}",
         recorded(&s.out("rec"))
     );
@@ -250,7 +255,7 @@ fn truncating_a_partitioned_table_or_one_partition_is_delivered_as_deletes() {
 
 /// `pg_dump` of `db` on `from` piped into `psql` on `to` (where `db` exists, empty).
 fn dump_and_restore(from: &PgServer, to: &PgServer, db: &str) {
-    let dump = Command::new(Path::new(PG_BIN).join("pg_dump"))
+    let mut dump = Command::new(Path::new(PG_BIN).join("pg_dump"))
         .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
         .arg(from.port().to_string())
         .arg(db)
@@ -270,9 +275,13 @@ fn dump_and_restore(from: &PgServer, to: &PgServer, db: &str) {
         ])
         .arg(to.port().to_string())
         .arg(db)
-        .stdin(dump.stdout.expect("pg_dump stdout"))
+        .stdin(dump.stdout.take().expect("pg_dump stdout"))
         .output()
         .expect("run psql");
+    assert!(
+        dump.wait().expect("wait for pg_dump").success(),
+        "pg_dump failed"
+    );
     assert!(
         out.status.success(),
         "restore failed: {}",
@@ -405,7 +414,7 @@ fn a_row_moved_to_another_partition_arrives_as_one_update() {
     let got: Vec<(String, Value, Value)> = ops(&lines);
     let row =
         |id: i64, server: &str, name: &str| json!({"id": id, "server": server, "username": name});
-    let want = vec![
+    let want = [
         (
             "UPDATE".to_owned(),
             row(1, "mx1", "alice"),
@@ -466,7 +475,8 @@ fn a_move_that_changes_no_watched_column_is_no_change() {
         )]
     );
     assert!(
-        !wait_until(Duration::from_millis(500), || recorded(&s.out("rec")).len() > 1),
+        !wait_until(Duration::from_millis(500), || recorded(&s.out("rec")).len()
+            > 1),
         "{:#?}",
         recorded(&s.out("rec"))
     );

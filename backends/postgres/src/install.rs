@@ -1172,11 +1172,10 @@ impl PgInstaller<'_> {
             // partitions that have no working trigger of their own (created since the
             // last install), so that truncating the parent captures them too.
             let trigger = quote_literal(Event::Truncate.trigger_name(trigger_base).as_str());
-            let template = format!(
-                "INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY %s t"
-            )
-            .replace('%', "%%")
-            .replacen("%%s", "%s", 1);
+            let template =
+                format!("INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY %s t")
+                    .replace('%', "%%")
+                    .replacen("%%s", "%s", 1);
             let replica = "current_setting('session_replication_role') = 'replica'";
             format!(
                 "IF TG_RELID = {root}::regclass THEN\n            \
@@ -1193,7 +1192,10 @@ impl PgInstaller<'_> {
                 template = quote_literal(&template),
             )
         } else {
-            format!("INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY {} t;", name.quoted())
+            format!(
+                "INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY {} t;",
+                name.quoted()
+            )
         };
         // One notification per transaction: PostgreSQL folds identical notifications
         // (same channel, same payload) sent within one transaction. With `when-idle` the
