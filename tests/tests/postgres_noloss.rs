@@ -565,6 +565,35 @@ fn changes_applied_as_a_replica_are_delivered() {
     let lines = wait_for(&s.out("rec"), 5, &d);
     let got: Vec<String> = ops(&lines).into_iter().map(|(op, _, _)| op).collect();
     assert_eq!(got, ["INSERT", "INSERT", "UPDATE", "DELETE", "DELETE"]);
+
+    // What `pg_restore --disable-triggers` leaves behind: triggers that fire only as
+    // origin. Status says so, and install makes them fire always again.
+    c.batch_execute(
+        "SET session_replication_role = origin;
+         ALTER TABLE mail_users DISABLE TRIGGER ALL;
+         ALTER TABLE mail_users ENABLE TRIGGER ALL;",
+    )
+    .expect("reset the triggers");
+    let config = s.dir.join("mx1.toml");
+    let status = epidemic_tests::epidemic(&config, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("does not fire under session_replication_role = replica"),
+        "{text}"
+    );
+    let out = epidemic_tests::epidemic(&config, &["install"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         INSERT INTO mail_users VALUES (3, 'dave');",
+    )
+    .expect("write as a replica");
+    let lines = wait_for(&s.out("rec"), 6, &d);
+    assert_eq!(lines[5]["op"], "INSERT");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -265,6 +265,9 @@ pub(crate) struct FoundTrigger {
     pub enabled: i8,
     /// Its comment: [`TRIGGER_LAYOUT`] when this version created it.
     layout: Option<String>,
+    /// Its clones on the partitions of a partitioned table (none otherwise) all fire
+    /// always: `ALTER TABLE partition ENABLE TRIGGER ALL` resets a clone alone.
+    pub clones_always: bool,
 }
 
 impl FoundTrigger {
@@ -278,6 +281,7 @@ impl FoundTrigger {
     fn is_current(&self, event: Event, base: &Ident, attnums: &[i16]) -> bool {
         self.captures(event, base)
             && self.enabled == b'A' as i8
+            && self.clones_always
             && self.layout.as_deref() == Some(TRIGGER_LAYOUT)
             && (!event.names_columns() || self.attnums == attnums)
     }
@@ -304,7 +308,13 @@ pub(crate) fn find_triggers(
                             AND d.refclassid = 'pg_catalog.pg_class'::regclass \
                             AND d.refobjid = t.tgrelid AND d.refobjsubid > 0 \
                           ORDER BY 1), \
-                    t.tgenabled, pg_catalog.obj_description(t.oid, 'pg_trigger') \
+                    t.tgenabled, pg_catalog.obj_description(t.oid, 'pg_trigger'), \
+                    NOT EXISTS (WITH RECURSIVE clone AS ( \
+                                    SELECT k.oid, k.tgenabled FROM pg_catalog.pg_trigger k WHERE k.tgparentid = t.oid \
+                                    UNION ALL \
+                                    SELECT k.oid, k.tgenabled FROM pg_catalog.pg_trigger k \
+                                    JOIN clone ON k.tgparentid = clone.oid) \
+                                SELECT 1 FROM clone WHERE clone.tgenabled <> 'A') \
              FROM pg_catalog.pg_trigger t \
              JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
              JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
@@ -323,6 +333,7 @@ pub(crate) fn find_triggers(
             attnums: r.get(3),
             enabled: r.get(4),
             layout: r.get(5),
+            clones_always: r.get(6),
         })
         .collect())
 }

@@ -102,8 +102,8 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
                      run `epidemic install` to enable it",
                     event.sql()
                 )),
-                Some(t) if t.enabled != b'A' as i8 => problems.push(format!(
-                    "trigger {trigger} on {name} does not fire under session_replication_role = replica \
+                Some(t) if t.enabled != b'A' as i8 || !t.clones_always => problems.push(format!(
+                    "trigger {trigger} on {name} (or its copy on a partition) does not fire under session_replication_role = replica \
                      (ENABLE TRIGGER ALL, as after pg_restore --disable-triggers, resets it): changes applied \
                      as a replica are not captured; run `epidemic install` to enable it always"
                 )),
