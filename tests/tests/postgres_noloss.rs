@@ -326,6 +326,18 @@ fn after_a_dump_restored_into_a_new_cluster_pending_and_new_changes_are_delivere
         .batch_execute("INSERT INTO mail_users VALUES (4, 'new')")
         .expect("INSERT");
 
+    // Nothing is pruned, or read, by the old cluster's cursors.
+    let mut b = open(&url_new);
+    let e = b
+        .prune()
+        .expect_err("no prune by another cluster's cursors");
+    assert!(e.to_string().contains("another PostgreSQL cluster"), "{e}");
+    let e = b
+        .fetch(&consumer("rec"), 10)
+        .expect_err("no read by another cluster's cursors");
+    assert!(e.to_string().contains("another PostgreSQL cluster"), "{e}");
+    drop(b);
+
     s.config(&url_new, &[("rec", "mail_users", &["id", "username"])]);
     let d = s.start();
     new.client("migrate")

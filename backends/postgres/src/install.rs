@@ -1123,13 +1123,16 @@ impl PgInstaller<'_> {
     /// and so are the restored log rows' `txid`s, while rows written here since carry
     /// this cluster's: compared with each other they mean nothing (typically every new
     /// change looks handled, and is pruned). Rebasing makes them mean something again,
-    /// without losing any change: every restored log row gets `txid` 1, which every
-    /// snapshot of this cluster sees as committed; rows written here keep theirs (a
-    /// row's `xmin` is its writer's, and the `txid` its trigger stored has the same
-    /// low 32 bits, while a restored row's `xmin` is the restore's); every consumer
-    /// restarts from the snapshot that sees nothing, so it is delivered everything in
-    /// the log, again for what it had handled before the move (at least once, never
-    /// lost). Under the cursor lock, so that no prune runs on the old cursors meanwhile.
+    /// without losing any change: every log row this statement sees (committed: the
+    /// restored ones and those written here since) gets `txid` 1, which every snapshot
+    /// sees as committed and none of the cursors below as handled; rows of transactions
+    /// still running keep theirs, and are read by the snapshots as usual once they
+    /// commit. Every consumer restarts from the snapshot that sees nothing, so it is
+    /// delivered everything in the log, again for what it had handled before the move
+    /// (at least once, never lost). Under the cursor lock, so that no prune runs on the
+    /// old cursors meanwhile. `pg_upgrade` also gives the cluster a new system
+    /// identifier (it keeps the transaction ids), so after it too the retained log is
+    /// delivered again: redundant, never lossy.
     fn rebase_ddl(&self, registry: &BTreeMap<TableName, RegisteredTable>) -> Vec<String> {
         let mut ddl = vec![format!(
             "SELECT pg_catalog.pg_advisory_xact_lock({})",
@@ -1137,9 +1140,7 @@ impl PgInstaller<'_> {
         )];
         for reg in registry.values() {
             ddl.push(format!(
-                "UPDATE {} SET txid = '1'::pg_catalog.xid8 \
-                 WHERE txid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) \
-                    OR (txid::text::numeric % 4294967296) <> xmin::text::numeric",
+                "UPDATE {} SET txid = '1'::pg_catalog.xid8 WHERE txid <> '1'::pg_catalog.xid8",
                 self.q(reg.log_table.as_str())
             ));
         }
