@@ -1556,3 +1556,26 @@ impl PgInstaller<'_> {
         Ok(plan)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_trigger_name_fits_with_the_longest_schema() {
+        // The schema option is limited so that `<schema>_capture_update` fits.
+        let schema = "s".repeat(MAX_IDENT_BYTES - "_capture_update".len());
+        let base = Ident::internal(format!("{schema}_capture"));
+        for event in Event::ALL {
+            let name = event.trigger_name(&base);
+            assert!(name.as_str().len() <= MAX_IDENT_BYTES, "{name}");
+        }
+    }
+
+    #[test]
+    fn partitioned_tables_get_the_move_triggers_and_others_do_not() {
+        assert_eq!(Event::for_table(false).len(), 4);
+        assert!(!Event::for_table(false).contains(&Event::MoveRow));
+        assert_eq!(Event::for_table(true), &Event::ALL[..]);
+    }
+}
