@@ -702,7 +702,7 @@ mod mysql_db {
 fn same_name_twice_is_refused<D: TestDb>(db: D) {
     let c = Cluster::new(db);
     c.config("mx1", "lease_ttl = \"2s\"", &[("a", "", ""), ("b", "", "")]);
-    let _mx1 = c.start("mx1");
+    let mut mx1 = c.start("mx1");
     // The same daemon name, another handler set: before the lease it forgot a and b.
     let twin = c.dir.join("twin.toml");
     let text = std::fs::read_to_string(c.dir.join("mx1.toml"))
@@ -748,6 +748,31 @@ fn same_name_twice_is_refused<D: TestDb>(db: D) {
         })
         .collect();
     assert_eq!(names, ["mx1/a", "mx1/b"]);
+    // `status` names who holds the name; a clean stop releases it.
+    let daemons = status["daemons"].as_array().expect("daemons").clone();
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    assert_eq!(daemons[0]["daemon"], "mx1");
+    let holder = daemons[0]["holder"].as_str().unwrap();
+    assert!(
+        holder.starts_with(&format!("pid {} on host ", mx1.pid())),
+        "{holder}"
+    );
+    assert!(daemons[0]["expires_in_ms"].as_i64().unwrap() > 0);
+    let text = String::from_utf8_lossy(&epidemic(&c.dir.join("mx1.toml"), &["status"]).stdout)
+        .into_owned();
+    assert!(
+        text.contains("HELD BY") && text.contains("running (lease for"),
+        "{text}"
+    );
+    let code = mx1.signal_and_wait(libc::SIGTERM, WAIT);
+    assert_eq!(code.and_then(|s| s.code()), Some(0));
+    let out = epidemic(&c.dir.join("mx1.toml"), &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(
+        status["daemons"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
 }
 
 /// A DBA (or anything else) deletes a running consumer's cursor: the daemon's next ack or

@@ -4,7 +4,7 @@
 use epidemic_plugin_sdk::ops::drift;
 use epidemic_plugin_sdk::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
+    LeaseHolder, LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 use mysql::prelude::Queryable;
 use mysql::Conn;
@@ -60,6 +60,32 @@ pub(crate) fn ensure_live(
 
 pub(crate) fn lease(conn: &mut Conn, req: &LeaseRequest) -> Result<LeaseState, BackendError> {
     match req {
+        LeaseRequest::List => {
+            let exists: Option<i64> = conn
+                .query_first(
+                    "SELECT 1 FROM information_schema.TABLES \
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'epidemic_daemon'",
+                )
+                .map_err(sql_err)?;
+            if exists.is_none() {
+                return Ok(LeaseState::Holders(Vec::new()));
+            }
+            let rows: Vec<(String, String, i64)> = conn
+                .query(format!(
+                    "SELECT daemon, holder, (expires_at - {DB_NOW_US}) DIV 1000 FROM epidemic_daemon \
+                     WHERE instance <> '' ORDER BY daemon"
+                ))
+                .map_err(sql_err)?;
+            Ok(LeaseState::Holders(
+                rows.into_iter()
+                    .map(|(daemon, holder, expires_in_ms)| LeaseHolder {
+                        daemon,
+                        holder,
+                        expires_in_ms,
+                    })
+                    .collect(),
+            ))
+        }
         LeaseRequest::Release { daemon, instance } => {
             conn.exec_drop(
                 "DELETE FROM epidemic_daemon WHERE daemon = ? AND instance = ?",

@@ -2,7 +2,7 @@
 
 use epidemic_plugin_sdk::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
+    LeaseHolder, LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 use rusqlite::{params, params_from_iter, Connection, Row};
 
@@ -46,6 +46,36 @@ pub(crate) fn gone(conn: &Connection, c: &Consumer) -> Result<BackendError, Back
 
 pub(crate) fn lease(conn: &mut Connection, req: &LeaseRequest) -> Result<LeaseState, BackendError> {
     match req {
+        LeaseRequest::List => {
+            let exists: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'epidemic_daemon'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err)?;
+            if !exists {
+                return Ok(LeaseState::Holders(Vec::new()));
+            }
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT daemon, holder, (expires_at - {NOW_US}) / 1000 FROM epidemic_daemon
+                     WHERE instance <> '' ORDER BY daemon"
+                ))
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(LeaseHolder {
+                        daemon: r.get(0)?,
+                        holder: r.get(1)?,
+                        expires_in_ms: r.get(2)?,
+                    })
+                })
+                .map_err(sql_err)?;
+            Ok(LeaseState::Holders(
+                rows.collect::<Result<_, _>>().map_err(sql_err)?,
+            ))
+        }
         LeaseRequest::Release { daemon, instance } => {
             conn.execute(
                 "DELETE FROM epidemic_daemon WHERE daemon = ?1 AND instance = ?2",
