@@ -8,7 +8,7 @@ use rusqlite::{params, params_from_iter, Connection, Row};
 
 use epidemic_plugin_sdk::ops::drift;
 
-use crate::schema::{quote, SqliteSchema};
+use crate::schema::{quote, replaced_table, trigger_name, SqliteSchema, TRIGGERS};
 use crate::{now_us, sql_err};
 
 pub(crate) fn touch(conn: &Connection, c: &Consumer) -> Result<(), BackendError> {
@@ -176,12 +176,8 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
         let mut problems = Vec::new();
         let exists = schema.table_exists(&log.source_table)?.is_some();
         let mut triggers = Vec::new();
-        for (suffix, op) in [
-            ("insert", Op::Insert),
-            ("update", Op::Update),
-            ("delete", Op::Delete),
-        ] {
-            let name = format!("epidemic_{}_{suffix}", log.source_table);
+        for (suffix, op) in TRIGGERS.iter().copied() {
+            let name = trigger_name(&log.source_table, suffix);
             let present: bool = conn
                 .query_row(
                     "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
@@ -197,6 +193,12 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
         if !exists {
             problems.insert(0, drift::table_gone(&log.source_table));
         } else {
+            for index in schema.replace_keys(&log.source_table)?.unmatched {
+                status.warnings.push(format!(
+                    "table {}: unique index {index} is on an expression, so a REPLACE or UPDATE OR REPLACE that removes a row because of it is not delivered as a DELETE; make it a plain column index, or write with plain INSERT/UPDATE",
+                    log.source_table
+                ));
+            }
             let have = schema.table_columns(&log.source_table)?;
             for c in log.columns.iter() {
                 if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {
@@ -383,13 +385,18 @@ fn drop_scratch(conn: &mut Connection, table: &str) -> Result<(), BackendError> 
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(sql_err)?;
-    for suffix in ["insert", "update", "delete"] {
+    for (suffix, _) in TRIGGERS {
         tx.execute_batch(&format!(
             "DROP TRIGGER IF EXISTS {}",
-            quote(&format!("epidemic_{table}_{suffix}"))
+            quote(&trigger_name(table, suffix))
         ))
         .map_err(sql_err)?;
     }
+    tx.execute_batch(&format!(
+        "DROP TABLE IF EXISTS {}",
+        quote(&replaced_table(table))
+    ))
+    .map_err(sql_err)?;
     tx.execute_batch(&format!(
         "DROP TABLE IF EXISTS {}",
         quote(&format!("epidemic_log_{table}"))

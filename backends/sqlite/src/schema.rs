@@ -5,10 +5,25 @@
 //! - `epidemic_cursor`: one row per (daemon, handler, table): the last id handled.
 //! - `epidemic_log_<table>`: the change log of one table.
 //! - triggers `epidemic_<table>_insert|_update|_delete` on the user's table.
+//! - triggers `epidemic_<table>_insert_replace|_update_replace` and the scratch table
+//!   `epidemic_replaced_<table>`: the rows a REPLACE is about to remove (below).
+//!
+//! REPLACE: `INSERT OR REPLACE`, `REPLACE INTO` and `UPDATE OR REPLACE` delete the rows
+//! that hold the new row's primary or unique key without firing DELETE triggers (unless
+//! `PRAGMA recursive_triggers` is on in the writer's connection, which Epidemic does not
+//! control), and no trigger can tell which conflict clause its statement has. So a
+//! BEFORE INSERT (and a BEFORE UPDATE that changes a key) trigger copies every row that
+//! holds one of the new row's keys into `epidemic_replaced_<table>`, and the AFTER
+//! trigger of the same row logs a DELETE for each copied row that is gone by then (or
+//! whose identity the new row took): a REPLACE removed it. With `OR IGNORE`, `OR FAIL`
+//! and upserts nothing is gone, so nothing is logged; with `OR ABORT`/`OR ROLLBACK` the
+//! copies are rolled back with the statement. The DELETE trigger removes a row's copy,
+//! so a REPLACE under `recursive_triggers` logs its DELETE once. A copy left over (an
+//! ignored row) is cleared by the next BEFORE trigger before it matters.
 
 use std::sync::Arc;
 
-use epidemic_plugin_sdk::{ident, BackendError, Watch};
+use epidemic_plugin_sdk::{ident, BackendError, Op, Watch};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::sql_err;
@@ -51,6 +66,101 @@ const DEAD_LETTER_DDL: &str = "CREATE TABLE IF NOT EXISTS epidemic_dead_letter (
     failed_at INTEGER NOT NULL, -- microseconds since the Unix epoch
     retry_requested INTEGER NOT NULL DEFAULT 0
 )";
+
+/// Suffixes of the triggers Epidemic puts on a watched table (`epidemic_<table>_<suffix>`),
+/// each with the kind of change that goes uncaptured without it.
+pub(crate) const TRIGGERS: &[(&str, Op)] = &[
+    ("insert", Op::Insert),
+    ("update", Op::Update),
+    ("delete", Op::Delete),
+    ("insert_replace", Op::Delete),
+    ("update_replace", Op::Delete),
+];
+
+pub(crate) fn trigger_name(table: &str, suffix: &str) -> String {
+    format!("epidemic_{table}_{suffix}")
+}
+
+/// The scratch table where a BEFORE trigger copies the rows a REPLACE may remove.
+pub(crate) fn replaced_table(table: &str) -> String {
+    format!("epidemic_replaced_{table}")
+}
+
+/// How the REPLACE triggers find the rows a new row conflicts with.
+#[derive(Debug)]
+pub(crate) struct ReplaceKeys {
+    /// SQL for the columns that identify a row: the rowid (bare: a quoted `"rowid"`
+    /// that resolves to no column would be read as a string), or a WITHOUT ROWID
+    /// table's primary key.
+    identity: Vec<String>,
+    /// Each unique key (rowid, primary key, UNIQUE constraints and unique indexes):
+    /// its columns' SQL and the collation the index compares them with.
+    keys: Vec<Vec<(String, Option<String>)>>,
+    /// Unique indexes on expressions, which the triggers cannot match.
+    pub unmatched: Vec<String>,
+}
+
+impl ReplaceKeys {
+    /// Every column of any key, for "did this UPDATE change a key".
+    fn key_columns(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for (c, _) in self.keys.iter().flatten() {
+            if !out.contains(&c.as_str()) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn key_changed(&self) -> String {
+        self.key_columns()
+            .iter()
+            .map(|c| format!("OLD.{c} IS NOT NEW.{c}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    }
+
+    /// `row` holds one of NEW's unique keys.
+    fn conflicts(&self, row: &str) -> String {
+        self.keys
+            .iter()
+            .map(|k| {
+                let parts: Vec<String> = k
+                    .iter()
+                    .map(|(c, coll)| match coll {
+                        Some(coll) => format!("{row}.{c} = NEW.{c} COLLATE {}", quote(coll)),
+                        None => format!("{row}.{c} = NEW.{c}"),
+                    })
+                    .collect();
+                format!("({})", parts.join(" AND "))
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    }
+
+    /// The copy `copy` is of the row `image` (`OLD`, `NEW` or a table alias) names.
+    fn same_row(&self, copy: &str, image: &str) -> String {
+        self.identity
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{copy}.k_{i} = {image}.{c}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// Two images (table aliases, `OLD`, `NEW`) are of the same row.
+    fn identity_eq(&self, a: &str, b: &str) -> String {
+        self.identity
+            .iter()
+            .map(|c| format!("{a}.{c} = {b}.{c}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    fn copy_columns(&self) -> Vec<String> {
+        (0..self.identity.len()).map(|i| format!("k_{i}")).collect()
+    }
+}
 
 /// Fixed bookkeeping tables, in the order uninstall drops them.
 const OWN_TABLES: &[&str] = &["epidemic_dead_letter", "epidemic_cursor", "epidemic_watch"];
@@ -176,6 +286,120 @@ impl<'c> SqliteSchema<'c> {
         Ok(seq.unwrap_or(0))
     }
 
+    /// The unique keys of `table`, for the REPLACE triggers.
+    pub fn replace_keys(&self, table: &str) -> Result<ReplaceKeys, BackendError> {
+        let without_rowid: bool = self
+            .conn
+            .query_row(
+                "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql_err)?
+            .unwrap_or(false);
+        let columns = self.table_columns(table)?;
+        let mut keys = Vec::new();
+        let identity: Vec<String> = if without_rowid {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk")
+                .map_err(sql_err)?;
+            let pk = stmt
+                .query_map([table], |r| r.get::<_, String>(0))
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            pk.iter().map(|c| quote(c)).collect()
+        } else {
+            // A column may shadow `rowid`; SQLite keeps `_rowid_` and `oid` as spares.
+            let alias = ["rowid", "_rowid_", "oid"]
+                .into_iter()
+                .find(|a| !columns.iter().any(|c| c.eq_ignore_ascii_case(a)))
+                .ok_or_else(|| {
+                    BackendError::Invalid(format!(
+                        "table {table}: its columns rowid, _rowid_ and oid hide the rowid, which Epidemic needs to capture REPLACE; rename one of them"
+                    ))
+                })?;
+            keys.push(vec![(alias.to_owned(), None)]);
+            vec![alias.to_owned()]
+        };
+        let mut unmatched = Vec::new();
+        let indexes: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name FROM pragma_index_list(?1) WHERE \"unique\" = 1 ORDER BY seq")
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map([table], |r| r.get(0))
+                .map_err(sql_err)?
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(sql_err)?;
+            rows
+        };
+        for index in indexes {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT cid, name, coll FROM pragma_index_xinfo(?1) WHERE key = 1 ORDER BY seqno")
+                .map_err(sql_err)?;
+            let cols = stmt
+                .query_map([&index], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            let mut key = Vec::new();
+            for (cid, name, coll) in cols {
+                let coll = coll.filter(|c| !c.eq_ignore_ascii_case("BINARY"));
+                match (cid, name) {
+                    (-1, _) if !without_rowid => key.push((identity[0].clone(), None)),
+                    (c, Some(name)) if c >= 0 => key.push((quote(&name), coll)),
+                    _ => {
+                        unmatched.push(index.clone());
+                        key.clear();
+                        break;
+                    }
+                }
+            }
+            // A partial index is matched as if it were whole: a row it does not cover
+            // is copied but, not being removed, never logged.
+            if !key.is_empty() && !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        Ok(ReplaceKeys {
+            identity,
+            keys,
+            unmatched,
+        })
+    }
+
+    /// The watch with the table's and columns' catalog spelling; a name the catalog does
+    /// not have is kept as given, for install to report.
+    pub fn resolve(&self, w: &Watch) -> Result<Watch, BackendError> {
+        let Some(table) = self.table_exists(&w.table)? else {
+            return Ok(w.clone());
+        };
+        let existing = self.table_columns(&table)?;
+        let columns = w
+            .columns
+            .iter()
+            .map(|c| {
+                existing
+                    .iter()
+                    .find(|e| e.eq_ignore_ascii_case(c))
+                    .unwrap_or(c)
+                    .clone()
+            })
+            .collect();
+        Ok(Watch { table, columns })
+    }
+
     /// Check the watches against the database and return the statements that bring the
     /// log tables and triggers up to date. Applies nothing.
     pub fn plan_install(&self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
@@ -202,8 +426,19 @@ impl<'c> SqliteSchema<'c> {
             // Columns already watched (maybe by another daemon's handlers) stay watched:
             // install only ever adds, so two daemons with different handlers never undo
             // each other's triggers.
+            // In the catalog's spelling, as `resolve` gives them to the host.
             let mut columns: Vec<String> = match self.watched(&table)? {
-                Some(log) => log.columns.to_vec(),
+                Some(log) => log
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        existing
+                            .iter()
+                            .find(|e| e.eq_ignore_ascii_case(c))
+                            .unwrap_or(c)
+                            .clone()
+                    })
+                    .collect(),
                 None => Vec::new(),
             };
             for c in &w.columns {
@@ -276,33 +511,111 @@ impl<'c> SqliteSchema<'c> {
             .iter()
             .map(|c| format!("OLD.{q} IS NOT NEW.{q}", q = quote(c)))
             .collect();
-        let trig = |suffix: &str| quote(&format!("epidemic_{table}_{suffix}"));
-        for suffix in ["insert", "update", "delete"] {
+        let changed = changed.join(" OR ");
+        let trig = |suffix: &str| quote(&trigger_name(table, suffix));
+        for (suffix, _) in TRIGGERS {
             plan.push(format!("DROP TRIGGER IF EXISTS {}", trig(suffix)));
         }
+
+        // REPLACE (see the module docs): the scratch table holds nothing between
+        // statements that matters, so it is simply made anew.
+        let keys = self.replace_keys(table)?;
+        let replaced = quote(&replaced_table(table));
+        let copy_cols = keys.copy_columns();
+        plan.push(format!("DROP TABLE IF EXISTS {replaced}"));
         plan.push(format!(
-            "CREATE TRIGGER {} AFTER INSERT ON {t} FOR EACH ROW BEGIN\n    INSERT INTO {log_q} (op, {}) VALUES ('I', {});\nEND",
+            "CREATE TABLE {replaced} ({})",
+            copy_cols
+                .iter()
+                .map(String::as_str)
+                .chain(olds.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let row = "epidemic_row";
+        let copy_into = format!(
+            "INSERT INTO {replaced} ({}, {}) SELECT {}, {} FROM {t} AS {row}",
+            copy_cols.join(", "),
+            olds.join(", "),
+            keys.identity
+                .iter()
+                .map(|c| format!("{row}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            columns
+                .iter()
+                .map(|c| format!("{row}.{}", quote(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        // A copied row is gone, or the new row took its identity: the statement
+        // replaced it.
+        let log_replaced = |extra: &str| {
+            format!(
+                "INSERT INTO {log_q} (op, {}) SELECT 'D', {} FROM {replaced} AS epidemic_copy\n    \
+                 WHERE {extra}({} OR NOT EXISTS (SELECT 1 FROM {t} AS {row} WHERE {}))\n    ORDER BY epidemic_copy.rowid;",
+                olds.join(", "),
+                olds.join(", "),
+                keys.same_row("epidemic_copy", "NEW"),
+                keys.same_row("epidemic_copy", row),
+            )
+        };
+        let key_changed = keys.key_changed();
+        plan.push(format!(
+            "CREATE TRIGGER {} BEFORE INSERT ON {t} FOR EACH ROW BEGIN\n    DELETE FROM {replaced};\n    {copy_into}\n    WHERE {};\nEND",
+            trig("insert_replace"),
+            keys.conflicts(row),
+        ));
+        plan.push(format!(
+            "CREATE TRIGGER {} BEFORE UPDATE ON {t} FOR EACH ROW WHEN {key_changed} BEGIN\n    DELETE FROM {replaced};\n    {copy_into}\n    WHERE NOT ({}) AND ({});\nEND",
+            trig("update_replace"),
+            keys.identity_eq(row, "OLD"),
+            keys.conflicts(row),
+        ));
+        plan.push(format!(
+            "CREATE TRIGGER {} AFTER INSERT ON {t} FOR EACH ROW BEGIN\n    {}\n    DELETE FROM {replaced};\n    INSERT INTO {log_q} (op, {}) VALUES ('I', {});\nEND",
             trig("insert"),
+            log_replaced(""),
             news.join(", "),
             new_vals.join(", ")
         ));
+        // An upsert's DO UPDATE keeps the row it copied (OLD), even if it moves it.
         plan.push(format!(
-            "CREATE TRIGGER {} AFTER UPDATE ON {t} FOR EACH ROW WHEN {} BEGIN\n    INSERT INTO {log_q} (op, {}, {}) VALUES ('U', {}, {});\nEND",
+            "CREATE TRIGGER {} AFTER UPDATE ON {t} FOR EACH ROW WHEN {changed} OR {key_changed} BEGIN\n    {}\n    \
+             DELETE FROM {replaced} WHERE {key_changed};\n    \
+             INSERT INTO {log_q} (op, {}, {}) SELECT 'U', {}, {} WHERE {changed};\nEND",
             trig("update"),
-            changed.join(" OR "),
+            log_replaced(&format!(
+                "({key_changed}) AND NOT ({}) AND ",
+                keys.same_row("epidemic_copy", "OLD")
+            )),
             olds.join(", "),
             news.join(", "),
             old_vals.join(", "),
             new_vals.join(", ")
         ));
+        // Under `recursive_triggers` a REPLACE fires this trigger for the row it removes:
+        // its copy goes, so the AFTER INSERT/UPDATE trigger does not log it again.
         plan.push(format!(
-            "CREATE TRIGGER {} AFTER DELETE ON {t} FOR EACH ROW BEGIN\n    INSERT INTO {log_q} (op, {}) VALUES ('D', {});\nEND",
+            "CREATE TRIGGER {} AFTER DELETE ON {t} FOR EACH ROW BEGIN\n    DELETE FROM {replaced} WHERE {};\n    INSERT INTO {log_q} (op, {}) VALUES ('D', {});\nEND",
             trig("delete"),
+            keys.identity
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("k_{i} = OLD.{c}"))
+                .collect::<Vec<_>>()
+                .join(" AND "),
             olds.join(", "),
             old_vals.join(", ")
         ));
         let cols_json =
             serde_json::to_string(columns).map_err(|e| BackendError::Other(e.to_string()))?;
+        // One registry row per table, in the catalog's spelling (a table renamed to
+        // another case, or registered before names were resolved, keeps one row).
+        plan.push(format!(
+            "DELETE FROM epidemic_watch WHERE source_table = {} COLLATE NOCASE",
+            literal(table)
+        ));
         plan.push(format!(
             "INSERT OR REPLACE INTO epidemic_watch (source_table, log_table, columns) VALUES ({}, {}, {})",
             literal(table),
@@ -316,13 +629,17 @@ impl<'c> SqliteSchema<'c> {
     pub fn plan_uninstall(&self) -> Result<Vec<String>, BackendError> {
         let mut plan = Vec::new();
         for log in self.all_watched()? {
-            for suffix in ["insert", "update", "delete"] {
+            for (suffix, _) in TRIGGERS {
                 plan.push(format!(
                     "DROP TRIGGER IF EXISTS {}",
-                    quote(&format!("epidemic_{}_{suffix}", log.source_table))
+                    quote(&trigger_name(&log.source_table, suffix))
                 ));
             }
             plan.push(format!("DROP TABLE IF EXISTS {}", quote(&log.log_table)));
+            plan.push(format!(
+                "DROP TABLE IF EXISTS {}",
+                quote(&replaced_table(&log.source_table))
+            ));
         }
         for t in OWN_TABLES {
             if self.table_exists(t)?.is_some() {

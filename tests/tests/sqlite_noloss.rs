@@ -1,0 +1,395 @@
+//! SQLite: the ways a change could be lost, invented or delivered again (issue 10), each
+//! through the real `epidemic` binary, backend and recorder handler, with a writer
+//! connection in this process standing in for the application.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use epidemic_tests::{plugin_path, recorded, sqlite, wait_recorded, wait_until, Daemon};
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    db: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Setup {
+    /// A database with `schema`, and a config with `database` extra lines and `handlers`.
+    fn new(schema: &str, database: &str, handlers: impl FnOnce(&Path) -> String) -> Setup {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        let db = sqlite::create_db(&dir, "mail", schema);
+        let config = dir.join("epidemic.toml");
+        let text = format!(
+            "[database]\nurl = {:?}\n{database}\n\n[daemon]\nname = \"mx1\"\n\n{}",
+            sqlite::url(&db),
+            handlers(&dir)
+        );
+        std::fs::write(&config, text).expect("write config");
+        Setup {
+            log: dir.join("daemon.log"),
+            _dir: tmp,
+            dir,
+            db,
+            config,
+        }
+    }
+
+    fn start(&self) -> Daemon {
+        let before = std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("epidemic started")
+            .count();
+        let d = Daemon::start(&self.config, &self.log, &[]);
+        assert!(
+            wait_until(WAIT, || d.log_text().matches("epidemic started").count()
+                > before),
+            "daemon did not start:\n{}",
+            d.log_text()
+        );
+        d
+    }
+}
+
+/// A recorder `[[handler]]`; `handler` are extra handler-level keys, `config` extra
+/// keys of its `[handler.config]`.
+fn recorder(
+    name: &str,
+    file: &Path,
+    table: &str,
+    columns: &[&str],
+    handler: &str,
+    config: &str,
+) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| format!("{c:?}")).collect();
+    format!(
+        "[[handler]]\nname = {name:?}\nplugin = {:?}\n{handler}\n[handler.config]\nfile = {:?}\ntable = {table:?}\ncolumns = [{}]\n{config}\n\n",
+        plugin_path("recorder").display().to_string(),
+        file.display().to_string(),
+        cols.join(", ")
+    )
+}
+
+fn ops(lines: &[Value]) -> Vec<(String, Value, Value)> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                l["op"].as_str().unwrap_or_default().to_owned(),
+                l["old"].clone(),
+                l["new"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn ins(new: Value) -> (String, Value, Value) {
+    ("INSERT".into(), Value::Null, new)
+}
+
+fn upd(old: Value, new: Value) -> (String, Value, Value) {
+    ("UPDATE".into(), old, new)
+}
+
+fn del(old: Value) -> (String, Value, Value) {
+    ("DELETE".into(), old, Value::Null)
+}
+
+fn user(id: i64, email: &str, quota: i64) -> Value {
+    json!({"id": id, "email": email, "quota": quota})
+}
+
+/// `sql` must fail (a constraint): the statement, and what its triggers logged, is undone.
+fn fails(w: &Connection, sql: &str) {
+    assert!(w.execute_batch(sql).is_err(), "expected {sql} to fail");
+}
+
+const USERS: &str = "CREATE TABLE users (
+    id INTEGER PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE,
+    quota INTEGER
+);
+CREATE TABLE aliases (
+    addr TEXT PRIMARY KEY,
+    target TEXT
+) WITHOUT ROWID;";
+
+/// Item 3: every SQLite form that removes a row through a conflict delivers that row's
+/// DELETE (its old image) before the change that removed it, once, with or without
+/// `recursive_triggers`; the forms that skip, fail or update deliver no phantom DELETE.
+#[test]
+fn replace_forms_deliver_the_replaced_rows_as_deletes() {
+    let s = Setup::new(USERS, "", |dir| {
+        recorder(
+            "users",
+            &dir.join("users.jsonl"),
+            "users",
+            &["id", "email", "quota"],
+            "",
+            "",
+        ) + &recorder(
+            "aliases",
+            &dir.join("aliases.jsonl"),
+            "aliases",
+            &["addr", "target"],
+            "",
+            "",
+        )
+    });
+    let _d = s.start();
+    let w = sqlite::connect(&s.db);
+    let mut want = Vec::new();
+
+    w.execute_batch(
+        "INSERT INTO users VALUES (1, 'a', 10), (2, 'b', 20), (3, 'c', 30), (-1, 'neg', 0)",
+    )
+    .unwrap();
+    want.extend([
+        ins(user(1, "a", 10)),
+        ins(user(2, "b", 20)),
+        ins(user(3, "c", 30)),
+        ins(user(-1, "neg", 0)),
+    ]);
+    // Conflicts on the primary key (row 1) and on the unique email (row 2) at once.
+    w.execute_batch("INSERT OR REPLACE INTO users VALUES (1, 'b', 11)")
+        .unwrap();
+    want.extend([
+        del(user(1, "a", 10)),
+        del(user(2, "b", 20)),
+        ins(user(1, "b", 11)),
+    ]);
+    w.execute_batch("REPLACE INTO users VALUES (3, 'c', 31)")
+        .unwrap();
+    want.extend([del(user(3, "c", 30)), ins(user(3, "c", 31))]);
+    // Skipped, failed or rolled back: nothing at all.
+    w.execute_batch("INSERT OR IGNORE INTO users VALUES (3, 'zz', 0)")
+        .unwrap();
+    w.execute_batch("INSERT OR IGNORE INTO users VALUES (4, 'b', 0)")
+        .unwrap();
+    w.execute_batch("INSERT INTO users VALUES (1, 'x', 0) ON CONFLICT DO NOTHING")
+        .unwrap();
+    fails(&w, "INSERT INTO users VALUES (1, 'x', 0)");
+    fails(&w, "INSERT OR ABORT INTO users VALUES (5, 'b', 0)");
+    fails(&w, "INSERT OR FAIL INTO users VALUES (1, 'x', 0)");
+    fails(&w, "UPDATE users SET email = 'b' WHERE id = 3");
+    w.execute_batch("BEGIN; INSERT OR REPLACE INTO users VALUES (3, 'rolled back', 0); ROLLBACK;")
+        .unwrap();
+    // Upserts are updates, even one that moves the row to another id.
+    w.execute_batch(
+        "INSERT INTO users VALUES (3, 'c', 32) ON CONFLICT (id) DO UPDATE SET quota = excluded.quota",
+    )
+    .unwrap();
+    want.push(upd(user(3, "c", 31), user(3, "c", 32)));
+    w.execute_batch("INSERT INTO users VALUES (3, 'c', 0) ON CONFLICT (id) DO UPDATE SET id = 30")
+        .unwrap();
+    want.push(upd(user(3, "c", 32), user(30, "c", 32)));
+    // No id given: the row with id -1 (what SQLite shows a BEFORE trigger) stays.
+    w.execute_batch("INSERT INTO users (email, quota) VALUES ('auto', 5)")
+        .unwrap();
+    want.push(ins(user(31, "auto", 5)));
+    // UPDATE OR REPLACE through the unique email, then through the primary key.
+    w.execute_batch("UPDATE OR REPLACE users SET email = 'auto' WHERE id = 1")
+        .unwrap();
+    want.extend([
+        del(user(31, "auto", 5)),
+        upd(user(1, "b", 11), user(1, "auto", 11)),
+    ]);
+    w.execute_batch("UPDATE OR REPLACE users SET id = 30 WHERE id = 1")
+        .unwrap();
+    want.extend([
+        del(user(30, "c", 32)),
+        upd(user(1, "auto", 11), user(30, "auto", 11)),
+    ]);
+    // With recursive triggers SQLite fires the DELETE trigger itself: still one DELETE.
+    w.execute_batch("PRAGMA recursive_triggers = ON").unwrap();
+    w.execute_batch("INSERT OR REPLACE INTO users VALUES (30, 'r', 1)")
+        .unwrap();
+    want.extend([del(user(30, "auto", 11)), ins(user(30, "r", 1))]);
+    w.execute_batch("UPDATE OR REPLACE users SET email = 'r' WHERE id = -1")
+        .unwrap();
+    want.extend([
+        del(user(30, "r", 1)),
+        upd(user(-1, "neg", 0), user(-1, "r", 0)),
+    ]);
+    w.execute_batch("PRAGMA recursive_triggers = OFF").unwrap();
+    // Several rows in one statement, each replacing another.
+    w.execute_batch("INSERT OR REPLACE INTO users VALUES (-1, 'm1', 1), (7, 'm1', 2)")
+        .unwrap();
+    want.extend([
+        del(user(-1, "r", 0)),
+        ins(user(-1, "m1", 1)),
+        del(user(-1, "m1", 1)),
+        ins(user(7, "m1", 2)),
+    ]);
+    w.execute_batch("INSERT INTO users VALUES (100, 'marker', 0)")
+        .unwrap();
+    want.push(ins(user(100, "marker", 0)));
+
+    // A WITHOUT ROWID table: its primary key is the row's identity.
+    w.execute_batch(
+        "INSERT INTO aliases VALUES ('postmaster', 'ann');
+         INSERT OR REPLACE INTO aliases VALUES ('postmaster', 'bob');
+         INSERT OR IGNORE INTO aliases VALUES ('postmaster', 'eve');
+         INSERT INTO aliases VALUES ('abuse', 'ann');",
+    )
+    .unwrap();
+    let alias = |a: &str, t: &str| json!({"addr": a, "target": t});
+    let want_aliases = vec![
+        ins(alias("postmaster", "ann")),
+        del(alias("postmaster", "ann")),
+        ins(alias("postmaster", "bob")),
+        ins(alias("abuse", "ann")),
+    ];
+
+    // The marker is the newest change: once it is in, everything before it is too.
+    let users = s.dir.join("users.jsonl");
+    assert!(
+        wait_until(WAIT, || recorded(&users)
+            .last()
+            .is_some_and(|l| l["new"]["email"] == "marker")),
+        "marker never arrived: {:#?}",
+        ops(&recorded(&users))
+    );
+    let got = recorded(&users);
+    assert_eq!(ops(&got), want);
+    let aliases = wait_recorded(&s.dir.join("aliases.jsonl"), want_aliases.len(), WAIT);
+    assert_eq!(ops(&aliases), want_aliases);
+}
+
+/// Item 11: the handler names the table and columns in another case than the catalog
+/// (both ways round); every change arrives, in the catalog's spelling, and the cursor
+/// moves (a restart delivers nothing again).
+#[test]
+fn names_in_another_case_are_delivered_in_the_catalogs_spelling() {
+    let schema = "CREATE TABLE Mail_Users (id INTEGER PRIMARY KEY, Quota INTEGER, username TEXT);
+                  CREATE TABLE domains (id INTEGER PRIMARY KEY, name TEXT);";
+    let s = Setup::new(schema, "", |dir| {
+        recorder(
+            "users",
+            &dir.join("users.jsonl"),
+            "mail_users",
+            &["quota", "USERNAME"],
+            "",
+            "",
+        ) + &recorder(
+            "domains",
+            &dir.join("domains.jsonl"),
+            "DOMAINS",
+            &["Name"],
+            "",
+            "",
+        )
+    });
+    let mut d = s.start();
+    let w = sqlite::connect(&s.db);
+    w.execute_batch(
+        "INSERT INTO mail_users VALUES (1, 100, 'ann');
+         UPDATE MAIL_USERS SET quota = 200 WHERE id = 1;
+         DELETE FROM Mail_Users WHERE id = 1;
+         INSERT INTO domains VALUES (1, 'example.org');",
+    )
+    .unwrap();
+    let users = wait_recorded(&s.dir.join("users.jsonl"), 3, WAIT);
+    let row = |q: i64| json!({"Quota": q, "username": "ann"});
+    assert_eq!(
+        ops(&users),
+        vec![ins(row(100)), upd(row(100), row(200)), del(row(200))]
+    );
+    assert!(
+        users.iter().all(|l| l["table"] == "Mail_Users"),
+        "{users:?}"
+    );
+    let domains = wait_recorded(&s.dir.join("domains.jsonl"), 1, WAIT);
+    assert_eq!(ops(&domains), vec![ins(json!({"name": "example.org"}))]);
+    assert_eq!(domains[0]["table"], "domains");
+
+    // The acks moved the cursors: after a clean restart only the new change arrives.
+    assert!(d
+        .signal_and_wait(libc::SIGTERM, WAIT)
+        .is_some_and(|st| st.success()));
+    let _d = s.start();
+    w.execute_batch("INSERT INTO mail_users VALUES (2, 1, 'marker')")
+        .unwrap();
+    // A change delivered again would come before the newer marker.
+    let file = s.dir.join("users.jsonl");
+    assert!(wait_until(WAIT, || recorded(&file)
+        .iter()
+        .any(|l| l["new"]["username"] == "marker")));
+    let users = recorded(&file);
+    assert_eq!(users.len(), 4, "{:#?}", ops(&users));
+    assert_eq!(users[3]["new"]["username"], "marker");
+    let out = epidemic_tests::epidemic(&s.config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("does not exist"), "{text}");
+}
+
+/// Item 17: an application holds the write lock for three busy timeouts right after the
+/// handler handled a batch. The ack waits for the lock; the changes are not delivered
+/// again, once per timeout.
+#[test]
+fn an_ack_refused_by_a_held_write_lock_is_retried_not_redelivered() {
+    const BUSY_MS: u64 = 300;
+    let s = Setup::new(USERS, &format!("busy_timeout_ms = {BUSY_MS}"), |dir| {
+        recorder(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "users",
+            &["id", "email"],
+            "on_failure = \"block\"\nretry_initial_ms = 20\nretry_max_ms = 50",
+            &format!(
+                "fail_while_exists = {:?}",
+                dir.join("broken").display().to_string()
+            ),
+        )
+    });
+    let broken = s.dir.join("broken");
+    std::fs::write(&broken, "").unwrap();
+    let d = s.start();
+    let mut w = sqlite::connect(&s.db);
+    w.execute_batch(
+        "INSERT INTO users VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3), (4, 'd', 4), (5, 'e', 5)",
+    )
+    .unwrap();
+    // The handler is failing on the first change; take the write lock, then let it
+    // succeed: it handles all five while the application holds the lock.
+    assert!(
+        d.wait_for_log("broken exists", WAIT),
+        "handler never tried:\n{}",
+        d.log_text()
+    );
+    let lock = w
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    std::fs::remove_file(&broken).unwrap();
+    wait_recorded(&s.dir.join("rec.jsonl"), 5, WAIT);
+    // The condition under test is the lock being held this long, not an event to wait for.
+    std::thread::sleep(Duration::from_millis(3 * BUSY_MS));
+    lock.commit().unwrap();
+
+    w.execute_batch("INSERT INTO users VALUES (6, 'marker', 6)")
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || recorded(&s.dir.join("rec.jsonl"))
+            .iter()
+            .any(|l| l["new"]["email"] == "marker")),
+        "marker never arrived:\n{}",
+        d.log_text()
+    );
+    let mut per_id: BTreeMap<i64, usize> = BTreeMap::new();
+    for l in recorded(&s.dir.join("rec.jsonl")) {
+        *per_id.entry(l["new"]["id"].as_i64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(
+        per_id,
+        (1..=6).map(|i| (i, 1)).collect::<BTreeMap<_, _>>(),
+        "each change must be delivered exactly once:\n{}",
+        d.log_text()
+    );
+}
