@@ -393,3 +393,128 @@ fn an_ack_refused_by_a_held_write_lock_is_retried_not_redelivered() {
         d.log_text()
     );
 }
+
+/// Item 3's limit: a unique index on an expression cannot be matched by the REPLACE
+/// triggers; `status` says so, naming the index and the remedy.
+#[test]
+fn a_unique_index_on_an_expression_is_a_status_warning() {
+    let schema = format!("{USERS}\nCREATE UNIQUE INDEX users_email_lower ON users (lower(email));");
+    let s = Setup::new(&schema, "", |dir| {
+        recorder("rec", &dir.join("rec.jsonl"), "users", &["email"], "", "")
+    });
+    let out = epidemic_tests::epidemic(&s.config, &["install"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = epidemic_tests::epidemic(&s.config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warnings:") && text.contains("users_email_lower"),
+        "{text}"
+    );
+}
+
+/// The reading rule under what an application or DBA does to a live database:
+/// VACUUM, checkpoints, leaving WAL for a rollback journal and coming back, an attached
+/// database and a TEMP table with the watched table's name. Every change of the watched
+/// table arrives once, in order; writes elsewhere do not.
+#[test]
+fn vacuum_checkpoints_journal_modes_and_attached_databases_lose_nothing() {
+    let s = Setup::new(USERS, "", |dir| {
+        recorder("rec", &dir.join("rec.jsonl"), "users", &["id"], "", "")
+    });
+    let mut d = s.start();
+    let file = s.dir.join("rec.jsonl");
+    let w = sqlite::connect(&s.db);
+    let insert = |id: i64| {
+        w.execute(
+            "INSERT INTO main.users (id, email) VALUES (?1, ?2)",
+            rusqlite::params![id, format!("u{id}")],
+        )
+        .unwrap();
+    };
+    let upto = |n: usize| {
+        assert!(
+            wait_until(WAIT, || recorded(&file).len() >= n),
+            "stuck before {n}: {:?}",
+            recorded(&file)
+        );
+    };
+    for id in 1..=3 {
+        insert(id);
+    }
+    upto(3);
+    w.execute_batch("DELETE FROM users WHERE id = 2; VACUUM;")
+        .unwrap();
+    insert(4);
+    w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    insert(5);
+    upto(5);
+    // SQLite refuses to leave WAL while another connection (the daemon's) has the
+    // database open: the switch fails and nothing changes.
+    let left = w.query_row("PRAGMA journal_mode = DELETE", [], |r| {
+        r.get::<_, String>(0)
+    });
+    assert!(
+        matches!(&left, Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)),
+        "{left:?}"
+    );
+    // With the daemon stopped it can; changes meanwhile wait in the log.
+    assert!(d
+        .signal_and_wait(libc::SIGTERM, WAIT)
+        .is_some_and(|st| st.success()));
+    let mode: String = w
+        .query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete");
+    insert(6);
+    let d = s.start();
+    insert(7);
+    w.execute_batch("VACUUM").unwrap();
+    upto(7);
+    // Back to WAL under the running daemon (its rollback-journal reads are short).
+    let mode: String = w
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    insert(8);
+    // Same-named tables elsewhere are other tables: their rows are no changes of main.users.
+    let other = s.dir.join("other.db");
+    w.execute_batch(&format!(
+        "ATTACH DATABASE {:?} AS other;
+         CREATE TABLE other.users (id INTEGER PRIMARY KEY, email TEXT);
+         INSERT INTO other.users VALUES (1000, 'other');
+         CREATE TEMP TABLE users (id INTEGER PRIMARY KEY, email TEXT);
+         INSERT INTO users VALUES (1001, 'temp');",
+        other.display().to_string()
+    ))
+    .unwrap();
+    insert(9);
+    upto(8);
+    let ids = || -> Vec<(String, i64)> {
+        recorded(&file)
+            .iter()
+            .map(|l| {
+                let op = l["op"].as_str().unwrap_or_default().to_owned();
+                let row = if op == "DELETE" { &l["old"] } else { &l["new"] };
+                (op, row["id"].as_i64().unwrap_or(-1))
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(WAIT, || ids().last() == Some(&("INSERT".to_owned(), 9))),
+        "{:?}",
+        ids()
+    );
+    let mut want: Vec<(String, i64)> = vec![
+        ("INSERT".into(), 1),
+        ("INSERT".into(), 2),
+        ("INSERT".into(), 3),
+        ("DELETE".into(), 2),
+    ];
+    want.extend((4..=9).map(|i| ("INSERT".to_owned(), i)));
+    assert_eq!(ids(), want, "{}", d.log_text());
+}

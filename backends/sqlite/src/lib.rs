@@ -680,4 +680,23 @@ mod tests {
         assert!(database_path("sqlite://").is_err());
         assert!(database_path("postgres://x").is_err());
     }
+
+    #[test]
+    fn connections_never_read_uncommitted_rows() {
+        let err = database_path("sqlite:///var/x.db?mode=rw&cache=shared")
+            .expect_err("a shared cache must be refused");
+        assert!(err.to_string().contains("cache=shared"), "{err}");
+        let path = std::env::temp_dir().join(format!(
+            "epidemic-sqlite-unit-{}-private-cache.db",
+            std::process::id()
+        ));
+        Connection::open(&path).unwrap();
+        let conn = SqliteBackend::connect(&path, &SqliteOptions::default()).unwrap();
+        let read_uncommitted: i64 = conn
+            .query_row("PRAGMA read_uncommitted", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(read_uncommitted, 0);
+        drop(conn);
+        let _ = std::fs::remove_file(&path);
+    }
 }
