@@ -518,3 +518,55 @@ fn vacuum_checkpoints_journal_modes_and_attached_databases_lose_nothing() {
     want.extend((4..=9).map(|i| ("INSERT".to_owned(), i)));
     assert_eq!(ids(), want, "{}", d.log_text());
 }
+
+/// Item 3 and drift: a UNIQUE index added after install makes the triggers out of date;
+/// `status` says so, and the next start (which installs) captures a REPLACE through it.
+#[test]
+fn a_unique_index_added_after_install_is_drift_until_the_next_install() {
+    let schema = "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, quota INTEGER);";
+    let s = Setup::new(schema, "", |dir| {
+        recorder(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "users",
+            &["id", "email", "quota"],
+            "",
+            "",
+        )
+    });
+    let out = epidemic_tests::epidemic(&s.config, &["install"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = || {
+        let out = epidemic_tests::epidemic(&s.config, &["status"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!status().contains("out of date"), "{}", status());
+    let w = sqlite::connect(&s.db);
+    w.execute_batch("CREATE UNIQUE INDEX users_email ON users (email)")
+        .unwrap();
+    let text = status();
+    assert!(
+        text.contains("out of date") && text.contains("epidemic install"),
+        "{text}"
+    );
+    let _d = s.start();
+    assert!(!status().contains("out of date"), "{}", status());
+    w.execute_batch(
+        "INSERT INTO users VALUES (1, 'a', 1);
+         INSERT OR REPLACE INTO users VALUES (2, 'a', 2);",
+    )
+    .unwrap();
+    let got = wait_recorded(&s.dir.join("rec.jsonl"), 3, WAIT);
+    assert_eq!(
+        ops(&got),
+        vec![
+            ins(user(1, "a", 1)),
+            del(user(1, "a", 1)),
+            ins(user(2, "a", 2))
+        ]
+    );
+}

@@ -199,6 +199,18 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
                     log.source_table
                 ));
             }
+            match schema.stale_triggers(log) {
+                Ok(stale) if stale.is_empty() => {}
+                Ok(stale) => problems.push(format!(
+                    "triggers {} on {} are out of date (a unique key or index, or a column name, changed since install): a REPLACE through a new key removes rows without delivering their DELETE; run `epidemic install` (a starting daemon does)",
+                    stale.join(", "),
+                    log.source_table
+                )),
+                Err(e) => problems.push(format!(
+                    "triggers on {} cannot be checked: {e}",
+                    log.source_table
+                )),
+            }
             let have = schema.table_columns(&log.source_table)?;
             for c in log.columns.iter() {
                 if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {

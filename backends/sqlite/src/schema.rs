@@ -625,6 +625,34 @@ impl<'c> SqliteSchema<'c> {
         Ok(())
     }
 
+    /// Epidemic's triggers on a watched table whose SQL is not what install would create
+    /// now: a unique key or index was added or dropped, or a column renamed, since.
+    pub fn stale_triggers(&self, log: &LogTable) -> Result<Vec<String>, BackendError> {
+        let mut plan = Vec::new();
+        self.plan_table(&log.source_table, &log.columns, &mut plan)?;
+        let mut stale = Vec::new();
+        for (suffix, _) in TRIGGERS {
+            let name = trigger_name(&log.source_table, suffix);
+            let create = format!("CREATE TRIGGER {} ", quote(&name));
+            let have: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+                    [&name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql_err)?;
+            let want = plan.iter().find(|s| s.starts_with(&create));
+            if let (Some(have), Some(want)) = (have, want) {
+                if &have != want {
+                    stale.push(name);
+                }
+            }
+        }
+        Ok(stale)
+    }
+
     /// The statements that remove every object Epidemic created.
     pub fn plan_uninstall(&self) -> Result<Vec<String>, BackendError> {
         let mut plan = Vec::new();
