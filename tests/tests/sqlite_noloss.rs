@@ -570,3 +570,53 @@ fn a_unique_index_added_after_install_is_drift_until_the_next_install() {
         ]
     );
 }
+
+/// Item 11, upgrading: a cursor written under the handler's spelling (by a daemon from
+/// before names were resolved) keeps its position under the catalog's.
+#[test]
+fn a_cursor_under_another_spelling_keeps_its_position() {
+    let schema = "CREATE TABLE Mail_Users (id INTEGER PRIMARY KEY, Quota INTEGER);";
+    let s = Setup::new(schema, "", |dir| {
+        recorder(
+            "users",
+            &dir.join("users.jsonl"),
+            "mail_users",
+            &["quota"],
+            "",
+            "",
+        )
+    });
+    let out = epidemic_tests::epidemic(&s.config, &["install"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = sqlite::connect(&s.db);
+    w.execute_batch(
+        "INSERT INTO Mail_Users VALUES (1, 1), (2, 2);
+         INSERT INTO epidemic_cursor (daemon, handler, source_table, last_id, registered_at, last_seen)
+         VALUES ('mx1', 'users', 'mail_users', 1, 0, CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER));",
+    )
+    .unwrap();
+    let _d = s.start();
+    w.execute_batch("INSERT INTO Mail_Users VALUES (3, 3)")
+        .unwrap();
+    let file = s.dir.join("users.jsonl");
+    assert!(wait_until(WAIT, || recorded(&file)
+        .iter()
+        .any(|l| l["new"]["Quota"] == 3)));
+    let quotas: Vec<Value> = recorded(&file)
+        .iter()
+        .map(|l| l["new"]["Quota"].clone())
+        .collect();
+    assert_eq!(quotas, vec![json!(2), json!(3)]);
+    let cursors: Vec<String> = w
+        .prepare("SELECT source_table FROM epidemic_cursor")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(cursors, vec!["Mail_Users".to_owned()]);
+}
