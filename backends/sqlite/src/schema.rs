@@ -93,18 +93,29 @@ pub(crate) struct ReplaceKeys {
     /// that resolves to no column would be read as a string), or a WITHOUT ROWID
     /// table's primary key.
     identity: Vec<String>,
-    /// Each unique key (rowid, primary key, UNIQUE constraints and unique indexes):
-    /// its columns' SQL and the collation the index compares them with.
-    keys: Vec<Vec<(String, Option<String>)>>,
+    /// Each unique key (rowid, primary key, UNIQUE constraints and unique indexes).
+    keys: Vec<UniqueKey>,
     /// Unique indexes on expressions, which the triggers cannot match.
     pub unmatched: Vec<String>,
+}
+
+/// One unique key as the REPLACE triggers match it.
+#[derive(Debug, PartialEq)]
+struct UniqueKey {
+    /// Each column's SQL and the collation the index compares it with. The collation is
+    /// always spelled out: the column's own may differ, and then no index would serve
+    /// the lookup.
+    columns: Vec<(String, Option<String>)>,
+    /// A partial index's WHERE clause, repeated in the lookup so that the index can
+    /// serve it (a lookup that does not imply it scans the whole table).
+    condition: Option<String>,
 }
 
 impl ReplaceKeys {
     /// Every column of any key, for "did this UPDATE change a key".
     fn key_columns(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
-        for (c, _) in self.keys.iter().flatten() {
+        for (c, _) in self.keys.iter().flat_map(|k| &k.columns) {
             if !out.contains(&c.as_str()) {
                 out.push(c);
             }
@@ -120,22 +131,27 @@ impl ReplaceKeys {
             .join(" OR ")
     }
 
-    /// `row` holds one of NEW's unique keys.
-    fn conflicts(&self, row: &str) -> String {
+    /// For each unique key, the condition that `row` holds NEW's value of it. Each goes
+    /// in a SELECT of its own: SQLite serves an OR of them from one index per term only
+    /// when no term needs a collation other than its column's, and scans otherwise.
+    fn conflicts(&self, row: &str) -> Vec<String> {
         self.keys
             .iter()
             .map(|k| {
-                let parts: Vec<String> = k
+                let mut parts: Vec<String> = k
+                    .columns
                     .iter()
                     .map(|(c, coll)| match coll {
                         Some(coll) => format!("{row}.{c} = NEW.{c} COLLATE {}", quote(coll)),
                         None => format!("{row}.{c} = NEW.{c}"),
                     })
                     .collect();
-                format!("({})", parts.join(" AND "))
+                if let Some(cond) = &k.condition {
+                    parts.push(format!("({cond})"));
+                }
+                parts.join(" AND ")
             })
-            .collect::<Vec<_>>()
-            .join(" OR ")
+            .collect()
     }
 
     /// The copy `copy` is of the row `image` (`OLD`, `NEW` or a table alias) names.
@@ -321,23 +337,36 @@ impl<'c> SqliteSchema<'c> {
                         "table {table}: its columns rowid, _rowid_ and oid hide the rowid, which Epidemic needs to capture REPLACE; rename one of them"
                     ))
                 })?;
-            keys.push(vec![(alias.to_owned(), None)]);
+            keys.push(UniqueKey {
+                columns: vec![(alias.to_owned(), None)],
+                condition: None,
+            });
             vec![alias.to_owned()]
         };
         let mut unmatched = Vec::new();
-        let indexes: Vec<String> = {
+        let indexes: Vec<(String, bool, Option<String>)> = {
             let mut stmt = self
                 .conn
-                .prepare("SELECT name FROM pragma_index_list(?1) WHERE \"unique\" = 1 ORDER BY seq")
+                .prepare(
+                    "SELECT l.name, l.partial, m.sql FROM pragma_index_list(?1) AS l
+                     LEFT JOIN sqlite_master AS m ON m.type = 'index' AND m.name = l.name
+                     WHERE l.\"unique\" = 1 ORDER BY l.seq",
+                )
                 .map_err(sql_err)?;
             let rows = stmt
-                .query_map([table], |r| r.get(0))
+                .query_map([table], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, bool>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })
                 .map_err(sql_err)?
-                .collect::<Result<Vec<String>, _>>()
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(sql_err)?;
             rows
         };
-        for index in indexes {
+        for (index, partial, sql) in indexes {
             let mut stmt = self
                 .conn
                 .prepare("SELECT cid, name, coll FROM pragma_index_xinfo(?1) WHERE key = 1 ORDER BY seqno")
@@ -355,7 +384,6 @@ impl<'c> SqliteSchema<'c> {
                 .map_err(sql_err)?;
             let mut key = Vec::new();
             for (cid, name, coll) in cols {
-                let coll = coll.filter(|c| !c.eq_ignore_ascii_case("BINARY"));
                 match (cid, name) {
                     (-1, _) if !without_rowid => key.push((identity[0].clone(), None)),
                     (c, Some(name)) if c >= 0 => key.push((quote(&name), coll)),
@@ -366,9 +394,22 @@ impl<'c> SqliteSchema<'c> {
                     }
                 }
             }
-            // A partial index is matched as if it were whole: a row it does not cover
-            // is copied but, not being removed, never logged.
-            if !key.is_empty() && !keys.contains(&key) {
+            if key.is_empty() {
+                continue;
+            }
+            // Without its condition a partial index is matched as if it were whole: a
+            // row it does not cover is copied but, not being removed, never logged.
+            let condition = match (partial, sql) {
+                (true, Some(sql)) => {
+                    partial_condition(&sql).filter(|c| self.condition_compiles(table, c))
+                }
+                _ => None,
+            };
+            let key = UniqueKey {
+                columns: key,
+                condition,
+            };
+            if !keys.contains(&key) {
                 keys.push(key);
             }
         }
@@ -377,6 +418,17 @@ impl<'c> SqliteSchema<'c> {
             keys,
             unmatched,
         })
+    }
+
+    /// A partial index's condition, as read from its SQL, is a valid filter on the table
+    /// (so a misread can only cost speed, never a failing install).
+    fn condition_compiles(&self, table: &str, condition: &str) -> bool {
+        self.conn
+            .prepare(&format!(
+                "SELECT 1 FROM {} AS epidemic_row WHERE ({condition})",
+                quote(table)
+            ))
+            .is_ok()
     }
 
     /// The watch with the table's and columns' catalog spelling; a name the catalog does
@@ -533,21 +585,33 @@ impl<'c> SqliteSchema<'c> {
                 .join(", ")
         ));
         let row = "epidemic_row";
-        let copy_into = format!(
-            "INSERT INTO {replaced} ({}, {}) SELECT {}, {} FROM {t} AS {row}",
-            copy_cols.join(", "),
-            olds.join(", "),
-            keys.identity
+        // Copy the rows holding one of NEW's keys (`extra` narrows them), each once.
+        let copy_into = |extra: &str| {
+            let select = format!(
+                "SELECT {}, {} FROM {t} AS {row}",
+                keys.identity
+                    .iter()
+                    .map(|c| format!("{row}.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                columns
+                    .iter()
+                    .map(|c| format!("{row}.{}", quote(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let selects: Vec<String> = keys
+                .conflicts(row)
                 .iter()
-                .map(|c| format!("{row}.{c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            columns
-                .iter()
-                .map(|c| format!("{row}.{}", quote(c)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+                .map(|cond| format!("{select} WHERE {extra}{cond}"))
+                .collect();
+            format!(
+                "INSERT INTO {replaced} ({}, {})\n    {};",
+                copy_cols.join(", "),
+                olds.join(", "),
+                selects.join("\n    UNION ")
+            )
+        };
         // A copied row is gone, or the new row took its identity: the statement
         // replaced it.
         let log_replaced = |extra: &str| {
@@ -562,15 +626,14 @@ impl<'c> SqliteSchema<'c> {
         };
         let key_changed = keys.key_changed();
         plan.push(format!(
-            "CREATE TRIGGER {} BEFORE INSERT ON {t} FOR EACH ROW BEGIN\n    DELETE FROM {replaced};\n    {copy_into}\n    WHERE {};\nEND",
+            "CREATE TRIGGER {} BEFORE INSERT ON {t} FOR EACH ROW BEGIN\n    DELETE FROM {replaced};\n    {}\nEND",
             trig("insert_replace"),
-            keys.conflicts(row),
+            copy_into(""),
         ));
         plan.push(format!(
-            "CREATE TRIGGER {} BEFORE UPDATE ON {t} FOR EACH ROW WHEN {key_changed} BEGIN\n    DELETE FROM {replaced};\n    {copy_into}\n    WHERE NOT ({}) AND ({});\nEND",
+            "CREATE TRIGGER {} BEFORE UPDATE ON {t} FOR EACH ROW WHEN {key_changed} BEGIN\n    DELETE FROM {replaced};\n    {}\nEND",
             trig("update_replace"),
-            keys.identity_eq(row, "OLD"),
-            keys.conflicts(row),
+            copy_into(&format!("NOT ({}) AND ", keys.identity_eq(row, "OLD"))),
         ));
         plan.push(format!(
             "CREATE TRIGGER {} AFTER INSERT ON {t} FOR EACH ROW BEGIN\n    {}\n    DELETE FROM {replaced};\n    INSERT INTO {log_q} (op, {}) VALUES ('I', {});\nEND",
@@ -678,6 +741,38 @@ impl<'c> SqliteSchema<'c> {
     }
 }
 
+/// The WHERE clause of a `CREATE UNIQUE INDEX ... ON t (...) WHERE ...` statement: what
+/// follows the column list (the first parenthesis outside quotes).
+fn partial_condition(sql: &str) -> Option<String> {
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    let mut end = None;
+    for (i, c) in sql.char_indices() {
+        match quote {
+            // A doubled quote closes and reopens: same result.
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '\'' | '"' | '`' => quote = Some(c),
+                '[' => quote = Some(']'),
+                '(' => depth += 1,
+                ')' if depth > 0 => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = Some(i + 1);
+                        break;
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+    let rest = sql.get(end?..)?.trim_start();
+    let head = rest.get(..5)?;
+    let cond = rest.get(5..)?.trim();
+    (head.eq_ignore_ascii_case("where") && !cond.is_empty()).then(|| cond.to_owned())
+}
+
 fn registry_entry(
     source: String,
     log: String,
@@ -687,4 +782,115 @@ fn registry_entry(
         BackendError::Other(format!("epidemic_watch row for {source} is damaged: {e}"))
     })?;
     Ok(LogTable::new(source, log, columns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_index_conditions() {
+        assert_eq!(
+            partial_condition("CREATE UNIQUE INDEX i ON t (a, b) WHERE b > 0").as_deref(),
+            Some("b > 0")
+        );
+        assert_eq!(
+            partial_condition(
+                "CREATE UNIQUE INDEX \"i(\" ON \"t)\" (a, lower(b)) where (a IS NOT NULL)"
+            )
+            .as_deref(),
+            Some("(a IS NOT NULL)")
+        );
+        assert_eq!(partial_condition("CREATE UNIQUE INDEX i ON t (a)"), None);
+    }
+
+    fn log(conn: &Connection) -> Vec<(String, Option<i64>, Option<i64>)> {
+        let mut stmt = conn
+            .prepare("SELECT op, \"o_id\", \"n_id\" FROM epidemic_log_t ORDER BY id")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// The REPLACE triggers in-process: a partial unique index and an index whose
+    /// collation differs from its column's are matched, and use their indexes.
+    #[test]
+    fn replace_through_partial_and_collated_indexes() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, email TEXT COLLATE NOCASE, dom TEXT, q INTEGER);
+             CREATE UNIQUE INDEX t_email ON t (email COLLATE BINARY);
+             CREATE UNIQUE INDEX t_dom ON t (dom) WHERE q > 0;",
+        )
+        .unwrap();
+        let watch = Watch {
+            table: "t".into(),
+            columns: vec!["id".into()],
+        };
+        let plan = SqliteSchema::new(&conn).plan_install(&[watch]).unwrap();
+        let before = plan.iter().find(|s| s.contains("BEFORE INSERT")).unwrap();
+        assert!(before.contains("(q > 0)"), "{before}");
+        assert!(before.contains("COLLATE \"BINARY\""), "{before}");
+        for stmt in &plan {
+            conn.execute_batch(stmt).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO t VALUES (1, 'a', 'x', 1), (2, 'A', 'y', 0), (3, 'c', 'y', 0);
+             INSERT OR REPLACE INTO t VALUES (4, 'd', 'x', 1);  -- replaces 1 through t_dom
+             INSERT OR REPLACE INTO t VALUES (5, 'a', 'y', 0);  -- replaces nothing: 'a' <> 'A' in BINARY, q = 0 is outside t_dom
+             INSERT OR REPLACE INTO t VALUES (6, 'A', 'z', 0);  -- replaces 2 through t_email",
+        )
+        .unwrap();
+        assert_eq!(
+            log(&conn),
+            vec![
+                ("I".into(), None, Some(1)),
+                ("I".into(), None, Some(2)),
+                ("I".into(), None, Some(3)),
+                ("D".into(), Some(1), None),
+                ("I".into(), None, Some(4)),
+                ("I".into(), None, Some(5)),
+                ("D".into(), Some(2), None),
+                ("I".into(), None, Some(6)),
+            ]
+        );
+        // The lookup the BEFORE INSERT trigger makes, with NEW's values bound: no scan
+        // (of a table big enough for the planner to care).
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+             INSERT INTO t SELECT i, 'e' || i, 'd' || i, i FROM n;",
+        )
+        .unwrap();
+        let lookups: Vec<String> = before
+            .split("FROM \"t\" AS epidemic_row")
+            .skip(1)
+            .map(|s| {
+                s.split("\n")
+                    .next()
+                    .unwrap()
+                    .trim_end_matches(';')
+                    .replace("NEW.rowid", "?1")
+                    .replace("NEW.\"email\"", "?1")
+                    .replace("NEW.\"dom\"", "?1")
+            })
+            .collect();
+        assert_eq!(lookups.len(), 3, "{before}");
+        for lookup in lookups {
+            let plan: Vec<String> = conn
+                .prepare(&format!(
+                    "EXPLAIN QUERY PLAN SELECT 1 FROM \"t\" AS epidemic_row {lookup}"
+                ))
+                .unwrap()
+                .query_map([1], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().all(|step| step.starts_with("SEARCH")),
+                "{plan:?} for {lookup}"
+            );
+        }
+    }
 }
