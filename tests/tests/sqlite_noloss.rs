@@ -620,3 +620,42 @@ fn a_cursor_under_another_spelling_keeps_its_position() {
         .unwrap();
     assert_eq!(cursors, vec!["Mail_Users".to_owned()]);
 }
+
+/// Review of the reading rule: a log emptied and restored without `sqlite_sequence`
+/// (a copy made table by table) hands out ids its consumers are past. `status` says so,
+/// and the next start puts the sequence above every cursor, so new changes arrive.
+#[test]
+fn a_log_restored_without_its_sequence_does_not_skip_new_changes() {
+    let s = Setup::new(USERS, "", |dir| {
+        recorder("rec", &dir.join("rec.jsonl"), "users", &["id"], "", "")
+    });
+    let file = s.dir.join("rec.jsonl");
+    let mut d = s.start();
+    let w = sqlite::connect(&s.db);
+    w.execute_batch("INSERT INTO users (id, email) VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+        .unwrap();
+    wait_recorded(&file, 3, WAIT);
+    assert!(d
+        .signal_and_wait(libc::SIGTERM, WAIT)
+        .is_some_and(|st| st.success()));
+    w.execute_batch(
+        "DELETE FROM epidemic_log_users;
+         DELETE FROM sqlite_sequence WHERE name = 'epidemic_log_users';",
+    )
+    .unwrap();
+    let out = epidemic_tests::epidemic(&s.config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sqlite_sequence"), "{text}");
+    let d = s.start();
+    w.execute_batch("INSERT INTO users (id, email) VALUES (4, 'd')")
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || recorded(&file).len() >= 4),
+        "change after the restore was skipped:\n{}",
+        d.log_text()
+    );
+    assert_eq!(recorded(&file)[3]["new"]["id"], 4);
+    let out = epidemic_tests::epidemic(&s.config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("sqlite_sequence"), "{text}");
+}

@@ -222,6 +222,20 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
                 }
             }
         }
+        let cursor_max: Option<i64> = conn
+            .query_row(
+                "SELECT max(last_id) FROM epidemic_cursor WHERE source_table = ?1 COLLATE NOCASE",
+                [&log.source_table],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        let handed_out = schema.last_id(&log.log_table)?;
+        if let Some(cursor) = cursor_max.filter(|c| *c > handed_out) {
+            problems.push(format!(
+                "log {} has handed out ids only up to {handed_out} but a consumer is at {cursor}: it was emptied or restored without sqlite_sequence, so changes written now get ids consumers have passed and are skipped; run `epidemic install` (a starting daemon does) before the table is written to",
+                log.log_table
+            ));
+        }
         let log_rows: i64 = conn
             .query_row(
                 &format!("SELECT count(*) FROM {}", quote(&log.log_table)),

@@ -293,11 +293,10 @@ impl<'c> SqliteSchema<'c> {
         let seq: Option<i64> = self
             .conn
             .query_row(
-                "SELECT seq FROM sqlite_sequence WHERE name = ?1",
+                "SELECT max(seq) FROM sqlite_sequence WHERE name = ?1 COLLATE NOCASE",
                 [log_table],
                 |r| r.get(0),
             )
-            .optional()
             .map_err(sql_err)?;
         Ok(seq.unwrap_or(0))
     }
@@ -527,6 +526,7 @@ impl<'c> SqliteSchema<'c> {
             .iter()
             .flat_map(|c| [format!("o_{c}"), format!("n_{c}")])
             .collect();
+        let existing_log = self.table_exists(&log)?.is_some();
         match self.table_exists(&log)? {
             None => {
                 let cols: Vec<String> = log_cols
@@ -671,6 +671,25 @@ impl<'c> SqliteSchema<'c> {
             olds.join(", "),
             old_vals.join(", ")
         ));
+        if existing_log {
+            // A log emptied and restored from a copy without `sqlite_sequence` hands out
+            // ids again from its highest remaining row: ids consumers are already past,
+            // so those changes would never be read. Put the sequence at or above every
+            // cursor (it never moves back otherwise; see the crate docs).
+            let cursor_max = format!(
+                "(SELECT max(last_id) FROM epidemic_cursor WHERE source_table = {} COLLATE NOCASE)",
+                literal(table)
+            );
+            plan.push(format!(
+                "UPDATE sqlite_sequence SET seq = {cursor_max} WHERE name = {l} COLLATE NOCASE AND seq < {cursor_max}",
+                l = literal(&log)
+            ));
+            plan.push(format!(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT {l}, {cursor_max} WHERE {cursor_max} > 0 \
+                 AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = {l} COLLATE NOCASE)",
+                l = literal(&log)
+            ));
+        }
         let cols_json =
             serde_json::to_string(columns).map_err(|e| BackendError::Other(e.to_string()))?;
         // One registry row per table, in the catalog's spelling (a table renamed to
