@@ -16,6 +16,20 @@
 //! `PRAGMA data_version`, which changes only when *another* connection committed. A slow
 //! `data_version` poll covers file systems without change events.
 //!
+//! Names: SQLite compares table and column names without regard to ASCII case. `resolve`
+//! gives the host the catalog's spelling (`sqlite_master`, `pragma_table_info`), and the
+//! registry, log columns, cursors and every change carry that same spelling.
+//!
+//! Acks: an ack the database refuses because an application holds the write lock longer
+//! than `busy_timeout_ms` is remembered and written before the next read, so the handler
+//! is not handed the same changes again once per timeout (see `SqliteBackend::pending_acks`).
+//!
+//! Every connection uses a private cache with `read_uncommitted` off: only a shared
+//! cache can show a connection another's uncommitted rows, and `?cache=shared` is refused.
+//!
+//! `INSERT OR REPLACE`, `REPLACE` and `UPDATE OR REPLACE` remove rows without a DELETE
+//! trigger; see `schema` for how those DELETEs are captured anyway.
+//!
 //! The backend never changes the user's tables or the database's journal mode; WAL is
 //! recommended (see the README) but left to the application that owns the database.
 
@@ -112,7 +126,7 @@ pub struct SqliteBackend {
     waker: SqliteWaker,
     consumers: HashMap<Consumer, ConsumerState>,
     /// Acks the database refused because another connection held the write lock past
-    /// `busy_timeout_ms`: (consumer, table) → the id handled. The handler has handled
+    /// `busy_timeout_ms` (or the file was unreachable): (consumer, table) → the id handled. The handler has handled
     /// these changes; the next `fetch` writes the ack before reading, so a held lock
     /// delays the cursor instead of making the same changes be delivered again once per
     /// timeout. Kept across `reconnect` (it is what was handled, not connection state);
@@ -426,18 +440,19 @@ impl Backend for SqliteBackend {
         let key = (consumer.clone(), token.to_owned());
         let upto_id = self
             .pending_acks
-            .get(&key)
-            .map_or(upto_id, |p| (*p).max(upto_id));
+            .remove(&key)
+            .map_or(upto_id, |p| p.max(upto_id));
         let n = match write_ack(&self.conn, consumer, token, upto_id) {
-            Ok(n) => {
-                self.pending_acks.remove(&key);
-                n
-            }
+            Ok(n) => n,
             Err(e) => {
-                if is_lock_wait(&e) {
+                // A write that could not happen (a held lock, an unreachable file) is
+                // tried again before the next read; any other failure drops it, so a
+                // consumer is never stuck behind one ack (at worst its changes come again).
+                let e = sql_err(e);
+                if e.is_connection() {
                     self.pending_acks.insert(key, upto_id);
                 }
-                return Err(sql_err(e));
+                return Err(e);
             }
         };
         if n == 0 {
@@ -590,15 +605,6 @@ fn write_ack(
             now_us()
         ])
     })
-}
-
-/// Another connection held the lock longer than the busy timeout: the statement did
-/// nothing and can simply be run again later.
-fn is_lock_wait(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
 }
 
 impl Drop for SqliteBackend {
