@@ -912,4 +912,54 @@ mod tests {
             );
         }
     }
+
+    /// A WITHOUT ROWID table: the primary key is the identity; UPDATE OR REPLACE through
+    /// the primary key and through a unique column, with and without recursive triggers.
+    #[test]
+    fn without_rowid_update_or_replace() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (a TEXT, b INTEGER, u TEXT UNIQUE, PRIMARY KEY (a, b)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        let watch = Watch {
+            table: "t".into(),
+            columns: vec!["u".into()],
+        };
+        for stmt in SqliteSchema::new(&conn).plan_install(&[watch]).unwrap() {
+            conn.execute_batch(&stmt).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO t VALUES ('x', 1, 'p'), ('x', 2, 'q'), ('y', 1, 'r');
+             UPDATE OR REPLACE t SET b = 2 WHERE a = 'x' AND b = 1;  -- removes ('x', 2)
+             UPDATE OR REPLACE t SET u = 'p' WHERE a = 'y';          -- removes ('x', 2, 'p')
+             PRAGMA recursive_triggers = ON;
+             INSERT OR REPLACE INTO t VALUES ('y', 1, 's');          -- removes ('y', 1) once",
+        )
+        .unwrap();
+        let mut stmt = conn
+            .prepare("SELECT op, \"o_u\", \"n_u\" FROM epidemic_log_t ORDER BY id")
+            .unwrap();
+        let got: Vec<(String, Option<String>, Option<String>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let row = |op: &str, o: Option<&str>, n: Option<&str>| {
+            (op.to_owned(), o.map(str::to_owned), n.map(str::to_owned))
+        };
+        assert_eq!(
+            got,
+            vec![
+                row("I", None, Some("p")),
+                row("I", None, Some("q")),
+                row("I", None, Some("r")),
+                row("D", Some("q"), None),
+                row("D", Some("p"), None),
+                row("U", Some("r"), Some("p")),
+                row("D", Some("p"), None),
+                row("I", None, Some("s")),
+            ]
+        );
+    }
 }
