@@ -392,6 +392,12 @@ fn an_ack_refused_by_a_held_write_lock_is_retried_not_redelivered() {
         "each change must be delivered exactly once:\n{}",
         d.log_text()
     );
+    // The log says what is waiting, and that nothing is lost or repeated.
+    assert!(
+        d.log_text().contains("acknowledging users up to change 5"),
+        "{}",
+        d.log_text()
+    );
 }
 
 /// Item 3's limit: a unique index on an expression cannot be matched by the REPLACE

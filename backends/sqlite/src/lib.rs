@@ -448,10 +448,15 @@ impl Backend for SqliteBackend {
                 // A write that could not happen (a held lock, an unreachable file) is
                 // tried again before the next read; any other failure drops it, so a
                 // consumer is never stuck behind one ack (at worst its changes come again).
-                let e = sql_err(e);
-                if e.is_connection() {
-                    self.pending_acks.insert(key, upto_id);
-                }
+                let e = match sql_err(e) {
+                    BackendError::Connection(m) => {
+                        self.pending_acks.insert(key, upto_id);
+                        BackendError::Connection(format!(
+                            "acknowledging {token} up to change {upto_id}: {m}; written before the next read, the changes are not delivered again"
+                        ))
+                    }
+                    other => other,
+                };
                 return Err(e);
             }
         };
