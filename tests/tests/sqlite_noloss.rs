@@ -683,10 +683,19 @@ impl Rng {
 /// a small key space so that conflicts are frequent, with the daemon SIGKILLed halfway.
 /// Replaying what the handler received (each change id once) must rebuild the table row
 /// for row, and every UPDATE's and DELETE's old image must be the row as it was.
+///
+/// A bigger run: `EPIDEMIC_SQLITE_MIX_SEEDS=20 EPIDEMIC_SQLITE_MIX_OPS=5000 cargo test -p
+/// epidemic-tests --test sqlite_noloss -- random` (seeds 1..=N).
 #[test]
 fn random_replace_mixes_replay_to_the_table() {
-    for seed in [1u64, 7, 42] {
-        random_mix(seed, 400);
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let seeds: Vec<u64> = match env("EPIDEMIC_SQLITE_MIX_SEEDS") {
+        Some(n) => (1..=n).collect(),
+        None => vec![1, 7, 42],
+    };
+    let ops = env("EPIDEMIC_SQLITE_MIX_OPS").unwrap_or(400) as usize;
+    for seed in seeds {
+        random_mix(seed, ops);
     }
 }
 
