@@ -32,6 +32,7 @@
 //! and it keeps nothing in memory that matters: cursors, gaps and dead letters live in
 //! the database (`ops.rs` has consumer eviction, dead letters and the status report).
 
+mod cascade;
 mod conn;
 mod gaps;
 mod ops;
@@ -331,6 +332,11 @@ impl Backend for MySqlBackend {
 
     fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
         self.schema().plan_install(watches)
+    }
+
+    /// Table and column names as `information_schema` spells them (see `schema.rs`).
+    fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
+        self.schema().resolve(watches)
     }
 
     fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {

@@ -24,6 +24,7 @@ use epidemic_plugin_sdk::{ident, BackendError, Watch};
 use mysql::prelude::Queryable;
 use mysql::Conn;
 
+use crate::cascade::{self, CascadeCapture, FkRule, ForeignKey, ParentEvent, WatchedTable};
 use crate::conn::{sql_err, ServerInfo};
 
 /// MySQL's limit for table, column and trigger names.
@@ -49,7 +50,7 @@ fn fnv1a32(s: &str) -> u32 {
 
 /// `name` if it fits MySQL's 64 characters, else its first 55 characters, `_` and eight
 /// hex digits of its hash. Names are ASCII (checked by [`ident::check`]).
-fn fit(name: String) -> String {
+pub(crate) fn fit(name: String) -> String {
     if name.len() <= MAX_NAME {
         return name;
     }
@@ -64,7 +65,7 @@ pub(crate) fn trigger_name(source: &str, event: &str) -> String {
     fit(format!("epidemic_{source}_{event}"))
 }
 
-fn log_column(prefix: &str, column: &str) -> String {
+pub(crate) fn log_column(prefix: &str, column: &str) -> String {
     fit(format!("{prefix}_{column}"))
 }
 
@@ -173,10 +174,23 @@ struct ExistingTrigger {
     body: String,
 }
 
+/// A table as `information_schema.TABLES` describes it.
+#[derive(Debug, Clone)]
+struct CatalogTable {
+    name: String,
+    /// `BASE TABLE`, `VIEW`, `SEQUENCE`.
+    kind: String,
+    engine: Option<String>,
+    transactional: bool,
+}
+
 /// One watch after validation: the table's real name and the full column set.
 struct ResolvedWatch {
     table: String,
     columns: Vec<SourceColumn>,
+    /// The columns that identify a row, for the UPDATE trigger's check that the row
+    /// really changed (see [`MySqlSchema::trigger_bodies`]).
+    key: Option<Vec<String>>,
 }
 
 const EVENTS: [(&str, &str); 3] = [
@@ -195,54 +209,149 @@ impl<'c> MySqlSchema<'c> {
         MySqlSchema { conn, server }
     }
 
-    /// Tables of the current database named `name`, with their type (`BASE TABLE`,
-    /// `VIEW`). information_schema may compare names without regard to case, so the
-    /// caller picks among the rows.
-    pub fn tables_named(&mut self, name: &str) -> Result<Vec<(String, String)>, BackendError> {
-        self.conn
-            .exec(
-                "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
-                (name,),
-            )
-            .map_err(sql_err)
+    /// Tables of the current database whose name equals `name` without regard to case,
+    /// with their type and engine. The comparison goes through `LOWER()` on purpose: with
+    /// `lower_case_table_names = 0` an equality on `TABLE_NAME` becomes a case-sensitive
+    /// file lookup, which misses `Mail_Users` when asked for `mail_users`.
+    fn tables_named(&mut self, name: &str) -> Result<Vec<CatalogTable>, BackendError> {
+        const SELECT: &str = "SELECT t.TABLE_NAME, t.TABLE_TYPE, t.ENGINE, e.TRANSACTIONS FROM information_schema.TABLES t \
+             LEFT JOIN information_schema.ENGINES e ON e.ENGINE = t.ENGINE WHERE t.TABLE_SCHEMA = DATABASE() AND ";
+        // The exact name first: cheap (one table opened), and the usual case.
+        let exact = self.catalog_rows(&format!("{SELECT}t.TABLE_NAME = ?"), name)?;
+        if exact.iter().any(|t| t.name == name) {
+            return Ok(exact);
+        }
+        self.catalog_rows(&format!("{SELECT}LOWER(t.TABLE_NAME) = LOWER(?)"), name)
+    }
+
+    fn catalog_rows(&mut self, sql: &str, name: &str) -> Result<Vec<CatalogTable>, BackendError> {
+        let rows: Vec<(String, String, Option<String>, Option<String>)> =
+            self.conn.exec(sql, (name,)).map_err(sql_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, kind, engine, transactions)| CatalogTable {
+                name,
+                kind,
+                engine,
+                transactional: transactions.as_deref() == Some("YES"),
+            })
+            .collect())
     }
 
     pub fn table_exists(&mut self, name: &str) -> Result<bool, BackendError> {
-        Ok(self.tables_named(name)?.iter().any(|(n, _)| n == name))
+        Ok(self.tables_named(name)?.iter().any(|t| t.name == name))
     }
 
-    /// The real name of a user's table as the config names it: the exact name, or on a
-    /// server with case-insensitive table names (`lower_case_table_names` 1 or 2) the
-    /// one table that matches without regard to case.
-    fn resolve_table(&mut self, name: &str) -> Result<String, BackendError> {
-        let found = self.tables_named(name)?;
-        let pick = match found.iter().find(|(n, _)| n == name) {
-            Some(exact) => Some(exact.clone()),
+    /// The catalog's entry for a user's table as the config names it: the exact name,
+    /// else the one table whose name differs only in case. Table names are
+    /// case-insensitive with `lower_case_table_names` 1 or 2 (the catalog then holds one
+    /// spelling); with 0 they are file names, but a handler that wrote `mail_users` for
+    /// the only table `Mail_Users` still means that table.
+    fn catalog_table(&mut self, name: &str) -> Result<CatalogTable, BackendError> {
+        let mut found = self.tables_named(name)?;
+        let pick = match found.iter().position(|t| t.name == name) {
+            Some(i) => found.swap_remove(i),
+            None if found.len() == 1 => found.remove(0),
+            None if found.is_empty() => {
+                return Err(BackendError::Invalid(format!(
+                    "table {name} does not exist"
+                )))
+            }
             None => {
-                let lctn: Option<u32> = self
-                    .conn
-                    .query_first("SELECT @@lower_case_table_names")
-                    .map_err(sql_err)?;
-                let ci: Vec<&(String, String)> = found
-                    .iter()
-                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .collect();
-                match (lctn.unwrap_or(0), ci.as_slice()) {
-                    (1 | 2, [one]) => Some((*one).clone()),
-                    _ => None,
-                }
+                let names: Vec<&str> = found.iter().map(|t| t.name.as_str()).collect();
+                return Err(BackendError::Invalid(format!(
+                    "table {name} is ambiguous: {} differ only in case; name one exactly",
+                    names.join(" and ")
+                )));
             }
         };
-        match pick {
-            None => Err(BackendError::Invalid(format!(
-                "table {name} does not exist"
-            ))),
-            Some((real, kind)) if kind != "BASE TABLE" => Err(BackendError::Invalid(format!(
-                "table {real} is a {}: only base tables can have triggers",
-                kind.to_ascii_lowercase()
-            ))),
-            Some((real, _)) => Ok(real),
+        if pick.kind != "BASE TABLE" {
+            return Err(BackendError::Invalid(format!(
+                "table {} is a {}: only base tables can have triggers",
+                pick.name,
+                pick.kind.to_ascii_lowercase()
+            )));
         }
+        Ok(pick)
+    }
+
+    /// [`Self::catalog_table`], refusing a table whose engine is not transactional: a
+    /// rolled-back write would keep its row change while its InnoDB log row goes, and
+    /// concurrent writes could be logged out of order.
+    fn resolve_table(&mut self, name: &str) -> Result<String, BackendError> {
+        let t = self.catalog_table(name)?;
+        if !t.transactional {
+            let engine = t.engine.as_deref().unwrap_or("unknown");
+            return Err(BackendError::Invalid(format!(
+                "table {} uses the {engine} engine, which is not transactional (a rolled-back write would \
+                 keep its change and lose its log row); convert it first: ALTER TABLE {} ENGINE=InnoDB",
+                t.name,
+                quote(&t.name)
+            )));
+        }
+        Ok(t.name)
+    }
+
+    /// The watches in the catalog's spelling (see [`epidemic_plugin_sdk::Backend::resolve`]).
+    /// A name that does not resolve is returned as given; install reports it.
+    pub fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
+        let mut out = Vec::with_capacity(watches.len());
+        for w in watches {
+            if ident::check("table", &w.table).is_err() {
+                out.push(w.clone());
+                continue;
+            }
+            let Ok(t) = self.catalog_table(&w.table) else {
+                out.push(w.clone());
+                continue;
+            };
+            let have = self.columns_of(&t.name)?;
+            let columns = w
+                .columns
+                .iter()
+                .map(|c| {
+                    have.iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(c))
+                        .map_or_else(|| c.clone(), |h| h.name.clone())
+                })
+                .collect();
+            out.push(Watch {
+                table: t.name,
+                columns,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The columns that identify a row: the primary key, else the first unique key whose
+    /// columns are all NOT NULL. `None` for a table with neither.
+    fn row_key(&mut self, table: &str) -> Result<Option<Vec<String>>, BackendError> {
+        let rows: Vec<(String, String, String, String, i64)> = self
+            .conn
+            .exec(
+                "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, NULLABLE, NON_UNIQUE FROM information_schema.STATISTICS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? \
+                 ORDER BY INDEX_NAME <> 'PRIMARY', INDEX_NAME, SEQ_IN_INDEX",
+                (table,),
+            )
+            .map_err(sql_err)?;
+        let mut keys: Vec<(String, Vec<String>, bool)> = Vec::new();
+        for (t, index, column, nullable, non_unique) in rows {
+            if t != table || non_unique != 0 {
+                continue;
+            }
+            match keys.last_mut() {
+                Some((name, cols, nulls)) if *name == index => {
+                    cols.push(column);
+                    *nulls |= nullable == "YES";
+                }
+                _ => keys.push((index, vec![column], nullable == "YES")),
+            }
+        }
+        Ok(keys
+            .into_iter()
+            .find(|(_, _, nulls)| !nulls)
+            .map(|(_, cols, _)| cols))
     }
 
     pub fn column_names(&mut self, table: &str) -> Result<Vec<String>, BackendError> {
@@ -413,9 +522,11 @@ impl<'c> MySqlSchema<'c> {
                             })?);
                         }
                     }
+                    let key = self.row_key(&table)?;
                     resolved.push(ResolvedWatch {
                         table: table.clone(),
                         columns,
+                        key,
                     });
                     resolved.len() - 1
                 }
@@ -477,8 +588,172 @@ impl<'c> MySqlSchema<'c> {
         if !self.table_exists("epidemic_dead_letter")? {
             plan.push(DEAD_LETTER_DDL.to_owned());
         }
+        // Cascades are planned before anything is generated for the tables: a shape
+        // that cannot be captured refuses the whole install.
+        let cascades = self.plan_cascades(&resolved, &registry, &triggers)?;
         for r in &resolved {
             self.plan_table(r, registry.get(&r.table), &triggers, &mut plan)?;
+        }
+        plan.extend(cascades);
+        Ok(plan)
+    }
+
+    /// Every foreign key of the current database whose child is in it.
+    fn foreign_keys(&mut self) -> Result<Vec<ForeignKey>, BackendError> {
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        );
+        let rows: Vec<Row> = self
+            .conn
+            .query(
+                "SELECT rc.CONSTRAINT_NAME, rc.TABLE_NAME, rc.REFERENCED_TABLE_NAME, k.REFERENCED_TABLE_SCHEMA, \
+                 rc.UPDATE_RULE, rc.DELETE_RULE, k.COLUMN_NAME, k.REFERENCED_COLUMN_NAME \
+                 FROM information_schema.REFERENTIAL_CONSTRAINTS rc \
+                 JOIN information_schema.KEY_COLUMN_USAGE k ON k.CONSTRAINT_SCHEMA = rc.CONSTRAINT_SCHEMA \
+                   AND k.TABLE_NAME = rc.TABLE_NAME AND k.CONSTRAINT_NAME = rc.CONSTRAINT_NAME \
+                   AND k.REFERENCED_TABLE_NAME IS NOT NULL \
+                 WHERE rc.CONSTRAINT_SCHEMA = DATABASE() \
+                 ORDER BY rc.TABLE_NAME, rc.CONSTRAINT_NAME, k.ORDINAL_POSITION",
+            )
+            .map_err(sql_err)?;
+        let db: Option<String> = self
+            .conn
+            .query_first("SELECT DATABASE()")
+            .map_err(sql_err)?;
+        let db = db.unwrap_or_default();
+        let mut fks: Vec<ForeignKey> = Vec::new();
+        for (name, child, parent, parent_db, upd, del, col, pcol) in rows {
+            match fks.last_mut() {
+                Some(f) if f.name == name && f.child == child => f.columns.push((col, pcol)),
+                _ => fks.push(ForeignKey {
+                    name,
+                    child,
+                    parent,
+                    local: parent_db == db,
+                    columns: vec![(col, pcol)],
+                    on_delete: FkRule::parse(&del),
+                    on_update: FkRule::parse(&upd),
+                }),
+            }
+        }
+        // The names become SQL: check them like any other identifier.
+        for f in &fks {
+            for t in [&f.child, &f.parent] {
+                ident::check("table", t)?;
+            }
+            for (c, p) in &f.columns {
+                ident::check("column", c)?;
+                ident::check("column", p)?;
+            }
+        }
+        Ok(fks)
+    }
+
+    /// The statements that bring the parents' BEFORE triggers up to date for every
+    /// watched table (this install's and those already registered), including dropping
+    /// ones no longer needed. See `cascade.rs`.
+    fn plan_cascades(
+        &mut self,
+        resolved: &[ResolvedWatch],
+        registry: &HashMap<String, MySqlLogTable>,
+        triggers: &[ExistingTrigger],
+    ) -> Result<Vec<String>, BackendError> {
+        let fks = self.foreign_keys()?;
+        let mut tables: Vec<(String, String, Vec<String>)> = resolved
+            .iter()
+            .map(|r| {
+                (
+                    r.table.clone(),
+                    log_table_name(&r.table),
+                    r.columns.iter().map(|c| c.name.clone()).collect(),
+                )
+            })
+            .collect();
+        for (name, reg) in registry {
+            if !tables.iter().any(|(t, ..)| t == name) {
+                tables.push((name.clone(), reg.log_table.clone(), reg.columns.to_vec()));
+            }
+        }
+        tables.sort();
+        let now = self.now_expr();
+        let mut all: Vec<CascadeCapture> = Vec::new();
+        for (table, log_table, columns) in &tables {
+            let w = WatchedTable {
+                table,
+                log_table,
+                columns,
+            };
+            all.extend(cascade::captures(&w, &fks, now)?);
+        }
+        let mut parents: Vec<(String, ParentEvent)> =
+            all.iter().map(|c| (c.parent.clone(), c.event)).collect();
+        parents.sort_by(|a, b| (a.0.as_str(), a.1.sql()).cmp(&(b.0.as_str(), b.1.sql())));
+        parents.dedup();
+
+        let mut plan = Vec::new();
+        for (parent, event) in &parents {
+            let parent_table = self.catalog_table(parent)?;
+            let name = cascade::trigger_name(parent, *event);
+            if !self.server.multiple_triggers() {
+                if let Some(t) = triggers.iter().find(|t| {
+                    t.table == *parent
+                        && t.event == event.sql()
+                        && t.timing == "BEFORE"
+                        && t.name != name
+                }) {
+                    return Err(BackendError::Invalid(format!(
+                        "table {parent} already has a BEFORE {} trigger ({}) and this server allows only one \
+                         per table and event, so the foreign-key cascades into watched tables cannot be captured; \
+                         merge it by hand or upgrade to MySQL 5.7.2+/MariaDB 10.2.3+",
+                        event.sql(),
+                        t.name
+                    )));
+                }
+            }
+            let statements: Vec<&str> = all
+                .iter()
+                .filter(|c| c.parent == *parent && c.event == *event)
+                .map(|c| c.statement.as_str())
+                .collect();
+            let body = cascade::body(&statements);
+            let current = triggers.iter().any(|t| {
+                t.name == name
+                    && t.table == *parent
+                    && t.event == event.sql()
+                    && t.timing == "BEFORE"
+                    && t.body == body
+            });
+            if current {
+                continue;
+            }
+            // As for the tables' own triggers: no write to the parent between the DROP
+            // and the CREATE.
+            plan.push(format!("LOCK TABLES {} WRITE", quote(&parent_table.name)));
+            plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&name)));
+            plan.push(format!(
+                "CREATE TRIGGER {} BEFORE {} ON {} FOR EACH ROW {body}",
+                quote(&name),
+                event.sql(),
+                quote(parent)
+            ));
+            plan.push("UNLOCK TABLES".to_owned());
+        }
+        // Cascade triggers no watched table needs any more (a foreign key dropped).
+        for t in triggers {
+            let stale = ParentEvent::ALL.iter().any(|e| {
+                t.name == cascade::trigger_name(&t.table, *e)
+                    && !parents.iter().any(|(p, pe)| *p == t.table && pe == e)
+            });
+            if stale && t.timing == "BEFORE" {
+                plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&t.name)));
+            }
         }
         Ok(plan)
     }
@@ -547,7 +822,7 @@ impl<'c> MySqlSchema<'c> {
             ));
         }
 
-        let bodies = self.trigger_bodies(&log_q, &r.columns);
+        let bodies = self.trigger_bodies(table, r.key.as_deref(), &log_q, &r.columns);
         let current = EVENTS.iter().zip(&bodies).all(|((suffix, event), body)| {
             let name = trigger_name(table, suffix);
             triggers.iter().any(|t| {
@@ -581,16 +856,34 @@ impl<'c> MySqlSchema<'c> {
         Ok(())
     }
 
-    /// The bodies of the INSERT, UPDATE and DELETE triggers, exactly as the server
-    /// reports them back in `information_schema.TRIGGERS.ACTION_STATEMENT`.
-    fn trigger_bodies(&self, log_q: &str, columns: &[SourceColumn]) -> [String; 3] {
-        // The time a change was captured, in microseconds since the Unix epoch. Servers
-        // without fractional seconds (before MySQL 5.6.4) give whole seconds.
-        let now = if self.server.fractional_seconds() {
+    /// The time a change was captured, in microseconds since the Unix epoch. Servers
+    /// without fractional seconds (before MySQL 5.6.4) give whole seconds.
+    fn now_expr(&self) -> &'static str {
+        if self.server.fractional_seconds() {
             "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))"
         } else {
             "UNIX_TIMESTAMP() * 1000000"
-        };
+        }
+    }
+
+    /// The bodies of the INSERT, UPDATE and DELETE triggers, exactly as the server
+    /// reports them back in `information_schema.TRIGGERS.ACTION_STATEMENT`.
+    ///
+    /// MariaDB fires AFTER UPDATE also for a row that `UPDATE IGNORE` skipped over a
+    /// duplicate key or a foreign-key error (the row keeps its old values). Where the table
+    /// has a key that identifies a row, the UPDATE trigger therefore logs only when the
+    /// row under the old key no longer holds the old values: after a real update it holds
+    /// the new ones (some watched column differs) or, after a key change, the old key is
+    /// empty (no other row can have moved there before this row's trigger ran). One
+    /// primary-key lookup per logged update.
+    fn trigger_bodies(
+        &self,
+        table: &str,
+        key: Option<&[String]>,
+        log_q: &str,
+        columns: &[SourceColumn],
+    ) -> [String; 3] {
+        let now = self.now_expr();
         let list = |prefix: &str| -> String {
             columns
                 .iter()
@@ -608,17 +901,33 @@ impl<'c> MySqlSchema<'c> {
         // NULL-safe equality, on the bytes for character columns: under a
         // case-insensitive or PAD SPACE collation 'ann' = 'Ann ' holds, but a handler
         // that copies the value must still hear of the change.
-        let same: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                let q = quote(&c.name);
-                if c.charset.is_some() {
-                    format!("CAST(OLD.{q} AS BINARY) <=> CAST(NEW.{q} AS BINARY)")
-                } else {
-                    format!("OLD.{q} <=> NEW.{q}")
-                }
-            })
-            .collect();
+        let same_as = |a: &str, b: &str| -> Vec<String> {
+            columns
+                .iter()
+                .map(|c| {
+                    let q = quote(&c.name);
+                    if c.charset.is_some() {
+                        format!("CAST({a}.{q} AS BINARY) <=> CAST({b}.{q} AS BINARY)")
+                    } else {
+                        format!("{a}.{q} <=> {b}.{q}")
+                    }
+                })
+                .collect()
+        };
+        let same = same_as("OLD", "NEW");
+        let mut changed = format!("NOT ({})", same.join(" AND "));
+        if let Some(key) = key {
+            let at_old_key: Vec<String> = key
+                .iter()
+                .map(|k| format!("`epidemic_row`.{} = OLD.{}", quote(k), quote(k)))
+                .chain(same_as("`epidemic_row`", "OLD"))
+                .collect();
+            changed.push_str(&format!(
+                "\n        AND NOT EXISTS (SELECT 1 FROM {} AS `epidemic_row` WHERE {})",
+                quote(table),
+                at_old_key.join(" AND ")
+            ));
+        }
         [
             format!(
                 "BEGIN\n    INSERT INTO {log_q} (`op`, `changed_at`, {}) VALUES ('I', {now}, {});\nEND",
@@ -626,8 +935,7 @@ impl<'c> MySqlSchema<'c> {
                 vals("NEW")
             ),
             format!(
-                "BEGIN\n    IF NOT ({}) THEN\n        INSERT INTO {log_q} (`op`, `changed_at`, {}, {}) VALUES ('U', {now}, {}, {});\n    END IF;\nEND",
-                same.join(" AND "),
+                "BEGIN\n    IF {changed} THEN\n        INSERT INTO {log_q} (`op`, `changed_at`, {}, {}) VALUES ('U', {now}, {}, {});\n    END IF;\nEND",
                 list("old"),
                 list("new"),
                 vals("OLD"),
@@ -644,6 +952,15 @@ impl<'c> MySqlSchema<'c> {
     /// The statements that remove every object Epidemic created.
     pub fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
         let mut plan = Vec::new();
+        // The parents' cascade triggers first: they write into the log tables.
+        for t in self.triggers()? {
+            let ours = ParentEvent::ALL
+                .iter()
+                .any(|e| t.name == cascade::trigger_name(&t.table, *e));
+            if ours && t.timing == "BEFORE" {
+                plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&t.name)));
+            }
+        }
         for log in self.all_watched()? {
             // Triggers first, so writes to the table never hit a missing log table.
             for (suffix, _) in EVENTS {

@@ -1,0 +1,491 @@
+//! What MySQL/MariaDB triggers do not see, against a real MariaDB: foreign-key cascades,
+//! TRUNCATE, `UPDATE IGNORE` rows skipped for a duplicate key, non-transactional tables
+//! and names spelled in another case. Each is captured correctly or refused loudly.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use epidemic_plugin_sdk::host::{load, HostBackend};
+use epidemic_plugin_sdk::{Change, Consumer, StartFrom, Value, Watch};
+use epidemic_tests::mysql::MySqlServer;
+use epidemic_tests::{backend_path, epidemic, recorder_handler, wait_recorded, Daemon};
+use mysql::prelude::Queryable;
+use serde_json::{json, Value as Json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A database on the shared server with `schema` applied; returns (url, connection).
+fn database(name: &str, schema: &str) -> (String, mysql::Conn) {
+    database_on(MySqlServer::shared(), name, schema)
+}
+
+fn database_on(server: &MySqlServer, name: &str, schema: &str) -> (String, mysql::Conn) {
+    let url = server.create_database(name);
+    let mut conn = server.conn(name);
+    for stmt in schema.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        conn.query_drop(stmt)
+            .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+    }
+    (url, conn)
+}
+
+fn open(url: &str) -> HostBackend {
+    let lib = load(&backend_path("mysql")).expect("load the mysql backend");
+    lib.open_backend(url, &json!({})).expect("open backend")
+}
+
+fn watch(table: &str, columns: &[&str]) -> Watch {
+    Watch {
+        table: table.into(),
+        columns: columns.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+fn consumer() -> Consumer {
+    Consumer {
+        daemon: "mx1".into(),
+        handler: "rec".into(),
+    }
+}
+
+/// Whatever is in the log now for the consumer (fetch and ack until an empty batch).
+fn drain(b: &mut HostBackend, c: &Consumer) -> Vec<Change> {
+    let mut out = Vec::new();
+    loop {
+        let batch = b.fetch(c, 500).expect("fetch");
+        let Some(last) = batch.changes.last() else {
+            return out;
+        };
+        b.ack(c, &batch.token, last.id).expect("ack");
+        out.extend(batch.changes);
+    }
+}
+
+/// A config with one recorder handler per (name, table, columns).
+fn config(dir: &Path, url: &str, handlers: &[(&str, &str, &[&str])]) -> PathBuf {
+    let path = dir.join("epidemic.toml");
+    let mut text =
+        format!("[database]\nurl = {url:?}\npoll_interval_ms = 20\n[daemon]\nname = \"mx1\"\n\n");
+    for (name, table, columns) in handlers {
+        text.push_str(&recorder_handler(
+            name,
+            &dir.join(format!("{name}.jsonl")),
+            table,
+            columns,
+            "",
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(config: &Path, dir: &Path) -> Daemon {
+    let d = Daemon::start(config, &dir.join("daemon.log"), &[]);
+    assert!(
+        d.wait_for_log("epidemic started", WAIT),
+        "the daemon did not start:\n{}",
+        d.log_text()
+    );
+    d
+}
+
+fn run_ok(config: &Path, args: &[&str]) -> String {
+    let out = epidemic(config, args);
+    assert!(
+        out.status.success(),
+        "epidemic {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The recorded changes from line `from` on, as (op, old, new).
+fn ops(lines: &[Json], from: usize) -> Vec<(String, Json, Json)> {
+    lines[from..]
+        .iter()
+        .map(|l| {
+            (
+                l["op"].as_str().unwrap().to_owned(),
+                l["old"].clone(),
+                l["new"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn triggers(conn: &mut mysql::Conn) -> Vec<String> {
+    conn.query(
+        "SELECT CONCAT(EVENT_OBJECT_TABLE, ' ', ACTION_TIMING, ' ', EVENT_MANIPULATION, ' ', TRIGGER_NAME) \
+         FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE() ORDER BY 1",
+    )
+    .unwrap()
+}
+
+const DOMAINS: &str = "CREATE TABLE domains (id INT PRIMARY KEY, name VARCHAR(100) NOT NULL) ENGINE=InnoDB;
+    CREATE TABLE mail_users (
+        id INT PRIMARY KEY,
+        domain_id INT NULL,
+        username VARCHAR(100) NOT NULL,
+        CONSTRAINT mail_users_domain FOREIGN KEY (domain_id) REFERENCES domains (id) ON DELETE CASCADE ON UPDATE CASCADE
+    ) ENGINE=InnoDB";
+
+#[test]
+fn cascaded_deletes_and_key_updates_reach_the_handler() {
+    let (url, mut conn) = database("cap_cascade", DOMAINS);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(
+        dir,
+        &url,
+        &[("rec", "mail_users", &["domain_id", "username"])],
+    );
+    // What install runs is what `epidemic sql` prints, cascade triggers included.
+    let script = run_ok(&cfg, &["sql"]);
+    assert!(script.contains("ON `domains`"), "{script}");
+    let _d = start(&cfg, dir);
+    let file = dir.join("rec.jsonl");
+    conn.query_drop("INSERT INTO domains VALUES (1, 'a.example'), (2, 'b.example')")
+        .unwrap();
+    conn.query_drop(
+        "INSERT INTO mail_users VALUES (10, 1, 'alice'), (11, 1, 'bob'), (20, 2, 'carol')",
+    )
+    .unwrap();
+    assert_eq!(wait_recorded(&file, 3, WAIT).len(), 3);
+
+    conn.query_drop("DELETE FROM domains WHERE id = 1").unwrap();
+    let lines = wait_recorded(&file, 5, WAIT);
+    let mut got = ops(&lines, 3);
+    got.sort_by_key(|(_, old, _)| old["username"].as_str().unwrap_or("").to_owned());
+    assert_eq!(
+        got,
+        vec![
+            (
+                "DELETE".into(),
+                json!({"domain_id": 1, "username": "alice"}),
+                Json::Null
+            ),
+            (
+                "DELETE".into(),
+                json!({"domain_id": 1, "username": "bob"}),
+                Json::Null
+            ),
+        ],
+        "{lines:?}"
+    );
+
+    conn.query_drop("UPDATE domains SET id = 7 WHERE id = 2")
+        .unwrap();
+    let lines = wait_recorded(&file, 6, WAIT);
+    assert_eq!(
+        ops(&lines, 5),
+        vec![(
+            "UPDATE".into(),
+            json!({"domain_id": 2, "username": "carol"}),
+            json!({"domain_id": 7, "username": "carol"})
+        )],
+        "{lines:?}"
+    );
+    // An update of the parent that leaves its key alone cascades nothing.
+    conn.query_drop("UPDATE domains SET name = 'c.example' WHERE id = 7")
+        .unwrap();
+    conn.query_drop("INSERT INTO mail_users VALUES (30, 7, 'dave')")
+        .unwrap();
+    let lines = wait_recorded(&file, 7, WAIT);
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    assert_eq!(lines[6]["op"], "INSERT", "{lines:?}");
+    drop(_d);
+
+    let status = run_ok(&cfg, &["status"]);
+    assert!(!status.contains("truncated"), "{status}");
+    run_ok(&cfg, &["uninstall"]);
+    assert_eq!(triggers(&mut conn), Vec::<String>::new());
+}
+
+#[test]
+fn set_null_cascades_reach_the_handler() {
+    let (url, mut conn) = database(
+        "cap_set_null",
+        "CREATE TABLE domains (id INT PRIMARY KEY) ENGINE=InnoDB;
+         CREATE TABLE mail_users (
+            id INT PRIMARY KEY,
+            domain_id INT NULL,
+            username VARCHAR(100) NOT NULL,
+            CONSTRAINT mail_users_domain FOREIGN KEY (domain_id) REFERENCES domains (id) ON DELETE SET NULL ON UPDATE SET NULL
+         ) ENGINE=InnoDB;
+         INSERT INTO domains VALUES (1), (2);
+         INSERT INTO mail_users VALUES (10, 1, 'alice'), (20, 2, 'bob')",
+    );
+    let c = consumer();
+    let mut b = open(&url);
+    let w = [watch("mail_users", &["domain_id", "username"])];
+    b.install(&w).expect("install");
+    b.register(&c, &["mail_users".into()], StartFrom::Now)
+        .unwrap();
+    conn.query_drop("DELETE FROM domains WHERE id = 1").unwrap();
+    conn.query_drop("UPDATE domains SET id = 5 WHERE id = 2")
+        .unwrap();
+    let got: Vec<(String, Option<Vec<Value>>, Option<Vec<Value>>)> = drain(&mut b, &c)
+        .into_iter()
+        .map(|ch| (ch.op.as_str().to_owned(), ch.old, ch.new))
+        .collect();
+    let row = |d: Option<i64>, u: &str| {
+        Some(vec![
+            d.map_or(Value::Null, Value::Int),
+            Value::Text(u.into()),
+        ])
+    };
+    assert_eq!(
+        got,
+        vec![
+            ("UPDATE".into(), row(Some(1), "alice"), row(None, "alice")),
+            ("UPDATE".into(), row(Some(2), "bob"), row(None, "bob")),
+        ]
+    );
+}
+
+#[test]
+fn cascades_through_an_unwatched_table_reach_the_handler() {
+    let (url, mut conn) = database(
+        "cap_chain",
+        "CREATE TABLE domains (id INT PRIMARY KEY) ENGINE=InnoDB;
+         CREATE TABLE mail_users (id INT PRIMARY KEY, domain_id INT NOT NULL,
+            CONSTRAINT users_domain FOREIGN KEY (domain_id) REFERENCES domains (id) ON DELETE CASCADE) ENGINE=InnoDB;
+         CREATE TABLE aliases (id INT PRIMARY KEY, user_id INT NOT NULL, alias VARCHAR(100) NOT NULL,
+            CONSTRAINT aliases_user FOREIGN KEY (user_id) REFERENCES mail_users (id) ON DELETE CASCADE) ENGINE=InnoDB;
+         INSERT INTO domains VALUES (1), (2);
+         INSERT INTO mail_users VALUES (10, 1), (11, 1), (20, 2);
+         INSERT INTO aliases VALUES (100, 10, 'postmaster'), (101, 11, 'abuse'), (200, 20, 'info')",
+    );
+    let c = consumer();
+    let mut b = open(&url);
+    b.install(&[watch("aliases", &["alias"])]).expect("install");
+    b.register(&c, &["aliases".into()], StartFrom::Now).unwrap();
+    conn.query_drop("DELETE FROM domains WHERE id = 1").unwrap();
+    conn.query_drop("DELETE FROM mail_users WHERE id = 20")
+        .unwrap();
+    let mut got: Vec<String> = drain(&mut b, &c)
+        .into_iter()
+        .map(|ch| format!("{} {:?}", ch.op.as_str(), ch.old))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            "DELETE Some([Text(\"abuse\")])",
+            "DELETE Some([Text(\"info\")])",
+            "DELETE Some([Text(\"postmaster\")])",
+        ]
+    );
+    b.uninstall().expect("uninstall");
+    assert_eq!(triggers(&mut conn), Vec::<String>::new());
+}
+
+#[test]
+fn a_self_referencing_cascade_is_refused() {
+    let (url, mut conn) = database(
+        "cap_self_ref",
+        "CREATE TABLE folders (id INT PRIMARY KEY, parent_id INT NULL, name VARCHAR(50),
+            CONSTRAINT folders_parent FOREIGN KEY (parent_id) REFERENCES folders (id) ON DELETE CASCADE) ENGINE=InnoDB",
+    );
+    let mut b = open(&url);
+    let err = b
+        .install(&[watch("folders", &["name"])])
+        .expect_err("a cascade of unbounded depth cannot be captured")
+        .to_string();
+    assert!(
+        err.contains("folders_parent") && err.contains("folders") && !err.contains('\n'),
+        "{err}"
+    );
+    // Nothing half-done.
+    let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+    assert_eq!(tables, vec!["folders".to_owned()]);
+}
+
+#[test]
+fn truncate_is_reported_in_status_and_at_start() {
+    let (url, mut conn) = database(
+        "cap_truncate",
+        "CREATE TABLE mail_users (id INT AUTO_INCREMENT PRIMARY KEY, username VARCHAR(100) NOT NULL) ENGINE=InnoDB;
+         CREATE TABLE domains (name VARCHAR(100) PRIMARY KEY) ENGINE=InnoDB",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(
+        dir,
+        &url,
+        &[
+            ("rec", "mail_users", &["username"]),
+            ("dom", "domains", &["name"]),
+        ],
+    );
+    run_ok(&cfg, &["install"]);
+    conn.query_drop("INSERT INTO mail_users (username) VALUES ('alice'), ('bob')")
+        .unwrap();
+    conn.query_drop("INSERT INTO domains VALUES ('a.example')")
+        .unwrap();
+    // A rebuild is not a truncation.
+    conn.query_drop("ALTER TABLE domains FORCE").unwrap();
+    let status = run_ok(&cfg, &["status"]);
+    assert!(!status.contains("truncated"), "{status}");
+    conn.query_drop("TRUNCATE TABLE mail_users").unwrap();
+    conn.query_drop("TRUNCATE TABLE domains").unwrap();
+    let status = run_ok(&cfg, &["status"]);
+    for table in ["mail_users", "domains"] {
+        assert!(
+            status.contains(&format!("table {table} was truncated")),
+            "{status}"
+        );
+    }
+    // Writes after the truncation do not hide it.
+    conn.query_drop("INSERT INTO mail_users (username) VALUES ('a'), ('b'), ('c'), ('d')")
+        .unwrap();
+    let d = start(&cfg, dir);
+    assert!(
+        d.wait_for_log("table mail_users was truncated", WAIT),
+        "{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn update_ignore_skipped_rows_are_not_changes() {
+    let (url, mut conn) = database(
+        "cap_update_ignore",
+        "CREATE TABLE mail_users (id INT PRIMARY KEY, username VARCHAR(100) NOT NULL UNIQUE) ENGINE=InnoDB;
+         INSERT INTO mail_users VALUES (1, 'alice'), (2, 'bob'), (3, 'carol')",
+    );
+    let c = consumer();
+    let mut b = open(&url);
+    b.install(&[watch("mail_users", &["id", "username"])])
+        .expect("install");
+    b.register(&c, &["mail_users".into()], StartFrom::Now)
+        .unwrap();
+    // alice → bob collides with bob and is skipped; carol → dave happens.
+    conn.query_drop(
+        "UPDATE IGNORE mail_users SET username = CASE id WHEN 1 THEN 'bob' WHEN 3 THEN 'dave' ELSE username END",
+    )
+    .unwrap();
+    assert_eq!(conn.affected_rows(), 1);
+    // A key update that collides is skipped too; one that does not, happens.
+    conn.query_drop("UPDATE IGNORE mail_users SET id = id + 1 WHERE id IN (1, 3) ORDER BY id DESC")
+        .unwrap();
+    let got: Vec<String> = drain(&mut b, &c)
+        .into_iter()
+        .map(|ch| format!("{} {:?} -> {:?}", ch.op.as_str(), ch.old, ch.new))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            "UPDATE Some([Int(3), Text(\"carol\")]) -> Some([Int(3), Text(\"dave\")])",
+            "UPDATE Some([Int(3), Text(\"dave\")]) -> Some([Int(4), Text(\"dave\")])",
+        ]
+    );
+    let rows: Vec<(i64, String)> = conn
+        .query("SELECT id, username FROM mail_users ORDER BY id")
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![(1, "alice".into()), (2, "bob".into()), (4, "dave".into())]
+    );
+}
+
+#[test]
+fn non_transactional_tables_are_refused() {
+    let (url, mut conn) = database(
+        "cap_myisam",
+        "CREATE TABLE mail_users (id INT PRIMARY KEY, username VARCHAR(100)) ENGINE=MyISAM;
+         CREATE TABLE sessions (id INT PRIMARY KEY, who VARCHAR(100)) ENGINE=MEMORY",
+    );
+    let mut b = open(&url);
+    for (table, engine) in [("mail_users", "MyISAM"), ("sessions", "MEMORY")] {
+        let err = b
+            .install(&[watch(table, &["id"])])
+            .expect_err("a non-transactional table cannot be captured")
+            .to_string();
+        assert!(
+            err.contains(table)
+                && err.contains(engine)
+                && err.contains(&format!("ALTER TABLE `{table}` ENGINE=InnoDB"))
+                && !err.contains('\n'),
+            "{err}"
+        );
+    }
+    let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+    assert_eq!(tables.len(), 2, "nothing half-done: {tables:?}");
+}
+
+#[test]
+fn log_tables_are_innodb_whatever_the_default_engine() {
+    let server = MySqlServer::start_new();
+    server
+        .conn("")
+        .query_drop("SET GLOBAL default_storage_engine = 'MyISAM'")
+        .unwrap();
+    // Made with the server's default engine: MyISAM, and refused.
+    let (url, mut conn) = database_on(
+        &server,
+        "cap_default_engine",
+        "CREATE TABLE mail_users (id INT PRIMARY KEY, username VARCHAR(100))",
+    );
+    let mut b = open(&url);
+    let w = [watch("mail_users", &["username"])];
+    let err = b.install(&w).expect_err("MyISAM").to_string();
+    assert!(err.contains("MyISAM"), "{err}");
+    conn.query_drop("ALTER TABLE mail_users ENGINE=InnoDB")
+        .unwrap();
+    b.install(&w).expect("install");
+    let engines: Vec<(String, String)> = conn
+        .query(
+            "SELECT TABLE_NAME, ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() ORDER BY 1",
+        )
+        .unwrap();
+    assert!(engines.len() >= 4, "{engines:?}");
+    for (table, engine) in &engines {
+        assert_eq!(engine, "InnoDB", "{table}: {engines:?}");
+    }
+}
+
+#[test]
+fn names_in_another_case_reach_the_handler() {
+    let (url, mut conn) = database(
+        "cap_case",
+        "CREATE TABLE Mail_Users (id INT PRIMARY KEY, Quota BIGINT NULL, username VARCHAR(100) NOT NULL) ENGINE=InnoDB;
+         CREATE TABLE domains (id INT PRIMARY KEY, name VARCHAR(100) NOT NULL) ENGINE=InnoDB",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(
+        dir,
+        &url,
+        &[
+            ("rec", "mail_users", &["quota", "USERNAME"]),
+            ("dom", "DOMAINS", &["Name"]),
+        ],
+    );
+    let _d = start(&cfg, dir);
+    conn.query_drop("INSERT INTO Mail_Users VALUES (1, 100, 'alice')")
+        .unwrap();
+    conn.query_drop("UPDATE Mail_Users SET Quota = 200 WHERE id = 1")
+        .unwrap();
+    conn.query_drop("INSERT INTO domains VALUES (1, 'a.example')")
+        .unwrap();
+    let lines = wait_recorded(&dir.join("rec.jsonl"), 2, WAIT);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["table"], "Mail_Users");
+    assert_eq!(lines[0]["new"], json!({"Quota": 100, "username": "alice"}));
+    assert_eq!(lines[1]["old"], json!({"Quota": 100, "username": "alice"}));
+    assert_eq!(lines[1]["new"], json!({"Quota": 200, "username": "alice"}));
+    let lines = wait_recorded(&dir.join("dom.jsonl"), 1, WAIT);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["table"], "domains");
+    assert_eq!(lines[0]["new"], json!({"name": "a.example"}));
+    // The catalog's spelling everywhere: one log table, triggers on the real table.
+    let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+    assert!(
+        tables.contains(&"epidemic_log_Mail_Users".to_owned()),
+        "{tables:?}"
+    );
+    let status = run_ok(&cfg, &["status"]);
+    assert!(status.contains("Mail_Users"), "{status}");
+    assert!(!status.contains("problems:"), "{status}");
+}
