@@ -158,7 +158,12 @@ pub struct MySqlBackend {
     server: ServerInfo,
     poller: MySqlPoller,
     consumers: HashMap<Consumer, ConsumerCursors>,
+    /// When `prune` last looked for truncated tables.
+    truncation_checked: Option<Instant>,
 }
+
+/// How often `prune` looks for truncated watched tables (`ops::check_truncation`).
+const TRUNCATION_CHECK: Duration = Duration::from_secs(10);
 
 /// Choose how gaps are proven dead, and say so once.
 fn choose_method(conn: &mut Conn, options: &MySqlOptions) -> Result<GapMethod, BackendError> {
@@ -327,6 +332,7 @@ impl Backend for MySqlBackend {
             server,
             poller,
             consumers: HashMap::new(),
+            truncation_checked: None,
         })
     }
 
@@ -481,6 +487,15 @@ impl Backend for MySqlBackend {
     }
 
     fn prune(&mut self) -> Result<u64, BackendError> {
+        // TRUNCATE fires no trigger: look for one alongside pruning, which the daemon
+        // runs periodically, at most every TRUNCATION_CHECK.
+        if self
+            .truncation_checked
+            .is_none_or(|t| t.elapsed() >= TRUNCATION_CHECK)
+        {
+            ops::check_truncation(&mut self.conn, self.server)?;
+            self.truncation_checked = Some(Instant::now());
+        }
         let mut total = 0;
         let chunk = self.options.prune_chunk.max(1);
         for log in self.schema().all_watched()? {

@@ -73,6 +73,11 @@ const WATCH_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_watch` (
     `source_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
     `log_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
     `columns` TEXT CHARACTER SET utf8 NOT NULL COMMENT 'watched columns, comma-separated',
+    `table_id` BIGINT NULL DEFAULT NULL COMMENT 'InnoDB table id when last checked: TRUNCATE changes it',
+    `created` VARCHAR(32) CHARACTER SET ascii NULL DEFAULT NULL COMMENT 'CREATE_TIME when last checked: a rebuild changes it, TRUNCATE does not',
+    `auto_increment` BIGINT UNSIGNED NULL DEFAULT NULL COMMENT 'AUTO_INCREMENT when last checked: TRUNCATE resets it',
+    `checked_at` VARCHAR(32) CHARACTER SET ascii NULL DEFAULT NULL COMMENT 'NOW() of the last check',
+    `truncated_at` VARCHAR(32) CHARACTER SET ascii NULL DEFAULT NULL COMMENT 'UTC time a TRUNCATE was noticed; cleared by hand',
     PRIMARY KEY (`source_table`)
 ) ENGINE=InnoDB COMMENT='Epidemic: watched tables'";
 
@@ -571,6 +576,20 @@ impl<'c> MySqlSchema<'c> {
         let mut plan = Vec::new();
         if !installed {
             plan.push(WATCH_DDL.to_owned());
+        } else if !self
+            .column_names("epidemic_watch")?
+            .iter()
+            .any(|c| c == "truncated_at")
+        {
+            // Installed by a version before TRUNCATE detection.
+            plan.push(
+                "ALTER TABLE `epidemic_watch` ADD COLUMN `table_id` BIGINT NULL DEFAULT NULL, \
+                 ADD COLUMN `created` VARCHAR(32) CHARACTER SET ascii NULL DEFAULT NULL, \
+                 ADD COLUMN `auto_increment` BIGINT UNSIGNED NULL DEFAULT NULL, \
+                 ADD COLUMN `checked_at` VARCHAR(32) CHARACTER SET ascii NULL DEFAULT NULL, \
+                 ADD COLUMN `truncated_at` VARCHAR(32) CHARACTER SET ascii NULL DEFAULT NULL"
+                    .to_owned(),
+            );
         }
         if !self.table_exists("epidemic_cursor")? {
             plan.push(CURSOR_DDL.to_owned());
@@ -776,12 +795,17 @@ impl<'c> MySqlSchema<'c> {
         let up_to_date =
             registered.is_some_and(|reg| reg.log_table == log && reg.columns[..] == names[..]);
         if !up_to_date {
+            // With the table's CREATE_TIME and AUTO_INCREMENT as the first baseline of
+            // TRUNCATE detection (`ops::check_truncation`).
             plan.push(format!(
-                "INSERT INTO `epidemic_watch` (`source_table`, `log_table`, `columns`) VALUES ({}, {}, {}) \
+                "INSERT INTO `epidemic_watch` (`source_table`, `log_table`, `columns`, `created`, `auto_increment`, `checked_at`) \
+                 SELECT {}, {}, {}, CAST(`CREATE_TIME` AS CHAR), `AUTO_INCREMENT`, CAST(NOW() AS CHAR) \
+                 FROM information_schema.TABLES WHERE `TABLE_SCHEMA` = DATABASE() AND `TABLE_NAME` = {} \
                  ON DUPLICATE KEY UPDATE `log_table` = VALUES(`log_table`), `columns` = VALUES(`columns`)",
                 literal(table),
                 literal(&log),
-                literal(&names.join(","))
+                literal(&names.join(",")),
+                literal(table)
             ));
         }
 
