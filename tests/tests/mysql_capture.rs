@@ -196,7 +196,15 @@ fn cascaded_deletes_and_key_updates_reach_the_handler() {
     drop(_d);
 
     let status = run_ok(&cfg, &["status"]);
-    assert!(!status.contains("truncated"), "{status}");
+    assert!(!status.contains("problems:"), "{status}");
+    // A cascade trigger dropped by hand is drift, said in status.
+    conn.query_drop("DROP TRIGGER epidemic_domains_cascade_del")
+        .unwrap();
+    let status = run_ok(&cfg, &["status"]);
+    assert!(
+        status.contains("trigger epidemic_domains_cascade_del on table domains is missing"),
+        "{status}"
+    );
     run_ok(&cfg, &["uninstall"]);
     assert_eq!(triggers(&mut conn), Vec::<String>::new());
 }
@@ -224,7 +232,8 @@ fn set_null_cascades_reach_the_handler() {
     conn.query_drop("DELETE FROM domains WHERE id = 1").unwrap();
     conn.query_drop("UPDATE domains SET id = 5 WHERE id = 2")
         .unwrap();
-    let got: Vec<(String, Option<Vec<Value>>, Option<Vec<Value>>)> = drain(&mut b, &c)
+    type Row = Option<Vec<Value>>;
+    let got: Vec<(String, Row, Row)> = drain(&mut b, &c)
         .into_iter()
         .map(|ch| (ch.op.as_str().to_owned(), ch.old, ch.new))
         .collect();
@@ -325,7 +334,7 @@ fn truncate_is_reported_in_status_and_at_start() {
         .unwrap();
     // CREATE_TIME has whole seconds: a check in the second a table was (re)built cannot
     // tell a later TRUNCATE from a rebuild, so let the second pass before each check.
-    let mut settled = |conn: &mut mysql::Conn| {
+    let settled = |conn: &mut mysql::Conn| {
         assert!(epidemic_tests::wait_until(WAIT, || {
             let newer: Option<i64> = conn
                 .query_first(
@@ -429,6 +438,18 @@ fn non_transactional_tables_are_refused() {
     }
     let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
     assert_eq!(tables.len(), 2, "nothing half-done: {tables:?}");
+    // A table converted after install is reported.
+    conn.query_drop("CREATE TABLE domains (name VARCHAR(100) PRIMARY KEY) ENGINE=InnoDB")
+        .unwrap();
+    b.install(&[watch("domains", &["name"])]).expect("install");
+    conn.query_drop("ALTER TABLE domains ENGINE=MyISAM")
+        .unwrap();
+    let status = b.status().expect("status");
+    let problems = &status.tables[0].problems;
+    assert!(
+        problems.iter().any(|p| p.contains("MyISAM")),
+        "{problems:?}"
+    );
 }
 
 #[test]
@@ -505,4 +526,70 @@ fn names_in_another_case_reach_the_handler() {
     let status = run_ok(&cfg, &["status"]);
     assert!(status.contains("Mail_Users"), "{status}");
     assert!(!status.contains("problems:"), "{status}");
+}
+
+#[test]
+fn the_dba_script_creates_the_cascade_triggers_install_creates() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let server = MySqlServer::shared();
+    let objects = |db: &str| -> Vec<String> {
+        let mut c = server.conn(db);
+        let mut v: Vec<String> = c
+            .exec(
+                "SELECT CONCAT('table ', TABLE_NAME, ' ', ENGINE) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ?
+                 UNION ALL SELECT CONCAT('column ', TABLE_NAME, '.', COLUMN_NAME, ' ', COLUMN_TYPE)
+                   FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ?
+                 UNION ALL SELECT CONCAT('trigger ', TRIGGER_NAME, ' ', ACTION_TIMING, ' ', EVENT_MANIPULATION, ' ', MD5(ACTION_STATEMENT))
+                   FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = ?",
+                (db, db, db),
+            )
+            .unwrap();
+        v.sort();
+        v
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut configs = Vec::new();
+    for db in ["cap_dba_by_hand", "cap_dba_by_install"] {
+        let (url, _) = database(db, DOMAINS);
+        let sub = dir.join(db);
+        std::fs::create_dir(&sub).unwrap();
+        configs.push(config(
+            &sub,
+            &url,
+            &[("rec", "mail_users", &["domain_id", "username"])],
+        ));
+    }
+    let script = run_ok(&configs[0], &["sql"]);
+    assert!(script.contains("BEFORE DELETE ON `domains`"), "{script}");
+    let mut child = Command::new("mariadb")
+        .args(["--no-defaults", "--protocol=tcp", "-h127.0.0.1", "-uroot"])
+        .arg(format!("-P{}", server.port()))
+        .arg("cap_dba_by_hand")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the mariadb client");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run_ok(&configs[1], &["install"]);
+    let (a, b) = (objects("cap_dba_by_hand"), objects("cap_dba_by_install"));
+    assert!(
+        a.iter()
+            .any(|o| o.starts_with("trigger epidemic_domains_cascade_del BEFORE DELETE")),
+        "{a:?}"
+    );
+    assert_eq!(a, b);
 }

@@ -267,8 +267,11 @@ fn column_list(w: &WatchedTable<'_>, prefix: &str) -> String {
         .join(", ")
 }
 
+/// What a cascade writes into a child column, from the parent column's name.
+type SetColumn<'a> = &'a dyn Fn(&str) -> String;
+
 /// The watched row's values, with the foreign key's own columns replaced by `set`.
-fn values(w: &WatchedTable<'_>, replace: Option<(&ForeignKey, &dyn Fn(&str) -> String)>) -> String {
+fn values(w: &WatchedTable<'_>, replace: Option<(&ForeignKey, SetColumn<'_>)>) -> String {
     w.columns
         .iter()
         .map(|c| match replace {
@@ -339,7 +342,7 @@ fn update_statement(w: &WatchedTable<'_>, f: &ForeignKey, now: &str) -> Option<S
     if !w.columns.iter().any(|c| f.child_has(c)) {
         return None;
     }
-    let set: &dyn Fn(&str) -> String = match f.on_update {
+    let set: SetColumn<'_> = match f.on_update {
         FkRule::Cascade => &|p: &str| format!("NEW.{}", quote(p)),
         FkRule::SetNull => &|_: &str| "NULL".to_owned(),
         FkRule::Nothing | FkRule::SetDefault => return None,

@@ -315,7 +315,9 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
         backend: "mysql".into(),
         ..Status::default()
     };
-    check_truncation(conn, server)?;
+    // A user that may only read (monitoring) cannot store the marks; what earlier checks
+    // stored is still reported below.
+    let _ = check_truncation(conn, server);
     let mut schema = MySqlSchema::new(conn, server);
     if !schema.installed()? {
         return Ok(status);
@@ -364,6 +366,26 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
                         "the triggers fail every write to the table",
                     ));
                 }
+            }
+        }
+        if exists {
+            if let Some(why) = schema.engine_problem(&log.source_table)? {
+                problems.push(why);
+            }
+            match schema.cascade_triggers(log)? {
+                Ok(cascades) => {
+                    for (parent, name, here) in cascades {
+                        if !here {
+                            problems.push(format!(
+                                "trigger {name} on table {parent} is missing or out of date: foreign-key cascades \
+                                 from {parent} into {} are not captured; run `epidemic install`",
+                                log.source_table
+                            ));
+                        }
+                        triggers.push((name, here));
+                    }
+                }
+                Err(why) => problems.push(why),
             }
         }
         if let Some((_, at)) = truncations.iter().find(|(t, _)| *t == log.source_table) {

@@ -179,6 +179,10 @@ struct ExistingTrigger {
     body: String,
 }
 
+/// A parent's cascade trigger a watched table needs: (parent, trigger name, whether it is
+/// there and current).
+pub(crate) type CascadeTrigger = (String, String, bool);
+
 /// A table as `information_schema.TABLES` describes it.
 #[derive(Debug, Clone)]
 struct CatalogTable {
@@ -278,6 +282,16 @@ impl<'c> MySqlSchema<'c> {
             )));
         }
         Ok(pick)
+    }
+
+    /// For `status`: why a watched table's engine cannot be captured correctly (it was
+    /// converted after install), if it cannot.
+    pub fn engine_problem(&mut self, table: &str) -> Result<Option<String>, BackendError> {
+        match self.resolve_table(table) {
+            Err(BackendError::Invalid(why)) if why.contains("not transactional") => Ok(Some(why)),
+            Err(BackendError::Invalid(_)) | Ok(_) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`Self::catalog_table`], refusing a table whose engine is not transactional: a
@@ -673,6 +687,38 @@ impl<'c> MySqlSchema<'c> {
             }
         }
         Ok(fks)
+    }
+
+    /// For `status`: the parents' cascade triggers a watched table needs, each with
+    /// whether it is there and current (`Ok`), or why its cascades cannot be captured.
+    pub fn cascade_triggers(
+        &mut self,
+        log: &MySqlLogTable,
+    ) -> Result<Result<Vec<CascadeTrigger>, String>, BackendError> {
+        let fks = self.foreign_keys()?;
+        let w = WatchedTable {
+            table: &log.source_table,
+            log_table: &log.log_table,
+            columns: &log.columns,
+        };
+        let captures = match cascade::captures(&w, &fks, self.now_expr()) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let triggers = self.triggers()?;
+        Ok(Ok(captures
+            .iter()
+            .map(|c| {
+                let name = cascade::trigger_name(&c.parent, c.event);
+                let here = triggers.iter().any(|t| {
+                    t.name == name
+                        && t.table == c.parent
+                        && t.timing == "BEFORE"
+                        && t.body.contains(&c.statement)
+                });
+                (c.parent.clone(), name, here)
+            })
+            .collect()))
     }
 
     /// The statements that bring the parents' BEFORE triggers up to date for every
