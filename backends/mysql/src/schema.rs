@@ -1,12 +1,23 @@
 //! The SQL objects the MySQL backend creates, and the checks before it creates them.
 //!
 //! Objects (all named `epidemic_*`, in the URL's database):
-//! - `epidemic_watch`: one row per watched table: its log table and watched columns.
+//! - `epidemic_watch`: one row per watched table: its log table and watched columns, and
+//!   the marks TRUNCATE detection compares (`ops::check_truncation`).
 //! - `epidemic_cursor`: one row per (daemon, handler, table): high-water mark and gaps.
 //! - `epidemic_dead_letter`: changes handlers gave up on.
 //! - `epidemic_log_<table>`: the change log of one table (InnoDB, `BIGINT AUTO_INCREMENT`
 //!   id, `op`, `changed_at` in microseconds, typed `old_<col>`/`new_<col>` columns).
 //! - triggers `epidemic_<table>_insert|_update|_delete`, `AFTER`, on the user's table.
+//! - triggers `epidemic_<parent>_cascade_del|_cascade_upd`, `BEFORE`, on a table whose
+//!   foreign-key cascades reach a watched table (`cascade.rs`).
+//!
+//! Checked before anything is generated: the table exists (its catalog spelling is used
+//! everywhere: `resolve` gives it to the host, which then names tables and columns
+//! exactly as the log does), it is a base table, its engine is transactional (a MyISAM
+//! table keeps a rolled-back change while its InnoDB log row goes), and every cascade
+//! into it can be captured. Log and bookkeeping tables are always `ENGINE=InnoDB`; the
+//! servers' default `sql_mode` has `NO_ENGINE_SUBSTITUTION`, so a server without InnoDB
+//! fails the install instead of substituting another engine.
 //!
 //! Names longer than MySQL's 64 characters are cut and given a hash suffix.
 //!
@@ -223,28 +234,48 @@ impl<'c> MySqlSchema<'c> {
     /// `lower_case_table_names = 0` an equality on `TABLE_NAME` becomes a case-sensitive
     /// file lookup, which misses `Mail_Users` when asked for `mail_users`.
     fn tables_named(&mut self, name: &str) -> Result<Vec<CatalogTable>, BackendError> {
-        const SELECT: &str = "SELECT t.TABLE_NAME, t.TABLE_TYPE, t.ENGINE, e.TRANSACTIONS FROM information_schema.TABLES t \
-             LEFT JOIN information_schema.ENGINES e ON e.ENGINE = t.ENGINE WHERE t.TABLE_SCHEMA = DATABASE() AND ";
+        const SELECT: &str =
+            "SELECT TABLE_NAME, TABLE_TYPE, ENGINE FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = DATABASE() AND ";
         // The exact name first: cheap (one table opened), and the usual case.
-        let exact = self.catalog_rows(&format!("{SELECT}t.TABLE_NAME = ?"), name)?;
+        let exact = self.catalog_rows(&format!("{SELECT}TABLE_NAME = ?"), name)?;
         if exact.iter().any(|t| t.name == name) {
             return Ok(exact);
         }
-        self.catalog_rows(&format!("{SELECT}LOWER(t.TABLE_NAME) = LOWER(?)"), name)
+        self.catalog_rows(&format!("{SELECT}LOWER(TABLE_NAME) = LOWER(?)"), name)
     }
 
     fn catalog_rows(&mut self, sql: &str, name: &str) -> Result<Vec<CatalogTable>, BackendError> {
-        let rows: Vec<(String, String, Option<String>, Option<String>)> =
+        let rows: Vec<(String, String, Option<String>)> =
             self.conn.exec(sql, (name,)).map_err(sql_err)?;
-        Ok(rows
-            .into_iter()
-            .map(|(name, kind, engine, transactions)| CatalogTable {
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, kind, engine) in rows {
+            let transactional = match &engine {
+                Some(e) => self.engine_transactional(e)?,
+                None => false,
+            };
+            out.push(CatalogTable {
                 name,
                 kind,
                 engine,
-                transactional: transactions.as_deref() == Some("YES"),
-            })
-            .collect())
+                transactional,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether the server has `engine` enabled and it is transactional. MySQL 5.0 has no
+    /// `information_schema.ENGINES`; there the engines known to be transactional count.
+    fn engine_transactional(&mut self, engine: &str) -> Result<bool, BackendError> {
+        match self.conn.exec_first::<Option<String>, _, _>(
+            "SELECT TRANSACTIONS FROM information_schema.ENGINES WHERE ENGINE = ?",
+            (engine,),
+        ) {
+            Ok(row) => Ok(row.flatten().as_deref() == Some("YES")),
+            Err(_) => Ok(["InnoDB", "TokuDB", "RocksDB", "ndbcluster"]
+                .iter()
+                .any(|e| e.eq_ignore_ascii_case(engine))),
+        }
     }
 
     pub fn table_exists(&mut self, name: &str) -> Result<bool, BackendError> {
@@ -504,6 +535,12 @@ impl<'c> MySqlSchema<'c> {
             for c in &w.columns {
                 ident::check("column", c)?;
             }
+        }
+        // Log rows must commit and roll back with the changes they record.
+        if !self.engine_transactional("InnoDB")? {
+            return Err(BackendError::Invalid(
+                "InnoDB is not enabled on this server: Epidemic's log tables must be InnoDB".into(),
+            ));
         }
         let installed = self.installed()?;
         let registry: HashMap<String, MySqlLogTable> = self
@@ -859,9 +896,19 @@ impl<'c> MySqlSchema<'c> {
             .iter()
             .flat_map(|p| r.columns.iter().map(move |c| (log_column(p, &c.name), c)))
             .collect();
-        if self.table_exists(&log)? {
+        let existing = self.tables_named(&log)?.into_iter().find(|t| t.name == log);
+        if let Some(existing) = existing {
             let have = self.columns_of(&log)?;
             let mut changes = Vec::new();
+            // Converted by hand to another engine: its rows would no longer roll back
+            // with the changes they record.
+            if !existing
+                .engine
+                .as_deref()
+                .is_some_and(|e| e.eq_ignore_ascii_case("InnoDB"))
+            {
+                changes.push("ENGINE=InnoDB".to_owned());
+            }
             for (name, col) in &wanted {
                 match have.iter().find(|h| h.name.eq_ignore_ascii_case(name)) {
                     None => changes.push(format!("ADD COLUMN {} {}", quote(name), col.log_type())),
