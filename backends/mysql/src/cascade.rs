@@ -22,7 +22,7 @@
 //! run, so the log holds the cascade that did not happen.
 
 use crate::schema::{fit, log_column, quote};
-use epidemic_plugin_sdk::BackendError;
+use epidemic_plugin_sdk::{ident, BackendError};
 
 /// Longest chain of cascades followed from a watched table up to a parent.
 pub(crate) const MAX_DEPTH: usize = 8;
@@ -192,6 +192,14 @@ fn check_edge(f: &ForeignKey, watched: &str) -> Result<(), BackendError> {
     let acts = f.on_delete.acts() || f.on_update.acts();
     if !acts {
         return Ok(());
+    }
+    // These names become SQL in the parent's trigger.
+    for t in [&f.child, &f.parent] {
+        ident::check("table", t)?;
+    }
+    for (c, p) in &f.columns {
+        ident::check("column", c)?;
+        ident::check("column", p)?;
     }
     if f.on_delete == FkRule::SetDefault || f.on_update == FkRule::SetDefault {
         return Err(refuse(format!(

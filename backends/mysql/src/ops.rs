@@ -336,6 +336,7 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
         Vec::new()
     };
     let mut schema = MySqlSchema::new(conn, server);
+    let fks = schema.foreign_keys()?;
     let mut log_tables = Vec::new();
     for log in &watched {
         let mut problems = Vec::new();
@@ -372,7 +373,7 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
             if let Some(why) = schema.engine_problem(&log.source_table)? {
                 problems.push(why);
             }
-            match schema.cascade_triggers(log)? {
+            match schema.cascade_triggers(log, &fks)? {
                 Ok(cascades) => {
                     for (parent, name, here) in cascades {
                         if !here {
