@@ -597,3 +597,54 @@ fn the_dba_script_creates_the_cascade_triggers_install_creates() {
     );
     assert_eq!(a, b);
 }
+
+#[test]
+fn cascades_of_parent_rows_an_ignore_statement_skipped_are_not_changes() {
+    let (url, mut conn) = database(
+        "cap_cascade_ignore",
+        "CREATE TABLE domains (id INT PRIMARY KEY) ENGINE=InnoDB;
+         CREATE TABLE mail_users (id INT PRIMARY KEY, domain_id INT NOT NULL, username VARCHAR(100) NOT NULL,
+            CONSTRAINT users_domain FOREIGN KEY (domain_id) REFERENCES domains (id) ON DELETE CASCADE ON UPDATE CASCADE
+         ) ENGINE=InnoDB;
+         CREATE TABLE invoices (id INT PRIMARY KEY, domain_id INT NOT NULL,
+            CONSTRAINT invoices_domain FOREIGN KEY (domain_id) REFERENCES domains (id)) ENGINE=InnoDB;
+         INSERT INTO domains VALUES (1), (2), (3);
+         INSERT INTO mail_users VALUES (10, 1, 'alice'), (20, 2, 'bob'), (30, 3, 'carol');
+         INSERT INTO invoices VALUES (100, 1)",
+    );
+    let c = consumer();
+    let mut b = open(&url);
+    b.install(&[watch("mail_users", &["domain_id", "username"])])
+        .expect("install");
+    b.register(&c, &["mail_users".into()], StartFrom::Now)
+        .unwrap();
+    // Domain 1 has an invoice: its delete is skipped, and so is the cascade to alice.
+    conn.query_drop("DELETE IGNORE FROM domains WHERE id IN (1, 2)")
+        .unwrap();
+    assert_eq!(conn.affected_rows(), 1);
+    // 1 -> 3 collides with domain 3 and is skipped; 3 -> 7 happens (rows in key order).
+    conn.query_drop(
+        "UPDATE IGNORE domains SET id = CASE id WHEN 1 THEN 3 ELSE 7 END WHERE id IN (1, 3) ORDER BY id",
+    )
+    .unwrap();
+    assert_eq!(conn.affected_rows(), 1);
+    let got: Vec<String> = drain(&mut b, &c)
+        .into_iter()
+        .map(|ch| format!("{} {:?} -> {:?}", ch.op.as_str(), ch.old, ch.new))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            "DELETE Some([Int(2), Text(\"bob\")]) -> None",
+            "UPDATE Some([Int(3), Text(\"carol\")]) -> Some([Int(7), Text(\"carol\")])",
+        ]
+    );
+    let users: Vec<(i64, i64)> = conn
+        .query("SELECT id, domain_id FROM mail_users ORDER BY id")
+        .unwrap();
+    assert_eq!(users, vec![(10, 1), (30, 7)]);
+    // Uninstall removes the pending table with the rest.
+    b.uninstall().expect("uninstall");
+    let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+    assert_eq!(tables.len(), 3, "{tables:?}");
+}

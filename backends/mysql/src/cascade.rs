@@ -5,8 +5,19 @@
 //! For every watched table that a cascade can reach, the parent table gets `BEFORE
 //! DELETE` / `BEFORE UPDATE` triggers (`epidemic_<parent>_cascade_del|_upd`, one per
 //! parent and event, holding the statements of every watched descendant) that copy the
-//! child rows the cascade is about to delete, update or set to NULL into the child's log
-//! table. BEFORE, because by AFTER time the cascaded rows are gone.
+//! child rows the cascade is about to delete, update or set to NULL. BEFORE, because by
+//! AFTER time the cascaded rows are gone. Where the server allows several triggers per
+//! table and event and `innodb_autoinc_lock_mode` is 0 or 1 ([`CascadeMode::Staged`]),
+//! the copies go to a pending table `epidemic_pend_<child>` and `AFTER` triggers
+//! (`..._after`) move them into the log only if the parent row really was deleted or
+//! updated: `DELETE IGNORE` / `UPDATE IGNORE` skip a row that another foreign key blocks
+//! or a duplicate key refuses, and its cascade did not happen (checked on MariaDB 10.11:
+//! AFTER DELETE does not run for the skipped row, AFTER UPDATE does, so the update side
+//! checks the row like the tables' own UPDATE triggers). Elsewhere
+//! ([`CascadeMode::Direct`]) the BEFORE trigger writes the log, and `status` warns that a
+//! skipped parent row leaves its cascade in the log. The parent tables' own triggers are
+//! `AFTER` ones, so nothing has to be merged on servers with one trigger per table, event
+//! and timing; a user's BEFORE trigger on a parent there is refused with one line.
 //!
 //! Captured: direct `ON DELETE CASCADE | SET NULL` and `ON UPDATE CASCADE | SET NULL`
 //! keys, and chains of `ON DELETE CASCADE` through any number of tables (up to
@@ -17,9 +28,10 @@
 //! table (a row would be logged twice), a chain of updates (a cascade that changes the
 //! very parent columns a watched table's `ON UPDATE` action follows), and `SET DEFAULT`.
 //!
-//! Not captured (documented): a parent row that `DELETE IGNORE` / `UPDATE IGNORE` then
-//! skips (another foreign key blocks it, a duplicate key) still has its BEFORE trigger
-//! run, so the log holds the cascade that did not happen.
+//! Costs: a cascade's rows are written twice in staged mode (pending table, then log),
+//! and the pending table's AUTO-INC lock is held for the parent's statement, so two
+//! statements cascading into one table at once take turns. Rows of skipped parent rows
+//! stay in the pending table as garbage until the next install remakes it.
 
 use crate::schema::{fit, log_column, quote};
 use epidemic_plugin_sdk::{ident, BackendError};
@@ -94,8 +106,6 @@ pub(crate) enum ParentEvent {
 }
 
 impl ParentEvent {
-    pub const ALL: [ParentEvent; 2] = [ParentEvent::Delete, ParentEvent::Update];
-
     pub fn sql(self) -> &'static str {
         match self {
             ParentEvent::Delete => "DELETE",
@@ -104,22 +114,166 @@ impl ParentEvent {
     }
 }
 
-pub(crate) fn trigger_name(parent: &str, event: ParentEvent) -> String {
-    let suffix = match event {
-        ParentEvent::Delete => "cascade_del",
-        ParentEvent::Update => "cascade_upd",
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Timing {
+    Before,
+    After,
+}
+
+impl Timing {
+    pub fn sql(self) -> &'static str {
+        match self {
+            Timing::Before => "BEFORE",
+            Timing::After => "AFTER",
+        }
+    }
+}
+
+/// Every (event, timing) a parent's cascade triggers can have.
+pub(crate) const KINDS: [(ParentEvent, Timing); 4] = [
+    (ParentEvent::Delete, Timing::Before),
+    (ParentEvent::Delete, Timing::After),
+    (ParentEvent::Update, Timing::Before),
+    (ParentEvent::Update, Timing::After),
+];
+
+/// `epidemic_<parent>_cascade_del|_cascade_upd` (BEFORE) and `..._after` (AFTER). A
+/// table's own triggers end in `_insert|_update|_delete`, so the names never meet.
+pub(crate) fn trigger_name(parent: &str, event: ParentEvent, timing: Timing) -> String {
+    let suffix = match (event, timing) {
+        (ParentEvent::Delete, Timing::Before) => "cascade_del",
+        (ParentEvent::Update, Timing::Before) => "cascade_upd",
+        (ParentEvent::Delete, Timing::After) => "cascade_del_after",
+        (ParentEvent::Update, Timing::After) => "cascade_upd_after",
     };
     fit(format!("epidemic_{parent}_{suffix}"))
 }
 
-/// One statement of a parent's BEFORE trigger.
+/// How cascaded rows reach the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CascadeMode {
+    /// The BEFORE trigger copies the child rows into the pending table
+    /// `epidemic_pend_<child>` and the AFTER trigger moves them into the log once the
+    /// parent row really was deleted or updated: a row that `DELETE IGNORE` or `UPDATE
+    /// IGNORE` skips (another foreign key blocks it, a duplicate key) logs nothing.
+    /// Needs several triggers per table and event, and the ids of one `INSERT ...
+    /// SELECT` to be consecutive (`innodb_autoinc_lock_mode` 0 or 1).
+    Staged,
+    /// The BEFORE trigger writes the log directly: a parent row then skipped by an
+    /// IGNORE statement leaves the cascade that did not happen in the log.
+    Direct,
+}
+
+/// One cascade from a parent table into a watched table.
 #[derive(Debug, Clone)]
 pub(crate) struct CascadeCapture {
     pub parent: String,
     pub event: ParentEvent,
-    /// For sorting and for messages: the constraints from the watched table up.
+    /// For messages: the constraints from the watched table up.
     pub path: Vec<String>,
-    pub statement: String,
+    pub watched: String,
+    pub log_table: String,
+    /// `` `op`, `changed_at`, `old_a`, ... `` of the log.
+    columns: String,
+    /// `SELECT 'D', <now>, ... FROM ... WHERE ...`: the rows the cascade touches.
+    select: String,
+    /// For an update: the condition under which the cascade happens at all (the
+    /// referenced columns change).
+    guard: Option<String>,
+    /// For an update: the parent's referenced columns.
+    parent_columns: Vec<String>,
+}
+
+impl CascadeCapture {
+    fn var(&self, what: &str) -> String {
+        let id = format!("{}/{}/{}", self.parent, self.event.sql(), self.watched);
+        format!("@`epidemic_{:08x}_{what}`", crate::schema::fnv1a32(&id))
+    }
+
+    fn guarded(&self, inner: &str, otherwise: Option<&str>) -> String {
+        match (&self.guard, otherwise) {
+            (None, _) => inner.to_owned(),
+            (Some(g), None) => format!("IF {g} THEN\n        {inner};\n    END IF"),
+            (Some(g), Some(o)) => {
+                format!("IF {g} THEN\n        {inner};\n    ELSE\n        {o};\n    END IF")
+            }
+        }
+    }
+
+    /// The parent's BEFORE statement.
+    pub fn before(&self, mode: CascadeMode, pend: &str) -> String {
+        match mode {
+            CascadeMode::Direct => self.guarded(
+                &format!(
+                    "INSERT INTO {} ({}) {}",
+                    quote(&self.log_table),
+                    self.columns,
+                    self.select
+                ),
+                None,
+            ),
+            CascadeMode::Staged => {
+                let (n, lo) = (self.var("n"), self.var("lo"));
+                // ROW_COUNT() and LAST_INSERT_ID() of the INSERT ... SELECT: how many rows
+                // and the first of their consecutive ids.
+                self.guarded(
+                    &format!(
+                        "INSERT INTO {} ({}) {};\n        SET {n} = ROW_COUNT(), {lo} = LAST_INSERT_ID()",
+                        quote(pend),
+                        self.columns,
+                        self.select
+                    ),
+                    Some(&format!("SET {n} = 0")),
+                )
+            }
+        }
+    }
+
+    /// The parent's AFTER statement (staged mode only). AFTER DELETE runs only for a row
+    /// really deleted; AFTER UPDATE runs also for a row `UPDATE IGNORE` skipped, so it
+    /// checks, as the tables' own UPDATE triggers do, that the parent row under the old
+    /// key no longer holds the old referenced values.
+    pub fn after(&self, pend: &str, parent_key: Option<&[String]>) -> String {
+        let (n, lo) = (self.var("n"), self.var("lo"));
+        let pend_q = quote(pend);
+        let mv = format!(
+            "INSERT INTO {} ({cols}) SELECT {cols} FROM {pend_q} WHERE `id` = `i`",
+            quote(&self.log_table),
+            cols = self.columns
+        );
+        let delete = format!("DELETE FROM {pend_q} WHERE `id` = `i`");
+        let happened = match (self.event, parent_key) {
+            (ParentEvent::Update, Some(key)) => {
+                let at_old_key: Vec<String> = key
+                    .iter()
+                    .map(|k| format!("`epidemic_row`.{} = OLD.{}", quote(k), quote(k)))
+                    .chain(self.parent_columns.iter().map(|p| {
+                        format!(
+                            "CAST(`epidemic_row`.{q} AS BINARY) <=> CAST(OLD.{q} AS BINARY)",
+                            q = quote(p)
+                        )
+                    }))
+                    .collect();
+                Some(format!(
+                    "NOT EXISTS (SELECT 1 FROM {} AS `epidemic_row` WHERE {})",
+                    quote(&self.parent),
+                    at_old_key.join(" AND ")
+                ))
+            }
+            _ => None,
+        };
+        let body = match happened {
+            None => format!("{mv};\n                {delete};"),
+            Some(h) => format!(
+                "IF {h} THEN\n                    {mv};\n                END IF;\n                {delete};"
+            ),
+        };
+        format!(
+            "IF {n} > 0 THEN\n        BEGIN\n            DECLARE `i` BIGINT DEFAULT {lo};\n            \
+             WHILE `i` < {lo} + {n} DO\n                {body}\n                SET `i` = `i` + 1;\n            \
+             END WHILE;\n            SET {n} = 0;\n        END;\n    END IF"
+        )
+    }
 }
 
 fn refuse(msg: String) -> BackendError {
@@ -154,13 +308,8 @@ pub(crate) fn captures(
                     f.what()
                 )));
             }
-            if let Some(stmt) = update_statement(w, f, now) {
-                out.push(CascadeCapture {
-                    parent: f.parent.clone(),
-                    event: ParentEvent::Update,
-                    path: vec![f.name.clone()],
-                    statement: stmt,
-                });
+            if let Some(c) = update_capture(w, f, now) {
+                out.push(c);
             }
         }
         if f.on_delete.acts() {
@@ -243,13 +392,8 @@ fn walk<'f>(
             top.what()
         )));
     }
-    if let Some(stmt) = delete_statement(w, path, now) {
-        out.push(CascadeCapture {
-            parent: top.parent.clone(),
-            event: ParentEvent::Delete,
-            path: path.iter().map(|p| p.name.clone()).collect(),
-            statement: stmt,
-        });
+    if let Some(c) = delete_capture(w, path, now) {
+        out.push(c);
     }
     for g in fks
         .iter()
@@ -300,9 +444,8 @@ fn values(w: &WatchedTable<'_>, replace: Option<(&ForeignKey, SetColumn<'_>)>) -
 /// `INSERT INTO log ... SELECT` of the rows of the watched table that deleting the parent
 /// row (`OLD`) at the top of `path` deletes (or sets to NULL). `None` when the action
 /// changes no watched column.
-fn delete_statement(w: &WatchedTable<'_>, path: &[&ForeignKey], now: &str) -> Option<String> {
+fn delete_capture(w: &WatchedTable<'_>, path: &[&ForeignKey], now: &str) -> Option<CascadeCapture> {
     let first = path[0];
-    let log_q = quote(w.log_table);
     let (op, columns, vals) = match first.on_delete {
         FkRule::Cascade => ("D", column_list(w, "old"), values(w, None)),
         FkRule::SetNull => {
@@ -338,15 +481,25 @@ fn delete_statement(w: &WatchedTable<'_>, path: &[&ForeignKey], now: &str) -> Op
         .iter()
         .map(|(c, p)| format!("{}.{} = OLD.{}", alias(last), quote(c), quote(p)))
         .collect();
-    Some(format!(
-        "INSERT INTO {log_q} (`op`, `changed_at`, {columns}) SELECT '{op}', {now}, {vals} FROM {from} WHERE {}",
-        cond.join(" AND ")
-    ))
+    Some(CascadeCapture {
+        parent: path[last].parent.clone(),
+        event: ParentEvent::Delete,
+        path: path.iter().map(|p| p.name.clone()).collect(),
+        watched: w.table.to_owned(),
+        log_table: w.log_table.to_owned(),
+        columns: format!("`op`, `changed_at`, {columns}"),
+        select: format!(
+            "SELECT '{op}', {now}, {vals} FROM {from} WHERE {}",
+            cond.join(" AND ")
+        ),
+        guard: None,
+        parent_columns: Vec::new(),
+    })
 }
 
 /// The statement for a parent key update that `f` carries over (or sets to NULL) in the
 /// watched table; `None` when the key's columns are not watched.
-fn update_statement(w: &WatchedTable<'_>, f: &ForeignKey, now: &str) -> Option<String> {
+fn update_capture(w: &WatchedTable<'_>, f: &ForeignKey, now: &str) -> Option<CascadeCapture> {
     if !w.columns.iter().any(|c| f.child_has(c)) {
         return None;
     }
@@ -369,21 +522,31 @@ fn update_statement(w: &WatchedTable<'_>, f: &ForeignKey, now: &str) -> Option<S
         .iter()
         .map(|(c, p)| format!("{}.{} = OLD.{}", alias(0), quote(c), quote(p)))
         .collect();
-    Some(format!(
-        "IF NOT ({}) THEN\n        INSERT INTO {} (`op`, `changed_at`, {}, {}) SELECT 'U', {now}, {}, {} FROM {} AS {} WHERE {};\n    END IF",
-        unchanged.join(" AND "),
-        quote(w.log_table),
-        column_list(w, "old"),
-        column_list(w, "new"),
-        values(w, None),
-        values(w, Some((f, set))),
-        quote(w.table),
-        alias(0),
-        cond.join(" AND ")
-    ))
+    Some(CascadeCapture {
+        parent: f.parent.clone(),
+        event: ParentEvent::Update,
+        path: vec![f.name.clone()],
+        watched: w.table.to_owned(),
+        log_table: w.log_table.to_owned(),
+        columns: format!(
+            "`op`, `changed_at`, {}, {}",
+            column_list(w, "old"),
+            column_list(w, "new")
+        ),
+        select: format!(
+            "SELECT 'U', {now}, {}, {} FROM {} AS {} WHERE {}",
+            values(w, None),
+            values(w, Some((f, set))),
+            quote(w.table),
+            alias(0),
+            cond.join(" AND ")
+        ),
+        guard: Some(format!("NOT ({})", unchanged.join(" AND "))),
+        parent_columns: f.columns.iter().map(|(_, p)| p.clone()).collect(),
+    })
 }
 
-/// The body of one parent's BEFORE trigger for one event.
+/// The body of one parent's cascade trigger.
 pub(crate) fn body(statements: &[&str]) -> String {
     let mut s = String::from("BEGIN\n");
     for stmt in statements {
@@ -440,10 +603,12 @@ mod tests {
                 ("g", ParentEvent::Delete)
             ]
         );
+        let before = got[2].before(CascadeMode::Direct, "epidemic_pend_w");
+        assert!(before.contains("JOIN `p` AS `epidemic_c1`"), "{before}");
+        let staged = got[2].before(CascadeMode::Staged, "epidemic_pend_w");
         assert!(
-            got[2].statement.contains("JOIN `p` AS `epidemic_c1`"),
-            "{}",
-            got[2].statement
+            staged.starts_with("INSERT INTO `epidemic_pend_w`"),
+            "{staged}"
         );
         // A cycle is refused, naming the constraint.
         let fks = vec![

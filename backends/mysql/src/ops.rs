@@ -9,6 +9,7 @@ use epidemic_plugin_sdk::{
 use mysql::prelude::Queryable;
 use mysql::Conn;
 
+use crate::cascade::CascadeMode;
 use crate::conn::{sql_err, ServerInfo};
 use crate::gaps::{GapSeen, GapSet};
 use crate::poller::{gap_condition, now_us};
@@ -337,6 +338,7 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
     };
     let mut schema = MySqlSchema::new(conn, server);
     let fks = schema.foreign_keys()?;
+    let mode = schema.cascade_mode();
     let mut log_tables = Vec::new();
     for log in &watched {
         let mut problems = Vec::new();
@@ -373,8 +375,18 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
             if let Some(why) = schema.engine_problem(&log.source_table)? {
                 problems.push(why);
             }
-            match schema.cascade_triggers(log, &fks)? {
+            match schema.cascade_triggers(log, &fks, mode)? {
                 Ok(cascades) => {
+                    if mode == CascadeMode::Direct {
+                        if let Some((parent, ..)) = cascades.first() {
+                            status.warnings.push(format!(
+                                "foreign-key cascades from {parent} into {} are logged before the parent row changes \
+                                 (this server allows one trigger per table and event, or has innodb_autoinc_lock_mode = 2): \
+                                 a DELETE IGNORE or UPDATE IGNORE that then skips the parent row logs a cascade that did not happen",
+                                log.source_table
+                            ));
+                        }
+                    }
                     for (parent, name, here) in cascades {
                         if !here {
                             problems.push(format!(

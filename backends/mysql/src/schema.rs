@@ -35,7 +35,9 @@ use epidemic_plugin_sdk::{ident, BackendError, Watch};
 use mysql::prelude::Queryable;
 use mysql::Conn;
 
-use crate::cascade::{self, CascadeCapture, FkRule, ForeignKey, ParentEvent, WatchedTable};
+use crate::cascade::{
+    self, CascadeCapture, CascadeMode, FkRule, ForeignKey, ParentEvent, Timing, WatchedTable,
+};
 use crate::conn::{sql_err, ServerInfo};
 
 /// MySQL's limit for table, column and trigger names.
@@ -53,7 +55,7 @@ fn literal(s: &str) -> String {
 }
 
 /// FNV-1a, for stable short name suffixes (not for security).
-fn fnv1a32(s: &str) -> u32 {
+pub(crate) fn fnv1a32(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
@@ -70,6 +72,12 @@ pub(crate) fn fit(name: String) -> String {
 
 pub(crate) fn log_table_name(source: &str) -> String {
     fit(format!("epidemic_log_{source}"))
+}
+
+/// Where a parent's BEFORE trigger puts the rows its cascade is about to touch in
+/// `source` until the AFTER trigger moves them into the log (`cascade.rs`).
+pub(crate) fn pend_table_name(source: &str) -> String {
+    fit(format!("epidemic_pend_{source}"))
 }
 
 pub(crate) fn trigger_name(source: &str, event: &str) -> String {
@@ -658,12 +666,12 @@ impl<'c> MySqlSchema<'c> {
         if !self.table_exists("epidemic_dead_letter")? {
             plan.push(DEAD_LETTER_DDL.to_owned());
         }
-        // Cascades are planned before anything is generated for the tables: a shape
-        // that cannot be captured refuses the whole install.
-        let cascades = self.plan_cascades(&resolved, &registry, &triggers)?;
         for r in &resolved {
             self.plan_table(r, registry.get(&r.table), &triggers, &mut plan)?;
         }
+        // A cascade shape that cannot be captured refuses the whole install: nothing has
+        // run yet, the plan is only returned whole.
+        let cascades = self.plan_cascades(&resolved, &registry, &triggers, &plan)?;
         plan.extend(cascades);
         Ok(plan)
     }
@@ -718,12 +726,27 @@ impl<'c> MySqlSchema<'c> {
         Ok(fks)
     }
 
+    /// How cascaded rows reach the log on this server (see [`CascadeMode`]).
+    pub fn cascade_mode(&mut self) -> CascadeMode {
+        if !self.server.multiple_triggers() {
+            return CascadeMode::Direct;
+        }
+        match self
+            .conn
+            .query_first::<Option<i64>, _>("SELECT @@innodb_autoinc_lock_mode")
+        {
+            Ok(Some(Some(0 | 1))) => CascadeMode::Staged,
+            _ => CascadeMode::Direct,
+        }
+    }
+
     /// For `status`: the parents' cascade triggers a watched table needs, each with
     /// whether it is there and current (`Ok`), or why its cascades cannot be captured.
     pub fn cascade_triggers(
         &mut self,
         log: &MySqlLogTable,
         fks: &[ForeignKey],
+        mode: CascadeMode,
     ) -> Result<Result<Vec<CascadeTrigger>, String>, BackendError> {
         let w = WatchedTable {
             table: &log.source_table,
@@ -735,29 +758,38 @@ impl<'c> MySqlSchema<'c> {
             Err(e) => return Ok(Err(e.to_string())),
         };
         let triggers = self.triggers()?;
-        Ok(Ok(captures
-            .iter()
-            .map(|c| {
-                let name = cascade::trigger_name(&c.parent, c.event);
+        let pend = pend_table_name(&log.source_table);
+        let mut out = Vec::new();
+        for c in &captures {
+            let mut wanted = vec![(Timing::Before, c.before(mode, &pend))];
+            if mode == CascadeMode::Staged {
+                let key = self.row_key(&c.parent)?;
+                wanted.push((Timing::After, c.after(&pend, key.as_deref())));
+            }
+            for (timing, statement) in wanted {
+                let name = cascade::trigger_name(&c.parent, c.event, timing);
                 let here = triggers.iter().any(|t| {
                     t.name == name
                         && t.table == c.parent
-                        && t.timing == "BEFORE"
-                        && t.body.contains(&c.statement)
+                        && t.timing == timing.sql()
+                        && t.body.contains(&statement)
                 });
-                (c.parent.clone(), name, here)
-            })
-            .collect()))
+                out.push((c.parent.clone(), name, here));
+            }
+        }
+        Ok(Ok(out))
     }
 
-    /// The statements that bring the parents' BEFORE triggers up to date for every
-    /// watched table (this install's and those already registered), including dropping
-    /// ones no longer needed. See `cascade.rs`.
+    /// The statements that bring the parents' cascade triggers and the pending tables up
+    /// to date for every watched table (this install's and those already registered),
+    /// including dropping ones no longer needed. `earlier` is the plan so far. See
+    /// `cascade.rs`.
     fn plan_cascades(
         &mut self,
         resolved: &[ResolvedWatch],
         registry: &HashMap<String, MySqlLogTable>,
         triggers: &[ExistingTrigger],
+        earlier: &[String],
     ) -> Result<Vec<String>, BackendError> {
         let fks = self.foreign_keys()?;
         let mut tables: Vec<(String, String, Vec<String>)> = resolved
@@ -777,6 +809,7 @@ impl<'c> MySqlSchema<'c> {
         }
         tables.sort();
         let now = self.now_expr();
+        let mode = self.cascade_mode();
         let mut all: Vec<CascadeCapture> = Vec::new();
         for (table, log_table, columns) in &tables {
             let w = WatchedTable {
@@ -786,66 +819,121 @@ impl<'c> MySqlSchema<'c> {
             };
             all.extend(cascade::captures(&w, &fks, now)?);
         }
+        let mut plan = Vec::new();
+
+        // Pending tables: the log table's exact shape (`CREATE TABLE ... LIKE`), made
+        // again whenever the log table changes. Between statements they hold only rows
+        // of parent rows an IGNORE statement skipped, which are garbage.
+        for (table, log_table, _) in &tables {
+            let pend = pend_table_name(table);
+            let needed = mode == CascadeMode::Staged && all.iter().any(|c| c.watched == *table);
+            let exists = self.table_exists(&pend)?;
+            if !needed {
+                if exists {
+                    plan.push(format!("DROP TABLE {}", quote(&pend)));
+                }
+                continue;
+            }
+            let log_q = quote(log_table);
+            let log_changes = earlier.iter().any(|s| {
+                s.starts_with(&format!("ALTER TABLE {log_q}"))
+                    || s.starts_with(&format!("CREATE TABLE {log_q}"))
+            });
+            let same_shape = exists && !log_changes && {
+                let a = self.columns_of(&pend)?;
+                let b = self.columns_of(log_table)?;
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(&b)
+                        .all(|(x, y)| x.name == y.name && x.same_type(y))
+            };
+            if !same_shape {
+                if exists {
+                    plan.push(format!("DROP TABLE {}", quote(&pend)));
+                }
+                plan.push(format!("CREATE TABLE {} LIKE {log_q}", quote(&pend)));
+            }
+        }
+
         let mut parents: Vec<(String, ParentEvent)> =
             all.iter().map(|c| (c.parent.clone(), c.event)).collect();
         parents.sort_by(|a, b| (a.0.as_str(), a.1.sql()).cmp(&(b.0.as_str(), b.1.sql())));
         parents.dedup();
-
-        let mut plan = Vec::new();
+        let mut wanted_names: Vec<String> = Vec::new();
         for (parent, event) in &parents {
             let parent_table = self.catalog_table(parent)?;
-            let name = cascade::trigger_name(parent, *event);
-            if !self.server.multiple_triggers() {
-                if let Some(t) = triggers.iter().find(|t| {
-                    t.table == *parent
-                        && t.event == event.sql()
-                        && t.timing == "BEFORE"
-                        && t.name != name
-                }) {
-                    return Err(BackendError::Invalid(format!(
-                        "table {parent} already has a BEFORE {} trigger ({}) and this server allows only one \
-                         per table and event, so the foreign-key cascades into watched tables cannot be captured; \
-                         merge it by hand or upgrade to MySQL 5.7.2+/MariaDB 10.2.3+",
-                        event.sql(),
-                        t.name
-                    )));
-                }
-            }
-            let statements: Vec<&str> = all
+            let mine: Vec<&CascadeCapture> = all
                 .iter()
                 .filter(|c| c.parent == *parent && c.event == *event)
-                .map(|c| c.statement.as_str())
                 .collect();
-            let body = cascade::body(&statements);
-            let current = triggers.iter().any(|t| {
-                t.name == name
-                    && t.table == *parent
-                    && t.event == event.sql()
-                    && t.timing == "BEFORE"
-                    && t.body == body
-            });
-            if current {
-                continue;
+            let mut bodies = vec![(
+                Timing::Before,
+                mine.iter()
+                    .map(|c| c.before(mode, &pend_table_name(&c.watched)))
+                    .collect::<Vec<_>>(),
+            )];
+            if mode == CascadeMode::Staged {
+                let key = self.row_key(&parent_table.name)?;
+                bodies.push((
+                    Timing::After,
+                    mine.iter()
+                        .map(|c| c.after(&pend_table_name(&c.watched), key.as_deref()))
+                        .collect(),
+                ));
             }
-            // As for the tables' own triggers: no write to the parent between the DROP
-            // and the CREATE.
-            plan.push(format!("LOCK TABLES {} WRITE", quote(&parent_table.name)));
-            plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&name)));
-            plan.push(format!(
-                "CREATE TRIGGER {} BEFORE {} ON {} FOR EACH ROW {body}",
-                quote(&name),
-                event.sql(),
-                quote(parent)
-            ));
-            plan.push("UNLOCK TABLES".to_owned());
+            for (timing, statements) in bodies {
+                let name = cascade::trigger_name(parent, *event, timing);
+                wanted_names.push(name.clone());
+                if !self.server.multiple_triggers() {
+                    if let Some(t) = triggers.iter().find(|t| {
+                        t.table == *parent
+                            && t.event == event.sql()
+                            && t.timing == timing.sql()
+                            && t.name != name
+                    }) {
+                        return Err(BackendError::Invalid(format!(
+                            "table {parent} already has a {} {} trigger ({}) and this server allows only one \
+                             per table and event, so the foreign-key cascades into watched tables cannot be captured; \
+                             merge it by hand or upgrade to MySQL 5.7.2+/MariaDB 10.2.3+",
+                            timing.sql(),
+                            event.sql(),
+                            t.name
+                        )));
+                    }
+                }
+                let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+                let body = cascade::body(&refs);
+                let current = triggers.iter().any(|t| {
+                    t.name == name
+                        && t.table == *parent
+                        && t.event == event.sql()
+                        && t.timing == timing.sql()
+                        && t.body == body
+                });
+                if current {
+                    continue;
+                }
+                // As for the tables' own triggers: no write to the parent between the
+                // DROP and the CREATE.
+                plan.push(format!("LOCK TABLES {} WRITE", quote(&parent_table.name)));
+                plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&name)));
+                plan.push(format!(
+                    "CREATE TRIGGER {} {} {} ON {} FOR EACH ROW {body}",
+                    quote(&name),
+                    timing.sql(),
+                    event.sql(),
+                    quote(parent)
+                ));
+                plan.push("UNLOCK TABLES".to_owned());
+            }
         }
-        // Cascade triggers no watched table needs any more (a foreign key dropped).
+        // Cascade triggers no watched table needs any more (a foreign key dropped, the
+        // mode changed).
         for t in triggers {
-            let stale = ParentEvent::ALL.iter().any(|e| {
-                t.name == cascade::trigger_name(&t.table, *e)
-                    && !parents.iter().any(|(p, pe)| *p == t.table && pe == e)
+            let ours = cascade::KINDS.iter().any(|(e, timing)| {
+                t.name == cascade::trigger_name(&t.table, *e, *timing) && t.timing == timing.sql()
             });
-            if stale && t.timing == "BEFORE" {
+            if ours && !wanted_names.contains(&t.name) {
                 plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&t.name)));
             }
         }
@@ -1063,10 +1151,10 @@ impl<'c> MySqlSchema<'c> {
         let mut plan = Vec::new();
         // The parents' cascade triggers first: they write into the log tables.
         for t in self.triggers()? {
-            let ours = ParentEvent::ALL
-                .iter()
-                .any(|e| t.name == cascade::trigger_name(&t.table, *e));
-            if ours && t.timing == "BEFORE" {
+            let ours = cascade::KINDS.iter().any(|(e, timing)| {
+                t.name == cascade::trigger_name(&t.table, *e, *timing) && t.timing == timing.sql()
+            });
+            if ours {
                 plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&t.name)));
             }
         }
@@ -1079,6 +1167,10 @@ impl<'c> MySqlSchema<'c> {
                 ));
             }
             plan.push(format!("DROP TABLE IF EXISTS {}", quote(&log.log_table)));
+            let pend = pend_table_name(&log.source_table);
+            if self.table_exists(&pend)? {
+                plan.push(format!("DROP TABLE {}", quote(&pend)));
+            }
         }
         for t in ["epidemic_dead_letter", "epidemic_cursor", "epidemic_watch"] {
             if self.table_exists(t)? {
