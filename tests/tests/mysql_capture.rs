@@ -227,6 +227,8 @@ fn set_null_cascades_reach_the_handler() {
     let mut b = open(&url);
     let w = [watch("mail_users", &["domain_id", "username"])];
     b.install(&w).expect("install");
+    // Installed objects are recognised as current: a second install changes nothing.
+    assert_eq!(b.plan_install(&w).expect("plan"), Vec::<String>::new());
     b.register(&c, &["mail_users".into()], StartFrom::Now)
         .unwrap();
     conn.query_drop("DELETE FROM domains WHERE id = 1").unwrap();
@@ -268,6 +270,11 @@ fn cascades_through_an_unwatched_table_reach_the_handler() {
     let c = consumer();
     let mut b = open(&url);
     b.install(&[watch("aliases", &["alias"])]).expect("install");
+    assert_eq!(
+        b.plan_install(&[watch("aliases", &["alias"])])
+            .expect("plan"),
+        Vec::<String>::new()
+    );
     b.register(&c, &["aliases".into()], StartFrom::Now).unwrap();
     conn.query_drop("DELETE FROM domains WHERE id = 1").unwrap();
     conn.query_drop("DELETE FROM mail_users WHERE id = 20")
