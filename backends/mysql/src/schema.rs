@@ -286,8 +286,17 @@ impl<'c> MySqlSchema<'c> {
         }
     }
 
+    /// Whether a table of exactly this name exists (Epidemic's own tables, whose names
+    /// it made from catalog spellings).
     pub fn table_exists(&mut self, name: &str) -> Result<bool, BackendError> {
-        Ok(self.tables_named(name)?.iter().any(|t| t.name == name))
+        let found: Vec<String> = self
+            .conn
+            .exec(
+                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                (name,),
+            )
+            .map_err(sql_err)?;
+        Ok(found.iter().any(|t| t == name))
     }
 
     /// The catalog's entry for a user's table as the config names it: the exact name,
