@@ -59,6 +59,12 @@ pub struct DaemonConfig {
     /// pruning, and is told it missed changes when it comes back. "0" never evicts.
     #[serde(deserialize_with = "duration")]
     pub consumer_ttl: Duration,
+    /// How long this daemon's claim on its name lasts without a renewal (renewed every
+    /// third of it). A second daemon with the same name is refused while it is held; a
+    /// restart after a crash on the same host takes the name over at once, elsewhere it
+    /// waits at most this long.
+    #[serde(deserialize_with = "duration")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -70,6 +76,7 @@ impl Default for DaemonConfig {
             idle_check_ms: 1_000,
             prune_interval_ms: 5_000,
             consumer_ttl: Duration::from_secs(7 * 24 * 3600),
+            lease_ttl: Duration::from_secs(15),
         }
     }
 }

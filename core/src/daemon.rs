@@ -21,6 +21,7 @@ use epidemic_plugin_sdk::{
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, HandlerConfig, OnFailure};
+use crate::lease::{DaemonLease, Heartbeat};
 use crate::metrics::{HandlerMetrics, Metrics};
 use crate::plugins::{self, LoadedHandler};
 
@@ -111,9 +112,20 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         reconnect_on_error(&mut main_conn, |c| c.install(&watches))
     })?;
     let handler_count = handlers.len();
+    // From here on this daemon changes consumers of its name: hold the name first.
+    if cfg.daemon.lease_ttl < Duration::from_millis(300) {
+        bail!("daemon.lease_ttl: must be at least 300ms");
+    }
+    let lease = DaemonLease::new(&daemon, cfg.daemon.lease_ttl);
+    lease.acquire(&stop, |req| {
+        until_connected(&stop, "claim the daemon name", || {
+            reconnect_on_error(&mut main_conn, |c| c.lease(req))
+        })
+    })?;
     forget_removed_handlers(&mut main_conn, &daemon, &handlers);
 
     let mut threads: Vec<(String, JoinHandle<()>)> = Vec::new();
+    let mut consumers = Vec::new();
     for h in handlers {
         let consumer = Consumer {
             daemon: daemon.clone(),
@@ -126,6 +138,8 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             })
         })?;
         log_registration(&consumer, &h, &tables, registered, opts.start);
+        let lost_cursor = Arc::new(AtomicBool::new(false));
+        consumers.push((consumer.clone(), Arc::clone(&lost_cursor)));
         let conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
         let handler_metrics = metrics.handler(&consumer.handler);
         let dispatcher = Dispatcher::new(
@@ -136,7 +150,8 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             handler_metrics,
             Arc::clone(&metrics),
             Arc::clone(&stop),
-        );
+        )
+        .with_lost_cursor_flag(lost_cursor);
         let name = dispatcher.consumer.handler.clone();
         let handle = std::thread::Builder::new()
             .name(format!("handler-{name}"))
@@ -144,6 +159,14 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             .context("cannot start handler thread")?;
         threads.push((name, handle));
     }
+
+    let heartbeat = Heartbeat::start(
+        until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?,
+        lease.clone(),
+        consumers,
+        heartbeat_interval(&cfg),
+        Arc::clone(&stop),
+    )?;
 
     // Logged once every consumer has a cursor: from here on no change is missed.
     info!(
@@ -186,8 +209,25 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             error!(handler = %name, "handler thread panicked");
         }
     }
+    if let Some(holder) = heartbeat.join() {
+        bail!("daemon name {daemon:?} was taken over by another daemon ({holder}); stopped");
+    }
+    // A clean stop frees the name at once, so a restart need not wait for the lease.
+    if let Err(e) = lease.release(&mut main_conn) {
+        debug!(error = %e, "could not release the daemon name; it expires by itself");
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Heartbeats renew the lease three times per `lease_ttl`, and touch consumers at least
+/// ten times per `consumer_ttl`.
+fn heartbeat_interval(cfg: &Config) -> Duration {
+    let mut every = cfg.daemon.lease_ttl / 3;
+    if !cfg.daemon.consumer_ttl.is_zero() {
+        every = every.min(cfg.daemon.consumer_ttl / 10);
+    }
+    every.clamp(Duration::from_millis(100), Duration::from_secs(60))
 }
 
 /// This daemon's consumers whose handler is no longer in the config would hold back
@@ -319,10 +359,11 @@ struct Dispatcher {
     retry: HandlerConfig,
     batch_size: u32,
     idle_check: Duration,
-    heartbeat: Option<Duration>,
     metrics: Arc<HandlerMetrics>,
     all_metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
+    /// Set by the heartbeat when touching this consumer updated no cursor.
+    lost_cursor: Arc<AtomicBool>,
 }
 
 impl Dispatcher {
@@ -335,7 +376,6 @@ impl Dispatcher {
         all_metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
     ) -> Self {
-        let ttl = cfg.daemon.consumer_ttl;
         Dispatcher {
             tables: h.tables(),
             consumer,
@@ -345,14 +385,17 @@ impl Dispatcher {
             retry: h.config,
             batch_size: cfg.daemon.batch_size,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms.max(1)),
-            // Ten heartbeats per TTL (at most one a minute): a live consumer is never
-            // evicted, however quiet its tables are.
-            heartbeat: (!ttl.is_zero())
-                .then(|| (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))),
             metrics,
             all_metrics,
             stop,
+            lost_cursor: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The flag the heartbeat sets when touching this consumer updated no cursor.
+    fn with_lost_cursor_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.lost_cursor = flag;
+        self
     }
 
     fn stopping(&self) -> bool {
@@ -362,19 +405,21 @@ impl Dispatcher {
     fn run(mut self) {
         let mut outage: Option<Instant> = None;
         let mut backoff = RECONNECT_INITIAL;
-        let mut next_beat = Instant::now();
         let mut next_retry_check = Instant::now();
         while !self.stopping() {
-            let mut result = self.step();
+            let mut result = if self.lost_cursor.swap(false, Ordering::Relaxed) {
+                Err(BackendError::Evicted(format!(
+                    "consumer {}: the heartbeat found no live cursor",
+                    self.consumer
+                )))
+            } else {
+                self.step()
+            };
             if result.is_ok() {
                 if let Some(since) = outage.take() {
                     info!(consumer = %self.consumer, after = ?since.elapsed(), "database reachable again; catching up");
                 }
                 backoff = RECONNECT_INITIAL;
-                if let Some(every) = self.heartbeat.filter(|_| Instant::now() >= next_beat) {
-                    next_beat = Instant::now() + every;
-                    result = self.backend.touch(&self.consumer);
-                }
             }
             if result.is_ok() && Instant::now() >= next_retry_check {
                 next_retry_check = Instant::now() + RETRY_CHECK;
@@ -397,9 +442,9 @@ impl Dispatcher {
                     if let Err(e) = self.backend.reconnect() {
                         debug!(consumer = %self.consumer, error = %e, "reconnect failed");
                     }
-                } else {
-                    // E.g. the consumer was evicted while this daemon was stuck:
-                    // register again (which says loudly what was missed).
+                } else if e.is_evicted() {
+                    // The consumer was evicted while this daemon was cut off: register
+                    // again (which says loudly what was missed).
                     match self
                         .backend
                         .register(&self.consumer, &self.tables, StartFrom::Now)
@@ -409,7 +454,12 @@ impl Dispatcher {
                             "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
                              handled may have been pruned and are MISSED; continuing from now"
                         ),
-                        Ok(_) => {}
+                        Ok(Registered::New) => error!(
+                            consumer = %self.consumer,
+                            "this consumer's cursor had vanished (deleted by hand?); registered again from now: \
+                             changes committed since it vanished may be MISSED"
+                        ),
+                        Ok(Registered::Existing) => {}
                         Err(e) => {
                             debug!(consumer = %self.consumer, error = %e, "re-register failed")
                         }

@@ -8,6 +8,7 @@
 mod bench;
 mod config;
 mod daemon;
+mod lease;
 mod metrics;
 mod plugins;
 mod report;

@@ -42,6 +42,12 @@ pub enum BackendError {
     /// Bad input: an identifier, a missing table or column, a bad URL or option.
     #[error("{0}")]
     Invalid(String),
+    /// The consumer's cursor was evicted (unseen longer than `consumer_ttl`) or is gone
+    /// (forgotten): nothing of it was updated. The host registers it again, which says
+    /// loudly what may have been missed. An ack or heartbeat that updates no cursor is
+    /// this error, never a success.
+    #[error("{0}")]
+    Evicted(String),
     /// Anything else (SQL errors the backend did not expect).
     #[error("{0}")]
     Other(String),
@@ -51,6 +57,10 @@ impl BackendError {
     pub fn is_connection(&self) -> bool {
         matches!(self, BackendError::Connection(_))
     }
+
+    pub fn is_evicted(&self) -> bool {
+        matches!(self, BackendError::Evicted(_))
+    }
 }
 
 impl From<BackendError> for RError {
@@ -58,6 +68,7 @@ impl From<BackendError> for RError {
         match e {
             BackendError::Connection(m) => RError::new(RErrorKind::Connection, m),
             BackendError::Invalid(m) => RError::new(RErrorKind::Invalid, m),
+            BackendError::Evicted(m) => RError::new(RErrorKind::Evicted, m),
             BackendError::Other(m) => RError::new(RErrorKind::Permanent, m),
         }
     }
@@ -68,6 +79,7 @@ impl From<RError> for BackendError {
         match e.kind {
             RErrorKind::Connection => BackendError::Connection(e.message.into()),
             RErrorKind::Invalid => BackendError::Invalid(e.message.into()),
+            RErrorKind::Evicted => BackendError::Evicted(e.message.into()),
             RErrorKind::Panic => BackendError::Other(format!("backend panicked: {}", e.message)),
             RErrorKind::Retryable | RErrorKind::Permanent => BackendError::Other(e.message.into()),
         }

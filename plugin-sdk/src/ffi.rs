@@ -170,6 +170,8 @@ pub enum RErrorKind {
     Connection,
     /// Bad input: config, identifiers, missing tables or columns.
     Invalid,
+    /// A backend's consumer was evicted or its cursor is gone (`BackendError::Evicted`).
+    Evicted,
 }
 
 #[repr(C)]

@@ -66,7 +66,7 @@ impl From<RError> for HandlerError {
                 HandlerError::Retryable(e.message.into())
             }
             RErrorKind::Panic => HandlerError::Panic(e.message.into()),
-            RErrorKind::Permanent | RErrorKind::Invalid => {
+            RErrorKind::Permanent | RErrorKind::Invalid | RErrorKind::Evicted => {
                 HandlerError::Permanent(e.message.into())
             }
         }

@@ -34,6 +34,16 @@ trait TestDb: Send + Sync + 'static {
     fn outage_always_seen(&self) -> bool {
         true
     }
+    /// Whether the database's clock is necessarily the daemon's own (SQLite: the file is
+    /// on the daemon's host, and SQLite reads that host's clock), so clock skew between
+    /// daemons cannot happen.
+    fn clock_is_the_daemons(&self) -> bool {
+        false
+    }
+    /// A statement deleting every consumer's cursor rows (a hostile DBA).
+    fn delete_cursors_sql(&self) -> String {
+        "DELETE FROM epidemic_cursor".into()
+    }
 }
 
 const SCHEMA: &str = "CREATE TABLE mail_users (id BIGINT PRIMARY KEY, username VARCHAR(200) NOT NULL, quota_bytes BIGINT)";
@@ -502,6 +512,10 @@ mod sqlite_db {
     }
 
     impl TestDb for SqliteDb {
+        fn clock_is_the_daemons(&self) -> bool {
+            true
+        }
+
         fn url(&self) -> String {
             sqlite::url(&self.path)
         }
@@ -577,6 +591,10 @@ mod pg_db {
     }
 
     impl TestDb for PgDb {
+        fn delete_cursors_sql(&self) -> String {
+            "DELETE FROM epidemic.consumer".into()
+        }
+
         fn url(&self) -> String {
             self.url.clone()
         }
@@ -679,6 +697,166 @@ mod mysql_db {
     }
 }
 
+/// A second daemon started with the name of a live one (a copied config, two units on
+/// one host) is refused with one line, and the first one's consumers are untouched.
+fn same_name_twice_is_refused<D: TestDb>(db: D) {
+    let c = Cluster::new(db);
+    c.config("mx1", "lease_ttl = \"2s\"", &[("a", "", ""), ("b", "", "")]);
+    let _mx1 = c.start("mx1");
+    // The same daemon name, another handler set: before the lease it forgot a and b.
+    let twin = c.dir.join("twin.toml");
+    let text = std::fs::read_to_string(c.dir.join("mx1.toml"))
+        .unwrap()
+        .split("[[handler]]")
+        .next()
+        .unwrap()
+        .to_owned()
+        + &recorder_handler(
+            "c",
+            &c.out("twin", "c"),
+            "mail_users",
+            &["username", "quota_bytes"],
+            "",
+        );
+    std::fs::write(&twin, text).unwrap();
+    let mut second = Daemon::start(&twin, &c.dir.join("twin.log"), &[]);
+    let code = second.signal_and_wait(0, WAIT);
+    let log = second.log_text();
+    assert_eq!(code.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("daemon name \"mx1\" is in use by a live daemon"),
+        "{log}"
+    );
+    assert!(!log.contains("forgot its cursor"), "{log}");
+    // The first daemon's consumers are intact and still deliver everything.
+    c.db.transaction(&(1..=10).map(insert).collect::<Vec<_>>());
+    assert_all_delivered(&c.out("mx1", "a"), &(1..=10).collect());
+    assert_all_delivered(&c.out("mx1", "b"), &(1..=10).collect());
+    assert!(recorded(&c.out("twin", "c")).is_empty());
+    let out = epidemic(&c.dir.join("mx1.toml"), &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let names: Vec<String> = status["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["daemon"].as_str().unwrap(),
+                c["handler"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["mx1/a", "mx1/b"]);
+}
+
+/// A DBA (or anything else) deletes a running consumer's cursor: the daemon's next ack or
+/// heartbeat updates no row, which is an error it says out loud, never a silent success;
+/// it registers again and goes on delivering.
+fn cursor_deleted_under_a_running_daemon<D: TestDb>(db: D, delete: &str) {
+    let c = Cluster::new(db);
+    c.config("mx1", "lease_ttl = \"1s\"", &[("rec", "", "")]);
+    let d = c.start("mx1");
+    c.db.transaction(&(1..=5).map(insert).collect::<Vec<_>>());
+    assert_all_delivered(&c.out("mx1", "rec"), &(1..=5).collect());
+    c.db.transaction(&[delete.to_owned()]);
+    assert!(
+        wait_until(WAIT, || d.log_text().contains("has no cursor any more")
+            || d.log_text().contains("is not registered")),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        wait_until(WAIT, || d.log_text().contains("registered again from now")),
+        "{}",
+        d.log_text()
+    );
+    c.db.transaction(&(6..=10).map(insert).collect::<Vec<_>>());
+    assert_all_delivered(&c.out("mx1", "rec"), &(1..=10).collect());
+}
+
+/// A handler that retries far longer than `consumer_ttl` (on_failure = "block") keeps its
+/// consumer alive: heartbeats do not wait for the handler. A peer daemon's housekeeping,
+/// which would evict it, never does.
+fn blocked_handler_is_not_evicted<D: TestDb>(db: D) {
+    let c = Cluster::new(db);
+    let broken = c.dir.join("broken");
+    std::fs::write(&broken, "").unwrap();
+    c.config(
+        "mx1",
+        "consumer_ttl = \"1s\"",
+        &[(
+            "rec",
+            "on_failure = \"block\"\nretry_initial_ms = 50\nretry_max_ms = 200",
+            &format!("fail_while_exists = {:?}", broken.display().to_string()),
+        )],
+    );
+    c.config("mx2", "consumer_ttl = \"1s\"", &[("rec", "", "")]);
+    let mx1 = c.start("mx1");
+    let mx2 = c.start("mx2");
+    c.db.transaction(&(1..=3).map(insert).collect::<Vec<_>>());
+    assert_all_delivered(&c.out("mx2", "rec"), &(1..=3).collect());
+    assert!(wait_until(WAIT, || mx1.log_text().contains("will retry")));
+    // Five TTLs of retrying: an eviction, if it came, would be logged by either daemon.
+    let evicted = wait_until(Duration::from_secs(5), || {
+        mx2.log_text().contains("evicted a consumer")
+            || mx1.log_text().contains("evicted a consumer")
+    });
+    assert!(!evicted, "{}\n{}", mx1.log_text(), mx2.log_text());
+    std::fs::remove_file(&broken).unwrap();
+    assert_all_delivered(&c.out("mx1", "rec"), &(1..=3).collect());
+    assert!(!mx1.log_text().contains("MISSED"), "{}", mx1.log_text());
+}
+
+/// A daemon whose clock runs a day ahead evicts nobody: `last_seen` and eviction use the
+/// database's clock.
+fn clock_skew_evicts_nobody<D: TestDb>(db: D) {
+    const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    if c_skip_clock(&db) {
+        return;
+    }
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: install Debian's faketime package (scripts/test.sh does)"
+    );
+    let c = Cluster::new(db);
+    c.config("mx1", "consumer_ttl = \"1h\"", &[("rec", "", "")]);
+    c.config("mx2", "consumer_ttl = \"1h\"", &[("rec", "", "")]);
+    let mx1 = c.start("mx1");
+    let log = c.log("mx2");
+    let mx2 = Daemon::start_with_env(
+        &c.dir.join("mx2.toml"),
+        &log,
+        &[],
+        &[
+            ("LD_PRELOAD", FAKETIME),
+            ("FAKETIME", "+1d"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    assert!(
+        wait_until(WAIT, || mx2.log_text().contains("epidemic started")),
+        "{}",
+        mx2.log_text()
+    );
+    c.db.transaction(&(1..=5).map(insert).collect::<Vec<_>>());
+    assert_all_delivered(&c.out("mx1", "rec"), &(1..=5).collect());
+    assert_all_delivered(&c.out("mx2", "rec"), &(1..=5).collect());
+    // mx2 prunes and evicts every 100 ms; give it many rounds to get it wrong.
+    let evicted = wait_until(Duration::from_secs(3), || {
+        mx2.log_text().contains("evicted a consumer")
+            || mx1.log_text().contains("evicted a consumer")
+    });
+    assert!(!evicted, "{}", mx2.log_text());
+    c.db.transaction(&(6..=10).map(insert).collect::<Vec<_>>());
+    assert_all_delivered(&c.out("mx1", "rec"), &(1..=10).collect());
+    assert!(!mx1.log_text().contains("MISSED"), "{}", mx1.log_text());
+}
+
+fn c_skip_clock<D: TestDb>(db: &D) -> bool {
+    db.clock_is_the_daemons()
+}
+
 macro_rules! conformance {
     ($($backend:ident => $db:expr;)*) => {
         $(
@@ -713,6 +891,28 @@ macro_rules! conformance {
                 #[test]
                 fn status_reports_backlog_and_dead_letters() {
                     super::status_reports_backlog_and_dead_letters($db);
+                }
+
+                #[test]
+                fn same_name_twice_is_refused() {
+                    super::same_name_twice_is_refused($db);
+                }
+
+                #[test]
+                fn cursor_deleted_under_a_running_daemon() {
+                    let db = $db;
+                    let delete = db.delete_cursors_sql();
+                    super::cursor_deleted_under_a_running_daemon(db, &delete);
+                }
+
+                #[test]
+                fn blocked_handler_is_not_evicted() {
+                    super::blocked_handler_is_not_evicted($db);
+                }
+
+                #[test]
+                fn clock_skew_evicts_nobody() {
+                    super::clock_skew_evicts_nobody($db);
                 }
             }
         )*

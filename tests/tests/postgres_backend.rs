@@ -621,7 +621,7 @@ fn start_now_skips_earlier_changes_and_oldest_reads_them() {
     assert_eq!(ids(drain(&mut b, &oldest, 10)), vec![1, 2]);
     let err = b.fetch(&consumer("nobody"), 10).expect_err("unregistered");
     assert!(
-        matches!(err, BackendError::Invalid(ref m) if m.contains("nobody")),
+        matches!(err, BackendError::Evicted(ref m) if m.contains("nobody")),
         "{err:?}"
     );
     let err = b
@@ -1553,8 +1553,12 @@ fn an_evicted_consumer_releases_pruning_and_must_register_again() {
         !evicted.is_empty()
     }));
     assert_eq!(evicted, vec![stale.clone()]);
-    // A heartbeat does not bring an evicted consumer back.
-    b.touch(&stale).expect("touch");
+    // A heartbeat does not bring an evicted consumer back, and is not a success either.
+    assert_eq!(
+        b.touch(&stale)
+            .expect_err("heartbeat of an evicted consumer"),
+        BackendError::Evicted(EVICTED.into())
+    );
     let s = b.status().expect("status");
     assert!(consumer_status(&s, "stale").evicted);
     assert!(!consumer_status(&s, "live").evicted);
@@ -1566,7 +1570,7 @@ fn an_evicted_consumer_releases_pruning_and_must_register_again() {
             .expect_err("ack after eviction"),
         b.fetch(&stale, 100).expect_err("fetch after eviction"),
     ] {
-        assert_eq!(err, BackendError::Invalid(EVICTED.into()));
+        assert_eq!(err, BackendError::Evicted(EVICTED.into()));
     }
     let s = b.status().expect("status");
     assert_eq!(consumer_status(&s, "stale").position, position);
@@ -1616,7 +1620,7 @@ fn an_evicted_consumer_releases_pruning_and_must_register_again() {
     assert!(!b.unregister(&stale).expect("unregister again"));
     let err = b.fetch(&stale, 100).expect_err("unregistered");
     assert!(
-        matches!(err, BackendError::Invalid(ref m) if m.contains("not registered")),
+        matches!(err, BackendError::Evicted(ref m) if m.contains("not registered")),
         "{err:?}"
     );
     assert_eq!(

@@ -3,8 +3,8 @@
 
 use epidemic_plugin_sdk::ops::drift;
 use epidemic_plugin_sdk::{
-    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op,
-    Scratch, Status, TableStatus, SCRATCH_TABLE,
+    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 use mysql::prelude::Queryable;
 use mysql::Conn;
@@ -15,12 +15,108 @@ use crate::gaps::{GapSeen, GapSet};
 use crate::poller::{gap_condition, now_us};
 use crate::schema::{log_table_name, quote, trigger_name, MySqlSchema};
 
+/// Now by the server's clock, in microseconds since the Unix epoch (whole seconds: all
+/// MySQL versions have it, and liveness needs no more). `last_seen`, eviction and leases
+/// use it, never a daemon's clock, so a daemon whose clock runs ahead evicts nobody.
+pub(crate) const DB_NOW_US: &str = "(UNIX_TIMESTAMP() * 1000000)";
+
 pub(crate) fn touch(conn: &mut Conn, c: &Consumer) -> Result<(), BackendError> {
     conn.exec_drop(
-        "UPDATE epidemic_cursor SET last_seen = ? WHERE daemon = ? AND handler = ? AND evicted_at IS NULL",
-        (now_us(), &c.daemon, &c.handler),
+        format!("UPDATE epidemic_cursor SET last_seen = {DB_NOW_US} WHERE daemon = ? AND handler = ? AND evicted_at IS NULL"),
+        (&c.daemon, &c.handler),
     )
-    .map_err(sql_err)
+    .map_err(sql_err)?;
+    if conn.affected_rows() == 0 {
+        ensure_live(conn, c, None)?;
+    }
+    Ok(())
+}
+
+/// After a cursor update that changed no row (MySQL counts changed rows, so 0 can also
+/// mean "same values"): fine while a live cursor exists, an error when it was evicted
+/// or is gone — never a silent success.
+pub(crate) fn ensure_live(
+    conn: &mut Conn,
+    c: &Consumer,
+    table: Option<&str>,
+) -> Result<(), BackendError> {
+    let rows: Vec<Option<i64>> = conn
+        .exec(
+            "SELECT evicted_at FROM epidemic_cursor WHERE daemon = ? AND handler = ? AND (? IS NULL OR source_table = ?)",
+            (&c.daemon, &c.handler, table, table),
+        )
+        .map_err(sql_err)?;
+    if rows.iter().any(Option::is_none) {
+        return Ok(());
+    }
+    Err(BackendError::Evicted(if rows.is_empty() {
+        format!("consumer {c} has no cursor any more (it was forgotten); it must register again")
+    } else {
+        format!(
+            "consumer {c} was evicted (unseen longer than consumer_ttl) and may have missed changes; \
+             it must register again"
+        )
+    }))
+}
+
+pub(crate) fn lease(conn: &mut Conn, req: &LeaseRequest) -> Result<LeaseState, BackendError> {
+    match req {
+        LeaseRequest::Release { daemon, instance } => {
+            conn.exec_drop(
+                "DELETE FROM epidemic_daemon WHERE daemon = ? AND instance = ?",
+                (daemon, instance),
+            )
+            .map_err(sql_err)?;
+            Ok(LeaseState::Released)
+        }
+        LeaseRequest::Claim {
+            daemon,
+            instance,
+            holder,
+            ttl_ms,
+            take_over,
+        } => {
+            let ttl_us = (*ttl_ms as i64).saturating_mul(1000);
+            conn.exec_drop(
+                "INSERT IGNORE INTO epidemic_daemon (daemon, instance, holder, expires_at) VALUES (?, '', '', 0)",
+                (daemon,),
+            )
+            .map_err(sql_err)?;
+            // One statement, so the check and the grant are atomic under the row lock.
+            conn.exec_drop(
+                format!(
+                    "UPDATE epidemic_daemon SET instance = ?, holder = ?, expires_at = {DB_NOW_US} + ?, \
+                     renewals = renewals + 1 \
+                     WHERE daemon = ? AND (instance = ? OR expires_at < {DB_NOW_US} OR instance = ?)"
+                ),
+                (instance, holder, ttl_us, daemon, instance, take_over),
+            )
+            .map_err(sql_err)?;
+            if conn.affected_rows() > 0 {
+                return Ok(LeaseState::Granted);
+            }
+            let row: Option<(String, String, i64, i64)> = conn
+                .exec_first(
+                    format!(
+                        "SELECT instance, holder, GREATEST(expires_at - {DB_NOW_US}, 0) DIV 1000, renewals \
+                         FROM epidemic_daemon WHERE daemon = ?"
+                    ),
+                    (daemon,),
+                )
+                .map_err(sql_err)?;
+            match row {
+                Some((i, holder, expires_in_ms, renewals)) => Ok(LeaseState::Held {
+                    instance: i,
+                    holder,
+                    expires_in_ms: expires_in_ms.max(0) as u64,
+                    renewals,
+                }),
+                None => Err(BackendError::Other(format!(
+                    "the lease row of daemon {daemon} vanished while claiming it"
+                ))),
+            }
+        }
+    }
 }
 
 pub(crate) fn unregister(conn: &mut Conn, c: &Consumer) -> Result<bool, BackendError> {
@@ -33,7 +129,10 @@ pub(crate) fn unregister(conn: &mut Conn, c: &Consumer) -> Result<bool, BackendE
 }
 
 pub(crate) fn evict_stale(conn: &mut Conn, ttl_us: i64) -> Result<Vec<Consumer>, BackendError> {
-    let now = now_us();
+    let now: i64 = conn
+        .query_first(format!("SELECT {DB_NOW_US}"))
+        .map_err(sql_err)?
+        .unwrap_or(0);
     let stale: Vec<(String, String)> = conn
         .exec(
             "SELECT daemon, handler FROM epidemic_cursor WHERE evicted_at IS NULL

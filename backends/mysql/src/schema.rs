@@ -4,6 +4,7 @@
 //! - `epidemic_watch`: one row per watched table: its log table and watched columns, and
 //!   the marks TRUNCATE detection compares (`ops::check_truncation`).
 //! - `epidemic_cursor`: one row per (daemon, handler, table): high-water mark and gaps.
+//! - `epidemic_daemon`: one row per daemon name: the lease of the live daemon using it.
 //! - `epidemic_dead_letter`: changes handlers gave up on.
 //! - `epidemic_log_<table>`: the change log of one table (InnoDB, `BIGINT AUTO_INCREMENT`
 //!   id, `op`, `changed_at` in microseconds, typed `old_<col>`/`new_<col>` columns).
@@ -129,6 +130,17 @@ const DEAD_LETTER_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_dead_letter`
     PRIMARY KEY (`id`),
     KEY `consumer` (`daemon`, `handler`)
 ) ENGINE=InnoDB COMMENT='Epidemic: changes handlers gave up on'";
+
+/// The lease that makes a daemon name exclusive to one live daemon (see the SDK's
+/// `LeaseRequest`); times by the server's clock, microseconds since the Unix epoch.
+const DAEMON_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_daemon` (
+    `daemon` VARCHAR(128) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `instance` VARCHAR(64) CHARACTER SET ascii NOT NULL,
+    `holder` VARCHAR(255) CHARACTER SET utf8 NOT NULL COMMENT 'pid and host of the holder',
+    `expires_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch',
+    `renewals` BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (`daemon`)
+) ENGINE=InnoDB COMMENT='Epidemic: which live daemon holds each daemon name'";
 
 /// Longest daemon or handler name `epidemic_cursor` holds.
 pub(crate) const MAX_CONSUMER_NAME: usize = 128;
@@ -675,6 +687,9 @@ impl<'c> MySqlSchema<'c> {
         if !self.table_exists("epidemic_dead_letter")? {
             plan.push(DEAD_LETTER_DDL.to_owned());
         }
+        if !self.table_exists("epidemic_daemon")? {
+            plan.push(DAEMON_DDL.to_owned());
+        }
         for r in &resolved {
             self.plan_table(r, registry.get(&r.table), &triggers, &mut plan)?;
         }
@@ -1181,7 +1196,12 @@ impl<'c> MySqlSchema<'c> {
                 plan.push(format!("DROP TABLE {}", quote(&pend)));
             }
         }
-        for t in ["epidemic_dead_letter", "epidemic_cursor", "epidemic_watch"] {
+        for t in [
+            "epidemic_daemon",
+            "epidemic_dead_letter",
+            "epidemic_cursor",
+            "epidemic_watch",
+        ] {
             if self.table_exists(t)? {
                 plan.push(format!("DROP TABLE {}", quote(t)));
             }

@@ -94,6 +94,7 @@ impl From<PgError> for BackendError {
             | PgError::CursorRace(_)
             | PgError::UnknownLog(_)
             | PgError::StaleToken { .. } => BackendError::Other(message),
+            PgError::NotRegistered(_) | PgError::Evicted(_) => BackendError::Evicted(message),
             PgError::InvalidIdentifier(_)
             | PgError::InvalidOption(_)
             | PgError::InvalidUrl { .. }
@@ -105,8 +106,6 @@ impl From<PgError> for BackendError {
             | PgError::ForeignSchema(_)
             | PgError::NotInstalled(_)
             | PgError::NothingInstalled(_)
-            | PgError::NotRegistered(_)
-            | PgError::Evicted(_)
             | PgError::NotScratch { .. }
             | PgError::OwnTable { .. }
             | PgError::NoTables

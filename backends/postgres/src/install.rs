@@ -18,6 +18,7 @@
 //! - `consumer`: one durable cursor per (daemon, handler); `evicted_at` is set when the
 //!   consumer was unseen longer than the daemon's `consumer_ttl`.
 //! - `dead_letter`: changes a handler gave up on.
+//! - `daemon`: one row per daemon name: the lease of the live daemon using it.
 //! - `sleeper`: UNLOGGED, one row per reading connection (`pid`), with `since` set while
 //!   that reader waits for a wake-up (written again every few seconds) and NULL while it
 //!   works. With `notify = "when-idle"` the capture functions send `NOTIFY` only while
@@ -791,6 +792,16 @@ impl PgInstaller<'_> {
                 self.q("consumer")
             ));
         }
+        // The lease that makes a daemon name exclusive to one live daemon.
+        ddl.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} (\n    \
+                 daemon text PRIMARY KEY,\n    \
+                 instance text NOT NULL,\n    \
+                 holder text NOT NULL,\n    \
+                 expires_at timestamptz NOT NULL,\n    \
+                 renewals bigint NOT NULL DEFAULT 0\n)",
+            self.q("daemon")
+        ));
         // pid: the reading connection's backend; since: set while it waits for a wake-up.
         // Rows of connections that are gone are deleted by the next reader that registers.
         ddl.push(format!(

@@ -25,6 +25,7 @@ mod dead_letters;
 mod error;
 mod ident;
 mod install;
+mod lease;
 mod listener;
 mod options;
 mod reader;
@@ -36,7 +37,7 @@ use std::time::Duration;
 
 use epidemic_plugin_sdk::{
     Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    Registered, Scratch, StartFrom, Status, Watch, SCRATCH_TABLE,
+    LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch, SCRATCH_TABLE,
 };
 use postgres::{Client, Config, NoTls, Statement};
 
@@ -44,6 +45,7 @@ use crate::dead_letters::PgDeadLetters;
 use crate::error::is_connection_error;
 use crate::ident::TableName;
 use crate::install::PgInstaller;
+use crate::lease::PgLeases;
 use crate::listener::PgListener;
 use crate::options::{redact_url, PgOptions};
 use crate::reader::PgReader;
@@ -270,6 +272,13 @@ impl Backend for PgBackend {
 
     fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
         Ok(self.reader.touch(&mut self.client, consumer)?)
+    }
+
+    fn lease(&mut self, request: &LeaseRequest) -> Result<LeaseState, BackendError> {
+        let leases = PgLeases {
+            schema: &self.options.schema,
+        };
+        Ok(leases.apply(&mut self.client, request)?)
     }
 
     fn evict_stale(&mut self, ttl: Duration) -> Result<Vec<Consumer>, BackendError> {

@@ -927,10 +927,11 @@ impl PgReader {
         Ok(total)
     }
 
-    /// The consumer is alive: `last_seen` becomes now. Nothing for an evicted consumer
-    /// (it must register again) or an unknown one.
+    /// The consumer is alive: `last_seen` becomes now. An error for an evicted consumer
+    /// (it must register again) or an unknown one: a heartbeat that updates no row is
+    /// never a success.
     pub fn touch(&mut self, client: &mut Client, consumer: &Consumer) -> Result<(), PgError> {
-        client
+        let n = client
             .execute(
                 &format!(
                     "UPDATE {} SET last_seen = now() WHERE daemon = $1 AND handler = $2 AND evicted_at IS NULL",
@@ -942,6 +943,14 @@ impl PgReader {
                 &self.schema,
                 format!("record that {consumer} is alive"),
             ))?;
+        if n == 0 {
+            self.plans.remove(&key(consumer));
+            return Err(if self.load(client, consumer)?.evicted {
+                PgError::Evicted(consumer.to_string())
+            } else {
+                PgError::NotRegistered(consumer.to_string())
+            });
+        }
         Ok(())
     }
 

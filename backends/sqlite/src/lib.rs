@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use epidemic_plugin_sdk::{
     Backend, BackendError, Batch, Change, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    Op, Registered, StartFrom, Status, Value, Watch,
+    LeaseRequest, LeaseState, Op, Registered, StartFrom, Status, Value, Watch,
 };
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Deserialize;
@@ -199,8 +199,8 @@ impl SqliteBackend {
             .map_err(sql_err)?;
         drop(stmt);
         if rows.is_empty() {
-            return Err(BackendError::Invalid(format!(
-                "consumer {consumer} is not registered"
+            return Err(BackendError::Evicted(format!(
+                "consumer {consumer} is not registered (its cursor is gone); it must register again"
             )));
         }
         let schema = self.schema();
@@ -376,19 +376,21 @@ impl Backend for SqliteBackend {
             .and_then(|mut s| s.execute(params![consumer.daemon, consumer.handler, token, upto_id, now_us()]))
             .map_err(sql_err)?;
         if n == 0 {
-            let evicted: bool = self
+            // Nothing moved: fine if the cursor is already there or beyond (an ack
+            // repeated after a partial one), an error if it was evicted or is gone —
+            // never a silent success.
+            let live: bool = self
                 .conn
                 .query_row(
-                    "SELECT count(*) > 0 FROM epidemic_cursor WHERE daemon = ?1 AND handler = ?2 AND evicted_at IS NOT NULL",
-                    params![consumer.daemon, consumer.handler],
+                    "SELECT count(*) > 0 FROM epidemic_cursor
+                     WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 AND evicted_at IS NULL",
+                    params![consumer.daemon, consumer.handler, token],
                     |r| r.get(0),
                 )
                 .map_err(sql_err)?;
-            if evicted {
+            if !live {
                 self.consumers.remove(consumer);
-                return Err(BackendError::Invalid(format!(
-                    "consumer {consumer} was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again"
-                )));
+                return Err(ops::gone(&self.conn, consumer)?);
             }
         }
         let state = self.state(consumer)?;
@@ -477,6 +479,10 @@ impl Backend for SqliteBackend {
 
     fn touch(&mut self, consumer: &Consumer) -> Result<(), BackendError> {
         ops::touch(&self.conn, consumer)
+    }
+
+    fn lease(&mut self, request: &LeaseRequest) -> Result<LeaseState, BackendError> {
+        ops::lease(&mut self.conn, request)
     }
 
     fn evict_stale(&mut self, ttl: Duration) -> Result<Vec<Consumer>, BackendError> {

@@ -1,8 +1,8 @@
 //! Consumer liveness, dead letters and the status report for SQLite.
 
 use epidemic_plugin_sdk::{
-    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op,
-    Scratch, Status, TableStatus, SCRATCH_TABLE,
+    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 use rusqlite::{params, params_from_iter, Connection, Row};
 
@@ -11,21 +11,109 @@ use epidemic_plugin_sdk::ops::drift;
 use crate::schema::{quote, SqliteSchema};
 use crate::{now_us, sql_err};
 
+/// Now, by SQLite's clock, in microseconds since the Unix epoch. All of a database's
+/// daemons run on the host that has the file, so they share this clock.
+pub(crate) const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+
 pub(crate) fn touch(conn: &Connection, c: &Consumer) -> Result<(), BackendError> {
-    conn.prepare_cached(
-        "UPDATE epidemic_cursor SET last_seen = ?3 WHERE daemon = ?1 AND handler = ?2 AND evicted_at IS NULL",
-    )
-    .and_then(|mut s| s.execute(params![c.daemon, c.handler, now_us()]))
-    .map_err(sql_err)?;
+    let n = conn
+        .prepare_cached(&format!(
+            "UPDATE epidemic_cursor SET last_seen = {NOW_US} WHERE daemon = ?1 AND handler = ?2 AND evicted_at IS NULL"
+        ))
+        .and_then(|mut s| s.execute(params![c.daemon, c.handler]))
+        .map_err(sql_err)?;
+    if n == 0 {
+        return Err(gone(conn, c)?);
+    }
     Ok(())
+}
+
+/// Why a consumer's cursor update touched no row: it was evicted, or it is gone.
+pub(crate) fn gone(conn: &Connection, c: &Consumer) -> Result<BackendError, BackendError> {
+    let evicted: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM epidemic_cursor WHERE daemon = ?1 AND handler = ?2 AND evicted_at IS NOT NULL",
+            params![c.daemon, c.handler],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    Ok(BackendError::Evicted(if evicted {
+        format!("consumer {c} was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again")
+    } else {
+        format!("consumer {c} has no cursor any more (it was forgotten); it must register again")
+    }))
+}
+
+pub(crate) fn lease(conn: &mut Connection, req: &LeaseRequest) -> Result<LeaseState, BackendError> {
+    match req {
+        LeaseRequest::Release { daemon, instance } => {
+            conn.execute(
+                "DELETE FROM epidemic_daemon WHERE daemon = ?1 AND instance = ?2",
+                params![daemon, instance],
+            )
+            .map_err(sql_err)?;
+            Ok(LeaseState::Released)
+        }
+        LeaseRequest::Claim {
+            daemon,
+            instance,
+            holder,
+            ttl_ms,
+            take_over,
+        } => {
+            let ttl_us = (*ttl_ms as i64).saturating_mul(1000);
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(sql_err)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO epidemic_daemon (daemon, instance, holder, expires_at) VALUES (?1, '', '', 0)",
+                params![daemon],
+            )
+            .map_err(sql_err)?;
+            let n = tx
+                .execute(
+                    &format!(
+                        "UPDATE epidemic_daemon SET instance = ?2, holder = ?3, expires_at = {NOW_US} + ?4,
+                         renewals = renewals + 1
+                         WHERE daemon = ?1 AND (instance = ?2 OR expires_at < {NOW_US} OR instance = ?5)"
+                    ),
+                    params![daemon, instance, holder, ttl_us, take_over],
+                )
+                .map_err(sql_err)?;
+            let state = if n > 0 {
+                LeaseState::Granted
+            } else {
+                tx.query_row(
+                    &format!(
+                        "SELECT instance, holder, max(expires_at - {NOW_US}, 0) / 1000, renewals
+                         FROM epidemic_daemon WHERE daemon = ?1"
+                    ),
+                    params![daemon],
+                    |r| {
+                        Ok(LeaseState::Held {
+                            instance: r.get(0)?,
+                            holder: r.get(1)?,
+                            expires_in_ms: r.get::<_, i64>(2)?.max(0) as u64,
+                            renewals: r.get(3)?,
+                        })
+                    },
+                )
+                .map_err(sql_err)?
+            };
+            tx.commit().map_err(sql_err)?;
+            Ok(state)
+        }
+    }
 }
 
 pub(crate) fn evict_stale(
     conn: &mut Connection,
     ttl_us: i64,
 ) -> Result<Vec<Consumer>, BackendError> {
-    let now = now_us();
     let tx = conn.transaction().map_err(sql_err)?;
+    let now: i64 = tx
+        .query_row(&format!("SELECT {NOW_US}"), [], |r| r.get(0))
+        .map_err(sql_err)?;
     let stale: Vec<Consumer> = {
         let mut stmt = tx
             .prepare(

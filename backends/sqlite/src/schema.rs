@@ -3,6 +3,8 @@
 //! Objects (all named `epidemic_*`):
 //! - `epidemic_watch`: one row per watched table: its log table and watched columns.
 //! - `epidemic_cursor`: one row per (daemon, handler, table): the last id handled.
+//! - `epidemic_dead_letter`: changes handlers gave up on.
+//! - `epidemic_daemon`: one row per daemon name: the lease of the live daemon using it.
 //! - `epidemic_log_<table>`: the change log of one table.
 //! - triggers `epidemic_<table>_insert|_update|_delete` on the user's table.
 
@@ -52,8 +54,23 @@ const DEAD_LETTER_DDL: &str = "CREATE TABLE IF NOT EXISTS epidemic_dead_letter (
     retry_requested INTEGER NOT NULL DEFAULT 0
 )";
 
+/// The lease that makes a daemon name exclusive to one live daemon (see the SDK's
+/// `LeaseRequest`); times by SQLite's clock, microseconds since the Unix epoch.
+const DAEMON_DDL: &str = "CREATE TABLE IF NOT EXISTS epidemic_daemon (
+    daemon TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    renewals INTEGER NOT NULL DEFAULT 0
+)";
+
 /// Fixed bookkeeping tables, in the order uninstall drops them.
-const OWN_TABLES: &[&str] = &["epidemic_dead_letter", "epidemic_cursor", "epidemic_watch"];
+const OWN_TABLES: &[&str] = &[
+    "epidemic_daemon",
+    "epidemic_dead_letter",
+    "epidemic_cursor",
+    "epidemic_watch",
+];
 
 /// A watched table's log, as the registry describes it.
 #[derive(Debug, Clone)]
@@ -183,6 +200,7 @@ impl<'c> SqliteSchema<'c> {
             WATCH_DDL.to_owned(),
             CURSOR_DDL.to_owned(),
             DEAD_LETTER_DDL.to_owned(),
+            DAEMON_DDL.to_owned(),
         ];
         for w in watches {
             ident::check("table", &w.table)?;
