@@ -41,6 +41,7 @@
 //! and it keeps nothing in memory that matters: cursors, gaps and dead letters live in
 //! the database (`ops.rs` has consumer eviction, dead letters and the status report).
 
+mod cascade;
 mod conn;
 mod gaps;
 mod ops;
@@ -174,6 +175,8 @@ pub struct MySqlBackend {
     server: ServerInfo,
     poller: MySqlPoller,
     consumers: HashMap<Consumer, ConsumerCursors>,
+    /// When `prune` last looked for truncated tables.
+    truncation_checked: Option<Instant>,
     /// What the reading rule cannot see on this server, with the remedy (for `status`).
     warnings: Vec<String>,
 }
@@ -197,6 +200,9 @@ fn timeout_consequence(options: &MySqlOptions) -> String {
         options.gap_timeout_ms
     )
 }
+
+/// How often `prune` looks for truncated watched tables (`ops::check_truncation`).
+const TRUNCATION_CHECK: Duration = Duration::from_secs(10);
 
 /// Choose how gaps are proven dead; with the timeout, also the warning that says what
 /// it cannot see and how to avoid it.
@@ -466,12 +472,18 @@ impl Backend for MySqlBackend {
             server,
             poller,
             consumers: HashMap::new(),
+            truncation_checked: None,
             warnings: galera.into_iter().chain(fallback).collect(),
         })
     }
 
     fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
         self.schema().plan_install(watches)
+    }
+
+    /// Table and column names as `information_schema` spells them (see `schema.rs`).
+    fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
+        self.schema().resolve(watches)
     }
 
     fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
@@ -621,6 +633,15 @@ impl Backend for MySqlBackend {
     }
 
     fn prune(&mut self) -> Result<u64, BackendError> {
+        // TRUNCATE fires no trigger: look for one alongside pruning, which the daemon
+        // runs periodically, at most every TRUNCATION_CHECK.
+        if self
+            .truncation_checked
+            .is_none_or(|t| t.elapsed() >= TRUNCATION_CHECK)
+        {
+            ops::check_truncation(&mut self.conn, self.server)?;
+            self.truncation_checked = Some(Instant::now());
+        }
         let mut total = 0;
         let chunk = self.options.prune_chunk.max(1);
         for log in self.schema().all_watched()? {
