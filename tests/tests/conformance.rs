@@ -44,6 +44,10 @@ trait TestDb: Send + Sync + 'static {
     fn delete_cursors_sql(&self) -> String {
         "DELETE FROM epidemic_cursor".into()
     }
+    /// A statement dropping one of Epidemic's triggers on `mail_users`.
+    fn drop_trigger_sql(&self, name: &str) -> String {
+        format!("DROP TRIGGER {name}")
+    }
 }
 
 const SCHEMA: &str = "CREATE TABLE mail_users (id BIGINT PRIMARY KEY, username VARCHAR(200) NOT NULL, quota_bytes BIGINT)";
@@ -595,6 +599,10 @@ mod pg_db {
             "DELETE FROM epidemic.consumer".into()
         }
 
+        fn drop_trigger_sql(&self, name: &str) -> String {
+            format!("DROP TRIGGER \"{name}\" ON mail_users")
+        }
+
         fn url(&self) -> String {
             self.url.clone()
         }
@@ -878,6 +886,39 @@ fn clock_skew_evicts_nobody<D: TestDb>(db: D) {
     assert!(!mx1.log_text().contains("MISSED"), "{}", mx1.log_text());
 }
 
+/// Drift that appears while a daemon runs (a trigger dropped by hand) is logged by the
+/// running daemon, once, without waiting for a restart or an `epidemic status`.
+fn drift_while_running_is_logged<D: TestDb>(db: D) {
+    let c = Cluster::new(db);
+    c.config(
+        "mx1",
+        "health_check_interval = \"200ms\"",
+        &[("rec", "", "")],
+    );
+    let d = c.start("mx1");
+    let out = epidemic(&c.dir.join("mx1.toml"), &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let trigger = status["tables"][0]["triggers"]
+        .as_array()
+        .expect("triggers")
+        .iter()
+        .map(|t| t[0].as_str().unwrap().to_owned())
+        .find(|t| t.contains("delete") || t.contains("del"))
+        .expect("a delete trigger");
+    assert!(!d.log_text().contains("schema drift"), "{}", d.log_text());
+    c.db.transaction(&[c.db.drop_trigger_sql(&trigger)]);
+    assert!(
+        wait_until(WAIT, || d.log_text().contains("schema drift: trigger")),
+        "{}",
+        d.log_text()
+    );
+    // Once, not at every check.
+    let once = d.log_text().matches("schema drift: trigger").count();
+    assert!(!wait_until(Duration::from_secs(1), || {
+        d.log_text().matches("schema drift: trigger").count() > once
+    }));
+}
+
 fn c_skip_clock<D: TestDb>(db: &D) -> bool {
     db.clock_is_the_daemons()
 }
@@ -933,6 +974,11 @@ macro_rules! conformance {
                 #[test]
                 fn blocked_handler_is_not_evicted() {
                     super::blocked_handler_is_not_evicted($db);
+                }
+
+                #[test]
+                fn drift_while_running_is_logged() {
+                    super::drift_while_running_is_logged($db);
                 }
 
                 #[test]
