@@ -58,8 +58,13 @@
 //!   "Up-to-date" matters: InnoDB serves INNODB_TRX from a cache that is refreshed only
 //!   when it has not been read for 0.1 s, so a busy server can answer with an old list.
 //!   The check therefore runs inside its own `START TRANSACTION WITH CONSISTENT
-//!   SNAPSHOT` and trusts the list only if it contains that very transaction: then the
-//!   list was taken after the check began, which is after the gap was seen. Stale
+//!   SNAPSHOT`, with a literal of its own in the SELECT (a nonce), and trusts the list
+//!   only if it shows this connection executing that very statement (`trx_query`): then
+//!   the list was taken after the check began, which is after the gap was seen. Seeing
+//!   this connection is not enough: a cache filled during the connection's *previous*
+//!   check shows the same thread with the same empty trx_id, and trusting it lost a
+//!   change under heavy gap churn (found by the differential test; checked by hand on
+//!   MariaDB 10.11: a second check within 0.1 s shows the first one's statement). Stale
 //!   lists are skipped, with the check interval backing off (many readers polling the
 //!   table keep its cache from refreshing).
 //! - Otherwise (no PROCESS, or MySQL 5.0/5.1 without the table): a gap that has been
@@ -182,11 +187,14 @@ pub(crate) struct GapJudge {
     base_interval: Duration,
     interval: Duration,
     next_check: Instant,
+    /// Numbers the checks, so each check's statement is unique (see `open_writers`).
+    checks: u64,
 }
 
-/// A transaction as INNODB_TRX lists it: trx_id, thread, started, rows written (all as
-/// text, which every version can give).
+/// A transaction as INNODB_TRX lists it: trx_id, thread, started, rows written, the
+/// statement it is executing (all as text, which every version can give).
 type TrxRow = (
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -194,15 +202,16 @@ type TrxRow = (
 );
 
 /// The open writers in an INNODB_TRX list, and whether the list is up to date: it shows
-/// the checking transaction itself (thread `me`). A transaction that has changed no row
-/// holds no log id (see the module docs), so it is left out.
-fn open_writers(rows: Vec<TrxRow>, me: &str) -> (bool, TrxSet) {
+/// the checking connection (thread `me`) executing the check's own statement (the one
+/// holding `nonce`). A transaction that has changed no row holds no log id (see the
+/// module docs), so it is left out.
+fn open_writers(rows: Vec<TrxRow>, me: &str, nonce: &str) -> (bool, TrxSet) {
     let mut fresh = false;
     let mut open = TrxSet::new();
-    for (id, thread, started, writes) in rows {
+    for (id, thread, started, writes, query) in rows {
         let thread = thread.unwrap_or_default();
         if thread == me {
-            fresh = true;
+            fresh |= query.is_some_and(|q| q.contains(nonce));
             continue;
         }
         // Anything unreadable counts as a writer: keeping a gap too long is safe.
@@ -230,6 +239,7 @@ impl GapJudge {
             base_interval: interval,
             interval,
             next_check: Instant::now(),
+            checks: 0,
         }
     }
 
@@ -246,8 +256,12 @@ impl GapJudge {
     fn open_transactions(&mut self, conn: &mut Conn) -> Result<Option<Arc<TrxSet>>, BackendError> {
         conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             .map_err(sql_err)?;
+        self.checks += 1;
+        // A literal, not a comment: clients and proxies may strip comments.
+        let nonce = format!("epidemic-gap-check-{}-{}", std::process::id(), self.checks);
         let rows: Result<Vec<TrxRow>, mysql::Error> = conn.query(format!(
-            "SELECT trx_id, trx_mysql_thread_id, trx_started, {} FROM information_schema.INNODB_TRX",
+            "SELECT trx_id, trx_mysql_thread_id, trx_started, {}, trx_query \
+             FROM information_schema.INNODB_TRX WHERE '{nonce}' <> ''",
             self.writes.name()
         ));
         let ended = conn.query_drop("COMMIT");
@@ -270,7 +284,7 @@ impl GapJudge {
             Err(e) => return Err(sql_err(e)),
         };
         ended.map_err(sql_err)?;
-        let (fresh, open) = open_writers(rows, &conn.connection_id().to_string());
+        let (fresh, open) = open_writers(rows, &conn.connection_id().to_string(), &nonce);
         // A stale list is most likely when many readers poll INNODB_TRX: back off so the
         // cache gets the 0.1 s of quiet it needs to refresh.
         self.interval = if fresh {
@@ -781,25 +795,26 @@ mod tests {
 
     #[test]
     fn only_writers_can_hold_a_gap() {
-        let row = |id: &str, thread: &str, writes: Option<&str>| {
+        let row = |id: &str, thread: &str, writes: Option<&str>, query: Option<&str>| {
             (
                 Some(id.to_owned()),
                 Some(thread.to_owned()),
                 Some("2026-01-01 00:00:00".to_owned()),
                 writes.map(str::to_owned),
+                query.map(str::to_owned),
             )
         };
         let rows = vec![
-            // This check's own transaction: the list is up to date.
-            row("0", "7", Some("0")),
+            // This check's own statement: the list is up to date.
+            row("0", "7", Some("0"), Some("SELECT … WHERE 'nonce-2' <> ''")),
             // A consistent snapshot (mysqldump) and a long SELECT: they wrote nothing.
-            row("0", "8", Some("0")),
-            row("421", "9", Some("0")),
-            row("422", "10", Some("3")),
+            row("0", "8", Some("0"), None),
+            row("421", "9", Some("0"), Some("SELECT 1")),
+            row("422", "10", Some("3"), None),
             // Unreadable counts as a writer.
-            row("423", "11", None),
+            row("423", "11", None, None),
         ];
-        let (fresh, open) = open_writers(rows.clone(), "7");
+        let (fresh, open) = open_writers(rows.clone(), "7", "nonce-2");
         assert!(fresh);
         let mut open: Vec<String> = open.into_iter().collect();
         open.sort();
@@ -811,8 +826,13 @@ mod tests {
             ]
         );
         assert!(
-            !open_writers(rows, "99").0,
+            !open_writers(rows.clone(), "99", "nonce-2").0,
             "a list without the check is stale"
+        );
+        // The same connection's previous check, served from InnoDB's cache: stale.
+        assert!(
+            !open_writers(rows, "7", "nonce-3").0,
+            "a list showing the previous check's statement is stale"
         );
     }
 
