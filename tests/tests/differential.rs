@@ -568,8 +568,8 @@ struct Replay {
     changes: Vec<Recorded>,
     delivered: usize,
     redelivered: usize,
-    /// Ordering or consistency faults, in the order met.
-    faults: Vec<String>,
+    /// Ordering or consistency faults, in the order met, with the key each concerns.
+    faults: Vec<(i64, String)>,
 }
 
 /// Replay a recorder file: redeliveries (the same change id again) are dropped after
@@ -595,16 +595,22 @@ fn replay(path: &std::path::Path, columns: &[&str]) -> Replay {
         if let Some(first) = seen.get(&c.id) {
             out.redelivered += 1;
             if *first != c {
-                out.faults.push(format!(
-                    "change {} redelivered with other content: first {first:?}, then {c:?}",
-                    c.id
+                let k = c.old.as_deref().or(c.new.as_deref()).map_or(0, key);
+                out.faults.push((
+                    k,
+                    format!(
+                        "change {} redelivered with other content: first {first:?}, then {c:?}",
+                        c.id
+                    ),
                 ));
             }
             continue;
         }
         seen.insert(c.id, c.clone());
         let rows = &mut out.rows;
-        let mut fault = |msg: String| out.faults.push(format!("change {} {}: {msg}", c.id, c.op));
+        let at = c.old.as_deref().or(c.new.as_deref()).map_or(0, key);
+        let mut fault =
+            |msg: String| out.faults.push((at, format!("change {} {}: {msg}", c.id, c.op)));
         match (c.op.as_str(), &c.old, &c.new) {
             ("INSERT", _, Some(new)) => {
                 if let Some(there) = rows.insert(key(new), new.clone()) {
@@ -878,20 +884,26 @@ fn differential<D: DiffDb>(db: D) {
         stats.committed > stats.rolled_back,
         "{name}: the mix committed too little to prove anything"
     );
+    let lag = if caught_up {
+        String::new()
+    } else {
+        format!(
+            " (and the consumers did not catch up within {CATCH_UP:?}: {:?})",
+            run.backlogs()
+        )
+    };
+    if !report.is_empty() || !caught_up {
+        // Keep the recorder files, configs and daemon logs for a post-mortem.
+        let kept = run._tmp.path().to_owned();
+        std::mem::forget(run);
+        eprintln!("{name}: recorder files and daemon logs kept in {}", kept.display());
+    }
     assert!(
         report.is_empty(),
-        "{name} (seed {seed:#x}, EPIDEMIC_DIFF_OPS={ops}): the recorders' replay differs from the tables{}:\n\n{}",
-        if caught_up {
-            String::new()
-        } else {
-            format!(
-                " (and the consumers did not catch up within {CATCH_UP:?}: {:?})",
-                run.backlogs()
-            )
-        },
+        "{name} (seed {seed:#x}, EPIDEMIC_DIFF_OPS={ops}): the recorders' replay differs from the tables{lag}:\n\n{}",
         report.join("\n\n")
     );
-    assert!(caught_up, "{name}: backlog never drained: {:?}", run.backlogs());
+    assert!(caught_up, "{name}: the consumers' backlog never drained");
 }
 
 fn table_rows(s: &mut dyn Session, sql: &str) -> Rows {
@@ -927,10 +939,11 @@ fn compare(
         r.faults.len()
     );
     const FIRST: usize = 5;
-    for f in r.faults.iter().take(FIRST) {
-        out.push_str(&format!("\n  fault: {f}"));
-    }
     let mut keys: Vec<i64> = Vec::new();
+    for (k, f) in r.faults.iter().take(FIRST) {
+        out.push_str(&format!("\n  fault: {f}"));
+        keys.push(*k);
+    }
     for k in missing.iter().take(FIRST) {
         out.push_str(&format!(
             "\n  missing: table has {} (no change delivered made it)",
@@ -984,8 +997,7 @@ fn compare(
         } else {
             BTreeSet::new()
         };
-        out.push_str(&format!("\n  deliveries touching key {k}:"));
-        for c in r
+        let touching: Vec<&Recorded> = r
             .changes
             .iter()
             .filter(|c| {
@@ -994,8 +1006,12 @@ fn compare(
                     .flatten()
                     .any(|row| key(row) == k)
             })
-            .take(20)
-        {
+            .collect();
+        out.push_str(&format!(
+            "\n  the last of {} deliveries touching key {k}:",
+            touching.len()
+        ));
+        for c in touching.iter().skip(touching.len().saturating_sub(12)) {
             out.push_str(&format!(
                 "\n    change {} {} old {} new {}",
                 c.id,
@@ -1343,7 +1359,9 @@ mod mysql_db {
         }
 
         fn rows(&mut self, sql: &str) -> Vec<Vec<Value>> {
-            let rows: Vec<::mysql::Row> = self.0.query(sql).expect("query");
+            // The binary protocol (a prepared statement) returns integers as integers;
+            // the text protocol would return every value as a string.
+            let rows: Vec<::mysql::Row> = self.0.exec(sql, ()).expect("query");
             rows.into_iter()
                 .map(|r| {
                     r.unwrap()
