@@ -36,7 +36,8 @@ use serde_json::Value;
 const DEFAULT_OPS: usize = 2_500;
 const DEFAULT_SEED: u64 = 0x5eed_0010;
 const WAIT: Duration = Duration::from_secs(60);
-/// How long the daemons get to drain what the writers left (a large run leaves a lot).
+/// How long the daemons get to drain what the writers left (a large run leaves a lot;
+/// `EPIDEMIC_DIFF_CATCH_UP_S` overrides it).
 const CATCH_UP: Duration = Duration::from_secs(600);
 
 /// SQLite `INSERT OR REPLACE`, `REPLACE` and `UPDATE OR REPLACE`: they delete the
@@ -208,7 +209,8 @@ impl Gen {
                     .ks(&[r.k])
             }
             16..=20 => {
-                let rows: Vec<ItemValues> = (0..self.rng.range(2, 4)).map(|_| self.item()).collect();
+                let rows: Vec<ItemValues> =
+                    (0..self.rng.range(2, 4)).map(|_| self.item()).collect();
                 let values: Vec<&str> = rows.iter().map(|r| r.sql.as_str()).collect();
                 Stmt::new("insert multi-row", format!("{INS} {}", values.join(", ")))
                     .ids(&rows.iter().map(|r| r.id).collect::<Vec<_>>())
@@ -282,11 +284,7 @@ impl Gen {
             }
             66 => {
                 let k = self.k();
-                Stmt::new(
-                    "delete by k",
-                    format!("DELETE FROM items WHERE k = 'k{k}'"),
-                )
-                .ks(&[k])
+                Stmt::new("delete by k", format!("DELETE FROM items WHERE k = 'k{k}'")).ks(&[k])
             }
             67..=81 => db.backend_statement(self),
             82..=87 => {
@@ -389,7 +387,8 @@ trait DiffDb: Send + Sync + 'static {
 struct TxLog {
     writer: usize,
     n: usize,
-    /// Statement index into the writer's statements, and whether it succeeded.
+    /// Each step: a control statement (SAVEPOINT, ROLLBACK TO) or a generated
+    /// statement, and how it ended.
     steps: Vec<(String, Option<Stmt>, Result<(), String>)>,
     outcome: &'static str,
 }
@@ -404,17 +403,24 @@ struct WriterStats {
     forms: BTreeMap<&'static str, (usize, usize)>,
 }
 
-/// Run `ops` statements in random transactions; record what was done.
-fn write_mix(
-    db: &dyn DiffDb,
+/// One writer's share of the run.
+struct Mix {
     writer: usize,
     seed: u64,
     keys: i64,
     ops: usize,
     cascades: bool,
-    log: &Mutex<Vec<TxLog>>,
-    stats: &Mutex<WriterStats>,
-) {
+}
+
+/// Run `ops` statements in random transactions; record what was done.
+fn write_mix(db: &dyn DiffDb, mix: Mix, log: &Mutex<Vec<TxLog>>, stats: &Mutex<WriterStats>) {
+    let Mix {
+        writer,
+        seed,
+        keys,
+        ops,
+        cascades,
+    } = mix;
     let mut g = Gen {
         rng: Rng::new(seed ^ ((writer as u64 + 1) << 32)),
         keys,
@@ -428,7 +434,11 @@ fn write_mix(
         let mut outcome = "committed";
         // SQLite can refuse BEGIN IMMEDIATE after its busy timeout: try again.
         let began = (0..20).any(|_| s.exec(db.begin()).is_ok());
-        assert!(began, "{}: writer {writer} cannot begin a transaction", db.name());
+        assert!(
+            began,
+            "{}: writer {writer} cannot begin a transaction",
+            db.name()
+        );
         let len = g.rng.range(1, 6) as usize;
         let savepoint_at = g.rng.chance(15).then(|| g.rng.below(len as u64) as usize);
         let mut in_savepoint = false;
@@ -459,7 +469,7 @@ fn write_mix(
                 }
             }
             let lost = matches!(&r, Err(f) if f.tx_lost);
-            steps.push((st.sql.clone(), Some(st), r.map_err(|f| f.msg)));
+            steps.push((String::new(), Some(st), r.map_err(|f| f.msg)));
             if lost {
                 outcome = "lost (rolled back by the server)";
                 break;
@@ -549,8 +559,12 @@ struct Recorded {
 }
 
 fn image(v: &Value, columns: &[&str]) -> Option<Vec<Value>> {
-    v.as_object()
-        .map(|o| columns.iter().map(|c| o.get(*c).cloned().unwrap_or(Value::Null)).collect())
+    v.as_object().map(|o| {
+        columns
+            .iter()
+            .map(|c| o.get(*c).cloned().unwrap_or(Value::Null))
+            .collect()
+    })
 }
 
 fn key(row: &[Value]) -> i64 {
@@ -609,8 +623,10 @@ fn replay(path: &std::path::Path, columns: &[&str]) -> Replay {
         seen.insert(c.id, c.clone());
         let rows = &mut out.rows;
         let at = c.old.as_deref().or(c.new.as_deref()).map_or(0, key);
-        let mut fault =
-            |msg: String| out.faults.push((at, format!("change {} {}: {msg}", c.id, c.op)));
+        let mut fault = |msg: String| {
+            out.faults
+                .push((at, format!("change {} {}: {msg}", c.id, c.op)))
+        };
         match (c.op.as_str(), &c.old, &c.new) {
             ("INSERT", _, Some(new)) => {
                 if let Some(there) = rows.insert(key(new), new.clone()) {
@@ -714,7 +730,8 @@ impl<D: DiffDb> Run<D> {
             .count();
         let d = Daemon::start(&self.config_path(daemon), &log, &[]);
         assert!(
-            wait_until(WAIT, || d.log_text().matches("epidemic started").count() > before),
+            wait_until(WAIT, || d.log_text().matches("epidemic started").count()
+                > before),
             "{daemon} did not start:\n{}",
             d.log_text()
         );
@@ -796,7 +813,14 @@ fn differential<D: DiffDb>(db: D) {
             );
             let share = ops / writers + usize::from(w < ops % writers);
             std::thread::spawn(move || {
-                write_mix(&*db, w, seed, keys, share, cascades, &log, &stats);
+                let mix = Mix {
+                    writer: w,
+                    seed,
+                    keys,
+                    ops: share,
+                    cascades,
+                };
+                write_mix(&*db, mix, &log, &stats);
                 running.fetch_sub(1, Ordering::SeqCst);
             })
         })
@@ -807,14 +831,17 @@ fn differential<D: DiffDb>(db: D) {
     let mut rng = Rng::new(seed ^ 0xdead);
     let mut kills = vec![0usize; daemons.len()];
     let writing = || running.load(Ordering::SeqCst) > 0;
-    while writing() || kills.iter().any(|&k| k == 0) {
+    while writing() || kills.contains(&0) {
         let i = rng.below(daemons.len() as u64) as usize;
         let out = run.out(&run.names[i], "items");
-        let seen = recorded(&out).len();
-        let more = rng.range(20, 300) as usize;
+        // The file's size, not its lines: a large run's files are too big to re-read
+        // every few milliseconds. A recorded change is about 100 bytes.
+        let size = || std::fs::metadata(&out).map_or(0, |m| m.len());
+        let seen = size();
+        let more = rng.range(20, 300) as u64 * 100;
         let still_writing = writing();
         wait_until(Duration::from_secs(5), || {
-            recorded(&out).len() >= seen + more || (still_writing && !writing())
+            size() >= seen + more || (still_writing && !writing())
         });
         daemons[i].kill();
         kills[i] += 1;
@@ -826,7 +853,8 @@ fn differential<D: DiffDb>(db: D) {
     let wrote = started.elapsed();
 
     // Every consumer must drain what is left; the recorder files are then complete.
-    let caught_up = wait_until(CATCH_UP, || {
+    let catch_up = Duration::from_secs(env_num("EPIDEMIC_DIFF_CATCH_UP_S", CATCH_UP.as_secs()));
+    let caught_up = wait_until(catch_up, || {
         let b = run.backlogs();
         let ok = !b.is_empty() && b.iter().all(|(_, n)| *n == 0);
         if !ok {
@@ -843,6 +871,8 @@ fn differential<D: DiffDb>(db: D) {
     let log = log.lock().unwrap();
     let mut report = Vec::new();
     let mut summary = Vec::new();
+    // Every daemon reads the same log: each must end with the same set of change ids.
+    let mut first_ids: HashMap<&str, (String, BTreeSet<i64>)> = HashMap::new();
     for n in &run.names {
         for (table, columns, want) in [
             ("items", &ITEM_COLUMNS[..], &items),
@@ -855,6 +885,22 @@ fn differential<D: DiffDb>(db: D) {
             ));
             if let Some(problem) = compare(n, table, want, &r, &items, &log) {
                 report.push(problem);
+            }
+            let ids: BTreeSet<i64> = r.changes.iter().map(|c| c.id).collect();
+            match first_ids.get(table) {
+                None => {
+                    first_ids.insert(table, (n.clone(), ids));
+                }
+                Some((m, theirs)) if *theirs != ids => {
+                    let only_m: Vec<&i64> = theirs.difference(&ids).take(10).collect();
+                    let only_n: Vec<&i64> = ids.difference(theirs).take(10).collect();
+                    report.push(format!(
+                        "{table}: {m} and {n} received different changes: only {m} has {} (first {only_m:?}), only {n} has {} (first {only_n:?})",
+                        theirs.difference(&ids).count(),
+                        ids.difference(theirs).count()
+                    ));
+                }
+                Some(_) => {}
             }
         }
     }
@@ -888,7 +934,7 @@ fn differential<D: DiffDb>(db: D) {
         String::new()
     } else {
         format!(
-            " (and the consumers did not catch up within {CATCH_UP:?}: {:?})",
+            " (and the consumers did not catch up within {catch_up:?}: {:?})",
             run.backlogs()
         )
     };
@@ -896,7 +942,10 @@ fn differential<D: DiffDb>(db: D) {
         // Keep the recorder files, configs and daemon logs for a post-mortem.
         let kept = run._tmp.path().to_owned();
         std::mem::forget(run);
-        eprintln!("{name}: recorder files and daemon logs kept in {}", kept.display());
+        eprintln!(
+            "{name}: recorder files and daemon logs kept in {}",
+            kept.display()
+        );
     }
     assert!(
         report.is_empty(),
@@ -919,8 +968,17 @@ fn compare(
     items: &Rows,
     log: &[TxLog],
 ) -> Option<String> {
-    let missing: Vec<i64> = want.keys().filter(|k| !r.rows.contains_key(k)).copied().collect();
-    let extra: Vec<i64> = r.rows.keys().filter(|k| !want.contains_key(k)).copied().collect();
+    let missing: Vec<i64> = want
+        .keys()
+        .filter(|k| !r.rows.contains_key(k))
+        .copied()
+        .collect();
+    let extra: Vec<i64> = r
+        .rows
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .copied()
+        .collect();
     let differ: Vec<i64> = want
         .iter()
         .filter(|(k, v)| r.rows.get(k).is_some_and(|x| x != *v))
@@ -984,7 +1042,10 @@ fn compare(
     }
     // What touched the first differing row: the deliveries and the writers' statements.
     if let Some(&k) = keys.first() {
-        let rows: Vec<&Vec<Value>> = [want.get(&k), r.rows.get(&k)].into_iter().flatten().collect();
+        let rows: Vec<&Vec<Value>> = [want.get(&k), r.rows.get(&k)]
+            .into_iter()
+            .flatten()
+            .collect();
         let ks: BTreeSet<i64> = if table == "items" {
             rows.iter()
                 .filter_map(|row| row[1].as_str()?.strip_prefix('k')?.parse().ok())
@@ -1029,14 +1090,21 @@ fn compare(
         };
         let hits: Vec<String> = log
             .iter()
-            .filter(|tx| tx.steps.iter().any(|(_, st, _)| st.as_ref().is_some_and(touches)))
+            .filter(|tx| {
+                tx.steps
+                    .iter()
+                    .any(|(_, st, _)| st.as_ref().is_some_and(touches))
+            })
             .map(|tx| {
                 let steps: Vec<String> = tx
                     .steps
                     .iter()
-                    .map(|(sql, _, r)| match r {
+                    .map(|(sql, st, r)| (st.as_ref().map_or(sql, |st| &st.sql), r))
+                    .map(|(sql, r)| match r {
                         Ok(()) => format!("      {sql}"),
-                        Err(e) => format!("      {sql}  -- failed: {}", e.lines().next().unwrap_or("")),
+                        Err(e) => {
+                            format!("      {sql}  -- failed: {}", e.lines().next().unwrap_or(""))
+                        }
                     })
                     .collect();
                 format!(
@@ -1237,9 +1305,15 @@ mod pg_db {
                         .iter()
                         .enumerate()
                         .map(|(i, c)| match *c.type_() {
-                            Type::INT4 => r.get::<_, Option<i32>>(i).map_or(Value::Null, Value::from),
-                            Type::INT8 => r.get::<_, Option<i64>>(i).map_or(Value::Null, Value::from),
-                            _ => r.get::<_, Option<String>>(i).map_or(Value::Null, Value::from),
+                            Type::INT4 => {
+                                r.get::<_, Option<i32>>(i).map_or(Value::Null, Value::from)
+                            }
+                            Type::INT8 => {
+                                r.get::<_, Option<i64>>(i).map_or(Value::Null, Value::from)
+                            }
+                            _ => r
+                                .get::<_, Option<String>>(i)
+                                .map_or(Value::Null, Value::from),
                         })
                         .collect()
                 })
@@ -1370,7 +1444,9 @@ mod mysql_db {
                             ::mysql::Value::NULL => Value::Null,
                             ::mysql::Value::Int(i) => i.into(),
                             ::mysql::Value::UInt(u) => (u as i64).into(),
-                            ::mysql::Value::Bytes(b) => String::from_utf8_lossy(&b).into_owned().into(),
+                            ::mysql::Value::Bytes(b) => {
+                                String::from_utf8_lossy(&b).into_owned().into()
+                            }
                             other => panic!("unexpected value {other:?}"),
                         })
                         .collect()
@@ -1387,14 +1463,18 @@ mod mysql_db {
             self.url.clone()
         }
         fn schema(&self, cascades: bool) -> Vec<String> {
-            schema(cascades, "INTEGER", " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
+            schema(
+                cascades,
+                "INTEGER",
+                " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+            )
         }
         fn cascades(&self) -> bool {
             MYSQL_CASCADES
         }
         fn connect(&self, _cascades: bool) -> Box<dyn Session> {
-            let mut conn =
-                ::mysql::Conn::new(::mysql::Opts::from_url(&self.url).expect("url")).expect("connect");
+            let mut conn = ::mysql::Conn::new(::mysql::Opts::from_url(&self.url).expect("url"))
+                .expect("connect");
             // A held transaction lasts seconds; a writer waiting longer than this gives
             // up on the statement (which is then an error like any other).
             conn.query_drop("SET SESSION innodb_lock_wait_timeout = 10")
