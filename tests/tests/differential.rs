@@ -378,6 +378,10 @@ trait DiffDb: Send + Sync + 'static {
     fn daemons(&self) -> usize {
         3
     }
+    /// How long a writer stays out of the database between two transactions.
+    fn pause_between_transactions(&self) -> Duration {
+        Duration::ZERO
+    }
     /// A random statement in one of this backend's own forms (upserts, REPLACE, MERGE).
     fn backend_statement(&self, g: &mut Gen) -> Stmt;
 }
@@ -426,10 +430,17 @@ fn write_mix(db: &dyn DiffDb, mix: Mix, log: &Mutex<Vec<TxLog>>, stats: &Mutex<W
         keys,
     };
     let mut s = db.connect(cascades);
+    let pause = match std::env::var("EPIDEMIC_DIFF_PAUSE_MS") {
+        Ok(_) => Duration::from_millis(env_num("EPIDEMIC_DIFF_PAUSE_MS", 0)),
+        Err(_) => db.pause_between_transactions(),
+    };
     let mut done = 0;
     let mut n = 0;
     while done < ops {
         n += 1;
+        if n > 1 && !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
         let mut steps = Vec::new();
         let mut outcome = "committed";
         // SQLite can refuse BEGIN IMMEDIATE after its busy timeout: try again.
@@ -1226,6 +1237,13 @@ mod sqlite_db {
         }
         fn daemons(&self) -> usize {
             2
+        }
+        fn pause_between_transactions(&self) -> Duration {
+            // SQLite's lock is not fair: writers that go straight back to BEGIN
+            // IMMEDIATE hold the write lock all the time, and a daemon that needs it
+            // (install at start, acks) can wait longer than a minute. A real
+            // application does something between two writes.
+            Duration::from_millis(3)
         }
         fn backend_statement(&self, g: &mut Gen) -> Stmt {
             const C: &str = "INTO items (id, k, v, note) VALUES";
