@@ -593,8 +593,9 @@ struct Replay {
     changes: Vec<Recorded>,
     delivered: usize,
     redelivered: usize,
-    /// Ordering or consistency faults, in the order met, with the key each concerns.
-    faults: Vec<(i64, String)>,
+    /// Ordering or consistency faults, in the order met: the key each concerns, the
+    /// index in `changes` of the change at fault, and what is wrong.
+    faults: Vec<(i64, usize, String)>,
 }
 
 /// Replay a recorder file: redeliveries (the same change id again) are dropped after
@@ -621,8 +622,10 @@ fn replay(path: &std::path::Path, columns: &[&str]) -> Replay {
             out.redelivered += 1;
             if *first != c {
                 let k = c.old.as_deref().or(c.new.as_deref()).map_or(0, key);
+                let at = out.changes.iter().position(|x| x.id == c.id).unwrap_or(0);
                 out.faults.push((
                     k,
+                    at,
                     format!(
                         "change {} redelivered with other content: first {first:?}, then {c:?}",
                         c.id
@@ -634,9 +637,10 @@ fn replay(path: &std::path::Path, columns: &[&str]) -> Replay {
         seen.insert(c.id, c.clone());
         let rows = &mut out.rows;
         let at = c.old.as_deref().or(c.new.as_deref()).map_or(0, key);
+        let index = out.changes.len();
         let mut fault = |msg: String| {
             out.faults
-                .push((at, format!("change {} {}: {msg}", c.id, c.op)))
+                .push((at, index, format!("change {} {}: {msg}", c.id, c.op)))
         };
         match (c.op.as_str(), &c.old, &c.new) {
             ("INSERT", _, Some(new)) => {
@@ -1009,10 +1013,12 @@ fn compare(
     );
     const FIRST: usize = 5;
     let mut keys: Vec<i64> = Vec::new();
-    for (k, f) in r.faults.iter().take(FIRST) {
+    for (k, _, f) in r.faults.iter().take(FIRST) {
         out.push_str(&format!("\n  fault: {f}"));
         keys.push(*k);
     }
+    // The first fault is where things went wrong first: show what led up to it.
+    let upto = r.faults.first().map_or(r.changes.len(), |(_, i, _)| *i + 1);
     for k in missing.iter().take(FIRST) {
         out.push_str(&format!(
             "\n  missing: table has {} (no change delivered made it)",
@@ -1053,9 +1059,15 @@ fn compare(
     }
     // What touched the first differing row: the deliveries and the writers' statements.
     if let Some(&k) = keys.first() {
+        let at_fault = r.faults.first().and_then(|(_, i, _)| r.changes.get(*i));
         let rows: Vec<&Vec<Value>> = [want.get(&k), r.rows.get(&k)]
             .into_iter()
             .flatten()
+            .chain(
+                at_fault
+                    .into_iter()
+                    .flat_map(|c| c.old.iter().chain(c.new.iter())),
+            )
             .collect();
         let ks: BTreeSet<i64> = if table == "items" {
             rows.iter()
@@ -1069,8 +1081,7 @@ fn compare(
         } else {
             BTreeSet::new()
         };
-        let touching: Vec<&Recorded> = r
-            .changes
+        let touching: Vec<&Recorded> = r.changes[..upto.min(r.changes.len())]
             .iter()
             .filter(|c| {
                 [&c.old, &c.new]
@@ -1080,8 +1091,13 @@ fn compare(
             })
             .collect();
         out.push_str(&format!(
-            "\n  the last of {} deliveries touching key {k}:",
-            touching.len()
+            "\n  the last of {} deliveries touching key {k}{}:",
+            touching.len(),
+            if r.faults.is_empty() {
+                ""
+            } else {
+                ", up to the first fault"
+            }
         ));
         for c in touching.iter().skip(touching.len().saturating_sub(12)) {
             out.push_str(&format!(
@@ -1099,6 +1115,50 @@ fn compare(
                 st.cids.contains(&k) || st.ids.iter().any(|x| parents.contains(x))
             }
         };
+        let render = |tx: &TxLog| {
+            let steps: Vec<String> = tx
+                .steps
+                .iter()
+                .map(|(sql, st, r)| (st.as_ref().map_or(sql, |st| &st.sql), r))
+                .map(|(sql, r)| match r {
+                    Ok(()) => format!("      {sql}"),
+                    Err(e) => format!("      {sql}  -- failed: {}", e.lines().next().unwrap_or("")),
+                })
+                .collect();
+            format!(
+                "    writer {} tx {} ({}):\n{}",
+                tx.writer,
+                tx.n,
+                tx.outcome,
+                steps.join("\n")
+            )
+        };
+        // The statement that wrote the image at fault names its values literally.
+        let needle = at_fault.and_then(|c| c.new.as_ref()).map(|new| {
+            if table == "items" {
+                format!("({}, {}, {}", new[0], sql_text(&new[1]), new[2])
+            } else {
+                format!("SELECT {}, id, {} ", new[0], new[2])
+            }
+        });
+        if let Some(needle) = &needle {
+            let wrote: Vec<String> = log
+                .iter()
+                .filter(|tx| {
+                    tx.steps
+                        .iter()
+                        .any(|(_, st, _)| st.as_ref().is_some_and(|st| st.sql.contains(needle)))
+                })
+                .map(render)
+                .collect();
+            if !wrote.is_empty() {
+                out.push_str("\n  the writer transactions that wrote the image at fault:");
+                for w in wrote.iter().take(4) {
+                    out.push('\n');
+                    out.push_str(w);
+                }
+            }
+        }
         let hits: Vec<String> = log
             .iter()
             .filter(|tx| {
@@ -1106,26 +1166,7 @@ fn compare(
                     .iter()
                     .any(|(_, st, _)| st.as_ref().is_some_and(touches))
             })
-            .map(|tx| {
-                let steps: Vec<String> = tx
-                    .steps
-                    .iter()
-                    .map(|(sql, st, r)| (st.as_ref().map_or(sql, |st| &st.sql), r))
-                    .map(|(sql, r)| match r {
-                        Ok(()) => format!("      {sql}"),
-                        Err(e) => {
-                            format!("      {sql}  -- failed: {}", e.lines().next().unwrap_or(""))
-                        }
-                    })
-                    .collect();
-                format!(
-                    "    writer {} tx {} ({}):\n{}",
-                    tx.writer,
-                    tx.n,
-                    tx.outcome,
-                    steps.join("\n")
-                )
-            })
+            .map(render)
             .collect();
         out.push_str(&format!(
             "\n  the last of {} writer transactions naming it (arbitrary order across writers):",
@@ -1137,6 +1178,14 @@ fn compare(
         }
     }
     Some(out)
+}
+
+/// A recorded string as the writers spelled it in SQL.
+fn sql_text(v: &Value) -> String {
+    match v.as_str() {
+        Some(t) => format!("'{}'", t.replace('\'', "''")),
+        None => v.to_string(),
+    }
 }
 
 // ---------------------------------------------------------------------------
