@@ -65,6 +65,10 @@ pub struct DaemonConfig {
     /// waits at most this long.
     #[serde(deserialize_with = "duration")]
     pub lease_ttl: Duration,
+    /// How often a running daemon looks at `status` and logs problems and warnings that
+    /// appeared since (a dropped trigger, a TRUNCATE noticed on MySQL, a revoked privilege).
+    #[serde(deserialize_with = "duration")]
+    pub health_check_interval: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -77,6 +81,7 @@ impl Default for DaemonConfig {
             prune_interval_ms: 5_000,
             consumer_ttl: Duration::from_secs(7 * 24 * 3600),
             lease_ttl: Duration::from_secs(15),
+            health_check_interval: Duration::from_secs(60),
         }
     }
 }

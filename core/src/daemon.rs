@@ -96,13 +96,9 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let mut main_conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
     // Say what drifted before install repairs it (a dropped trigger) or refuses to
     // start over it (a dropped or renamed column).
+    let mut health = HealthLog::default();
     if let Ok(status) = main_conn.status() {
-        for problem in status.tables.iter().flat_map(|t| &t.problems) {
-            warn!("schema drift: {problem}");
-        }
-        for warning in &status.warnings {
-            warn!("{warning}");
-        }
+        health.report(&status);
     }
     // The catalog's spelling of every name, so dispatch matches what the backend reports.
     let watches = until_connected(&stop, "resolve names", || {
@@ -150,8 +146,8 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             handler_metrics,
             Arc::clone(&metrics),
             Arc::clone(&stop),
-            lost_cursor,
-        );
+        )
+        .with_lost_cursor_flag(lost_cursor);
         let name = dispatcher.consumer.handler.clone();
         let handle = std::thread::Builder::new()
             .name(format!("handler-{name}"))
@@ -188,7 +184,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         }
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + every;
-            match housekeeping(&mut main_conn, &cfg, &metrics) {
+            match housekeeping(&mut main_conn, &cfg, &metrics, &mut health) {
                 Ok(()) => outage = false,
                 Err(e) if e.is_connection() => {
                     // The consumer threads report outages; this one stays quiet.
@@ -255,11 +251,57 @@ fn forget_removed_handlers(conn: &mut HostBackend, daemon: &str, handlers: &[Loa
     }
 }
 
-/// Evict stale consumers, prune what every live consumer has passed, refresh gauges.
+/// The problems and warnings of `status` this daemon has logged, so that each is logged
+/// once when it appears (at start, or later while running: a TRUNCATE noticed on MySQL,
+/// a privilege revoked) rather than at every check.
+#[derive(Default)]
+struct HealthLog {
+    logged: std::collections::HashSet<String>,
+    next_check: Option<Instant>,
+}
+
+impl HealthLog {
+    fn report(&mut self, status: &epidemic_plugin_sdk::Status) {
+        let now: Vec<String> = status
+            .tables
+            .iter()
+            .flat_map(|t| &t.problems)
+            .map(|p| format!("schema drift: {p}"))
+            .chain(status.warnings.iter().cloned())
+            .collect();
+        for line in &now {
+            if self.logged.insert(line.clone()) {
+                warn!("{line}");
+            }
+        }
+        self.logged.retain(|l| {
+            let still = now.contains(l);
+            if !still {
+                info!("no longer the case: {l}");
+            }
+            still
+        });
+    }
+
+    fn due(&mut self, every: Duration) -> bool {
+        let now = Instant::now();
+        match self.next_check {
+            Some(t) if now < t => false,
+            _ => {
+                self.next_check = Some(now + every);
+                true
+            }
+        }
+    }
+}
+
+/// Evict stale consumers, prune what every live consumer has passed, refresh gauges, and
+/// log what `status` newly finds wrong.
 fn housekeeping(
     conn: &mut HostBackend,
     cfg: &Config,
     metrics: &Metrics,
+    health: &mut HealthLog,
 ) -> Result<(), BackendError> {
     if !cfg.daemon.consumer_ttl.is_zero() {
         for c in conn.evict_stale(cfg.daemon.consumer_ttl)? {
@@ -275,8 +317,15 @@ fn housekeeping(
     if n > 0 {
         debug!(rows = n, "pruned log rows every live consumer has passed");
     }
-    if metrics.enabled() {
-        metrics.set_status(&conn.status()?);
+    let check = health.due(cfg.daemon.health_check_interval);
+    if metrics.enabled() || check {
+        let status = conn.status()?;
+        if metrics.enabled() {
+            metrics.set_status(&status);
+        }
+        if check {
+            health.report(&status);
+        }
     }
     Ok(())
 }
@@ -375,7 +424,6 @@ impl Dispatcher {
         metrics: Arc<HandlerMetrics>,
         all_metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
-        lost_cursor: Arc<AtomicBool>,
     ) -> Self {
         Dispatcher {
             tables: h.tables(),
@@ -389,8 +437,14 @@ impl Dispatcher {
             metrics,
             all_metrics,
             stop,
-            lost_cursor,
+            lost_cursor: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The flag the heartbeat sets when touching this consumer updated no cursor.
+    fn with_lost_cursor_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.lost_cursor = flag;
+        self
     }
 
     fn stopping(&self) -> bool {

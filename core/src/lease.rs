@@ -123,7 +123,9 @@ impl DaemonLease {
         match conn.lease(&self.claim_request(None))? {
             LeaseState::Granted => Ok(None),
             LeaseState::Held { holder, .. } => Ok(Some(holder)),
-            LeaseState::Released => Ok(Some("nobody (the lease was released)".into())),
+            LeaseState::Released | LeaseState::Holders(_) => {
+                Ok(Some("nobody (the lease was released)".into()))
+            }
         }
     }
 
@@ -160,7 +162,9 @@ impl DaemonLease {
                     }
                     return Ok(());
                 }
-                LeaseState::Released => bail!("backend answered a claim with a release"),
+                LeaseState::Released | LeaseState::Holders(_) => {
+                    bail!("backend answered a claim with something else")
+                }
                 LeaseState::Held {
                     instance,
                     holder,

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use epidemic_plugin_sdk::host;
-use epidemic_plugin_sdk::{DeadLetterQuery, DeadLetterUpdate, StartFrom};
+use epidemic_plugin_sdk::{DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, StartFrom};
 
 use crate::config::Config;
 
@@ -235,7 +235,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             let cfg = Config::load(&cli.config)?;
             let lib = plugins::load_backend(&cfg)?;
             let mut conn = plugins::open(&cfg, &lib)?;
-            let status = conn.status().context("status")?;
+            let mut status = conn.status().context("status")?;
+            if let Ok(LeaseState::Holders(h)) = conn.lease(&LeaseRequest::List) {
+                status.daemons = h;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

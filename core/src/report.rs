@@ -107,6 +107,31 @@ pub fn status(s: &Status, now_us: i64) -> String {
             let _ = writeln!(out, "  - {p}");
         }
     }
+    if !s.daemons.is_empty() {
+        let rows: Vec<Vec<String>> = s
+            .daemons
+            .iter()
+            .map(|d| {
+                vec![
+                    d.daemon.clone(),
+                    d.holder.clone(),
+                    if d.expires_in_ms >= 0 {
+                        format!(
+                            "running (lease for {:.1}s)",
+                            d.expires_in_ms as f64 / 1000.0
+                        )
+                    } else {
+                        format!(
+                            "not running (lease expired {:.1}s ago)",
+                            -d.expires_in_ms as f64 / 1000.0
+                        )
+                    },
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(&["DAEMON", "HELD BY", "STATE"], &rows));
+    }
     if !s.warnings.is_empty() {
         out.push_str("\nwarnings:\n");
         for w in &s.warnings {

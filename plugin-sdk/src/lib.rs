@@ -54,8 +54,8 @@ pub use ffi::SDK_VERSION;
 pub use handler::{Handler, HandlerConfig, HandlerError};
 pub use ident::redact_url;
 pub use ops::{
-    ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState,
-    Scratch, Status, TableStatus, SCRATCH_TABLE,
+    ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseHolder, LeaseRequest,
+    LeaseState, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 pub use serde_json;
 

@@ -95,6 +95,9 @@ pub struct Status {
     /// as warnings at start; `status` prints them.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Who holds each daemon name (filled by the host from [`LeaseRequest::List`]).
+    #[serde(default)]
+    pub daemons: Vec<LeaseHolder>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +199,19 @@ pub enum LeaseRequest {
     },
     /// Give the name up at a clean shutdown (only if `instance` holds it).
     Release { daemon: String, instance: String },
+    /// Every lease, for `epidemic status` (empty when nothing is installed).
+    List,
+}
+
+/// One daemon name's lease, as `epidemic status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseHolder {
+    pub daemon: String,
+    /// `pid 1234 on host mx1`.
+    pub holder: String,
+    /// Until the lease expires by the database's clock; negative once it has (the
+    /// daemon stopped without releasing it, or is cut off).
+    pub expires_in_ms: i64,
 }
 
 /// The lease after a request.
@@ -215,4 +231,6 @@ pub enum LeaseState {
     },
     /// After a release.
     Released,
+    /// The answer to [`LeaseRequest::List`], by daemon name.
+    Holders(Vec<LeaseHolder>),
 }

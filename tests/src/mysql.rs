@@ -69,6 +69,8 @@ pub struct MySqlServer {
     dir: PathBuf,
     port: u16,
     child: Mutex<Option<Child>>,
+    /// Extra `mariadbd` options, given on every (re)start.
+    extra_args: Vec<String>,
 }
 
 impl MySqlServer {
@@ -81,6 +83,12 @@ impl MySqlServer {
     /// A server of its own (for outage tests): initialised and started; killed and its
     /// files removed when dropped.
     pub fn start_new() -> MySqlServer {
+        MySqlServer::start_new_with_args(&[])
+    }
+
+    /// Like [`MySqlServer::start_new`], with extra `mariadbd` options (for example
+    /// `--transaction-isolation=READ-UNCOMMITTED`) given on every start.
+    pub fn start_new_with_args(extra_args: &[&str]) -> MySqlServer {
         install_exit_hook();
         let dir = tempfile::Builder::new()
             .prefix("epidemic-mariadb-")
@@ -114,6 +122,7 @@ impl MySqlServer {
             dir,
             port: free_port(),
             child: Mutex::new(None),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.start();
         server
@@ -177,6 +186,7 @@ impl MySqlServer {
                 "--innodb-doublewrite=0",
                 "--max-connections=300",
             ])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

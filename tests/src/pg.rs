@@ -43,6 +43,8 @@ pub struct PgServer {
     running: AtomicBool,
     /// Private servers are stopped on drop; the shared one lives in a static.
     private: bool,
+    /// Extra `-c name=value` server settings, kept for restarts.
+    settings: Vec<(String, String)>,
 }
 
 /// Directories of servers this process started and has not cleaned up yet.
@@ -158,16 +160,33 @@ fn clean_leftovers() {
 impl PgServer {
     /// The server shared by every test of this binary, started on first use.
     pub fn shared() -> &'static PgServer {
-        SHARED.get_or_init(|| PgServer::start_new(false))
+        SHARED.get_or_init(|| PgServer::start_new(false, &[]))
     }
 
     /// A server of the caller's own, stopped and removed when dropped. For tests that stop
     /// and restart the server.
     pub fn start_private() -> PgServer {
-        PgServer::start_new(true)
+        PgServer::start_new(true, &[])
     }
 
-    fn start_new(private: bool) -> PgServer {
+    /// A private server started with extra server settings (`-c name=value` each), for
+    /// tests that need a setting only the server's start can change
+    /// (`max_prepared_transactions`). Restarts keep them.
+    pub fn start_private_with(settings: &[(&str, &str)]) -> PgServer {
+        PgServer::start_new(true, settings)
+    }
+
+    fn start_new(private: bool, settings: &[(&str, &str)]) -> PgServer {
+        for (name, value) in settings {
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                    && value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)),
+                "plain server settings only: {name}={value}"
+            );
+        }
         CLEANUP.get_or_init(|| {
             clean_leftovers();
             // SAFETY: registering a plain extern "C" fn with no arguments.
@@ -215,6 +234,10 @@ impl PgServer {
                 port: crate::free_port(),
                 running: AtomicBool::new(false),
                 private,
+                settings: settings
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
             };
             match server.try_start() {
                 Ok(()) => return server,
@@ -225,11 +248,14 @@ impl PgServer {
     }
 
     fn try_start(&self) -> Result<(), String> {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.dir.display()
         );
+        for (name, value) in &self.settings {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
         let out = pg_ctl(
             &self.dir,
             &[

@@ -44,6 +44,10 @@ trait TestDb: Send + Sync + 'static {
     fn delete_cursors_sql(&self) -> String {
         "DELETE FROM epidemic_cursor".into()
     }
+    /// A statement dropping one of Epidemic's triggers on `mail_users`.
+    fn drop_trigger_sql(&self, name: &str) -> String {
+        format!("DROP TRIGGER {name}")
+    }
 }
 
 const SCHEMA: &str = "CREATE TABLE mail_users (id BIGINT PRIMARY KEY, username VARCHAR(200) NOT NULL, quota_bytes BIGINT)";
@@ -595,6 +599,10 @@ mod pg_db {
             "DELETE FROM epidemic.consumer".into()
         }
 
+        fn drop_trigger_sql(&self, name: &str) -> String {
+            format!("DROP TRIGGER \"{name}\" ON mail_users")
+        }
+
         fn url(&self) -> String {
             self.url.clone()
         }
@@ -702,7 +710,7 @@ mod mysql_db {
 fn same_name_twice_is_refused<D: TestDb>(db: D) {
     let c = Cluster::new(db);
     c.config("mx1", "lease_ttl = \"2s\"", &[("a", "", ""), ("b", "", "")]);
-    let _mx1 = c.start("mx1");
+    let mut mx1 = c.start("mx1");
     // The same daemon name, another handler set: before the lease it forgot a and b.
     let twin = c.dir.join("twin.toml");
     let text = std::fs::read_to_string(c.dir.join("mx1.toml"))
@@ -748,6 +756,31 @@ fn same_name_twice_is_refused<D: TestDb>(db: D) {
         })
         .collect();
     assert_eq!(names, ["mx1/a", "mx1/b"]);
+    // `status` names who holds the name; a clean stop releases it.
+    let daemons = status["daemons"].as_array().expect("daemons").clone();
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    assert_eq!(daemons[0]["daemon"], "mx1");
+    let holder = daemons[0]["holder"].as_str().unwrap();
+    assert!(
+        holder.starts_with(&format!("pid {} on host ", mx1.pid())),
+        "{holder}"
+    );
+    assert!(daemons[0]["expires_in_ms"].as_i64().unwrap() > 0);
+    let text = String::from_utf8_lossy(&epidemic(&c.dir.join("mx1.toml"), &["status"]).stdout)
+        .into_owned();
+    assert!(
+        text.contains("HELD BY") && text.contains("running (lease for"),
+        "{text}"
+    );
+    let code = mx1.signal_and_wait(libc::SIGTERM, WAIT);
+    assert_eq!(code.and_then(|s| s.code()), Some(0));
+    let out = epidemic(&c.dir.join("mx1.toml"), &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(
+        status["daemons"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
 }
 
 /// A DBA (or anything else) deletes a running consumer's cursor: the daemon's next ack or
@@ -853,6 +886,39 @@ fn clock_skew_evicts_nobody<D: TestDb>(db: D) {
     assert!(!mx1.log_text().contains("MISSED"), "{}", mx1.log_text());
 }
 
+/// Drift that appears while a daemon runs (a trigger dropped by hand) is logged by the
+/// running daemon, once, without waiting for a restart or an `epidemic status`.
+fn drift_while_running_is_logged<D: TestDb>(db: D) {
+    let c = Cluster::new(db);
+    c.config(
+        "mx1",
+        "health_check_interval = \"200ms\"",
+        &[("rec", "", "")],
+    );
+    let d = c.start("mx1");
+    let out = epidemic(&c.dir.join("mx1.toml"), &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let trigger = status["tables"][0]["triggers"]
+        .as_array()
+        .expect("triggers")
+        .iter()
+        .map(|t| t[0].as_str().unwrap().to_owned())
+        .find(|t| t.contains("delete") || t.contains("del"))
+        .expect("a delete trigger");
+    assert!(!d.log_text().contains("schema drift"), "{}", d.log_text());
+    c.db.transaction(&[c.db.drop_trigger_sql(&trigger)]);
+    assert!(
+        wait_until(WAIT, || d.log_text().contains("schema drift: trigger")),
+        "{}",
+        d.log_text()
+    );
+    // Once, not at every check.
+    let once = d.log_text().matches("schema drift: trigger").count();
+    assert!(!wait_until(Duration::from_secs(1), || {
+        d.log_text().matches("schema drift: trigger").count() > once
+    }));
+}
+
 fn c_skip_clock<D: TestDb>(db: &D) -> bool {
     db.clock_is_the_daemons()
 }
@@ -908,6 +974,11 @@ macro_rules! conformance {
                 #[test]
                 fn blocked_handler_is_not_evicted() {
                     super::blocked_handler_is_not_evicted($db);
+                }
+
+                #[test]
+                fn drift_while_running_is_logged() {
+                    super::drift_while_running_is_logged($db);
                 }
 
                 #[test]

@@ -621,7 +621,7 @@ fn start_now_skips_earlier_changes_and_oldest_reads_them() {
     assert_eq!(ids(drain(&mut b, &oldest, 10)), vec![1, 2]);
     let err = b.fetch(&consumer("nobody"), 10).expect_err("unregistered");
     assert!(
-        matches!(err, BackendError::Invalid(ref m) if m.contains("nobody")),
+        matches!(err, BackendError::Evicted(ref m) if m.contains("nobody")),
         "{err:?}"
     );
     let err = b
@@ -1244,6 +1244,8 @@ fn install_is_idempotent_and_uninstall_leaves_exactly_the_users_objects() {
                 .to_owned(),
             "DROP TRIGGER IF EXISTS \"epidemic_capture_delete\" ON \"public\".\"mail_users\""
                 .to_owned(),
+            "DROP TRIGGER IF EXISTS \"epidemic_capture_trunc\" ON \"public\".\"mail_users\""
+                .to_owned(),
             "DROP SCHEMA \"epidemic\" CASCADE".to_owned()
         ]
     );
@@ -1553,8 +1555,12 @@ fn an_evicted_consumer_releases_pruning_and_must_register_again() {
         !evicted.is_empty()
     }));
     assert_eq!(evicted, vec![stale.clone()]);
-    // A heartbeat does not bring an evicted consumer back.
-    b.touch(&stale).expect("touch");
+    // A heartbeat does not bring an evicted consumer back, and is not a success either.
+    assert_eq!(
+        b.touch(&stale)
+            .expect_err("heartbeat of an evicted consumer"),
+        BackendError::Evicted(EVICTED.into())
+    );
     let s = b.status().expect("status");
     assert!(consumer_status(&s, "stale").evicted);
     assert!(!consumer_status(&s, "live").evicted);
@@ -1566,7 +1572,7 @@ fn an_evicted_consumer_releases_pruning_and_must_register_again() {
             .expect_err("ack after eviction"),
         b.fetch(&stale, 100).expect_err("fetch after eviction"),
     ] {
-        assert_eq!(err, BackendError::Invalid(EVICTED.into()));
+        assert_eq!(err, BackendError::Evicted(EVICTED.into()));
     }
     let s = b.status().expect("status");
     assert_eq!(consumer_status(&s, "stale").position, position);
@@ -1616,7 +1622,7 @@ fn an_evicted_consumer_releases_pruning_and_must_register_again() {
     assert!(!b.unregister(&stale).expect("unregister again"));
     let err = b.fetch(&stale, 100).expect_err("unregistered");
     assert!(
-        matches!(err, BackendError::Invalid(ref m) if m.contains("not registered")),
+        matches!(err, BackendError::Evicted(ref m) if m.contains("not registered")),
         "{err:?}"
     );
     assert_eq!(
@@ -1798,10 +1804,11 @@ fn dead_letters_round_trip() {
 // Status and schema drift
 // ---------------------------------------------------------------------------------------
 
-const TRIGGERS: [&str; 3] = [
+const TRIGGERS: [&str; 4] = [
     "epidemic_capture_insert",
     "epidemic_capture_update",
     "epidemic_capture_delete",
+    "epidemic_capture_trunc",
 ];
 
 #[test]
@@ -1882,9 +1889,16 @@ fn status_counts_the_backlog_exactly_and_reports_a_dropped_trigger_until_install
 
     // Install puts back exactly that trigger.
     let plan = b.install(&watches).expect("install");
+    // Created, enabled always and marked with its layout; no other trigger touched.
     let triggers: Vec<&String> = plan.iter().filter(|s| s.contains("TRIGGER")).collect();
-    assert_eq!(triggers.len(), 1, "{plan:#?}");
+    assert_eq!(triggers.len(), 3, "{plan:#?}");
     assert!(triggers[0].starts_with("CREATE TRIGGER \"epidemic_capture_update\" AFTER UPDATE"));
+    assert!(
+        triggers
+            .iter()
+            .all(|s| s.contains("\"epidemic_capture_update\"")),
+        "{plan:#?}"
+    );
     assert!(table_status(&b.status().expect("status"), "t")
         .problems
         .is_empty());
@@ -1929,14 +1943,19 @@ fn a_watched_column_cannot_be_dropped_and_a_cascade_is_reported_then_repaired() 
         .batch_execute(
             r"BEGIN;
             CREATE TEMP TABLE capture_triggers ON COMMIT DROP AS
-                SELECT pg_get_triggerdef(oid) AS def FROM pg_trigger
-                WHERE tgrelid = 't'::regclass AND tgname LIKE 'epidemic\_capture\_%';
+                SELECT tgname, pg_get_triggerdef(oid) AS def, obj_description(oid, 'pg_trigger') AS note
+                FROM pg_trigger
+                WHERE tgrelid = 't'::regclass AND tgname ~ '^epidemic_capture_(insert|update|delete)$';
             DROP TRIGGER epidemic_capture_insert ON t;
             DROP TRIGGER epidemic_capture_update ON t;
             DROP TRIGGER epidemic_capture_delete ON t;
             ALTER TABLE t ALTER COLUMN a TYPE varchar(20);
-            DO $$ DECLARE d text; BEGIN
-                FOR d IN SELECT def FROM capture_triggers LOOP EXECUTE d; END LOOP;
+            DO $$ DECLARE t record; BEGIN
+                FOR t IN SELECT * FROM capture_triggers LOOP
+                    EXECUTE t.def;
+                    EXECUTE format('ALTER TABLE t ENABLE ALWAYS TRIGGER %I', t.tgname);
+                    EXECUTE format('COMMENT ON TRIGGER %I ON t IS %L', t.tgname, t.note);
+                END LOOP;
             END $$;
             COMMIT;",
         )
@@ -1961,7 +1980,8 @@ fn a_watched_column_cannot_be_dropped_and_a_cascade_is_reported_then_repaired() 
         .batch_execute("ALTER TABLE t DROP COLUMN a CASCADE; INSERT INTO t VALUES (2, 'c2')")
         .expect("drop cascade, then write");
     let s = b.status().expect("status");
-    let mut want: Vec<String> = TRIGGERS
+    // The row triggers depend on the column; the TRUNCATE trigger names none.
+    let mut want: Vec<String> = TRIGGERS[..3]
         .iter()
         .map(|n| {
             let op = n.rsplit('_').next().unwrap_or_default().to_uppercase();

@@ -72,6 +72,9 @@ pub(crate) fn server_code(e: &mysql::Error) -> Option<u16> {
     }
 }
 
+/// The session isolation every connection of the backend reads with.
+pub(crate) const ISOLATION_SQL: &str = "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ";
+
 /// Parsed `mysql://` (or `mariadb://`) URL: driver options and the database it names.
 #[derive(Clone)]
 pub(crate) struct Target {
@@ -115,6 +118,15 @@ impl Target {
                 // a transaction by `autocommit = 0` (global default or init_connect) would
                 // read one old snapshot for ever.
                 "SET autocommit = 1",
+                // A server whose default is READ-UNCOMMITTED would show the reader log rows
+                // of transactions that are still open and may roll back. REPEATABLE READ,
+                // not READ COMMITTED: each autocommit SELECT still reads what committed
+                // before it began, `START TRANSACTION WITH CONSISTENT SNAPSHOT` (the gap
+                // check) is honoured only there, and the prune DELETE stays loggable
+                // under `binlog_format = STATEMENT`. This statement form, unlike the
+                // variable (`tx_isolation` before MySQL 8.0 / MariaDB 11.1,
+                // `transaction_isolation` after), exists on every version.
+                ISOLATION_SQL,
             ]);
         Ok(Target {
             opts: opts.into(),

@@ -13,10 +13,57 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The InnoDB transactions open at one moment, each as `trx_id/thread/started`
-/// (from `information_schema.INNODB_TRX`). Read-only transactions all show trx id 0 on
-/// MariaDB, so the id alone does not tell two of them apart; a transaction's thread and
-/// start time do not change while it is open.
+/// The ids a server hands out: `offset + N * increment` (`auto_increment_increment`,
+/// `auto_increment_offset`; Galera sets the increment to the cluster size). Ids outside
+/// the series are never handed out, so a hole made of them is not a gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IdSeries {
+    increment: i64,
+    /// `offset % increment`: the residue every id of the series has.
+    residue: i64,
+}
+
+impl IdSeries {
+    /// Every id (increment 1).
+    pub const ALL: IdSeries = IdSeries {
+        increment: 1,
+        residue: 0,
+    };
+
+    pub fn new(increment: i64, offset: i64) -> IdSeries {
+        let increment = increment.max(1);
+        // MySQL and MariaDB ignore an offset larger than the increment (checked on
+        // MariaDB 10.11: increment 3, offset 5 hands out 1, 4, 7).
+        let offset = if (1..=increment).contains(&offset) {
+            offset
+        } else {
+            1
+        };
+        IdSeries {
+            increment,
+            residue: offset % increment,
+        }
+    }
+
+    /// The smallest and largest ids of the series in `lo..=hi`, or `None` if the series
+    /// has none there. Ids between them that are outside the series stay in the range:
+    /// re-reading them is harmless and one range stays one range.
+    pub fn trim(&self, lo: i64, hi: i64) -> Option<(i64, i64)> {
+        if lo > hi {
+            return None;
+        }
+        if self.increment == 1 {
+            return Some((lo, hi));
+        }
+        let first = lo.checked_add((self.residue - lo).rem_euclid(self.increment))?;
+        let last = hi - (hi - self.residue).rem_euclid(self.increment);
+        (first <= last).then_some((first, last))
+    }
+}
+
+/// The InnoDB transactions open at one moment that have changed rows, each as
+/// `trx_id/thread/started` (from `information_schema.INNODB_TRX`). A writer's trx id,
+/// thread and start time do not change while it is open.
 pub(crate) type TrxSet = HashSet<String>;
 
 /// What the reader knew when it first missed some ids.
@@ -115,8 +162,10 @@ impl GapSet {
         }
     }
 
-    /// Forget `lo..=hi`: the ids were delivered or are proven never to appear.
-    pub fn remove_range(&mut self, lo: i64, hi: i64) {
+    /// Forget `lo..=hi`: the ids were delivered or are proven never to appear. What is
+    /// left of a range is trimmed to `series`, so no range is left holding only ids the
+    /// server never hands out.
+    pub fn remove_range(&mut self, lo: i64, hi: i64, series: IdSeries) {
         if lo > hi {
             return;
         }
@@ -124,17 +173,17 @@ impl GapSet {
             let Some((_, seen)) = self.ranges.remove(&l) else {
                 continue;
             };
-            if l < lo {
-                self.ranges.insert(l, (lo - 1, seen.clone()));
+            if let Some((l, h)) = series.trim(l, h.min(lo - 1)) {
+                self.ranges.insert(l, (h, seen.clone()));
             }
-            if h > hi {
-                self.ranges.insert(hi + 1, (h, seen));
+            if let Some((l, h)) = series.trim(l.max(hi + 1), h) {
+                self.ranges.insert(l, (h, seen));
             }
         }
     }
 
-    pub fn remove(&mut self, id: i64) {
-        self.remove_range(id, id);
+    pub fn remove(&mut self, id: i64, series: IdSeries) {
+        self.remove_range(id, id, series);
     }
 
     /// The durable form of the ranges at or below `upto`: `3,5-9,12` (ascending).
@@ -222,15 +271,49 @@ mod tests {
         let mut g = GapSet::default();
         g.add_missing(1, 10, &GapSeen::now());
         g.add_missing(20, 20, &GapSeen::now());
-        g.remove(5);
+        let all = IdSeries::ALL;
+        g.remove(5, all);
         assert_eq!(ranges(&g), vec![(1, 4), (6, 10), (20, 20)]);
-        g.remove_range(3, 20);
+        g.remove_range(3, 20, all);
         assert_eq!(ranges(&g), vec![(1, 2)]);
         assert!(g.contains(2));
         assert!(!g.contains(3));
-        g.remove(1);
-        g.remove(2);
+        g.remove(1, all);
+        g.remove(2, all);
         assert!(g.is_empty());
+
+        // Increment 3, offset 2: what is left of 2..=11 after its ends were delivered
+        // holds no id the server hands out but 5 and 8.
+        let series = IdSeries::new(3, 2);
+        g.add_missing(2, 11, &GapSeen::now());
+        g.remove(2, series);
+        assert_eq!(ranges(&g), vec![(5, 11)]);
+        g.remove(11, series);
+        assert_eq!(ranges(&g), vec![(5, 8)]);
+        g.remove(5, series);
+        g.remove(8, series);
+        assert!(g.is_empty(), "{:?}", ranges(&g));
+    }
+
+    #[test]
+    fn id_series_trims_holes_the_server_never_fills() {
+        let all = IdSeries::new(1, 1);
+        assert_eq!(all, IdSeries::ALL);
+        assert_eq!(all.trim(3, 9), Some((3, 9)));
+        assert_eq!(all.trim(9, 3), None);
+        // Increment 3, offset 2: 2, 5, 8, 11, ...
+        let s = IdSeries::new(3, 2);
+        assert_eq!(s.trim(3, 4), None, "the regular hole between 2 and 5");
+        assert_eq!(s.trim(3, 7), Some((5, 5)));
+        assert_eq!(s.trim(6, 13), Some((8, 11)));
+        assert_eq!(s.trim(5, 5), Some((5, 5)));
+        // Offset equal to the increment: multiples of it.
+        let s = IdSeries::new(3, 3);
+        assert_eq!(s.trim(1, 7), Some((3, 6)));
+        // An offset above the increment is ignored, as the server does.
+        let s = IdSeries::new(3, 5);
+        assert_eq!(s.trim(2, 8), Some((4, 7)));
+        assert_eq!(IdSeries::new(0, 0), IdSeries::ALL);
     }
 
     #[test]

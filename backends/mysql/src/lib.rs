@@ -9,9 +9,17 @@
 //! Reading is gap-safe (`poller.rs`): InnoDB transactions commit out of id order, so a
 //! consumer's cursor is a high-water mark plus the ids below it that were missing when
 //! read; those are re-read until they appear or are proven dead (rolled back) through
-//! `information_schema.INNODB_TRX`, or after `gap_timeout_ms` where that table is not
-//! readable. Which method is in use is printed once to stderr when the first connection
-//! opens.
+//! `information_schema.INNODB_TRX`, or after `gap_timeout_ms` and a `READ UNCOMMITTED`
+//! read where that table is not readable. What the fallback cannot see is said in
+//! `Status::warnings` (logged by `epidemic run` at start, shown by `epidemic status`).
+//!
+//! Every connection reads with `REPEATABLE READ`, whatever the server's default: under
+//! `READ-UNCOMMITTED` the reader would deliver rows of transactions that roll back.
+//!
+//! The reading rule needs every transaction that can hold a log id to be visible in
+//! this server's INNODB_TRX, which holds on a single primary only. A Galera node
+//! (`wsrep_on = ON`) is refused unless `allow_galera = true` (see
+//! docs/configuration.md for what is supported).
 //!
 //! A consumer registered "from now" starts at the largest visible id, with every id
 //! below it that is not in the log as a gap: a transaction still open at registration
@@ -26,12 +34,14 @@
 //!
 //! Options (`[database]`, all optional): `poll_interval_ms` (50), `gap_detection`
 //! (`"auto"`, `"innodb_trx"` or `"timeout"`), `gap_timeout_ms` (60000), `gap_check_ms`
-//! (250), `max_gap_ranges` (10000), `prune_chunk` (10000), `connect_timeout_ms` (10000).
+//! (250), `max_gap_ranges` (10000), `prune_chunk` (10000), `connect_timeout_ms` (10000),
+//! `allow_galera` (false).
 //!
 //! The backend never changes the user's tables, their data or the server's settings,
 //! and it keeps nothing in memory that matters: cursors, gaps and dead letters live in
 //! the database (`ops.rs` has consumer eviction, dead letters and the status report).
 
+mod cascade;
 mod conn;
 mod gaps;
 mod ops;
@@ -51,8 +61,8 @@ use mysql::Conn;
 use serde::Deserialize;
 
 use conn::{server_code, sql_err, stmt_err, ServerInfo, Target, NO_INNODB_TRX_CODES};
-use gaps::{GapSeen, GapSet};
-use poller::{announce, now_us, ConsumerCursors, GapJudge, GapMethod, MySqlPoller, TableCursor};
+use gaps::{GapSeen, GapSet, IdSeries};
+use poller::{id_series, now_us, ConsumerCursors, GapJudge, GapMethod, MySqlPoller, TableCursor};
 use schema::{quote, MySqlSchema, MAX_CONSUMER_NAME};
 
 /// How dead gaps are recognised (option `gap_detection`).
@@ -79,11 +89,14 @@ struct MySqlOptions {
     gap_timeout_ms: u64,
     /// How often INNODB_TRX is read while there are gaps.
     gap_check_ms: u64,
-    /// Most gap ranges one read re-reads; with more, new changes wait for old gaps.
+    /// Most gap ranges one statement re-reads; with more, a read takes several
+    /// statements and `status` warns.
     max_gap_ranges: usize,
     /// Rows deleted per statement when pruning, so writers never wait long.
     prune_chunk: u32,
     connect_timeout_ms: u64,
+    /// Run on a Galera node although its gaps are judged by this node alone.
+    allow_galera: bool,
 }
 
 impl Default for MySqlOptions {
@@ -96,6 +109,7 @@ impl Default for MySqlOptions {
             max_gap_ranges: 10_000,
             prune_chunk: 10_000,
             connect_timeout_ms: 10_000,
+            allow_galera: false,
         }
     }
 }
@@ -134,6 +148,7 @@ fn start_position(
     conn: &mut Conn,
     log: &schema::MySqlLogTable,
     start: StartFrom,
+    series: IdSeries,
 ) -> Result<(i64, String), BackendError> {
     match start {
         StartFrom::Oldest => Ok((0, String::new())),
@@ -144,7 +159,10 @@ fn start_position(
                 .flatten();
             Ok(match max {
                 None => (0, String::new()),
-                Some(max) => (max, poller::missing_ids(conn, log, max)?.to_text(max)),
+                Some(max) => (
+                    max,
+                    poller::missing_ids(conn, log, max, series)?.to_text(max),
+                ),
             })
         }
     }
@@ -157,34 +175,107 @@ pub struct MySqlBackend {
     server: ServerInfo,
     poller: MySqlPoller,
     consumers: HashMap<Consumer, ConsumerCursors>,
+    /// When `prune` last looked for truncated tables.
+    truncation_checked: Option<Instant>,
+    /// What the reading rule cannot see on this server, with the remedy (for `status`).
+    warnings: Vec<String>,
 }
 
-/// Choose how gaps are proven dead, and say so once.
-fn choose_method(conn: &mut Conn, options: &MySqlOptions) -> Result<GapMethod, BackendError> {
+/// `CURRENT_USER()` (`name@host`) as a GRANT spells it: `'name'@'host'`.
+fn grantee(current_user: &str) -> String {
+    let (name, host) = current_user.rsplit_once('@').unwrap_or((current_user, "%"));
+    format!(
+        "'{}'@'{}'",
+        name.replace('\'', "''"),
+        host.replace('\'', "''")
+    )
+}
+
+/// What the timeout fallback cannot see, for the operator.
+fn timeout_consequence(options: &MySqlOptions) -> String {
+    format!(
+        "an id missing from a log table counts as rolled back once it has been missing for gap_timeout_ms = {} \
+         and a READ UNCOMMITTED read does not find its row either, so a change whose transaction waits longer than that \
+         between taking its log id and writing the log row (a lock wait on the log table) is never delivered",
+        options.gap_timeout_ms
+    )
+}
+
+/// How often `prune` looks for truncated watched tables (`ops::check_truncation`).
+const TRUNCATION_CHECK: Duration = Duration::from_secs(10);
+
+/// Choose how gaps are proven dead; with the timeout, also the warning that says what
+/// it cannot see and how to avoid it.
+fn choose_method(
+    conn: &mut Conn,
+    options: &MySqlOptions,
+) -> Result<(GapMethod, Option<String>), BackendError> {
     let timeout = GapMethod::Timeout(Duration::from_millis(options.gap_timeout_ms));
     if options.gap_detection == GapDetection::Timeout {
-        announce(timeout, "gap_detection = \"timeout\"");
-        return Ok(timeout);
+        return Ok((
+            timeout,
+            Some(format!(
+                "gap_detection = \"timeout\": {}; use gap_detection = \"auto\" with the PROCESS privilege to avoid it",
+                timeout_consequence(options)
+            )),
+        ));
     }
     match conn.query_drop("SELECT COUNT(*) FROM information_schema.INNODB_TRX") {
-        Ok(()) => {
-            announce(GapMethod::InnoDbTrx, "");
-            Ok(GapMethod::InnoDbTrx)
-        }
+        Ok(()) => Ok((GapMethod::InnoDbTrx, None)),
         Err(e) if server_code(&e).is_some_and(|c| NO_INNODB_TRX_CODES.contains(&c)) => {
             if options.gap_detection == GapDetection::InnodbTrx {
                 return Err(BackendError::Invalid(format!(
                     "gap_detection = \"innodb_trx\" but information_schema.INNODB_TRX is not readable: {e}"
                 )));
             }
-            announce(
-                timeout,
-                &format!("information_schema.INNODB_TRX is not readable: {e}"),
-            );
-            Ok(timeout)
+            let warning = if server_code(&e) == Some(1109) {
+                format!(
+                    "this server has no information_schema.INNODB_TRX (MySQL 5.0/5.1 without the InnoDB plugin): {}; \
+                     upgrade, or load the InnoDB plugin, to avoid it",
+                    timeout_consequence(options)
+                )
+            } else {
+                let user: Option<String> =
+                    conn.query_first("SELECT CURRENT_USER()").map_err(sql_err)?;
+                let grantee = grantee(&user.unwrap_or_default());
+                format!(
+                    "MySQL user {grantee} cannot read information_schema.INNODB_TRX (it needs the PROCESS privilege): {}; \
+                     fix: GRANT PROCESS ON *.* TO {grantee}",
+                    timeout_consequence(options)
+                )
+            };
+            Ok((timeout, Some(warning)))
         }
         Err(e) => Err(sql_err(e)),
     }
+}
+
+/// Galera (`wsrep_on` is `ON`): refused unless accepted, with one line saying why;
+/// accepted, it is still a warning. `wsrep_on` is `None` where the variable does not
+/// exist (MySQL), `OFF` on a MariaDB that is not in a cluster.
+fn galera_decision(wsrep_on: Option<&str>, allow: bool) -> Result<Option<String>, String> {
+    let on = wsrep_on.is_some_and(|v| v.eq_ignore_ascii_case("ON") || v == "1");
+    const WHY: &str = "gaps in log ids are judged by this node's INNODB_TRX alone, so a change written on \
+                       another node whose transaction is still open there when this node sees a later id is lost";
+    match (on, allow) {
+        (false, _) => Ok(None),
+        (true, false) => Err(format!(
+            "this server is a Galera node (wsrep_on = ON): {WHY}; point epidemic at a single-primary server, \
+             or set allow_galera = true if every write to the watched tables goes to this node"
+        )),
+        (true, true) => Ok(Some(format!(
+            "allow_galera = true on a Galera node: {WHY}; every write to the watched tables must go to this node"
+        ))),
+    }
+}
+
+/// Check the server is one the reading rule holds on (see [`galera_decision`]).
+fn check_server(conn: &mut Conn, options: &MySqlOptions) -> Result<Option<String>, BackendError> {
+    let row: Option<(String, String)> = conn
+        .query_first("SHOW GLOBAL VARIABLES LIKE 'wsrep_on'")
+        .map_err(sql_err)?;
+    galera_decision(row.as_ref().map(|(_, v)| v.as_str()), options.allow_galera)
+        .map_err(BackendError::Invalid)
 }
 
 impl MySqlBackend {
@@ -267,6 +358,58 @@ impl MySqlBackend {
         result
     }
 
+    /// This server's reading warnings, and one per cursor that tracks more gap ranges
+    /// than one read statement carries (each read then takes several statements, and
+    /// pruning waits for the oldest gap).
+    fn reading_warnings(&mut self) -> Result<Vec<String>, BackendError> {
+        let mut out = self.warnings.clone();
+        if !self.schema().table_exists("epidemic_cursor")? {
+            return Ok(out);
+        }
+        let rows: Vec<(String, String, String, String)> = self
+            .conn
+            .query(
+                "SELECT daemon, handler, source_table, gaps FROM epidemic_cursor \
+                 WHERE evicted_at IS NULL ORDER BY daemon, handler, source_table",
+            )
+            .map_err(sql_err)?;
+        let limit = self.options.max_gap_ranges.max(1);
+        let mut piled = Vec::new();
+        for (daemon, handler, table, gaps) in rows {
+            let ranges = gaps.split(',').filter(|p| !p.trim().is_empty()).count();
+            if ranges > limit {
+                piled.push(format!(
+                    "{daemon}/{handler} tracks {ranges} gap ranges on {table}"
+                ));
+            }
+        }
+        if piled.is_empty() {
+            return Ok(out);
+        }
+        // Which open transaction keeps them, where INNODB_TRX can tell.
+        let oldest: Option<(String, String)> = self
+            .conn
+            .query_first(
+                "SELECT trx_mysql_thread_id, trx_started FROM information_schema.INNODB_TRX \
+                 WHERE trx_rows_modified > 0 ORDER BY trx_started LIMIT 1",
+            )
+            .unwrap_or(None);
+        let holder = match oldest {
+            Some((thread, started)) => {
+                format!("the oldest open transaction that has written rows is thread {thread}, open since {started} (server time)")
+            }
+            None => {
+                "they go once the transactions that could still fill them have ended".to_owned()
+            }
+        };
+        out.push(format!(
+            "{} (more than max_gap_ranges = {limit}): ids below the newest one read that an open transaction may still \
+             fill; every read re-reads them in several statements and pruning waits for the oldest; {holder}",
+            piled.join(", ")
+        ));
+        Ok(out)
+    }
+
     /// Whether any log table a loaded consumer reads has rows past its high-water.
     fn probe(&mut self) -> Result<bool, BackendError> {
         let mut highs = Vec::new();
@@ -309,7 +452,9 @@ impl Backend for MySqlBackend {
         )?;
         let mut conn = target.connect()?;
         let server = ServerInfo::query(&mut conn)?;
-        let method = choose_method(&mut conn, &options)?;
+        let galera = check_server(&mut conn, &options)?;
+        let (method, fallback) = choose_method(&mut conn, &options)?;
+        let series = id_series(&mut conn)?;
         let judge = GapJudge::new(
             method,
             Duration::from_millis(options.gap_timeout_ms),
@@ -318,6 +463,7 @@ impl Backend for MySqlBackend {
         let poller = MySqlPoller {
             judge,
             max_gap_ranges: options.max_gap_ranges.max(1),
+            series,
         };
         Ok(MySqlBackend {
             target,
@@ -326,11 +472,18 @@ impl Backend for MySqlBackend {
             server,
             poller,
             consumers: HashMap::new(),
+            truncation_checked: None,
+            warnings: galera.into_iter().chain(fallback).collect(),
         })
     }
 
     fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
         self.schema().plan_install(watches)
+    }
+
+    /// Table and column names as `information_schema` spells them (see `schema.rs`).
+    fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
+        self.schema().resolve(watches)
     }
 
     fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
@@ -379,7 +532,8 @@ impl Backend for MySqlBackend {
             if matches!(existing, Some(None)) {
                 continue;
             }
-            let (high_water, gaps) = start_position(&mut self.conn, &log, start)?;
+            let series = id_series(&mut self.conn)?;
+            let (high_water, gaps) = start_position(&mut self.conn, &log, start, series)?;
             if existing.is_some() {
                 self.conn
                     .exec_drop(
@@ -479,6 +633,15 @@ impl Backend for MySqlBackend {
     }
 
     fn prune(&mut self) -> Result<u64, BackendError> {
+        // TRUNCATE fires no trigger: look for one alongside pruning, which the daemon
+        // runs periodically, at most every TRUNCATION_CHECK.
+        if self
+            .truncation_checked
+            .is_none_or(|t| t.elapsed() >= TRUNCATION_CHECK)
+        {
+            ops::check_truncation(&mut self.conn, self.server)?;
+            self.truncation_checked = Some(Instant::now());
+        }
         let mut total = 0;
         let chunk = self.options.prune_chunk.max(1);
         for log in self.schema().all_watched()? {
@@ -527,6 +690,8 @@ impl Backend for MySqlBackend {
     fn reconnect(&mut self) -> Result<(), BackendError> {
         let mut conn = self.target.connect()?;
         self.server = ServerInfo::query(&mut conn)?;
+        // The address may now reach another server (a failover behind one name).
+        check_server(&mut conn, &self.options)?;
         self.conn = conn;
         // Cursors are reloaded from the database: an ack that failed with the old
         // connection may or may not have been written.
@@ -572,7 +737,9 @@ impl Backend for MySqlBackend {
     }
 
     fn status(&mut self) -> Result<Status, BackendError> {
-        ops::status(&mut self.conn, self.server)
+        let mut status = ops::status(&mut self.conn, self.server)?;
+        status.warnings.extend(self.reading_warnings()?);
+        Ok(status)
     }
 
     /// Trigger bodies contain `;`, which the `mysql` client takes as the end of the
@@ -631,10 +798,43 @@ mod tests {
     }
 
     #[test]
+    fn galera_is_refused_unless_accepted() {
+        // MySQL has no wsrep_on; a MariaDB outside a cluster says OFF.
+        assert_eq!(galera_decision(None, false), Ok(None));
+        assert_eq!(galera_decision(Some("OFF"), false), Ok(None));
+        assert_eq!(galera_decision(Some("OFF"), true), Ok(None));
+        let refused = galera_decision(Some("ON"), false).unwrap_err();
+        assert!(
+            refused.contains("Galera")
+                && refused.contains("allow_galera = true")
+                && !refused.contains('\n'),
+            "{refused}"
+        );
+        let accepted = galera_decision(Some("ON"), true).unwrap().unwrap();
+        assert!(accepted.contains("must go to this node"), "{accepted}");
+        assert!(galera_decision(Some("1"), false).is_err());
+    }
+
+    #[test]
+    fn grantee_is_quoted_for_a_grant() {
+        assert_eq!(grantee("epidemic@%"), "'epidemic'@'%'");
+        assert_eq!(grantee("ep@db@10.0.0.%"), "'ep@db'@'10.0.0.%'");
+        assert_eq!(grantee("o'neil@localhost"), "'o''neil'@'localhost'");
+    }
+
+    #[test]
     fn options_have_defaults_and_refuse_unknown_keys() {
         let o: MySqlOptions = serde_json::from_value(serde_json::json!({})).unwrap();
         assert_eq!(o.poll_interval_ms, 50);
         assert_eq!(o.gap_detection, GapDetection::Auto);
+        assert!(!o.allow_galera);
+        let o: MySqlOptions =
+            serde_json::from_value(serde_json::json!({"allow_galera": true})).unwrap();
+        assert!(o.allow_galera);
+        assert!(
+            serde_json::from_value::<MySqlOptions>(serde_json::json!({"allow_galera": "yes"}))
+                .is_err()
+        );
         let o: MySqlOptions = serde_json::from_value(
             serde_json::json!({"gap_detection": "timeout", "gap_timeout_ms": 5}),
         )

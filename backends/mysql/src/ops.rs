@@ -4,11 +4,12 @@
 use epidemic_plugin_sdk::ops::drift;
 use epidemic_plugin_sdk::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
+    LeaseHolder, LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 use mysql::prelude::Queryable;
 use mysql::Conn;
 
+use crate::cascade::CascadeMode;
 use crate::conn::{sql_err, ServerInfo};
 use crate::gaps::{GapSeen, GapSet};
 use crate::poller::{gap_condition, now_us};
@@ -60,6 +61,32 @@ pub(crate) fn ensure_live(
 
 pub(crate) fn lease(conn: &mut Conn, req: &LeaseRequest) -> Result<LeaseState, BackendError> {
     match req {
+        LeaseRequest::List => {
+            let exists: Option<i64> = conn
+                .query_first(
+                    "SELECT 1 FROM information_schema.TABLES \
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'epidemic_daemon'",
+                )
+                .map_err(sql_err)?;
+            if exists.is_none() {
+                return Ok(LeaseState::Holders(Vec::new()));
+            }
+            let rows: Vec<(String, String, i64)> = conn
+                .query(format!(
+                    "SELECT daemon, holder, (expires_at - {DB_NOW_US}) DIV 1000 FROM epidemic_daemon \
+                     WHERE instance <> '' ORDER BY daemon"
+                ))
+                .map_err(sql_err)?;
+            Ok(LeaseState::Holders(
+                rows.into_iter()
+                    .map(|(daemon, holder, expires_in_ms)| LeaseHolder {
+                        daemon,
+                        holder,
+                        expires_in_ms,
+                    })
+                    .collect(),
+            ))
+        }
         LeaseRequest::Release { daemon, instance } => {
             conn.exec_drop(
                 "DELETE FROM epidemic_daemon WHERE daemon = ? AND instance = ?",
@@ -278,6 +305,134 @@ pub(crate) fn update_dead_letters(
     Ok(conn.affected_rows())
 }
 
+/// The InnoDB table id of `table`, where the server shows it (it needs the PROCESS
+/// privilege): `INNODB_SYS_TABLES` on MariaDB and MySQL 5.6/5.7, `INNODB_TABLES` on
+/// MySQL 8. Names with characters InnoDB encodes in its file names are not looked up.
+fn innodb_table_id(conn: &mut Conn, db: &str, table: &str) -> Option<i64> {
+    let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !plain(db) || !plain(table) {
+        return None;
+    }
+    let name = format!("{db}/{table}");
+    for view in ["INNODB_SYS_TABLES", "INNODB_TABLES"] {
+        let sql = format!("SELECT TABLE_ID FROM information_schema.{view} WHERE NAME = ?");
+        if let Ok(Some(id)) = conn.exec_first::<i64, _, _>(sql, (&name,)) {
+            return Some(id);
+        }
+    }
+    None
+}
+
+/// What TRUNCATE detection compares, as stored in `epidemic_watch` or read now.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct TableMarks {
+    pub table_id: Option<i64>,
+    pub created: Option<String>,
+    pub auto_increment: Option<u64>,
+    /// `NOW()` when the marks were read.
+    pub checked_at: Option<String>,
+}
+
+/// Whether the table was truncated between two readings of its marks.
+///
+/// TRUNCATE fires no trigger. On InnoDB it recreates the table: the table id changes and
+/// the AUTO_INCREMENT counter restarts, while MariaDB keeps `CREATE_TIME` (checked on
+/// MariaDB 10.11). A rebuilding `ALTER TABLE` or `OPTIMIZE` also changes the id but sets
+/// `CREATE_TIME` to the time of the rebuild. So: the id changed and the creation time did
+/// not, where the creation time is older than the previous check (else a rebuild in that
+/// same second would look the same); or the counter went down. `CREATE_TIME` has whole
+/// seconds, hence the care.
+pub(crate) fn truncated(before: &TableMarks, now: &TableMarks) -> bool {
+    let id_changed = matches!((before.table_id, now.table_id), (Some(a), Some(b)) if a != b);
+    let same_creation = before.created.is_some()
+        && before.created == now.created
+        && matches!((&before.created, &before.checked_at), (Some(c), Some(at)) if c < at);
+    let counter_down =
+        matches!((before.auto_increment, now.auto_increment), (Some(a), Some(b)) if b < a);
+    (id_changed && same_creation) || counter_down
+}
+
+/// Compare every watched table's marks with the stored ones, remember a truncation
+/// (`truncated_at`, kept until cleared by hand) and store the new marks.
+pub(crate) fn check_truncation(conn: &mut Conn, server: ServerInfo) -> Result<(), BackendError> {
+    let mut schema = MySqlSchema::new(conn, server);
+    if !schema.installed()?
+        || !schema
+            .column_names("epidemic_watch")?
+            .iter()
+            .any(|c| c == "truncated_at")
+    {
+        return Ok(());
+    }
+    // MySQL 8 caches these statistics for a day unless told otherwise; older servers do
+    // not know the variable.
+    let _ = conn.query_drop("SET SESSION information_schema_stats_expiry = 0");
+    let db: Option<String> = conn.query_first("SELECT DATABASE()").map_err(sql_err)?;
+    let db = db.unwrap_or_default();
+    type Stored = (
+        String,
+        Option<i64>,
+        Option<String>,
+        Option<u64>,
+        Option<String>,
+    );
+    let stored: Vec<Stored> = conn
+        .query(
+            "SELECT source_table, table_id, created, auto_increment, checked_at FROM epidemic_watch ORDER BY source_table",
+        )
+        .map_err(sql_err)?;
+    for (table, table_id, created, auto_increment, checked_at) in stored {
+        let before = TableMarks {
+            table_id,
+            created,
+            auto_increment,
+            checked_at,
+        };
+        let row: Option<(Option<String>, Option<u64>, String)> = conn
+            .exec_first(
+                "SELECT CAST(CREATE_TIME AS CHAR), AUTO_INCREMENT, CAST(NOW() AS CHAR) FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                (&table,),
+            )
+            .map_err(sql_err)?;
+        // A table that is gone is reported as drift by `status`.
+        let Some((created, auto_increment, checked_at)) = row else {
+            continue;
+        };
+        let now = TableMarks {
+            table_id: innodb_table_id(conn, &db, &table),
+            created,
+            auto_increment,
+            checked_at: Some(checked_at),
+        };
+        let hit = truncated(&before, &now);
+        conn.exec_drop(
+            "UPDATE epidemic_watch SET table_id = ?, created = ?, auto_increment = ?, checked_at = ?, \
+             truncated_at = IF(? AND truncated_at IS NULL, CAST(UTC_TIMESTAMP() AS CHAR), truncated_at) \
+             WHERE source_table = ?",
+            (
+                now.table_id,
+                &now.created,
+                now.auto_increment,
+                &now.checked_at,
+                hit,
+                &table,
+            ),
+        )
+        .map_err(sql_err)?;
+    }
+    Ok(())
+}
+
+/// The sentence for a table a TRUNCATE emptied behind the triggers' back.
+pub(crate) fn truncated_warning(table: &str, at: &str) -> String {
+    format!(
+        "table {table} was truncated (noticed at {at} UTC): its rows were removed without DELETE changes, \
+         so handlers still act as if they existed; run a resync (backfill) or reconcile by hand, then clear \
+         this with: UPDATE epidemic_watch SET truncated_at = NULL WHERE source_table = '{table}'"
+    )
+}
+
 /// daemon, handler, source_table, high_water, gaps, last_seen, evicted_at.
 type CursorRow = (String, String, String, i64, String, i64, Option<i64>);
 
@@ -286,11 +441,29 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
         backend: "mysql".into(),
         ..Status::default()
     };
+    // A user that may only read (monitoring) cannot store the marks; what earlier checks
+    // stored is still reported below.
+    let _ = check_truncation(conn, server);
     let mut schema = MySqlSchema::new(conn, server);
     if !schema.installed()? {
         return Ok(status);
     }
     let watched = schema.all_watched()?;
+    let truncations: Vec<(String, String)> = if schema
+        .column_names("epidemic_watch")?
+        .iter()
+        .any(|c| c == "truncated_at")
+    {
+        conn.query(
+            "SELECT source_table, truncated_at FROM epidemic_watch WHERE truncated_at IS NOT NULL ORDER BY source_table",
+        )
+        .map_err(sql_err)?
+    } else {
+        Vec::new()
+    };
+    let mut schema = MySqlSchema::new(conn, server);
+    let fks = schema.foreign_keys()?;
+    let mode = schema.cascade_mode();
     let mut log_tables = Vec::new();
     for log in &watched {
         let mut problems = Vec::new();
@@ -322,6 +495,41 @@ pub(crate) fn status(conn: &mut Conn, server: ServerInfo) -> Result<Status, Back
                     ));
                 }
             }
+        }
+        if exists {
+            if let Some(why) = schema.engine_problem(&log.source_table)? {
+                problems.push(why);
+            }
+            match schema.cascade_triggers(log, &fks, mode)? {
+                Ok(cascades) => {
+                    if mode == CascadeMode::Direct {
+                        if let Some((parent, ..)) = cascades.first() {
+                            status.warnings.push(format!(
+                                "foreign-key cascades from {parent} into {} are logged before the parent row changes \
+                                 (this server allows one trigger per table and event, or has innodb_autoinc_lock_mode = 2): \
+                                 a DELETE IGNORE or UPDATE IGNORE that then skips the parent row logs a cascade that did not happen",
+                                log.source_table
+                            ));
+                        }
+                    }
+                    for (parent, name, here) in cascades {
+                        if !here {
+                            problems.push(format!(
+                                "trigger {name} on table {parent} is missing or out of date: foreign-key cascades \
+                                 from {parent} into {} are not captured; run `epidemic install`",
+                                log.source_table
+                            ));
+                        }
+                        triggers.push((name, here));
+                    }
+                }
+                Err(why) => problems.push(why),
+            }
+        }
+        if let Some((_, at)) = truncations.iter().find(|(t, _)| *t == log.source_table) {
+            let warning = truncated_warning(&log.source_table, at);
+            problems.push(warning.clone());
+            status.warnings.push(warning);
         }
         log_tables.push(schema.table_exists(&log.log_table)?);
         status.tables.push(TableStatus {

@@ -10,18 +10,27 @@
 //!
 //! # Reading
 //!
-//! One statement per fetch reads new ids and re-reads every gap:
+//! Each fetch reads new ids and re-reads every gap, in one statement while there are at
+//! most `max_gap_ranges` gap ranges:
 //! `SELECT ... WHERE id > high_water OR id IN (gaps) OR id BETWEEN lo AND hi
 //! ORDER BY id LIMIT n`. New ids are delivered at once, however many gaps lie below
 //! them: an open transaction never holds back what others committed. A gap that shows
 //! up is delivered then, in id order with the rest of the batch.
 //!
 //! Changes to one row still arrive in commit order: a second change to a row waits for
-//! the first transaction's row lock, so it gets a larger id, and a read that sees it
-//! also sees the first (InnoDB makes a commit visible before it releases its locks).
-//! That holds only if every gap is re-read in the same statement as the new ids; past
-//! `max_gap_ranges` gap ranges (a pathological pile of rolled-back ids that cannot be
-//! proven dead) reads take the lowest ranges only and new ids wait.
+//! the first transaction's row lock, so it gets a larger id and commits later. So a
+//! read of the gaps that starts after the read of the new ids sees every gap whose
+//! transaction committed before a new id was read (InnoDB makes a commit visible before
+//! it releases its locks), and the batch puts those fills first. With more gap ranges
+//! than one statement should carry, the fetch therefore reads the new ids first and then
+//! re-reads all the gaps in statements of `max_gap_ranges` ranges each: delivery never
+//! stops, it only costs more statements (and `status` says so).
+//!
+//! Ids the server never hands out are not gaps: with `auto_increment_increment` N
+//! (Galera sets it to the cluster size) only ids `offset + k * N` exist, read from the
+//! server's global variables at every gap check ([`IdSeries`]). A writer that sets
+//! another increment or offset for its own session is not understood this way; its
+//! holes between the series' ids are read as "not gaps".
 //!
 //! # When a gap is dead
 //!
@@ -29,12 +38,22 @@
 //! when no transaction that could still fill it is open:
 //!
 //! - With `information_schema.INNODB_TRX` readable (PROCESS privilege, InnoDB plugin 1.0
-//!   / MySQL 5.5 or later): the first up-to-date list of open transactions taken after a
+//!   / MySQL 5.5 or later): the first up-to-date list of open **writers** taken after a
 //!   gap was seen is kept with the gap. The transaction holding the id was in that list,
-//!   unless it had already finished. Once a later list shares no transaction with it,
-//!   the holder has finished; a re-read **after** that list decides: the row is there
-//!   (committed, deliver it) or not (rolled back, the gap is dead). Checking the list
-//!   first and re-reading second is what makes a commit between the two harmless.
+//!   unless it had already finished: it took the id before the reader saw a larger one,
+//!   and it had changed a row by then, because the capture triggers run `AFTER` the
+//!   change of the user's (InnoDB) row; a transaction that started later cannot hold a
+//!   smaller id. Once a later list shares no transaction with it, the holder has
+//!   finished; a re-read **after** that list decides: the row is there (committed,
+//!   deliver it) or not (rolled back, the gap is dead). Checking the list first and
+//!   re-reading second is what makes a commit between the two harmless.
+//!
+//!   A writer is a transaction with `trx_rows_modified > 0` (`trx_weight > 0` where the
+//!   column is missing, before MySQL 5.5). So a `START TRANSACTION WITH CONSISTENT
+//!   SNAPSHOT` held for hours by `mysqldump --single-transaction`, or a long report,
+//!   keeps no gap alive. A long transaction that has written rows anywhere may still hold
+//!   any gap: its gaps stay, cost a re-read per fetch and hold back pruning until it ends,
+//!   never delivery.
 //!
 //!   "Up-to-date" matters: InnoDB serves INNODB_TRX from a cache that is refreshed only
 //!   when it has not been read for 0.1 s, so a busy server can answer with an old list.
@@ -43,13 +62,14 @@
 //!   list was taken after the check began, which is after the gap was seen. Stale
 //!   lists are skipped, with the check interval backing off (many readers polling the
 //!   table keep its cache from refreshing).
-//!
-//!   Any transaction open when a gap was seen keeps it alive, even an unrelated one (a
-//!   long report, an idle session left in a transaction): such gaps cost a re-read per
-//!   fetch and hold back pruning until that transaction ends, never delivery.
-//! - Otherwise (no privilege, or MySQL 5.0/5.1 without the table): a gap is dead after
-//!   `gap_timeout_ms` and a re-read that still misses it. A transaction open longer than
-//!   that loses its changes for this consumer; this is the documented fallback only.
+//! - Otherwise (no PROCESS, or MySQL 5.0/5.1 without the table): a gap that has been
+//!   missing for `gap_timeout_ms` is read once more with `READ UNCOMMITTED`. An open
+//!   transaction's log row is in the table from its INSERT on, so an id found by that
+//!   read is kept (and delivered at commit, however long the transaction stays open); an
+//!   id it does not find either, nor the committed re-read after it, is dead. What this
+//!   cannot see is a transaction that took its id but has not written the row yet: for
+//!   longer than `gap_timeout_ms` that needs a lock wait on the log table itself
+//!   (`innodb_lock_wait_timeout`, 50 s by default, below the 60 s default timeout).
 //!
 //! # Acknowledging
 //!
@@ -60,7 +80,6 @@
 //! watching old gaps. Nothing else is kept between fetches that matters: a fresh
 //! instance rebuilds everything from the cursor row.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,8 +89,8 @@ use mysql::prelude::Queryable;
 use mysql::Conn;
 
 use crate::conn::{server_code, sql_err, NO_INNODB_TRX_CODES};
-use crate::gaps::{GapSeen, GapSet, TrxSet};
-use crate::schema::MySqlLogTable;
+use crate::gaps::{GapSeen, GapSet, IdSeries, TrxSet};
+use crate::schema::{quote, MySqlLogTable};
 
 pub(crate) fn now_us() -> i64 {
     SystemTime::now()
@@ -85,25 +104,6 @@ pub(crate) fn now_us() -> i64 {
 pub(crate) enum GapMethod {
     InnoDbTrx,
     Timeout(Duration),
-}
-
-/// Say once per process which method is in use: operators need to know whether long
-/// transactions are safe.
-pub(crate) fn announce(method: GapMethod, why: &str) {
-    static ANNOUNCED: AtomicBool = AtomicBool::new(false);
-    if ANNOUNCED.swap(true, Ordering::Relaxed) {
-        return;
-    }
-    match method {
-        GapMethod::InnoDbTrx => {
-            eprintln!("epidemic mysql backend: gap detection via information_schema.INNODB_TRX")
-        }
-        GapMethod::Timeout(t) => eprintln!(
-            "epidemic mysql backend: gap detection via gap_timeout_ms = {} ({why}); \
-             a transaction open longer than that can lose changes; grant PROCESS to avoid it",
-            t.as_millis()
-        ),
-    }
 }
 
 /// One consumer's position in one table's log.
@@ -151,14 +151,74 @@ impl ConsumerCursors {
     }
 }
 
+/// Which INNODB_TRX column says a transaction has written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WritesColumn {
+    /// MySQL 5.5+, MariaDB 5.5+: undo records written.
+    RowsModified,
+    /// InnoDB plugin 1.0 (MySQL 5.1): undo records plus locks held, so a locking reader
+    /// counts as a writer too (safe, only slower to clear).
+    Weight,
+}
+
+impl WritesColumn {
+    fn name(self) -> &'static str {
+        match self {
+            WritesColumn::RowsModified => "trx_rows_modified",
+            WritesColumn::Weight => "trx_weight",
+        }
+    }
+}
+
+/// Server error code for an unknown column (`trx_rows_modified` before MySQL 5.5).
+const ER_BAD_FIELD_ERROR: u16 = 1054;
+
 /// Decides when gaps are dead; see the module docs.
 pub(crate) struct GapJudge {
     pub method: GapMethod,
     /// The timeout to fall back to if INNODB_TRX stops being readable.
     fallback: Duration,
+    writes: WritesColumn,
     base_interval: Duration,
     interval: Duration,
     next_check: Instant,
+}
+
+/// A transaction as INNODB_TRX lists it: trx_id, thread, started, rows written (all as
+/// text, which every version can give).
+type TrxRow = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The open writers in an INNODB_TRX list, and whether the list is up to date: it shows
+/// the checking transaction itself (thread `me`). A transaction that has changed no row
+/// holds no log id (see the module docs), so it is left out.
+fn open_writers(rows: Vec<TrxRow>, me: &str) -> (bool, TrxSet) {
+    let mut fresh = false;
+    let mut open = TrxSet::new();
+    for (id, thread, started, writes) in rows {
+        let thread = thread.unwrap_or_default();
+        if thread == me {
+            fresh = true;
+            continue;
+        }
+        // Anything unreadable counts as a writer: keeping a gap too long is safe.
+        let writes = writes
+            .and_then(|w| w.trim().parse::<u64>().ok())
+            .unwrap_or(1);
+        if writes == 0 {
+            continue;
+        }
+        open.insert(format!(
+            "{}/{thread}/{}",
+            id.unwrap_or_default(),
+            started.unwrap_or_default()
+        ));
+    }
+    (fresh, open)
 }
 
 impl GapJudge {
@@ -166,6 +226,7 @@ impl GapJudge {
         GapJudge {
             method,
             fallback,
+            writes: WritesColumn::RowsModified,
             base_interval: interval,
             interval,
             next_check: Instant::now(),
@@ -176,45 +237,40 @@ impl GapJudge {
         Instant::now() >= self.next_check
     }
 
-    /// The open transactions, excluding this connection's, if the list is up to date.
+    /// A check starts now; the next is due one interval later.
+    fn checked(&mut self) {
+        self.next_check = Instant::now() + self.interval;
+    }
+
+    /// The open writers, excluding this connection, if the list is up to date.
     fn open_transactions(&mut self, conn: &mut Conn) -> Result<Option<Arc<TrxSet>>, BackendError> {
         conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             .map_err(sql_err)?;
-        // trx_id, trx_mysql_thread_id, trx_started; as text, which every version has.
-        type TrxRow = (Option<String>, Option<String>, Option<String>);
-        let rows: Result<Vec<TrxRow>, mysql::Error> = conn.query(
-            "SELECT trx_id, trx_mysql_thread_id, trx_started FROM information_schema.INNODB_TRX",
-        );
+        let rows: Result<Vec<TrxRow>, mysql::Error> = conn.query(format!(
+            "SELECT trx_id, trx_mysql_thread_id, trx_started, {} FROM information_schema.INNODB_TRX",
+            self.writes.name()
+        ));
         let ended = conn.query_drop("COMMIT");
         let rows = match rows {
             Ok(rows) => rows,
+            Err(e)
+                if server_code(&e) == Some(ER_BAD_FIELD_ERROR)
+                    && self.writes == WritesColumn::RowsModified =>
+            {
+                ended.map_err(sql_err)?;
+                self.writes = WritesColumn::Weight;
+                return self.open_transactions(conn);
+            }
             Err(e) if server_code(&e).is_some_and(|c| NO_INNODB_TRX_CODES.contains(&c)) => {
+                // The privilege was revoked under a running daemon. The fallback keeps
+                // every gap whose row is in the table; `status` says what it cannot see.
                 self.method = GapMethod::Timeout(self.fallback);
-                eprintln!(
-                    "epidemic mysql backend: information_schema.INNODB_TRX is no longer readable ({e}); \
-                     falling back to gap_timeout_ms = {}",
-                    self.fallback.as_millis()
-                );
                 return Ok(None);
             }
             Err(e) => return Err(sql_err(e)),
         };
         ended.map_err(sql_err)?;
-        let me = conn.connection_id().to_string();
-        let mut fresh = false;
-        let mut open = TrxSet::new();
-        for (id, thread, started) in rows {
-            let thread = thread.unwrap_or_default();
-            if thread == me {
-                fresh = true;
-                continue;
-            }
-            open.insert(format!(
-                "{}/{thread}/{}",
-                id.unwrap_or_default(),
-                started.unwrap_or_default()
-            ));
-        }
+        let (fresh, open) = open_writers(rows, &conn.connection_id().to_string());
         // A stale list is most likely when many readers poll INNODB_TRX: back off so the
         // cache gets the 0.1 s of quiet it needs to refresh.
         self.interval = if fresh {
@@ -232,17 +288,24 @@ impl GapJudge {
         &mut self,
         conn: &mut Conn,
         tc: &mut TableCursor,
+        chunk: usize,
         open_now: &mut Option<Option<Arc<TrxSet>>>,
     ) -> Result<Vec<(i64, i64, GapSeen)>, BackendError> {
         let hw = tc.high_water;
         if let GapMethod::Timeout(timeout) = self.method {
-            return Ok(tc
+            let timed_out: Vec<(i64, i64, GapSeen)> = tc
                 .gaps
                 .ranges()
                 .take_while(|(lo, ..)| *lo <= hw)
                 .filter(|(.., seen)| seen.at.elapsed() >= timeout)
                 .map(|(lo, hi, seen)| (lo, hi.min(hw), seen.clone()))
-                .collect());
+                .collect();
+            if timed_out.is_empty() {
+                return Ok(timed_out);
+            }
+            let ranges: Vec<(i64, i64)> = timed_out.iter().map(|(l, h, _)| (*l, *h)).collect();
+            let present = uncommitted_ids(conn, &tc.log, &ranges, chunk)?;
+            return Ok(without_ids(timed_out, &present));
         }
         let open = match open_now {
             Some(open) => open.clone(),
@@ -268,12 +331,69 @@ impl GapJudge {
     }
 }
 
+/// The ids in `ranges` whose rows are in the log table now, committed or not: a
+/// `READ UNCOMMITTED` read sees the row an open transaction inserted. The isolation is
+/// set for that one transaction only; the session keeps its own.
+fn uncommitted_ids(
+    conn: &mut Conn,
+    log: &MySqlLogTable,
+    ranges: &[(i64, i64)],
+    chunk: usize,
+) -> Result<Vec<i64>, BackendError> {
+    let mut out = Vec::new();
+    for part in ranges.chunks(chunk.max(1)) {
+        conn.query_drop("SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
+            .map_err(sql_err)?;
+        conn.query_drop("START TRANSACTION").map_err(sql_err)?;
+        let ids: Result<Vec<i64>, mysql::Error> = conn.query(format!(
+            "SELECT `id` FROM {} WHERE {} ORDER BY `id`",
+            quote(&log.log_table),
+            gap_condition(None, part)
+        ));
+        let ended = conn.query_drop("COMMIT");
+        out.extend(ids.map_err(sql_err)?);
+        ended.map_err(sql_err)?;
+    }
+    Ok(out)
+}
+
+/// `ranges` (ascending, disjoint) with the ids in `present` (ascending) cut out.
+fn without_ids(ranges: Vec<(i64, i64, GapSeen)>, present: &[i64]) -> Vec<(i64, i64, GapSeen)> {
+    let mut out = Vec::new();
+    for (lo, hi, seen) in ranges {
+        let from = present.partition_point(|id| *id < lo);
+        let to = present.partition_point(|id| *id <= hi);
+        let mut next = lo;
+        for &id in &present[from..to] {
+            if id > next {
+                out.push((next, id - 1, seen.clone()));
+            }
+            next = id + 1;
+        }
+        if next <= hi {
+            out.push((next, hi, seen));
+        }
+    }
+    out
+}
+
 /// Reads batches and keeps cursors for the consumers of one backend instance.
 pub(crate) struct MySqlPoller {
     pub judge: GapJudge,
-    /// Most gap ranges one read re-reads (10 000 is about 150 KB of SQL). Beyond that,
-    /// reads hold new ids back until gaps are filled or proven dead.
+    /// Most gap ranges one statement re-reads (10 000 is about 150 KB of SQL). Beyond
+    /// that, new ids are read first and the gaps after, in several statements.
     pub max_gap_ranges: usize,
+    /// The ids the server hands out, refreshed at every gap check.
+    pub series: IdSeries,
+}
+
+/// The server's `auto_increment_increment` and `auto_increment_offset`, as new writer
+/// sessions get them.
+pub(crate) fn id_series(conn: &mut Conn) -> Result<IdSeries, BackendError> {
+    let row: Option<(i64, i64)> = conn
+        .query_first("SELECT @@GLOBAL.auto_increment_increment, @@GLOBAL.auto_increment_offset")
+        .map_err(sql_err)?;
+    Ok(row.map_or(IdSeries::ALL, |(inc, off)| IdSeries::new(inc, off)))
 }
 
 impl MySqlPoller {
@@ -287,18 +407,23 @@ impl MySqlPoller {
         if max == 0 || cursors.tables.is_empty() {
             return Ok(Batch::default());
         }
-        let check = self.judge.method != GapMethod::InnoDbTrx || self.judge.due();
+        let check = self.judge.due();
+        if check {
+            self.judge.checked();
+            self.series = id_series(conn)?;
+        }
         let mut open_now = None;
         let n = cursors.tables.len();
         for i in 0..n {
             let idx = (cursors.next + i) % n;
             let tc = &mut cursors.tables[idx];
             let candidates = if check && tc.gaps.any_upto(tc.high_water) {
-                self.judge.candidates(conn, tc, &mut open_now)?
+                self.judge
+                    .candidates(conn, tc, self.max_gap_ranges, &mut open_now)?
             } else {
                 Vec::new()
             };
-            let changes = read_table(conn, tc, max, self.max_gap_ranges, &candidates)?;
+            let changes = read_table(conn, tc, max, self.max_gap_ranges, self.series, &candidates)?;
             if changes.is_empty() {
                 if tc.dirty {
                     let text = tc.gaps.to_text(tc.high_water);
@@ -337,7 +462,7 @@ impl MySqlPoller {
         let mut high_water = tc.high_water;
         for &id in &tc.pending[..handled] {
             if id <= tc.high_water {
-                gaps.remove(id);
+                gaps.remove(id, self.series);
             } else {
                 high_water = high_water.max(id);
             }
@@ -403,41 +528,74 @@ fn read_table(
     tc: &mut TableCursor,
     max: u32,
     max_gap_ranges: usize,
+    series: IdSeries,
     candidates: &[(i64, i64, GapSeen)],
 ) -> Result<Vec<Change>, BackendError> {
     let hw = tc.high_water;
-    let mut included: Vec<(i64, i64)> = tc
+    let max_gap_ranges = max_gap_ranges.max(1);
+    let included: Vec<(i64, i64)> = tc
         .gaps
         .ranges()
         .take_while(|(lo, ..)| *lo <= hw)
-        .take(max_gap_ranges + 1)
         .map(|(lo, hi, _)| (lo, hi.min(hw)))
         .collect();
-    // With too many gap ranges for one statement, re-read the lowest ones and hold new
-    // ids back: a fill of a range left out could be an older change of the same row as
-    // a new id, and changes to one row must arrive in commit order.
-    let read_new = included.len() <= max_gap_ranges;
-    included.truncate(max_gap_ranges);
-    let sql = format!(
-        "{}{} ORDER BY `id` LIMIT {max}",
-        tc.log.select_prefix,
-        gap_condition(read_new.then_some(hw), &included)
-    );
-    let changes = query_changes(conn, &tc.log, &sql)?;
-
-    // Dead gaps: candidates the re-read examined and still did not find. With a full
-    // batch, ids after the last row read were not examined.
-    let examined_upto = if changes.len() == max as usize {
-        changes.last().map_or(i64::MAX, |c| c.id)
+    let full = |rows: &[Change]| rows.len() == max as usize;
+    // `examined[k]`: the largest id the read of the k-th group of `chunk` gap ranges
+    // looked at; with a full batch, ids after its last row were not examined.
+    let (mut changes, chunk, examined) = if included.len() <= max_gap_ranges {
+        let sql = format!(
+            "{}{} ORDER BY `id` LIMIT {max}",
+            tc.log.select_prefix,
+            gap_condition(Some(hw), &included)
+        );
+        let rows = query_changes(conn, &tc.log, &sql)?;
+        let upto = if full(&rows) {
+            rows.last().map_or(i64::MAX, |c| c.id)
+        } else {
+            i64::MAX
+        };
+        (rows, included.len().max(1), vec![upto])
     } else {
-        i64::MAX
+        // New ids first, then every gap: see the module docs for why this order keeps
+        // changes to one row in commit order.
+        let sql = format!(
+            "{}{} ORDER BY `id` LIMIT {max}",
+            tc.log.select_prefix,
+            gap_condition(Some(hw), &[])
+        );
+        let new = query_changes(conn, &tc.log, &sql)?;
+        let mut rows = Vec::new();
+        let mut examined = Vec::new();
+        for part in included.chunks(max_gap_ranges) {
+            let sql = format!(
+                "{}{} ORDER BY `id` LIMIT {max}",
+                tc.log.select_prefix,
+                gap_condition(None, part)
+            );
+            let fills = query_changes(conn, &tc.log, &sql)?;
+            examined.push(if full(&fills) {
+                fills.last().map_or(i64::MAX, |c| c.id)
+            } else {
+                i64::MAX
+            });
+            rows.extend(fills);
+        }
+        // Gaps are below the high-water and new ids above it; the groups are in id order.
+        rows.extend(new);
+        (rows, max_gap_ranges, examined)
     };
+
+    // Dead gaps: candidates the re-read examined and still did not find.
     for (lo, hi, seen) in candidates {
-        // Both lists are in id order.
-        if included.binary_search_by_key(lo, |(l, _)| *l).is_err() {
+        // The included range holding the candidate, and the read that examined it.
+        let at = included.partition_point(|(l, _)| *l <= *lo);
+        let Some(&(_, included_hi)) = at.checked_sub(1).and_then(|i| included.get(i)) else {
+            continue;
+        };
+        if *lo > included_hi {
             continue;
         }
-        let hi = (*hi).min(examined_upto);
+        let hi = (*hi).min(included_hi).min(examined[(at - 1) / chunk]);
         if *lo > hi {
             continue;
         }
@@ -447,23 +605,25 @@ fn read_table(
         if found.len() as i64 == hi - lo + 1 {
             continue;
         }
-        tc.gaps.remove_range(*lo, hi);
+        tc.gaps.remove_range(*lo, hi, series);
         // Rows found are in this batch but not handled yet: they stay gaps until acked.
         for id in found {
             tc.gaps.add_missing(id, id, seen);
         }
         tc.dirty = true;
     }
+    // Rows past the batch size wait for the next read; fills come first.
+    changes.truncate(max as usize);
 
-    // New ids: everything between the high-water and the last id read that is not here
-    // is held by an open transaction or was rolled back.
+    // New ids: everything of the server's id series between the high-water and the
+    // last id read that is not here is held by an open transaction or was rolled back.
     let seen = GapSeen::now();
     let mut expect = hw.saturating_add(1);
     for c in changes.iter().filter(|c| c.id > hw) {
-        if c.id > expect {
-            tc.gaps.add_missing(expect, c.id - 1, &seen);
+        if let Some((lo, hi)) = series.trim(expect, c.id - 1) {
+            tc.gaps.add_missing(lo, hi, &seen);
         }
-        tc.gaps.remove(c.id);
+        tc.gaps.remove(c.id, series);
         expect = c.id + 1;
     }
     tc.pending = changes.iter().map(|c| c.id).collect();
@@ -587,6 +747,7 @@ pub(crate) fn missing_ids(
     conn: &mut Conn,
     log: &MySqlLogTable,
     upto: i64,
+    series: IdSeries,
 ) -> Result<GapSet, BackendError> {
     const CHUNK: usize = 10_000;
     let seen = GapSeen::now();
@@ -594,13 +755,13 @@ pub(crate) fn missing_ids(
     let mut expect = 1_i64;
     let sql = format!(
         "SELECT `id` FROM {} WHERE `id` >= ? AND `id` <= ? ORDER BY `id` LIMIT {CHUNK}",
-        crate::schema::quote(&log.log_table)
+        quote(&log.log_table)
     );
     loop {
         let ids: Vec<i64> = conn.exec(&sql, (expect, upto)).map_err(sql_err)?;
         for &id in &ids {
-            if id > expect {
-                gaps.add_missing(expect, id - 1, &seen);
+            if let Some((lo, hi)) = series.trim(expect, id - 1) {
+                gaps.add_missing(lo, hi, &seen);
             }
             expect = id + 1;
         }
@@ -608,8 +769,8 @@ pub(crate) fn missing_ids(
             break;
         }
     }
-    if expect <= upto {
-        gaps.add_missing(expect, upto, &seen);
+    if let Some((lo, hi)) = series.trim(expect, upto) {
+        gaps.add_missing(lo, hi, &seen);
     }
     Ok(gaps)
 }
@@ -617,6 +778,54 @@ pub(crate) fn missing_ids(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_writers_can_hold_a_gap() {
+        let row = |id: &str, thread: &str, writes: Option<&str>| {
+            (
+                Some(id.to_owned()),
+                Some(thread.to_owned()),
+                Some("2026-01-01 00:00:00".to_owned()),
+                writes.map(str::to_owned),
+            )
+        };
+        let rows = vec![
+            // This check's own transaction: the list is up to date.
+            row("0", "7", Some("0")),
+            // A consistent snapshot (mysqldump) and a long SELECT: they wrote nothing.
+            row("0", "8", Some("0")),
+            row("421", "9", Some("0")),
+            row("422", "10", Some("3")),
+            // Unreadable counts as a writer.
+            row("423", "11", None),
+        ];
+        let (fresh, open) = open_writers(rows.clone(), "7");
+        assert!(fresh);
+        let mut open: Vec<String> = open.into_iter().collect();
+        open.sort();
+        assert_eq!(
+            open,
+            vec![
+                "422/10/2026-01-01 00:00:00".to_owned(),
+                "423/11/2026-01-01 00:00:00".to_owned()
+            ]
+        );
+        assert!(
+            !open_writers(rows, "99").0,
+            "a list without the check is stale"
+        );
+    }
+
+    #[test]
+    fn ids_an_open_transaction_wrote_are_cut_out_of_timed_out_gaps() {
+        let seen = GapSeen::now();
+        let ranges = vec![(2, 2, seen.clone()), (5, 10, seen.clone()), (12, 12, seen)];
+        let left: Vec<(i64, i64)> = without_ids(ranges, &[2, 5, 7, 8, 11])
+            .into_iter()
+            .map(|(l, h, _)| (l, h))
+            .collect();
+        assert_eq!(left, vec![(6, 6), (9, 10), (12, 12)]);
+    }
 
     #[test]
     fn read_condition_lists_singles_and_ranges() {

@@ -54,6 +54,12 @@ pub enum PgError {
     /// log table it does not read.
     #[error("consumer {0}: reading the log returned a row of an unknown log table")]
     UnknownLog(String),
+    #[error("the cursors in schema {schema} were written by another PostgreSQL cluster (system identifier {recorded}, this one is {current}), as after a dump restored here: nothing is read or pruned by them; run `epidemic install` (or restart the daemon), which restarts every consumer from the oldest change in the log")]
+    ForeignCluster {
+        schema: String,
+        recorded: i64,
+        current: i64,
+    },
     #[error("cannot connect to {url}: {reason}")]
     Connect {
         url: String,
@@ -93,6 +99,7 @@ impl From<PgError> for BackendError {
             | PgError::Connect { .. }
             | PgError::CursorRace(_)
             | PgError::UnknownLog(_)
+            | PgError::ForeignCluster { .. }
             | PgError::StaleToken { .. } => BackendError::Other(message),
             PgError::NotRegistered(_) | PgError::Evicted(_) => BackendError::Evicted(message),
             PgError::InvalidIdentifier(_)

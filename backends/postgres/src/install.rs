@@ -26,17 +26,32 @@
 //!   it matters after a crash, hence UNLOGGED: writing it costs no WAL, and readers never
 //!   wait for a flush to register.
 //!
-//! On the user's table there are three triggers, `<schema>_capture_insert`, `_update` and
-//! `_delete`, each `AFTER ... FOR EACH ROW` with a `WHEN` clause that names every watched
-//! column. The update trigger's `WHEN (OLD.c IS DISTINCT FROM NEW.c OR ...)` is the
-//! "did a watched column change" test, so an update of other columns does not even call
-//! the function. The insert and delete triggers' `WHEN (true OR NEW.c IS NULL ...)` is
+//! On the user's table there are three row triggers, `<schema>_capture_insert`, `_update`
+//! and `_delete`, each `AFTER ... FOR EACH ROW` with a `WHEN` clause that names every
+//! watched column; `_trunc`, `BEFORE TRUNCATE ... FOR EACH STATEMENT`, which logs a delete
+//! of every row the table still holds (so a `TRUNCATE`, also one that reaches the table
+//! through `TRUNCATE ... CASCADE`, reaches handlers as the deletes it amounts to, at the
+//! price of copying the rows into the log); and on a partitioned table `_mvrow`, `_mvbeg`
+//! and `_mvend`, which deliver a row's move to another partition as one update (see
+//! [`PgInstaller::move_prologue`]). Every capture trigger is `ENABLE ALWAYS`: it fires
+//! under `session_replication_role = replica` too (logical replication's apply worker,
+//! `pg_restore --disable-triggers` run as a replica), because those are changes to the
+//! table all the same; a trigger found firing only as origin (`ENABLE TRIGGER ALL`
+//! resets it) or disabled is reported by `status` and re-enabled by install. Each carries
+//! the comment [`TRIGGER_LAYOUT`], so that install recreates triggers of an older layout.
+//!
+//! The update trigger's `WHEN` is the "did a watched column change" test, so an update of
+//! other columns does not even call the function. It compares what a handler would see:
+//! `OLD.c IS DISTINCT FROM NEW.c` for types whose equality is identity (integers, `bool`,
+//! `bytea`, timestamps...), and the text forms byte by byte otherwise
+//! (`(OLD.c::text COLLATE "C") IS DISTINCT FROM ...`), since `1.0 = 1.00` (`numeric`) and
+//! `'alice' = 'Alice'` under a case-insensitive collation. The insert and delete triggers' `WHEN (true OR NEW.c IS NULL ...)` is
 //! always true (the planner folds it away once per statement); it is there so that
 //! PostgreSQL records that the trigger depends on each watched column. That is the point
 //! of all three clauses: `ALTER TABLE ... DROP COLUMN` of a watched column is refused
 //! ("other objects depend on it") instead of succeeding and leaving a capture function
 //! that fails every later write to the table. `DROP COLUMN ... CASCADE` drops the three
-//! triggers with the column: writes keep working, nothing is captured, and `status` says
+//! row triggers with the column: writes keep working, nothing is captured, and `status` says
 //! so. The price: PostgreSQL also refuses `ALTER COLUMN ... TYPE` of a column used in a
 //! trigger's `WHEN`. To change a watched column's type without losing changes, recreate
 //! the triggers in the same transaction:
@@ -44,14 +59,20 @@
 //! ```sql
 //! BEGIN;
 //! CREATE TEMP TABLE capture_triggers ON COMMIT DROP AS
-//!     SELECT pg_get_triggerdef(oid) AS def FROM pg_trigger
-//!     WHERE tgrelid = 'mail_users'::regclass AND tgname LIKE 'epidemic\_capture\_%';
+//!     SELECT tgname, pg_get_triggerdef(oid) AS def, obj_description(oid, 'pg_trigger') AS note
+//!     FROM pg_trigger
+//!     WHERE tgrelid = 'mail_users'::regclass
+//!       AND tgname ~ '^epidemic_capture_(insert|update|delete)$';
 //! DROP TRIGGER epidemic_capture_insert ON mail_users;
 //! DROP TRIGGER epidemic_capture_update ON mail_users;
 //! DROP TRIGGER epidemic_capture_delete ON mail_users;
 //! ALTER TABLE mail_users ALTER COLUMN username TYPE varchar(128);
-//! DO $$ DECLARE d text; BEGIN
-//!     FOR d IN SELECT def FROM capture_triggers LOOP EXECUTE d; END LOOP;
+//! DO $$ DECLARE t record; BEGIN
+//!     FOR t IN SELECT * FROM capture_triggers LOOP
+//!         EXECUTE t.def;
+//!         EXECUTE format('ALTER TABLE mail_users ENABLE ALWAYS TRIGGER %I', t.tgname);
+//!         EXECUTE format('COMMENT ON TRIGGER %I ON mail_users IS %L', t.tgname, t.note);
+//!     END LOOP;
 //! END $$;
 //! COMMIT;
 //! ```
@@ -85,11 +106,18 @@ use crate::options::NotifyMode;
 /// prefix is `capture_` (8 bytes).
 const MAX_KEY_BYTES: usize = MAX_IDENT_BYTES - "capture_".len();
 
-/// Type OIDs whose `=` operator lives in `pg_catalog` are compared with `IS DISTINCT
-/// FROM` directly; see [`UserColumn::has_catalog_eq`].
-const CATALOG_EQ_SQL: &str = "EXISTS (SELECT 1 FROM pg_catalog.pg_operator o \
-     WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid \
-       AND o.oprnamespace = 'pg_catalog'::regnamespace)";
+/// Types whose equality is identity (two values are equal only if a handler would see
+/// the same value) are compared with `IS DISTINCT FROM` directly; see
+/// [`UserColumn::identity_eq`]. Their `=` operators live in `pg_catalog`, which is found
+/// first whatever the installer's `search_path`.
+const IDENTITY_EQ_SQL: &str = "a.atttypid = ANY (ARRAY['pg_catalog.bool', 'pg_catalog.int2', \
+     'pg_catalog.int4', 'pg_catalog.int8', 'pg_catalog.oid', 'pg_catalog.bytea', 'pg_catalog.\"char\"', \
+     'pg_catalog.date', 'pg_catalog.timestamp', 'pg_catalog.timestamptz', 'pg_catalog.uuid']::pg_catalog.regtype[])";
+
+/// The comment on every capture trigger: the layout of the triggers it belongs to. A
+/// capture trigger with another comment (an older layout: a `WHEN` that used the
+/// type's equality, no `ENABLE ALWAYS`) is recreated by the next install.
+pub(crate) const TRIGGER_LAYOUT: &str = "epidemic capture 2";
 
 /// One column of a watched table, as the catalog describes it now.
 #[derive(Debug, Clone)]
@@ -99,18 +127,20 @@ pub(crate) struct UserColumn {
     /// so that widening the user's column (`varchar(64)` to `varchar(128)`) cannot make
     /// the trigger fail and with it the user's write.
     type_sql: String,
-    /// Whether `IS DISTINCT FROM` can use a `pg_catalog` operator (which is found first
-    /// whatever the installer's `search_path`); for other types (extension types, enums,
-    /// domains, arrays, `json`) the trigger compares the text forms, which is never
-    /// wrong, at worst reports an update whose text changed but whose value compares
-    /// equal.
-    has_catalog_eq: bool,
+    /// Whether the type's equality is identity (integers, `bool`, `bytea`, timestamps,
+    /// `uuid`...). For every other type the update trigger compares the text forms, byte
+    /// for byte (`COLLATE "C"`), which is what a handler sees: `1.0` and `1.00`
+    /// (`numeric`), or `alice` and `Alice` under a case-insensitive collation, are equal
+    /// to `IS DISTINCT FROM` but not to a handler.
+    identity_eq: bool,
 }
 
 /// A watched table as the catalog describes it now.
 #[derive(Debug, Clone)]
 pub(crate) struct UserTable {
     pub oid: u32,
+    /// A partitioned table (`relkind = 'p'`): its rows are in its partitions.
+    pub partitioned: bool,
     pub columns: HashMap<String, UserColumn>,
 }
 
@@ -135,38 +165,90 @@ pub(crate) struct RegisteredTable {
     pub columns: Vec<RegisteredColumn>,
 }
 
-/// A row event Epidemic captures with one trigger each.
+/// What Epidemic captures with one trigger each: the row events; `TRUNCATE` (a
+/// statement-level trigger that logs a delete of every row the table still holds); and,
+/// on a partitioned table, the three triggers that turn a row's move to another
+/// partition back into the update it was (see [`PgInstaller::capture_function`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Event {
     Insert,
     Update,
     Delete,
+    Truncate,
+    /// BEFORE INSERT OR UPDATE OR DELETE, for each row: recognises a move.
+    MoveRow,
+    /// BEFORE UPDATE, for each statement: where the statement's log rows start.
+    MoveStart,
+    /// AFTER UPDATE, for each statement: merges each move's delete and insert.
+    MoveEnd,
 }
 
 impl Event {
-    pub const ALL: [Event; 3] = [Event::Insert, Event::Update, Event::Delete];
+    pub const ALL: [Event; 7] = [
+        Event::Insert,
+        Event::Update,
+        Event::Delete,
+        Event::Truncate,
+        Event::MoveRow,
+        Event::MoveStart,
+        Event::MoveEnd,
+    ];
+
+    /// The triggers a table gets: the move triggers only on a partitioned one.
+    pub fn for_table(partitioned: bool) -> &'static [Event] {
+        if partitioned {
+            &Event::ALL
+        } else {
+            &Event::ALL[..4]
+        }
+    }
 
     pub fn sql(self) -> &'static str {
         match self {
             Event::Insert => "INSERT",
-            Event::Update => "UPDATE",
+            Event::Update | Event::MoveStart | Event::MoveEnd => "UPDATE",
             Event::Delete => "DELETE",
+            Event::Truncate => "TRUNCATE",
+            Event::MoveRow => "INSERT OR UPDATE OR DELETE",
         }
     }
 
-    /// `pg_trigger.tgtype` of our trigger: ROW (1) plus INSERT (4), DELETE (8) or
-    /// UPDATE (16); AFTER has no bit.
-    fn tgtype(self) -> i16 {
-        1 | match self {
-            Event::Insert => 4,
-            Event::Update => 16,
-            Event::Delete => 8,
+    /// The trigger name's suffix: at most six bytes, like `update`, so that every name
+    /// fits PostgreSQL's limit with the longest schema name we accept.
+    fn suffix(self) -> &'static str {
+        match self {
+            Event::Insert => "insert",
+            Event::Update => "update",
+            Event::Delete => "delete",
+            Event::Truncate => "trunc",
+            Event::MoveRow => "mvrow",
+            Event::MoveStart => "mvbeg",
+            Event::MoveEnd => "mvend",
         }
+    }
+
+    /// `pg_trigger.tgtype` of our trigger: ROW (1), BEFORE (2), INSERT (4), DELETE (8),
+    /// UPDATE (16), TRUNCATE (32); AFTER and statement-level have no bit.
+    fn tgtype(self) -> i16 {
+        match self {
+            Event::Insert => 1 | 4,
+            Event::Update => 1 | 16,
+            Event::Delete => 1 | 8,
+            Event::Truncate => 2 | 32,
+            Event::MoveRow => 1 | 2 | 4 | 8 | 16,
+            Event::MoveStart => 2 | 16,
+            Event::MoveEnd => 16,
+        }
+    }
+
+    /// Whether the trigger depends on the watched columns (a `WHEN` naming them).
+    fn names_columns(self) -> bool {
+        matches!(self, Event::Insert | Event::Update | Event::Delete)
     }
 
     /// `<base>_insert` etc., `base` being the registry's `trigger_name`.
     pub fn trigger_name(self, base: &Ident) -> Ident {
-        Ident::internal(format!("{base}_{}", self.sql().to_ascii_lowercase()))
+        Ident::internal(format!("{base}_{}", self.suffix()))
     }
 }
 
@@ -179,12 +261,30 @@ pub(crate) struct FoundTrigger {
     ours: bool,
     /// The columns it depends on (those in its `WHEN`), sorted.
     attnums: Vec<i16>,
+    /// `pg_trigger.tgenabled`: `A` fires always, `O` not under
+    /// `session_replication_role = replica`, `D` never.
+    pub enabled: i8,
+    /// Its comment: [`TRIGGER_LAYOUT`] when this version created it.
+    layout: Option<String>,
+    /// Its clones on the partitions of a partitioned table (none otherwise) all fire
+    /// always: `ALTER TABLE partition ENABLE TRIGGER ALL` resets a clone alone.
+    pub clones_always: bool,
 }
 
 impl FoundTrigger {
     /// Whether this is the working trigger for `event` (whatever columns it names).
     pub fn captures(&self, event: Event, base: &Ident) -> bool {
         self.ours && self.tgtype == event.tgtype() && self.name == event.trigger_name(base).as_str()
+    }
+
+    /// Whether this is the trigger install would create for `event` watching `attnums`:
+    /// same columns, same layout, firing always.
+    fn is_current(&self, event: Event, base: &Ident, attnums: &[i16]) -> bool {
+        self.captures(event, base)
+            && self.enabled == b'A' as i8
+            && self.clones_always
+            && self.layout.as_deref() == Some(TRIGGER_LAYOUT)
+            && (!event.names_columns() || self.attnums == attnums)
     }
 }
 
@@ -208,7 +308,14 @@ pub(crate) fn find_triggers(
                           WHERE d.classid = 'pg_catalog.pg_trigger'::regclass AND d.objid = t.oid \
                             AND d.refclassid = 'pg_catalog.pg_class'::regclass \
                             AND d.refobjid = t.tgrelid AND d.refobjsubid > 0 \
-                          ORDER BY 1) \
+                          ORDER BY 1), \
+                    t.tgenabled, pg_catalog.obj_description(t.oid, 'pg_trigger'), \
+                    NOT EXISTS (WITH RECURSIVE clone AS ( \
+                                    SELECT k.oid, k.tgenabled FROM pg_catalog.pg_trigger k WHERE k.tgparentid = t.oid \
+                                    UNION ALL \
+                                    SELECT k.oid, k.tgenabled FROM pg_catalog.pg_trigger k \
+                                    JOIN clone ON k.tgparentid = clone.oid) \
+                                SELECT 1 FROM clone WHERE clone.tgenabled <> 'A') \
              FROM pg_catalog.pg_trigger t \
              JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
              JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
@@ -225,6 +332,72 @@ pub(crate) fn find_triggers(
             tgtype: r.get(1),
             ours: r.get(2),
             attnums: r.get(3),
+            enabled: r.get(4),
+            layout: r.get(5),
+            clones_always: r.get(6),
+        })
+        .collect())
+}
+
+/// A leaf partition of a watched partitioned table, with the TRUNCATE trigger of ours it
+/// carries, if any. Statement triggers are not cloned onto partitions, and a `TRUNCATE`
+/// of one partition fires only that partition's, so each leaf gets its own.
+#[derive(Debug, Clone)]
+pub(crate) struct Leaf {
+    /// `schema.table`, quoted.
+    pub quoted: String,
+    /// `schema.table`, for messages.
+    pub name: String,
+    /// `tgenabled` of its TRUNCATE trigger firing our function; `None` without one.
+    pub enabled: Option<i8>,
+    layout: Option<String>,
+}
+
+impl Leaf {
+    /// Its TRUNCATE trigger is the one install would create.
+    pub fn is_current(&self) -> bool {
+        self.enabled == Some(b'A' as i8) && self.layout.as_deref() == Some(TRIGGER_LAYOUT)
+    }
+}
+
+/// The leaf partitions of the partitioned table `root_oid` (at any depth), with their
+/// TRUNCATE trigger named `trigger` firing `schema.function()`.
+pub(crate) fn partition_leaves(
+    client: &mut impl GenericClient,
+    root_oid: u32,
+    schema: &Ident,
+    function: &Ident,
+    trigger: &Ident,
+) -> Result<Vec<Leaf>, PgError> {
+    let rows = client
+        .query(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), n.nspname || '.' || c.relname, \
+                    t.tgenabled, pg_catalog.obj_description(t.oid, 'pg_trigger') \
+             FROM pg_catalog.pg_partition_tree($1::pg_catalog.oid::pg_catalog.regclass) pt \
+             JOIN pg_catalog.pg_class c ON c.oid = pt.relid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN (pg_catalog.pg_trigger t \
+                        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+                        JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace) \
+               ON t.tgrelid = c.oid AND t.tgname = $2 AND t.tgparentid = 0 \
+                  AND pn.nspname = $3 AND p.proname = $4 \
+             WHERE pt.isleaf AND pt.relid <> $1::pg_catalog.oid::pg_catalog.regclass \
+             ORDER BY 2",
+            &[
+                &root_oid,
+                &trigger.as_str(),
+                &schema.as_str(),
+                &function.as_str(),
+            ],
+        )
+        .map_err(PgError::sql("inspect partitions"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Leaf {
+            quoted: r.get(0),
+            name: r.get(1),
+            enabled: r.get(2),
+            layout: r.get(3),
         })
         .collect())
 }
@@ -260,6 +433,62 @@ pub(crate) enum SchemaState {
     Missing,
     Ours,
     Foreign,
+}
+
+/// The advisory lock that orders consumer registrations against pruning (and against
+/// the rebase after a restore into another cluster): a registration holds it shared from
+/// before it takes its snapshot until it commits; `prune` holds it exclusively while it
+/// reads the cursors. So `prune` never computes its horizon without a consumer that is
+/// being registered, whose snapshot may miss rows the other consumers have passed.
+pub(crate) fn cursor_lock_key(schema: &Ident) -> String {
+    format!(
+        "pg_catalog.hashtext({})",
+        quote_literal(&format!("epidemic cursors {schema}"))
+    )
+}
+
+/// Whether the cursors in the schema were written by this cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClusterCheck {
+    /// The recorded system identifier is this cluster's.
+    Same,
+    /// Nothing recorded (an installation older than the record; install records it).
+    Unrecorded,
+    /// Recorded by another cluster: the schema came here by a dump and restore, and its
+    /// cursors are snapshots of the other cluster's transaction ids.
+    Foreign { recorded: i64, current: i64 },
+}
+
+/// Compare the system identifier recorded in the schema with this cluster's
+/// (`pg_control_system()`, executable by everyone).
+pub(crate) fn check_cluster(
+    client: &mut impl GenericClient,
+    schema: &Ident,
+) -> Result<ClusterCheck, PgError> {
+    let table = format!("{}.{}", schema.quoted(), quote_ident("cluster"));
+    let exists: bool = client
+        .query_one("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[&table])
+        .map_err(PgError::sql("inspect the cluster record"))?
+        .get(0);
+    if !exists {
+        return Ok(ClusterCheck::Unrecorded);
+    }
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT system_identifier FROM {table} LIMIT 1), \
+                        (SELECT system_identifier FROM pg_catalog.pg_control_system())"
+            ),
+            &[],
+        )
+        .map_err(PgError::sql("read the cluster record"))?;
+    let recorded: Option<i64> = row.get(0);
+    let current: i64 = row.get(1);
+    Ok(match recorded {
+        None => ClusterCheck::Unrecorded,
+        Some(r) if r == current => ClusterCheck::Same,
+        Some(recorded) => ClusterCheck::Foreign { recorded, current },
+    })
 }
 
 /// Whether `schema.table` has a column `column`: for bookkeeping tables that gained a
@@ -364,6 +593,7 @@ pub(crate) fn inspect_table(
         .ok_or_else(|| PgError::MissingTable(name.to_string()))?;
     let oid: u32 = row.get(0);
     let kind: String = row.get(1);
+    let partitioned = kind == "p";
     // Ordinary and partitioned tables; row triggers on a partitioned table (PostgreSQL
     // 13+) are cloned onto every partition.
     if kind != "r" && kind != "p" {
@@ -377,7 +607,7 @@ pub(crate) fn inspect_table(
                             WHEN 'pg_catalog.bpchar'::regtype THEN 'pg_catalog.bpchar' \
                             WHEN 'pg_catalog.bit'::regtype THEN 'pg_catalog.varbit' \
                             ELSE pg_catalog.format_type(a.atttypid, NULL) END, \
-                        {CATALOG_EQ_SQL} \
+                        {IDENTITY_EQ_SQL} \
                  FROM pg_catalog.pg_attribute a \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped"
             ),
@@ -394,12 +624,16 @@ pub(crate) fn inspect_table(
                 UserColumn {
                     attnum: r.get(1),
                     type_sql: r.get(2),
-                    has_catalog_eq: r.get(3),
+                    identity_eq: r.get(3),
                 },
             )
         })
         .collect();
-    Ok(UserTable { oid, columns })
+    Ok(UserTable {
+        oid,
+        partitioned,
+        columns,
+    })
 }
 
 /// `log_<key>` etc.: `table` in `public`, `schema.table` elsewhere (a dot cannot occur in
@@ -487,6 +721,11 @@ impl PgInstaller<'_> {
         }
 
         let mut plan = self.bookkeeping_ddl(client, state)?;
+        if state == SchemaState::Ours {
+            if let ClusterCheck::Foreign { .. } = check_cluster(client, self.schema)? {
+                plan.extend(self.rebase_ddl(&registry));
+            }
+        }
         let mut taken_logs: HashSet<String> =
             registry.values().map(|r| r.log_table.to_string()).collect();
         for (name, columns, table) in inspected {
@@ -675,7 +914,7 @@ impl PgInstaller<'_> {
                 ));
             }
 
-            plan.push(self.capture_function(&function, &log, &all));
+            plan.push(self.capture_function(&function, &log, &all, name, &table, &trigger_base));
             let found = if existing.is_some() {
                 find_triggers(client, table.oid, self.schema, &function, &trigger_base)?
             } else {
@@ -689,7 +928,7 @@ impl PgInstaller<'_> {
                 .collect();
             attnums.sort_unstable();
             attnums.dedup();
-            let expected: Vec<Ident> = Event::ALL
+            let expected: Vec<Ident> = Event::for_table(table.partitioned)
                 .iter()
                 .map(|e| e.trigger_name(&trigger_base))
                 .collect();
@@ -703,11 +942,11 @@ impl PgInstaller<'_> {
                     ));
                 }
             }
-            for event in Event::ALL {
+            for &event in Event::for_table(table.partitioned) {
                 let trigger = event.trigger_name(&trigger_base);
                 let current = found
                     .iter()
-                    .any(|t| t.captures(event, &trigger_base) && t.attnums == attnums);
+                    .any(|t| t.is_current(event, &trigger_base, &attnums));
                 if current {
                     continue;
                 }
@@ -719,6 +958,50 @@ impl PgInstaller<'_> {
                     ));
                 }
                 plan.push(self.capture_trigger(event, &trigger, name, &function, &all, &table));
+                // Fire under `session_replication_role = replica` too: changes applied by
+                // logical replication, or restored with `pg_restore --disable-triggers`
+                // as a replica, are changes the handlers must hear about. On a
+                // partitioned table this reaches the partitions' clones, and partitions
+                // created later inherit it.
+                plan.push(format!(
+                    "ALTER TABLE {} ENABLE ALWAYS TRIGGER {}",
+                    name.quoted(),
+                    trigger.quoted()
+                ));
+                plan.push(format!(
+                    "COMMENT ON TRIGGER {} ON {} IS {}",
+                    trigger.quoted(),
+                    name.quoted(),
+                    quote_literal(TRIGGER_LAYOUT)
+                ));
+            }
+            if table.partitioned {
+                let trigger = Event::Truncate.trigger_name(&trigger_base);
+                let leaves = partition_leaves(client, table.oid, self.schema, &function, &trigger)?;
+                for leaf in leaves.iter().filter(|l| !l.is_current()) {
+                    plan.push(format!(
+                        "DROP TRIGGER IF EXISTS {} ON {}",
+                        trigger.quoted(),
+                        leaf.quoted
+                    ));
+                    plan.push(format!(
+                        "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT\nEXECUTE FUNCTION {}()",
+                        trigger.quoted(),
+                        leaf.quoted,
+                        self.q(function.as_str())
+                    ));
+                    plan.push(format!(
+                        "ALTER TABLE {} ENABLE ALWAYS TRIGGER {}",
+                        leaf.quoted,
+                        trigger.quoted()
+                    ));
+                    plan.push(format!(
+                        "COMMENT ON TRIGGER {} ON {} IS {}",
+                        trigger.quoted(),
+                        leaf.quoted,
+                        quote_literal(TRIGGER_LAYOUT)
+                    ));
+                }
             }
         }
         Ok(plan)
@@ -802,6 +1085,18 @@ impl PgInstaller<'_> {
                  renewals bigint NOT NULL DEFAULT 0\n)",
             self.q("daemon")
         ));
+        // The cluster whose transaction ids the cursors and log rows hold; see
+        // `rebase_ddl` for what a restore into another cluster does.
+        ddl.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} (system_identifier bigint NOT NULL)",
+            self.q("cluster")
+        ));
+        ddl.push(format!(
+            "INSERT INTO {c} (system_identifier) \
+             SELECT system_identifier FROM pg_catalog.pg_control_system() \
+             WHERE NOT EXISTS (SELECT 1 FROM {c})",
+            c = self.q("cluster")
+        ));
         // pid: the reading connection's backend; since: set while it waits for a wake-up.
         // Rows of connections that are gone are deleted by the next reader that registers.
         ddl.push(format!(
@@ -834,6 +1129,45 @@ impl PgInstaller<'_> {
         Ok(ddl)
     }
 
+    /// After a dump of the schema was restored into another cluster (a migration, an
+    /// upgrade by dump), the cursors are snapshots of the old cluster's transaction ids,
+    /// and so are the restored log rows' `txid`s, while rows written here since carry
+    /// this cluster's: compared with each other they mean nothing (typically every new
+    /// change looks handled, and is pruned). Rebasing makes them mean something again,
+    /// without losing any change: every log row this statement sees (committed: the
+    /// restored ones and those written here since) gets `txid` 1, which every snapshot
+    /// sees as committed and none of the cursors below as handled; rows of transactions
+    /// still running keep theirs, and are read by the snapshots as usual once they
+    /// commit. Every consumer restarts from the snapshot that sees nothing, so it is
+    /// delivered everything in the log, again for what it had handled before the move
+    /// (at least once, never lost). Under the cursor lock, so that no prune runs on the
+    /// old cursors meanwhile. `pg_upgrade` also gives the cluster a new system
+    /// identifier (it keeps the transaction ids), so after it too the retained log is
+    /// delivered again: redundant, never lossy.
+    fn rebase_ddl(&self, registry: &BTreeMap<TableName, RegisteredTable>) -> Vec<String> {
+        let mut ddl = vec![format!(
+            "SELECT pg_catalog.pg_advisory_xact_lock({})",
+            cursor_lock_key(self.schema)
+        )];
+        for reg in registry.values() {
+            ddl.push(format!(
+                "UPDATE {} SET txid = '1'::pg_catalog.xid8 WHERE txid <> '1'::pg_catalog.xid8",
+                self.q(reg.log_table.as_str())
+            ));
+        }
+        ddl.push(format!(
+            "UPDATE {} SET prev_snapshot = '1:1:', batch_id = batch_id + 1, batch_snapshot = NULL, \
+                 batch_done_upto = NULL, batch_last_id = NULL",
+            self.q("consumer")
+        ));
+        ddl.push(format!(
+            "UPDATE {} SET system_identifier = \
+                 (SELECT system_identifier FROM pg_catalog.pg_control_system())",
+            self.q("cluster")
+        ));
+        ddl
+    }
+
     /// The trigger function: one log row per call. Which calls happen is decided by the
     /// triggers' `WHEN` clauses (an update that changes no watched column never gets here).
     fn capture_function(
@@ -841,20 +1175,70 @@ impl PgInstaller<'_> {
         function: &Ident,
         log: &str,
         columns: &[RegisteredColumn],
+        name: &TableName,
+        table: &UserTable,
+        trigger_base: &Ident,
     ) -> String {
         let old_cols = list(columns, |c| c.old_column.quoted());
         let new_cols = list(columns, |c| c.new_column.quoted());
         let old_vals = list(columns, |c| format!("OLD.{}", c.name.quoted()));
         let new_vals = list(columns, |c| format!("NEW.{}", c.name.quoted()));
+        let row_vals = list(columns, |c| format!("t.{}", c.name.quoted()));
+        // TRUNCATE: the BEFORE trigger still sees every row, and logs each as deleted,
+        // so handlers act on it as on deletes. A partitioned table's rows are all in its
+        // partitions (a TRUNCATE of the parent truncates them all); an ordinary table's
+        // inheritance children have no capture triggers of their own, so only its own
+        // rows are logged.
+        let truncate = if table.partitioned {
+            // The partitions' own TRUNCATE triggers log their rows (each fires whether
+            // the partition or the parent was named); the parent's logs the rows of
+            // partitions that have no working trigger of their own (created since the
+            // last install), so that truncating the parent captures them too.
+            let trigger = quote_literal(Event::Truncate.trigger_name(trigger_base).as_str());
+            let template =
+                format!("INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY %s t")
+                    .replace('%', "%%")
+                    .replacen("%%s", "%s", 1);
+            let replica = "current_setting('session_replication_role') = 'replica'";
+            format!(
+                "IF TG_RELID = {root}::regclass THEN\n            \
+                     INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM {table_sql} t\n            \
+                     WHERE t.tableoid <> ALL (ARRAY(SELECT tr.tgrelid FROM pg_trigger tr\n                \
+                         WHERE tr.tgname = {trigger} AND tr.tgfoid = {func}::regprocedure AND tr.tgparentid = 0\n                  \
+                           AND (tr.tgenabled = 'A' OR (tr.tgenabled = 'O' AND NOT {replica}) OR (tr.tgenabled = 'R' AND {replica}))));\n        \
+                 ELSE\n            \
+                     EXECUTE format({template}, TG_RELID::regclass);\n        \
+                 END IF;",
+                root = quote_literal(&name.quoted()),
+                table_sql = name.quoted(),
+                func = quote_literal(&format!("{}()", self.q(function.as_str()))),
+                template = quote_literal(&template),
+            )
+        } else {
+            format!(
+                "INSERT INTO {log} (op, {old_cols}) SELECT 'D', {row_vals} FROM ONLY {} t;",
+                name.quoted()
+            )
+        };
         // One notification per transaction: PostgreSQL folds identical notifications
         // (same channel, same payload) sent within one transaction. With `when-idle` the
         // test runs for every row, not once per transaction, so that a long transaction
         // still notifies a reader that started waiting after its first row.
         let channel = quote_literal(self.schema.as_str());
+        //
+        // A transaction that notified cannot `PREPARE TRANSACTION`. Where the server
+        // allows prepared transactions at all (`max_prepared_transactions` > 0) the
+        // capture functions therefore never notify: a write must never fail, and the
+        // readers' fallback poll finds the changes instead (see [`crate::listener`]).
+        let two_phase_off = "current_setting('max_prepared_transactions') = '0'";
         let notify = match self.notify {
-            NotifyMode::Always => format!("\n    PERFORM pg_notify({channel}, '');"),
+            NotifyMode::Always => format!(
+                "\n    IF {two_phase_off} THEN\n        \
+                     PERFORM pg_notify({channel}, '');\n    \
+                 END IF;"
+            ),
             NotifyMode::WhenIdle => format!(
-                "\n    IF EXISTS (SELECT 1 FROM {} WHERE since > now() - interval '{} seconds') THEN\n        \
+                "\n    IF {two_phase_off} AND EXISTS (SELECT 1 FROM {} WHERE since > now() - interval '{} seconds') THEN\n        \
                      PERFORM pg_notify({channel}, '');\n    \
                  END IF;",
                 self.q("sleeper"),
@@ -862,12 +1246,19 @@ impl PgInstaller<'_> {
             ),
             NotifyMode::Off => String::new(),
         };
+        let prologue = if table.partitioned {
+            self.move_prologue(log, columns, table.oid)
+        } else {
+            "\nBEGIN".to_owned()
+        };
         let body = format!(
-            "\nBEGIN\n    \
+            "{prologue}\n    \
                  IF TG_OP = 'INSERT' THEN\n        \
                      INSERT INTO {log} (op, {new_cols}) VALUES ('I', {new_vals});\n    \
                  ELSIF TG_OP = 'UPDATE' THEN\n        \
                      INSERT INTO {log} (op, {old_cols}, {new_cols}) VALUES ('U', {old_vals}, {new_vals});\n    \
+                 ELSIF TG_OP = 'TRUNCATE' THEN\n        \
+                     {truncate}\n    \
                  ELSE\n        \
                      INSERT INTO {log} (op, {old_cols}) VALUES ('D', {old_vals});\n    \
                  END IF;{notify}\n    \
@@ -889,6 +1280,98 @@ impl PgInstaller<'_> {
         )
     }
 
+    /// For a partitioned table: the start of the capture function, up to its `BEGIN` and
+    /// the branches of the move triggers.
+    ///
+    /// An UPDATE that moves a row to another partition is carried out as a DELETE from
+    /// the old partition and an INSERT into the new one: PostgreSQL 15 fires the row
+    /// triggers BEFORE UPDATE, BEFORE DELETE (old partition), BEFORE INSERT (new one),
+    /// one row after the other, and then, at the end of the statement, AFTER DELETE and
+    /// AFTER INSERT for each moved row, again one right after the other, and no AFTER
+    /// UPDATE. So the log gets a delete and an insert, and a handler would remove a
+    /// mailbox and create an empty one. The move triggers give it back the update:
+    ///
+    /// - the row trigger (BEFORE, every row event) recognises each move: BEFORE UPDATE
+    ///   notes the old row, BEFORE DELETE of that same row right after it says "moving",
+    ///   and the BEFORE INSERT that follows counts one move;
+    /// - the statement trigger BEFORE UPDATE notes where the statement's log rows begin
+    ///   (the shared sequence's last value) and zeroes the count;
+    /// - the statement trigger AFTER UPDATE, which runs after every row trigger of the
+    ///   statement, pairs each logged delete with the insert logged right after it and,
+    ///   if there are exactly as many pairs as moves counted, merges each pair into one
+    ///   update (at the delete's id, so per-row order holds), dropping it if no watched
+    ///   column changed. Otherwise (a `MERGE` that deletes and inserts besides moving
+    ///   rows, a row a user's BEFORE trigger skipped) it leaves the deletes and inserts
+    ///   as they are: never an update that did not happen.
+    ///
+    /// The notes are transaction-local settings (`set_config(.., true)`, undone with a
+    /// rolled-back subtransaction like the log rows they describe) named after the table
+    /// and the trigger depth, so a statement run by a trigger inside another keeps its
+    /// own. A sub-partitioned partition updated directly, or a direct UPDATE of a
+    /// partition, fires no statement trigger of the watched table: moves there (only the
+    /// former can move rows) stay a delete and an insert.
+    fn move_prologue(&self, log: &str, columns: &[RegisteredColumn], oid: u32) -> String {
+        let set_new = list(columns, |c| {
+            format!("{col} = i.{col}", col = c.new_column.quoted())
+        });
+        let old_text = list(columns, |c| format!("{}::text", c.old_column.quoted()));
+        let new_text = list(columns, |c| format!("{}::text", c.new_column.quoted()));
+        let seq = self.q("change_id");
+        format!(
+            "\nDECLARE\n    \
+                 depth text := pg_trigger_depth()::text;\n    \
+                 k_state text := 'epidemic.mvs_{oid}_' || depth;\n    \
+                 k_start text := 'epidemic.mvw_{oid}_' || depth;\n    \
+                 k_count text := 'epidemic.mvn_{oid}_' || depth;\n    \
+                 moves int;\n    \
+                 d_ids bigint[];\n    \
+                 i_ids bigint[];\n\
+             BEGIN\n    \
+                 IF TG_LEVEL = 'STATEMENT' AND TG_OP = 'UPDATE' THEN\n        \
+                     IF TG_WHEN = 'BEFORE' THEN\n            \
+                         PERFORM set_config(k_start, (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq})::text, true),\n                    \
+                                 set_config(k_count, '0', true), set_config(k_state, '', true);\n            \
+                         RETURN NULL;\n        \
+                     END IF;\n        \
+                     moves := coalesce(nullif(current_setting(k_count, true), '')::int, 0);\n        \
+                     IF moves > 0 THEN\n            \
+                         SELECT coalesce(array_agg(r.id ORDER BY r.id), '{{}}'), coalesce(array_agg(r.next_id ORDER BY r.id), '{{}}')\n            \
+                         INTO d_ids, i_ids\n            \
+                         FROM (SELECT l.id, l.op, lead(l.id) OVER w AS next_id, lead(l.op) OVER w AS next_op\n                  \
+                               FROM {log} l\n                  \
+                               WHERE l.id > nullif(current_setting(k_start, true), '')::bigint\n                    \
+                                 AND l.txid = pg_current_xact_id() AND l.op IN ('D', 'I')\n                  \
+                               WINDOW w AS (ORDER BY l.id)) r\n            \
+                         WHERE r.op = 'D' AND r.next_op = 'I';\n            \
+                         IF cardinality(d_ids) = moves THEN\n                \
+                             UPDATE {log} d SET op = 'U', {set_new}\n                \
+                             FROM unnest(d_ids, i_ids) AS p(d_id, i_id), {log} i\n                \
+                             WHERE d.id = p.d_id AND i.id = p.i_id;\n                \
+                             DELETE FROM {log} WHERE id = ANY (i_ids);\n                \
+                             DELETE FROM {log} WHERE id = ANY (d_ids)\n                  \
+                               AND ROW({old_text}) IS NOT DISTINCT FROM ROW({new_text});\n            \
+                         END IF;\n        \
+                     END IF;\n        \
+                     PERFORM set_config(k_count, '0', true);\n        \
+                     RETURN NULL;\n    \
+                 END IF;\n    \
+                 IF TG_WHEN = 'BEFORE' AND TG_LEVEL = 'ROW' THEN\n        \
+                     IF TG_OP = 'UPDATE' THEN\n            \
+                         PERFORM set_config(k_state, 'u' || OLD::text, true);\n            \
+                         RETURN NEW;\n        \
+                     ELSIF TG_OP = 'DELETE' THEN\n            \
+                         PERFORM set_config(k_state, CASE WHEN current_setting(k_state, true) = 'u' || OLD::text THEN 'd' ELSE '' END, true);\n            \
+                         RETURN OLD;\n        \
+                     END IF;\n        \
+                     IF current_setting(k_state, true) = 'd' THEN\n            \
+                         PERFORM set_config(k_count, (coalesce(nullif(current_setting(k_count, true), '')::int, 0) + 1)::text, true);\n        \
+                     END IF;\n        \
+                     PERFORM set_config(k_state, '', true);\n        \
+                     RETURN NEW;\n    \
+                 END IF;"
+        )
+    }
+
     /// `CREATE TRIGGER` for one event; see the module docs for what the `WHEN` is for.
     fn capture_trigger(
         &self,
@@ -904,10 +1387,12 @@ impl PgInstaller<'_> {
                 .iter()
                 .map(|c| {
                     let col = c.name.quoted();
-                    if table.columns[c.name.as_str()].has_catalog_eq {
+                    if table.columns[c.name.as_str()].identity_eq {
                         format!("OLD.{col} IS DISTINCT FROM NEW.{col}")
                     } else {
-                        format!("OLD.{col}::text IS DISTINCT FROM NEW.{col}::text")
+                        format!(
+                            "(OLD.{col}::text COLLATE pg_catalog.\"C\") IS DISTINCT FROM (NEW.{col}::text COLLATE pg_catalog.\"C\")"
+                        )
                     }
                 })
                 .collect::<Vec<_>>()
@@ -922,6 +1407,20 @@ impl PgInstaller<'_> {
                     )
                     .collect::<Vec<_>>()
                     .join(" OR ")
+            }
+            Event::Truncate | Event::MoveRow | Event::MoveStart | Event::MoveEnd => {
+                let (timing, level) = match event {
+                    Event::MoveRow => ("BEFORE", "ROW"),
+                    Event::MoveEnd => ("AFTER", "STATEMENT"),
+                    _ => ("BEFORE", "STATEMENT"),
+                };
+                return format!(
+                    "CREATE TRIGGER {} {timing} {} ON {} FOR EACH {level}\nEXECUTE FUNCTION {}()",
+                    trigger.quoted(),
+                    event.sql(),
+                    name.quoted(),
+                    self.q(function.as_str())
+                );
             }
         };
         format!(
@@ -962,7 +1461,7 @@ impl PgInstaller<'_> {
             Err(PgError::MissingTable(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let mut names: Vec<String> = Event::ALL
+        let mut names: Vec<String> = Event::for_table(table.partitioned)
             .iter()
             .map(|e| e.trigger_name(&reg.trigger_name).to_string())
             .collect();
@@ -977,7 +1476,7 @@ impl PgInstaller<'_> {
                 names.push(t.name);
             }
         }
-        Ok(names
+        let mut plan: Vec<String> = names
             .iter()
             .map(|t| {
                 format!(
@@ -986,7 +1485,26 @@ impl PgInstaller<'_> {
                     name.quoted()
                 )
             })
-            .collect())
+            .collect();
+        if table.partitioned {
+            let trigger = Event::Truncate.trigger_name(&reg.trigger_name);
+            for leaf in partition_leaves(
+                client,
+                table.oid,
+                self.schema,
+                &reg.capture_function,
+                &trigger,
+            )? {
+                if leaf.enabled.is_some() {
+                    plan.push(format!(
+                        "DROP TRIGGER IF EXISTS {} ON {}",
+                        trigger.quoted(),
+                        leaf.quoted
+                    ));
+                }
+            }
+        }
+        Ok(plan)
     }
 
     /// The statements that remove everything Epidemic keeps for one table (triggers, log,
@@ -1047,5 +1565,28 @@ impl PgInstaller<'_> {
             ));
         }
         Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_trigger_name_fits_with_the_longest_schema() {
+        // The schema option is limited so that `<schema>_capture_update` fits.
+        let schema = "s".repeat(MAX_IDENT_BYTES - "_capture_update".len());
+        let base = Ident::internal(format!("{schema}_capture"));
+        for event in Event::ALL {
+            let name = event.trigger_name(&base);
+            assert!(name.as_str().len() <= MAX_IDENT_BYTES, "{name}");
+        }
+    }
+
+    #[test]
+    fn partitioned_tables_get_the_move_triggers_and_others_do_not() {
+        assert_eq!(Event::for_table(false).len(), 4);
+        assert!(!Event::for_table(false).contains(&Event::MoveRow));
+        assert_eq!(Event::for_table(true), &Event::ALL[..]);
     }
 }

@@ -2,7 +2,7 @@
 //! makes a name exclusive to one live daemon (see the SDK's `LeaseRequest`). Every time
 //! is the server's `clock_timestamp()`, never a daemon's clock.
 
-use epidemic_plugin_sdk::{LeaseRequest, LeaseState};
+use epidemic_plugin_sdk::{LeaseHolder, LeaseRequest, LeaseState};
 use postgres::Client;
 
 use crate::error::{not_installed, PgError};
@@ -20,6 +20,34 @@ impl PgLeases<'_> {
     pub fn apply(&self, client: &mut Client, req: &LeaseRequest) -> Result<LeaseState, PgError> {
         let t = self.table();
         match req {
+            LeaseRequest::List => {
+                let exists: bool = client
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t])
+                    .map_err(PgError::sql("look for the daemon table"))?
+                    .get(0);
+                if !exists {
+                    return Ok(LeaseState::Holders(Vec::new()));
+                }
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT daemon, holder, \
+                             (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 \
+                             FROM {t} ORDER BY daemon"
+                        ),
+                        &[],
+                    )
+                    .map_err(PgError::sql("list daemon leases"))?;
+                Ok(LeaseState::Holders(
+                    rows.iter()
+                        .map(|r| LeaseHolder {
+                            daemon: r.get(0),
+                            holder: r.get(1),
+                            expires_in_ms: r.get(2),
+                        })
+                        .collect(),
+                ))
+            }
             LeaseRequest::Release { daemon, instance } => {
                 client
                     .execute(

@@ -19,7 +19,7 @@
 //!
 //! What this crate deliberately does not do: decide which changes a handler wants, retry,
 //! keep any state that matters outside the database (a killed daemon loses nothing),
-//! capture `TRUNCATE`, or speak TLS (the URL must allow a plain connection).
+//! or speak TLS (the URL must allow a plain connection).
 
 mod dead_letters;
 mod error;
@@ -67,13 +67,47 @@ pub struct PgBackend {
     scratch_insert: Option<Statement>,
 }
 
+/// What every connection sets first, whatever the database's or role's defaults: the
+/// reading rule needs each statement to see what committed before it (READ COMMITTED;
+/// under SERIALIZABLE our reads would also take part in the writers' serialization
+/// checks and could make *their* transactions fail), and install, the cursors and the
+/// log are written (a `default_transaction_read_only = on` set for the database must not
+/// stop Epidemic). Only these sessions are affected.
+const SESSION_SETTINGS: &str = "SET default_transaction_isolation = 'read committed'; \
+     SET default_transaction_read_only = off; SET default_transaction_deferrable = off";
+
 fn connect(config: &Config, url: &str) -> Result<Client, PgError> {
-    config.connect(NoTls).map_err(|e| PgError::Connect {
+    let failed = |e: postgres::Error| PgError::Connect {
         url: url.to_owned(),
         reason: error::describe(&e),
         connection: is_connection_error(&e),
-    })
+    };
+    let mut client = config.connect(NoTls).map_err(failed)?;
+    client.batch_execute(SESSION_SETTINGS).map_err(failed)?;
+    Ok(client)
 }
+
+/// With prepared transactions enabled the capture triggers do not notify (see
+/// [`crate::install`]), so the fallback poll is how changes are found: unless configured,
+/// make it as short as with `when-idle`.
+fn fallback_poll(client: &mut Client, options: &PgOptions) -> Duration {
+    let two_phase = client
+        .query_one(
+            "SELECT current_setting('max_prepared_transactions')::int4 > 0",
+            &[],
+        )
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false);
+    if two_phase && !options.fallback_poll_configured {
+        options.fallback_poll.min(TWO_PHASE_FALLBACK_POLL)
+    } else {
+        options.fallback_poll
+    }
+}
+
+/// The fallback poll interval, unless configured, on a server that allows prepared
+/// transactions: `when-idle`'s default.
+const TWO_PHASE_FALLBACK_POLL: Duration = Duration::from_millis(250);
 
 impl PgBackend {
     /// Run `plan` (computed inside the transaction) and commit. Concurrent installs of
@@ -184,13 +218,10 @@ impl Backend for PgBackend {
         if config.get_application_name().is_none() {
             config.application_name("epidemic");
         }
-        let client = connect(&config, &redacted)?;
+        let mut client = connect(&config, &redacted)?;
+        let poll = fallback_poll(&mut client, &options);
         Ok(PgBackend {
-            listener: PgListener::new(
-                options.schema.clone(),
-                options.notify,
-                options.fallback_poll,
-            ),
+            listener: PgListener::new(options.schema.clone(), options.notify, poll),
             reader: PgReader::new(options.schema.clone()),
             config,
             url: redacted,

@@ -77,6 +77,8 @@ pub struct PgOptions {
     /// again anyway: covers a late or lost notification, and is the polling interval when
     /// `notify` is off. Default 250 ms with `when-idle`, 10 s with `always`, 1 s with `off`.
     pub fallback_poll: Duration,
+    /// Whether `fallback_poll_ms` was set, rather than defaulted.
+    pub fallback_poll_configured: bool,
 }
 
 impl PgOptions {
@@ -105,6 +107,7 @@ impl PgOptions {
             schema,
             notify,
             fallback_poll: Duration::from_millis(fallback_ms),
+            fallback_poll_configured: raw.fallback_poll_ms.is_some(),
         })
     }
 }

@@ -80,7 +80,10 @@ use postgres::{Client, Row, Statement};
 
 use crate::error::{not_installed, PgError};
 use crate::ident::{Ident, TableName};
-use crate::install::{load_registry, schema_state, RegisteredTable, SchemaState};
+use crate::install::{
+    check_cluster, cursor_lock_key, load_registry, schema_state, ClusterCheck, RegisteredTable,
+    SchemaState,
+};
 
 /// An empty batch moves the consumer's `prev_snapshot` forward (so pruning can proceed
 /// and `last_seen` stays fresh), but at most this often: a consumer woken by changes to
@@ -271,6 +274,9 @@ pub(crate) struct PgReader {
     schema: Ident,
     shared: Option<Shared>,
     plans: HashMap<(String, String), ConsumerPlan>,
+    /// This connection found the cursors written by this cluster (see
+    /// [`PgReader::same_cluster`]).
+    cluster_checked: bool,
 }
 
 fn key(c: &Consumer) -> (String, String) {
@@ -283,6 +289,7 @@ impl PgReader {
             schema,
             shared: None,
             plans: HashMap::new(),
+            cluster_checked: false,
         }
     }
 
@@ -290,6 +297,28 @@ impl PgReader {
     pub fn reset(&mut self) {
         self.shared = None;
         self.plans.clear();
+        self.cluster_checked = false;
+    }
+
+    /// Refuse to read by cursors that another cluster wrote (a dump restored here: its
+    /// snapshots are of the other cluster's transaction ids, see
+    /// `PgInstaller::rebase_ddl`). Checked once per connection: a restore into another
+    /// cluster comes with a new connection.
+    fn same_cluster(&mut self, client: &mut Client) -> Result<(), PgError> {
+        if self.cluster_checked {
+            return Ok(());
+        }
+        match check_cluster(client, &self.schema)? {
+            ClusterCheck::Foreign { recorded, current } => Err(PgError::ForeignCluster {
+                schema: self.schema.to_string(),
+                recorded,
+                current,
+            }),
+            ClusterCheck::Same | ClusterCheck::Unrecorded => {
+                self.cluster_checked = true;
+                Ok(())
+            }
+        }
     }
 
     fn q(&self, name: &str) -> String {
@@ -388,6 +417,7 @@ impl PgReader {
         if schema_state(client, &self.schema)? != SchemaState::Ours {
             return Err(PgError::NothingInstalled(self.schema.to_string()));
         }
+        self.same_cluster(client)?;
         let registry = load_registry(client, &self.schema)?;
         self.resolve(&registry, tables)?;
         self.plans.remove(&key(consumer));
@@ -396,6 +426,17 @@ impl PgReader {
         let from_now = start == StartFrom::Now;
         let (d, h) = (&consumer.daemon, &consumer.handler);
         let mut tx = client.transaction().map_err(PgError::sql(context()))?;
+        // Before the snapshot below is taken, until commit: a prune meanwhile would not
+        // see this consumer, and could delete rows committed after its snapshot that
+        // the other consumers have passed.
+        tx.execute(
+            &format!(
+                "SELECT pg_catalog.pg_advisory_xact_lock_shared({})",
+                cursor_lock_key(&self.schema)
+            ),
+            &[],
+        )
+        .map_err(PgError::sql(context()))?;
         // 1:1: sees no transaction at all, so the first batch is the whole log.
         let start_snapshot = "CASE WHEN $3 THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END";
         let inserted = tx
@@ -711,6 +752,7 @@ impl PgReader {
         let consumer_table = self.q("consumer");
         let (d, h) = (&consumer.daemon, &consumer.handler);
         let race = |client: &mut Client| lost_race(client, &consumer_table, consumer);
+        self.same_cluster(client)?;
 
         // At most: find the plan stale and rebuild it, find a batch that was expected to
         // go on finished, find the batch in progress exhausted and close it, start a new
@@ -868,7 +910,28 @@ impl PgReader {
         if schema_state(client, &self.schema)? != SchemaState::Ours {
             return Ok(0);
         }
-        let rows = client
+        // The cursors are read under the cursor lock, so no registration is in flight
+        // (see `cursor_lock_key`), and only if this cluster wrote them: never prune on
+        // the strength of another cluster's snapshots.
+        let mut tx = client
+            .transaction()
+            .map_err(PgError::sql("read consumer cursors"))?;
+        tx.execute(
+            &format!(
+                "SELECT pg_catalog.pg_advisory_xact_lock({})",
+                cursor_lock_key(&self.schema)
+            ),
+            &[],
+        )
+        .map_err(PgError::sql("lock consumer cursors"))?;
+        if let ClusterCheck::Foreign { recorded, current } = check_cluster(&mut tx, &self.schema)? {
+            return Err(PgError::ForeignCluster {
+                schema: self.schema.to_string(),
+                recorded,
+                current,
+            });
+        }
+        let rows = tx
             .query(
                 &format!(
                     "SELECT tables, pg_snapshot_xmin(prev_snapshot)::text, evicted_at IS NOT NULL FROM {}",
@@ -877,6 +940,7 @@ impl PgReader {
                 &[],
             )
             .map_err(PgError::sql("read consumer cursors"))?;
+        tx.commit().map_err(PgError::sql("read consumer cursors"))?;
         if rows.is_empty() {
             return Ok(0);
         }

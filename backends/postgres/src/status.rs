@@ -19,7 +19,8 @@ use postgres::Client;
 use crate::error::PgError;
 use crate::ident::{quote_ident, Ident, TableName};
 use crate::install::{
-    find_triggers, inspect_table, load_registry, schema_state, Event, SchemaState,
+    check_cluster, find_triggers, inspect_table, load_registry, partition_leaves, schema_state,
+    ClusterCheck, Event, SchemaState,
 };
 
 /// The status report of one Epidemic schema; empty before install.
@@ -33,6 +34,29 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
     }
     let q = |name: &str| format!("{}.{}", schema.quoted(), quote_ident(name));
     let registry = load_registry(client, schema)?;
+    if let ClusterCheck::Foreign { recorded, current } = check_cluster(client, schema)? {
+        status.warnings.push(format!(
+            "the cursors in schema {schema} were written by another PostgreSQL cluster (system identifier \
+             {recorded}, this one is {current}): a dump restored here? Their transaction ids mean nothing \
+             in this cluster, so nothing is read or pruned until `epidemic install` (which `epidemic run` \
+             does at start) restarts every consumer from the oldest change in the log; changes handled \
+             before the move are delivered again"
+        ));
+    }
+    let two_phase: i32 = client
+        .query_one(
+            "SELECT current_setting('max_prepared_transactions')::int4",
+            &[],
+        )
+        .map_err(PgError::sql("read max_prepared_transactions"))?
+        .get(0);
+    if two_phase > 0 {
+        status.warnings.push(format!(
+            "max_prepared_transactions is {two_phase}: the capture triggers send no NOTIFY (a transaction \
+             that notified could not PREPARE), so daemons find new changes by polling the log every \
+             fallback_poll_ms; set max_prepared_transactions = 0 if nothing here uses two-phase commit"
+        ));
+    }
 
     for (name, reg) in &registry {
         let mut problems = Vec::new();
@@ -55,18 +79,48 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
             None => Vec::new(),
         };
         let mut triggers = Vec::new();
-        for event in Event::ALL {
+        let events = Event::for_table(table.as_ref().is_some_and(|t| t.partitioned));
+        for &event in events {
             let trigger = event.trigger_name(&reg.trigger_name);
-            let present = found.iter().any(|t| t.captures(event, &reg.trigger_name));
-            if !present {
-                let op = match event {
-                    Event::Insert => Op::Insert,
-                    Event::Update => Op::Update,
-                    Event::Delete => Op::Delete,
-                };
-                problems.push(drift::trigger_missing(&trigger, name, op));
+            let working = found.iter().find(|t| t.captures(event, &reg.trigger_name));
+            let present = working.is_some();
+            match working {
+                None => {
+                    let op = match event {
+                        Event::Insert => Op::Insert,
+                        // A move to another partition is delivered as an update.
+                        Event::Update | Event::MoveRow | Event::MoveStart | Event::MoveEnd => {
+                            Op::Update
+                        }
+                        // A TRUNCATE is delivered as deletes.
+                        Event::Delete | Event::Truncate => Op::Delete,
+                    };
+                    problems.push(drift::trigger_missing(&trigger, name, op));
+                }
+                Some(t) if t.enabled == b'D' as i8 => problems.push(format!(
+                    "trigger {trigger} on {name} is disabled: {} changes are not captured; \
+                     run `epidemic install` to enable it",
+                    event.sql()
+                )),
+                Some(t) if t.enabled != b'A' as i8 || !t.clones_always => problems.push(format!(
+                    "trigger {trigger} on {name} (or its copy on a partition) does not fire under session_replication_role = replica \
+                     (ENABLE TRIGGER ALL, as after pg_restore --disable-triggers, resets it): changes applied \
+                     as a replica are not captured; run `epidemic install` to enable it always"
+                )),
+                Some(_) => {}
             }
             triggers.push((trigger.to_string(), present));
+        }
+        if let Some(t) = table.as_ref().filter(|t| t.partitioned) {
+            let trigger = Event::Truncate.trigger_name(&reg.trigger_name);
+            let leaves = partition_leaves(client, t.oid, schema, &reg.capture_function, &trigger)?;
+            for leaf in leaves.iter().filter(|l| !l.is_current()) {
+                problems.push(format!(
+                    "partition {} of {name} has no working TRUNCATE trigger of Epidemic's (created after the \
+                     last install?): a TRUNCATE of that partition alone is not captured; run `epidemic install`",
+                    leaf.name
+                ));
+            }
         }
         if let Some(t) = &table {
             for c in &reg.columns {

@@ -16,6 +16,20 @@
 //! `PRAGMA data_version`, which changes only when *another* connection committed. A slow
 //! `data_version` poll covers file systems without change events.
 //!
+//! Names: SQLite compares table and column names without regard to ASCII case. `resolve`
+//! gives the host the catalog's spelling (`sqlite_master`, `pragma_table_info`), and the
+//! registry, log columns, cursors and every change carry that same spelling.
+//!
+//! Acks: an ack the database refuses because an application holds the write lock longer
+//! than `busy_timeout_ms` is remembered and written before the next read, so the handler
+//! is not handed the same changes again once per timeout (see `SqliteBackend::pending_acks`).
+//!
+//! Every connection uses a private cache with `read_uncommitted` off: only a shared
+//! cache can show a connection another's uncommitted rows, and `?cache=shared` is refused.
+//!
+//! `INSERT OR REPLACE`, `REPLACE` and `UPDATE OR REPLACE` remove rows without a DELETE
+//! trigger; see `schema` for how those DELETEs are captured anyway.
+//!
 //! The backend never changes the user's tables or the database's journal mode; WAL is
 //! recommended (see the README) but left to the application that owns the database.
 
@@ -67,7 +81,19 @@ fn database_path(url: &str) -> Result<PathBuf, BackendError> {
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
         .ok_or_else(|| BackendError::Invalid(format!("not a sqlite URL: {url:?}")))?;
-    let path = rest.split('?').next().unwrap_or_default();
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // A shared cache lets one connection see another's uncommitted writes (under
+    // `read_uncommitted`) and turns lock waits into SQLITE_LOCKED; Epidemic's connections
+    // always use a private cache (see `connect`), so asking for a shared one is refused
+    // rather than silently overridden.
+    if query
+        .split('&')
+        .any(|kv| kv.eq_ignore_ascii_case("cache=shared"))
+    {
+        return Err(BackendError::Invalid(
+            "sqlite URL: cache=shared is not supported; Epidemic needs a private cache so it never reads uncommitted changes (remove cache=shared)".into(),
+        ));
+    }
     if path.is_empty() {
         return Err(BackendError::Invalid(
             "sqlite URL has no file path (sqlite://FILE)".into(),
@@ -99,6 +125,13 @@ pub struct SqliteBackend {
     conn: Connection,
     waker: SqliteWaker,
     consumers: HashMap<Consumer, ConsumerState>,
+    /// Acks the database refused because another connection held the write lock past
+    /// `busy_timeout_ms` (or the file was unreachable): (consumer, table) → the id handled. The handler has handled
+    /// these changes; the next `fetch` writes the ack before reading, so a held lock
+    /// delays the cursor instead of making the same changes be delivered again once per
+    /// timeout. Kept across `reconnect` (it is what was handled, not connection state);
+    /// lost if the daemon dies, which only means redelivery (at least once).
+    pending_acks: HashMap<(Consumer, String), i64>,
 }
 
 impl SqliteBackend {
@@ -111,11 +144,16 @@ impl SqliteBackend {
         }
         let conn = Connection::open_with_flags(
             path,
+            // PRIVATE_CACHE even if the process enabled shared caches: only a shared
+            // cache can show a connection uncommitted rows, so this and
+            // `read_uncommitted = 0` below mean every read sees committed data only.
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI,
+                | OpenFlags::SQLITE_OPEN_PRIVATE_CACHE,
         )
         .map_err(|e| BackendError::Connection(format!("cannot open {}: {e}", path.display())))?;
+        conn.pragma_update(None, "read_uncommitted", 0)
+            .map_err(sql_err)?;
         conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
             .map_err(sql_err)?;
         // This connection writes only Epidemic's bookkeeping: cursors, heartbeats, dead
@@ -251,7 +289,13 @@ impl Backend for SqliteBackend {
             conn,
             waker,
             consumers: HashMap::new(),
+            pending_acks: HashMap::new(),
         })
+    }
+
+    fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
+        let schema = self.schema();
+        watches.iter().map(|w| schema.resolve(w)).collect()
     }
 
     fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
@@ -285,12 +329,27 @@ impl Backend for SqliteBackend {
         let mut evicted = false;
         {
             let schema = SqliteSchema::new(&tx);
+            // Cursors are keyed by the registry's spelling of the table (the catalog's),
+            // which is also the ack token and what pruning looks up: a cursor keyed by a
+            // handler's `mail_users` for a registry's `Mail_Users` would never move.
+            let mut logs = Vec::with_capacity(tables.len());
             for table in tables {
-                let log = schema.watched(table)?.ok_or_else(|| {
+                logs.push(schema.watched(table)?.ok_or_else(|| {
                     BackendError::Invalid(format!(
                         "table {table} is not watched; run `epidemic install` first"
                     ))
-                })?;
+                })?);
+            }
+            let tables: Vec<&str> = logs.iter().map(|l| l.source_table.as_str()).collect();
+            for (log, table) in logs.iter().zip(&tables) {
+                // A cursor written under another spelling (before names were resolved)
+                // keeps its position under the registry's.
+                tx.execute(
+                    "UPDATE OR IGNORE epidemic_cursor SET source_table = ?3
+                     WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 COLLATE NOCASE AND source_table <> ?3",
+                    params![consumer.daemon, consumer.handler, table],
+                )
+                .map_err(sql_err)?;
                 let start_id = match start {
                     StartFrom::Oldest => 0,
                     StartFrom::Now => schema.last_id(&log.log_table)?,
@@ -322,7 +381,7 @@ impl Backend for SqliteBackend {
             // A table the handler no longer subscribes to: its old cursor would hold
             // back that table's pruning for ever.
             let keep =
-                serde_json::to_string(tables).map_err(|e| BackendError::Other(e.to_string()))?;
+                serde_json::to_string(&tables).map_err(|e| BackendError::Other(e.to_string()))?;
             tx.execute(
                 "DELETE FROM epidemic_cursor WHERE daemon = ?1 AND handler = ?2
                  AND source_table NOT IN (SELECT value FROM json_each(?3))",
@@ -342,6 +401,17 @@ impl Backend for SqliteBackend {
     }
 
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
+        // Finish an ack a held write lock refused before reading: reading first would
+        // hand the handler the same changes again.
+        let pending: Vec<(String, i64)> = self
+            .pending_acks
+            .iter()
+            .filter(|((c, _), _)| c == consumer)
+            .map(|((_, t), id)| (t.clone(), *id))
+            .collect();
+        for (token, id) in pending {
+            self.ack(consumer, &token, id)?;
+        }
         // Borrow juggling: take the state out while the connection is in use.
         let mut state = match self.consumers.remove(consumer) {
             Some(s) => s,
@@ -367,14 +437,29 @@ impl Backend for SqliteBackend {
     }
 
     fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError> {
-        let n = self
-            .conn
-            .prepare_cached(
-                "UPDATE epidemic_cursor SET last_id = ?4, last_seen = ?5
-                 WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 AND last_id < ?4 AND evicted_at IS NULL",
-            )
-            .and_then(|mut s| s.execute(params![consumer.daemon, consumer.handler, token, upto_id, now_us()]))
-            .map_err(sql_err)?;
+        let key = (consumer.clone(), token.to_owned());
+        let upto_id = self
+            .pending_acks
+            .remove(&key)
+            .map_or(upto_id, |p| p.max(upto_id));
+        let n = match write_ack(&self.conn, consumer, token, upto_id) {
+            Ok(n) => n,
+            Err(e) => {
+                // A write that could not happen (a held lock, an unreachable file) is
+                // tried again before the next read; any other failure drops it, so a
+                // consumer is never stuck behind one ack (at worst its changes come again).
+                let e = match sql_err(e) {
+                    BackendError::Connection(m) => {
+                        self.pending_acks.insert(key, upto_id);
+                        BackendError::Connection(format!(
+                            "acknowledging {token} up to change {upto_id}: {m}; written before the next read, the changes are not delivered again"
+                        ))
+                    }
+                    other => other,
+                };
+                return Err(e);
+            }
+        };
         if n == 0 {
             // Nothing moved: fine if the cursor is already there or beyond (an ack
             // repeated after a partial one), an error if it was evicted or is gone —
@@ -511,6 +596,38 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// Move a consumer's cursor forward (never back) to `upto_id`; returns the rows updated.
+fn write_ack(
+    conn: &Connection,
+    consumer: &Consumer,
+    token: &str,
+    upto_id: i64,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "UPDATE epidemic_cursor SET last_id = ?4, last_seen = ?5
+         WHERE daemon = ?1 AND handler = ?2 AND source_table = ?3 AND last_id < ?4 AND evicted_at IS NULL",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            consumer.daemon,
+            consumer.handler,
+            token,
+            upto_id,
+            now_us()
+        ])
+    })
+}
+
+impl Drop for SqliteBackend {
+    /// A clean stop (SIGTERM while an application held the write lock) tries the
+    /// refused acks once more, so the next start does not deliver those changes again.
+    fn drop(&mut self) {
+        for ((consumer, token), id) in std::mem::take(&mut self.pending_acks) {
+            let _ = write_ack(&self.conn, &consumer, &token, id);
+        }
+    }
+}
+
 /// Up to `max` changes after `after` from one log table, in id (= commit) order.
 fn read_log(
     conn: &Connection,
@@ -579,5 +696,24 @@ mod tests {
         );
         assert!(database_path("sqlite://").is_err());
         assert!(database_path("postgres://x").is_err());
+    }
+
+    #[test]
+    fn connections_never_read_uncommitted_rows() {
+        let err = database_path("sqlite:///var/x.db?mode=rw&cache=shared")
+            .expect_err("a shared cache must be refused");
+        assert!(err.to_string().contains("cache=shared"), "{err}");
+        let path = std::env::temp_dir().join(format!(
+            "epidemic-sqlite-unit-{}-private-cache.db",
+            std::process::id()
+        ));
+        Connection::open(&path).unwrap();
+        let conn = SqliteBackend::connect(&path, &SqliteOptions::default()).unwrap();
+        let read_uncommitted: i64 = conn
+            .query_row("PRAGMA read_uncommitted", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(read_uncommitted, 0);
+        drop(conn);
+        let _ = std::fs::remove_file(&path);
     }
 }

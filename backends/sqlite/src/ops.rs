@@ -2,13 +2,13 @@
 
 use epidemic_plugin_sdk::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
+    LeaseHolder, LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
 use rusqlite::{params, params_from_iter, Connection, Row};
 
 use epidemic_plugin_sdk::ops::drift;
 
-use crate::schema::{quote, SqliteSchema};
+use crate::schema::{quote, replaced_table, trigger_name, SqliteSchema, TRIGGERS};
 use crate::{now_us, sql_err};
 
 /// Now, by SQLite's clock, in microseconds since the Unix epoch. All of a database's
@@ -46,6 +46,36 @@ pub(crate) fn gone(conn: &Connection, c: &Consumer) -> Result<BackendError, Back
 
 pub(crate) fn lease(conn: &mut Connection, req: &LeaseRequest) -> Result<LeaseState, BackendError> {
     match req {
+        LeaseRequest::List => {
+            let exists: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'epidemic_daemon'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err)?;
+            if !exists {
+                return Ok(LeaseState::Holders(Vec::new()));
+            }
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT daemon, holder, (expires_at - {NOW_US}) / 1000 FROM epidemic_daemon
+                     WHERE instance <> '' ORDER BY daemon"
+                ))
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(LeaseHolder {
+                        daemon: r.get(0)?,
+                        holder: r.get(1)?,
+                        expires_in_ms: r.get(2)?,
+                    })
+                })
+                .map_err(sql_err)?;
+            Ok(LeaseState::Holders(
+                rows.collect::<Result<_, _>>().map_err(sql_err)?,
+            ))
+        }
         LeaseRequest::Release { daemon, instance } => {
             conn.execute(
                 "DELETE FROM epidemic_daemon WHERE daemon = ?1 AND instance = ?2",
@@ -264,12 +294,8 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
         let mut problems = Vec::new();
         let exists = schema.table_exists(&log.source_table)?.is_some();
         let mut triggers = Vec::new();
-        for (suffix, op) in [
-            ("insert", Op::Insert),
-            ("update", Op::Update),
-            ("delete", Op::Delete),
-        ] {
-            let name = format!("epidemic_{}_{suffix}", log.source_table);
+        for (suffix, op) in TRIGGERS.iter().copied() {
+            let name = trigger_name(&log.source_table, suffix);
             let present: bool = conn
                 .query_row(
                     "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
@@ -285,6 +311,24 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
         if !exists {
             problems.insert(0, drift::table_gone(&log.source_table));
         } else {
+            for index in schema.replace_keys(&log.source_table)?.unmatched {
+                status.warnings.push(format!(
+                    "table {}: unique index {index} is on an expression, so a REPLACE or UPDATE OR REPLACE that removes a row because of it is not delivered as a DELETE; make it a plain column index, or write with plain INSERT/UPDATE",
+                    log.source_table
+                ));
+            }
+            match schema.stale_triggers(log) {
+                Ok(stale) if stale.is_empty() => {}
+                Ok(stale) => problems.push(format!(
+                    "triggers {} on {} are out of date (a unique key or index, or a column name, changed since install): a REPLACE through a new key removes rows without delivering their DELETE; run `epidemic install` (a starting daemon does)",
+                    stale.join(", "),
+                    log.source_table
+                )),
+                Err(e) => problems.push(format!(
+                    "triggers on {} cannot be checked: {e}",
+                    log.source_table
+                )),
+            }
             let have = schema.table_columns(&log.source_table)?;
             for c in log.columns.iter() {
                 if !have.iter().any(|h| h.eq_ignore_ascii_case(c)) {
@@ -295,6 +339,20 @@ pub(crate) fn status(conn: &Connection) -> Result<Status, BackendError> {
                     ));
                 }
             }
+        }
+        let cursor_max: Option<i64> = conn
+            .query_row(
+                "SELECT max(last_id) FROM epidemic_cursor WHERE source_table = ?1 COLLATE NOCASE",
+                [&log.source_table],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        let handed_out = schema.last_id(&log.log_table)?;
+        if let Some(cursor) = cursor_max.filter(|c| *c > handed_out) {
+            problems.push(format!(
+                "log {} has handed out ids only up to {handed_out} but a consumer is at {cursor}: it was emptied or restored without sqlite_sequence, so changes written now get ids consumers have passed and are skipped; run `epidemic install` (a starting daemon does) before the table is written to",
+                log.log_table
+            ));
         }
         let log_rows: i64 = conn
             .query_row(
@@ -471,13 +529,18 @@ fn drop_scratch(conn: &mut Connection, table: &str) -> Result<(), BackendError> 
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(sql_err)?;
-    for suffix in ["insert", "update", "delete"] {
+    for (suffix, _) in TRIGGERS {
         tx.execute_batch(&format!(
             "DROP TRIGGER IF EXISTS {}",
-            quote(&format!("epidemic_{table}_{suffix}"))
+            quote(&trigger_name(table, suffix))
         ))
         .map_err(sql_err)?;
     }
+    tx.execute_batch(&format!(
+        "DROP TABLE IF EXISTS {}",
+        quote(&replaced_table(table))
+    ))
+    .map_err(sql_err)?;
     tx.execute_batch(&format!(
         "DROP TABLE IF EXISTS {}",
         quote(&format!("epidemic_log_{table}"))
