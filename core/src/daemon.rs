@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use epidemic_plugin_sdk::host::{HostBackend, HostHandler};
 use epidemic_plugin_sdk::{
     BackendError, Change, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, HandlerError,
-    Registered, StartFrom, Subscription,
+    Registered, Router, StartFrom,
 };
 use tracing::{debug, error, info, warn};
 
@@ -403,7 +403,8 @@ struct Dispatcher {
     consumer: Consumer,
     backend: HostBackend,
     handler: HostHandler,
-    subscriptions: Vec<Subscription>,
+    /// The same routing as `epidemic_plugin_sdk::testing::Harness`.
+    router: Router,
     tables: Vec<String>,
     retry: HandlerConfig,
     batch_size: u32,
@@ -430,7 +431,7 @@ impl Dispatcher {
             consumer,
             backend,
             handler: h.instance,
-            subscriptions: h.subscriptions,
+            router: Router::new(h.subscriptions),
             retry: h.config,
             batch_size: cfg.daemon.batch_size,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms.max(1)),
@@ -554,37 +555,8 @@ impl Dispatcher {
         result
     }
 
-    /// The change narrowed to what this handler subscribed to, or `None` if it wants none of it.
-    fn wanted(&self, change: &Change) -> Option<Change> {
-        let wanted: Vec<&Subscription> = self
-            .subscriptions
-            .iter()
-            .filter(|s| s.wants(change))
-            .collect();
-        match wanted.as_slice() {
-            [] => None,
-            [one] => Some(one.project(change)),
-            many => {
-                let mut columns: Vec<String> = Vec::new();
-                for c in many.iter().flat_map(|s| &s.columns) {
-                    if !columns.contains(c) {
-                        columns.push(c.clone());
-                    }
-                }
-                Some(
-                    Subscription {
-                        table: change.table.clone(),
-                        columns,
-                        ops: many[0].ops,
-                    }
-                    .project(change),
-                )
-            }
-        }
-    }
-
     fn deliver(&mut self, change: &Change) -> Result<Delivery, BackendError> {
-        let Some(projected) = self.wanted(change) else {
+        let Some(projected) = self.router.route(change) else {
             return Ok(Delivery::Done);
         };
         match self.attempt(&projected) {

@@ -46,6 +46,7 @@ pub mod handler;
 pub mod host;
 pub mod ident;
 pub mod ops;
+pub mod routing;
 pub mod testing;
 
 pub use backend::{Backend, BackendError, Batch, Consumer, Registered, StartFrom, Watch};
@@ -57,6 +58,7 @@ pub use ops::{
     ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseHolder, LeaseRequest,
     LeaseState, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
+pub use routing::Router;
 pub use serde_json;
 
 /// What abi_stable's `#[export_root_module]` generates, written against the SDK's

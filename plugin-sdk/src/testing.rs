@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::change::{Change, Op, Subscription, Value};
 use crate::handler::{panic_message, Handler, HandlerConfig, HandlerError};
+use crate::routing::Router;
 
 static NEXT_ID: AtomicI64 = AtomicI64::new(1);
 
@@ -61,30 +62,28 @@ pub fn delete(table: &str, old: &[(&str, Value)]) -> Change {
     build(table, Op::Delete, Some(old), None)
 }
 
-/// Drives a handler the way the host does: filters by its subscriptions, narrows each
-/// change to the subscribed columns, and turns a panic into [`HandlerError::Panic`].
+/// Drives a handler the way the host does: routes each change with the host's own
+/// [`Router`] (filters by the subscriptions, narrows to the subscribed columns, merges
+/// the columns of several subscriptions on one table), and turns a panic into
+/// [`HandlerError::Panic`].
 pub struct Harness<H: Handler> {
     handler: H,
-    subscriptions: Vec<Subscription>,
+    router: Router,
 }
 
 impl<H: Handler> Harness<H> {
     /// Build the handler from a config table given as JSON (what `[handler.config]` holds).
     pub fn new(config: serde_json::Value) -> Result<Self, HandlerError> {
         let handler = H::new(&HandlerConfig::from_json(config))?;
-        let subscriptions = handler.subscriptions();
-        Ok(Harness {
-            handler,
-            subscriptions,
-        })
+        let router = Router::new(handler.subscriptions());
+        Ok(Harness { handler, router })
     }
 
     /// Deliver a change. `Ok(false)` when no subscription wanted it.
     pub fn send(&mut self, change: Change) -> Result<bool, HandlerError> {
-        let Some(sub) = self.subscriptions.iter().find(|s| s.wants(&change)) else {
+        let Some(change) = self.router.route(&change) else {
             return Ok(false);
         };
-        let change = sub.project(&change);
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.handle(&change))) {
             Ok(r) => r.map(|()| true),
@@ -101,6 +100,48 @@ impl<H: Handler> Harness<H> {
     }
 
     pub fn subscriptions(&self) -> &[Subscription] {
-        &self.subscriptions
+        self.router.subscriptions()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Remembers the columns of every change it gets.
+    struct Columns(Vec<Vec<String>>);
+
+    impl Handler for Columns {
+        const NAME: &'static str = "columns";
+        fn new(_: &HandlerConfig) -> Result<Self, HandlerError> {
+            Ok(Columns(Vec::new()))
+        }
+        fn subscriptions(&self) -> Vec<Subscription> {
+            vec![
+                Subscription::new("users", ["name"]),
+                Subscription::new("users", ["quota"]),
+            ]
+        }
+        fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
+            self.0.push(change.columns.to_vec());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn harness_merges_the_columns_of_several_subscriptions_like_the_daemon() {
+        let mut h = Harness::<Columns>::new(serde_json::json!({})).unwrap();
+        let old = [("name", "ann".into()), ("quota", 1.into())];
+        let new = [("name", "bea".into()), ("quota", 2.into())];
+        assert!(h.send(update("users", &old, &new)).unwrap());
+        let only_quota = [("name", "bea".into()), ("quota", 3.into())];
+        assert!(h.send(update("users", &new, &only_quota)).unwrap());
+        assert_eq!(
+            h.handler().0,
+            vec![
+                vec!["name".to_owned(), "quota".to_owned()],
+                vec!["quota".to_owned()]
+            ]
+        );
     }
 }
