@@ -229,4 +229,6 @@ pub fn recorder_handler(
 pub mod mysql;
 pub mod oot;
 pub mod pg;
+pub mod reader;
+pub mod rng;
 pub mod sqlite;

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use epidemic_tests::rng::Rng;
 use epidemic_tests::{epidemic, recorded, recorder_handler, wait_until, Daemon};
 use serde_json::Value;
 
@@ -77,41 +78,6 @@ fn without(form: &str) -> bool {
         .unwrap_or_default()
         .split(',')
         .any(|f| f.trim() == form)
-}
-
-/// xorshift64*: enough randomness for a chaos generator, and the same sequence for the
-/// same seed on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(1000) < percent * 10
-    }
-
-    fn permille(&mut self, p: u64) -> bool {
-        self.below(1000) < p
-    }
-
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1) as u64) as i64
-    }
 }
 
 /// One generated statement and the keys it names, so that a mismatch can list the

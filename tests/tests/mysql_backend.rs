@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,9 +15,17 @@ use epidemic_plugin_sdk::{
     StartFrom, Value, Watch,
 };
 use epidemic_tests::mysql::MySqlServer;
+use epidemic_tests::reader::{text, BackendReader};
+use epidemic_tests::rng::Rng;
 use epidemic_tests::{backend_path, wait_until};
 use mysql::prelude::Queryable;
 use serde_json::json;
+
+/// The daemon's read loop on a connection of its own (see `epidemic_tests::reader`).
+fn spawn_reader(url: &str, options: serde_json::Value, c: &Consumer) -> BackendReader {
+    let url = url.to_owned();
+    BackendReader::spawn(move || open(&url, options).expect("reader: open"), c)
+}
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -97,14 +105,6 @@ fn drain(b: &mut HostBackend, c: &Consumer) -> Vec<Change> {
     }
 }
 
-fn text(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::Text(s)) => s.clone(),
-        Some(other) => other.to_string(),
-        None => String::new(),
-    }
-}
-
 /// The consumer's durable cursor: (high_water, gaps).
 fn cursor(conn: &mut mysql::Conn, c: &Consumer, table: &str) -> (i64, String) {
     conn.exec_first(
@@ -113,94 +113,6 @@ fn cursor(conn: &mut mysql::Conn, c: &Consumer, table: &str) -> (i64, String) {
     )
     .expect("read cursor")
     .expect("cursor row")
-}
-
-/// Runs the daemon's read loop in a thread and records every delivered change.
-struct Reader {
-    delivered: Arc<Mutex<Vec<Change>>>,
-    connection_errors: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Reader {
-    fn spawn(url: &str, options: serde_json::Value, c: &Consumer) -> Reader {
-        let delivered = Arc::new(Mutex::new(Vec::new()));
-        let connection_errors = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (url, c) = (url.to_owned(), c.clone());
-        let (d, errors, halt) = (delivered.clone(), connection_errors.clone(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            let mut b = open(&url, options).expect("reader: open");
-            let mut backoff = Duration::from_millis(10);
-            while !halt.load(Ordering::Relaxed) {
-                let step = (|| -> Result<(), BackendError> {
-                    let batch = b.fetch(&c, 500)?;
-                    let Some(last) = batch.changes.last().map(|c| c.id) else {
-                        b.wait(Duration::from_millis(200))?;
-                        return Ok(());
-                    };
-                    // "Handle" the batch, then acknowledge it, like the daemon.
-                    d.lock().unwrap().extend(batch.changes);
-                    b.ack(&c, &batch.token, last)
-                })();
-                match step {
-                    Ok(()) => backoff = Duration::from_millis(10),
-                    Err(e) if e.is_connection() => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
-                        let _ = b.reconnect();
-                    }
-                    Err(e) => panic!("reader: {e}"),
-                }
-            }
-        });
-        Reader {
-            delivered,
-            connection_errors,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn delivered(&self) -> Vec<Change> {
-        self.delivered.lock().unwrap().clone()
-    }
-
-    fn has(&self, key_col: &str, key: &str) -> bool {
-        self.delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|c| text(c.value(key_col)) == key)
-    }
-
-    fn stop(mut self) -> Vec<Change> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.join().expect("reader thread panicked");
-        }
-        self.delivered()
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// xorshift64: enough randomness for delays and choices, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// One row change as the writer meant it and as the handler saw it: (op, key, value).
@@ -218,7 +130,8 @@ const ITEMS: &str =
 /// effects in commit order.
 fn write_randomly(url: &str, w: usize, transactions: usize) -> Vec<Effect> {
     let mut conn = mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let mut rng =
+        Rng::from_state(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut committed = Vec::new();
     for t in 0..transactions {
@@ -304,7 +217,7 @@ fn concurrent_writers_with_rollbacks_deliver_exactly_the_committed_changes() {
     let (url, mut conn) = database("concurrent", ITEMS);
     let c = consumer("all");
     let mut setup = install_and_register(&url, &[watch("items", &["k", "v"])], &c);
-    let reader = Reader::spawn(&url, json!({}), &c);
+    let reader = spawn_reader(&url, json!({}), &c);
 
     let writers: Vec<JoinHandle<Vec<Effect>>> = (0..16)
         .map(|w| {
@@ -362,7 +275,7 @@ fn an_open_transaction_is_delivered_after_commit_without_holding_back_others() {
     let _setup = install_and_register(&url, &[watch("items", &["k", "v"])], &c);
     // A gap timeout far shorter than the transaction: with INNODB_TRX readable it must
     // not be used, or the long transaction's change would be lost.
-    let reader = Reader::spawn(&url, json!({"gap_timeout_ms": 500}), &c);
+    let reader = spawn_reader(&url, json!({"gap_timeout_ms": 500}), &c);
     let server = MySqlServer::shared();
 
     let mut long = server.conn("long_trx");
@@ -427,7 +340,7 @@ fn timeout_fallback_delivers_short_transactions_and_forgets_rolled_back_ids() {
     let (url, mut conn) = database("timeout_fallback", ITEMS);
     let c = consumer("all");
     let _setup = install_and_register(&url, &[watch("items", &["k", "v"])], &c);
-    let reader = Reader::spawn(
+    let reader = spawn_reader(
         &url,
         json!({"gap_detection": "timeout", "gap_timeout_ms": 3000}),
         &c,
@@ -472,7 +385,7 @@ fn server_crash_mid_stream_loses_nothing() {
         &[watch("items", &["k", "v"])],
         &c,
     ));
-    let reader = Reader::spawn(&url, json!({}), &c);
+    let reader = spawn_reader(&url, json!({}), &c);
 
     // Writers insert until told to stop; a failed statement is retried on a new
     // connection (its outcome may be unknown: the table is the truth at the end).
@@ -990,7 +903,7 @@ fn reinstall_with_more_columns_while_writers_run_loses_nothing() {
     let (url, mut conn) = database("reinstall", ITEMS);
     let c = consumer("all");
     drop(install_and_register(&url, &[watch("items", &["k"])], &c));
-    let reader = Reader::spawn(&url, json!({}), &c);
+    let reader = spawn_reader(&url, json!({}), &c);
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicUsize::new(0));
     let writers: Vec<JoinHandle<()>> = (0..4)

@@ -7,17 +7,23 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use epidemic_plugin_sdk::host::{load, HostBackend};
-use epidemic_plugin_sdk::{BackendError, Change, Consumer, Op, StartFrom, Value, Watch};
+use epidemic_plugin_sdk::{BackendError, Change, Consumer, Op, StartFrom, Watch};
 use epidemic_tests::mysql::MySqlServer;
+use epidemic_tests::reader::{text, BackendReader};
+use epidemic_tests::rng::Rng;
 use epidemic_tests::{backend_path, epidemic, recorded, recorder_handler, wait_until, Daemon};
 use mysql::prelude::Queryable;
 use serde_json::json;
+
+/// The daemon's read loop on a connection of its own (see `epidemic_tests::reader`).
+fn spawn_reader(url: &str, options: serde_json::Value, c: &Consumer) -> BackendReader {
+    let url = url.to_owned();
+    BackendReader::spawn(move || open(&url, options).expect("reader: open"), c)
+}
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -62,14 +68,6 @@ fn install_and_register(url: &str, options: serde_json::Value, watches: &[Watch]
     b.register(c, &tables, StartFrom::Oldest).expect("register");
 }
 
-fn text(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::Text(s)) => s.clone(),
-        Some(other) => other.to_string(),
-        None => String::new(),
-    }
-}
-
 /// The consumer's durable cursor: (high_water, gaps).
 fn cursor(conn: &mut mysql::Conn, c: &Consumer, table: &str) -> (i64, String) {
     conn.exec_first(
@@ -83,78 +81,6 @@ fn cursor(conn: &mut mysql::Conn, c: &Consumer, table: &str) -> (i64, String) {
 /// How many ranges a durable gap list holds (`3,5-9` is two).
 fn gap_ranges(gaps: &str) -> usize {
     gaps.split(',').filter(|p| !p.trim().is_empty()).count()
-}
-
-/// Runs the daemon's read loop in a thread and records every delivered change.
-struct Reader {
-    delivered: Arc<Mutex<Vec<Change>>>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Reader {
-    fn spawn(url: &str, options: serde_json::Value, c: &Consumer) -> Reader {
-        let delivered = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (url, c) = (url.to_owned(), c.clone());
-        let (d, halt) = (delivered.clone(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            let mut b = open(&url, options).expect("reader: open");
-            while !halt.load(Ordering::Relaxed) {
-                let batch = b.fetch(&c, 500).expect("reader: fetch");
-                let Some(last) = batch.changes.last().map(|c| c.id) else {
-                    b.wait(Duration::from_millis(200)).expect("reader: wait");
-                    continue;
-                };
-                // "Handle" the batch, then acknowledge it, like the daemon.
-                d.lock().unwrap().extend(batch.changes);
-                b.ack(&c, &batch.token, last).expect("reader: ack");
-            }
-        });
-        Reader {
-            delivered,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn delivered(&self) -> Vec<Change> {
-        self.delivered.lock().unwrap().clone()
-    }
-
-    fn has(&self, key: &str) -> bool {
-        self.delivered
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|c| text(c.value("k")) == key)
-    }
-
-    fn stop(mut self) -> Vec<Change> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.join().expect("reader thread panicked");
-        }
-        self.delivered()
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// xorshift64: enough randomness for delays and choices, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// One row change as the writer meant it and as the handler saw it: (op, key, value).
@@ -178,7 +104,8 @@ fn write_randomly(
     if !session_sql.is_empty() {
         conn.query_drop(session_sql).unwrap();
     }
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let mut rng =
+        Rng::from_state(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut committed = Vec::new();
     for t in 0..transactions {
@@ -492,7 +419,7 @@ fn an_unrelated_consistent_snapshot_neither_stalls_delivery_nor_keeps_gaps() {
     let c = consumer("all");
     let options = json!({"max_gap_ranges": 20});
     install_and_register(&url, options.clone(), &[watch("items", &["k", "v"])], &c);
-    let reader = Reader::spawn(&url, options, &c);
+    let reader = spawn_reader(&url, options, &c);
     let mut dump = server.conn("snapshot");
     dump.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
         .unwrap();
@@ -506,7 +433,7 @@ fn an_unrelated_consistent_snapshot_neither_stalls_delivery_nor_keeps_gaps() {
     conn.query_drop("INSERT INTO items (k, v) VALUES ('marker', 'm')")
         .unwrap();
     assert!(
-        wait_until(WAIT, || reader.has("marker")),
+        wait_until(WAIT, || reader.has("k", "marker")),
         "delivery stalled behind an unrelated snapshot: {} of {} delivered, cursor {:?}",
         reader.delivered().len(),
         committed.len(),
@@ -546,7 +473,7 @@ fn past_the_gap_reread_limit_new_changes_still_flow_and_nothing_is_lost() {
     let c = consumer("all");
     let options = json!({"max_gap_ranges": 20});
     install_and_register(&url, options.clone(), &[watch("items", &["k", "v"])], &c);
-    let reader = Reader::spawn(&url, options.clone(), &c);
+    let reader = spawn_reader(&url, options.clone(), &c);
     let mut writer = server.conn("gap_pileup");
     writer.query_drop("START TRANSACTION").unwrap();
     writer.query_drop("INSERT INTO other VALUES (1)").unwrap();
@@ -555,7 +482,7 @@ fn past_the_gap_reread_limit_new_changes_still_flow_and_nothing_is_lost() {
     conn.query_drop("INSERT INTO items (k, v) VALUES ('marker', 'm')")
         .unwrap();
     assert!(
-        wait_until(WAIT, || reader.has("marker")),
+        wait_until(WAIT, || reader.has("k", "marker")),
         "new changes must not wait for gaps: cursor {:?}",
         cursor(&mut conn, &c, "items")
     );
@@ -601,7 +528,7 @@ fn auto_increment_increment_leaves_no_gaps() {
     );
     let c = consumer("all");
     install_and_register(&url, json!({}), &[watch("items", &["k", "v"])], &c);
-    let reader = Reader::spawn(&url, json!({}), &c);
+    let reader = spawn_reader(&url, json!({}), &c);
     let mut writer = server.conn("increment");
     writer.query_drop("START TRANSACTION").unwrap();
     writer.query_drop("INSERT INTO other VALUES (1)").unwrap();
@@ -620,7 +547,7 @@ fn auto_increment_increment_leaves_no_gaps() {
     let committed = writers.join().unwrap();
     conn.query_drop("INSERT INTO items (k, v) VALUES ('marker', 'm')")
         .unwrap();
-    assert!(wait_until(WAIT, || reader.has("marker")));
+    assert!(wait_until(WAIT, || reader.has("k", "marker")));
     let ids: Vec<i64> = conn.query("SELECT id FROM epidemic_log_items").unwrap();
     assert!(ids.iter().all(|id| id % 3 == 2), "{:?}", &ids[..5]);
     assert!(
@@ -651,12 +578,12 @@ fn session_auto_increment_increment_is_delivered_exactly() {
     let (url, mut conn) = database(server, "session_increment", ITEMS);
     let c = consumer("all");
     install_and_register(&url, json!({}), &[watch("items", &["k", "v"])], &c);
-    let reader = Reader::spawn(&url, json!({}), &c);
+    let reader = spawn_reader(&url, json!({}), &c);
     let committed =
         write_concurrently(&url, 4, 150, 10, "SET SESSION auto_increment_increment = 3");
     conn.query_drop("INSERT INTO items (k, v) VALUES ('marker', 'm')")
         .unwrap();
-    assert!(wait_until(WAIT, || reader.has("marker")));
+    assert!(wait_until(WAIT, || reader.has("k", "marker")));
     assert!(
         wait_until(WAIT, || cursor(&mut conn, &c, "items").1.is_empty()),
         "{:?}",

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use epidemic_tests::rng::Rng;
 use epidemic_tests::{plugin_path, recorded, sqlite, wait_recorded, wait_until, Daemon};
 use rusqlite::Connection;
 use serde_json::{json, Value};
@@ -666,18 +667,6 @@ fn a_log_restored_without_its_sequence_does_not_skip_new_changes() {
     assert!(!text.contains("sqlite_sequence"), "{text}");
 }
 
-/// xorshift64*: a seeded generator, so a failing mix can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
 /// Item 3 at random: seeded mixes of every insert, upsert, REPLACE and UPDATE OR REPLACE
 /// form, deletes, savepoints rolled back and `recursive_triggers` switched on and off, in
 /// a small key space so that conflicts are frequent, with the daemon SIGKILLed halfway.
@@ -713,7 +702,7 @@ fn random_mix(seed: u64, ops: usize) {
     let file = s.dir.join("rec.jsonl");
     let mut d = s.start();
     let w = sqlite::connect(&s.db);
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::from_state(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut script = Vec::new();
     for n in 0..ops {
         if n == ops / 2 {
