@@ -153,6 +153,15 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A command whose output is piped into `head` ends quietly when the reader goes
+        // away, as other Unix tools do, instead of panicking in `println!` (Rust ignores
+        // SIGPIPE by default). The daemon keeps ignoring it: its stderr may be a pipe.
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(cli.log_format);
     let verbose = cli.verbose;
     match dispatch(cli) {

@@ -344,6 +344,43 @@ fn run_twice_then_uninstall_restores_the_schema() {
     );
 }
 
+/// `epidemic sql | head -1`: the command ends when its reader goes away, quietly (killed by
+/// SIGPIPE like other Unix tools), not with a broken-pipe panic and exit code 101.
+#[test]
+fn sql_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let s = Setup::new("", |dir| {
+        recorder_handler(
+            "rec",
+            &dir.join("rec.jsonl"),
+            "mail_users",
+            &["username"],
+            "",
+        )
+    });
+    let mut child = Command::new(epidemic_tests::epidemic_bin())
+        .arg("--config")
+        .arg(&s.config)
+        .arg("sql")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the command writes its first line (it is still loading
+    // plugins), as `head` does once it has read enough.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
+}
+
 #[test]
 fn sql_prints_the_ddl_and_applies_nothing() {
     let s = Setup::new("", |dir| {
