@@ -78,6 +78,13 @@ fn log_registration(
 }
 
 pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
+    // Checked before anything touches the database: bad input leaves nothing half-done.
+    if cfg.daemon.lease_ttl < Duration::from_millis(300) {
+        bail!(
+            "{}: daemon.lease_ttl: must be at least 300ms",
+            cfg.path.display()
+        );
+    }
     let daemon = cfg.daemon_name()?;
     let backend_lib = plugins::load_backend(&cfg)?;
     let mut handlers = plugins::load_handlers(&cfg)?;
@@ -109,9 +116,6 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     })?;
     let handler_count = handlers.len();
     // From here on this daemon changes consumers of its name: hold the name first.
-    if cfg.daemon.lease_ttl < Duration::from_millis(300) {
-        bail!("daemon.lease_ttl: must be at least 300ms");
-    }
     let lease = DaemonLease::new(&daemon, cfg.daemon.lease_ttl);
     lease.acquire(&stop, |req| {
         until_connected(&stop, "claim the daemon name", || {
