@@ -4,24 +4,31 @@
 //! touched.
 //!
 //! Everything goes through the configured backend library, like the daemon: the core
-//! still names no database. The consumer here is a built-in no-op handler running the
-//! daemon's read loop (fetch, hand over, ack, wait) in this process, so the figures are
-//! the daemon's minus the cost of a plugin call.
+//! still names no database. The consumer is the daemon's own [`Dispatcher`] (fetch,
+//! route, hand over, ack, wait) with a built-in handler that only notes when each change
+//! arrived, called through the same boundary adapter a plugin library has; so the
+//! figures are the daemon's minus what a plugin's own work costs.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use epidemic_plugin_sdk::host::{HostBackend, Library};
+use epidemic_plugin_host::{HostBackend, HostHandler, Library};
+use epidemic_plugin_sdk::backend::{
+    BackendError, Consumer, Scratch, StartFrom, Watch, SCRATCH_TABLE,
+};
 use epidemic_plugin_sdk::{
-    BackendError, Consumer, Scratch, StartFrom, Value, Watch, SCRATCH_TABLE,
+    BatchError, Change, Context as HandlerContext, Handler, HandlerConfig, HandlerError,
+    Subscription, Value,
 };
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, OnFailure};
+use crate::dispatch::{DispatchSettings, Dispatcher, RetryPolicy};
+use crate::metrics::Metrics;
 use crate::plugins;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -92,6 +99,13 @@ pub struct WriteThroughput {
 }
 
 #[derive(Debug, Serialize)]
+pub struct WriteVariant {
+    pub label: String,
+    pub write: WriteThroughput,
+    pub ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub backend: String,
     pub url: String,
@@ -106,11 +120,10 @@ pub struct BenchReport {
     pub drain_per_s: f64,
     pub write_unwatched: WriteThroughput,
     pub write_watched: WriteThroughput,
-    /// Watched with the backend's wake-up notification turned off, where the backend has
-    /// such an option (PostgreSQL's NOTIFY).
-    pub write_watched_no_notify: Option<WriteThroughput>,
     pub write_ratio: f64,
-    pub write_ratio_no_notify: Option<f64>,
+    /// Watched, with each option set the backend declares worth comparing (PostgreSQL:
+    /// its wake-up notification off).
+    pub write_variants: Vec<WriteVariant>,
     pub idle_cpu_percent: f64,
     pub peak_rss_mb_draining: Option<f64>,
 }
@@ -198,6 +211,7 @@ fn measure(
     let watch = Watch {
         table: SCRATCH_TABLE.into(),
         columns: vec!["id".into(), "payload".into()],
+        key: vec!["id".into()],
     };
     let mut next_id = 1i64;
 
@@ -207,22 +221,23 @@ fn measure(
     progress.phase("write throughput, table watched");
     let watched = write_throughput(cfg, lib, None, sizes, &mut next_id)?;
 
-    // A backend with a wake-up notification that costs writers something (PostgreSQL's
-    // NOTIFY takes a database-wide lock at commit) takes `notify = false`; others
-    // refuse the option, and this measurement is skipped.
-    let mut no_notify_options = cfg.backend_options();
-    no_notify_options["notify"] = serde_json::Value::Bool(false);
-    let no_notify = match lib.open_backend(&cfg.database.url, &no_notify_options) {
-        Ok(mut conn) => {
-            conn.install(std::slice::from_ref(&watch)).map_err(be)?;
-            progress.phase("write throughput, table watched, notification off");
-            let r = write_throughput(cfg, lib, Some(&no_notify_options), sizes, &mut next_id)?;
-            admin.install(std::slice::from_ref(&watch)).map_err(be)?;
-            Some(r)
+    // Option sets the backend itself says are worth comparing (PostgreSQL: NOTIFY off,
+    // since it takes a database-wide lock at commit). The core names none of them.
+    let mut variants = Vec::new();
+    for v in admin.capabilities().bench_variants {
+        let mut options = cfg.backend_options();
+        if let (Some(o), Some(extra)) = (options.as_object_mut(), v.options.as_object()) {
+            for (k, x) in extra {
+                o.insert(k.clone(), x.clone());
+            }
         }
-        Err(BackendError::Invalid(_)) => None,
-        Err(e) => return Err(be(e)),
-    };
+        let mut conn = lib.open_backend(&cfg.database.url, &options).map_err(be)?;
+        conn.install(std::slice::from_ref(&watch)).map_err(be)?;
+        progress.phase(&format!("write throughput, table watched, {}", v.label));
+        let write = write_throughput(cfg, lib, Some(&options), sizes, &mut next_id)?;
+        admin.install(std::slice::from_ref(&watch)).map_err(be)?;
+        variants.push((v.label, write));
+    }
 
     // Latency: a consumer from now on, a writer at a steady rate on its own connection.
     let consumer = Consumer {
@@ -232,7 +247,7 @@ fn measure(
     admin
         .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
         .map_err(be)?;
-    let reader = Reader::start(cfg, lib, &consumer, cfg.daemon.batch_size)?;
+    let reader = Reader::start(cfg, lib, &consumer, true)?;
     progress.phase("commit-to-handler latency");
     let mut writer = plugins::open(cfg, lib)?;
     let interval = Duration::from_secs_f64(1.0 / sizes.rate as f64);
@@ -264,7 +279,7 @@ fn measure(
     let last = sent.last().map(|(id, _)| *id).unwrap_or(0);
     reader.wait_for(last, Duration::from_secs(60))?;
     let mut latencies: Vec<f64> = {
-        let seen = reader.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = reader.probe.seen.lock().unwrap_or_else(|p| p.into_inner());
         sent.iter()
             .filter_map(|(id, t)| {
                 seen.get(id)
@@ -303,29 +318,23 @@ fn measure(
     }
     reset_peak_rss();
     progress.phase("draining the backlog");
-    let mut conn = plugins::open(cfg, lib)?;
     let t0 = Instant::now();
-    let mut drained = 0u64;
+    let drainer = Reader::start(cfg, lib, &consumer, false)?;
     let mut last_prune = Instant::now();
-    while drained < sizes.drain {
-        let batch = conn.fetch(&consumer, cfg.daemon.batch_size).map_err(be)?;
-        let Some(last) = batch.changes.last() else {
-            conn.wait(Duration::from_millis(50)).map_err(be)?;
-            continue;
-        };
-        // The no-op handler: look at each change as a handler would.
-        drained += batch
-            .changes
-            .iter()
-            .filter(|c| c.value("id").is_some())
-            .count() as u64;
-        conn.ack(&consumer, &batch.token, last.id).map_err(be)?;
+    loop {
+        let drained = drainer.probe.count.load(Ordering::Relaxed);
+        if drained >= sizes.drain {
+            break;
+        }
+        drainer.check()?;
         if last_prune.elapsed() >= Duration::from_secs(1) {
             admin.prune().map_err(be)?;
             last_prune = Instant::now();
             progress.update("draining the backlog", drained, sizes.drain);
         }
+        std::thread::sleep(Duration::from_millis(2));
     }
+    drainer.stop();
     admin.prune().map_err(be)?;
     let drain_secs = t0.elapsed().as_secs_f64();
     let peak_rss_mb_draining = peak_rss_mb();
@@ -344,10 +353,17 @@ fn measure(
         drain_changes: sizes.drain,
         drain_per_s: sizes.drain as f64 / drain_secs,
         write_ratio: ratio(&watched),
-        write_ratio_no_notify: no_notify.as_ref().map(ratio),
+        write_variants: variants
+            .into_iter()
+            .map(|(label, write)| WriteVariant {
+                label,
+                ratio: ratio(&write),
+                write,
+            })
+            .collect(),
         write_unwatched: unwatched,
         write_watched: watched,
-        write_watched_no_notify: no_notify,
+
         idle_cpu_percent,
         peak_rss_mb_draining,
     })
@@ -397,62 +413,139 @@ fn write_throughput(
     })
 }
 
-/// The daemon's read loop with a no-op handler, recording when each row id arrived.
+/// What the bench's handler saw: when each scratch row's change arrived (when asked to
+/// note it), the highest row id, and how many changes.
+#[derive(Default)]
+struct ProbeState {
+    note_times: bool,
+    seen: Mutex<HashMap<i64, Instant>>,
+    max_seen: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Probes by number: the handler is built from its config like any handler (through the
+/// SDK's adapter), and finds its state here.
+fn probes() -> &'static Mutex<HashMap<u64, Arc<ProbeState>>> {
+    static PROBES: OnceLock<Mutex<HashMap<u64, Arc<ProbeState>>>> = OnceLock::new();
+    PROBES.get_or_init(Mutex::default)
+}
+
+/// The bench's handler: notes arrivals, does nothing else.
+struct Probe(Arc<ProbeState>);
+
+impl Handler for Probe {
+    const NAME: &'static str = "bench-probe";
+
+    fn new(config: &HandlerConfig, _: &HandlerContext) -> Result<Self, HandlerError> {
+        let n = config.json()["probe"].as_u64().unwrap_or_default();
+        let map = probes().lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&n)
+            .cloned()
+            .map(Probe)
+            .ok_or_else(|| HandlerError::permanent(format!("no bench probe {n}")))
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::new(SCRATCH_TABLE, ["id", "payload"])]
+    }
+
+    fn handle_batch(&mut self, changes: &[Change]) -> Result<(), BatchError> {
+        let now = Instant::now();
+        let mut seen = self
+            .0
+            .note_times
+            .then(|| self.0.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        for c in changes {
+            if let Some(Value::Int(id)) = c.value("id") {
+                if let Some(seen) = seen.as_mut() {
+                    seen.entry(*id).or_insert(now);
+                }
+                self.0.max_seen.fetch_max(*id as u64, Ordering::Relaxed);
+            }
+        }
+        self.0
+            .count
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The daemon's dispatcher on its own thread and connection, with the probe handler.
 struct Reader {
-    seen: Arc<Mutex<HashMap<i64, Instant>>>,
-    max_seen: Arc<AtomicU64>,
+    probe: Arc<ProbeState>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), BackendError>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Reader {
-    fn start(cfg: &Config, lib: &Library, consumer: &Consumer, batch: u32) -> Result<Reader> {
-        let mut conn = plugins::open(cfg, lib)?;
-        let seen: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
-        let max_seen = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let consumer = consumer.clone();
-        let (s, m, st) = (Arc::clone(&seen), Arc::clone(&max_seen), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || -> Result<(), BackendError> {
-            while !st.load(Ordering::Relaxed) {
-                let b = conn.fetch(&consumer, batch)?;
-                let Some(last) = b.changes.last() else {
-                    conn.wait(Duration::from_millis(200))?;
-                    continue;
-                };
-                let now = Instant::now();
-                {
-                    let mut seen = s.lock().unwrap_or_else(|p| p.into_inner());
-                    for c in &b.changes {
-                        if let Some(Value::Int(id)) = c.value("id") {
-                            seen.entry(*id).or_insert(now);
-                            m.fetch_max(*id as u64, Ordering::Relaxed);
-                        }
-                    }
-                }
-                conn.ack(&consumer, &b.token, last.id)?;
-            }
-            Ok(())
+    fn start(cfg: &Config, lib: &Library, consumer: &Consumer, note_times: bool) -> Result<Reader> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let probe = Arc::new(ProbeState {
+            note_times,
+            ..ProbeState::default()
         });
+        probes()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n, Arc::clone(&probe));
+        let handler = HostHandler::in_process::<Probe>(
+            &serde_json::json!({ "probe": n }),
+            &consumer.daemon,
+            &consumer.handler,
+        )
+        .map_err(|e| anyhow!("bench handler: {e}"))?;
+        let settings = DispatchSettings {
+            consumer: consumer.clone(),
+            subscriptions: handler
+                .subscriptions()
+                .map_err(|e| anyhow!("bench handler: {e}"))?,
+            retry: RetryPolicy {
+                max_attempts: 1,
+                retry_initial_ms: 1,
+                retry_max_ms: 1,
+                on_failure: OnFailure::DeadLetter,
+            },
+            batch_size: cfg.daemon.batch_size,
+            idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
+        };
+        let conn = plugins::open(cfg, lib)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let dispatcher = Dispatcher::new(
+            settings,
+            conn,
+            handler,
+            Metrics::new(false),
+            Arc::clone(&stop),
+        );
+        let thread = std::thread::Builder::new()
+            .name("bench-reader".into())
+            .spawn(move || dispatcher.run())
+            .context("cannot start the bench's reader thread")?;
         Ok(Reader {
-            seen,
-            max_seen,
+            probe,
             stop,
             thread: Some(thread),
         })
     }
 
+    /// An error when the reader's thread ended early.
+    fn check(&self) -> Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return Err(anyhow!("the reader stopped early"));
+        }
+        Ok(())
+    }
+
     fn wait_for(&self, id: i64, timeout: Duration) -> Result<()> {
         let end = Instant::now() + timeout;
-        while (self.max_seen.load(Ordering::Relaxed) as i64) < id {
+        while (self.probe.max_seen.load(Ordering::Relaxed) as i64) < id {
             if Instant::now() > end {
                 return Err(anyhow!(
                     "the reader did not see change {id} within {timeout:?}"
                 ));
             }
-            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                return Err(anyhow!("the reader stopped early"));
-            }
+            self.check()?;
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
@@ -534,10 +627,10 @@ pub fn render(r: &BenchReport) -> String {
             format!("{}  ratio {:.2}", w(&r.write_watched), r.write_ratio),
         ),
     ];
-    if let (Some(t), Some(ratio)) = (&r.write_watched_no_notify, r.write_ratio_no_notify) {
+    for v in &r.write_variants {
         rows.push((
-            "write throughput, watched, notify off".into(),
-            format!("{}  ratio {ratio:.2}", w(t)),
+            format!("write throughput, watched, {}", v.label),
+            format!("{}  ratio {:.2}", w(&v.write), v.ratio),
         ));
     }
     rows.push((

@@ -18,6 +18,9 @@ pub struct Config {
     pub handlers: Vec<HandlerConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[table.NAME]`: settings of one watched table.
+    #[serde(default, rename = "table")]
+    pub tables: BTreeMap<String, TableConfig>,
     /// The file this was read from (set after reading).
     #[serde(skip)]
     pub path: PathBuf,
@@ -33,6 +36,16 @@ pub struct DatabaseConfig {
     pub backend: Option<PathBuf>,
     #[serde(flatten)]
     pub options: BTreeMap<String, serde_json::Value>,
+}
+
+/// `[table.NAME]`: what Epidemic needs to know about one watched table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// The columns that identify a row, for a table without a primary key (or to use
+    /// other columns than its primary key). Every change carries their values.
+    #[serde(default)]
+    pub key: Vec<String>,
 }
 
 /// `[metrics]`: Prometheus text on `listen` (e.g. "127.0.0.1:9187") while `run` runs.
@@ -185,6 +198,21 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The key columns `[table.NAME] key` names for a table (matched without regard to
+    /// ASCII case, as the backends resolve names); empty when none.
+    pub fn table_key(&self, table: &str) -> Vec<String> {
+        self.tables
+            .get(table)
+            .or_else(|| {
+                self.tables
+                    .iter()
+                    .find(|(t, _)| t.eq_ignore_ascii_case(table))
+                    .map(|(_, c)| c)
+            })
+            .map(|c| c.key.clone())
+            .unwrap_or_default()
+    }
+
     fn validate(&self) -> Result<()> {
         let file = self.path.display();
         if self.database.url.trim().is_empty() {
@@ -200,6 +228,13 @@ impl Config {
         }
         if let Some(name) = &self.daemon.name {
             check_name(&format!("{file}: daemon.name"), name)?;
+        }
+        for (table, t) in &self.tables {
+            for (i, c) in t.key.iter().enumerate() {
+                if t.key[..i].contains(c) {
+                    bail!("{file}: table.{table}.key names column {c:?} twice");
+                }
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, h) in self.handlers.iter().enumerate() {

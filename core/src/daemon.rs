@@ -1,10 +1,10 @@
-//! `epidemic run`: one consumer thread per handler, each with its own backend
-//! connection and cursor, plus the main thread that prunes, evicts stale consumers,
-//! refreshes metrics and watches for shutdown.
+//! `epidemic run`: one consumer thread per handler (a [`Dispatcher`]), each with its own
+//! backend connection and cursor, a heartbeat thread, and the main thread that prunes,
+//! evicts stale consumers, refreshes metrics and watches for shutdown.
 //!
 //! Delivery is at-least-once. A consumer acknowledges after each batch (and, on shutdown,
-//! after the change in hand), so a crash redelivers at most the batch in flight. One
-//! handler's failures or retries never hold up another handler: they do not share a
+//! after the handler call in hand), so a crash redelivers at most the batch in flight.
+//! One handler's failures or retries never hold up another handler: they do not share a
 //! thread, a connection or a cursor.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,25 +13,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use epidemic_plugin_sdk::host::{HostBackend, HostHandler};
-use epidemic_plugin_sdk::{
-    BackendError, Change, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, HandlerError,
-    Registered, Router, StartFrom,
-};
+use epidemic_plugin_host::HostBackend;
+use epidemic_plugin_sdk::backend::{BackendError, Consumer, Registered, StartFrom};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, HandlerConfig, OnFailure};
+use crate::backoff::{sleep_unless, RECONNECT_INITIAL, RECONNECT_MAX};
+use crate::config::Config;
+use crate::dispatch::{DispatchSettings, Dispatcher, RetryPolicy};
 use crate::lease::{DaemonLease, Heartbeat};
-use crate::metrics::{HandlerMetrics, Metrics};
+use crate::metrics::Metrics;
 use crate::plugins::{self, LoadedHandler};
-
-/// Longest single block in the backend's `wait`, so a shutdown request is seen quickly.
-const WAIT_SLICE: Duration = Duration::from_millis(200);
-/// Reconnect backoff after a lost connection: starts here, doubles, capped.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
-/// How often a consumer looks for dead letters that `epidemic dead-letters retry` marked.
-const RETRY_CHECK: Duration = Duration::from_secs(1);
 
 pub struct RunOptions {
     pub start: StartFrom,
@@ -87,7 +78,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let daemon = cfg.daemon_name()?;
     let backend_lib = plugins::load_backend(&cfg)?;
-    let mut handlers = plugins::load_handlers(&cfg)?;
+    let mut handlers = plugins::load_handlers(&cfg, &daemon)?;
     let url = epidemic_plugin_sdk::redact_url(&cfg.database.url);
     let metrics = Metrics::new(cfg.metrics.listen.is_some());
     let _server = match &cfg.metrics.listen {
@@ -109,7 +100,9 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     // The catalog's spelling of every name, so dispatch matches what the backend reports.
     let watches = until_connected(&stop, "resolve names", || {
-        reconnect_on_error(&mut main_conn, |c| plugins::resolve_names(c, &mut handlers))
+        reconnect_on_error(&mut main_conn, |c| {
+            plugins::resolve_names(&cfg, c, &mut handlers)
+        })
     })?;
     until_connected(&stop, "install", || {
         reconnect_on_error(&mut main_conn, |c| c.install(&watches))
@@ -141,13 +134,17 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         let lost_cursor = Arc::new(AtomicBool::new(false));
         consumers.push((consumer.clone(), Arc::clone(&lost_cursor)));
         let conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
-        let handler_metrics = metrics.handler(&consumer.handler);
-        let dispatcher = Dispatcher::new(
-            &cfg,
+        let settings = DispatchSettings {
             consumer,
+            subscriptions: h.subscriptions,
+            retry: RetryPolicy::from(&h.config),
+            batch_size: cfg.daemon.batch_size,
+            idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
+        };
+        let dispatcher = Dispatcher::new(
+            settings,
             conn,
-            h,
-            handler_metrics,
+            h.instance,
             Arc::clone(&metrics),
             Arc::clone(&stop),
         )
@@ -265,7 +262,7 @@ struct HealthLog {
 }
 
 impl HealthLog {
-    fn report(&mut self, status: &epidemic_plugin_sdk::Status) {
+    fn report(&mut self, status: &epidemic_plugin_sdk::backend::Status) {
         let now: Vec<String> = status
             .tables
             .iter()
@@ -364,18 +361,6 @@ fn until_connected<T>(
     }
 }
 
-/// Sleep up to `d`, waking early when `stop` is set.
-fn sleep_unless(stop: &AtomicBool, d: Duration) {
-    let end = Instant::now() + d;
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= end {
-            break;
-        }
-        std::thread::sleep((end - now).min(Duration::from_millis(50)));
-    }
-}
-
 /// Run `f` on the connection; after a connection error, reconnect so the next try has a
 /// fresh connection.
 fn reconnect_on_error<T>(
@@ -387,317 +372,4 @@ fn reconnect_on_error<T>(
         let _ = conn.reconnect();
     }
     r
-}
-
-enum Delivery {
-    /// Handled, skipped (not wanted), or dead-lettered: the cursor may move past it.
-    Done,
-    /// Shutdown came while retrying: the change was not handled and must come again.
-    Abandoned,
-}
-
-/// How one change fared with the handler after retries.
-enum Outcome {
-    Handled,
-    GaveUp { error: HandlerError, attempts: u32 },
-    Abandoned,
-}
-
-struct Dispatcher {
-    consumer: Consumer,
-    backend: HostBackend,
-    handler: HostHandler,
-    /// The same routing as `epidemic_plugin_sdk::testing::Harness`.
-    router: Router,
-    tables: Vec<String>,
-    retry: HandlerConfig,
-    batch_size: u32,
-    idle_check: Duration,
-    metrics: Arc<HandlerMetrics>,
-    all_metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
-    /// Set by the heartbeat when touching this consumer updated no cursor.
-    lost_cursor: Arc<AtomicBool>,
-}
-
-impl Dispatcher {
-    fn new(
-        cfg: &Config,
-        consumer: Consumer,
-        backend: HostBackend,
-        h: LoadedHandler,
-        metrics: Arc<HandlerMetrics>,
-        all_metrics: Arc<Metrics>,
-        stop: Arc<AtomicBool>,
-    ) -> Self {
-        Dispatcher {
-            tables: h.tables(),
-            consumer,
-            backend,
-            handler: h.instance,
-            router: Router::new(h.subscriptions),
-            retry: h.config,
-            batch_size: cfg.daemon.batch_size,
-            idle_check: Duration::from_millis(cfg.daemon.idle_check_ms.max(1)),
-            metrics,
-            all_metrics,
-            stop,
-            lost_cursor: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// The flag the heartbeat sets when touching this consumer updated no cursor.
-    fn with_lost_cursor_flag(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.lost_cursor = flag;
-        self
-    }
-
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    fn run(mut self) {
-        let mut outage: Option<Instant> = None;
-        let mut backoff = RECONNECT_INITIAL;
-        let mut next_retry_check = Instant::now();
-        while !self.stopping() {
-            let mut result = if self.lost_cursor.swap(false, Ordering::Relaxed) {
-                Err(BackendError::Evicted(format!(
-                    "consumer {}: the heartbeat found no live cursor",
-                    self.consumer
-                )))
-            } else {
-                self.step()
-            };
-            if result.is_ok() {
-                if let Some(since) = outage.take() {
-                    info!(consumer = %self.consumer, after = ?since.elapsed(), "database reachable again; catching up");
-                }
-                backoff = RECONNECT_INITIAL;
-            }
-            if result.is_ok() && Instant::now() >= next_retry_check {
-                next_retry_check = Instant::now() + RETRY_CHECK;
-                result = self.redeliver_requested();
-            }
-            if let Err(e) = result {
-                if e.is_connection() {
-                    // Log an outage once, not once per attempt.
-                    if outage.is_none() {
-                        warn!(consumer = %self.consumer, error = %e, "database connection lost; reconnecting");
-                        outage = Some(Instant::now());
-                    }
-                } else {
-                    error!(consumer = %self.consumer, error = %e, "reading changes failed; retrying");
-                }
-                sleep_unless(&self.stop, backoff);
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-                if e.is_connection() {
-                    self.all_metrics.reconnect();
-                    if let Err(e) = self.backend.reconnect() {
-                        debug!(consumer = %self.consumer, error = %e, "reconnect failed");
-                    }
-                } else if e.is_evicted() {
-                    // The consumer was evicted while this daemon was cut off: register
-                    // again (which says loudly what was missed).
-                    match self
-                        .backend
-                        .register(&self.consumer, &self.tables, StartFrom::Now)
-                    {
-                        Ok(Registered::Evicted) => error!(
-                            consumer = %self.consumer,
-                            "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
-                             handled may have been pruned and are MISSED; continuing from now"
-                        ),
-                        Ok(Registered::New) => error!(
-                            consumer = %self.consumer,
-                            "this consumer's cursor had vanished (deleted by hand?); registered again from now: \
-                             changes committed since it vanished may be MISSED"
-                        ),
-                        Ok(Registered::Existing) => {}
-                        Err(e) => {
-                            debug!(consumer = %self.consumer, error = %e, "re-register failed")
-                        }
-                    }
-                }
-            }
-        }
-        debug!(consumer = %self.consumer, "handler thread stopped");
-    }
-
-    /// Read one batch and deliver it; or wait for changes when there are none.
-    fn step(&mut self) -> Result<(), BackendError> {
-        let batch = self.backend.fetch(&self.consumer, self.batch_size)?;
-        if batch.changes.is_empty() {
-            let deadline = Instant::now() + self.idle_check;
-            while !self.stopping() {
-                let now = Instant::now();
-                if now >= deadline || self.backend.wait((deadline - now).min(WAIT_SLICE))? {
-                    break;
-                }
-            }
-            return Ok(());
-        }
-        let mut last = None;
-        let mut result = Ok(());
-        for change in &batch.changes {
-            match self.deliver(change) {
-                Ok(Delivery::Done) => last = Some(change.id),
-                Ok(Delivery::Abandoned) => break,
-                // Could not record a dead letter: do not move past this change.
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-            if self.stopping() {
-                break;
-            }
-        }
-        if let Some(id) = last {
-            self.backend.ack(&self.consumer, &batch.token, id)?;
-        }
-        result
-    }
-
-    fn deliver(&mut self, change: &Change) -> Result<Delivery, BackendError> {
-        let Some(projected) = self.router.route(change) else {
-            return Ok(Delivery::Done);
-        };
-        match self.attempt(&projected) {
-            Outcome::Handled => Ok(Delivery::Done),
-            Outcome::Abandoned => Ok(Delivery::Abandoned),
-            Outcome::GaveUp { error, attempts } => {
-                let letter = DeadLetter::new(
-                    &self.consumer,
-                    &projected,
-                    &error.to_string(),
-                    attempts,
-                    now_us(),
-                );
-                let id = self.backend.add_dead_letter(&letter)?;
-                self.metrics.dead_lettered();
-                error!(
-                    consumer = %self.consumer, table = %change.table, op = %change.op, id = change.id,
-                    attempts, error = %error, dead_letter = id,
-                    "handler failed; giving up on this change and moving it to the dead letters \
-                     (`epidemic dead-letters list`)"
-                );
-                Ok(Delivery::Done)
-            }
-        }
-    }
-
-    /// Call the handler, retrying as configured.
-    fn attempt(&mut self, change: &Change) -> Outcome {
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let started = Instant::now();
-            let result = self.handler.handle(change);
-            self.metrics.observe(started.elapsed());
-            let err = match result {
-                Ok(()) => {
-                    self.metrics.delivered();
-                    debug!(consumer = %self.consumer, table = %change.table, op = %change.op, id = change.id, "delivered");
-                    return Outcome::Handled;
-                }
-                Err(e) => e,
-            };
-            self.metrics.failed();
-            let block = self.retry.on_failure == OnFailure::Block;
-            let retryable = matches!(err, HandlerError::Retryable(_) | HandlerError::Panic(_));
-            if !block && (!retryable || attempt >= self.retry.max_attempts) {
-                return Outcome::GaveUp {
-                    error: err,
-                    attempts: attempt,
-                };
-            }
-            let delay = backoff_delay(
-                attempt,
-                self.retry.retry_initial_ms,
-                self.retry.retry_max_ms,
-            );
-            warn!(
-                consumer = %self.consumer, table = %change.table, op = %change.op, id = change.id,
-                attempt, error = %err, retry_in = ?delay,
-                "handler failed; will retry"
-            );
-            sleep_unless(&self.stop, delay);
-            if self.stopping() {
-                return Outcome::Abandoned;
-            }
-        }
-    }
-
-    /// Deliver the dead letters `epidemic dead-letters retry` marked for this consumer.
-    fn redeliver_requested(&mut self) -> Result<(), BackendError> {
-        let letters = self
-            .backend
-            .dead_letters(&DeadLetterQuery::RetryRequested(self.consumer.clone()))?;
-        for letter in letters {
-            if self.stopping() {
-                break;
-            }
-            let change = match letter.change() {
-                Ok(c) => c,
-                Err(e) => {
-                    error!(consumer = %self.consumer, dead_letter = letter.id, error = %e, "cannot retry");
-                    continue;
-                }
-            };
-            match self.attempt(&change) {
-                Outcome::Handled => {
-                    self.backend
-                        .update_dead_letters(&DeadLetterUpdate::Delete(vec![letter.id]))?;
-                    info!(consumer = %self.consumer, dead_letter = letter.id, id = change.id, "dead letter redelivered");
-                }
-                Outcome::GaveUp { error, attempts } => {
-                    self.backend
-                        .update_dead_letters(&DeadLetterUpdate::Failed {
-                            id: letter.id,
-                            error: error.to_string(),
-                            attempts: letter.attempts + attempts,
-                            failed_at_us: now_us(),
-                        })?;
-                    warn!(consumer = %self.consumer, dead_letter = letter.id, error = %error, "dead letter failed again");
-                }
-                Outcome::Abandoned => break,
-            }
-        }
-        Ok(())
-    }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-/// Exponential backoff with jitter: a random delay in [d/2, d] where d doubles per
-/// attempt from `initial_ms` up to `max_ms`, so many daemons retrying the same failure
-/// do not hit the same resource in lockstep.
-fn backoff_delay(attempt: u32, initial_ms: u64, max_ms: u64) -> Duration {
-    let exp = initial_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(32));
-    let d = exp.min(max_ms).max(1);
-    Duration::from_millis(d / 2 + fastrand::u64(0..=d / 2))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::backoff_delay;
-    use std::time::Duration;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        for _ in 0..100 {
-            let d1 = backoff_delay(1, 100, 1_000);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
-            let d3 = backoff_delay(3, 100, 1_000);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
-            let d10 = backoff_delay(10, 100, 1_000);
-            assert!(d10 >= Duration::from_millis(500) && d10 <= Duration::from_millis(1_000));
-        }
-    }
 }

@@ -21,8 +21,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use epidemic_plugin_sdk::host::HostBackend;
-use epidemic_plugin_sdk::{BackendError, Consumer, LeaseRequest, LeaseState};
+use epidemic_plugin_host::HostBackend;
+use epidemic_plugin_sdk::backend::{BackendError, Consumer, LeaseRequest, LeaseState};
 use tracing::{debug, error, info, warn};
 
 /// How often the lease is polled while waiting for a holder's lease to expire.

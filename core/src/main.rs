@@ -5,9 +5,11 @@
 //! The host names no database and links no database client: everything database-specific
 //! is in the backend library, reached only through the plugin SDK.
 
+mod backoff;
 mod bench;
 mod config;
 mod daemon;
+mod dispatch;
 mod lease;
 mod metrics;
 mod plugins;
@@ -18,8 +20,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use epidemic_plugin_sdk::host;
-use epidemic_plugin_sdk::{DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, StartFrom};
+use epidemic_plugin_host as host;
+use epidemic_plugin_sdk::backend::{
+    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, StartFrom,
+};
 
 use crate::config::Config;
 
@@ -327,11 +331,13 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-fn connect_and_plan(cfg: &Config) -> Result<(host::HostBackend, Vec<epidemic_plugin_sdk::Watch>)> {
+fn connect_and_plan(
+    cfg: &Config,
+) -> Result<(host::HostBackend, Vec<epidemic_plugin_sdk::backend::Watch>)> {
     let lib = plugins::load_backend(cfg)?;
-    let mut handlers = plugins::load_handlers(cfg)?;
+    let mut handlers = plugins::load_handlers(cfg, &cfg.daemon_name()?)?;
     let mut conn = plugins::open(cfg, &lib)?;
-    let watches = plugins::resolve_names(&mut conn, &mut handlers).context("resolve names")?;
+    let watches = plugins::resolve_names(cfg, &mut conn, &mut handlers).context("resolve names")?;
     Ok((conn, watches))
 }
 
@@ -346,9 +352,11 @@ fn plugin_check(
     println!("name:    {}", lib.name);
     println!("version: {}", lib.version);
     println!(
-        "sdk:     {} (this epidemic: {})",
+        "sdk:     {} (plugin ABI {}; this epidemic: SDK {}, ABI {})",
         lib.sdk_version,
-        epidemic_plugin_sdk::SDK_VERSION
+        lib.abi_version,
+        epidemic_plugin_sdk::SDK_VERSION,
+        epidemic_plugin_sdk::abi::ABI_VERSION
     );
     if lib.expect_backend().is_ok() {
         println!("schemes: {}", lib.url_schemes.join(", "));
@@ -358,7 +366,10 @@ fn plugin_check(
         Some(json) => serde_json::from_str(json).context("--handler-config is not valid JSON")?,
         None => matching_handler_config(config_path, file).unwrap_or_else(|| serde_json::json!({})),
     };
-    match lib.new_handler(&config).and_then(|h| h.subscriptions()) {
+    match lib
+        .new_handler(&config, "plugin-check", &lib.name)
+        .and_then(|h| h.subscriptions())
+    {
         Ok(subs) => {
             println!("subscriptions:");
             for s in subs {

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use epidemic_plugin_sdk::Status;
+use epidemic_plugin_sdk::backend::Status;
 use tracing::{info, warn};
 
 /// Upper bounds of the handler duration histogram, in seconds.

@@ -8,8 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use epidemic_plugin_sdk::host::{self, HostBackend, HostHandler, Library};
-use epidemic_plugin_sdk::{redact_url, BackendError, Subscription, Watch};
+use epidemic_plugin_host::{self as host, HostBackend, HostHandler, Library};
+use epidemic_plugin_sdk::backend::{BackendError, Watch};
+use epidemic_plugin_sdk::{redact_url, Subscription};
 
 use crate::config::{Config, HandlerConfig};
 
@@ -153,12 +154,13 @@ impl LoadedHandler {
     }
 }
 
-pub fn load_handler(cfg: &Config, h: &HandlerConfig) -> Result<LoadedHandler> {
+/// Load the handler of one `[[handler]]` entry, for daemon `daemon`.
+pub fn load_handler(cfg: &Config, h: &HandlerConfig, daemon: &str) -> Result<LoadedHandler> {
     let path = resolve(cfg, &h.plugin).with_context(|| format!("handler {:?}", h.name))?;
     let library = host::load(&path)?;
     library.expect_handler()?;
     let instance = library
-        .new_handler(&h.config)
+        .new_handler(&h.config, daemon, &h.name)
         .map_err(|e| anyhow!("handler {:?} ({}): {e}", h.name, library.name))?;
     let subscriptions = instance.subscriptions().map_err(|e| {
         anyhow!(
@@ -192,19 +194,44 @@ pub fn load_handler(cfg: &Config, h: &HandlerConfig) -> Result<LoadedHandler> {
     })
 }
 
-pub fn load_handlers(cfg: &Config) -> Result<Vec<LoadedHandler>> {
+/// Load every `[[handler]]`, for daemon `daemon`.
+pub fn load_handlers(cfg: &Config, daemon: &str) -> Result<Vec<LoadedHandler>> {
     if cfg.handlers.is_empty() {
         bail!(
             "{}: no [[handler]] entries; nothing to do",
             cfg.path.display()
         );
     }
-    cfg.handlers.iter().map(|h| load_handler(cfg, h)).collect()
+    let handlers: Vec<LoadedHandler> = cfg
+        .handlers
+        .iter()
+        .map(|h| load_handler(cfg, h, daemon))
+        .collect::<Result<_>>()?;
+    check_table_entries(cfg, &handlers)?;
+    Ok(handlers)
+}
+
+/// A `[table.NAME]` entry for a table no handler watches is a typo, not a default.
+fn check_table_entries(cfg: &Config, handlers: &[LoadedHandler]) -> Result<()> {
+    for name in cfg.tables.keys() {
+        let watched = handlers
+            .iter()
+            .flat_map(|h| &h.subscriptions)
+            .any(|s| s.table.eq_ignore_ascii_case(name));
+        if !watched {
+            bail!(
+                "{}: [table.{name}]: no handler watches a table called {name}",
+                cfg.path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Merge every handler's subscriptions into one watch per table: the union of columns,
-/// in first-seen order.
-pub fn watches(handlers: &[LoadedHandler]) -> Vec<Watch> {
+/// in first-seen order, and the key columns the config names for the table (none: the
+/// backend uses the table's primary key).
+pub fn watches(cfg: &Config, handlers: &[LoadedHandler]) -> Vec<Watch> {
     let mut out: Vec<Watch> = Vec::new();
     for s in handlers.iter().flat_map(|h| &h.subscriptions) {
         let w = match out.iter_mut().position(|w| w.table == s.table) {
@@ -213,6 +240,7 @@ pub fn watches(handlers: &[LoadedHandler]) -> Vec<Watch> {
                 out.push(Watch {
                     table: s.table.clone(),
                     columns: Vec::new(),
+                    key: cfg.table_key(&s.table),
                 });
                 out.last_mut().expect("pushed")
             }
@@ -231,10 +259,11 @@ pub fn watches(handlers: &[LoadedHandler]) -> Vec<Watch> {
 /// matches what the backend reports on a database whose names are case-insensitive.
 /// Returns the merged watches in that spelling.
 pub fn resolve_names(
+    cfg: &Config,
     conn: &mut HostBackend,
     handlers: &mut [LoadedHandler],
 ) -> Result<Vec<Watch>, BackendError> {
-    let asked = watches(handlers);
+    let asked = watches(cfg, handlers);
     let resolved = conn.resolve(&asked)?;
     let same_shape = resolved.len() == asked.len()
         && asked
@@ -258,7 +287,14 @@ pub fn resolve_names(
         }
         s.table = resolved[i].table.clone();
     }
-    Ok(watches(handlers))
+    // The keys the backend found (or checked) go with the merged watches.
+    let mut merged = watches(cfg, handlers);
+    for w in &mut merged {
+        if let Some(r) = resolved.iter().find(|r| r.table == w.table) {
+            w.key = r.key.clone();
+        }
+    }
+    Ok(merged)
 }
 
 /// Open a connection through the backend library.

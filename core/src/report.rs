@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use epidemic_plugin_sdk::{DeadLetter, Status};
+use epidemic_plugin_sdk::backend::{DeadLetter, Status};
 
 /// Columns padded to their widest cell, two spaces apart.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {

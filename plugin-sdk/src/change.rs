@@ -5,7 +5,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use abi_stable::StableAbi;
 use serde::{Deserialize, Serialize};
 
 /// One column value, as the database stored it.
@@ -87,11 +86,11 @@ impl<T: Into<Value>> From<Option<T>> for Value {
     }
 }
 
-/// The kind of row change. Shared as-is across the boundary (a plain `repr(u8)` enum).
-#[repr(u8)]
-#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The kind of row change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Op {
+    #[default]
     Insert,
     Update,
     Delete,
@@ -132,22 +131,88 @@ impl fmt::Display for Op {
     }
 }
 
-/// One captured row change.
+/// Where a change comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A change an application committed, read from the log.
+    #[default]
+    Live,
+    /// A row as it stood when a snapshot of the table read it (a backfill or resync):
+    /// delivered as an INSERT of the row's current values.
+    Snapshot,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Live => "live",
+            Origin::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// One row change, as a handler receives it.
 ///
-/// `columns` names the watched columns; `old` and `new` hold their values in the same
-/// order. `old` is `None` for an INSERT, `new` is `None` for a DELETE.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `columns` names the columns the handler subscribed to; `old` and `new` hold their
+/// values in the same order (`old` is `None` for an INSERT, `new` for a DELETE). The
+/// row's primary key comes with every change, whatever the handler subscribed to.
+///
+/// Use [`Change::stable_id`] as an idempotency key outside Epidemic: it is unique in the
+/// database for ever. [`Change::id`] is only a position in one table's log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Change {
-    /// The backend's id of this change: increasing in commit order for one row, unique
-    /// within the table's log.
+    /// The change's position in its table's log: increasing in commit order for one row,
+    /// unique within the log while the log exists. What the host acknowledges.
     pub id: i64,
+    /// Unique in this database for ever, including after `uninstall` + `install` and
+    /// after a log table was recreated: an identity of the log (made when the log was
+    /// created) and the change's position in it, as text. Use it as an idempotency key
+    /// (an HTTP `Idempotency-Key`, a broker's message id).
+    #[serde(default)]
+    pub stable_id: String,
+    /// The schema the table lives in, on databases that have schemas (PostgreSQL: always,
+    /// `public` included); `None` elsewhere.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// The table, as the handler subscribed to it (`users`; on PostgreSQL `app.users`
+    /// for a table outside `public`).
     pub table: String,
     pub op: Op,
+    #[serde(default)]
+    pub origin: Origin,
+    /// The names of the row's key columns: its primary key, or the columns the config
+    /// names as its key (`[table.NAME] key = [..]`).
+    #[serde(default = "no_columns")]
+    pub key_columns: Arc<[String]>,
+    /// The row's key after the change (for a DELETE: before it), in `key_columns` order.
+    #[serde(default)]
+    pub key: Vec<Value>,
+    /// The key before an UPDATE that changed it; `None` when the key did not change.
+    #[serde(default)]
+    pub old_key: Option<Vec<Value>>,
     pub columns: Arc<[String]>,
     pub old: Option<Vec<Value>>,
     pub new: Option<Vec<Value>>,
     /// When the change was captured, in microseconds since the Unix epoch (0 if unknown).
     pub changed_at_us: i64,
+    /// The writing transaction, where the backend knows it cheaply (PostgreSQL: its
+    /// `xid8`); changes of one transaction share it.
+    #[serde(default)]
+    pub txid: Option<i64>,
+    /// A commit-order token, where the backend has one: for one consumer it never goes
+    /// down from one change to the next, and a change with a smaller value was committed
+    /// before one with a larger value. See each backend's documentation for its grain.
+    #[serde(default)]
+    pub commit_seq: Option<i64>,
+    /// Which delivery of this change to this handler this is: 1 on the first try, more
+    /// on retries (0 in a change no host has delivered yet).
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+fn no_columns() -> Arc<[String]> {
+    Arc::from(Vec::new())
 }
 
 impl Change {
@@ -180,30 +245,61 @@ impl Change {
         }
     }
 
-    /// The change as one JSON object: `{"id", "table", "op", "old": {..}, "new": {..}}`.
+    /// The value of one key column (after the change; before it for a DELETE).
+    pub fn key_value(&self, column: &str) -> Option<&Value> {
+        let i = self.key_columns.iter().position(|c| c == column)?;
+        self.key.get(i)
+    }
+
+    /// Whether this UPDATE moved the row to another key.
+    pub fn key_changed(&self) -> bool {
+        self.old_key.is_some()
+    }
+
+    /// The change as one JSON object: `{"id", "stable_id", "table", "op", "origin",
+    /// "key": {..}, "old": {..}, "new": {..}, ...}` with plain values (bytes as hex).
     pub fn to_json(&self) -> serde_json::Value {
-        let row = |vals: &Option<Vec<Value>>| match vals {
+        let row = |names: &[String], vals: Option<&Vec<Value>>| match vals {
             None => serde_json::Value::Null,
             Some(vals) => serde_json::Value::Object(
-                self.columns
+                names
                     .iter()
                     .zip(vals)
                     .map(|(c, v)| (c.clone(), value_to_json(v)))
                     .collect(),
             ),
         };
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "id": self.id,
+            "stable_id": self.stable_id,
             "table": self.table,
             "op": self.op.as_str(),
-            "old": row(&self.old),
-            "new": row(&self.new),
+            "origin": self.origin.as_str(),
+            "key": row(&self.key_columns, Some(&self.key)),
+            "old": row(&self.columns, self.old.as_ref()),
+            "new": row(&self.columns, self.new.as_ref()),
             "changed_at_us": self.changed_at_us,
-        })
+            "attempt": self.attempt,
+        });
+        let obj = json.as_object_mut().expect("an object");
+        if let Some(schema) = &self.schema {
+            obj.insert("schema".into(), schema.clone().into());
+        }
+        if let Some(old_key) = &self.old_key {
+            obj.insert("old_key".into(), row(&self.key_columns, Some(old_key)));
+        }
+        if let Some(txid) = self.txid {
+            obj.insert("txid".into(), txid.into());
+        }
+        if let Some(seq) = self.commit_seq {
+            obj.insert("commit_seq".into(), seq.into());
+        }
+        json
     }
 }
 
-fn value_to_json(v: &Value) -> serde_json::Value {
+/// A value as plain JSON: numbers, text, `null`; bytes as lowercase hex.
+pub fn value_to_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Null => serde_json::Value::Null,
         Value::Int(i) => (*i).into(),
@@ -256,7 +352,8 @@ impl fmt::Display for Ops {
 
 /// What a handler wants to hear about: a table, the columns it needs, the operations.
 ///
-/// An UPDATE reaches the handler only when one of `columns` changed.
+/// An UPDATE reaches the handler only when one of `columns` changed, or when it moved
+/// the row to another key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
     pub table: String,
@@ -290,11 +387,13 @@ impl Subscription {
 
 impl Subscription {
     /// Whether `change` is for this subscription: same table, a wanted operation, and for
-    /// an UPDATE at least one of the subscribed columns changed.
+    /// an UPDATE at least one of the subscribed columns changed or the row's key did.
     pub fn wants(&self, change: &Change) -> bool {
         change.table == self.table
             && self.ops.contains(change.op)
-            && (change.op != Op::Update || self.columns.iter().any(|c| change.changed(c)))
+            && (change.op != Op::Update
+                || change.key_changed()
+                || self.columns.iter().any(|c| change.changed(c)))
     }
 
     /// `change` narrowed to this subscription's columns, in the subscription's order.
@@ -312,13 +411,16 @@ impl Subscription {
             })
         };
         Change {
-            id: change.id,
+            stable_id: change.stable_id.clone(),
+            schema: change.schema.clone(),
             table: change.table.clone(),
-            op: change.op,
+            key_columns: change.key_columns.clone(),
+            key: change.key.clone(),
+            old_key: change.old_key.clone(),
             columns: self.columns.iter().cloned().collect(),
             old: pick(&change.old),
             new: pick(&change.new),
-            changed_at_us: change.changed_at_us,
+            ..*change
         }
     }
 }
@@ -335,7 +437,7 @@ mod tests {
             columns: vec!["a".to_string(), "b".to_string()].into(),
             old,
             new,
-            changed_at_us: 0,
+            ..Change::default()
         }
     }
 

@@ -5,14 +5,17 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RResult, RStr, RVec},
+    std_types::{RResult, RSlice, RStr, RVec},
+};
+use epidemic_plugin_abi::{
+    HandlerBox, RBatchError, RChange, RError, RErrorKind, RHandlerContext, RSubscription,
+    RawHandler, RawHandler_TO,
 };
 use serde::de::DeserializeOwned;
 
+use crate::boundary::ColumnCache;
 use crate::change::{Change, Op, Subscription};
-use crate::ffi::{
-    HandlerBox, RChange, RError, RErrorKind, RSubscription, RawHandler, RawHandler_TO,
-};
+use crate::context::{self, Context, Logger};
 
 /// How a handler call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,10 +69,26 @@ impl From<RError> for HandlerError {
                 HandlerError::Retryable(e.message.into())
             }
             RErrorKind::Panic => HandlerError::Panic(e.message.into()),
-            RErrorKind::Permanent | RErrorKind::Invalid | RErrorKind::Evicted => {
-                HandlerError::Permanent(e.message.into())
-            }
+            RErrorKind::Permanent
+            | RErrorKind::Invalid
+            | RErrorKind::Evicted
+            | RErrorKind::Unsupported => HandlerError::Permanent(e.message.into()),
         }
+    }
+}
+
+/// A batch stopped at one change: the changes before `index` were handled, the one at
+/// `index` failed with `error`, the ones after it were not tried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("change {index} of the batch: {error}")]
+pub struct BatchError {
+    pub index: usize,
+    pub error: HandlerError,
+}
+
+impl BatchError {
+    pub fn new(index: usize, error: HandlerError) -> Self {
+        BatchError { index, error }
     }
 }
 
@@ -104,22 +123,44 @@ impl HandlerConfig {
 /// A handler plugin. Implement this, then call [`crate::export_handler!`] once.
 ///
 /// The host creates one instance per `[[handler]]` entry and calls it from one thread at a
-/// time. Calls for one row come in commit order. Delivery is at-least-once: after a crash
-/// the change that was in hand may come again, so make handlers idempotent.
+/// time. Changes to one row come in commit order. Delivery is at-least-once: after a crash
+/// the changes that were in hand may come again (with the same [`Change::stable_id`]), so
+/// make handlers idempotent.
+///
+/// Implement [`Handler::insert`], [`Handler::update`] and [`Handler::delete`] (or
+/// [`Handler::handle`]) for one change at a time; implement [`Handler::handle_batch`] too
+/// when a batch can be done cheaper as a whole (one transaction, one request, waiting for
+/// many acknowledgements at once).
 pub trait Handler: Send + 'static {
     /// The plugin's name, shown by `epidemic plugin check` and in logs.
     const NAME: &'static str;
 
-    /// Build the handler from its `[handler.config]` table.
-    fn new(config: &HandlerConfig) -> Result<Self, HandlerError>
+    /// Build the handler from its `[handler.config]` table. `ctx` says which daemon and
+    /// which `[[handler]]` entry this is, and holds the daemon's logger.
+    fn new(config: &HandlerConfig, ctx: &Context) -> Result<Self, HandlerError>
     where
         Self: Sized;
 
     /// The tables, columns and operations this handler wants.
     fn subscriptions(&self) -> Vec<Subscription>;
 
-    /// Called for every change the handler subscribed to. The default calls
-    /// [`Handler::insert`], [`Handler::update`] or [`Handler::delete`].
+    /// Handle changes in order. The default calls [`Handler::handle`] for each and stops
+    /// at the first failure, saying which change it was.
+    ///
+    /// On `Err(BatchError { index, .. })` the host takes the changes before `index` as
+    /// handled, retries (or dead-letters) the one at `index` on its own, and then goes on
+    /// with the rest. So an implementation must not have acted on changes after `index`,
+    /// or must be idempotent for them (they come again).
+    fn handle_batch(&mut self, changes: &[Change]) -> Result<(), BatchError> {
+        for (i, change) in changes.iter().enumerate() {
+            self.handle(change).map_err(|e| BatchError::new(i, e))?;
+        }
+        Ok(())
+    }
+
+    /// Called for every change the handler subscribed to (by the default
+    /// [`Handler::handle_batch`]). The default calls [`Handler::insert`],
+    /// [`Handler::update`] or [`Handler::delete`].
     fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
         match change.op {
             Op::Insert => self.insert(change),
@@ -160,36 +201,76 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-struct HandlerAdapter<H> {
+/// A [`Handler`] behind the boundary's [`RawHandler`]: converts changes, routes its
+/// `tracing` events to the host's logger and turns panics into errors.
+pub(crate) struct HandlerAdapter<H> {
     inner: H,
-    /// The columns of the last change seen, shared with the next one when they are equal.
-    columns: Option<std::sync::Arc<[String]>>,
+    columns: ColumnCache,
+    logger: Logger,
+    /// The last batch, converted; reused so its buffer is allocated once.
+    batch: Vec<Change>,
+}
+
+impl<H: Handler> HandlerAdapter<H> {
+    /// Build the handler; what `new` logs goes to `ctx`'s logger.
+    pub(crate) fn new(config: &HandlerConfig, ctx: &Context) -> Result<Self, HandlerError> {
+        let logger = ctx.logger().clone();
+        let inner = context::scoped(&logger, || H::new(config, ctx))?;
+        Ok(HandlerAdapter {
+            inner,
+            columns: ColumnCache::new(),
+            logger,
+            batch: Vec::new(),
+        })
+    }
 }
 
 impl<H: Handler> RawHandler for HandlerAdapter<H> {
     fn subscriptions(&self) -> RResult<RVec<RSubscription>, RError> {
         guard(|| {
-            RResult::ROk(
-                self.inner
-                    .subscriptions()
-                    .into_iter()
-                    .map(RSubscription::from)
-                    .collect(),
-            )
+            context::scoped(&self.logger, || {
+                RResult::ROk(
+                    self.inner
+                        .subscriptions()
+                        .into_iter()
+                        .map(RSubscription::from)
+                        .collect(),
+                )
+            })
         })
     }
 
-    fn handle(&mut self, change: &RChange) -> RResult<(), RError> {
-        guard(|| {
-            let change = change.clone().into_change(self.columns.as_ref());
-            self.columns = Some(change.columns.clone());
-            self.inner.handle(&change).map_err(RError::from).into()
-        })
+    fn handle_batch(&mut self, changes: RSlice<'_, RChange>) -> RResult<(), RBatchError> {
+        let n = changes.len();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            self.batch.clear();
+            for c in changes.iter() {
+                let change = self.columns.to_change(c);
+                self.batch.push(change);
+            }
+            let (inner, batch) = (&mut self.inner, &self.batch);
+            context::scoped(&self.logger, || inner.handle_batch(batch))
+        }));
+        match result {
+            Ok(Ok(())) => RResult::ROk(()),
+            Ok(Err(e)) => RResult::RErr(RBatchError {
+                index: e.index.min(n.saturating_sub(1)) as u32,
+                error: e.error.into(),
+            }),
+            // Which change panicked is not known: none of the batch counts as handled.
+            Err(payload) => RResult::RErr(RBatchError {
+                index: 0,
+                error: RError::new(RErrorKind::Panic, panic_message(&*payload)),
+            }),
+        }
     }
 }
 
 #[doc(hidden)]
-pub extern "C" fn new_handler<H: Handler>(config_json: RStr<'_>) -> RResult<HandlerBox, RError> {
+pub extern "C" fn new_handler<H: Handler>(
+    config_json: RStr<'_>,
+    ctx: RHandlerContext,
+) -> RResult<HandlerBox, RError> {
     guard(|| {
         let value: serde_json::Value = match serde_json::from_str(config_json.as_str()) {
             Ok(v) => v,
@@ -200,17 +281,29 @@ pub extern "C" fn new_handler<H: Handler>(config_json: RStr<'_>) -> RResult<Hand
                 ))
             }
         };
-        match H::new(&HandlerConfig::from_json(value)) {
-            Ok(h) => RResult::ROk(RawHandler_TO::from_value(
-                HandlerAdapter {
-                    inner: h,
-                    columns: None,
-                },
-                TD_Opaque,
-            )),
+        let ctx = Context::new(
+            ctx.daemon.as_str(),
+            ctx.handler.as_str(),
+            Logger::from_host(ctx.logger),
+        );
+        // In a library of its own, this library's `tracing` must reach the host.
+        context::install_bridge(ctx.logger());
+        match HandlerAdapter::<H>::new(&HandlerConfig::from_json(value), &ctx) {
+            Ok(adapter) => RResult::ROk(RawHandler_TO::from_value(adapter, TD_Opaque)),
             Err(e) => RResult::RErr(RError::new(RErrorKind::Invalid, e.to_string())),
         }
     })
+}
+
+/// The handler as the boundary's trait object, built in this process: what the host gets
+/// from a plugin library, without the library (for unit tests of the host). It shares
+/// the host's `tracing`, so no bridge is installed.
+pub fn in_process<H: Handler>(
+    config: &serde_json::Value,
+    ctx: &Context,
+) -> Result<HandlerBox, HandlerError> {
+    let adapter = HandlerAdapter::<H>::new(&HandlerConfig::from_json(config.clone()), ctx)?;
+    Ok(RawHandler_TO::from_value(adapter, TD_Opaque))
 }
 
 /// Export a [`Handler`] implementation as this library's plugin root module.

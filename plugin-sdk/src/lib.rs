@@ -11,13 +11,13 @@
 //! # Writing a handler
 //!
 //! ```no_run
-//! use epidemic_plugin_sdk::{Change, Handler, HandlerConfig, HandlerError, Subscription};
+//! use epidemic_plugin_sdk::{Change, Context, Handler, HandlerConfig, HandlerError, Subscription};
 //!
 //! pub struct Greeter { table: String }
 //!
 //! impl Handler for Greeter {
 //!     const NAME: &'static str = "greeter";
-//!     fn new(_config: &HandlerConfig) -> Result<Self, HandlerError> {
+//!     fn new(_config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
 //!         Ok(Greeter { table: "users".into() })
 //!     }
 //!     fn subscriptions(&self) -> Vec<Subscription> {
@@ -40,26 +40,28 @@
 //! This crate does not talk to any database and does not run handlers on its own.
 
 pub mod backend;
+pub mod boundary;
 pub mod change;
-pub mod ffi;
+pub mod context;
 pub mod handler;
-pub mod host;
 pub mod ident;
 pub mod ops;
 pub mod routing;
 pub mod testing;
 
-pub use backend::{Backend, BackendError, Batch, Consumer, Registered, StartFrom, Watch};
-pub use change::{Change, Op, Ops, Subscription, Value};
-pub use ffi::SDK_VERSION;
-pub use handler::{Handler, HandlerConfig, HandlerError};
+pub use change::{Change, Op, Ops, Origin, Subscription, Value};
+pub use context::{Context, Level, Logger};
+pub use handler::{BatchError, Handler, HandlerConfig, HandlerError};
 pub use ident::redact_url;
-pub use ops::{
-    ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseHolder, LeaseRequest,
-    LeaseState, Scratch, Status, TableStatus, SCRATCH_TABLE,
-};
 pub use routing::Router;
 pub use serde_json;
+pub use tracing;
+
+/// The stable-ABI boundary (its own crate, so that its version is the ABI's).
+pub use epidemic_plugin_abi as abi;
+
+/// The version of this SDK crate (the ABI's is [`abi::ABI_VERSION`]).
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What abi_stable's `#[export_root_module]` generates, written against the SDK's
 /// re-export of abi_stable so plugin crates need no abi_stable dependency of their own
@@ -74,7 +76,7 @@ macro_rules! __export_root_module {
             use super::*;
             use $crate::__private::abi_stable::library as __lib;
 
-            fn __epidemic_root_module() -> $crate::ffi::PluginModuleRef {
+            fn __epidemic_root_module() -> $crate::abi::PluginModuleRef {
                 $module
             }
 
@@ -85,7 +87,7 @@ macro_rules! __export_root_module {
             /// The header the Epidemic host reads to find and check this plugin.
             #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
             pub static EPIDEMIC_PLUGIN_HEADER: __lib::LibHeader = unsafe {
-                __lib::LibHeader::from_constructor::<$crate::ffi::PluginModuleRef>(
+                __lib::LibHeader::from_constructor::<$crate::abi::PluginModuleRef>(
                     __epidemic_erased_root_module,
                     __lib::CheckTypeLayout::Yes,
                 )
@@ -96,32 +98,34 @@ macro_rules! __export_root_module {
 
 #[doc(hidden)]
 pub mod __private {
-    pub use abi_stable;
     use abi_stable::prefix_type::PrefixTypeTrait;
     use abi_stable::std_types::RStr;
+    pub use epidemic_plugin_abi::abi_stable;
 
-    use crate::ffi::{PluginKind, PluginModule, PluginModuleRef};
+    use epidemic_plugin_abi::{no_backend, no_handler, PluginKind, PluginModule, PluginModuleRef};
 
     pub fn handler_module<H: crate::Handler>(version: &'static str) -> PluginModuleRef {
         PluginModule {
             kind: PluginKind::Handler,
             name: RStr::from_str(H::NAME),
             version: RStr::from_str(version),
+            sdk_version: RStr::from_str(crate::SDK_VERSION),
             url_schemes: RStr::from_str(""),
             new_handler: crate::handler::new_handler::<H>,
-            open_backend: crate::ffi::no_backend,
+            open_backend: no_backend,
         }
         .leak_into_prefix()
     }
 
-    pub fn backend_module<B: crate::Backend>(version: &'static str) -> PluginModuleRef {
+    pub fn backend_module<B: crate::backend::Backend>(version: &'static str) -> PluginModuleRef {
         PluginModule {
             kind: PluginKind::Backend,
             name: RStr::from_str(B::NAME),
             version: RStr::from_str(version),
+            sdk_version: RStr::from_str(crate::SDK_VERSION),
             url_schemes: RStr::from_str(B::URL_SCHEMES_JOINED),
-            new_handler: crate::ffi::no_handler,
-            open_backend: crate::backend::open_backend::<B>,
+            new_handler: no_handler,
+            open_backend: crate::backend::adapter::open_backend::<B>,
         }
         .leak_into_prefix()
     }

@@ -20,6 +20,23 @@ impl Router {
         &self.subscriptions
     }
 
+    /// The changes of a batch this handler wants, narrowed, each with its position in
+    /// `changes` and `attempt` set to 1: what the daemon hands to
+    /// [`crate::Handler::handle_batch`]. Changes nobody wants are left out (the host still
+    /// moves the cursor past them).
+    pub fn route_batch(&self, changes: &[Change]) -> Vec<(usize, Change)> {
+        changes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                self.route(c).map(|mut c| {
+                    c.attempt = 1;
+                    (i, c)
+                })
+            })
+            .collect()
+    }
+
     /// The change narrowed to what the handler subscribed to, or `None` when no
     /// subscription wants it (another table, an operation it did not ask for, an UPDATE
     /// that changed none of its columns). When several subscriptions want it, the
@@ -66,7 +83,7 @@ mod tests {
             columns: cols.iter().map(|c| c.to_string()).collect(),
             old: Some(old.iter().map(|v| Value::Int(*v)).collect()),
             new: Some(new.iter().map(|v| Value::Int(*v)).collect()),
-            changed_at_us: 0,
+            ..Change::default()
         }
     }
 

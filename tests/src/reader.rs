@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use epidemic_plugin_sdk::host::HostBackend;
-use epidemic_plugin_sdk::{BackendError, Change, Consumer, Value};
+use epidemic_plugin_host::HostBackend;
+use epidemic_plugin_sdk::backend::{BackendError, Consumer};
+use epidemic_plugin_sdk::{Change, Value};
 
 pub struct BackendReader {
     delivered: Arc<Mutex<Vec<Change>>>,

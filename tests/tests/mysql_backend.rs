@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use epidemic_plugin_sdk::host::{load, HostBackend};
-use epidemic_plugin_sdk::{
-    BackendError, Change, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op, Registered,
-    StartFrom, Value, Watch,
+use epidemic_plugin_host::{load, HostBackend};
+use epidemic_plugin_sdk::backend::{
+    BackendError, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Registered, StartFrom,
+    Watch,
 };
+use epidemic_plugin_sdk::{Change, Op, Value};
 use epidemic_tests::mysql::MySqlServer;
 use epidemic_tests::reader::{text, BackendReader};
 use epidemic_tests::rng::Rng;
@@ -42,6 +43,7 @@ fn watch(table: &str, columns: &[&str]) -> Watch {
     Watch {
         table: table.into(),
         columns: columns.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
     }
 }
 

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use epidemic_plugin_sdk::host::{load, HostBackend};
-use epidemic_plugin_sdk::{Change, Consumer, StartFrom, Value, Watch};
+use epidemic_plugin_host::{load, HostBackend};
+use epidemic_plugin_sdk::backend::{Consumer, StartFrom, Watch};
+use epidemic_plugin_sdk::{Change, Value};
 use epidemic_tests::mysql::MySqlServer;
 use epidemic_tests::{backend_path, epidemic, recorder_handler, wait_recorded, Daemon};
 use mysql::prelude::Queryable;
@@ -38,6 +39,7 @@ fn watch(table: &str, columns: &[&str]) -> Watch {
     Watch {
         table: table.into(),
         columns: columns.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
     }
 }
 

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use epidemic_plugin_sdk::host::{load, HostBackend};
-use epidemic_plugin_sdk::{BackendError, Change, Consumer, Op, StartFrom, Watch};
+use epidemic_plugin_host::{load, HostBackend};
+use epidemic_plugin_sdk::backend::{BackendError, Consumer, StartFrom, Watch};
+use epidemic_plugin_sdk::{Change, Op};
 use epidemic_tests::mysql::MySqlServer;
 use epidemic_tests::reader::{text, BackendReader};
 use epidemic_tests::rng::Rng;
@@ -39,6 +40,7 @@ fn watch(table: &str, columns: &[&str]) -> Watch {
     Watch {
         table: table.into(),
         columns: columns.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
     }
 }
 

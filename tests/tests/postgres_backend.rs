@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use epidemic_plugin_sdk::host::{self, HostBackend, Library};
-use epidemic_plugin_sdk::{
-    BackendError, Change, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    Op, Registered, Scratch, StartFrom, Status, TableStatus, Value, Watch, SCRATCH_TABLE,
+use epidemic_plugin_host::{self as host, HostBackend, Library};
+use epidemic_plugin_sdk::backend::{
+    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    Registered, Scratch, StartFrom, Status, TableStatus, Watch, SCRATCH_TABLE,
 };
+use epidemic_plugin_sdk::{Change, Op, Value};
 use epidemic_tests::pg::{wait_for_server, PgServer, StopMode};
 use epidemic_tests::{backend_path, epidemic, wait_until};
 use serde_json::json;
@@ -40,6 +41,7 @@ fn watch(table: &str, columns: &[&str]) -> Watch {
     Watch {
         table: table.into(),
         columns: columns.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
     }
 }
 

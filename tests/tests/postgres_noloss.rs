@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use epidemic_plugin_sdk::host::{self, HostBackend, Library};
-use epidemic_plugin_sdk::{Consumer, Registered, StartFrom, Watch};
+use epidemic_plugin_host::{self as host, HostBackend, Library};
+use epidemic_plugin_sdk::backend::{Consumer, Registered, StartFrom, Watch};
 use epidemic_tests::pg::{PgServer, PG_BIN};
 use epidemic_tests::{backend_path, recorded, recorder_handler, wait_recorded, wait_until, Daemon};
 use serde_json::{json, Value};
@@ -698,6 +698,7 @@ fn prune_never_deletes_what_a_consumer_being_registered_still_needs() {
     b1.install(&[Watch {
         table: "t".into(),
         columns: vec!["id".into()],
+        ..Default::default()
     }])
     .expect("install");
     let c1 = consumer("h1");

@@ -34,7 +34,8 @@
 //! stay in the pending table as garbage until the next install remakes it.
 
 use crate::schema::{fit, log_column, quote};
-use epidemic_plugin_sdk::{ident, BackendError};
+use epidemic_plugin_sdk::backend::BackendError;
+use epidemic_plugin_sdk::ident;
 
 /// Longest chain of cascades followed from a watched table up to a parent.
 pub(crate) const MAX_DEPTH: usize = 8;

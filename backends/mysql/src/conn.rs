@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use epidemic_plugin_sdk::{redact_url, BackendError};
+use epidemic_plugin_sdk::backend::BackendError;
+use epidemic_plugin_sdk::redact_url;
 use mysql::{Conn, Opts, OptsBuilder};
 
 /// Server error codes that mean the connection, not the statement, failed: the host

@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use epidemic_plugin_sdk::{
+use epidemic_plugin_sdk::backend::{
     Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
     LeaseRequest, LeaseState, Registered, StartFrom, Status, Watch,
 };
@@ -757,7 +757,7 @@ impl Backend for MySqlBackend {
             .collect()
     }
 
-    fn scratch(&mut self, op: &epidemic_plugin_sdk::Scratch) -> Result<(), BackendError> {
+    fn scratch(&mut self, op: &epidemic_plugin_sdk::backend::Scratch) -> Result<(), BackendError> {
         self.consumers.clear();
         ops::scratch(&mut self.conn, self.server, op)
     }

@@ -1,11 +1,12 @@
 //! Consumer liveness, dead letters, the status report and `epidemic bench`'s scratch
 //! table, for MySQL. None of this is on the path of a change from trigger to handler.
 
-use epidemic_plugin_sdk::ops::drift;
-use epidemic_plugin_sdk::{
+use epidemic_plugin_sdk::backend::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseHolder, LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
+    LeaseHolder, LeaseRequest, LeaseState, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
+use epidemic_plugin_sdk::ops::drift;
+use epidemic_plugin_sdk::Op;
 use mysql::prelude::Queryable;
 use mysql::Conn;
 

@@ -88,7 +88,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use epidemic_plugin_sdk::{BackendError, Batch, Change, Consumer, Op, Value};
+use epidemic_plugin_sdk::backend::{BackendError, Batch, Consumer};
+use epidemic_plugin_sdk::{Change, Op, Value};
 use mysql::consts::ColumnType;
 use mysql::prelude::Queryable;
 use mysql::Conn;
@@ -681,6 +682,7 @@ fn query_changes(
             old: (op != Op::Insert).then_some(old),
             new: (op != Op::Delete).then_some(new),
             changed_at_us,
+            ..Change::default()
         });
     }
     Ok(out)

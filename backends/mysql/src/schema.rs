@@ -32,7 +32,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use epidemic_plugin_sdk::{ident, BackendError, Watch};
+use epidemic_plugin_sdk::backend::{BackendError, Watch};
+use epidemic_plugin_sdk::ident;
 use mysql::prelude::Queryable;
 use mysql::Conn;
 
@@ -371,7 +372,7 @@ impl<'c> MySqlSchema<'c> {
         Ok(t.name)
     }
 
-    /// The watches in the catalog's spelling (see [`epidemic_plugin_sdk::Backend::resolve`]).
+    /// The watches in the catalog's spelling (see [`epidemic_plugin_sdk::backend::Backend::resolve`]).
     /// A name that does not resolve is returned as given; install reports it.
     pub fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
         let mut out = Vec::with_capacity(watches.len());
@@ -397,6 +398,7 @@ impl<'c> MySqlSchema<'c> {
             out.push(Watch {
                 table: t.name,
                 columns,
+                key: w.key.clone(),
             });
         }
         Ok(out)

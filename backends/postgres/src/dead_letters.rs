@@ -6,7 +6,8 @@
 //! `failed_at` is a `timestamptz` for people reading the table; it converts exactly to
 //! and from the SDK's microseconds since the Unix epoch.
 
-use epidemic_plugin_sdk::{DeadLetter, DeadLetterQuery, DeadLetterUpdate, Op};
+use epidemic_plugin_sdk::backend::{DeadLetter, DeadLetterQuery, DeadLetterUpdate};
+use epidemic_plugin_sdk::Op;
 use postgres::{Client, Row};
 
 use crate::error::{not_installed, PgError};

@@ -1,6 +1,6 @@
 //! The backend's error type and how it maps onto the SDK's [`BackendError`] kinds.
 
-use epidemic_plugin_sdk::BackendError;
+use epidemic_plugin_sdk::backend::BackendError;
 
 use crate::ident::Ident;
 

@@ -95,7 +95,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use epidemic_plugin_sdk::Watch;
+use epidemic_plugin_sdk::backend::Watch;
 use postgres::GenericClient;
 
 use crate::error::PgError;

@@ -2,7 +2,7 @@
 //! makes a name exclusive to one live daemon (see the SDK's `LeaseRequest`). Every time
 //! is the server's `clock_timestamp()`, never a daemon's clock.
 
-use epidemic_plugin_sdk::{LeaseHolder, LeaseRequest, LeaseState};
+use epidemic_plugin_sdk::backend::{LeaseHolder, LeaseRequest, LeaseState};
 use postgres::Client;
 
 use crate::error::{not_installed, PgError};

@@ -10,7 +10,7 @@
 //! reader waits unless configured otherwise (module `listener`). For the host's
 //! operations: dead letters (module `dead_letters`), the status report with exact
 //! backlogs and schema drift (module `status`), and the bench's scratch table
-//! ([`PgBackend::scratch`](epidemic_plugin_sdk::Backend::scratch)).
+//! ([`PgBackend::scratch`](epidemic_plugin_sdk::backend::Backend::scratch)).
 //!
 //! Value mapping: `int2`/`int4`/`int8` are [`Value::Int`](epidemic_plugin_sdk::Value),
 //! `float4`/`float8` are `Float`, `bytea` is `Bytes`, `text`/`varchar`/`char`/`name` are
@@ -35,9 +35,10 @@ pub use error::PgError;
 
 use std::time::Duration;
 
-use epidemic_plugin_sdk::{
-    Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch, SCRATCH_TABLE,
+use epidemic_plugin_sdk::backend::{
+    Backend, BackendError, Batch, BenchVariant, Capabilities, Consumer, DeadLetter,
+    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom,
+    Status, Watch, SCRATCH_TABLE,
 };
 use postgres::{Client, Config, NoTls, Statement};
 
@@ -202,6 +203,19 @@ fn first_line(s: &str) -> &str {
 impl Backend for PgBackend {
     const NAME: &'static str = "postgres";
     const URL_SCHEMES_JOINED: &'static str = "postgres,postgresql";
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // NOTIFY takes a database-wide lock at commit: worth seeing what it costs.
+            bench_variants: vec![BenchVariant {
+                label: "notify off".into(),
+                options: serde_json::json!({ "notify": false }),
+            }],
+            transaction_ids: false,
+            commit_order: false,
+            schemas: false,
+        }
+    }
 
     fn open(url: &str, options: &serde_json::Value) -> Result<Self, BackendError> {
         let options = PgOptions::from_json(options)?;

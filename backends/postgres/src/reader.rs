@@ -74,7 +74,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use epidemic_plugin_sdk::{Batch, Change, Consumer, Op, Registered, StartFrom, Value};
+use epidemic_plugin_sdk::backend::{Batch, Consumer, Registered, StartFrom};
+use epidemic_plugin_sdk::{Change, Op, Value};
 use postgres::types::Type;
 use postgres::{Client, Row, Statement};
 
@@ -232,6 +233,7 @@ impl PgLogTable {
             old,
             new,
             changed_at_us,
+            ..Change::default()
         })
     }
 }

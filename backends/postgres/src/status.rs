@@ -12,8 +12,9 @@
 //! `txid` index like the batch query does (transactions from `xmax(prev)` on, plus those
 //! running at `prev`), so a caught-up consumer costs little however long its log is.
 
+use epidemic_plugin_sdk::backend::{ConsumerStatus, Status, TableStatus};
 use epidemic_plugin_sdk::ops::drift;
-use epidemic_plugin_sdk::{ConsumerStatus, Op, Status, TableStatus};
+use epidemic_plugin_sdk::Op;
 use postgres::Client;
 
 use crate::error::PgError;

@@ -42,10 +42,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use epidemic_plugin_sdk::{
-    Backend, BackendError, Batch, Change, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseRequest, LeaseState, Op, Registered, StartFrom, Status, Value, Watch,
+use epidemic_plugin_sdk::backend::{
+    Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    LeaseRequest, LeaseState, Registered, StartFrom, Status, Watch,
 };
+use epidemic_plugin_sdk::{Change, Op, Value};
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Deserialize;
 
@@ -590,7 +591,7 @@ impl Backend for SqliteBackend {
         ops::status(&self.conn)
     }
 
-    fn scratch(&mut self, op: &epidemic_plugin_sdk::Scratch) -> Result<(), BackendError> {
+    fn scratch(&mut self, op: &epidemic_plugin_sdk::backend::Scratch) -> Result<(), BackendError> {
         self.consumers.clear();
         ops::scratch(&mut self.conn, op)
     }
@@ -669,6 +670,7 @@ fn read_log(
             old,
             new,
             changed_at_us,
+            ..Change::default()
         });
     }
     Ok(out)

@@ -1,9 +1,10 @@
 //! Consumer liveness, dead letters and the status report for SQLite.
 
-use epidemic_plugin_sdk::{
+use epidemic_plugin_sdk::backend::{
     BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseHolder, LeaseRequest, LeaseState, Op, Scratch, Status, TableStatus, SCRATCH_TABLE,
+    LeaseHolder, LeaseRequest, LeaseState, Scratch, Status, TableStatus, SCRATCH_TABLE,
 };
+use epidemic_plugin_sdk::Op;
 use rusqlite::{params, params_from_iter, Connection, Row};
 
 use epidemic_plugin_sdk::ops::drift;

@@ -25,7 +25,8 @@
 
 use std::sync::Arc;
 
-use epidemic_plugin_sdk::{ident, BackendError, Op, Watch};
+use epidemic_plugin_sdk::backend::{BackendError, Watch};
+use epidemic_plugin_sdk::{ident, Op};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::sql_err;
@@ -465,7 +466,11 @@ impl<'c> SqliteSchema<'c> {
                     .clone()
             })
             .collect();
-        Ok(Watch { table, columns })
+        Ok(Watch {
+            table,
+            columns,
+            key: w.key.clone(),
+        })
     }
 
     /// Check the watches against the database and return the statements that bring the
@@ -865,6 +870,7 @@ mod tests {
         let watch = Watch {
             table: "t".into(),
             columns: vec!["id".into()],
+            ..Default::default()
         };
         let plan = SqliteSchema::new(&conn).plan_install(&[watch]).unwrap();
         let before = plan.iter().find(|s| s.contains("BEFORE INSERT")).unwrap();
@@ -943,6 +949,7 @@ mod tests {
         let watch = Watch {
             table: "t".into(),
             columns: vec!["u".into()],
+            ..Default::default()
         };
         for stmt in SqliteSchema::new(&conn).plan_install(&[watch]).unwrap() {
             conn.execute_batch(&stmt).unwrap();

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use epidemic_plugin_sdk::BackendError;
+use epidemic_plugin_sdk::backend::BackendError;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rusqlite::Connection;
 

@@ -33,7 +33,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 
-use epidemic_plugin_sdk::{Change, Handler, HandlerConfig, HandlerError, Op, Subscription};
+use epidemic_plugin_sdk::{Change, Context, Handler, HandlerConfig, HandlerError, Op, Subscription};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -71,7 +71,7 @@ impl Hello {
 impl Handler for Hello {
     const NAME: &'static str = "hello";
 
-    fn new(config: &HandlerConfig) -> Result<Self, HandlerError> {
+    fn new(config: &HandlerConfig, ctx: &Context) -> Result<Self, HandlerError> {
         let config: Config = config.parse()?;
         if config.columns.is_empty() {
             return Err(HandlerError::permanent("hello: `columns` must name at least one column"));

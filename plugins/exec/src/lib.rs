@@ -79,7 +79,9 @@ mod run;
 use std::ffi::OsString;
 use std::process::Command;
 
-use epidemic_plugin_sdk::{Change, Handler, HandlerConfig, HandlerError, Subscription, Value};
+use epidemic_plugin_sdk::{
+    Change, Context, Handler, HandlerConfig, HandlerError, Subscription, Value,
+};
 
 pub use config::{CommandSpec, ExecConfig, ExitPolicy};
 pub use error::{ExecError, StderrTail};
@@ -205,7 +207,7 @@ fn env_value(value: &Value) -> Option<String> {
 impl Handler for ExecHandler {
     const NAME: &'static str = "exec";
 
-    fn new(config: &HandlerConfig) -> Result<Self, HandlerError> {
+    fn new(config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
         Ok(ExecHandler::from_config(ExecConfig::from_handler_config(
             config,
         )?))

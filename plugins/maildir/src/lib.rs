@@ -68,7 +68,9 @@ mod tree;
 #[cfg(test)]
 mod tests;
 
-use epidemic_plugin_sdk::{Change, Handler, HandlerConfig, HandlerError, Subscription, Value};
+use epidemic_plugin_sdk::{
+    Change, Context, Handler, HandlerConfig, HandlerError, Subscription, Value,
+};
 
 pub use config::{MaildirConfig, OnDelete};
 pub use error::MaildirError;
@@ -169,7 +171,7 @@ fn describe(value: Option<&Value>) -> String {
 impl Handler for MaildirHandler {
     const NAME: &'static str = "maildir";
 
-    fn new(config: &HandlerConfig) -> Result<Self, HandlerError> {
+    fn new(config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
         Ok(MaildirHandler::from_config(
             MaildirConfig::from_handler_config(config)?,
         ))

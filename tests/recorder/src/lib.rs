@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 
-use epidemic_plugin_sdk::{Change, Handler, HandlerConfig, HandlerError, Op, Subscription};
+use epidemic_plugin_sdk::{
+    Change, Context, Handler, HandlerConfig, HandlerError, Op, Subscription,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -55,7 +57,7 @@ impl Recorder {
 impl Handler for Recorder {
     const NAME: &'static str = "recorder";
 
-    fn new(config: &HandlerConfig) -> Result<Self, HandlerError> {
+    fn new(config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
         let cfg: RecorderConfig = config.parse()?;
         let out = OpenOptions::new()
             .create(true)

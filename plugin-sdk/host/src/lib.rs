@@ -1,28 +1,38 @@
-//! The host side: load a plugin library, check it, and wrap its handler or backend in
-//! plain Rust types. Used by the `epidemic` binary and by tests.
+//! The host side of Epidemic plugins: load a library, check it, and wrap its handler or
+//! backend in plain Rust types. Used by the `epidemic` binary and by tests; plugin authors
+//! never need it.
 //!
 //! Libraries are loaded with `lib_header_from_path(..).init_root_module()` rather than
 //! `RootModule::load_from_file`, which caches one module per root-module type per
 //! process and would hand back the first plugin for every later path. Libraries are
 //! never unloaded.
+//!
+//! [`HostHandler`] and [`HostBackend`] can also wrap a handler or backend built in this
+//! process ([`HostHandler::in_process`], [`HostBackend::in_process`]): the same adapters
+//! and conversions as a loaded library, without the library, for the host's unit tests.
+
+mod logger;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use abi_stable::std_types::{RResult, RStr, RString, RVec};
-
-use crate::backend::{BackendError, Batch, Consumer, Registered, StartFrom, Watch};
-use crate::change::{Change, Subscription};
-use crate::ffi::{
-    BackendBox, HandlerBox, PluginKind, PluginModuleRef, RChange, RConsumer, RRegistered,
-    RStartFrom, RWatch, SDK_VERSION,
+use epidemic_plugin_abi::{
+    BackendBox, HandlerBox, PluginKind, PluginModuleRef, RConsumer, RError, RHandlerContext,
+    ABI_VERSION,
 };
-use crate::handler::HandlerError;
-use crate::ops::{
+use epidemic_plugin_sdk::backend::adapter::{registered, rstart_from};
+use epidemic_plugin_sdk::backend::{
+    Backend, BackendError, Batch, Capabilities, Consumer, Registered, StartFrom, Watch,
+};
+use epidemic_plugin_sdk::boundary::{self, ColumnCache, RChange};
+use epidemic_plugin_sdk::ops::{
     DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Scratch, Status,
 };
+use epidemic_plugin_sdk::{BatchError, Change, Context, Handler, HandlerError, Subscription};
+
+pub use logger::host_logger;
 
 /// Why a library could not be used as a plugin. Every message is one line and names the file.
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +44,13 @@ pub enum LoadError {
     #[error("plugin {path}: not an Epidemic plugin (no Epidemic root module in it)")]
     NotAPlugin { path: PathBuf },
     #[error(
-        "plugin {path}: built against epidemic-plugin-sdk {plugin_sdk}, this epidemic uses {host_sdk}; rebuild the plugin against a compatible SDK"
+        "plugin {path}: built against epidemic-plugin-sdk {plugin_sdk}, this epidemic uses plugin ABI {host_sdk}; rebuild the plugin against epidemic-plugin-sdk {host_series}"
     )]
     IncompatibleVersion {
         path: PathBuf,
         plugin_sdk: String,
         host_sdk: String,
+        host_series: String,
     },
     #[error(
         "plugin {path}: its SDK interface differs from this epidemic's (plugin SDK {plugin_sdk}, host SDK {host_sdk}); rebuild the plugin against SDK {host_sdk}"
@@ -83,7 +94,9 @@ pub struct Library {
     pub kind: PluginKind,
     pub name: String,
     pub version: String,
-    /// The SDK version the plugin was built against.
+    /// The plugin ABI version the library was built with (its header's).
+    pub abi_version: String,
+    /// The `epidemic-plugin-sdk` version the plugin was built against.
     pub sdk_version: String,
     pub url_schemes: Vec<String>,
     module: PluginModuleRef,
@@ -95,6 +108,7 @@ impl std::fmt::Debug for Library {
             .field("path", &self.path)
             .field("name", &self.name)
             .field("version", &self.version)
+            .field("abi_version", &self.abi_version)
             .field("sdk_version", &self.sdk_version)
             .finish()
     }
@@ -121,7 +135,8 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
         },
     })?;
     let plugin_sdk = header.version_strings().version.to_string();
-    let host_sdk = SDK_VERSION.to_owned();
+    let host_sdk = ABI_VERSION.to_owned();
+    let host_series = compat_series(&host_sdk);
     // Semver as abi_stable applies it: 0.x.* only with 0.x.*, otherwise same major.
     // Checked here first so a version mismatch is reported as one, whatever layout
     // differences come with it.
@@ -130,6 +145,7 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
             path: path.to_owned(),
             plugin_sdk,
             host_sdk,
+            host_series,
         });
     }
     let module = header
@@ -139,6 +155,7 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
                 path: path.to_owned(),
                 plugin_sdk: plugin_sdk.clone(),
                 host_sdk: host_sdk.clone(),
+                host_series: host_series.clone(),
             },
             other => LoadError::IncompatibleLayout {
                 path: path.to_owned(),
@@ -155,7 +172,8 @@ pub fn load(path: &Path) -> Result<Library, LoadError> {
         kind: module.kind(),
         name: module.name().to_string(),
         version: module.version().to_string(),
-        sdk_version: plugin_sdk,
+        sdk_version: module.sdk_version().to_string(),
+        abi_version: plugin_sdk,
         url_schemes: module
             .url_schemes()
             .as_str()
@@ -208,20 +226,28 @@ impl Library {
         kind_name(self.kind)
     }
 
-    /// Create a handler instance from its config table.
-    pub fn new_handler(&self, config: &serde_json::Value) -> Result<HostHandler, HandlerError> {
+    /// Create a handler instance from its config table, for the `[[handler]]` entry
+    /// `handler` of daemon `daemon`; what it logs goes to this process's `tracing`.
+    pub fn new_handler(
+        &self,
+        config: &serde_json::Value,
+        daemon: &str,
+        handler: &str,
+    ) -> Result<HostHandler, HandlerError> {
         let new = self.module.new_handler();
         let json = config.to_string();
-        match new(RStr::from_str(&json)) {
-            RResult::ROk(inner) => Ok(HostHandler {
-                inner,
-                columns: Vec::new(),
-            }),
+        let ctx = RHandlerContext {
+            daemon: daemon.into(),
+            handler: handler.into(),
+            logger: host_logger(handler),
+        };
+        match new(RStr::from_str(&json), ctx) {
+            RResult::ROk(inner) => Ok(HostHandler::new(inner)),
             RResult::RErr(e) => Err(e.into()),
         }
     }
 
-    /// Open a backend connection.
+    /// Open a backend connection; what the backend logs goes to this process's `tracing`.
     pub fn open_backend(
         &self,
         url: &str,
@@ -229,87 +255,121 @@ impl Library {
     ) -> Result<HostBackend, BackendError> {
         let open = self.module.open_backend();
         let json = options.to_string();
-        match open(RStr::from_str(url), RStr::from_str(&json)) {
-            RResult::ROk(inner) => Ok(HostBackend {
-                inner,
-                columns: None,
-            }),
+        match open(
+            RStr::from_str(url),
+            RStr::from_str(&json),
+            host_logger(&self.name),
+        ) {
+            RResult::ROk(inner) => Ok(HostBackend::new(inner)),
             RResult::RErr(e) => Err(e.into()),
         }
     }
 }
 
-fn ok<T, E: From<crate::ffi::RError>>(r: RResult<T, crate::ffi::RError>) -> Result<T, E> {
+fn ok<T, E: From<RError>>(r: RResult<T, RError>) -> Result<T, E> {
     r.into_result().map_err(E::from)
 }
 
 /// A handler instance on the host's side of the boundary.
 pub struct HostHandler {
     inner: HandlerBox,
-    /// Reused buffer of the last change's column names, so most calls convert no names.
-    columns: Vec<RString>,
+    columns: ColumnCache,
+    /// The last batch, converted; reused so its buffer is allocated once.
+    batch: Vec<RChange>,
 }
 
 impl HostHandler {
+    fn new(inner: HandlerBox) -> Self {
+        HostHandler {
+            inner,
+            columns: ColumnCache::new(),
+            batch: Vec::new(),
+        }
+    }
+
+    /// A handler built in this process, behind the same adapter a plugin library uses
+    /// (for the host's unit tests). What it logs goes to this process's `tracing`.
+    pub fn in_process<H: Handler>(
+        config: &serde_json::Value,
+        daemon: &str,
+        handler: &str,
+    ) -> Result<HostHandler, HandlerError> {
+        let ctx = Context::new(
+            daemon,
+            handler,
+            epidemic_plugin_sdk::Logger::from_host(host_logger(handler)),
+        );
+        epidemic_plugin_sdk::handler::in_process::<H>(config, &ctx).map(HostHandler::new)
+    }
+
     pub fn subscriptions(&self) -> Result<Vec<Subscription>, HandlerError> {
         ok::<_, HandlerError>(self.inner.subscriptions())
             .map(|v| v.into_iter().map(Subscription::from).collect())
     }
 
-    pub fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
-        if self.columns.len() != change.columns.len()
-            || self
-                .columns
-                .iter()
-                .zip(change.columns.iter())
-                .any(|(a, b)| a.as_str() != b)
-        {
-            self.columns = change
-                .columns
-                .iter()
-                .map(|c| RString::from(c.as_str()))
-                .collect();
+    /// Hand the changes to the handler in one call. On failure, the index is into
+    /// `changes`: the ones before it were handled.
+    pub fn handle_batch(&mut self, changes: &[Change]) -> Result<(), BatchError> {
+        if changes.is_empty() {
+            return Ok(());
         }
-        let rc = RChange {
-            id: change.id,
-            table: change.table.as_str().into(),
-            op: change.op,
-            columns: self.columns.iter().cloned().collect(),
-            old: change
-                .old
-                .as_ref()
-                .map(|v| v.iter().cloned().map(Into::into).collect())
-                .into(),
-            new: change
-                .new
-                .as_ref()
-                .map(|v| v.iter().cloned().map(Into::into).collect())
-                .into(),
-            changed_at_us: change.changed_at_us,
-        };
-        ok(self.inner.handle(&rc))
+        self.batch.clear();
+        for c in changes {
+            let rc = self.columns.to_rchange(c);
+            self.batch.push(rc);
+        }
+        match self.inner.handle_batch(self.batch.as_slice().into()) {
+            RResult::ROk(()) => Ok(()),
+            RResult::RErr(e) => Err(BatchError::new(
+                (e.index as usize).min(changes.len() - 1),
+                e.error.into(),
+            )),
+        }
+    }
+
+    /// Hand one change to the handler.
+    pub fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
+        self.handle_batch(std::slice::from_ref(change))
+            .map_err(|e| e.error)
     }
 }
 
 /// A backend connection on the host's side of the boundary.
 pub struct HostBackend {
     inner: BackendBox,
-    columns: Option<Arc<[String]>>,
+    columns: ColumnCache,
 }
 
 impl HostBackend {
+    fn new(inner: BackendBox) -> Self {
+        HostBackend {
+            inner,
+            columns: ColumnCache::new(),
+        }
+    }
+
+    /// A backend opened in this process, behind the same adapter a backend library uses
+    /// (for the host's unit tests).
+    pub fn in_process<B: Backend>(
+        url: &str,
+        options: &serde_json::Value,
+    ) -> Result<HostBackend, BackendError> {
+        let logger = epidemic_plugin_sdk::Logger::from_host(host_logger(B::NAME));
+        epidemic_plugin_sdk::backend::adapter::in_process::<B>(url, options, logger)
+            .map(HostBackend::new)
+    }
+
+    /// What the backend can do beyond the minimum (defaults when it says nothing).
+    pub fn capabilities(&self) -> Capabilities {
+        serde_json::from_str(&self.inner.capabilities()).unwrap_or_default()
+    }
+
     pub fn plan_install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
-        ok(self
-            .inner
-            .plan_install(watches.iter().map(RWatch::from).collect()))
-        .map(strings)
+        ok(self.inner.plan_install(boundary::rwatches(watches))).map(strings)
     }
 
     pub fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
-        ok(self
-            .inner
-            .install(watches.iter().map(RWatch::from).collect()))
-        .map(strings)
+        ok(self.inner.install(boundary::rwatches(watches))).map(strings)
     }
 
     pub fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
@@ -327,28 +387,19 @@ impl HostBackend {
         start: StartFrom,
     ) -> Result<Registered, BackendError> {
         let tables = tables.iter().map(|t| RString::from(t.as_str())).collect();
-        let start = match start {
-            StartFrom::Now => RStartFrom::Now,
-            StartFrom::Oldest => RStartFrom::Oldest,
-        };
         ok(self
             .inner
-            .register(&RConsumer::from(consumer), tables, start))
-        .map(|r| match r {
-            RRegistered::New => Registered::New,
-            RRegistered::Existing => Registered::Existing,
-            RRegistered::Evicted => Registered::Evicted,
-        })
+            .register(&RConsumer::from(consumer), tables, rstart_from(start)))
+        .map(registered)
     }
 
     pub fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
         let b = ok::<_, BackendError>(self.inner.fetch(&RConsumer::from(consumer), max))?;
-        let mut changes = Vec::with_capacity(b.changes.len());
-        for c in b.changes {
-            let c = c.into_change(self.columns.as_ref());
-            self.columns = Some(c.columns.clone());
-            changes.push(c);
-        }
+        let changes = b
+            .changes
+            .iter()
+            .map(|c| self.columns.to_change(c))
+            .collect();
         Ok(Batch {
             changes,
             token: b.token.into(),
@@ -432,13 +483,10 @@ impl HostBackend {
         ok(self.inner.scratch(RStr::from_str(&json)))
     }
 
-    /// The watches in the catalog's spelling (see [`crate::Backend::resolve`]).
+    /// The watches in the catalog's spelling, with their keys (see `Backend::resolve`).
     pub fn resolve(&mut self, watches: &[Watch]) -> Result<Vec<Watch>, BackendError> {
-        ok::<_, BackendError>(
-            self.inner
-                .resolve(watches.iter().map(RWatch::from).collect()),
-        )
-        .map(crate::backend::watches)
+        ok::<_, BackendError>(self.inner.resolve(boundary::rwatches(watches)))
+            .map(boundary::watches)
     }
 
     pub fn lease(&mut self, request: &LeaseRequest) -> Result<LeaseState, BackendError> {
@@ -458,9 +506,4 @@ impl HostBackend {
 
 fn strings(v: RVec<RString>) -> Vec<String> {
     v.into_iter().map(String::from).collect()
-}
-
-#[allow(dead_code)]
-fn _assert_rchange_is_send(c: RChange) -> impl Send {
-    c
 }
