@@ -407,3 +407,7 @@ impl Dispatcher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "dispatch_tests.rs"]
+mod tests;

@@ -1,0 +1,426 @@
+//! The dispatcher in process, without a library: a handler and a backend built here go
+//! through the SDK's own boundary adapters (`HostHandler::in_process`,
+//! `HostBackend::in_process`), exactly as a plugin library's would. The backend is a log
+//! in memory, so every batch, ack and dead letter can be checked exactly.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use epidemic_plugin_host::{HostBackend, HostHandler};
+use epidemic_plugin_sdk::backend::{
+    Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    Registered, StartFrom, Watch,
+};
+use epidemic_plugin_sdk::{
+    testing, BatchError, Change, Context, Handler, HandlerConfig, HandlerError, Op, Subscription,
+    Value,
+};
+
+use super::{DispatchSettings, Dispatcher, RetryPolicy};
+use crate::config::OnFailure;
+use crate::metrics::Metrics;
+
+/// One in-memory log and what was done to it.
+#[derive(Default)]
+struct Log {
+    changes: Vec<Change>,
+    /// The consumer's cursor: the id of the last change acknowledged.
+    acked: i64,
+    acks: Vec<i64>,
+    letters: Vec<DeadLetter>,
+    /// Refuse the next dead letters with a connection error.
+    refuse_letters: usize,
+}
+
+/// Everything a test shares with the handler and backend it builds (found by name, as a
+/// plugin built from config would).
+#[derive(Default)]
+struct World {
+    log: Mutex<Log>,
+    /// Each handler call: the `name` of every change in it, with its attempt number.
+    calls: Mutex<Vec<Vec<(String, u32)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn worlds() -> &'static Mutex<HashMap<String, Arc<World>>> {
+    static W: OnceLock<Mutex<HashMap<String, Arc<World>>>> = OnceLock::new();
+    W.get_or_init(Mutex::default)
+}
+
+fn world(name: &str) -> Arc<World> {
+    worlds()
+        .lock()
+        .unwrap()
+        .get(name)
+        .cloned()
+        .expect("a world of that name")
+}
+
+struct MemoryBackend(Arc<World>);
+
+impl Backend for MemoryBackend {
+    const NAME: &'static str = "memory";
+    const URL_SCHEMES_JOINED: &'static str = "memory";
+
+    fn open(url: &str, _: &serde_json::Value) -> Result<Self, BackendError> {
+        Ok(MemoryBackend(world(url.trim_start_matches("memory://"))))
+    }
+    fn plan_install(&mut self, _: &[Watch]) -> Result<Vec<String>, BackendError> {
+        Ok(vec![])
+    }
+    fn install(&mut self, _: &[Watch]) -> Result<Vec<String>, BackendError> {
+        Ok(vec![])
+    }
+    fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        Ok(vec![])
+    }
+    fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        Ok(vec![])
+    }
+    fn register(
+        &mut self,
+        _: &Consumer,
+        _: &[String],
+        _: StartFrom,
+    ) -> Result<Registered, BackendError> {
+        Ok(Registered::Existing)
+    }
+    fn fetch(&mut self, _: &Consumer, max: u32) -> Result<Batch, BackendError> {
+        let log = self.0.log.lock().unwrap();
+        let changes = log
+            .changes
+            .iter()
+            .filter(|c| c.id > log.acked)
+            .take(max as usize)
+            .cloned()
+            .collect();
+        Ok(Batch {
+            changes,
+            token: "t".into(),
+        })
+    }
+    fn ack(&mut self, _: &Consumer, _: &str, upto: i64) -> Result<(), BackendError> {
+        let mut log = self.0.log.lock().unwrap();
+        assert!(upto > log.acked, "an ack never goes back");
+        log.acked = upto;
+        log.acks.push(upto);
+        Ok(())
+    }
+    fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
+        std::thread::sleep(timeout.min(Duration::from_millis(2)));
+        Ok(false)
+    }
+    fn prune(&mut self) -> Result<u64, BackendError> {
+        Ok(0)
+    }
+    fn reconnect(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn add_dead_letter(&mut self, letter: &DeadLetter) -> Result<i64, BackendError> {
+        let mut log = self.0.log.lock().unwrap();
+        if log.refuse_letters > 0 {
+            log.refuse_letters -= 1;
+            return Err(BackendError::Connection("the database went away".into()));
+        }
+        let mut letter = letter.clone();
+        letter.id = log.letters.len() as i64 + 1;
+        log.letters.push(letter.clone());
+        Ok(letter.id)
+    }
+    fn dead_letters(&mut self, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, BackendError> {
+        let log = self.0.log.lock().unwrap();
+        Ok(log
+            .letters
+            .iter()
+            .filter(|l| match q {
+                DeadLetterQuery::RetryRequested(_) => l.retry_requested,
+                _ => true,
+            })
+            .cloned()
+            .collect())
+    }
+    fn update_dead_letters(&mut self, u: &DeadLetterUpdate) -> Result<u64, BackendError> {
+        let mut log = self.0.log.lock().unwrap();
+        match u {
+            DeadLetterUpdate::Delete(ids) => log.letters.retain(|l| !ids.contains(&l.id)),
+            DeadLetterUpdate::RequestRetry(ids) => {
+                for l in log.letters.iter_mut().filter(|l| ids.contains(&l.id)) {
+                    l.retry_requested = true;
+                }
+            }
+            DeadLetterUpdate::Failed {
+                id,
+                error,
+                attempts,
+                ..
+            } => {
+                for l in log.letters.iter_mut().filter(|l| l.id == *id) {
+                    l.error = error.clone();
+                    l.attempts = *attempts;
+                    l.retry_requested = false;
+                }
+            }
+        }
+        Ok(1)
+    }
+}
+
+/// Does what each change's `name` says: `ok`; `flaky` fails (retryably) on its first
+/// attempt; `down` always fails retryably; `bad` fails permanently; `boom` panics;
+/// `halt` fails and asks the dispatcher to stop.
+struct Scripted(Arc<World>);
+
+impl Handler for Scripted {
+    const NAME: &'static str = "scripted";
+
+    fn new(config: &HandlerConfig, _: &Context) -> Result<Self, HandlerError> {
+        Ok(Scripted(world(config.json()["world"].as_str().unwrap())))
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::new("users", ["name"])]
+    }
+
+    fn handle_batch(&mut self, changes: &[Change]) -> Result<(), BatchError> {
+        self.0
+            .calls
+            .lock()
+            .unwrap()
+            .push(changes.iter().map(|c| (name(c), c.attempt)).collect());
+        for (i, c) in changes.iter().enumerate() {
+            let fail = |e| Err(BatchError::new(i, e));
+            match name(c).split('-').next().unwrap() {
+                "flaky" if c.attempt == 1 => return fail(HandlerError::retryable("not yet")),
+                "down" => return fail(HandlerError::retryable("service down")),
+                "bad" => return fail(HandlerError::permanent("bad row")),
+                "boom" => panic!("boom"),
+                "halt" => {
+                    self.0.stop.store(true, Ordering::Relaxed);
+                    return fail(HandlerError::retryable("halted"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn name(c: &Change) -> String {
+    c.value("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A dispatcher over a fresh in-memory log holding one change per name (on table
+/// `users`, or `other` for names starting with `other`).
+fn setup(test: &str, names: &[&str], retry: RetryPolicy) -> (Arc<World>, Dispatcher) {
+    let w = Arc::new(World::default());
+    {
+        let mut log = w.log.lock().unwrap();
+        for n in names {
+            let table = if n.starts_with("other") {
+                "other"
+            } else {
+                "users"
+            };
+            let mut c = testing::insert(table, &[("name", (*n).into())]);
+            c.id = log.changes.len() as i64 + 1;
+            log.changes.push(c);
+        }
+    }
+    worlds()
+        .lock()
+        .unwrap()
+        .insert(test.to_owned(), Arc::clone(&w));
+    let backend = HostBackend::in_process::<MemoryBackend>(
+        &format!("memory://{test}"),
+        &serde_json::json!({}),
+    )
+    .expect("open");
+    let handler =
+        HostHandler::in_process::<Scripted>(&serde_json::json!({ "world": test }), "mx1", "h")
+            .expect("handler");
+    let settings = DispatchSettings {
+        consumer: Consumer {
+            daemon: "mx1".into(),
+            handler: "h".into(),
+        },
+        subscriptions: handler.subscriptions().unwrap(),
+        retry,
+        batch_size: 100,
+        idle_check: Duration::from_millis(5),
+    };
+    let d = Dispatcher::new(
+        settings,
+        backend,
+        handler,
+        Metrics::new(false),
+        Arc::clone(&w.stop),
+    );
+    (w, d)
+}
+
+fn policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        retry_initial_ms: 1,
+        retry_max_ms: 2,
+        on_failure: OnFailure::DeadLetter,
+    }
+}
+
+fn calls(w: &World) -> Vec<Vec<(String, u32)>> {
+    w.calls.lock().unwrap().clone()
+}
+
+fn call(names: &[(&str, u32)]) -> Vec<(String, u32)> {
+    names.iter().map(|(n, a)| (n.to_string(), *a)).collect()
+}
+
+#[test]
+fn a_batch_goes_to_the_handler_in_one_call_and_is_acked_past_unwanted_changes() {
+    let (w, mut d) = setup(
+        "one_call",
+        &["ok-1", "other-1", "ok-2", "other-2"],
+        policy(3),
+    );
+    d.step().unwrap();
+    assert_eq!(calls(&w), vec![call(&[("ok-1", 1), ("ok-2", 1)])]);
+    assert_eq!(
+        w.log.lock().unwrap().acks,
+        vec![4],
+        "one ack, past the unwanted tail"
+    );
+}
+
+#[test]
+fn a_failure_mid_batch_acks_nothing_twice_retries_that_change_alone_and_goes_on() {
+    let (w, mut d) = setup("mid_batch", &["ok-1", "flaky-2", "ok-3", "ok-4"], policy(3));
+    d.step().unwrap();
+    assert_eq!(
+        calls(&w),
+        vec![
+            call(&[("ok-1", 1), ("flaky-2", 1), ("ok-3", 1), ("ok-4", 1)]),
+            call(&[("flaky-2", 2)]),
+            call(&[("ok-3", 1), ("ok-4", 1)]),
+        ]
+    );
+    let log = w.log.lock().unwrap();
+    assert_eq!(log.acks, vec![4]);
+    assert!(log.letters.is_empty());
+}
+
+#[test]
+fn a_permanent_failure_is_dead_lettered_at_once_and_the_batch_goes_on() {
+    let (w, mut d) = setup("permanent", &["bad-1", "ok-2"], policy(5));
+    d.step().unwrap();
+    assert_eq!(
+        calls(&w),
+        vec![call(&[("bad-1", 1), ("ok-2", 1)]), call(&[("ok-2", 1)])]
+    );
+    let log = w.log.lock().unwrap();
+    assert_eq!(log.acks, vec![2]);
+    assert_eq!(log.letters.len(), 1);
+    assert_eq!(log.letters[0].attempts, 1);
+    assert_eq!(log.letters[0].change_id, 1);
+    assert_eq!(log.letters[0].op, Op::Insert);
+    assert!(log.letters[0].error.contains("bad row"));
+    // The stored change is the one the handler was given, attempt included.
+    assert_eq!(log.letters[0].change().unwrap().attempt, 1);
+}
+
+#[test]
+fn retries_count_attempts_up_to_the_limit_then_dead_letter() {
+    let (w, mut d) = setup("exhaust", &["down-1"], policy(3));
+    d.step().unwrap();
+    assert_eq!(
+        calls(&w),
+        vec![
+            call(&[("down-1", 1)]),
+            call(&[("down-1", 2)]),
+            call(&[("down-1", 3)])
+        ]
+    );
+    let log = w.log.lock().unwrap();
+    assert_eq!(log.letters[0].attempts, 3);
+    assert_eq!(log.acks, vec![1]);
+}
+
+#[test]
+fn a_panic_in_a_batch_goes_on_one_change_at_a_time_and_loses_nothing() {
+    let (w, mut d) = setup("panic", &["ok-1", "boom-2", "ok-3"], policy(1));
+    d.step().unwrap();
+    let calls = calls(&w);
+    // The panicking call, then one change per call from the start of the batch.
+    assert_eq!(calls[0].len(), 3);
+    assert!(calls[1..].iter().all(|c| c.len() == 1), "{calls:?}");
+    let handled: Vec<&str> = calls[1..].iter().map(|c| c[0].0.as_str()).collect();
+    assert_eq!(handled, ["ok-1", "boom-2", "ok-3"]);
+    let log = w.log.lock().unwrap();
+    assert_eq!(
+        log.letters.len(),
+        1,
+        "the panicking change is dead-lettered"
+    );
+    assert!(
+        log.letters[0].error.contains("boom"),
+        "{}",
+        log.letters[0].error
+    );
+    assert_eq!(log.acks, vec![3]);
+}
+
+#[test]
+fn shutdown_while_retrying_acks_only_what_came_before_and_the_rest_comes_again() {
+    let (w, mut d) = setup("shutdown", &["ok-1", "halt-2", "ok-3"], policy(10));
+    d.step().unwrap();
+    assert_eq!(
+        w.log.lock().unwrap().acks,
+        vec![1],
+        "the cursor stops before halt-2"
+    );
+    // A new dispatcher (the daemon restarted) starts with the change it did not finish.
+    w.stop.store(false, Ordering::Relaxed);
+    w.calls.lock().unwrap().clear();
+    w.log.lock().unwrap().changes[1] = {
+        let mut c = testing::insert("users", &[("name", "ok-2".into())]);
+        c.id = 2;
+        c
+    };
+    d.step().unwrap();
+    assert_eq!(calls(&w), vec![call(&[("ok-2", 1), ("ok-3", 1)])]);
+    assert_eq!(w.log.lock().unwrap().acks, vec![1, 3]);
+}
+
+#[test]
+fn a_dead_letter_the_database_refuses_keeps_the_cursor_before_that_change() {
+    let (w, mut d) = setup("refused", &["ok-1", "bad-2", "ok-3"], policy(1));
+    w.log.lock().unwrap().refuse_letters = 1;
+    let err = d.step().unwrap_err();
+    assert!(err.is_connection(), "{err}");
+    assert_eq!(w.log.lock().unwrap().acks, vec![1]);
+    // Next time the change comes again and its dead letter is stored.
+    d.step().unwrap();
+    let log = w.log.lock().unwrap();
+    assert_eq!(log.acks, vec![1, 3]);
+    assert_eq!(log.letters.len(), 1);
+    assert_eq!(log.letters[0].change_id, 2);
+}
+
+#[test]
+fn a_dead_letter_marked_for_retry_is_delivered_again_with_the_next_attempt_number() {
+    let (w, mut d) = setup("redeliver", &["flaky-1"], policy(1));
+    d.step().unwrap();
+    {
+        let mut log = w.log.lock().unwrap();
+        assert_eq!(log.letters.len(), 1);
+        log.letters[0].retry_requested = true;
+    }
+    d.redeliver_requested().unwrap();
+    // The letter had 1 failed attempt: its redelivery is attempt 2, and flaky-1 passes.
+    assert_eq!(calls(&w).last().unwrap(), &call(&[("flaky-1", 2)]));
+    assert!(w.log.lock().unwrap().letters.is_empty());
+}
