@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 
 use epidemic_plugin_sdk::{
-    Change, Context, Handler, HandlerConfig, HandlerError, Op, Subscription,
+    BatchError, Change, Context, Handler, HandlerConfig, HandlerError, Op, Subscription,
 };
 use serde::Deserialize;
 
@@ -40,8 +40,15 @@ struct RecorderConfig {
 
 pub struct Recorder {
     cfg: RecorderConfig,
+    /// Which daemon and `[[handler]]` entry this is, from the host's context.
+    daemon: String,
+    handler: String,
     out: File,
     attempts: HashMap<(String, i64), u32>,
+    /// Handler calls so far, and the size of the one in hand: each line says which call
+    /// delivered it, so tests can see batches.
+    calls: u64,
+    call_size: usize,
 }
 
 impl Recorder {
@@ -57,17 +64,23 @@ impl Recorder {
 impl Handler for Recorder {
     const NAME: &'static str = "recorder";
 
-    fn new(config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
+    fn new(config: &HandlerConfig, ctx: &Context) -> Result<Self, HandlerError> {
         let cfg: RecorderConfig = config.parse()?;
         let out = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&cfg.file)
             .map_err(|e| HandlerError::Permanent(format!("cannot open {}: {e}", cfg.file)))?;
+        // Through the SDK's bridge, this reaches the daemon's log in the daemon's format.
+        epidemic_plugin_sdk::tracing::info!(file = %cfg.file, daemon = ctx.daemon(), "recorder ready");
         Ok(Recorder {
+            daemon: ctx.daemon().to_owned(),
+            handler: ctx.handler().to_owned(),
             cfg,
             out,
             attempts: HashMap::new(),
+            calls: 0,
+            call_size: 0,
         })
     }
 
@@ -90,6 +103,15 @@ impl Handler for Recorder {
         }
     }
 
+    fn handle_batch(&mut self, changes: &[Change]) -> Result<(), BatchError> {
+        self.calls += 1;
+        self.call_size = changes.len();
+        for (i, change) in changes.iter().enumerate() {
+            self.handle(change).map_err(|e| BatchError::new(i, e))?;
+        }
+        Ok(())
+    }
+
     fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
         if let Some(p) = &self.cfg.panic_on {
             let hit = change
@@ -109,6 +131,7 @@ impl Handler for Recorder {
         *n += 1;
         let attempt = *n;
         if attempt <= self.cfg.fail_first {
+            epidemic_plugin_sdk::tracing::warn!(id = change.id, attempt, "recorder told to fail");
             return Err(self.fail(format!("failing attempt {attempt} of change {}", change.id)));
         }
         if let Some(f) = &self.cfg.fail_while_exists {
@@ -117,7 +140,14 @@ impl Handler for Recorder {
             }
         }
         let mut line = change.to_json();
+        // The recorder's own count of calls for this change (it survives no restart),
+        // and the host's attempt number (which does not survive one either).
         line["attempt"] = attempt.into();
+        line["host_attempt"] = change.attempt.into();
+        line["daemon"] = self.daemon.as_str().into();
+        line["handler"] = self.handler.as_str().into();
+        line["call"] = self.calls.into();
+        line["call_size"] = self.call_size.into();
         let mut bytes =
             serde_json::to_vec(&line).map_err(|e| HandlerError::Permanent(e.to_string()))?;
         bytes.push(b'\n');
