@@ -55,7 +55,11 @@ fn setup(recorder_extra: &str) -> Setup {
 /// Install the triggers, so that rows written before the daemon starts are captured.
 fn install(s: &Setup) {
     let out = epidemic(&s.config, &["install"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn insert_in_one_transaction(db: &Path, n: i64) {
@@ -113,7 +117,12 @@ fn a_retry_carries_the_next_attempt_number() {
     insert_in_one_transaction(&s.db, 5);
     let _d = Daemon::start(&s.config, &s.log, &["--from-oldest"]);
     let lines = wait_recorded(&s.dir.join("rec.jsonl"), 5, WAIT);
-    assert_eq!(lines.len(), 5, "{}", std::fs::read_to_string(&s.log).unwrap());
+    assert_eq!(
+        lines.len(),
+        5,
+        "{}",
+        std::fs::read_to_string(&s.log).unwrap()
+    );
     // Every change failed once in the batch, then succeeded on its own as attempt 2.
     for l in &lines {
         assert_eq!(l["host_attempt"], 2, "{l}");
