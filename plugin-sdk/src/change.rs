@@ -1,5 +1,5 @@
 //! The ordinary Rust types plugin code works with: [`Value`], [`Op`], [`Change`],
-//! [`Subscription`]. Their stable-ABI twins live in [`crate::ffi`]; conversion happens
+//! [`Subscription`]. Their stable-ABI twins live in [`crate::abi`] (converted in [`crate::boundary`]); conversion happens
 //! at the library boundary and nowhere else.
 
 use std::fmt;

@@ -1,43 +1,139 @@
-//! The Epidemic plugin SDK: what handler plugins, backend plugins and the `epidemic` host
-//! share.
+//! The Epidemic plugin SDK: write a handler plugin that the `epidemic` daemon calls for
+//! every change of the rows it cares about.
 //!
-//! - [`change`]: the plain Rust types plugin code works with ([`Change`], [`Value`], ...).
-//! - [`handler`]: the [`Handler`] trait and [`export_handler!`] for handler plugins.
-//! - [`backend`]: the [`Backend`] trait and [`export_backend!`] for database backends.
-//! - [`host`]: loading and checking a plugin library (used by the host and tests).
-//! - [`testing`]: feed changes to a handler in a unit test, without a database.
-//! - [`ffi`]: the stable-ABI boundary types (abi_stable). Authors never need it.
+//! This page is the handler author's guide. Backend authors read [`backend`]; the host's
+//! side of the boundary is the `epidemic-plugin-host` crate; the boundary itself is
+//! [`abi`] (its own crate, so that its version is the ABI's).
 //!
-//! # Writing a handler
+//! # A handler in five minutes
+//!
+//! A handler is a `cdylib` exporting one type that implements [`Handler`]:
+//!
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib", "rlib"]   # the .so the daemon loads; rlib for unit tests
+//!
+//! [dependencies]
+//! epidemic-plugin-sdk = "0.2"
+//! serde = { version = "1", features = ["derive"] }
+//! ```
 //!
 //! ```no_run
 //! use epidemic_plugin_sdk::{Change, Context, Handler, HandlerConfig, HandlerError, Subscription};
+//!
+//! #[derive(serde::Deserialize)]
+//! #[serde(deny_unknown_fields)]          // a typo in the config is an error, not a default
+//! struct Config { table: String }
 //!
 //! pub struct Greeter { table: String }
 //!
 //! impl Handler for Greeter {
 //!     const NAME: &'static str = "greeter";
-//!     fn new(_config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
-//!         Ok(Greeter { table: "users".into() })
+//!
+//!     fn new(config: &HandlerConfig, ctx: &Context) -> Result<Self, HandlerError> {
+//!         let config: Config = config.parse()?;
+//!         ctx.logger().info(&format!("greeting rows of {} on {}", config.table, ctx.daemon()));
+//!         Ok(Greeter { table: config.table })
 //!     }
+//!
 //!     fn subscriptions(&self) -> Vec<Subscription> {
 //!         vec![Subscription::new(&self.table, ["name"])]
 //!     }
+//!
 //!     fn insert(&mut self, change: &Change) -> Result<(), HandlerError> {
-//!         println!("hello {}", change.value("name").unwrap());
+//!         let id = change.key_value("id");
+//!         tracing::info!(?id, "hello {}", change.value("name").unwrap());
 //!         Ok(())
 //!     }
 //! }
 //!
 //! epidemic_plugin_sdk::export_handler!(Greeter);
+//! # use epidemic_plugin_sdk::tracing;
 //! # fn main() {}
 //! ```
 //!
-//! Build it as a `cdylib`; the host refuses a library built against an incompatible SDK
-//! with a one-line error naming both versions. A panic in handler code is caught on the
-//! plugin's side and reported as a failed delivery; it never crosses into the host.
+//! `cargo build --release`, then `epidemic plugin check target/release/libgreeter.so
+//! --handler-config '{"table": "users"}'` prints its name, SDK version and subscriptions,
+//! or the one-line reason it cannot be loaded. Add it to `epidemic.toml`:
 //!
-//! This crate does not talk to any database and does not run handlers on its own.
+//! ```toml
+//! [[handler]]
+//! name = "greeter"
+//! plugin = "/usr/lib/epidemic/libgreeter.so"
+//! [handler.config]
+//! table = "users"
+//! ```
+//!
+//! `plugin-sdk/template/` in the Epidemic sources is a complete plugin to copy.
+//!
+//! # What you receive
+//!
+//! [`Handler::subscriptions`] names tables, the columns you need and the operations you
+//! want. You get an INSERT or DELETE of those tables, and an UPDATE when one of your
+//! columns changed or the row moved to another key. A [`Change`] holds:
+//!
+//! | field | what it is |
+//! |---|---|
+//! | `op`, `table`, `schema` | INSERT/UPDATE/DELETE; the table as you subscribed to it; its schema on PostgreSQL |
+//! | `columns`, `old`, `new` | your columns and their values before and after (`old` is `None` for an INSERT, `new` for a DELETE); read them with [`Change::value`], [`Change::old_value`], [`Change::new_value`], [`Change::changed`] |
+//! | `key_columns`, `key`, `old_key` | the row's primary key (or the `[table.NAME] key` the config names), always there whatever columns you asked for; `old_key` when an UPDATE changed it |
+//! | `stable_id` | unique in the database for ever: your idempotency key downstream |
+//! | `origin` | a live change, or a row of a snapshot ([`Origin`]) |
+//! | `attempt` | 1 on the first delivery, more on retries |
+//! | `txid`, `commit_seq` | the transaction and a commit-order token, where the backend has them |
+//! | `id`, `changed_at_us` | the position in the table's log; when it was captured |
+//!
+//! Values are [`Value`]s: `Null`, `Int`, `Float`, `Text`, `Bytes`. Exact decimals arrive as
+//! text, never through a float.
+//!
+//! # What the daemon promises, and what it asks of you
+//!
+//! - **Every committed change, at least once.** A crash of the daemon (or of the machine)
+//!   between your success and its acknowledgement hands you the same changes again, with
+//!   the same `stable_id`. Make handlers idempotent: creating what exists is success,
+//!   removing what is gone is success.
+//! - **Commit order per row.** Changes to one row reach you in the order they committed.
+//! - **Your calls come from one thread at a time**, for each `[[handler]]` entry. Another
+//!   handler's failures never hold you up, and yours never hold them up.
+//!
+//! # Failing well
+//!
+//! Return [`HandlerError::Retryable`] for what may work later (a full disk, a server that
+//! is down): the daemon retries with backoff, up to `max_attempts`, then moves the change
+//! to the dead letters (`epidemic dead-letters list | retry | drop`), or with
+//! `on_failure = "block"` retries until it succeeds. Return [`HandlerError::Permanent`]
+//! for what never will (bad data): it goes to the dead letters at once. A panic is caught
+//! on your side of the boundary and treated as a retryable failure; it never takes the
+//! daemon down. `std::io::Error` converts to a retryable error with `?`.
+//!
+//! # Batches
+//!
+//! The daemon hands changes over in batches through [`Handler::handle_batch`], whose
+//! default calls [`Handler::handle`] (and so `insert`/`update`/`delete`) for each. Override
+//! it when a batch is cheaper as a whole (one transaction, one request, waiting for many
+//! acknowledgements at once). Return [`BatchError`] with the index of the change that
+//! failed: the daemon counts the ones before it as handled, retries that one on its own,
+//! then goes on with the rest in one call again.
+//!
+//! # Logging and context
+//!
+//! [`Context`] says which daemon (`ctx.daemon()`: which host this is) and which
+//! `[[handler]]` entry (`ctx.handler()`) you are. `tracing` events from your code (use the
+//! re-export [`tracing`], or your own `tracing` 0.1) and [`Context::logger`] land in the
+//! daemon's log, in its format (`--log-format json` too), with your handler's name.
+//!
+//! # Testing without a database
+//!
+//! [`testing::Harness`] builds your handler from a JSON config and feeds it changes made
+//! with [`testing::insert`], [`testing::update`], [`testing::delete`] (and
+//! [`testing::keyed`] for a key), routed by the daemon's own [`Router`], so what passes
+//! there behaves the same in the daemon.
+//!
+//! # Compatibility
+//!
+//! A plugin built with SDK 0.2.x loads into any epidemic whose plugin ABI is 0.2, and a
+//! later 0.2 release may only add to the boundary; a plugin from another series (0.1, 0.3)
+//! is refused at load time with one line naming both versions, never undefined behaviour.
 
 pub mod backend;
 pub mod boundary;
