@@ -1,6 +1,6 @@
 //! The ordinary Rust types plugin code works with: [`Value`], [`Op`], [`Change`],
-//! [`Subscription`]. Their stable-ABI twins live in [`crate::abi`] (converted in [`crate::boundary`]); conversion happens
-//! at the library boundary and nowhere else.
+//! [`Subscription`]. Their stable-ABI twins live in [`crate::abi`]; conversion happens at
+//! the library boundary ([`crate::boundary`]) and nowhere else.
 
 use std::fmt;
 use std::sync::Arc;

@@ -4,14 +4,20 @@
 //! # What the command gets
 //!
 //! - **stdin**: the change as one line of JSON (the SDK's `Change::to_json`):
-//!   `{"id": 42, "table": "users", "op": "UPDATE", "old": {"name": "ann"}, "new": {"name": "anna"}, "changed_at_us": 1700000000000000}`
-//!   (`old` is `null` for an INSERT, `new` for a DELETE; binary values are lowercase hex).
+//!   `{"id": 42, "stable_id": "9f2c…-42", "table": "users", "op": "UPDATE", "origin": "live", "key": {"id": 7}, "old": {"name": "ann"}, "new": {"name": "anna"}, "changed_at_us": 1700000000000000, "attempt": 1}`
+//!   (`old` is `null` for an INSERT, `new` for a DELETE; binary values are lowercase hex;
+//!   `old_key`, `schema`, `txid` and `commit_seq` appear where they apply).
 //!   The command need not read it.
 //! - **environment**: the daemon's environment, minus every variable starting with
 //!   `EPIDEMIC_` (those can carry the database URL and its password), plus the `env`
 //!   table from the config, plus
 //!   - `EPIDEMIC_OP` (`INSERT`, `UPDATE` or `DELETE`), `EPIDEMIC_TABLE`,
-//!     `EPIDEMIC_CHANGE_ID`;
+//!     `EPIDEMIC_CHANGE_ID` (the position in the table's log), `EPIDEMIC_STABLE_ID` (never
+//!     repeats in the database: an idempotency key for what the command does),
+//!     `EPIDEMIC_ATTEMPT` (1 on the first try), `EPIDEMIC_DAEMON` and `EPIDEMIC_HANDLER`
+//!     (which host and which `[[handler]]` entry runs it);
+//!   - unless `column_env = false`: `EPIDEMIC_KEY_<COLUMN>` for each column of the row's
+//!     key (after the change; before it for a DELETE);
 //!   - unless `column_env = false`: `EPIDEMIC_OLD_<COLUMN>` and `EPIDEMIC_NEW_<COLUMN>` for
 //!     each column, the name upper-cased with anything but ASCII letters and digits made
 //!     `_`. A NULL leaves the variable unset; binary values are lowercase hex; a value
@@ -92,11 +98,25 @@ use run::{run, RunError};
 /// The handler: one per `[[handler]]` entry.
 pub struct ExecHandler {
     config: ExecConfig,
+    daemon: String,
+    handler: String,
 }
 
 impl ExecHandler {
     pub fn from_config(config: ExecConfig) -> ExecHandler {
-        ExecHandler { config }
+        ExecHandler {
+            config,
+            daemon: String::new(),
+            handler: String::new(),
+        }
+    }
+
+    /// Which daemon and `[[handler]]` entry runs the commands (`EPIDEMIC_DAEMON`,
+    /// `EPIDEMIC_HANDLER`).
+    pub fn with_context(mut self, ctx: &Context) -> ExecHandler {
+        self.daemon = ctx.daemon().to_owned();
+        self.handler = ctx.handler().to_owned();
+        self
     }
 
     fn command_for(&self, change: &Change) -> Command {
@@ -113,7 +133,21 @@ impl ExecHandler {
         command
             .env("EPIDEMIC_OP", change.op.as_str())
             .env("EPIDEMIC_TABLE", &change.table)
-            .env("EPIDEMIC_CHANGE_ID", change.id.to_string());
+            .env("EPIDEMIC_CHANGE_ID", change.id.to_string())
+            .env("EPIDEMIC_STABLE_ID", &change.stable_id)
+            .env("EPIDEMIC_ATTEMPT", change.attempt.to_string())
+            .env("EPIDEMIC_DAEMON", &self.daemon)
+            .env("EPIDEMIC_HANDLER", &self.handler);
+        if self.config.column_env.is_some() {
+            for (column, value) in change.key_columns.iter().zip(&change.key) {
+                if let Some(text) = env_value(value) {
+                    command.env(
+                        format!("{ENV_PREFIX}KEY_{}", config::env_suffix(column)),
+                        text,
+                    );
+                }
+            }
+        }
         if let Some(columns) = &self.config.column_env {
             for (column, suffix) in columns {
                 for (prefix, value) in [
@@ -207,10 +241,8 @@ fn env_value(value: &Value) -> Option<String> {
 impl Handler for ExecHandler {
     const NAME: &'static str = "exec";
 
-    fn new(config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
-        Ok(ExecHandler::from_config(ExecConfig::from_handler_config(
-            config,
-        )?))
+    fn new(config: &HandlerConfig, ctx: &Context) -> Result<Self, HandlerError> {
+        Ok(ExecHandler::from_config(ExecConfig::from_handler_config(config)?).with_context(ctx))
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {

@@ -6,8 +6,8 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use epidemic_plugin_sdk::testing::{delete, insert, update, Harness};
-use epidemic_plugin_sdk::{Handler, HandlerError, Op, Value};
+use epidemic_plugin_sdk::testing::{delete, insert, keyed, update, Harness};
+use epidemic_plugin_sdk::{Context, Handler, HandlerError, Logger, Op, Value};
 use serde_json::json;
 
 use crate::{inherited_epidemic_vars, ExecHandler};
@@ -125,6 +125,31 @@ fn string_command_runs_with_sh_and_sees_old_and_new_values() {
         fs::read_to_string(tmp.path().join("out")).unwrap(),
         "DELETE anna>"
     );
+}
+
+#[test]
+fn the_command_learns_the_key_the_stable_id_the_attempt_and_who_runs_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut h = Harness::<ExecHandler>::with_context(
+        json!({
+            "table": "users", "columns": ["name"],
+            "command": ["/bin/sh", "-c", "env > \"$OUT/env.txt\""], "env": { "OUT": tmp.path() },
+        }),
+        &Context::new("mx3", "provision", Logger::stderr()),
+    )
+    .unwrap();
+    let change = keyed(
+        insert("users", &[("id", 42.into()), ("name", "ann".into())]),
+        &["id"],
+    );
+    let stable = change.stable_id.clone();
+    assert!(h.send(change).unwrap());
+    let env = read_env(&tmp.path().join("env.txt"));
+    assert_eq!(env["EPIDEMIC_KEY_ID"], "42");
+    assert_eq!(env["EPIDEMIC_STABLE_ID"], stable);
+    assert_eq!(env["EPIDEMIC_ATTEMPT"], "1");
+    assert_eq!(env["EPIDEMIC_DAEMON"], "mx3");
+    assert_eq!(env["EPIDEMIC_HANDLER"], "provision");
 }
 
 #[test]
