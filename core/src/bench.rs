@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// Seconds of idle to measure the reader's CPU use over [default: 10; quick: 1]
     #[arg(long)]
     pub idle_secs: Option<u64>,
+    /// Also drain the backlog handing the handler at most this many changes per call, to
+    /// compare with whole batches (1: one boundary crossing per change, as SDK 0.1 did)
+    #[arg(long)]
+    pub compare_handler_batch: Option<u32>,
 }
 
 struct Sizes {
@@ -99,6 +103,12 @@ pub struct WriteThroughput {
 }
 
 #[derive(Debug, Serialize)]
+pub struct DrainCapped {
+    pub handler_batch: u32,
+    pub drain_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct WriteVariant {
     pub label: String,
     pub write: WriteThroughput,
@@ -118,6 +128,8 @@ pub struct BenchReport {
     pub latency_ms_max: f64,
     pub drain_changes: u64,
     pub drain_per_s: f64,
+    /// The same drain with the handler given fewer changes per call, when asked.
+    pub drain_capped: Option<DrainCapped>,
     pub write_unwatched: WriteThroughput,
     pub write_watched: WriteThroughput,
     pub write_ratio: f64,
@@ -182,7 +194,15 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport> {
         })
         .map_err(be)
         .context("bench needs the backend's scratch-table support")?;
-    let result = measure(cfg, &lib, &mut admin, &sizes, args.quick, &progress);
+    let result = measure(
+        cfg,
+        &lib,
+        &mut admin,
+        &sizes,
+        args.quick,
+        args.compare_handler_batch,
+        &progress,
+    );
     progress.phase("dropping the scratch table");
     let dropped = admin.scratch(&Scratch::Drop {
         table: SCRATCH_TABLE.into(),
@@ -206,6 +226,7 @@ fn measure(
     admin: &mut HostBackend,
     sizes: &Sizes,
     quick: bool,
+    compare_handler_batch: Option<u32>,
     progress: &Progress,
 ) -> Result<BenchReport> {
     let watch = Watch {
@@ -247,7 +268,7 @@ fn measure(
     admin
         .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
         .map_err(be)?;
-    let reader = Reader::start(cfg, lib, &consumer, true)?;
+    let reader = Reader::start(cfg, lib, &consumer, true, 0)?;
     progress.phase("commit-to-handler latency");
     let mut writer = plugins::open(cfg, lib)?;
     let interval = Duration::from_secs_f64(1.0 / sizes.rate as f64);
@@ -299,45 +320,39 @@ fn measure(
 
     // Drain: a backlog written while nobody reads, then read as fast as possible,
     // pruning as the daemon does.
-    progress.phase(&format!("writing a backlog of {} changes", sizes.drain));
-    let first = next_id;
-    let chunk = 10_000u64;
-    let mut done = 0;
-    while done < sizes.drain {
-        let n = chunk.min(sizes.drain - done);
-        writer
-            .scratch(&Scratch::Insert {
-                table: SCRATCH_TABLE.into(),
-                first_id: first + done as i64,
-                count: n,
-                per_tx: 1_000,
-            })
-            .map_err(be)?;
-        done += n;
-        progress.update("writing the backlog", done, sizes.drain);
-    }
     reset_peak_rss();
-    progress.phase("draining the backlog");
-    let t0 = Instant::now();
-    let drainer = Reader::start(cfg, lib, &consumer, false)?;
-    let mut last_prune = Instant::now();
-    loop {
-        let drained = drainer.probe.count.load(Ordering::Relaxed);
-        if drained >= sizes.drain {
-            break;
-        }
-        drainer.check()?;
-        if last_prune.elapsed() >= Duration::from_secs(1) {
-            admin.prune().map_err(be)?;
-            last_prune = Instant::now();
-            progress.update("draining the backlog", drained, sizes.drain);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    drainer.stop();
-    admin.prune().map_err(be)?;
-    let drain_secs = t0.elapsed().as_secs_f64();
+    let drain_secs = drain(
+        cfg,
+        lib,
+        admin,
+        &mut writer,
+        &consumer,
+        sizes.drain,
+        &mut next_id,
+        0,
+        progress,
+    )?;
     let peak_rss_mb_draining = peak_rss_mb();
+    let drain_capped = match compare_handler_batch {
+        Some(cap) => {
+            let secs = drain(
+                cfg,
+                lib,
+                admin,
+                &mut writer,
+                &consumer,
+                sizes.drain,
+                &mut next_id,
+                cap,
+                progress,
+            )?;
+            Some(DrainCapped {
+                handler_batch: cap,
+                drain_per_s: sizes.drain as f64 / secs,
+            })
+        }
+        None => None,
+    };
 
     let ratio = |w: &WriteThroughput| w.rows_per_s / unwatched.rows_per_s.max(f64::MIN_POSITIVE);
     Ok(BenchReport {
@@ -352,6 +367,7 @@ fn measure(
         latency_ms_max: latencies.last().copied().unwrap_or(0.0),
         drain_changes: sizes.drain,
         drain_per_s: sizes.drain as f64 / drain_secs,
+        drain_capped,
         write_ratio: ratio(&watched),
         write_variants: variants
             .into_iter()
@@ -411,6 +427,65 @@ fn write_throughput(
         rows,
         rows_per_s: rows as f64 / t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Write a backlog of `n` changes while nobody reads, then drain it through the
+/// dispatcher (handing the handler at most `handler_batch` per call; 0: no limit),
+/// pruning every second as the daemon does. Returns the seconds the drain took.
+#[allow(clippy::too_many_arguments)]
+fn drain(
+    cfg: &Config,
+    lib: &Library,
+    admin: &mut HostBackend,
+    writer: &mut HostBackend,
+    consumer: &Consumer,
+    n: u64,
+    next_id: &mut i64,
+    handler_batch: u32,
+    progress: &Progress,
+) -> Result<f64> {
+    progress.phase(&format!("writing a backlog of {n} changes"));
+    let first = *next_id;
+    *next_id += n as i64;
+    let chunk = 10_000u64;
+    let mut done = 0;
+    while done < n {
+        let k = chunk.min(n - done);
+        writer
+            .scratch(&Scratch::Insert {
+                table: SCRATCH_TABLE.into(),
+                first_id: first + done as i64,
+                count: k,
+                per_tx: 1_000,
+            })
+            .map_err(be)?;
+        done += k;
+        progress.update("writing the backlog", done, n);
+    }
+    let what = match handler_batch {
+        0 => "draining the backlog".to_owned(),
+        k => format!("draining the backlog, at most {k} per handler call"),
+    };
+    progress.phase(&what);
+    let t0 = Instant::now();
+    let drainer = Reader::start(cfg, lib, consumer, false, handler_batch)?;
+    let mut last_prune = Instant::now();
+    loop {
+        let drained = drainer.probe.count.load(Ordering::Relaxed);
+        if drained >= n {
+            break;
+        }
+        drainer.check()?;
+        if last_prune.elapsed() >= Duration::from_secs(1) {
+            admin.prune().map_err(be)?;
+            last_prune = Instant::now();
+            progress.update(&what, drained, n);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drainer.stop();
+    admin.prune().map_err(be)?;
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// What the bench's handler saw: when each scratch row's change arrived (when asked to
@@ -478,7 +553,13 @@ struct Reader {
 }
 
 impl Reader {
-    fn start(cfg: &Config, lib: &Library, consumer: &Consumer, note_times: bool) -> Result<Reader> {
+    fn start(
+        cfg: &Config,
+        lib: &Library,
+        consumer: &Consumer,
+        note_times: bool,
+        handler_batch: u32,
+    ) -> Result<Reader> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let probe = Arc::new(ProbeState {
@@ -507,6 +588,7 @@ impl Reader {
                 on_failure: OnFailure::DeadLetter,
             },
             batch_size: cfg.daemon.batch_size,
+            handler_batch,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let conn = plugins::open(cfg, lib)?;
@@ -621,12 +703,27 @@ pub fn render(r: &BenchReport) -> String {
             format!("drain rate ({} changes, pruning included)", r.drain_changes),
             format!("{:.0} changes/s", r.drain_per_s),
         ),
+    ];
+    if let Some(c) = &r.drain_capped {
+        rows.push((
+            format!(
+                "drain rate, at most {} change(s) per handler call",
+                c.handler_batch
+            ),
+            format!(
+                "{:.0} changes/s (whole batches: {:.2}x that)",
+                c.drain_per_s,
+                r.drain_per_s / c.drain_per_s.max(f64::MIN_POSITIVE)
+            ),
+        ));
+    }
+    rows.extend([
         ("write throughput, unwatched".into(), w(&r.write_unwatched)),
         (
             "write throughput, watched".into(),
             format!("{}  ratio {:.2}", w(&r.write_watched), r.write_ratio),
         ),
-    ];
+    ]);
     for v in &r.write_variants {
         rows.push((
             format!("write throughput, watched, {}", v.label),

@@ -121,6 +121,11 @@ pub struct HandlerConfig {
     /// later changes, for handlers that need strict order.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Most changes handed to the handler in one call (0, the default: every change of a
+    /// fetched batch it wants). A handler that takes long per change can be given small
+    /// calls so that a shutdown finishes sooner.
+    #[serde(default)]
+    pub handler_batch: u32,
     /// The handler's own settings, passed to the plugin as they are.
     #[serde(default = "empty_table")]
     pub config: serde_json::Value,

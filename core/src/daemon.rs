@@ -139,6 +139,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             subscriptions: h.subscriptions,
             retry: RetryPolicy::from(&h.config),
             batch_size: cfg.daemon.batch_size,
+            handler_batch: h.config.handler_batch,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let dispatcher = Dispatcher::new(

@@ -63,6 +63,8 @@ pub struct DispatchSettings {
     pub retry: RetryPolicy,
     /// Changes fetched per batch.
     pub batch_size: u32,
+    /// Most changes handed to the handler in one call (0: all it wants of a fetched batch).
+    pub handler_batch: u32,
     /// Longest wait for a wake-up before reading the log anyway.
     pub idle_check: Duration,
 }
@@ -92,6 +94,8 @@ pub struct Dispatcher {
     tables: Vec<String>,
     retry: RetryPolicy,
     batch_size: u32,
+    /// Most changes per handler call.
+    handler_batch: usize,
     idle_check: Duration,
     metrics: Arc<HandlerMetrics>,
     all_metrics: Arc<Metrics>,
@@ -118,6 +122,10 @@ impl Dispatcher {
             router: Router::new(settings.subscriptions),
             retry: settings.retry,
             batch_size: settings.batch_size.max(1),
+            handler_batch: match settings.handler_batch {
+                0 => usize::MAX,
+                n => n as usize,
+            },
             idle_check: settings.idle_check.max(Duration::from_millis(1)),
             stop,
             lost_cursor: Arc::new(AtomicBool::new(false)),
@@ -244,7 +252,11 @@ impl Dispatcher {
             if self.stopping() {
                 return (positions[next], Ok(()));
             }
-            let end = if one_by_one { next + 1 } else { wanted.len() };
+            let end = if one_by_one {
+                next + 1
+            } else {
+                wanted.len().min(next.saturating_add(self.handler_batch))
+            };
             let started = Instant::now();
             let result = self.handler.handle_batch(&wanted[next..end]);
             self.metrics.observe(started.elapsed());

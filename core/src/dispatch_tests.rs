@@ -251,6 +251,7 @@ fn setup(test: &str, names: &[&str], retry: RetryPolicy) -> (Arc<World>, Dispatc
         subscriptions: handler.subscriptions().unwrap(),
         retry,
         batch_size: 100,
+        handler_batch: 0,
         idle_check: Duration::from_millis(5),
     };
     let d = Dispatcher::new(
@@ -293,6 +294,24 @@ fn a_batch_goes_to_the_handler_in_one_call_and_is_acked_past_unwanted_changes() 
         w.log.lock().unwrap().acks,
         vec![4],
         "one ack, past the unwanted tail"
+    );
+}
+
+#[test]
+fn handler_batch_caps_the_changes_per_call() {
+    let (w, mut d) = setup(
+        "capped",
+        &["ok-1", "ok-2", "ok-3", "ok-4", "ok-5"],
+        policy(3),
+    );
+    d.handler_batch = 2;
+    d.step().unwrap();
+    let sizes: Vec<usize> = calls(&w).iter().map(Vec::len).collect();
+    assert_eq!(sizes, [2, 2, 1]);
+    assert_eq!(
+        w.log.lock().unwrap().acks,
+        vec![5],
+        "still one ack per fetched batch"
     );
 }
 
