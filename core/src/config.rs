@@ -82,6 +82,9 @@ pub struct DaemonConfig {
     /// appeared since (a dropped trigger, a TRUNCATE noticed on MySQL, a revoked privilege).
     #[serde(deserialize_with = "duration")]
     pub health_check_interval: Duration,
+    /// Rows read per chunk of a backfill: each is one bounded SELECT by key, and the
+    /// consumer's live changes wait at most one chunk.
+    pub backfill_chunk: u32,
 }
 
 impl Default for DaemonConfig {
@@ -95,6 +98,7 @@ impl Default for DaemonConfig {
             consumer_ttl: Duration::from_secs(7 * 24 * 3600),
             lease_ttl: Duration::from_secs(15),
             health_check_interval: Duration::from_secs(60),
+            backfill_chunk: 1_000,
         }
     }
 }

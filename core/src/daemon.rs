@@ -140,6 +140,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             retry: RetryPolicy::from(&h.config),
             batch_size: cfg.daemon.batch_size,
             handler_batch: h.config.handler_batch,
+            backfill_chunk: cfg.daemon.backfill_chunk,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let dispatcher = Dispatcher::new(

@@ -5,6 +5,7 @@
 //! The host names no database and links no database client: everything database-specific
 //! is in the backend library, reached only through the plugin SDK.
 
+mod backfill;
 mod backoff;
 mod bench;
 mod config;

@@ -100,7 +100,9 @@ pub enum BackfillRequest {
     },
     /// The consumer's backfills that are not done.
     Pending { consumer: Consumer },
-    /// Store a table's progress (its state included).
+    /// Store a table's progress (its state included), updating the row `Request` made.
+    /// The reply holds the stored progress, or nothing when the row no longer exists
+    /// (the backfill was cancelled): the host then stops it.
     Save(BackfillProgress),
     /// Every backfill, done ones included (for `epidemic status`).
     List,
