@@ -78,13 +78,8 @@ fn log_registration(
 }
 
 pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
-    // Checked before anything touches the database: bad input leaves nothing half-done.
-    if cfg.daemon.lease_ttl < Duration::from_millis(300) {
-        bail!(
-            "{}: daemon.lease_ttl: must be at least 300ms",
-            cfg.path.display()
-        );
-    }
+    // daemon.lease_ttl and every other key were checked by `Config::load`, before
+    // anything touched the database: bad input leaves nothing half-done.
     let daemon = cfg.daemon_name()?;
     let backend_lib = plugins::load_backend(&cfg)?;
     let mut handlers = plugins::load_handlers(&cfg)?;
@@ -359,7 +354,8 @@ fn until_connected<T>(
                 sleep_unless(stop, backoff);
                 backoff = (backoff * 2).min(RECONNECT_MAX);
             }
-            Err(e) => bail!("{what}: {e}"),
+            // Kept typed (not formatted) so the exit status can tell its kind.
+            Err(e) => return Err(anyhow::Error::new(e).context(what.to_owned())),
         }
     }
 }
