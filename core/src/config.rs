@@ -65,11 +65,25 @@ impl std::fmt::Debug for DatabaseConfig {
     }
 }
 
-/// `[metrics]`: Prometheus text on `listen` (e.g. "127.0.0.1:9187") while `run` runs.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[metrics]`: Prometheus text on `listen` (e.g. "127.0.0.1:9187") while `run` runs,
+/// with `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub listen: Option<String>,
+    /// `/readyz` fails while a handler with changes waiting has finished no call for
+    /// this long (a handler blocked in a call).
+    #[serde(deserialize_with = "duration")]
+    pub handler_stuck_after: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            handler_stuck_after: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

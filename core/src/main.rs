@@ -104,6 +104,10 @@ enum Command {
         #[arg(long, requires = "check")]
         daemon: Option<String>,
     },
+    /// Write the man pages (DIR/man/*.1) and shell completions (DIR/completions/) for the
+    /// package, generated from this command line's definition so they never drift.
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
     /// Check the config, the plugins and the database connection, changing nothing; exits
     /// 0, 78 (configuration) or 69 (database unavailable). For `ExecStartPre=`.
     Check,
@@ -311,6 +315,10 @@ fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Check => check(&load_config(&cli.config)?),
+        Command::GenerateAssets { dir } => {
+            generate_assets(&dir)?;
+            Ok(0)
+        }
         Command::DeadLetters(cmd) => {
             let cfg = load_config(&cli.config)?;
             let lib = plugins::load_backend(&cfg)?;
@@ -389,6 +397,28 @@ fn connect_and_plan(cfg: &Config) -> Result<(host::HostBackend, Vec<epidemic_plu
     let mut conn = plugins::open(cfg, &lib)?;
     let watches = plugins::resolve_names(&mut conn, &mut handlers).context("resolve names")?;
     Ok((conn, watches))
+}
+
+/// Man pages (one per subcommand, `epidemic-run.1`…) by clap_mangen, completions for
+/// bash, zsh and fish by clap_complete.
+fn generate_assets(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("write man pages to {}", man.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "epidemic", &completions)
+            .with_context(|| format!("write {shell} completions to {}", completions.display()))?;
+    }
+    Ok(())
 }
 
 /// `epidemic check`: everything `run` needs before it changes anything, read-only.
