@@ -89,6 +89,10 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         &daemon,
         cfg.metrics.handler_stuck_after,
     );
+    // Every handler's series exist from the first scrape, before the database is reached.
+    for h in &handlers {
+        metrics.handler(&h.config.name);
+    }
     let _server = match &cfg.metrics.listen {
         Some(addr) => Some(crate::metrics::serve(
             addr,

@@ -27,7 +27,9 @@ pub fn search_dirs(cfg: &Config) -> Vec<PathBuf> {
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
             dirs.push(dir.to_owned());
-            dirs.push(dir.join("../lib/epidemic"));
+            // The packaged layout: /usr/bin/epidemic, /usr/lib/epidemic/*.so.
+            let lib = dir.join("../lib/epidemic");
+            dirs.push(std::fs::canonicalize(&lib).unwrap_or(lib));
         }
     }
     dirs
