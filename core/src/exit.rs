@@ -20,7 +20,7 @@ pub const EX_DATAERR: u8 = 65;
 /// The database cannot be reached.
 pub const EX_UNAVAILABLE: u8 = 69;
 /// The configuration is wrong: the file, an `EPIDEMIC_…` variable, a plugin it names,
-/// a table or column it watches, a daemon name another daemon holds.
+/// a table or column it watches.
 pub const EX_CONFIG: u8 = 78;
 
 /// An error the operator fixes in the configuration; exits with [`EX_CONFIG`].

@@ -179,7 +179,7 @@ impl DaemonLease {
                         continue;
                     }
                     match &waiting {
-                        Some((i, seen)) if *i == instance && *seen != renewals => crate::exit::config_bail!(
+                        Some((i, seen)) if *i == instance && *seen != renewals => bail!(
                             "daemon name {:?} is in use by a live daemon ({holder}): give each daemon its own \
                              name (config key daemon.name, or EPIDEMIC_DAEMON__NAME)",
                             self.daemon
