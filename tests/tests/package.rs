@@ -170,7 +170,9 @@ fn the_debian_package_installs_runs_the_quickstart_and_is_removed() {
         .unwrap();
     let maildir = dir.join("maildirs/example.org/ann");
     assert!(
-        wait_until(WAIT, || maildir.join("cur").is_dir()),
+        // The quota file is written (atomically) after the directories.
+        wait_until(WAIT, || maildir.join("cur").is_dir()
+            && maildir.join("maildirsize").exists()),
         "no Maildir appeared:\n{}",
         log_text()
     );
