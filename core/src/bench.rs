@@ -598,7 +598,7 @@ impl Reader {
             settings,
             conn,
             handler,
-            Metrics::new(false),
+            Metrics::new(false, "bench", Duration::from_secs(300)),
             Arc::clone(&stop),
         );
         let thread = std::thread::Builder::new()

@@ -364,7 +364,7 @@ fn setup(test: &str, names: &[&str], retry: RetryPolicy) -> (Arc<World>, Dispatc
         settings,
         backend,
         handler,
-        Metrics::new(false),
+        Metrics::new(false, "mx1", Duration::from_secs(300)),
         Arc::clone(&w.stop),
     );
     (w, d)
@@ -722,7 +722,7 @@ fn a_restarted_dispatcher_resumes_after_the_last_finished_chunk() {
         },
         backend,
         handler,
-        Metrics::new(false),
+        Metrics::new(false, "mx1", Duration::from_secs(300)),
         Arc::clone(&w.stop),
     );
     run_backfill(&mut d);

@@ -141,6 +141,99 @@ pub fn status(s: &Status, now_us: i64) -> String {
     out
 }
 
+/// A monitoring plugin's verdict (the Nagios plugin convention, which Icinga, Sensu and
+/// others share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CheckState {
+    Ok,
+    Warning,
+    Critical,
+    Unknown,
+}
+
+impl CheckState {
+    pub fn code(self) -> u8 {
+        match self {
+            CheckState::Ok => 0,
+            CheckState::Warning => 1,
+            CheckState::Critical => 2,
+            CheckState::Unknown => 3,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            CheckState::Ok => "OK",
+            CheckState::Warning => "WARNING",
+            CheckState::Critical => "CRITICAL",
+            CheckState::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// `status --check`: CRITICAL when a consumer is evicted, stalled (its oldest pending
+/// change or its last sign of life older than `stall_after`) or has dead letters, or a
+/// watched table has a problem; WARNING when status has warnings; one line saying why.
+pub fn check(
+    s: &Status,
+    now_us: i64,
+    stall_after: std::time::Duration,
+    daemon: Option<&str>,
+) -> (CheckState, String) {
+    let mut critical = Vec::new();
+    let consumers: Vec<_> = s
+        .consumers
+        .iter()
+        .filter(|c| daemon.is_none_or(|d| c.daemon == d))
+        .collect();
+    if let Some(d) = daemon {
+        if consumers.is_empty() {
+            critical.push(format!("daemon {d} has no consumers"));
+        }
+    }
+    let limit = stall_after.as_secs_f64();
+    for c in &consumers {
+        let name = format!("{}/{}", c.daemon, c.handler);
+        if c.evicted {
+            critical.push(format!("{name} evicted"));
+            continue;
+        }
+        if c.dead_letters > 0 {
+            critical.push(format!("{name} has {} dead letter(s)", c.dead_letters));
+        }
+        match c.oldest_pending_age_s {
+            Some(age) if age > limit => critical.push(format!(
+                "{name} stalled: oldest pending change {age:.0}s old"
+            )),
+            _ => {
+                let silent = (now_us - c.last_seen_us) as f64 / 1e6;
+                if c.last_seen_us > 0 && silent > limit {
+                    critical.push(format!("{name} stalled: last seen {silent:.0}s ago"));
+                }
+            }
+        }
+    }
+    critical.extend(s.tables.iter().flat_map(|t| t.problems.iter().cloned()));
+    let (state, reasons) = if !critical.is_empty() {
+        (CheckState::Critical, critical)
+    } else if !s.warnings.is_empty() {
+        (CheckState::Warning, s.warnings.clone())
+    } else {
+        (
+            CheckState::Ok,
+            vec![format!(
+                "{} consumer(s), backlog {}",
+                consumers.len(),
+                consumers.iter().map(|c| c.backlog).sum::<i64>()
+            )],
+        )
+    };
+    (
+        state,
+        format!("EPIDEMIC {}: {}", state.label(), reasons.join("; ")),
+    )
+}
+
 pub fn dead_letters(letters: &[DeadLetter], now_us: i64) -> String {
     if letters.is_empty() {
         return "no dead letters\n".into();
