@@ -13,21 +13,21 @@
 //! (see [`Backend::capabilities`]): a transaction id (SQLite exposes none to a trigger
 //! cheaply), a commit order across tables (log ids are per table), a schema.
 //!
-//! Start reading at [`install`] (what is created, keys, stable ids), then [`capture`]
-//! and [`replace`] (the triggers), [`reader`] (fetch and ack).
+//! Start reading at `install` (what is created, keys, stable ids), then `capture`
+//! and `replace` (the triggers), `reader` (fetch and ack).
 //!
 //! Files, one role each, named as in every backend:
-//! - [`options`]: `[database]` options and the URL.
-//! - [`error`]: SQLite errors as [`BackendError`] kinds.
-//! - [`conn`]: connecting and session settings (private cache, no uncommitted reads).
-//! - [`catalog`]: the user's tables, columns and keys in the catalog's spelling; `resolve`.
-//! - [`install`]: planning and applying install and uninstall; the bookkeeping tables.
-//! - [`capture`]: the log table and trigger SQL for one table.
-//! - [`replace`]: the capture of rows `REPLACE` removes without a DELETE trigger.
-//! - [`reader`]: fetch and ack.
-//! - [`consumers`]: register, unregister, heartbeats, eviction.
-//! - [`prune`], [`wake`] (file events confirmed by `PRAGMA data_version`),
-//!   [`dead_letters`], [`status`], [`lease`], [`scratch`].
+//! - `options`: `[database]` options and the URL.
+//! - `error`: SQLite errors as [`BackendError`] kinds.
+//! - `conn`: connecting and session settings (private cache, no uncommitted reads).
+//! - `catalog`: the user's tables, columns and keys in the catalog's spelling; `resolve`.
+//! - `install`: planning and applying install and uninstall; the bookkeeping tables.
+//! - `capture`: the log table and trigger SQL for one table.
+//! - `replace`: the capture of rows `REPLACE` removes without a DELETE trigger.
+//! - `reader`: fetch and ack.
+//! - `consumers`: register, unregister, heartbeats, eviction.
+//! - `prune`, `wake` (file events confirmed by `PRAGMA data_version`),
+//!   `dead_letters`, `status`, `lease`, `scratch`.
 //!
 //! The backend never changes the user's tables or the database's journal mode; WAL is
 //! recommended (see the README) but left to the application that owns the database.

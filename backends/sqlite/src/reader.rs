@@ -40,8 +40,14 @@ struct ConsumerState {
 #[derive(Default)]
 pub(crate) struct SqliteReader {
     /// Cursor positions and registry entries as last read or acked; dropped whenever the
-    /// registry or cursors may have changed (install, register, reconnect).
+    /// registry or cursors may have changed (install, register, reconnect, or any schema
+    /// change: see `schema_version`).
     consumers: HashMap<Consumer, ConsumerState>,
+    /// `PRAGMA schema_version` when `consumers` was filled. Another daemon's install
+    /// (a new key epoch, more captured columns, a log created again) always changes the
+    /// schema, since it recreates the triggers: the registry entries are read again, so
+    /// changes are not read with a key or identity that no longer holds.
+    schema_version: Option<i64>,
     /// Acks the database refused because another connection held the write lock past
     /// `busy_timeout_ms` (or the file was unreachable): (consumer, table) → the id
     /// handled. The handler has handled these changes; the next `fetch` writes the ack
@@ -79,6 +85,12 @@ impl SqliteReader {
             .collect();
         for (token, id) in pending {
             self.ack(conn, consumer, &token, id)?;
+        }
+        let version: i64 = conn
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .map_err(sql_err)?;
+        if self.schema_version.replace(version) != Some(version) {
+            self.consumers.clear();
         }
         let state = self.state(conn, consumer)?;
         let n = state.tables.len();
