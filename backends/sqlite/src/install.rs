@@ -22,7 +22,9 @@
 //! whenever the log's `AUTOINCREMENT` sequence is found to have gone back (its
 //! `sqlite_sequence` row deleted or restored from an old copy): below a consumer's cursor
 //! or below what prune deleted, ids could repeat. The same install puts the sequence back
-//! above both, so later changes are neither skipped nor numbered again.
+//! above both, so later changes are neither skipped nor numbered again. The window left:
+//! a change numbered again between the loss and that install, read by a consumer before
+//! it (one that starts from the oldest change), carries the old identity.
 
 use epidemic_plugin_sdk::backend::{BackendError, Watch};
 use epidemic_plugin_sdk::ident;
