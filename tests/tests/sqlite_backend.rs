@@ -54,24 +54,7 @@ impl Db {
 
     /// Run `sql` in the `sqlite3` tool (a process of its own); its output, `|`-separated.
     fn sql(&self, sql: &str) -> String {
-        let mut child = self
-            .sqlite3()
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run sqlite3");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(sql.as_bytes())
-            .expect("write to sqlite3");
-        let out = child.wait_with_output().expect("sqlite3");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        sqlite::sqlite3(&self.path, sql)
     }
 
     /// The application writes.
