@@ -590,6 +590,7 @@ impl Reader {
             batch_size: cfg.daemon.batch_size,
             handler_batch,
             backfill_chunk: 1,
+            resync_on_evicted: false,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let conn = plugins::open(cfg, lib)?;

@@ -169,6 +169,16 @@ pub struct HandlerConfig {
     /// later changes, for handlers that need strict order.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Where this handler's consumer starts the first time it runs: `now` (changes from
+    /// now on), `oldest` (every change still in the log), or `snapshot` (every existing
+    /// row as a snapshot row, then live changes; a backfill).
+    #[serde(default)]
+    pub start: StartMode,
+    /// What a consumer that was evicted (unseen longer than `consumer_ttl`) does when it
+    /// comes back: `continue` from now (what it missed is logged loudly), or `resync`: a
+    /// backfill of its tables, so it converges to them again.
+    #[serde(default)]
+    pub on_evicted: OnEvicted,
     /// Most changes handed to the handler in one call (0, the default: every change of a
     /// fetched batch it wants). A handler that takes long per change can be given small
     /// calls so that a shutdown finishes sooner.
@@ -184,6 +194,65 @@ pub enum OnFailure {
     #[default]
     DeadLetter,
     Block,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartMode {
+    #[default]
+    Now,
+    Oldest,
+    Snapshot,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnEvicted {
+    #[default]
+    Continue,
+    Resync,
+}
+
+/// One of `values` (by name), with an error that lists them instead of naming a Rust type.
+fn one_of<'de, D: serde::Deserializer<'de>, T: Copy>(
+    d: D,
+    values: &[(&str, T)],
+) -> Result<T, D::Error> {
+    let s = String::deserialize(d)?;
+    values
+        .iter()
+        .find(|(name, _)| *name == s)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<String> = values.iter().map(|(n, _)| format!("{n:?}")).collect();
+            serde::de::Error::custom(format!(
+                "{s:?} is not a valid value: use {}",
+                names.join(" or ")
+            ))
+        })
+}
+
+impl<'de> Deserialize<'de> for StartMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(
+            d,
+            &[
+                ("now", StartMode::Now),
+                ("oldest", StartMode::Oldest),
+                ("snapshot", StartMode::Snapshot),
+            ],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for OnEvicted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(
+            d,
+            &[
+                ("continue", OnEvicted::Continue),
+                ("resync", OnEvicted::Resync),
+            ],
+        )
+    }
 }
 
 /// By hand rather than derived: the derived error names the Rust type

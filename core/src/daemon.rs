@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use epidemic_plugin_host::HostBackend;
-use epidemic_plugin_sdk::backend::{BackendError, Consumer, Registered, StartFrom};
+use epidemic_plugin_sdk::backend::{
+    BackendError, BackfillRequest, Consumer, Registered, StartFrom,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{sleep_unless, RECONNECT_INITIAL, RECONNECT_MAX};
-use crate::config::Config;
+use crate::config::{Config, OnEvicted, StartMode};
 use crate::dispatch::{DispatchSettings, Dispatcher, RetryPolicy};
 use crate::lease::{DaemonLease, Heartbeat};
 use crate::metrics::Metrics;
@@ -130,12 +132,28 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             handler: h.config.name.clone(),
         };
         let tables = h.tables();
+        let start = match h.config.start {
+            StartMode::Now => opts.start,
+            StartMode::Oldest => StartFrom::Oldest,
+            // The snapshot brings the rows; the log from now on brings what follows.
+            StartMode::Snapshot => StartFrom::Now,
+        };
         let registered = until_connected(&stop, "register consumer", || {
-            reconnect_on_error(&mut main_conn, |c| {
-                c.register(&consumer, &tables, opts.start)
-            })
+            reconnect_on_error(&mut main_conn, |c| c.register(&consumer, &tables, start))
         })?;
-        log_registration(&consumer, &h, &tables, registered, opts.start);
+        log_registration(&consumer, &h, &tables, registered, start);
+        let backfill = match registered {
+            Registered::New if h.config.start == StartMode::Snapshot => {
+                Some("start = \"snapshot\"")
+            }
+            Registered::Evicted if h.config.on_evicted == OnEvicted::Resync => {
+                Some("on_evicted = \"resync\"")
+            }
+            _ => None,
+        };
+        if let Some(why) = backfill {
+            request_backfill(&mut main_conn, &consumer, &tables, why)?;
+        }
         let lost_cursor = Arc::new(AtomicBool::new(false));
         consumers.push((consumer.clone(), Arc::clone(&lost_cursor)));
         let conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
@@ -146,6 +164,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             batch_size: cfg.daemon.batch_size,
             handler_batch: h.config.handler_batch,
             backfill_chunk: cfg.daemon.backfill_chunk,
+            resync_on_evicted: h.config.on_evicted == OnEvicted::Resync,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let dispatcher = Dispatcher::new(
@@ -268,6 +287,31 @@ fn notify(states: &[sd_notify::NotifyState]) {
 /// What `systemctl status` shows while the daemon starts.
 fn notify_status(what: &str) {
     notify(&[sd_notify::NotifyState::Status(what)]);
+}
+
+/// Ask for a backfill of the consumer's tables (its dispatcher starts it). One already
+/// requested or running (a daemon killed during it) is left to go on.
+pub fn request_backfill(
+    conn: &mut HostBackend,
+    consumer: &Consumer,
+    tables: &[String],
+    why: &str,
+) -> Result<()> {
+    match conn.backfills(&BackfillRequest::Request {
+        consumer: consumer.clone(),
+        tables: tables.to_vec(),
+        requested_by: why.to_owned(),
+    }) {
+        Ok(_) => {
+            info!(consumer = %consumer, tables = ?tables, "backfill requested ({why})");
+            Ok(())
+        }
+        Err(BackendError::Invalid(m)) => {
+            info!(consumer = %consumer, "{m}; it goes on");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("request a backfill ({why})"))),
+    }
 }
 
 /// Heartbeats renew the lease three times per `lease_ttl`, and touch consumers at least

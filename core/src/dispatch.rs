@@ -70,6 +70,8 @@ pub struct DispatchSettings {
     pub handler_batch: u32,
     /// Rows read per chunk of a backfill.
     pub backfill_chunk: u32,
+    /// Ask for a backfill when the consumer comes back evicted (`on_evicted = "resync"`).
+    pub resync_on_evicted: bool,
     /// Longest wait for a wake-up before reading the log anyway.
     pub idle_check: Duration,
 }
@@ -110,6 +112,7 @@ pub struct Dispatcher {
     /// The backfill in hand, if any.
     backfill: Option<Backfill>,
     backfill_chunk: u32,
+    resync_on_evicted: bool,
     /// The backend keeps backfills (an older one may not).
     backfills_supported: bool,
 }
@@ -141,6 +144,7 @@ impl Dispatcher {
             lost_cursor: Arc::new(AtomicBool::new(false)),
             backfill: None,
             backfill_chunk: settings.backfill_chunk.max(1),
+            resync_on_evicted: settings.resync_on_evicted,
             backfills_supported: true,
         }
     }
@@ -226,10 +230,27 @@ impl Dispatcher {
             .backend
             .register(&self.consumer, &self.tables, StartFrom::Now)
         {
+            Ok(Registered::Evicted) if self.resync_on_evicted => {
+                warn!(
+                    consumer = %self.consumer,
+                    "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
+                     handled may have been pruned: resyncing (a backfill of its tables)"
+                );
+                let tables = self.tables.clone();
+                if let Err(e) = crate::daemon::request_backfill(
+                    &mut self.backend,
+                    &self.consumer,
+                    &tables,
+                    "on_evicted = \"resync\"",
+                ) {
+                    error!(consumer = %self.consumer, error = %e, "could not request the resync");
+                }
+            }
             Ok(Registered::Evicted) => error!(
                 consumer = %self.consumer,
                 "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
-                 handled may have been pruned and are MISSED; continuing from now"
+                 handled may have been pruned and are MISSED; continuing from now \
+                 (on_evicted = \"resync\" would resync it)"
             ),
             Ok(Registered::New) => error!(
                 consumer = %self.consumer,

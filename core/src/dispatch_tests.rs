@@ -358,6 +358,7 @@ fn setup(test: &str, names: &[&str], retry: RetryPolicy) -> (Arc<World>, Dispatc
         batch_size: 100,
         handler_batch: 0,
         backfill_chunk: 3,
+        resync_on_evicted: false,
         idle_check: Duration::from_millis(5),
     };
     let d = Dispatcher::new(
@@ -718,6 +719,7 @@ fn a_restarted_dispatcher_resumes_after_the_last_finished_chunk() {
             batch_size: 100,
             handler_batch: 0,
             backfill_chunk: 3,
+            resync_on_evicted: false,
             idle_check: Duration::from_millis(5),
         },
         backend,

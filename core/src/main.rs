@@ -6,6 +6,7 @@
 //! is in the backend library, reached only through the plugin SDK.
 
 mod backfill;
+mod backfill_cmd;
 mod backoff;
 mod bench;
 mod config;
@@ -25,7 +26,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use epidemic_plugin_host as host;
 use epidemic_plugin_sdk::backend::{
-    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, StartFrom,
+    BackfillRequest, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, StartFrom,
 };
 
 use crate::config::Config;
@@ -116,6 +117,10 @@ enum Command {
     /// Check the config, the plugins and the database connection, changing nothing; exits
     /// 0, 78 (configuration) or 69 (database unavailable). For `ExecStartPre=`.
     Check,
+    /// Give a handler every existing row of its tables (as snapshot rows, interleaved with
+    /// live changes, never older than a change it already had), carried out by its
+    /// daemon while it runs; shows the progress until it is done.
+    Backfill(backfill_cmd::BackfillArgs),
     /// List, retry or drop changes that handlers gave up on.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
@@ -306,6 +311,10 @@ fn dispatch(cli: Cli) -> Result<u8> {
             if let Ok(LeaseState::Holders(h)) = conn.lease(&LeaseRequest::List) {
                 status.daemons = h;
             }
+            // A backend that keeps no backfills simply shows none.
+            if let Ok(reply) = conn.backfills(&BackfillRequest::List) {
+                status.backfills = reply.backfills;
+            }
             if check {
                 let (state, line) =
                     report::check(&status, now_us(), stall_after, daemon.as_deref());
@@ -352,6 +361,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Backfill(args) => backfill_cmd::run(&load_config(&cli.config)?, &args),
         Command::Bench(args) => {
             let cfg = load_config(&cli.config)?;
             let report = bench::run(&cfg, &args)?;

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use epidemic_plugin_sdk::backend::{DeadLetter, Status};
+use epidemic_plugin_sdk::backend::{BackfillState, DeadLetter, Status};
 
 /// Columns padded to their widest cell, two spaces apart.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -131,6 +131,37 @@ pub fn status(s: &Status, now_us: i64) -> String {
             .collect();
         out.push('\n');
         out.push_str(&table(&["DAEMON", "HELD BY", "STATE"], &rows));
+    }
+    if !s.backfills.is_empty() {
+        let rows: Vec<Vec<String>> = s
+            .backfills
+            .iter()
+            .map(|b| {
+                let rate = crate::backfill_cmd::rate_and_eta(b);
+                vec![
+                    format!("{}/{}", b.daemon, b.handler),
+                    b.table.clone(),
+                    match b.state {
+                        BackfillState::Requested => "requested".into(),
+                        BackfillState::Running => "running".into(),
+                        BackfillState::Done => "done".into(),
+                    },
+                    b.rows_done.to_string(),
+                    b.rows_estimate.map_or("?".into(), |t| format!("~{t}")),
+                    rate.map_or("-".into(), |(r, _)| format!("{r:.0}/s")),
+                    rate.and_then(|(_, eta)| eta)
+                        .map_or("-".into(), |e| humantime::format_duration(e).to_string()),
+                    ago(now_us, b.updated_at_us.max(b.requested_at_us)),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "BACKFILL", "TABLE", "STATE", "ROWS", "TOTAL", "RATE", "ETA", "UPDATED",
+            ],
+            &rows,
+        ));
     }
     if !s.warnings.is_empty() {
         out.push_str("\nwarnings:\n");
