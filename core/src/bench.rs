@@ -233,6 +233,7 @@ fn measure(
         table: SCRATCH_TABLE.into(),
         columns: vec!["id".into(), "payload".into()],
         key: vec!["id".into()],
+        ..Watch::default()
     };
     let mut next_id = 1i64;
 

@@ -243,6 +243,7 @@ pub fn watches(cfg: &Config, handlers: &[LoadedHandler]) -> Vec<Watch> {
                     table: s.table.clone(),
                     columns: Vec::new(),
                     key: cfg.table_key(&s.table),
+                    types: Vec::new(),
                 });
                 out.last_mut().expect("pushed")
             }

@@ -79,6 +79,7 @@ fn watch(table: &str, columns: &[&str], key: &[&str]) -> Watch {
         table: table.into(),
         columns: columns.iter().map(|c| c.to_string()).collect(),
         key: key.iter().map(|c| c.to_string()).collect(),
+        ..Watch::default()
     }
 }
 

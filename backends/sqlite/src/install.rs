@@ -439,6 +439,7 @@ mod tests {
             table: table.into(),
             columns: columns.iter().map(|c| c.to_string()).collect(),
             key: key.iter().map(|c| c.to_string()).collect(),
+            ..Watch::default()
         }
     }
 

@@ -255,6 +255,9 @@ pub struct RWatch {
     pub columns: RVec<RString>,
     /// Key columns named in the config; empty: the table's primary key.
     pub key: RVec<RString>,
+    /// The type of each of `columns` (`int`, `float`, `text`, …), as `resolve` found
+    /// them; empty when unknown.
+    pub types: RVec<RString>,
 }
 
 #[repr(C)]

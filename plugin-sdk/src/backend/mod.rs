@@ -78,6 +78,53 @@ pub struct Watch {
     /// The key columns: given by the config (`[table.NAME] key = [..]`), or empty for
     /// "the table's primary key", which [`Backend::resolve`] fills in.
     pub key: Vec<String>,
+    /// The type of each of `columns`, as [`Backend::resolve`] found them in the catalog
+    /// (one per column, in order), so the host can check a handler's row filter at
+    /// start; empty when the backend does not say.
+    pub types: Vec<ColumnType>,
+}
+
+/// What kind of values a column holds, coarsely: what a row filter can compare it with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    Int,
+    Float,
+    /// An exact decimal (delivered as text).
+    Decimal,
+    Text,
+    Bytes,
+    Bool,
+    /// Dates, times, JSON, arrays, …: delivered as text.
+    #[default]
+    Other,
+}
+
+impl ColumnType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColumnType::Int => "int",
+            ColumnType::Float => "float",
+            ColumnType::Decimal => "decimal",
+            ColumnType::Text => "text",
+            ColumnType::Bytes => "bytes",
+            ColumnType::Bool => "bool",
+            ColumnType::Other => "other",
+        }
+    }
+
+    /// The type for a name `as_str` gives; `Other` for any other name (a newer backend).
+    pub fn parse(name: &str) -> ColumnType {
+        match name {
+            "int" => ColumnType::Int,
+            "float" => ColumnType::Float,
+            "decimal" => ColumnType::Decimal,
+            "text" => ColumnType::Text,
+            "bytes" => ColumnType::Bytes,
+            "bool" => ColumnType::Bool,
+            _ => ColumnType::Other,
+        }
+    }
 }
 
 impl Watch {
@@ -89,6 +136,7 @@ impl Watch {
             table: table.into(),
             columns: columns.into_iter().map(Into::into).collect(),
             key: Vec::new(),
+            types: Vec::new(),
         }
     }
 
