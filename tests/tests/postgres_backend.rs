@@ -1512,7 +1512,9 @@ fn log_count(db: &str, log: &str) -> i64 {
         .get(0)
 }
 
-const EVICTED: &str = "consumer mx1/stale was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again";
+/// The SDK's sentence for an evicted consumer, the same on every backend.
+const EVICTED: &str =
+    "consumer mx1/stale was evicted (unseen longer than consumer_ttl); it must register again";
 
 #[test]
 fn an_evicted_consumer_releases_pruning_and_must_register_again() {

@@ -40,9 +40,23 @@ impl Setup {
 
     /// Write the config for daemon `mx1` on `url`; `handlers`: (name, table, columns).
     fn config(&self, url: &str, handlers: &[(&str, &str, &[&str])]) -> PathBuf {
+        self.config_with_key(url, handlers, None)
+    }
+
+    /// [`Setup::config`] with `[table.NAME] key = ["id"]` for `keyed`: a table without a
+    /// primary key (a partitioned one without the partition column in a key).
+    fn config_with_key(
+        &self,
+        url: &str,
+        handlers: &[(&str, &str, &[&str])],
+        keyed: Option<&str>,
+    ) -> PathBuf {
         let mut text = format!(
             "[database]\nurl = {url:?}\n\n[daemon]\nname = \"mx1\"\nprune_interval_ms = 100\n\n"
         );
+        if let Some(table) = keyed {
+            text.push_str(&format!("[table.{table}]\nkey = [\"id\"]\n\n"));
+        }
         for (name, table, columns) in handlers {
             text.push_str(&recorder_handler(name, &self.out(name), table, columns, ""));
         }
@@ -193,7 +207,11 @@ fn truncating_a_partitioned_table_or_one_partition_is_delivered_as_deletes() {
          INSERT INTO mail_users VALUES (1, 'mx1', 'alice'), (2, 'mx2', 'bob');",
     );
     let s = Setup::new();
-    s.config(&url, &[("rec", "mail_users", &["id", "username"])]);
+    s.config_with_key(
+        &url,
+        &[("rec", "mail_users", &["id", "username"])],
+        Some("mail_users"),
+    );
     let d = s.start();
     let mut c = PgServer::shared().client("noloss_truncate_parts");
     c.batch_execute("TRUNCATE mail_users_mx1")
@@ -403,9 +421,10 @@ fn a_row_moved_to_another_partition_arrives_as_one_update() {
          INSERT INTO mail_users VALUES (1, 'mx1', 'alice'), (2, 'mx1', 'bob'), (3, 'mx1', 'carol'), (4, 'mx2', 'dave');",
     );
     let s = Setup::new();
-    s.config(
+    s.config_with_key(
         &url,
         &[("rec", "mail_users", &["id", "server", "username"])],
+        Some("mail_users"),
     );
     let d = s.start();
     let mut c = PgServer::shared().client("noloss_partitions");
@@ -469,7 +488,11 @@ fn a_move_that_changes_no_watched_column_is_no_change() {
          INSERT INTO boxes VALUES (1, 'mx1', 'alice'), (2, 'mx1', 'bob');",
     );
     let s = Setup::new();
-    s.config(&url, &[("rec", "boxes", &["id", "username"])]);
+    s.config_with_key(
+        &url,
+        &[("rec", "boxes", &["id", "username"])],
+        Some("boxes"),
+    );
     let d = s.start();
     let mut c = PgServer::shared().client("noloss_partition_quiet");
     c.batch_execute(
