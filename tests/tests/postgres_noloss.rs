@@ -786,3 +786,61 @@ fn prune_never_deletes_what_a_consumer_being_registered_still_needs() {
         "h2 registered before the row committed, so it must get it"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// SDK 0.2: what a handler receives besides the values
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn the_handler_receives_the_key_stable_id_transaction_commit_order_and_schema() {
+    let url = database(
+        "noloss_change_fields",
+        "CREATE SCHEMA app;
+         CREATE TABLE app.members (org int, member int, role text, PRIMARY KEY (member, org));",
+    );
+    let s = Setup::new();
+    // The handler watches no key column: the key comes all the same.
+    s.config(&url, &[("rec", "app.members", &["role"])]);
+    let d = s.start();
+    let mut c = PgServer::shared().client("noloss_change_fields");
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO app.members VALUES (7, 1, 'admin');
+         INSERT INTO app.members VALUES (7, 2, 'user');
+         COMMIT;
+         UPDATE app.members SET member = 3 WHERE member = 1;",
+    )
+    .expect("writes");
+    let lines = wait_for(&s.out("rec"), 3, &d);
+    let keys: Vec<(Value, Value)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["key"].clone(),
+                l.get("old_key").cloned().unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            (json!({"member": 1, "org": 7}), Value::Null),
+            (json!({"member": 2, "org": 7}), Value::Null),
+            (
+                json!({"member": 3, "org": 7}),
+                json!({"member": 1, "org": 7})
+            ),
+        ],
+        "{lines:#?}"
+    );
+    for l in &lines {
+        assert_eq!(l["schema"], "app", "{l}");
+        assert_eq!(l["table"], "app.members", "{l}");
+        let stable = l["stable_id"].as_str().expect("stable_id");
+        assert!(stable.ends_with(&format!("-{}", l["id"])), "{l}");
+        assert!(l["commit_seq"].is_i64() && l["txid"].is_i64(), "{l}");
+    }
+    assert_eq!(lines[0]["txid"], lines[1]["txid"]);
+    assert_ne!(lines[1]["txid"], lines[2]["txid"]);
+    assert!(lines[0]["commit_seq"].as_i64() <= lines[2]["commit_seq"].as_i64());
+}

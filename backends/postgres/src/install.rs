@@ -487,7 +487,7 @@ impl PgInstaller<'_> {
             // In one statement with reading the sequence, so that ids handed out
             // meanwhile are not handed out again.
             plan.push(format!(
-                "SELECT pg_catalog.setval({seq}, pg_catalog.greatest({used}, last_value)) FROM {}",
+                "SELECT pg_catalog.setval({seq}, GREATEST({used}, last_value)) FROM {}",
                 self.q("change_id"),
                 seq = quote_literal(&self.q("change_id")),
             ));

@@ -234,7 +234,8 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
             else {
                 continue;
             };
-            if seen.contains(&name) {
+            // A log dropped by hand is reported above and holds nothing.
+            if seen.contains(&name) || logs.missing.contains(name) {
                 continue;
             }
             seen.push(name);
