@@ -57,7 +57,7 @@ struct RawOptions {
     fallback_poll_ms: Option<u64>,
 }
 
-/// When the capture triggers send their `NOTIFY` wake-up; see [`crate::listener`] for the
+/// When the capture triggers send their `NOTIFY` wake-up; see [`crate::wake`] for the
 /// trade-off. The option takes effect on the triggers at `install`; the reading side is
 /// the same for `Always` and `WhenIdle`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,7 @@ impl NotifyMode {
     }
 
     /// The default for `fallback_poll_ms`. With `WhenIdle` it bounds how late a wake-up
-    /// that lost the race described in [`crate::listener`] can be, so it is short.
+    /// that lost the race described in [`crate::wake`] can be, so it is short.
     fn default_fallback_poll_ms(self) -> u64 {
         match self {
             NotifyMode::Always => 10_000,
