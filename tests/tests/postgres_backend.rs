@@ -2458,10 +2458,13 @@ fn a_table_without_a_primary_key_is_refused_naming_the_fix_and_works_with_a_conf
     }
     assert!(!schema_exists(&db, "epidemic"));
 
-    // With a configured key the table is captured, the key with every change.
-    let configured = [keyed("boxes", &["size"], &["owner", "path"])];
+    // With a configured key the table is captured, the key with every change. A key
+    // column is found as SQL reads an unquoted name (`PATH` is `path`), and comes back
+    // in the catalog's spelling.
+    let configured = [keyed("boxes", &["size"], &["owner", "PATH"])];
+    let configured = b.resolve(&configured).expect("resolve");
     assert_eq!(
-        b.resolve(&configured).expect("resolve")[0].key,
+        configured[0].key,
         vec!["owner".to_owned(), "path".to_owned()]
     );
     let (mut b, c) = setup(&url, &configured, "boxes");

@@ -6,8 +6,10 @@
 //! the columns the config names (`[table.NAME] key = [..]`), checked to exist, or else the
 //! table's primary key, in the key's own column order. A table with neither is refused
 //! with one line naming the table and the config fix. PostgreSQL's names are
-//! case-sensitive as the catalog spells them (quoted identifiers everywhere), so the
-//! spelling the config gives is the catalog's or nothing.
+//! case-sensitive as the catalog spells them (Epidemic quotes every identifier), so a
+//! table or watched column is the catalog's spelling or nothing; a configured key column
+//! is also found as SQL would read it unquoted (`A` is the column `a`), and returned in
+//! the catalog's spelling.
 //!
 //! Not here: Epidemic's own tables (see [`crate::registry`]).
 
@@ -85,10 +87,14 @@ impl UserTable {
             .map(|c| {
                 let column = Ident::parse("column", c)?;
                 if self.columns.contains_key(column.as_str()) {
-                    Ok(column)
-                } else {
-                    Err(kit::no_such_key_column(table, c).into())
+                    return Ok(column);
                 }
+                // As SQL reads the name unquoted: `A` is the column `a`.
+                let folded = column.as_str().to_ascii_lowercase();
+                if self.columns.contains_key(&folded) {
+                    return Ok(Ident::internal(folded));
+                }
+                Err(kit::no_such_key_column(table, c).into())
             })
             .collect()
     }
