@@ -2857,3 +2857,34 @@ fn transactions_commit_order_and_schemas_come_with_every_change() {
     assert!(seqs.windows(2).all(|p| p[0] <= p[1]), "{seqs:?}");
     assert!(seqs[3] < seqs[4] && seqs[4] < seqs[5], "{seqs:?}");
 }
+
+#[test]
+fn a_transaction_left_open_elsewhere_does_not_hold_back_pruning() {
+    let (url, db) = database(
+        "prune_open_tx",
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         CREATE TABLE other (id int);",
+    );
+    let (mut b, c) = setup(&url, &[watch("users", &["name"])], "h");
+    let late = consumer("late");
+    b.register(&late, &["users".into()], StartFrom::Oldest)
+        .expect("register");
+    // An unrelated transaction with a transaction id, open before the changes and
+    // until the end: every snapshot's xmin stays below it.
+    let mut open_tx = PgServer::shared().client(&db);
+    open_tx
+        .batch_execute("BEGIN; INSERT INTO other VALUES (1)")
+        .expect("open a transaction");
+    insert_users(&db, 0..3);
+    assert_eq!(drain_until(&mut b, &c, 3, Duration::from_secs(10)).len(), 3);
+    assert_eq!(b.prune().expect("prune"), 0, "late has handled nothing");
+    assert_eq!(
+        drain_until(&mut b, &late, 3, Duration::from_secs(10)).len(),
+        3
+    );
+    // Both consumers' snapshots show the three transactions as committed: they go,
+    // although the open transaction is older.
+    assert_eq!(b.prune().expect("prune"), 3);
+    assert_eq!(log_count(&db, "log_users"), 0);
+    open_tx.batch_execute("COMMIT").expect("commit");
+}
