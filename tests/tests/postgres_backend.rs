@@ -1512,7 +1512,9 @@ fn log_count(db: &str, log: &str) -> i64 {
         .get(0)
 }
 
-const EVICTED: &str = "consumer mx1/stale was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again";
+/// The SDK's sentence for an evicted consumer, the same on every backend.
+const EVICTED: &str =
+    "consumer mx1/stale was evicted (unseen longer than consumer_ttl); it must register again";
 
 #[test]
 fn an_evicted_consumer_releases_pruning_and_must_register_again() {
@@ -2317,4 +2319,572 @@ fn no_password_reaches_a_message_or_the_status() {
         "status",
         &serde_json::to_string(&b.status().expect("status")).expect("json"),
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// SDK 0.2: keys, stable ids, transactions, commit order, schemas
+// ---------------------------------------------------------------------------------------
+
+fn keyed(table: &str, columns: &[&str], key: &[&str]) -> Watch {
+    Watch {
+        key: key.iter().map(|c| c.to_string()).collect(),
+        ..watch(table, columns)
+    }
+}
+
+/// (table, op, key, old key) of a change with integer keys.
+type KeyedChange = (String, Op, Vec<i64>, Option<Vec<i64>>);
+
+fn ints(values: &[Value]) -> Vec<i64> {
+    values.iter().map(|v| int(Some(v))).collect()
+}
+
+#[test]
+fn single_and_composite_primary_keys_come_with_every_change_even_an_update_of_the_key_alone() {
+    let (url, db) = database(
+        "pkeys",
+        "CREATE TABLE users (id int PRIMARY KEY, name text, quota int);
+         CREATE TABLE members (org int, member int, role text, note text, PRIMARY KEY (member, org));",
+    );
+    let mut b = open(&url);
+    // The handlers watch no key column; resolve fills in each table's primary key, in
+    // key order (not column order).
+    let asked = [watch("users", &["quota"]), watch("members", &["role"])];
+    let resolved = b.resolve(&asked).expect("resolve");
+    assert_eq!(resolved[0].key, vec!["id".to_owned()]);
+    assert_eq!(resolved[1].key, vec!["member".to_owned(), "org".to_owned()]);
+    assert_eq!(resolved[1].columns, vec!["role".to_owned()]);
+    // install without keys finds them itself (a DBA's `epidemic sql` path).
+    b.install(&asked).expect("install");
+    let c = consumer("keys");
+    b.register(&c, &["users".into(), "members".into()], StartFrom::Oldest)
+        .expect("register");
+
+    let mut w = PgServer::shared().client(&db);
+    w.batch_execute(
+        "INSERT INTO users VALUES (1, 'ann', 10);
+         UPDATE users SET quota = 20 WHERE id = 1;
+         UPDATE users SET id = 2 WHERE id = 1;
+         UPDATE users SET name = 'anna' WHERE id = 2;
+         DELETE FROM users WHERE id = 2;
+         INSERT INTO members VALUES (7, 1, 'admin', 'x');
+         UPDATE members SET member = 2 WHERE member = 1;
+         UPDATE members SET role = 'user' WHERE member = 2;
+         DELETE FROM members;",
+    )
+    .expect("write");
+    let got = drain_until(&mut b, &c, 8, Duration::from_secs(10));
+    let summary: Vec<KeyedChange> = got
+        .iter()
+        .map(|ch| {
+            (
+                ch.table.clone(),
+                ch.op,
+                ints(&ch.key),
+                ch.old_key.as_deref().map(ints),
+            )
+        })
+        .collect();
+    // The update of `name` (neither key nor watched) is no change; the update of the
+    // key alone is.
+    assert_eq!(
+        summary,
+        vec![
+            ("users".into(), Op::Insert, vec![1], None),
+            ("users".into(), Op::Update, vec![1], None),
+            ("users".into(), Op::Update, vec![2], Some(vec![1])),
+            ("users".into(), Op::Delete, vec![2], None),
+            ("members".into(), Op::Insert, vec![1, 7], None),
+            ("members".into(), Op::Update, vec![2, 7], Some(vec![1, 7])),
+            ("members".into(), Op::Update, vec![2, 7], None),
+            ("members".into(), Op::Delete, vec![2, 7], None),
+        ]
+    );
+    assert_eq!(&*got[0].key_columns, &["id".to_owned()]);
+    assert_eq!(
+        &*got[4].key_columns,
+        &["member".to_owned(), "org".to_owned()]
+    );
+    // The captured columns: the key first, then the watched ones.
+    assert_eq!(&*got[0].columns, &["id".to_owned(), "quota".to_owned()]);
+    assert_eq!(
+        &*got[4].columns,
+        &["member".to_owned(), "org".to_owned(), "role".to_owned()]
+    );
+    assert_eq!(got[2].key_value("id"), Some(&Value::Int(2)));
+    assert!(got[2].key_changed() && !got[1].key_changed());
+}
+
+/// One line naming the table and the `key = [..]` fix.
+fn assert_no_key_refusal(err: &BackendError, table: &str) {
+    let BackendError::Invalid(m) = err else {
+        panic!("expected Invalid, got {err:?}");
+    };
+    assert!(!m.contains('\n'), "one line: {m}");
+    assert!(
+        m.contains(&format!("table {table} has no primary key")),
+        "{m}"
+    );
+    assert!(m.contains(&format!("[table.{table}] key = [")), "{m}");
+}
+
+#[test]
+fn a_table_without_a_primary_key_is_refused_naming_the_fix_and_works_with_a_configured_key() {
+    let (url, db) = database(
+        "nokey",
+        "CREATE TABLE boxes (owner text NOT NULL, path text NOT NULL, size int);
+         CREATE TABLE users (id int PRIMARY KEY, name text);",
+    );
+    let mut b = open(&url);
+    let bare = [watch("users", &["name"]), watch("boxes", &["size"])];
+    assert_no_key_refusal(&b.resolve(&bare).expect_err("resolve"), "boxes");
+    assert_no_key_refusal(&b.plan_install(&bare).expect_err("plan"), "boxes");
+    assert_no_key_refusal(&b.install(&bare).expect_err("install"), "boxes");
+    assert!(
+        !schema_exists(&db, "epidemic"),
+        "a refused install creates nothing"
+    );
+
+    // Key columns that do not exist are refused, naming the column.
+    let wrong = [keyed("boxes", &["size"], &["owner", "nope"])];
+    for err in [
+        b.resolve(&wrong).expect_err("resolve"),
+        b.install(&wrong).expect_err("install"),
+    ] {
+        let BackendError::Invalid(m) = &err else {
+            panic!("expected Invalid, got {err:?}");
+        };
+        assert!(m.contains("table boxes has no column nope"), "{m}");
+    }
+    assert!(!schema_exists(&db, "epidemic"));
+
+    // With a configured key the table is captured, the key with every change. A key
+    // column is found as SQL reads an unquoted name (`PATH` is `path`), and comes back
+    // in the catalog's spelling.
+    let configured = [keyed("boxes", &["size"], &["owner", "PATH"])];
+    let configured = b.resolve(&configured).expect("resolve");
+    assert_eq!(
+        configured[0].key,
+        vec!["owner".to_owned(), "path".to_owned()]
+    );
+    let (mut b, c) = setup(&url, &configured, "boxes");
+    let mut w = PgServer::shared().client(&db);
+    w.batch_execute(
+        "INSERT INTO boxes VALUES ('ann', '/a', 1);
+         UPDATE boxes SET path = '/b';",
+    )
+    .expect("write");
+    let got = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        &*got[1].key_columns,
+        &["owner".to_owned(), "path".to_owned()]
+    );
+    assert_eq!(got[1].key, vec![Value::from("ann"), Value::from("/b")]);
+    assert_eq!(
+        got[1].old_key,
+        Some(vec![Value::from("ann"), Value::from("/a")])
+    );
+}
+
+#[test]
+fn the_daemon_refuses_a_table_without_a_key_in_one_line_and_takes_the_configured_one() {
+    let (url, db) = database(
+        "nokey_cli",
+        "CREATE TABLE boxes (owner text NOT NULL, path text NOT NULL, size int)",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("rec.jsonl");
+    let handler = epidemic_tests::recorder_handler("rec", &out, "boxes", &["owner", "size"], "");
+    let config = dir.path().join("epidemic.toml");
+    let write_config = |table_section: &str| {
+        std::fs::write(
+            &config,
+            format!("[database]\nurl = {url:?}\n\n{table_section}{handler}"),
+        )
+        .expect("config");
+    };
+
+    write_config("");
+    for command in ["install", "sql"] {
+        let run = epidemic(&config, &[command]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{command}: {stderr}");
+        let reason: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("no primary key"))
+            .collect();
+        assert_eq!(reason.len(), 1, "{command}: {stderr}");
+        assert!(
+            reason[0].contains("table boxes has no primary key")
+                && reason[0].contains("[table.boxes] key = ["),
+            "{command}: {stderr}"
+        );
+    }
+    assert!(!schema_exists(&db, "epidemic"));
+
+    write_config("[table.boxes]\nkey = [\"owner\", \"missing\"]\n\n");
+    let run = epidemic(&config, &["install"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("table boxes has no column missing"),
+        "{stderr}"
+    );
+
+    write_config("[table.boxes]\nkey = [\"owner\", \"path\"]\n\n");
+    let run = epidemic(&config, &["install"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let key: Vec<String> = PgServer::shared()
+        .client(&db)
+        .query_one(
+            "SELECT key_columns FROM epidemic.watched_table WHERE table_name = 'boxes'",
+            &[],
+        )
+        .expect("registry")
+        .get(0);
+    assert_eq!(key, ["owner", "path"]);
+}
+
+#[test]
+fn a_changed_key_is_captured_from_then_on_loses_nothing_and_a_dropped_key_column_is_drift() {
+    let (url, db) = database(
+        "rekey",
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)",
+    );
+    let (mut b, c) = setup(&url, &[watch("users", &["name"])], "h");
+    let mut w = PgServer::shared().client(&db);
+    w.execute("INSERT INTO users VALUES (1, 'a@x', 'ann')", &[])
+        .expect("insert");
+    // The next install names another key: it is recorded and captured from then on.
+    let plan = b
+        .install(&[keyed("users", &["name"], &["email"])])
+        .expect("install with another key");
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("SET key_columns = ARRAY['email']")),
+        "{plan:#?}"
+    );
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("ADD COLUMN IF NOT EXISTS \"old_email\"")),
+        "{plan:#?}"
+    );
+    w.batch_execute(
+        "INSERT INTO users VALUES (2, 'b@x', 'bob');
+         UPDATE users SET email = 'bob@x' WHERE id = 2;",
+    )
+    .expect("write");
+    let got = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    assert_eq!(got.len(), 3, "nothing lost across the key change: {got:#?}");
+    assert_eq!(&*got[2].key_columns, &["email".to_owned()]);
+    // Logged before email was captured: the log has no value for it.
+    assert_eq!(got[0].key, vec![Value::Null]);
+    assert_eq!(got[1].key, vec![Value::from("b@x")]);
+    assert_eq!(got[2].key, vec![Value::from("bob@x")]);
+    assert_eq!(got[2].old_key, Some(vec![Value::from("b@x")]));
+    // The same install again changes nothing about the key.
+    let again = b
+        .install(&[keyed("users", &["name"], &["email"])])
+        .expect("install again");
+    assert!(
+        again.iter().all(|s| !s.contains("SET key_columns")),
+        "{again:#?}"
+    );
+
+    // A key column dropped with CASCADE (which takes the triggers along) is drift.
+    w.batch_execute("ALTER TABLE users DROP COLUMN email CASCADE")
+        .expect("drop the key column");
+    let problems = table_status(&b.status().expect("status"), "users")
+        .problems
+        .clone();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("key column email of table users no longer exists")),
+        "{problems:#?}"
+    );
+}
+
+/// The stable ids of the changes, and the identity part (before the `-`).
+fn stable_ids(changes: &[Change]) -> Vec<String> {
+    changes.iter().map(|c| c.stable_id.clone()).collect()
+}
+
+fn identity(change: &Change) -> String {
+    let (identity, id) = change
+        .stable_id
+        .rsplit_once('-')
+        .unwrap_or_else(|| panic!("stable id {:?}", change.stable_id));
+    assert_eq!(id, change.id.to_string(), "{}", change.stable_id);
+    assert_eq!(identity.len(), 16, "{}", change.stable_id);
+    identity.to_owned()
+}
+
+fn insert_users(db: &str, ids: std::ops::Range<i32>) {
+    let mut w = PgServer::shared().client(db);
+    for i in ids {
+        w.execute("INSERT INTO users VALUES ($1, 'u')", &[&i])
+            .expect("insert");
+    }
+}
+
+#[test]
+fn stable_ids_survive_redelivery_and_are_not_reused_after_uninstall_and_install() {
+    let (url, db) = database(
+        "stable_uninstall",
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let watches = [watch("users", &["name"])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 0..3);
+    // A batch fetched again (not acknowledged: a crash) carries the same stable ids.
+    let first = wait_fetch(&mut b, &c, 3);
+    let mut other = open(&url);
+    let again = other.fetch(&c, 10).expect("fetch again");
+    assert_eq!(stable_ids(&again.changes), stable_ids(&first.changes));
+    let before = drain(&mut b, &c, 10);
+    assert_eq!(stable_ids(&before), stable_ids(&first.changes));
+
+    b.uninstall().expect("uninstall");
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 3..6);
+    let after = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    // The sequence started over with the schema: the same ids, another log identity.
+    assert_eq!(
+        after.iter().map(|c| c.id).collect::<Vec<_>>(),
+        before.iter().map(|c| c.id).collect::<Vec<_>>()
+    );
+    assert_ne!(identity(&after[0]), identity(&before[0]));
+    let old: HashSet<String> = stable_ids(&before).into_iter().collect();
+    assert!(stable_ids(&after).iter().all(|s| !old.contains(s)));
+}
+
+/// Fetch until a batch with `n` changes arrives (not acknowledged).
+fn wait_fetch(b: &mut HostBackend, c: &Consumer, n: usize) -> epidemic_plugin_sdk::backend::Batch {
+    let mut batch = Default::default();
+    assert!(wait_until(Duration::from_secs(10), || {
+        batch = b.fetch(c, 100).expect("fetch");
+        batch.changes.len() >= n
+    }));
+    batch
+}
+
+#[test]
+fn a_log_table_dropped_or_recreated_by_hand_gets_a_new_identity_at_the_next_install() {
+    let (url, db) = database(
+        "stable_droplog",
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let watches = [watch("users", &["name"])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 0..2);
+    let first = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    let mut seen: HashSet<String> = stable_ids(&first).into_iter().collect();
+    let mut identities = vec![identity(&first[0])];
+    let mut admin = PgServer::shared().client(&db);
+
+    // Dropped: writes to the table fail and status says so until install creates it.
+    admin
+        .batch_execute("DROP TABLE epidemic.log_users")
+        .expect("drop the log");
+    assert!(admin
+        .execute("INSERT INTO users VALUES (100, 'lost')", &[])
+        .is_err());
+    let problems = table_status(&b.status().expect("status"), "users")
+        .problems
+        .clone();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("log table epidemic.log_users of users is missing")),
+        "{problems:#?}"
+    );
+    let plan = b.install(&watches).expect("install");
+    assert!(
+        plan.iter()
+            .any(|s| s.starts_with("CREATE TABLE IF NOT EXISTS \"epidemic\".\"log_users\"")),
+        "{plan:#?}"
+    );
+    assert!(table_status(&b.status().expect("status"), "users")
+        .problems
+        .is_empty());
+    insert_users(&db, 2..4);
+    let second = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    identities.push(identity(&second[0]));
+
+    // Re-created by hand (as a restore would): another table under the log's name.
+    admin
+        .batch_execute(
+            "CREATE TABLE epidemic.copy (LIKE epidemic.log_users INCLUDING ALL);
+             DROP TABLE epidemic.log_users;
+             ALTER TABLE epidemic.copy RENAME TO log_users;",
+        )
+        .expect("re-create the log by hand");
+    let problems = table_status(&b.status().expect("status"), "users")
+        .problems
+        .clone();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("is not the one Epidemic created")),
+        "{problems:#?}"
+    );
+    b.install(&watches).expect("install");
+    assert!(table_status(&b.status().expect("status"), "users")
+        .problems
+        .is_empty());
+    insert_users(&db, 4..6);
+    let third = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    identities.push(identity(&third[0]));
+
+    let distinct: HashSet<&String> = identities.iter().collect();
+    assert_eq!(distinct.len(), 3, "{identities:?}");
+    for s in stable_ids(&second).into_iter().chain(stable_ids(&third)) {
+        assert!(seen.insert(s.clone()), "stable id {s} handed out twice");
+    }
+}
+
+#[test]
+fn a_sequence_set_back_is_reported_and_install_moves_it_past_every_id_used() {
+    let (url, db) = database(
+        "stable_sequence",
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let watches = [watch("users", &["name"])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 0..3);
+    let before = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    // Everything handled is pruned: the log is empty, only the record of what was
+    // pruned remembers the ids. Idle fetches move the cursor past transactions that
+    // other tests' keep open on this server.
+    assert!(wait_until(Duration::from_secs(30), || {
+        assert!(b.fetch(&c, 100).expect("fetch").changes.is_empty());
+        b.prune().expect("prune");
+        log_count(&db, "log_users") == 0
+    }));
+    PgServer::shared()
+        .client(&db)
+        .batch_execute("ALTER SEQUENCE epidemic.change_id RESTART")
+        .expect("restart the sequence");
+    let warnings = b.status().expect("status").warnings;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("change id sequence epidemic.change_id is behind id")),
+        "{warnings:#?}"
+    );
+    b.install(&watches).expect("install");
+    assert!(b.status().expect("status").warnings.is_empty());
+    insert_users(&db, 3..6);
+    let after = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    let top = before.iter().map(|c| c.id).max().unwrap_or(0);
+    assert!(after.iter().all(|c| c.id > top), "{after:#?}");
+    let old: HashSet<String> = stable_ids(&before).into_iter().collect();
+    assert!(stable_ids(&after).iter().all(|s| !old.contains(s)));
+}
+
+#[test]
+fn transactions_commit_order_and_schemas_come_with_every_change() {
+    let (url, db) = database(
+        "txids",
+        "CREATE SCHEMA app;
+         CREATE TABLE app.users (id int PRIMARY KEY, name text);
+         CREATE TABLE boxes (id int PRIMARY KEY, size int);",
+    );
+    let (mut b, c) = setup(
+        &url,
+        &[watch("app.users", &["name"]), watch("boxes", &["size"])],
+        "h",
+    );
+    let caps = b.capabilities();
+    assert!(caps.transaction_ids && caps.commit_order && caps.schemas);
+
+    let server = PgServer::shared();
+    let mut w = server.client(&db);
+    // A transaction over both tables, then one on its own.
+    w.batch_execute(
+        "BEGIN;
+         INSERT INTO app.users VALUES (1, 'ann');
+         INSERT INTO boxes VALUES (1, 10);
+         UPDATE app.users SET name = 'anna' WHERE id = 1;
+         COMMIT;
+         INSERT INTO boxes VALUES (2, 20);",
+    )
+    .expect("write");
+    let first = drain_until(&mut b, &c, 4, Duration::from_secs(10));
+    assert_eq!(first.len(), 4);
+    let schemas: Vec<(&str, Option<&str>)> = first
+        .iter()
+        .map(|ch| (ch.table.as_str(), ch.schema.as_deref()))
+        .collect();
+    assert_eq!(
+        schemas,
+        vec![
+            ("app.users", Some("app")),
+            ("boxes", Some("public")),
+            ("app.users", Some("app")),
+            ("boxes", Some("public")),
+        ]
+    );
+    let txids: Vec<i64> = first.iter().map(|ch| ch.txid.expect("txid")).collect();
+    assert!(txids[0] == txids[1] && txids[1] == txids[2], "{txids:?}");
+    assert_ne!(txids[2], txids[3]);
+
+    // T1 takes its transaction id first but commits after T2, with a fetch between:
+    // commit order, not transaction id order, decides `commit_seq`.
+    let mut t1 = server.client(&db);
+    t1.batch_execute("BEGIN; INSERT INTO boxes VALUES (3, 30)")
+        .expect("t1");
+    w.execute("INSERT INTO boxes VALUES (4, 40)", &[])
+        .expect("t2");
+    let t2 = drain_until(&mut b, &c, 1, Duration::from_secs(10));
+    assert_eq!(t2.len(), 1);
+    t1.batch_execute("COMMIT").expect("commit t1");
+    let t1 = drain_until(&mut b, &c, 1, Duration::from_secs(10));
+    assert_eq!(t1.len(), 1);
+    assert!(t1[0].txid < t2[0].txid);
+
+    let delivered: Vec<&Change> = first.iter().chain(&t2).chain(&t1).collect();
+    let seqs: Vec<i64> = delivered
+        .iter()
+        .map(|ch| ch.commit_seq.expect("commit_seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|p| p[0] <= p[1]), "{seqs:?}");
+    assert!(seqs[3] < seqs[4] && seqs[4] < seqs[5], "{seqs:?}");
+}
+
+#[test]
+fn a_transaction_left_open_elsewhere_does_not_hold_back_pruning() {
+    let (url, db) = database(
+        "prune_open_tx",
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         CREATE TABLE other (id int);",
+    );
+    let (mut b, c) = setup(&url, &[watch("users", &["name"])], "h");
+    let late = consumer("late");
+    b.register(&late, &["users".into()], StartFrom::Oldest)
+        .expect("register");
+    // An unrelated transaction with a transaction id, open before the changes and
+    // until the end: every snapshot's xmin stays below it.
+    let mut open_tx = PgServer::shared().client(&db);
+    open_tx
+        .batch_execute("BEGIN; INSERT INTO other VALUES (1)")
+        .expect("open a transaction");
+    insert_users(&db, 0..3);
+    assert_eq!(drain_until(&mut b, &c, 3, Duration::from_secs(10)).len(), 3);
+    assert_eq!(b.prune().expect("prune"), 0, "late has handled nothing");
+    assert_eq!(
+        drain_until(&mut b, &late, 3, Duration::from_secs(10)).len(),
+        3
+    );
+    // Both consumers' snapshots show the three transactions as committed: they go,
+    // although the open transaction is older.
+    assert_eq!(b.prune().expect("prune"), 3);
+    assert_eq!(log_count(&db, "log_users"), 0);
+    open_tx.batch_execute("COMMIT").expect("commit");
 }
