@@ -759,6 +759,7 @@ fn update_trigger_is_null_safe_and_skips_unwatched_columns() {
     assert_eq!(
         ins.new.as_deref().unwrap(),
         [
+            Value::Int(1),
             Value::Text("ann".into()),
             Value::Null,
             Value::Text("9.50".into()),
@@ -851,7 +852,11 @@ fn install_is_idempotent_merges_columns_and_uninstall_removes_everything() {
     );
     conn.query_drop("UPDATE users SET b = 2").unwrap();
     let got = collect(&mut b, &c, 1, WAIT);
-    assert_eq!(&got[0].columns[..], ["a", "b"]);
+    assert_eq!(
+        &got[0].columns[..],
+        ["id", "a", "b"],
+        "the key is captured first"
+    );
     assert_eq!(got[0].new_value("b"), Some(&Value::Int(2)));
 
     let plan = b.plan_uninstall().unwrap();
