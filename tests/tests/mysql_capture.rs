@@ -693,3 +693,86 @@ fn cascades_of_parent_rows_an_ignore_statement_skipped_are_not_changes() {
     let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
     assert_eq!(tables.len(), 3, "{tables:?}");
 }
+
+/// The `epidemic` binary end to end on a table without a primary key: `install`, `sql`
+/// and `run` refuse it with one line naming the table and the `key = [..]` fix; a
+/// configured key column that does not exist is refused by name; with `[table.NAME] key`
+/// the daemon delivers its changes with that key.
+#[test]
+fn a_table_without_a_primary_key_is_refused_until_the_config_names_its_key() {
+    let (url, mut conn) = database(
+        "cap_no_key",
+        "CREATE TABLE forwards (address VARCHAR(100) NOT NULL, target VARCHAR(100) NOT NULL) ENGINE=InnoDB",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(dir, &url, &[("rec", "forwards", &["target"])]);
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    for args in [&["install"][..], &["sql"], &["run"]] {
+        let out = epidemic(&cfg, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "epidemic {args:?} accepted it:\n{stderr}"
+        );
+        let line = stderr.trim();
+        assert!(
+            line.contains("table forwards has no primary key")
+                && line.contains("[table.forwards] key = [")
+                && !line.contains('\n'),
+            "epidemic {args:?}:\n{stderr}"
+        );
+    }
+    let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+    assert_eq!(tables, ["forwards"], "nothing may be created");
+
+    std::fs::write(
+        &cfg,
+        format!("{base}\n[table.forwards]\nkey = [\"address\", \"nope\"]\n"),
+    )
+    .unwrap();
+    let out = epidemic(&cfg, &["install"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("[table.forwards] key: table forwards has no column nope"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &cfg,
+        format!("{base}\n[table.forwards]\nkey = [\"Address\"]\n"),
+    )
+    .unwrap();
+    let _d = start(&cfg, dir);
+    let file = dir.join("rec.jsonl");
+    conn.query_drop("INSERT INTO forwards VALUES ('ann@example.org', 'ann@elsewhere.org')")
+        .unwrap();
+    conn.query_drop("UPDATE forwards SET address = 'anna@example.org'")
+        .unwrap();
+    let lines = wait_recorded(&file, 2, WAIT);
+    assert_eq!(
+        lines[0]["key"],
+        json!({"address": "ann@example.org"}),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[0]["new"],
+        json!({"target": "ann@elsewhere.org"}),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1]["op"], "UPDATE",
+        "an update of the key alone: {lines:?}"
+    );
+    assert_eq!(
+        lines[1]["key"],
+        json!({"address": "anna@example.org"}),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1]["old_key"],
+        json!({"address": "ann@example.org"}),
+        "{lines:?}"
+    );
+}
