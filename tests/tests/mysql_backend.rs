@@ -1566,3 +1566,53 @@ fn a_log_table_dropped_by_hand_and_made_again_loses_nothing_and_reuses_no_stable
     }
     assert_eq!(cursor(&mut conn, &c, "items").0, after[1].id);
 }
+
+/// A database installed by the version before keys and stable ids (a registry without
+/// `key_columns`/`log_identity`, logs without the key's columns): `status` says so, the
+/// next install brings it up to date in place, and the changes after it carry the key
+/// and a stable id; the cursors keep their position.
+#[test]
+fn an_install_of_the_previous_version_is_brought_up_to_date() {
+    let (url, mut conn) = database("upgrade", ITEMS);
+    let c = consumer("all");
+    let w = [watch("items", &["v"])];
+    let mut reader = install_and_register(&url, &w, &c);
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('a', '1')")
+        .unwrap();
+    assert_eq!(collect(&mut reader, &c, 1, WAIT).len(), 1);
+    for stmt in [
+        "ALTER TABLE epidemic_watch DROP COLUMN key_columns, DROP COLUMN log_identity",
+        "UPDATE epidemic_watch SET `columns` = 'v'",
+        "ALTER TABLE epidemic_log_items DROP COLUMN old_k, DROP COLUMN new_k",
+    ] {
+        conn.query_drop(stmt).unwrap();
+    }
+    let status = open_ok(&url).status().unwrap();
+    assert!(
+        status.tables[0]
+            .problems
+            .iter()
+            .any(|p| p.contains("installed by an older version")),
+        "{:?}",
+        status.tables[0].problems
+    );
+    let position = cursor(&mut conn, &c, "items");
+
+    let plan = open_ok(&url).install(&w).unwrap();
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("ADD COLUMN `key_columns`") && s.contains("`log_identity`")),
+        "{plan:?}"
+    );
+    assert_eq!(cursor(&mut conn, &c, "items"), position, "the log stays");
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('b', '2')")
+        .unwrap();
+    let got = collect(&mut reader, &c, 1, WAIT);
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].key_columns[..], ["k"]);
+    assert_eq!(got[0].key, [Value::Text("b".into())]);
+    assert!(got[0].stable_id.ends_with(&format!("-{}", got[0].id)));
+    assert!(open_ok(&url).status().unwrap().tables[0]
+        .problems
+        .is_empty());
+}

@@ -19,6 +19,10 @@
 //! `AFTER` ones, so nothing has to be merged on servers with one trigger per table, event
 //! and timing; a user's BEFORE trigger on a parent there is refused with one line.
 //!
+//! The copies carry every captured column of the child, its key columns included, so a
+//! cascaded DELETE or UPDATE is a change with a key like any other (an `ON UPDATE
+//! CASCADE` of a key column gives `old_key`).
+//!
 //! Captured: direct `ON DELETE CASCADE | SET NULL` and `ON UPDATE CASCADE | SET NULL`
 //! keys, and chains of `ON DELETE CASCADE` through any number of tables (up to
 //! [`MAX_DEPTH`]), watched or not, joined from the parent row down to the watched table.

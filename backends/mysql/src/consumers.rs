@@ -219,19 +219,14 @@ pub(crate) fn load_cursors(
                 "table {table} is not watched; run `epidemic install`"
             )));
         };
-        let log = MySqlLogTable::from_row(
-            table.clone(),
-            log_table,
-            &columns,
-            key.as_deref(),
-            identity.clone(),
-        )?;
+        let log =
+            MySqlLogTable::from_row(table.clone(), log_table, &columns, key.as_deref(), identity)?;
         let gaps = GapSet::parse(&gaps, &seen).map_err(|e| {
             BackendError::Other(format!(
                 "epidemic_cursor row for {consumer} on {table} is damaged: {e}"
             ))
         })?;
-        tables.push(TableCursor::new(Arc::new(log), identity, high_water, gaps));
+        tables.push(TableCursor::new(Arc::new(log), high_water, gaps));
     }
     Ok(ConsumerCursors::new(tables))
 }

@@ -98,10 +98,9 @@ impl From<BackendError> for ReadError {
 
 /// One consumer's position in one table's log.
 pub(crate) struct TableCursor {
+    /// The table's registry entry as read together with the cursor row: its
+    /// `identity` is the log this position is in.
     pub log: Arc<MySqlLogTable>,
-    /// The identity of the log this position is in (the registry's, when the cursor row
-    /// was read together with it).
-    pub identity: Option<String>,
     /// Every id up to here is handled, except the gaps at or below it.
     pub high_water: i64,
     /// Missing ids. At or below `high_water` they are durable (`epidemic_cursor.gaps`);
@@ -126,12 +125,7 @@ fn identity_expr(table: &str) -> String {
 }
 
 impl TableCursor {
-    pub fn new(
-        log: Arc<MySqlLogTable>,
-        identity: Option<String>,
-        high_water: i64,
-        gaps: GapSet,
-    ) -> Self {
+    pub fn new(log: Arc<MySqlLogTable>, high_water: i64, gaps: GapSet) -> Self {
         let olds = log.columns.iter().map(|c| quote(&log_column("old", c)));
         let news = log.columns.iter().map(|c| quote(&log_column("new", c)));
         let select_prefix = format!(
@@ -142,7 +136,6 @@ impl TableCursor {
         );
         TableCursor {
             log,
-            identity,
             high_water,
             gaps,
             select_prefix,
@@ -193,7 +186,7 @@ impl ConsumerCursors {
             .tables
             .iter()
             .enumerate()
-            .all(|(i, t)| row.get::<Option<String>, _>(i).flatten() == t.identity))
+            .all(|(i, t)| row.get::<Option<String>, _>(i).flatten() == t.log.identity))
     }
 }
 
@@ -332,7 +325,7 @@ fn write_cursor(
             &consumer.handler,
             table,
             table,
-            &tc.identity,
+            &tc.log.identity,
         ),
     )
     .map_err(sql_err)?;
@@ -344,7 +337,7 @@ fn write_cursor(
                 (table,),
             )
             .map_err(sql_err)?;
-        if identity.flatten() != tc.identity {
+        if identity.flatten() != tc.log.identity {
             return Err(tc.stale());
         }
         ensure_live(conn, consumer, Some(table))?;
@@ -498,7 +491,7 @@ fn query_changes(conn: &mut Conn, tc: &TableCursor, sql: &str) -> Result<Vec<Cha
             Value::Text(i) => Some(i),
             _ => None,
         };
-        if identity != tc.identity {
+        if identity != tc.log.identity {
             return Err(tc.stale());
         }
         let Some(identity) = identity else {

@@ -46,7 +46,7 @@ fn probe<'a>(
     let mut parts = Vec::new();
     for cursors in consumers {
         for t in &cursors.tables {
-            highs.push((t.high_water, &t.identity));
+            highs.push((t.high_water, &t.log.identity));
             parts.push(format!(
                 "(SELECT MAX(`id`) FROM {}), \
                  (SELECT `log_identity` FROM `epidemic_watch` WHERE `source_table` = {})",
