@@ -1443,7 +1443,9 @@ fn reinstall_with_another_key_loses_nothing_and_changes_carry_the_new_key() {
         key: vec!["email".into()],
         ..watch("accounts", &["quota"])
     };
-    let plan = open_ok(&url).install(&[rekeyed.clone()]).unwrap();
+    let plan = open_ok(&url)
+        .install(std::slice::from_ref(&rekeyed))
+        .unwrap();
     assert!(
         plan.iter().any(|s| s.contains("ADD COLUMN `old_email`")),
         "{plan:?}"
