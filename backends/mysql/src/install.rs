@@ -21,7 +21,9 @@
 //! server without InnoDB fails the install instead of substituting another engine.
 //!
 //! Install only adds: columns already captured stay captured, so two daemons with
-//! different handlers never undo each other's triggers. The key is the last install's.
+//! different handlers never undo each other's triggers. The key is the last install's
+//! (two daemons configured with different keys for one table take turns); a running
+//! reader keeps the key it read with its cursors until it reads them again.
 //!
 //! # The log's identity
 //!

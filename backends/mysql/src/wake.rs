@@ -8,7 +8,7 @@ use epidemic_plugin_sdk::backend::BackendError;
 use mysql::prelude::Queryable;
 use mysql::Conn;
 
-use crate::capture::quote;
+use crate::capture::{literal, quote};
 use crate::error::sql_err;
 use crate::reader::ConsumerCursors;
 
@@ -51,7 +51,7 @@ fn probe<'a>(
                 "(SELECT MAX(`id`) FROM {}), \
                  (SELECT `log_identity` FROM `epidemic_watch` WHERE `source_table` = {})",
                 quote(&t.log.log_table),
-                crate::capture::literal(&t.log.source_table)
+                literal(&t.log.source_table)
             ));
         }
     }
