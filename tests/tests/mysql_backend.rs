@@ -584,6 +584,16 @@ fn prune_keeps_the_newest_row_so_ids_never_go_backwards() {
         ["after"]
     );
     assert!(again[0].id > first[4].id);
+    // So a restarted counter never names a change after one that was already delivered.
+    let mut stable: Vec<&str> = first
+        .iter()
+        .chain(&again)
+        .map(|c| c.stable_id.as_str())
+        .collect();
+    assert!(stable.iter().all(|s| !s.is_empty()), "{stable:?}");
+    stable.sort();
+    stable.dedup();
+    assert_eq!(stable.len(), 6, "stable ids reused: {stable:?}");
 }
 
 #[test]
@@ -759,6 +769,7 @@ fn update_trigger_is_null_safe_and_skips_unwatched_columns() {
     assert_eq!(
         ins.new.as_deref().unwrap(),
         [
+            Value::Int(1),
             Value::Text("ann".into()),
             Value::Null,
             Value::Text("9.50".into()),
@@ -851,7 +862,11 @@ fn install_is_idempotent_merges_columns_and_uninstall_removes_everything() {
     );
     conn.query_drop("UPDATE users SET b = 2").unwrap();
     let got = collect(&mut b, &c, 1, WAIT);
-    assert_eq!(&got[0].columns[..], ["a", "b"]);
+    assert_eq!(
+        &got[0].columns[..],
+        ["id", "a", "b"],
+        "the key is captured first"
+    );
     assert_eq!(got[0].new_value("b"), Some(&Value::Int(2)));
 
     let plan = b.plan_uninstall().unwrap();
@@ -1222,4 +1237,384 @@ fn drain_rate_of_a_backlog() {
         "mysql drain: {n} changes in {secs:.2} s = {:.0} changes/s (batch 500)",
         n as f64 / secs
     );
+}
+
+// Keys and stable ids (SDK 0.2).
+
+fn keys(changes: &[Change]) -> Vec<(Op, Vec<Value>, Option<Vec<Value>>)> {
+    changes
+        .iter()
+        .map(|c| (c.op, c.key.clone(), c.old_key.clone()))
+        .collect()
+}
+
+/// Every change carries the row's primary key in key order (`SEQ_IN_INDEX`, not the
+/// columns' order), whatever the handler watches; an UPDATE of the key alone is a change,
+/// and one that moves the row says where from (`old_key`).
+#[test]
+fn primary_keys_single_and_composite_are_captured_and_key_updates_give_old_key() {
+    let (url, mut conn) = database(
+        "keys",
+        "CREATE TABLE single (id INT PRIMARY KEY, v VARCHAR(20), note VARCHAR(20));
+         CREATE TABLE composite (a INT NOT NULL, b VARCHAR(10) NOT NULL, v INT, PRIMARY KEY (b, a))",
+    );
+    let c = consumer("all");
+    let watches = [watch("single", &["v"]), watch("composite", &["v"])];
+    let mut b = open_ok(&url);
+    let resolved = b.resolve(&watches).unwrap();
+    assert_eq!(resolved[0].key, ["id"]);
+    assert_eq!(resolved[1].key, ["b", "a"], "key order, not column order");
+    let caps = b.capabilities();
+    assert!(!caps.transaction_ids && !caps.commit_order && !caps.schemas);
+    b.install(&watches).unwrap();
+    b.register(
+        &c,
+        &["composite".into(), "single".into()],
+        StartFrom::Oldest,
+    )
+    .unwrap();
+
+    conn.query_drop("INSERT INTO single VALUES (1, 'x', 'n')")
+        .unwrap();
+    conn.query_drop("UPDATE single SET v = 'y'").unwrap();
+    conn.query_drop("UPDATE single SET note = 'unwatched'")
+        .unwrap();
+    conn.query_drop("UPDATE single SET id = 2").unwrap();
+    conn.query_drop("DELETE FROM single").unwrap();
+    let got: Vec<Change> = collect(&mut b, &c, 4, WAIT)
+        .into_iter()
+        .filter(|c| c.table == "single")
+        .collect();
+    use Op::*;
+    let k = |i: i64| vec![Value::Int(i)];
+    assert_eq!(
+        keys(&got),
+        [
+            (Insert, k(1), None),
+            (Update, k(1), None),
+            (Update, k(2), Some(k(1))),
+            (Delete, k(2), None),
+        ],
+        "an update of the key alone is captured, with the key before it"
+    );
+    assert_eq!(&got[0].key_columns[..], ["id"]);
+    assert!(got.iter().all(|c| c.txid.is_none()
+        && c.commit_seq.is_none()
+        && c.schema.is_none()
+        && c.origin == epidemic_plugin_sdk::Origin::Live));
+    assert!(Arc::ptr_eq(&got[0].key_columns, &got[3].key_columns));
+
+    conn.query_drop("INSERT INTO composite VALUES (1, 'p', 10)")
+        .unwrap();
+    conn.query_drop("UPDATE composite SET a = 3").unwrap();
+    conn.query_drop("UPDATE composite SET b = 'q', v = 11")
+        .unwrap();
+    conn.query_drop("DELETE FROM composite").unwrap();
+    let got = collect(&mut b, &c, 4, WAIT);
+    let k = |b: &str, a: i64| vec![Value::Text(b.into()), Value::Int(a)];
+    assert_eq!(
+        keys(&got),
+        [
+            (Insert, k("p", 1), None),
+            (Update, k("p", 3), Some(k("p", 1))),
+            (Update, k("q", 3), Some(k("p", 3))),
+            (Delete, k("q", 3), None),
+        ]
+    );
+    assert_eq!(&got[0].key_columns[..], ["b", "a"]);
+    assert_eq!(got[2].key_value("b"), Some(&Value::Text("q".into())));
+    assert_eq!(text(got[2].new_value("v")), "11");
+}
+
+/// A table without a primary key is refused on every path that names no key (resolve,
+/// and install of a watch without one, which is a DBA's `epidemic sql`), with one line
+/// naming the table and the fix; with a configured key it is captured by that key, and
+/// a configured column that does not exist is refused by name.
+#[test]
+fn a_table_without_a_primary_key_needs_a_configured_key() {
+    let (url, mut conn) = database(
+        "nokey",
+        "CREATE TABLE logins (user VARCHAR(40) NOT NULL, host VARCHAR(40) NOT NULL, n INT)",
+    );
+    let mut b = open_ok(&url);
+    for err in [
+        b.resolve(&[watch("logins", &["n"])]).unwrap_err(),
+        b.plan_install(&[watch("logins", &["n"])]).unwrap_err(),
+        b.install(&[watch("logins", &["n"])]).unwrap_err(),
+    ] {
+        let msg = err.to_string();
+        assert!(
+            matches!(err, BackendError::Invalid(_))
+                && msg.contains("table logins has no primary key")
+                && msg.contains("[table.logins] key = [")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+    }
+    let keyed = |key: &[&str]| Watch {
+        key: key.iter().map(|k| k.to_string()).collect(),
+        ..watch("logins", &["n"])
+    };
+    for err in [
+        b.resolve(&[keyed(&["user", "nope"])]).unwrap_err(),
+        b.install(&[keyed(&["user", "nope"])]).unwrap_err(),
+    ] {
+        assert_eq!(
+            err.to_string(),
+            "[table.logins] key: table logins has no column nope"
+        );
+    }
+    assert_eq!(
+        epidemic_objects(&mut conn),
+        Vec::<String>::new(),
+        "nothing may be created"
+    );
+
+    // The configured key, in the catalog's spelling.
+    assert_eq!(
+        b.resolve(&[keyed(&["HOST", "user"])]).unwrap()[0].key,
+        ["host", "user"]
+    );
+    b.install(&[keyed(&["host", "user"])]).unwrap();
+    let c = consumer("all");
+    b.register(&c, &["logins".into()], StartFrom::Oldest)
+        .unwrap();
+    conn.query_drop("INSERT INTO logins VALUES ('ann', 'mx1', 1)")
+        .unwrap();
+    conn.query_drop("UPDATE logins SET host = 'mx2'").unwrap();
+    let got = collect(&mut b, &c, 2, WAIT);
+    let k = |h: &str| vec![Value::Text(h.into()), Value::Text("ann".into())];
+    assert_eq!(
+        keys(&got),
+        [
+            (Op::Insert, k("mx1"), None),
+            (Op::Update, k("mx2"), Some(k("mx1")))
+        ]
+    );
+
+    // A key column dropped later is drift, said as such.
+    conn.query_drop("ALTER TABLE logins DROP COLUMN host")
+        .unwrap();
+    let status = b.status().unwrap();
+    let problems = &status.tables[0].problems;
+    assert!(
+        problems.iter().any(
+            |p| p.contains("column host of table logins no longer exists")
+                && p.contains("row's key")
+        ),
+        "{problems:?}"
+    );
+}
+
+/// Install records the key; a changed key is brought up to date like a growing column
+/// set, while writers run, and nothing is lost across it.
+#[test]
+fn reinstall_with_another_key_loses_nothing_and_changes_carry_the_new_key() {
+    let (url, mut conn) = database(
+        "rekey",
+        "CREATE TABLE accounts (id INT PRIMARY KEY, email VARCHAR(60) NOT NULL UNIQUE, quota INT)",
+    );
+    let c = consumer("all");
+    let mut b = install_and_register(&url, &[watch("accounts", &["quota"])], &c);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut conn = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) || n < 50 {
+                n += 1;
+                conn.exec_drop(
+                    "INSERT INTO accounts VALUES (?, ?, ?)",
+                    (n, format!("u{n}@example.org"), n),
+                )
+                .unwrap();
+            }
+            n
+        })
+    };
+    wait_until(WAIT, || {
+        conn.query_first::<i64, _>("SELECT COUNT(*) FROM accounts")
+            .unwrap()
+            .unwrap_or(0)
+            >= 10
+    });
+    let rekeyed = Watch {
+        key: vec!["email".into()],
+        ..watch("accounts", &["quota"])
+    };
+    let plan = open_ok(&url)
+        .install(std::slice::from_ref(&rekeyed))
+        .unwrap();
+    assert!(
+        plan.iter().any(|s| s.contains("ADD COLUMN `old_email`")),
+        "{plan:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap() as usize;
+    let got = collect(&mut b, &c, written, WAIT);
+    let mut ids: Vec<i64> = got
+        .iter()
+        .map(|c| c.value("id").and_then(Value::as_i64).unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (1..=written as i64).collect::<Vec<_>>(),
+        "every insert, once"
+    );
+
+    // A reader that reads the registry again (any reader after a restart) gets the new key.
+    conn.query_drop("UPDATE accounts SET email = 'new@example.org' WHERE id = 1")
+        .unwrap();
+    let mut fresh = open_ok(&url);
+    let got = collect(&mut fresh, &c, 1, WAIT);
+    assert_eq!(&got[0].key_columns[..], ["email"]);
+    assert_eq!(got[0].key, [Value::Text("new@example.org".into())]);
+    assert_eq!(
+        got[0].old_key,
+        Some(vec![Value::Text("u1@example.org".into())])
+    );
+    assert_eq!(
+        open_ok(&url).plan_install(&[rekeyed]).unwrap(),
+        Vec::<String>::new(),
+        "the key is recorded"
+    );
+}
+
+/// The stable id of a change: the log's identity (made by the database when install
+/// creates the log table) and its id. Log ids start again after uninstall + install and
+/// after a log table dropped by hand is made again; stable ids never do.
+#[test]
+fn stable_ids_are_never_reused_after_uninstall_and_install() {
+    let (url, mut conn) = database("stable_reinstall", ITEMS);
+    let c = consumer("all");
+    let w = [watch("items", &["v"])];
+    let mut b = install_and_register(&url, &w, &c);
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('a', '1'), ('b', '2')")
+        .unwrap();
+    let before = collect(&mut b, &c, 2, WAIT);
+    let identity = |ch: &Change| ch.stable_id.rsplit_once('-').unwrap().0.to_owned();
+    assert_eq!(
+        before[0].stable_id,
+        format!("{}-{}", identity(&before[0]), before[0].id)
+    );
+    assert_eq!(identity(&before[0]), identity(&before[1]));
+    assert_ne!(before[0].stable_id, before[1].stable_id);
+
+    b.uninstall().unwrap();
+    let mut b = install_and_register(&url, &w, &c);
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('c', '3'), ('d', '4')")
+        .unwrap();
+    let after = collect(&mut b, &c, 2, WAIT);
+    assert_eq!(
+        after.iter().map(|c| c.id).collect::<Vec<_>>(),
+        before.iter().map(|c| c.id).collect::<Vec<_>>(),
+        "the new log's ids start again"
+    );
+    assert_ne!(identity(&before[0]), identity(&after[0]));
+    for a in &after {
+        assert!(before.iter().all(|b| b.stable_id != a.stable_id), "{a:?}");
+    }
+    // What `epidemic sql` shows a DBA makes the identity in the database too.
+    conn.query_drop("DROP TABLE epidemic_log_items").unwrap();
+    let plan = open_ok(&url).plan_install(&w).unwrap();
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("MD5(CONCAT(UUID(), RAND()))")),
+        "{plan:?}"
+    );
+}
+
+/// A log table dropped by hand (and made again by the next install) under a running
+/// reader: the new log's ids start again at 1, below the reader's cursor. The reader
+/// must deliver them, under new stable ids, instead of skipping up to its old position.
+#[test]
+fn a_log_table_dropped_by_hand_and_made_again_loses_nothing_and_reuses_no_stable_id() {
+    let (url, mut conn) = database("stable_dropped", ITEMS);
+    let c = consumer("all");
+    let w = [watch("items", &["v"])];
+    let mut reader = install_and_register(&url, &w, &c);
+    for i in 0..5 {
+        conn.exec_drop(
+            "INSERT INTO items (k, v) VALUES (?, 'x')",
+            (format!("old{i}"),),
+        )
+        .unwrap();
+    }
+    let before = collect(&mut reader, &c, 5, WAIT);
+    assert_eq!(before.len(), 5);
+    assert_eq!(cursor(&mut conn, &c, "items").0, before[4].id);
+
+    conn.query_drop("DROP TABLE epidemic_log_items").unwrap();
+    // Another daemon's install (every daemon start runs one) makes it again.
+    open_ok(&url).install(&w).unwrap();
+    assert_eq!(
+        cursor(&mut conn, &c, "items"),
+        (0, String::new()),
+        "the cursors start over in the new log"
+    );
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('new0', 'y'), ('new1', 'y')")
+        .unwrap();
+    let after = collect(&mut reader, &c, 2, WAIT);
+    assert_eq!(
+        after.iter().map(|c| text(c.value("k"))).collect::<Vec<_>>(),
+        ["new0", "new1"],
+        "the reader with cursors of the old log must not skip the new one's first ids"
+    );
+    assert!(after[0].id <= before[4].id, "ids started again");
+    for a in &after {
+        assert!(before.iter().all(|b| b.stable_id != a.stable_id), "{a:?}");
+    }
+    assert_eq!(cursor(&mut conn, &c, "items").0, after[1].id);
+}
+
+/// A database installed by the version before keys and stable ids (a registry without
+/// `key_columns`/`log_identity`, logs without the key's columns): `status` says so, the
+/// next install brings it up to date in place, and the changes after it carry the key
+/// and a stable id; the cursors keep their position.
+#[test]
+fn an_install_of_the_previous_version_is_brought_up_to_date() {
+    let (url, mut conn) = database("upgrade", ITEMS);
+    let c = consumer("all");
+    let w = [watch("items", &["v"])];
+    let mut reader = install_and_register(&url, &w, &c);
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('a', '1')")
+        .unwrap();
+    assert_eq!(collect(&mut reader, &c, 1, WAIT).len(), 1);
+    for stmt in [
+        "ALTER TABLE epidemic_watch DROP COLUMN key_columns, DROP COLUMN log_identity",
+        "UPDATE epidemic_watch SET `columns` = 'v'",
+        "ALTER TABLE epidemic_log_items DROP COLUMN old_k, DROP COLUMN new_k",
+    ] {
+        conn.query_drop(stmt).unwrap();
+    }
+    let status = open_ok(&url).status().unwrap();
+    assert!(
+        status.tables[0]
+            .problems
+            .iter()
+            .any(|p| p.contains("installed by an older version")),
+        "{:?}",
+        status.tables[0].problems
+    );
+    let position = cursor(&mut conn, &c, "items");
+
+    let plan = open_ok(&url).install(&w).unwrap();
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("ADD COLUMN `key_columns`") && s.contains("`log_identity`")),
+        "{plan:?}"
+    );
+    assert_eq!(cursor(&mut conn, &c, "items"), position, "the log stays");
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('b', '2')")
+        .unwrap();
+    let got = collect(&mut reader, &c, 1, WAIT);
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].key_columns[..], ["k"]);
+    assert_eq!(got[0].key, [Value::Text("b".into())]);
+    assert!(got[0].stable_id.ends_with(&format!("-{}", got[0].id)));
+    assert!(open_ok(&url).status().unwrap().tables[0]
+        .problems
+        .is_empty());
 }
