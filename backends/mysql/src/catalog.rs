@@ -11,7 +11,7 @@
 //! `SEQ_IN_INDEX` order) unless the config names other columns. A table with neither is
 //! refused: a change without a key cannot say which row it is about.
 
-use epidemic_plugin_sdk::backend::{kit, BackendError, Watch};
+use epidemic_plugin_sdk::backend::{kit, BackendError, ColumnType, Watch};
 use epidemic_plugin_sdk::ident;
 use mysql::prelude::Queryable;
 use mysql::Conn;
@@ -31,6 +31,30 @@ pub(crate) struct SourceColumn {
 }
 
 impl SourceColumn {
+    /// What kind of value the reader delivers for this column (for the host's row-filter
+    /// check): integers (but a `bigint unsigned`, which may not fit), exact decimals
+    /// (as text), floats, character data, binary data; dates, times, bits: other.
+    pub fn kind(&self) -> ColumnType {
+        let t = self.column_type.to_ascii_lowercase();
+        if t.contains("int") {
+            if t.starts_with("bigint") && t.contains("unsigned") {
+                ColumnType::Other
+            } else {
+                ColumnType::Int
+            }
+        } else if t.starts_with("decimal") || t.starts_with("numeric") {
+            ColumnType::Decimal
+        } else if t.starts_with("float") || t.starts_with("double") || t.starts_with("real") {
+            ColumnType::Float
+        } else if self.charset.is_some() {
+            ColumnType::Text
+        } else if t.contains("binary") || t.contains("blob") {
+            ColumnType::Bytes
+        } else {
+            ColumnType::Other
+        }
+    }
+
     pub fn same_type(&self, other: &SourceColumn) -> bool {
         self.column_type.eq_ignore_ascii_case(&other.column_type) && self.charset == other.charset
     }
@@ -208,20 +232,27 @@ impl<'c> MySqlCatalog<'c> {
                 Err(e) => return Err(e),
             };
             let have = self.columns_of(&t.name)?;
+            let found: Vec<Option<&SourceColumn>> = w
+                .columns
+                .iter()
+                .map(|c| have.iter().find(|h| h.name.eq_ignore_ascii_case(c)))
+                .collect();
             let columns = w
                 .columns
                 .iter()
-                .map(|c| {
-                    have.iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(c))
-                        .map_or_else(|| c.clone(), |h| h.name.clone())
-                })
+                .zip(&found)
+                .map(|(c, h)| h.map_or_else(|| c.clone(), |h| h.name.clone()))
+                .collect();
+            let types = found
+                .iter()
+                .map(|h| h.map_or(ColumnType::Other, SourceColumn::kind))
                 .collect();
             let key = self.key_of(&t.name, &w.key)?;
             out.push(Watch {
                 table: t.name,
                 columns,
                 key,
+                types,
             });
         }
         Ok(out)

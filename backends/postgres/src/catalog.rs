@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use epidemic_plugin_sdk::backend::{kit, Watch};
+use epidemic_plugin_sdk::backend::{kit, ColumnType, Watch};
 use postgres::GenericClient;
 
 use crate::error::PgError;
@@ -45,6 +45,22 @@ pub(crate) struct UserColumn {
     pub identity_eq: bool,
     /// Its place in the primary key (1 for the first key column), if it is in it.
     key_position: Option<i32>,
+}
+
+impl UserColumn {
+    /// What kind of value the reader delivers for this column (for the host's row-filter
+    /// check; see `reader/decode.rs`): integers, floats, bytes and character types as
+    /// such, `numeric` as exact text, everything else (`boolean` included) as text.
+    pub fn kind(&self) -> ColumnType {
+        match self.type_sql.trim_start_matches("pg_catalog.") {
+            "smallint" | "integer" | "bigint" => ColumnType::Int,
+            "real" | "double precision" => ColumnType::Float,
+            "bytea" => ColumnType::Bytes,
+            "text" | "character varying" | "bpchar" | "name" => ColumnType::Text,
+            "numeric" => ColumnType::Decimal,
+            _ => ColumnType::Other,
+        }
+    }
 }
 
 /// A watched table as the catalog describes it now.
@@ -181,8 +197,19 @@ pub(crate) fn resolve(
                 Err(e) => return Err(e),
             };
             let key = table.key(&w.table, &w.key)?;
+            let types = w
+                .columns
+                .iter()
+                .map(|c| {
+                    table
+                        .columns
+                        .get(c)
+                        .map_or(ColumnType::Other, UserColumn::kind)
+                })
+                .collect();
             Ok(Watch {
                 key: key.iter().map(Ident::to_string).collect(),
+                types,
                 ..w.clone()
             })
         })
