@@ -592,6 +592,7 @@ impl Reader {
             handler_batch,
             backfill_chunk: 1,
             resync_on_evicted: false,
+            filter: None,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let conn = plugins::open(cfg, lib)?;

@@ -13,6 +13,7 @@ mod config;
 mod daemon;
 mod dispatch;
 mod exit;
+mod filter;
 mod lease;
 mod metrics;
 mod plugins;
@@ -413,6 +414,7 @@ fn connect_and_plan(
     let mut handlers = plugins::load_handlers(cfg, &cfg.daemon_name()?)?;
     let mut conn = plugins::open(cfg, &lib)?;
     let watches = plugins::resolve_names(cfg, &mut conn, &mut handlers).context("resolve names")?;
+    plugins::check_filters(cfg, &handlers, &watches)?;
     Ok((conn, watches))
 }
 
@@ -467,6 +469,7 @@ fn check(cfg: &Config) -> Result<u8> {
     );
     let watches = plugins::resolve_names(cfg, &mut conn, &mut handlers)
         .map_err(|e| anyhow::Error::new(e).context("watched tables"))?;
+    plugins::check_filters(cfg, &handlers, &watches)?;
     // Planning checks every watched table and column, as `sql` does.
     conn.plan_install(&watches)
         .map_err(|e| anyhow::Error::new(e).context("plan install"))?;
