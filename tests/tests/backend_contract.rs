@@ -376,14 +376,23 @@ fn prune_keeps_what_any_consumer_still_needs<D: ContractDb>(db: D) {
     // The slow consumer still gets both.
     let got = collect(&mut b, &slow, 2);
     assert_eq!(int(got[1].key.first()), 2);
-    b.prune().expect("prune");
-    // Once both passed them, a new consumer from the oldest sees nothing old.
+    // Once both passed them they may go (a backend may keep a log's newest row: MySQL
+    // does, so that ids never go backwards), and a new consumer from the oldest change
+    // sees none of them.
     db.exec(&["INSERT INTO items VALUES (3, 'c')"]);
+    collect(&mut b, &fast, 1);
+    collect(&mut b, &slow, 1);
+    b.prune().expect("prune");
     let late = consumer("late");
     b.register(&late, &["items".into()], StartFrom::Oldest)
         .expect("register");
-    let first = collect(&mut b, &late, 1);
-    assert_eq!(int(first[0].key.first()), 3, "pruned rows stay pruned");
+    db.exec(&["INSERT INTO items VALUES (4, 'd')"]);
+    let first = b.fetch(&late, 10).expect("fetch");
+    let keys: Vec<i64> = first.changes.iter().map(|c| int(c.key.first())).collect();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| *k >= 3),
+        "pruned rows stay pruned: {keys:?}"
+    );
 }
 
 fn an_evicted_consumer_is_told_and_registers_again<D: ContractDb>(db: D) {
