@@ -336,7 +336,16 @@ impl Dispatcher {
             }
         }
         let mut emitted = None;
-        if let Some((at, rows)) = self.backfill.as_mut().and_then(|b| b.splice(changes)) {
+        // The handler receives change `i`: wanted, or refused (its dead letter stands for it).
+        let mut handed = vec![false; changes.len()];
+        for p in positions.iter().chain(refused.iter().map(|(p, ..)| p)) {
+            handed[*p] = true;
+        }
+        if let Some((at, rows)) = self
+            .backfill
+            .as_mut()
+            .and_then(|b| b.splice(changes, |i| handed[i]))
+        {
             let mut handed = Vec::new();
             for row in &rows {
                 match self.router.route_checked(row) {
@@ -617,10 +626,9 @@ impl Dispatcher {
         if chunk.rows_estimate.is_some() {
             run.progress.rows_estimate = chunk.rows_estimate;
         }
-        if chunk.rows.is_empty() {
-            // Nothing left to read: the table is done (its watermark need not come).
-            return self.table_done();
-        }
+        // Even an empty last chunk waits for its watermark: the table's snapshot ends
+        // only once every change committed before that read has been delivered, so a
+        // handler that cleans up at the end (orphans) has seen every row by then.
         run.chunk = Some(PendingChunk::new(chunk));
         Ok(())
     }

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::backfill::{
     BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Chunk, ChunkRequest,
 };
+pub use crate::barrier::{BarrierReply, BarrierRequest, Laggard};
 use crate::change::Change;
 pub use crate::ops::{
     ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseHolder, LeaseRequest,
@@ -350,6 +351,11 @@ pub trait Backend: Send + 'static {
     /// Store and read backfill requests and progress (see [`BackfillRequest`]).
     fn backfills(&mut self, _request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
         Err(unsupported(Self::NAME, "backfills"))
+    }
+
+    /// Fences and laggards for `epidemic wait` (see [`crate::barrier`]).
+    fn barrier(&mut self, _request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        Err(unsupported(Self::NAME, "epidemic wait"))
     }
 }
 
