@@ -63,30 +63,53 @@
 mod config;
 mod error;
 mod mailbox;
+mod orphans;
 mod tree;
 
 #[cfg(test)]
 mod tests;
 
 use epidemic_plugin_sdk::{
-    Change, Context, Handler, HandlerConfig, HandlerError, Subscription, Value,
+    Change, Context, Handler, HandlerConfig, HandlerError, Logger, Op, SnapshotEvent, Subscription,
+    Value,
 };
 
-pub use config::{MaildirConfig, OnDelete};
+pub use config::{MaildirConfig, OnDelete, Orphans};
 pub use error::MaildirError;
 pub use mailbox::Mailbox;
 pub use tree::MaildirTree;
+
+use orphans::OrphanCheck;
 
 /// The handler: one per `[[handler]]` entry.
 pub struct MaildirHandler {
     config: MaildirConfig,
     tree: MaildirTree,
+    orphans: OrphanCheck,
 }
 
 impl MaildirHandler {
+    /// A handler logging to stderr as `maildir`; [`MaildirHandler::with_context`] names
+    /// the daemon's logger and `[[handler]]` entry instead.
     pub fn from_config(config: MaildirConfig) -> MaildirHandler {
         let tree = MaildirTree::new(&config);
-        MaildirHandler { config, tree }
+        let orphans = OrphanCheck::new(&config.table, config.orphans, Self::NAME, Logger::stderr());
+        MaildirHandler {
+            config,
+            tree,
+            orphans,
+        }
+    }
+
+    /// Log to the daemon's log, and name this `[[handler]]` entry in hints.
+    pub fn with_context(mut self, ctx: &Context) -> MaildirHandler {
+        self.orphans = OrphanCheck::new(
+            &self.config.table,
+            self.config.orphans,
+            ctx.handler(),
+            ctx.logger().clone(),
+        );
+        self
     }
 
     fn mailbox(&self, value: Option<&Value>) -> Result<Mailbox, MaildirError> {
@@ -171,10 +194,11 @@ fn describe(value: Option<&Value>) -> String {
 impl Handler for MaildirHandler {
     const NAME: &'static str = "maildir";
 
-    fn new(config: &HandlerConfig, _ctx: &Context) -> Result<Self, HandlerError> {
-        Ok(MaildirHandler::from_config(
-            MaildirConfig::from_handler_config(config)?,
-        ))
+    fn new(config: &HandlerConfig, ctx: &Context) -> Result<Self, HandlerError> {
+        Ok(
+            MaildirHandler::from_config(MaildirConfig::from_handler_config(config)?)
+                .with_context(ctx),
+        )
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {
@@ -184,16 +208,26 @@ impl Handler for MaildirHandler {
         )]
     }
 
-    fn insert(&mut self, change: &Change) -> Result<(), HandlerError> {
-        Ok(self.on_insert(change)?)
+    fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
+        // A snapshot row is an INSERT of origin Snapshot: it creates the Maildir and
+        // (re)writes its quota like any INSERT.
+        let result = match change.op {
+            Op::Insert => self.on_insert(change),
+            Op::Update => self.on_update(change),
+            Op::Delete => self.on_delete(change),
+        };
+        if self.orphans.tracking() {
+            let username = &self.config.username_column;
+            let old = self.mailbox(change.old_value(username)).ok();
+            let new = self.mailbox(change.new_value(username)).ok();
+            self.orphans
+                .observe(change, old.as_ref(), new.as_ref(), result.is_ok());
+        }
+        Ok(result?)
     }
 
-    fn update(&mut self, change: &Change) -> Result<(), HandlerError> {
-        Ok(self.on_update(change)?)
-    }
-
-    fn delete(&mut self, change: &Change) -> Result<(), HandlerError> {
-        Ok(self.on_delete(change)?)
+    fn snapshot(&mut self, event: &SnapshotEvent) -> Result<(), HandlerError> {
+        Ok(self.orphans.on_event(event, &self.tree)?)
     }
 }
 
