@@ -121,11 +121,11 @@ impl OrphanCheck {
                 let snapshot = std::mem::replace(&mut self.snapshot, Snapshot::None);
                 match snapshot {
                     Snapshot::Whole(backing) if *whole => self.check(backing, *rows, tree),
-                    _ => {
-                        let why = if *whole {
-                            "this instance did not see the snapshot begin"
-                        } else {
+                    snapshot => {
+                        let why = if !*whole || matches!(snapshot, Snapshot::Resumed) {
                             "the snapshot resumed after a restart, so this instance did not see every row"
+                        } else {
+                            "this instance did not see the snapshot begin"
                         };
                         self.log(
                             Level::WARN,
@@ -177,7 +177,7 @@ impl OrphanCheck {
                     self.log(
                         Level::WARN,
                         "Maildir that no row backs changed during the snapshot: kept, for the next check",
-                        &[("path", path), ("orphans", mode.to_owned())],
+                        &[("path", path), ("mode", mode.to_owned())],
                     );
                     continue;
                 }
@@ -192,11 +192,14 @@ impl OrphanCheck {
                     continue;
                 }
             }
-            let (message, fields) = match self.mode {
-                Orphans::Keep => (
-                    "orphan Maildir: no row backs it; kept",
-                    vec![("path", path)],
-                ),
+            let (message, mut fields) = match self.mode {
+                Orphans::Keep => {
+                    acted += 1;
+                    (
+                        "orphan Maildir: no row backs it; kept",
+                        vec![("path", path)],
+                    )
+                }
                 Orphans::Archive => match tree.archive_orphan(rel, &tag, is_backed) {
                     Ok(Some(to)) => {
                         acted += 1;
@@ -234,8 +237,7 @@ impl OrphanCheck {
                     }
                 },
             };
-            let mut fields = fields;
-            fields.push(("orphans", mode.to_owned()));
+            fields.push(("mode", mode.to_owned()));
             self.log(Level::WARN, message, &fields);
         }
 

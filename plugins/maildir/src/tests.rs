@@ -842,8 +842,9 @@ fn age(dir: &Path) {
     }
 }
 
-/// The table holds ann@example.org and bob; the disk also has three Maildirs no row backs.
-fn with_orphans(mode: &str) -> (Fixture, CapturedLog) {
+/// The table holds ann@example.org and bob; the disk also has three Maildirs no row
+/// backs. No snapshot has begun.
+fn orphans_on_disk(mode: &str) -> (Fixture, CapturedLog) {
     let (mut f, log) = logged(json!({ "orphans": mode }));
     f.send(add("ann@example.org", Some(1))).unwrap();
     f.send(add("bob", None)).unwrap();
@@ -851,6 +852,12 @@ fn with_orphans(mode: &str) -> (Fixture, CapturedLog) {
     f.leftover("other.org/leftover");
     f.leftover("gone");
     f.age_all();
+    (f, log)
+}
+
+/// [`orphans_on_disk`], and a snapshot that began and brought both rows.
+fn with_orphans(mode: &str) -> (Fixture, CapturedLog) {
+    let (mut f, log) = orphans_on_disk(mode);
     f.snapshot(began(false));
     f.snapshot_row(snapshot_row(1, "ann@example.org", Some(1)));
     f.snapshot_row(snapshot_row(2, "bob", None));
@@ -877,6 +884,7 @@ fn orphans_are_kept_and_reported_by_default() {
     let summary = log.summary();
     assert!(summary.contains("orphans=3"), "{summary}");
     assert!(summary.contains("mode=keep"), "{summary}");
+    assert!(summary.contains("kept=3"), "{summary}");
 }
 
 #[test]
@@ -1041,23 +1049,31 @@ fn a_snapshot_row_writes_the_quota_like_an_insert() {
 #[test]
 fn a_resumed_snapshot_checks_nothing() {
     for resumed in [true, false] {
-        let (mut f, log) = with_orphans("remove");
-        if resumed {
-            // The daemon restarted: it says so when the snapshot begins again.
-            f.snapshot(began(true));
-            f.snapshot_row(snapshot_row(2, "bob", None));
-        }
+        let (mut f, log) = orphans_on_disk("remove");
+        // After a restart the snapshot begins again as resumed, in a new instance; the
+        // end's `whole` alone also decides.
+        f.snapshot(began(resumed));
+        f.snapshot_row(snapshot_row(2, "bob", None));
+        f.age_all();
         let before = f.everything();
         f.snapshot(ended(1, false));
         assert_eq!(f.everything(), before, "resumed: {resumed}");
         let all = log.all();
         assert!(
             all.iter().any(|l| l.contains("orphan check skipped")
+                && l.contains("resumed after a restart")
                 && l.contains("epidemic backfill --handler mx-maildir")),
             "{all:#?}"
         );
         assert!(!all.iter().any(|l| l.starts_with("orphan check done")));
     }
+    // Resumed at its beginning is enough, whatever the end says.
+    let (mut f, log) = orphans_on_disk("remove");
+    f.snapshot(began(true));
+    let before = f.everything();
+    f.snapshot(ended(0, true));
+    assert_eq!(f.everything(), before);
+    assert!(!log.all().iter().any(|l| l.starts_with("orphan check done")));
 }
 
 #[test]
