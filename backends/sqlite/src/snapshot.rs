@@ -256,6 +256,7 @@ mod tests {
             table: "t".into(),
             columns: vec!["v".into()],
             key: vec!["a".into(), "b".into()],
+            ..Watch::default()
         };
         crate::install::apply(&mut conn, |c| crate::install::plan_install(c, &[w])).unwrap();
         let n = Value::Null;
