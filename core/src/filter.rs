@@ -116,7 +116,9 @@ impl CelFilter {
         types: &[ColumnType],
     ) -> Result<(), String> {
         for c in &self.columns {
-            if !columns.iter().any(|n| n.eq_ignore_ascii_case(c)) {
+            let at = columns.iter().position(|n| n.eq_ignore_ascii_case(c));
+            let missing = at.is_none_or(|i| types.get(i) == Some(&ColumnType::Missing));
+            if missing {
                 return Err(format!("table {table} has no column {c}"));
             }
         }

@@ -19,6 +19,7 @@ mod metrics;
 mod plugins;
 mod report;
 mod secrets;
+mod wait_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,6 +123,10 @@ enum Command {
     /// live changes, never older than a change it already had), carried out by its
     /// daemon while it runs; shows the progress until it is done.
     Backfill(backfill_cmd::BackfillArgs),
+    /// Wait until every consumer (or those named) has handled every change committed
+    /// before this call: a barrier for a front end that must not answer before the mail
+    /// servers acted. Exits 0, or 1 naming the consumers still behind at the timeout.
+    Wait(wait_cmd::WaitArgs),
     /// List, retry or drop changes that handlers gave up on.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
@@ -363,6 +368,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Backfill(args) => backfill_cmd::run(&load_config(&cli.config)?, &args),
+        Command::Wait(args) => wait_cmd::run(&load_config(&cli.config)?, &args),
         Command::Bench(args) => {
             let cfg = load_config(&cli.config)?;
             let report = bench::run(&cfg, &args)?;

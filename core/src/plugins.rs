@@ -349,7 +349,7 @@ pub fn resolve_names(
                         r.columns
                             .iter()
                             .position(|x| x.eq_ignore_ascii_case(c))
-                            .map_or(ColumnType::Other, |i| r.types[i])
+                            .map_or(ColumnType::Missing, |i| r.types[i])
                     })
                     .collect();
             }

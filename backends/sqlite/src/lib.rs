@@ -35,6 +35,7 @@
 //! recommended (see the README) but left to the application that owns the database.
 
 mod backfill;
+mod barrier;
 mod capture;
 mod catalog;
 mod conn;
@@ -56,9 +57,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::backend::{
-    Backend, BackendError, BackfillReply, BackfillRequest, Batch, Capabilities, Chunk,
-    ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest,
-    LeaseState, Registered, Scratch, StartFrom, Status, Watch,
+    Backend, BackendError, BackfillReply, BackfillRequest, BarrierReply, BarrierRequest, Batch,
+    Capabilities, Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use rusqlite::Connection;
 
@@ -203,6 +204,10 @@ impl Backend for SqliteBackend {
 
     fn backfills(&mut self, request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
         backfill::backfills(&mut self.conn, request)
+    }
+
+    fn barrier(&mut self, request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        barrier::barrier(&self.conn, request)
     }
 
     fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {

@@ -80,8 +80,9 @@ pub struct Watch {
     /// "the table's primary key", which [`Backend::resolve`] fills in.
     pub key: Vec<String>,
     /// The type of each of `columns`, as [`Backend::resolve`] found them in the catalog
-    /// (one per column, in order), so the host can check a handler's row filter at
-    /// start; empty when the backend does not say.
+    /// (one per column, in order; [`ColumnType::Missing`] for a column the table lacks),
+    /// so the host can check a handler's row filter at start; empty when the backend does
+    /// not say.
     pub types: Vec<ColumnType>,
 }
 
@@ -99,6 +100,8 @@ pub enum ColumnType {
     /// Dates, times, JSON, arrays, …: delivered as text.
     #[default]
     Other,
+    /// The table has no such column.
+    Missing,
 }
 
 impl ColumnType {
@@ -111,6 +114,7 @@ impl ColumnType {
             ColumnType::Bytes => "bytes",
             ColumnType::Bool => "bool",
             ColumnType::Other => "other",
+            ColumnType::Missing => "missing",
         }
     }
 
@@ -123,6 +127,7 @@ impl ColumnType {
             "text" => ColumnType::Text,
             "bytes" => ColumnType::Bytes,
             "bool" => ColumnType::Bool,
+            "missing" => ColumnType::Missing,
             _ => ColumnType::Other,
         }
     }
