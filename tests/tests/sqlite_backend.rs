@@ -160,7 +160,9 @@ fn a_single_column_primary_key_comes_with_every_change() {
     let db = Db::new("CREATE TABLE users (ID INTEGER PRIMARY KEY, name TEXT, note TEXT);");
     let mut b = db.open();
     let resolved = b.resolve(&[watch("Users", &["NAME"], &[])]).unwrap();
-    assert_eq!(resolved, vec![watch("users", &["name"], &["ID"])]);
+    let mut want = watch("users", &["name"], &["ID"]);
+    want.types = vec![epidemic_plugin_sdk::backend::ColumnType::Text];
+    assert_eq!(resolved, vec![want]);
     let (mut b, c) = setup(&db, &resolved, "h");
     db.write(
         "INSERT INTO users VALUES (1, 'ann', 'x');
