@@ -39,6 +39,7 @@
 //! the database. This file is only the [`Backend`] glue; start reading at `reader.rs`
 //! for the reading rule, `install.rs` for the objects.
 
+mod barrier;
 mod capture;
 mod cascade;
 mod catalog;
@@ -63,8 +64,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use epidemic_plugin_sdk::backend::{
-    Backend, BackendError, Batch, Capabilities, Consumer, DeadLetter, DeadLetterQuery,
-    DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
+    Backend, BackendError, BarrierReply, BarrierRequest, Batch, Capabilities, Consumer, DeadLetter,
+    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom,
+    Status, Watch,
 };
 use epidemic_plugin_sdk::tracing;
 use mysql::Conn;
@@ -314,6 +316,10 @@ impl Backend for MySqlBackend {
             self.options.max_gap_ranges,
             &self.warnings,
         )
+    }
+
+    fn barrier(&mut self, request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        barrier::barrier(&mut self.conn, request)
     }
 
     /// Trigger bodies contain `;`, which the `mysql` client takes as the end of the
