@@ -223,8 +223,15 @@ fn primary_keys_come_with_every_change<D: ContractDb>(db: D) {
         "DELETE FROM members WHERE grp = 'a' AND num = 2",
     ]);
     let got = collect(&mut b, &c, 4);
+    let caps = b.capabilities();
     for ch in &got {
         assert_eq!(ch.key_columns.as_ref(), ["grp", "num"], "{ch:?}");
+        // The key is captured first, whatever the handler watches.
+        assert_eq!(&ch.columns[..2], ["grp", "num"], "{ch:?}");
+        // What a change carries is what the backend says it fills.
+        assert_eq!(ch.txid.is_some(), caps.transaction_ids, "{ch:?}");
+        assert_eq!(ch.commit_seq.is_some(), caps.commit_order, "{ch:?}");
+        assert_eq!(ch.schema.is_some(), caps.schemas, "{ch:?}");
     }
     assert_eq!(got[0].key, vec![Value::Text("a".into()), Value::Int(1)]);
     assert_eq!(got[0].old_key, None);
