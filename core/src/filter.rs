@@ -27,6 +27,8 @@ use epidemic_plugin_sdk::Value;
 pub struct CelFilter {
     source: String,
     program: cel::Program,
+    /// The standard library, built once: a context per row only borrows it.
+    env: Arc<cel::Env>,
     daemon: String,
     /// The row columns the expression reads, as written in it.
     columns: Vec<String>,
@@ -38,7 +40,8 @@ const DAEMON: &str = "daemon";
 impl CelFilter {
     /// Compile `source`; the error is one line saying where the syntax is wrong.
     pub fn compile(source: &str, daemon: &str) -> Result<CelFilter, String> {
-        let program = cel::Program::compile(source).map_err(|e| {
+        let env = Arc::new(cel::Env::stdlib());
+        let program = env.compile(source).map_err(|e| {
             let first = e.errors.first();
             match first {
                 Some(p) => format!(
@@ -61,6 +64,7 @@ impl CelFilter {
         Ok(CelFilter {
             source: source.to_owned(),
             program,
+            env,
             daemon: daemon.to_owned(),
             columns,
         })
@@ -77,7 +81,7 @@ impl CelFilter {
 
     /// Evaluate on a row: `names[i]` has `values[i]`. The result must be a bool.
     fn eval(&self, names: &[String], values: &[Value]) -> Result<bool, String> {
-        let mut ctx = cel::Context::default();
+        let mut ctx = cel::Context::with_env(Arc::clone(&self.env));
         let mut daemon = HashMap::new();
         daemon.insert("name".to_owned(), cel::Value::from(self.daemon.as_str()));
         ctx.add_variable_from_value(DAEMON, daemon);
