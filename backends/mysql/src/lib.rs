@@ -325,7 +325,12 @@ impl Backend for MySqlBackend {
     /// Trigger bodies contain `;`, which the `mysql` client takes as the end of the
     /// statement unless the delimiter is changed around them.
     fn render_script(&self, statements: &[String]) -> String {
-        statements
+        // MySQL commits each DDL statement on its own: say so, rather than pretend.
+        let header = "-- MySQL/MariaDB commit every CREATE/ALTER/DROP on its own: this script \
+                      cannot be applied atomically.\n-- If it stops half-way, fix the cause and \
+                      run `epidemic install` (or a new `epidemic sql`): it plans from what \
+                      exists.\n\n";
+        let body: String = statements
             .iter()
             .map(|s| {
                 if s.trim_start().starts_with("CREATE TRIGGER") {
@@ -334,7 +339,8 @@ impl Backend for MySqlBackend {
                     format!("{s};\n\n")
                 }
             })
-            .collect()
+            .collect();
+        format!("{header}{body}")
     }
 
     fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {

@@ -158,6 +158,13 @@ impl Backend for PgBackend {
         Ok(self.apply("install", |i, tx| i.plan_install(tx, watches))?)
     }
 
+    /// One transaction, as install itself applies it: a DBA's `psql -f` applies all of it
+    /// or nothing.
+    fn render_script(&self, statements: &[String]) -> String {
+        let body: String = statements.iter().map(|s| format!("{s};\n\n")).collect();
+        format!("BEGIN;\n\n{body}COMMIT;\n")
+    }
+
     fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
         let installer = PgInstaller {
             schema: &self.options.schema,

@@ -120,6 +120,13 @@ impl Backend for SqliteBackend {
         install::apply(&mut self.conn, |c| install::plan_install(c, watches))
     }
 
+    /// One write transaction, as install itself applies it (`BEGIN IMMEDIATE`: the write
+    /// lock first), so `sqlite3 db < script` applies all of it or nothing.
+    fn render_script(&self, statements: &[String]) -> String {
+        let body: String = statements.iter().map(|s| format!("{s};\n\n")).collect();
+        format!("BEGIN IMMEDIATE;\n\n{body}COMMIT;\n")
+    }
+
     fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
         install::plan_uninstall(&self.conn)
     }
