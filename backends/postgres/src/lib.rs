@@ -25,6 +25,8 @@
 //!   table; `partition`: partition moves and TRUNCATE of partitions.
 //! - `reader`: fetch and ack by snapshots; `consumers`: registration, liveness,
 //!   eviction; `prune`; `wake`: `LISTEN`/`NOTIFY` wake-ups.
+//! - `snapshot`: a backfill's chunk read by key and its watermark in the log;
+//!   `backfill`: backfill requests and progress.
 //! - `dead_letters`, `status`, `lease`, `scratch` (bench).
 //!
 //! Value mapping: `int2`/`int4`/`int8` are [`Value::Int`](epidemic_plugin_sdk::Value),
@@ -36,6 +38,7 @@
 //! keep any state that matters outside the database (a killed daemon loses nothing),
 //! or speak TLS (the URL must allow a plain connection).
 
+mod backfill;
 mod capture;
 mod catalog;
 mod conn;
@@ -51,6 +54,7 @@ mod prune;
 mod reader;
 mod registry;
 mod scratch;
+mod snapshot;
 mod status;
 mod wake;
 
@@ -59,12 +63,13 @@ pub use error::PgError;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::backend::{
-    kit, Backend, BackendError, Batch, BenchVariant, Capabilities, Consumer, DeadLetter,
-    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom,
-    Status, Watch,
+    kit, Backend, BackendError, BackfillReply, BackfillRequest, Batch, BenchVariant, Capabilities,
+    Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest,
+    LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use postgres::Client;
 
+use crate::backfill::PgBackfills;
 use crate::consumers::PgConsumers;
 use crate::dead_letters::PgDeadLetters;
 use crate::ident::TableName;
@@ -74,6 +79,7 @@ use crate::options::{PgOptions, PgUrl};
 use crate::prune::PgPruner;
 use crate::reader::PgReader;
 use crate::scratch::PgScratch;
+use crate::snapshot::PgSnapshots;
 use crate::wake::PgListener;
 
 /// One connection to the database, serving one thread of the host.
@@ -218,6 +224,10 @@ impl Backend for PgBackend {
 
     fn unregister(&mut self, consumer: &Consumer) -> Result<bool, BackendError> {
         self.reader.forget(consumer);
+        let backfills = PgBackfills {
+            schema: &self.options.schema,
+        };
+        backfills.forget(&mut self.client, consumer)?;
         let consumers = PgConsumers {
             schema: &self.options.schema,
         };
@@ -272,6 +282,21 @@ impl Backend for PgBackend {
 
     fn status(&mut self) -> Result<Status, BackendError> {
         Ok(status::status(&mut self.client, &self.options.schema)?)
+    }
+
+    /// One bounded SELECT by key, then the watermark (see module `snapshot`).
+    fn snapshot_chunk(&mut self, request: &ChunkRequest) -> Result<Chunk, BackendError> {
+        let snapshots = PgSnapshots {
+            schema: &self.options.schema,
+        };
+        Ok(snapshots.chunk(&mut self.client, request)?)
+    }
+
+    fn backfills(&mut self, request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
+        let backfills = PgBackfills {
+            schema: &self.options.schema,
+        };
+        Ok(backfills.apply(&mut self.client, request)?)
     }
 
     /// Only ever touches the scratch table; see module `scratch`.

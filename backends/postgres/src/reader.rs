@@ -79,7 +79,7 @@
 //! ([`crate::prune`]), deciding which changes a handler wants, retries, dead letters (the
 //! host).
 
-mod decode;
+pub(crate) mod decode;
 pub(crate) mod statement;
 
 use std::collections::HashMap;
