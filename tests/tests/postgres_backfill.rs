@@ -542,6 +542,60 @@ fn snapshot_rows_carry_the_keys_and_values_live_changes_carry() {
     assert_eq!(v, ["t", "u", "q", "r", "s", "p"], "{kt:#?}");
 }
 
+/// A watched column retyped by the procedure `capture.rs` documents (triggers recreated
+/// in the same transaction), before `epidemic install` has brought the log column's type
+/// up to date: snapshot rows still carry what the log gives (the log's type), before and
+/// after that install.
+#[test]
+fn snapshot_rows_follow_the_log_when_a_column_was_retyped_before_install() {
+    let (url, db) = database(
+        "bf_retyped",
+        "CREATE TABLE r (id int PRIMARY KEY, q int, s varchar(5))",
+    );
+    let watches = [watch("r", &["q", "s"], &[])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    sql(
+        &db,
+        "BEGIN;
+         CREATE TEMP TABLE capture_triggers ON COMMIT DROP AS
+             SELECT tgname, pg_get_triggerdef(oid) AS def, obj_description(oid, 'pg_trigger') AS note
+             FROM pg_trigger
+             WHERE tgrelid = 'r'::regclass AND tgname ~ '^epidemic_capture_(insert|update|delete)$';
+         DROP TRIGGER epidemic_capture_insert ON r;
+         DROP TRIGGER epidemic_capture_update ON r;
+         DROP TRIGGER epidemic_capture_delete ON r;
+         ALTER TABLE r ALTER COLUMN q TYPE bigint, ALTER COLUMN s TYPE text;
+         DO $$ DECLARE t record; BEGIN
+             FOR t IN SELECT * FROM capture_triggers LOOP
+                 EXECUTE t.def;
+                 EXECUTE format('ALTER TABLE r ENABLE ALWAYS TRIGGER %I', t.tgname);
+                 EXECUTE format('COMMENT ON TRIGGER %I ON r IS %L', t.tgname, t.note);
+             END LOOP;
+         END $$;
+         COMMIT;
+         INSERT INTO r VALUES (1, 10, 'one'), (2, NULL, 'two');",
+    );
+    for round in ["before install", "after install"] {
+        // The last round's chunks wrote watermarks.
+        let live: Vec<Change> = drain(&mut b, &c)
+            .into_iter()
+            .filter(|l| l.origin == Origin::Live)
+            .collect();
+        assert_eq!(live.len(), 2, "{round}");
+        let rows: Vec<Change> = all_chunks(&mut b, "r", 1)
+            .into_iter()
+            .flat_map(|c| c.rows)
+            .collect();
+        assert_eq!(rows.len(), 2, "{round}");
+        for r in &rows {
+            let l = live.iter().find(|l| l.key == r.key).expect("a live change");
+            assert_eq!((&r.columns, &r.new), (&l.columns, &l.new), "{round}");
+        }
+        b.install(&watches).expect("install");
+        sql(&db, "UPDATE r SET q = q + 1, s = s || '!'");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Under concurrent writers
 // ---------------------------------------------------------------------------------------
