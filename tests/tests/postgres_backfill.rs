@@ -326,7 +326,10 @@ fn chunks_come_in_key_order_by_composite_text_and_nullable_keys() {
         })
         .unwrap_err();
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
-    assert!(one_line(&err).contains("table nope is not installed"), "{err}");
+    assert!(
+        one_line(&err).contains("table nope is not installed"),
+        "{err}"
+    );
     let err = b
         .snapshot_chunk(&ChunkRequest {
             table: "grants".into(),
@@ -426,7 +429,10 @@ fn the_watermark_reaches_every_consumer_after_every_change_committed_before_the_
         let identity = got[0].stable_id.rsplit_once('-').unwrap().0;
         assert_eq!(w.stable_id, format!("{identity}-{}", w.id));
         let update = got.iter().find(|c| c.op == Op::Update).unwrap();
-        assert!(update.id < w.id, "the late change drew its id before the read");
+        assert!(
+            update.id < w.id,
+            "the late change drew its id before the read"
+        );
     }
     let mut admin = PgServer::shared().client(&db);
     let count = |admin: &mut postgres::Client, filter: &str| -> i64 {
@@ -600,7 +606,8 @@ fn snapshot_rows_follow_the_log_when_a_column_was_retyped_before_install() {
 // Under concurrent writers
 // ---------------------------------------------------------------------------------------
 
-const ITEMS: &str = "CREATE TABLE items (grp text, n int, version int NOT NULL, name text, PRIMARY KEY (grp, n))";
+const ITEMS: &str =
+    "CREATE TABLE items (grp text, n int, version int NOT NULL, name text, PRIMARY KEY (grp, n))";
 
 /// A writer on its own connection until `stop`: small transactions of updates that bump
 /// `version`, inserts of fresh keys, deletes, and moves of a row to a fresh key (version
@@ -770,10 +777,7 @@ fn under_concurrent_writers_no_change_older_than_a_chunk_comes_after_its_waterma
                 )
             })
             .collect();
-        for s in stream[at + 1..]
-            .iter()
-            .filter(|s| s.origin == Origin::Live)
-        {
+        for s in stream[at + 1..].iter().filter(|s| s.origin == Origin::Live) {
             for key in std::iter::once(&s.key).chain(s.old_key.as_ref()) {
                 let Some(&v) = rows.get(&key_text(key)) else {
                     continue;
@@ -938,7 +942,10 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
         "CREATE TABLE users (id int PRIMARY KEY, name text);
          CREATE TABLE groups (id int PRIMARY KEY, name text);",
     );
-    let watches = [watch("users", &["name"], &[]), watch("groups", &["name"], &[])];
+    let watches = [
+        watch("users", &["name"], &[]),
+        watch("groups", &["name"], &[]),
+    ];
     let mut b = open(&url);
     // Before install: nothing to read, and a request says what to do.
     assert!(list(&mut b).is_empty());
@@ -956,7 +963,10 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
     let other = consumer("other");
     let err = b.backfills(&request(&h, &["nope"])).unwrap_err();
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
-    assert!(one_line(&err).contains("table nope is not installed"), "{err}");
+    assert!(
+        one_line(&err).contains("table nope is not installed"),
+        "{err}"
+    );
     let err = b.backfills(&request(&h, &[])).unwrap_err();
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
     assert!(list(&mut b).is_empty(), "a refused request stores nothing");
@@ -1009,7 +1019,11 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
     let waiting = pending(&mut b, &h);
     assert_eq!(waiting[0].last_key, p.last_key);
     assert_eq!(
-        (waiting[0].rows_done, waiting[0].rows_estimate, waiting[0].started_at_us),
+        (
+            waiting[0].rows_done,
+            waiting[0].rows_estimate,
+            waiting[0].started_at_us
+        ),
         (1200, Some(50_000), 5)
     );
     assert_eq!(waiting[0].state, BackfillState::Running);
@@ -1038,7 +1052,11 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
         vec![
             ("h".into(), "users".into(), BackfillState::Done),
             ("h".into(), "groups".into(), BackfillState::Done),
-            ("other".into(), "public.users".into(), BackfillState::Requested),
+            (
+                "other".into(),
+                "public.users".into(),
+                BackfillState::Requested
+            ),
         ]
     );
     let again = b
@@ -1051,7 +1069,11 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
         vec![
             ("h".into(), "groups".into(), BackfillState::Done),
             ("h".into(), "public.users".into(), BackfillState::Requested),
-            ("other".into(), "public.users".into(), BackfillState::Requested),
+            (
+                "other".into(),
+                "public.users".into(),
+                BackfillState::Requested
+            ),
         ]
     );
     // A save of the replaced request (a daemon still on the old one) changes nothing.
@@ -1063,7 +1085,9 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
 
     // Cancel drops the unfinished rows of that consumer only; a save after it is told so.
     let cancelled = b
-        .backfills(&BackfillRequest::Cancel { consumer: h.clone() })
+        .backfills(&BackfillRequest::Cancel {
+            consumer: h.clone(),
+        })
         .expect("cancel");
     assert_eq!(
         progress_of(cancelled),
@@ -1080,7 +1104,11 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
         list(&mut b),
         vec![
             ("h".into(), "groups".into(), BackfillState::Done),
-            ("other".into(), "public.users".into(), BackfillState::Requested),
+            (
+                "other".into(),
+                "public.users".into(),
+                BackfillState::Requested
+            ),
         ]
     );
     // Unregister forgets the consumer's rows.
@@ -1098,7 +1126,8 @@ fn backfill_requests_and_progress_are_kept_in_the_database() {
     assert!(pending(&mut b, &h).is_empty());
     let err = b.backfills(&request(&h, &["users"])).unwrap_err();
     assert!(
-        one_line(&err).contains("has no backfill table") && err.to_string().contains("epidemic install"),
+        one_line(&err).contains("has no backfill table")
+            && err.to_string().contains("epidemic install"),
         "{err}"
     );
     b.install(&watches).expect("install");
@@ -1125,7 +1154,10 @@ fn of_two_racing_backfill_requests_one_wins() {
     );
     let (mut admin, h) = setup(
         &url,
-        &[watch("users", &["name"], &[]), watch("groups", &["name"], &[])],
+        &[
+            watch("users", &["name"], &[]),
+            watch("groups", &["name"], &[]),
+        ],
         "h",
     );
     let mut racers: Vec<HostBackend> = (0..2).map(|_| open(&url)).collect();
@@ -1159,7 +1191,9 @@ fn of_two_racing_backfill_requests_one_wins() {
         assert!(one_line(lost).contains("is already requested"), "{lost}");
         assert_eq!(pending(&mut admin, &h).len(), 1, "round {round}");
         admin
-            .backfills(&BackfillRequest::Cancel { consumer: h.clone() })
+            .backfills(&BackfillRequest::Cancel {
+                consumer: h.clone(),
+            })
             .expect("cancel");
     }
 }
@@ -1229,7 +1263,10 @@ fn replay(path: &Path) -> (BTreeMap<i64, Row>, usize) {
             "snapshot" => {
                 snapshots += 1;
                 let row = row_of(&l["new"]);
-                assert!(!gone.contains(&id), "a snapshot row of {id} after it was gone");
+                assert!(
+                    !gone.contains(&id),
+                    "a snapshot row of {id} after it was gone"
+                );
                 if let Some(&v) = newest_live.get(&id) {
                     assert!(
                         row.2 >= v,
@@ -1428,6 +1465,9 @@ fn through_the_daemon_a_backfill_under_writers_and_sigkills_converges_on_the_tab
         w.join().expect("writer");
     }
     let total = converge(-2);
-    assert!(total >= snapshots + ROWS as usize / 2, "{total} after {snapshots}");
+    assert!(
+        total >= snapshots + ROWS as usize / 2,
+        "{total} after {snapshots}"
+    );
     assert!(daemon.alive(), "{}", daemon.log_text());
 }

@@ -212,7 +212,10 @@ impl PgBackfills<'_> {
         let context = || format!("request a backfill of {consumer}");
         let mut tx = client.transaction().map_err(PgError::sql(context()))?;
         tx.execute(
-            &format!("SELECT pg_catalog.pg_advisory_xact_lock({})", lock_key(self.schema)),
+            &format!(
+                "SELECT pg_catalog.pg_advisory_xact_lock({})",
+                lock_key(self.schema)
+            ),
             &[],
         )
         .map_err(PgError::sql(context()))?;
@@ -326,7 +329,10 @@ impl PgBackfills<'_> {
         filter: &str,
         consumer: Option<&Consumer>,
     ) -> Result<Vec<BackfillProgress>, PgError> {
-        let sql = format!("SELECT {COLUMNS} FROM {} {filter} ORDER BY {ORDER}", self.table());
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {} {filter} ORDER BY {ORDER}",
+            self.table()
+        );
         let rows = match consumer {
             Some(c) => client.query(&sql, &[&c.daemon, &c.handler]),
             None => client.query(&sql, &[]),
@@ -346,9 +352,7 @@ impl PgBackfills<'_> {
                     ),
                     &[&consumer.daemon, &consumer.handler],
                 )
-                .map_err(PgError::sql(format!(
-                    "forget the backfills of {consumer}"
-                )))?;
+                .map_err(PgError::sql(format!("forget the backfills of {consumer}")))?;
         }
         Ok(())
     }

@@ -44,7 +44,9 @@ pub enum PgError {
         key: Vec<String>,
         paging: usize,
     },
-    #[error("a key column of table {0} no longer exists (dropped or renamed?); see `epidemic status`")]
+    #[error(
+        "a key column of table {0} no longer exists (dropped or renamed?); see `epidemic status`"
+    )]
     KeyColumnGone(String),
     #[error("log table {log} has no column {column}; run `epidemic install`")]
     LogColumnGone { log: String, column: String },
@@ -57,7 +59,9 @@ pub enum PgError {
     },
     #[error("a backfill of consumer {0} needs at least one table")]
     NoBackfillTables(String),
-    #[error("schema {0} has no backfill table (installed by an older Epidemic); run `epidemic install`")]
+    #[error(
+        "schema {0} has no backfill table (installed by an older Epidemic); run `epidemic install`"
+    )]
     NoBackfillTable(String),
     #[error("a backfill's progress in the database cannot be read or written: {0}")]
     BadProgress(String),

@@ -122,7 +122,10 @@ impl PgSnapshots<'_> {
             .columns
             .iter()
             .zip(&log_columns)
-            .map(|(c, l)| l.kind.wrap(&format!("t.{}::{}", c.name.quoted(), l.type_sql)))
+            .map(|(c, l)| {
+                l.kind
+                    .wrap(&format!("t.{}::{}", c.name.quoted(), l.type_sql))
+            })
             .collect();
         let key_sql: Vec<String> = reg
             .key_columns
@@ -429,10 +432,16 @@ mod tests {
 
     #[test]
     fn key_values_are_bound_as_text_that_reads_back_the_same() {
-        assert_eq!(text_of(&Value::Bytes(vec![0, 255, 16])), Some("\\x00ff10".into()));
+        assert_eq!(
+            text_of(&Value::Bytes(vec![0, 255, 16])),
+            Some("\\x00ff10".into())
+        );
         assert_eq!(text_of(&Value::Float(0.1)), Some("0.1".into()));
         assert_eq!(text_of(&Value::Float(1e300)).unwrap().len(), 301);
-        assert_eq!(text_of(&Value::Float(f64::NEG_INFINITY)), Some("-Infinity".into()));
+        assert_eq!(
+            text_of(&Value::Float(f64::NEG_INFINITY)),
+            Some("-Infinity".into())
+        );
         assert_eq!(text_of(&Value::Null), None);
     }
 }
