@@ -89,6 +89,7 @@ pub struct PgBackend {
     client: Client,
     listener: PgListener,
     reader: PgReader,
+    snapshots: PgSnapshots,
     scratch: PgScratch,
 }
 
@@ -109,6 +110,7 @@ impl PgBackend {
         };
         let statements = installer.apply(&mut self.client, what, plan)?;
         self.reader.reset();
+        self.snapshots.reset();
         self.listener.schema_changed();
         self.scratch.reset();
         Ok(statements)
@@ -140,6 +142,7 @@ impl Backend for PgBackend {
         Ok(PgBackend {
             listener: PgListener::new(options.schema.clone(), options.notify, poll),
             reader: PgReader::new(options.schema.clone()),
+            snapshots: PgSnapshots::new(options.schema.clone()),
             url,
             options,
             client,
@@ -182,6 +185,7 @@ impl Backend for PgBackend {
         start: StartFrom,
     ) -> Result<Registered, BackendError> {
         self.reader.forget(consumer);
+        self.snapshots.reset();
         let consumers = PgConsumers {
             schema: &self.options.schema,
         };
@@ -218,6 +222,7 @@ impl Backend for PgBackend {
         self.listener.reconnected(&mut client)?;
         self.client = client;
         self.reader.reset();
+        self.snapshots.reset();
         self.scratch.reset();
         Ok(())
     }
@@ -286,10 +291,7 @@ impl Backend for PgBackend {
 
     /// One bounded SELECT by key, then the watermark (see module `snapshot`).
     fn snapshot_chunk(&mut self, request: &ChunkRequest) -> Result<Chunk, BackendError> {
-        let snapshots = PgSnapshots {
-            schema: &self.options.schema,
-        };
-        Ok(snapshots.chunk(&mut self.client, request)?)
+        Ok(self.snapshots.chunk(&mut self.client, request)?)
     }
 
     fn backfills(&mut self, request: &BackfillRequest) -> Result<BackfillReply, BackendError> {

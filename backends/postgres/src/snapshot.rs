@@ -40,14 +40,25 @@
 //! - Within a batch, rows are delivered in id order (every piece reads `id > done_upto`
 //!   in id order): `C` before `W`.
 //!
+//! # Prepared once per table
+//!
+//! What a table's chunks need (the registry's columns and key, the log's column types,
+//! the statements) is read and prepared on the first chunk of the table and kept with
+//! the connection, so a chunk costs two round trips: the read and the watermark. It is
+//! prepared again for a table's first chunk (a new backfill), after any error, and when
+//! this connection installs, reconnects or registers a consumer ([`PgSnapshots::reset`]).
+//!
 //! Snapshot rows' stable ids are `<log identity>-w<watermark>.<i>`: the watermark's id is
 //! never handed out again in that log, so no two snapshot rows share one, and none is the
 //! stable id of a change (`<identity>-<id>`).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use epidemic_plugin_sdk::backend::{Chunk, ChunkRequest};
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
 use postgres::types::ToSql;
-use postgres::Client;
+use postgres::{Client, Statement};
 
 use crate::capture::WATERMARK_OP;
 use crate::error::PgError;
@@ -55,47 +66,92 @@ use crate::ident::{quote_literal, Ident, TableName};
 use crate::reader::decode::ValueKind;
 use crate::registry::{load_registry, schema_state, SchemaState};
 
-/// Backfill reads of one Epidemic schema.
-pub(crate) struct PgSnapshots<'a> {
-    pub schema: &'a Ident,
+/// Backfill reads of one Epidemic schema on one connection: a [`ChunkPlan`] per table.
+pub(crate) struct PgSnapshots {
+    schema: Ident,
+    /// By the table as the request spells it.
+    plans: HashMap<String, ChunkPlan>,
 }
 
-/// A log column as the read needs it.
-struct LogColumn {
-    kind: ValueKind,
-    /// `format_type` of the log column: what the table's column is cast to.
-    type_sql: String,
-}
-
-/// The user's table as the read needs it.
-struct Source {
-    partitioned: bool,
-    /// Per key column, in key order: it may hold NULL.
+/// One table's chunks, prepared on this connection.
+struct ChunkPlan {
+    name: TableName,
+    /// The log's identity: the first half of every snapshot row's stable id.
+    identity: String,
+    /// The captured columns, key columns included, in the log's order.
+    columns: Arc<[String]>,
+    key_columns: Arc<[String]>,
+    /// Where each key column is in `columns`.
+    key_index: Vec<usize>,
+    /// How each column is read back, as the fetch statement reads the log.
+    kinds: Vec<ValueKind>,
+    /// The `SELECT` without a filter, for the first chunk; `$1` the limit.
+    first: Statement,
+    /// The `SELECT` after a key, by which of the key's values are NULL, with the
+    /// positions of the values it binds, in order (see [`after_filter`]); the limit last.
+    after: HashMap<Vec<bool>, (Statement, Vec<usize>)>,
+    /// The parts of the `SELECT` after a key, to prepare it for another NULL pattern.
+    select_sql: String,
+    key_sql: Vec<String>,
+    key_types: Vec<String>,
     nullable_key: Vec<bool>,
-    /// `reltuples` (of its partitions, for a partitioned table); `None` when never
-    /// analyzed.
-    estimate: Option<u64>,
+    /// `INSERT` of the watermark, returning its id and time.
+    watermark: Statement,
 }
 
-impl PgSnapshots<'_> {
+impl PgSnapshots {
+    pub fn new(schema: Ident) -> PgSnapshots {
+        PgSnapshots {
+            schema,
+            plans: HashMap::new(),
+        }
+    }
+
+    /// Forget every prepared plan (the connection was replaced, or the installation
+    /// changed).
+    pub fn reset(&mut self) {
+        self.plans.clear();
+    }
+
     /// Read the next `limit` rows of the table after `after` by key, then write the
     /// watermark; see the module docs.
-    pub fn chunk(&self, client: &mut Client, request: &ChunkRequest) -> Result<Chunk, PgError> {
-        let table = &request.table;
-        let name = TableName::parse(table)?;
-        if schema_state(client, self.schema)? != SchemaState::Ours {
-            return Err(PgError::NothingInstalled(self.schema.to_string()));
+    pub fn chunk(&mut self, client: &mut Client, request: &ChunkRequest) -> Result<Chunk, PgError> {
+        // A table's first chunk (a new backfill) always starts from a fresh plan.
+        if request.after.is_none() {
+            self.plans.remove(&request.table);
         }
-        let registry = load_registry(client, self.schema)?;
+        if !self.plans.contains_key(&request.table) {
+            let plan = ChunkPlan::prepare(client, &self.schema, &request.table)?;
+            self.plans.insert(request.table.clone(), plan);
+        }
+        let Some(plan) = self.plans.get_mut(&request.table) else {
+            return Err(PgError::NotInstalled(request.table.clone()));
+        };
+        let chunk = plan.read(client, request);
+        if chunk.is_err() {
+            self.plans.remove(&request.table);
+        }
+        chunk
+    }
+}
+
+impl ChunkPlan {
+    /// Read what the table's chunks need and prepare their statements.
+    fn prepare(client: &mut Client, schema: &Ident, table: &str) -> Result<ChunkPlan, PgError> {
+        let name = TableName::parse(table)?;
+        if schema_state(client, schema)? != SchemaState::Ours {
+            return Err(PgError::NothingInstalled(schema.to_string()));
+        }
+        let registry = load_registry(client, schema)?;
         let reg = registry
             .get(&name)
-            .ok_or_else(|| PgError::NotInstalled(table.clone()))?;
+            .ok_or_else(|| PgError::NotInstalled(table.to_owned()))?;
         let identity = reg
             .log_identity
             .clone()
-            .ok_or_else(|| PgError::Outdated(table.clone()))?;
+            .ok_or_else(|| PgError::Outdated(table.to_owned()))?;
         if reg.key_columns.is_empty() {
-            return Err(PgError::Outdated(table.clone()));
+            return Err(PgError::Outdated(table.to_owned()));
         }
         let columns: Vec<String> = reg.columns.iter().map(|c| c.name.to_string()).collect();
         let key_index = reg
@@ -103,90 +159,178 @@ impl PgSnapshots<'_> {
             .iter()
             .map(|k| columns.iter().position(|c| c == k.as_str()))
             .collect::<Option<Vec<usize>>>()
-            .ok_or_else(|| PgError::Outdated(table.clone()))?;
-        if let Some(after) = &request.after {
-            if after.len() != reg.key_columns.len() {
-                return Err(PgError::KeyChanged {
-                    table: name.to_string(),
-                    key: reg.key_columns.iter().map(Ident::to_string).collect(),
-                    paging: after.len(),
-                });
-            }
-        }
-        let log = reg.log(self.schema);
-        let log_columns = self.log_columns(client, &log, reg)?;
-        let source = source(client, &name, &reg.key_columns)?;
+            .ok_or_else(|| PgError::Outdated(table.to_owned()))?;
+        let log = reg.log(schema);
 
-        // The read.
+        // The log column holding each captured column's new value: its kind and type.
+        let rows = client
+            .query(
+                "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod) \
+                 FROM pg_catalog.pg_attribute a \
+                 WHERE a.attrelid = $1::text::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&log],
+            )
+            .map_err(PgError::sql(format!("inspect the log table {log}")))?;
+        let mut kinds = Vec::with_capacity(reg.columns.len());
+        let mut types = Vec::with_capacity(reg.columns.len());
+        for c in &reg.columns {
+            let r = rows
+                .iter()
+                .find(|r| r.get::<_, String>(0) == c.new_column.as_str())
+                .ok_or_else(|| PgError::LogColumnGone {
+                    log: log.clone(),
+                    column: c.new_column.to_string(),
+                })?;
+            kinds.push(ValueKind::of(r.get(1)));
+            types.push(r.get::<_, String>(2));
+        }
+
+        // The user's table: partitioned or not, and which key columns may be NULL.
+        let key: Vec<&str> = reg.key_columns.iter().map(Ident::as_str).collect();
+        let row = client
+            .query_opt(
+                "SELECT c.relkind = 'p', \
+                        ARRAY(SELECT NOT a.attnotnull FROM unnest($3::text[]) WITH ORDINALITY AS k(name, i) \
+                              JOIN pg_catalog.pg_attribute a \
+                                ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped \
+                              ORDER BY k.i) \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&name.schema.as_str(), &name.table.as_str(), &key],
+            )
+            .map_err(PgError::sql(format!("inspect table {name}")))?
+            .ok_or_else(|| PgError::MissingTable(name.to_string()))?;
+        let partitioned: bool = row.get(0);
+        let nullable_key: Vec<bool> = row.get(1);
+        if nullable_key.len() != key.len() {
+            return Err(PgError::KeyColumnGone(name.to_string()));
+        }
+
+        // Each column cast to its log column's type and read as the fetch statement reads
+        // it; an ordinary table `ONLY` (see the module docs).
         let select: Vec<String> = reg
             .columns
             .iter()
-            .zip(&log_columns)
-            .map(|(c, l)| {
-                l.kind
-                    .wrap(&format!("t.{}::{}", c.name.quoted(), l.type_sql))
-            })
+            .zip(kinds.iter().zip(&types))
+            .map(|(c, (kind, ty))| kind.wrap(&format!("t.{}::{ty}", c.name.quoted())))
             .collect();
+        let select_sql = format!(
+            "SELECT {} FROM {}{} t",
+            select.join(", "),
+            if partitioned { "" } else { "ONLY " },
+            name.quoted()
+        );
         let key_sql: Vec<String> = reg
             .key_columns
             .iter()
             .map(|k| format!("t.{}", k.quoted()))
             .collect();
-        let key_types: Vec<&str> = key_index
-            .iter()
-            .map(|&i| log_columns[i].type_sql.as_str())
-            .collect();
-        let mut binds: Vec<Option<String>> = Vec::new();
-        let filter = match &request.after {
-            None => String::new(),
-            Some(after) => format!(
-                "WHERE {}",
-                after_filter(
-                    &key_sql,
-                    &key_types,
-                    &source.nullable_key,
-                    after,
-                    &mut binds
-                )
-            ),
-        };
+        let key_types: Vec<String> = key_index.iter().map(|&i| types[i].clone()).collect();
+        let context =
+            format!("prepare reading table {name} for a backfill (see `epidemic status`)");
+        let first = client
+            .prepare(&format!(
+                "{select_sql} ORDER BY {} LIMIT $1::pg_catalog.int8",
+                key_sql.join(", ")
+            ))
+            .map_err(PgError::sql(context))?;
+        let watermark = client
+            .prepare(&format!(
+                "INSERT INTO {log} (op) VALUES ({}) \
+                 RETURNING id, (extract(epoch FROM changed_at) * 1000000)::int8",
+                quote_literal(&char::from(WATERMARK_OP).to_string())
+            ))
+            .map_err(PgError::sql(format!(
+                "prepare writing backfill watermarks into the log of {name}"
+            )))?;
+        Ok(ChunkPlan {
+            name,
+            identity,
+            columns: columns.into(),
+            key_columns: reg
+                .key_columns
+                .iter()
+                .map(Ident::to_string)
+                .collect::<Vec<_>>()
+                .into(),
+            key_index,
+            kinds,
+            first,
+            after: HashMap::new(),
+            select_sql,
+            key_sql,
+            key_types,
+            nullable_key,
+            watermark,
+        })
+    }
+
+    /// The read, then the watermark.
+    fn read(&mut self, client: &mut Client, request: &ChunkRequest) -> Result<Chunk, PgError> {
+        let name = &self.name;
         let limit = i64::from(request.limit.max(1));
-        let sql = format!(
-            "SELECT {} FROM {}{} t {filter} ORDER BY {} LIMIT ${}::pg_catalog.int8",
-            select.join(", "),
-            if source.partitioned { "" } else { "ONLY " },
-            name.quoted(),
-            key_sql.join(", "),
-            binds.len() + 1
-        );
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            binds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
-        params.push(&limit);
-        let rows = client.query(&sql, &params).map_err(PgError::sql(format!(
-            "read table {name} for a backfill (see `epidemic status`)"
-        )))?;
+        let context = || format!("read table {name} for a backfill (see `epidemic status`)");
+        let rows = match &request.after {
+            None => client
+                .query(&self.first, &[&limit])
+                .map_err(PgError::sql(context()))?,
+            Some(after) => {
+                if after.len() != self.key_columns.len() {
+                    return Err(PgError::KeyChanged {
+                        table: name.to_string(),
+                        key: self.key_columns.to_vec(),
+                        paging: after.len(),
+                    });
+                }
+                let nulls: Vec<bool> = after.iter().map(Value::is_null).collect();
+                if !self.after.contains_key(&nulls) {
+                    let types: Vec<&str> = self.key_types.iter().map(String::as_str).collect();
+                    let (filter, bound) =
+                        after_filter(&self.key_sql, &types, &self.nullable_key, &nulls);
+                    let statement = client
+                        .prepare(&format!(
+                            "{} WHERE {filter} ORDER BY {} LIMIT ${}::pg_catalog.int8",
+                            self.select_sql,
+                            self.key_sql.join(", "),
+                            bound.len() + 1
+                        ))
+                        .map_err(PgError::sql(context()))?;
+                    self.after.insert(nulls.clone(), (statement, bound));
+                }
+                let Some((statement, bound)) = self.after.get(&nulls) else {
+                    return Err(PgError::NotInstalled(request.table.clone()));
+                };
+                let binds: Vec<Option<String>> =
+                    bound.iter().map(|&i| text_of(&after[i])).collect();
+                let mut params: Vec<&(dyn ToSql + Sync)> =
+                    binds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
+                params.push(&limit);
+                client
+                    .query(statement, &params)
+                    .map_err(PgError::sql(context()))?
+            }
+        };
         let mut images = Vec::with_capacity(rows.len());
         for row in &rows {
-            let image = log_columns
+            let image = self
+                .kinds
                 .iter()
                 .enumerate()
-                .map(|(i, l)| l.kind.read(row, i))
+                .map(|(i, kind)| kind.read(row, i))
                 .collect::<Result<Vec<Value>, _>>()
                 .map_err(PgError::sql(format!("decode table {name} for a backfill")))?;
             images.push(image);
         }
         drop(rows);
+        // Only with the first chunk: the host keeps the estimate it has.
+        let rows_estimate = match request.after {
+            None => estimate(client, name)?,
+            Some(_) => None,
+        };
 
         // Then the watermark, committed before returning.
         let row = client
-            .query_one(
-                &format!(
-                    "INSERT INTO {log} (op) VALUES ({}) \
-                     RETURNING id, (extract(epoch FROM changed_at) * 1000000)::int8",
-                    quote_literal(&char::from(WATERMARK_OP).to_string())
-                ),
-                &[],
-            )
+            .query_one(&self.watermark, &[])
             .map_err(PgError::sql(format!(
                 "write a backfill watermark into the log of {name}"
             )))?;
@@ -194,27 +338,20 @@ impl PgSnapshots<'_> {
         let changed_at_us: i64 = row.get(1);
 
         let last = (images.len() as i64) < limit;
-        let columns: std::sync::Arc<[String]> = columns.into();
-        let key_columns: std::sync::Arc<[String]> = reg
-            .key_columns
-            .iter()
-            .map(Ident::to_string)
-            .collect::<Vec<_>>()
-            .into();
         let rows = images
             .into_iter()
             .enumerate()
             .map(|(i, new)| Change {
                 id: 0,
-                stable_id: format!("{identity}-w{watermark}.{i}"),
+                stable_id: format!("{}-w{watermark}.{i}", self.identity),
                 schema: Some(name.schema.to_string()),
-                table: table.clone(),
+                table: request.table.clone(),
                 op: Op::Insert,
                 origin: Origin::Snapshot,
-                key_columns: key_columns.clone(),
-                key: key_index.iter().map(|&k| new[k].clone()).collect(),
+                key_columns: self.key_columns.clone(),
+                key: self.key_index.iter().map(|&k| new[k].clone()).collect(),
                 old_key: None,
-                columns: columns.clone(),
+                columns: self.columns.clone(),
                 old: None,
                 new: Some(new),
                 changed_at_us,
@@ -227,122 +364,71 @@ impl PgSnapshots<'_> {
             rows,
             watermark,
             last,
-            rows_estimate: source.estimate,
+            rows_estimate,
         })
-    }
-
-    /// The kind and type of the log column that holds each registered column's new value,
-    /// in registry order.
-    fn log_columns(
-        &self,
-        client: &mut Client,
-        log: &str,
-        reg: &crate::registry::RegisteredTable,
-    ) -> Result<Vec<LogColumn>, PgError> {
-        let rows = client
-            .query(
-                "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod) \
-                 FROM pg_catalog.pg_attribute a \
-                 WHERE a.attrelid = $1::text::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&log],
-            )
-            .map_err(PgError::sql(format!("inspect the log table {log}")))?;
-        reg.columns
-            .iter()
-            .map(|c| {
-                rows.iter()
-                    .find(|r| r.get::<_, String>(0) == c.new_column.as_str())
-                    .map(|r| LogColumn {
-                        kind: ValueKind::of(r.get(1)),
-                        type_sql: r.get(2),
-                    })
-                    .ok_or_else(|| PgError::LogColumnGone {
-                        log: log.to_owned(),
-                        column: c.new_column.to_string(),
-                    })
-            })
-            .collect()
     }
 }
 
-/// What the read needs to know of the user's table: partitioned or not, which key
-/// columns may hold NULL, and its estimated size.
-fn source(client: &mut Client, name: &TableName, key: &[Ident]) -> Result<Source, PgError> {
-    let key: Vec<&str> = key.iter().map(Ident::as_str).collect();
-    let row = client
-        .query_opt(
-            "SELECT c.relkind = 'p', \
-                    ARRAY(SELECT NOT a.attnotnull FROM unnest($3::text[]) WITH ORDINALITY AS k(name, i) \
-                          JOIN pg_catalog.pg_attribute a \
-                            ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped \
-                          ORDER BY k.i), \
-                    CASE WHEN c.relkind = 'p' THEN \
+/// The table's estimated size: `reltuples` (summed over its partitions for a partitioned
+/// table), `None` while it was never analyzed (-1).
+fn estimate(client: &mut Client, name: &TableName) -> Result<Option<u64>, PgError> {
+    let estimate: Option<f64> = client
+        .query_one(
+            "SELECT CASE WHEN c.relkind = 'p' THEN \
                          (SELECT sum(p.reltuples)::float8 FROM pg_catalog.pg_partition_tree(c.oid) t \
                           JOIN pg_catalog.pg_class p ON p.oid = t.relid \
                           WHERE t.isleaf AND p.reltuples >= 0) \
                     WHEN c.reltuples >= 0 THEN c.reltuples::float8 END \
-             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&name.schema.as_str(), &name.table.as_str(), &key],
+             FROM pg_catalog.pg_class c WHERE c.oid = $1::text::pg_catalog.regclass",
+            &[&name.quoted()],
         )
-        .map_err(PgError::sql(format!("inspect table {name}")))?
-        .ok_or_else(|| PgError::MissingTable(name.to_string()))?;
-    let nullable_key: Vec<bool> = row.get(1);
-    if nullable_key.len() != key.len() {
-        return Err(PgError::KeyColumnGone(name.to_string()));
-    }
-    let estimate: Option<f64> = row.get(2);
-    Ok(Source {
-        partitioned: row.get(0),
-        nullable_key,
-        estimate: estimate.map(|e| e.max(0.0).round() as u64),
-    })
+        .map_err(PgError::sql(format!("estimate the size of table {name}")))?
+        .get(0);
+    Ok(estimate.map(|e| e.max(0.0).round() as u64))
 }
 
 /// The condition that keeps the rows whose key (`key`, SQL expressions of the key
-/// columns, of types `types`) comes after `after` in `ORDER BY key` order, binding the
-/// values as text (`binds`, numbered from `$1`). A row comparison when no key column can
-/// be NULL (an index seek); otherwise column by column in PostgreSQL's ascending order,
+/// columns, of types `types`) comes after a key whose NULL values are `nulls`, in
+/// `ORDER BY key` order, and the positions of the key values it binds as text, in the
+/// order of its parameters (`$1`, `$2`, ...). A row comparison when no key column can be
+/// NULL (an index seek); otherwise column by column in PostgreSQL's ascending order,
 /// where NULL comes last: `(k1 > a1 OR k1 IS NULL) OR (k1 = a1 AND ...)`, nothing being
 /// after a NULL, and "equal" to a NULL being `IS NULL`.
 fn after_filter(
     key: &[String],
     types: &[&str],
     nullable: &[bool],
-    after: &[Value],
-    binds: &mut Vec<Option<String>>,
-) -> String {
-    let bind = |v: &Value, ty: &str, binds: &mut Vec<Option<String>>| {
-        binds.push(text_of(v));
-        format!("${}::pg_catalog.text::{ty}", binds.len())
+    nulls: &[bool],
+) -> (String, Vec<usize>) {
+    let mut bound = Vec::new();
+    let mut bind = |i: usize| {
+        bound.push(i);
+        format!("${}::pg_catalog.text::{}", bound.len(), types[i])
     };
-    if !nullable.iter().any(|&n| n) && !after.iter().any(Value::is_null) {
-        let values: Vec<String> = after
-            .iter()
-            .zip(types)
-            .map(|(v, ty)| bind(v, ty, binds))
-            .collect();
-        return if key.len() == 1 {
+    if !nullable.iter().any(|&n| n) && !nulls.iter().any(|&n| n) {
+        let values: Vec<String> = (0..key.len()).map(&mut bind).collect();
+        let sql = if key.len() == 1 {
             format!("{} > {}", key[0], values[0])
         } else {
             format!("({}) > ({})", key.join(", "), values.join(", "))
         };
+        return (sql, bound);
     }
     let mut alternatives = Vec::new();
     for i in 0..key.len() {
-        if after[i].is_null() {
+        if nulls[i] {
             // Nothing comes after NULL in this column.
             continue;
         }
         let mut terms = Vec::with_capacity(i + 1);
-        for ((k, a), ty) in key.iter().zip(after).zip(types).take(i) {
-            if a.is_null() {
+        for (j, (k, &null)) in key.iter().zip(nulls).enumerate().take(i) {
+            if null {
                 terms.push(format!("{k} IS NULL"));
             } else {
-                terms.push(format!("{k} = {}", bind(a, ty, binds)));
+                terms.push(format!("{k} = {}", bind(j)));
             }
         }
-        let greater = format!("{} > {}", key[i], bind(&after[i], types[i], binds));
+        let greater = format!("{} > {}", key[i], bind(i));
         terms.push(if nullable[i] {
             format!("({greater} OR {} IS NULL)", key[i])
         } else {
@@ -350,11 +436,12 @@ fn after_filter(
         });
         alternatives.push(format!("({})", terms.join(" AND ")));
     }
-    if alternatives.is_empty() {
+    let sql = if alternatives.is_empty() {
         "false".to_owned()
     } else {
         format!("({})", alternatives.join(" OR "))
-    }
+    };
+    (sql, bound)
 }
 
 /// A key value as text PostgreSQL's input functions read back as the same value: the
@@ -389,45 +476,46 @@ mod tests {
 
     #[test]
     fn a_key_without_nulls_pages_by_row_comparison() {
-        let mut binds = Vec::new();
-        let sql = after_filter(
+        let (sql, bound) = after_filter(
             &["t.\"a\"".into(), "t.\"b\"".into()],
             &["integer", "text"],
             &[false, false],
-            &[Value::Int(3), Value::from("x")],
-            &mut binds,
+            &[false, false],
         );
         assert_eq!(
             sql,
             "(t.\"a\", t.\"b\") > ($1::pg_catalog.text::integer, $2::pg_catalog.text::text)"
         );
-        assert_eq!(binds, [Some("3".to_owned()), Some("x".to_owned())]);
+        assert_eq!(bound, [0, 1]);
     }
 
     #[test]
     fn a_nullable_key_pages_with_nulls_last() {
-        let mut binds = Vec::new();
-        let sql = after_filter(
+        let (sql, bound) = after_filter(
             &["a".into(), "b".into()],
-            &["integer", "integer"],
+            &["integer", "text"],
             &[true, true],
-            &[Value::Null, Value::Int(2)],
-            &mut binds,
+            &[true, false],
         );
         assert_eq!(
             sql,
-            "((a IS NULL AND (b > $1::pg_catalog.text::integer OR b IS NULL)))"
+            "((a IS NULL AND (b > $1::pg_catalog.text::text OR b IS NULL)))"
         );
-        let mut binds = Vec::new();
-        let sql = after_filter(
-            &["a".into()],
-            &["integer"],
-            &[true],
-            &[Value::Null],
-            &mut binds,
+        assert_eq!(bound, [1]);
+        let (sql, bound) = after_filter(
+            &["a".into(), "b".into()],
+            &["integer", "text"],
+            &[false, true],
+            &[false, false],
         );
+        assert_eq!(
+            sql,
+            "((a > $1::pg_catalog.text::integer) OR (a = $2::pg_catalog.text::integer AND (b > $3::pg_catalog.text::text OR b IS NULL)))"
+        );
+        assert_eq!(bound, [0, 0, 1]);
+        let (sql, bound) = after_filter(&["a".into()], &["integer"], &[true], &[true]);
         assert_eq!(sql, "false");
-        assert!(binds.is_empty());
+        assert!(bound.is_empty());
     }
 
     #[test]
