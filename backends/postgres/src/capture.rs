@@ -4,7 +4,8 @@
 //! partitions, TRUNCATE of one partition) is in [`crate::partition`].
 //!
 //! - `log_<table>` (or `log_<schema>.<table>` outside `public`): one log table per watched
-//!   table with `id` (from the shared sequence `change_id`), `op` (`I`/`U`/`D`), `txid`
+//!   table with `id` (from the shared sequence `change_id`), `op` (`I`/`U`/`D`, or
+//!   [`WATERMARK_OP`] for a backfill's watermark, which the backend writes itself), `txid`
 //!   (the writer's `pg_current_xact_id()`, indexed: batches are found by transaction
 //!   snapshot), `changed_at`, and typed `old_<column>`/`new_<column>` pairs for every
 //!   captured column: the row's key columns always, and the union of what the handlers
@@ -93,6 +94,13 @@ use crate::registry::RegisteredColumn;
 /// capture trigger with another comment (an older layout: a `WHEN` that used the
 /// type's equality, no `ENABLE ALWAYS`) is recreated by the next install.
 pub(crate) const TRIGGER_LAYOUT: &str = "epidemic capture 2";
+
+/// The op of a backfill's watermark in a log table (see [`crate::snapshot`]): a row with
+/// every value NULL, written by the backend, never by a trigger. The capture functions of
+/// every Epidemic version write only `I`, `U` and `D` (a partition move's merge turns a
+/// `D` into a `U`), so a reader never takes a watermark for a change, nor a change for a
+/// watermark.
+pub(crate) const WATERMARK_OP: u8 = b'W';
 
 /// What Epidemic captures with one trigger each: the row events; `TRUNCATE` (a
 /// statement-level trigger that logs a delete of every row the table still holds); and,

@@ -38,6 +38,33 @@ pub enum PgError {
     NoTables,
     #[error("table {0} was installed by an older version of Epidemic (no key or stable ids in its registry); run `epidemic install`")]
     Outdated(String),
+    #[error("the key of table {table} is ({}) now, but its backfill was paging by a key of {paging} columns: the key changed during the backfill; cancel it and request it again", .key.join(", "))]
+    KeyChanged {
+        table: String,
+        key: Vec<String>,
+        paging: usize,
+    },
+    #[error(
+        "a key column of table {0} no longer exists (dropped or renamed?); see `epidemic status`"
+    )]
+    KeyColumnGone(String),
+    #[error("log table {log} has no column {column}; run `epidemic install`")]
+    LogColumnGone { log: String, column: String },
+    #[error("a backfill of consumer {consumer} is already {state} (table {table}: {rows}); wait for it to finish, or cancel it")]
+    BackfillBusy {
+        consumer: String,
+        state: &'static str,
+        table: String,
+        rows: String,
+    },
+    #[error("a backfill of consumer {0} needs at least one table")]
+    NoBackfillTables(String),
+    #[error(
+        "schema {0} has no backfill table (installed by an older Epidemic); run `epidemic install`"
+    )]
+    NoBackfillTable(String),
+    #[error("a backfill's progress in the database cannot be read or written: {0}")]
+    BadProgress(String),
     /// A condition the SDK words for every backend (`kit::evicted`, `kit::no_key`...),
     /// with its kind.
     #[error("{0}")]
@@ -108,6 +135,7 @@ impl From<PgError> for BackendError {
             | PgError::UnknownLog(_)
             | PgError::ForeignCluster { .. }
             | PgError::StaleToken { .. }
+            | PgError::BadProgress(_)
             // Returned as it is above.
             | PgError::Backend(_) => BackendError::Other(message),
             PgError::InvalidIdentifier(_)
@@ -124,6 +152,12 @@ impl From<PgError> for BackendError {
             | PgError::Outdated(_)
             | PgError::OwnTable { .. }
             | PgError::NoTables
+            | PgError::KeyChanged { .. }
+            | PgError::BackfillBusy { .. }
+            | PgError::NoBackfillTables(_)
+            | PgError::NoBackfillTable(_)
+            | PgError::KeyColumnGone(_)
+            | PgError::LogColumnGone { .. }
             | PgError::BadToken { .. } => BackendError::Invalid(message),
         }
     }

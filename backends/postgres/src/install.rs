@@ -573,7 +573,7 @@ impl PgInstaller<'_> {
 
     /// The statements that remove everything Epidemic keeps for one table (triggers, log,
     /// function, registry entry, the table from consumers' lists and consumers left with
-    /// no table, dead letters), leaving the rest of the installation alone. Empty when
+    /// no table, dead letters, backfills), leaving the rest of the installation alone. Empty when
     /// the table is not registered.
     pub fn plan_forget_table(
         &self,
@@ -626,6 +626,12 @@ impl PgInstaller<'_> {
             plan.push(format!(
                 "DELETE FROM {} WHERE source_table IN ({spellings_sql})",
                 self.q("dead_letter")
+            ));
+        }
+        if has_column(client, self.schema, "backfill", "source_table")? {
+            plan.push(format!(
+                "DELETE FROM {} WHERE source_table IN ({spellings_sql})",
+                self.q("backfill")
             ));
         }
         Ok(plan)

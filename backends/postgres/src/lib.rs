@@ -25,6 +25,8 @@
 //!   table; `partition`: partition moves and TRUNCATE of partitions.
 //! - `reader`: fetch and ack by snapshots; `consumers`: registration, liveness,
 //!   eviction; `prune`; `wake`: `LISTEN`/`NOTIFY` wake-ups.
+//! - `snapshot`: a backfill's chunk read by key and its watermark in the log;
+//!   `backfill`: backfill requests and progress.
 //! - `dead_letters`, `status`, `lease`, `scratch` (bench).
 //!
 //! Value mapping: `int2`/`int4`/`int8` are [`Value::Int`](epidemic_plugin_sdk::Value),
@@ -36,6 +38,7 @@
 //! keep any state that matters outside the database (a killed daemon loses nothing),
 //! or speak TLS (the URL must allow a plain connection).
 
+mod backfill;
 mod barrier;
 mod capture;
 mod catalog;
@@ -52,6 +55,7 @@ mod prune;
 mod reader;
 mod registry;
 mod scratch;
+mod snapshot;
 mod status;
 mod wake;
 
@@ -60,12 +64,13 @@ pub use error::PgError;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::backend::{
-    kit, Backend, BackendError, BarrierReply, BarrierRequest, Batch, BenchVariant, Capabilities,
-    Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Registered,
-    Scratch, StartFrom, Status, Watch,
+    kit, Backend, BackendError, BackfillReply, BackfillRequest, BarrierReply, BarrierRequest,
+    Batch, BenchVariant, Capabilities, Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery,
+    DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use postgres::Client;
 
+use crate::backfill::PgBackfills;
 use crate::consumers::PgConsumers;
 use crate::dead_letters::PgDeadLetters;
 use crate::ident::TableName;
@@ -75,6 +80,7 @@ use crate::options::{PgOptions, PgUrl};
 use crate::prune::PgPruner;
 use crate::reader::PgReader;
 use crate::scratch::PgScratch;
+use crate::snapshot::PgSnapshots;
 use crate::wake::PgListener;
 
 /// One connection to the database, serving one thread of the host.
@@ -84,6 +90,7 @@ pub struct PgBackend {
     client: Client,
     listener: PgListener,
     reader: PgReader,
+    snapshots: PgSnapshots,
     scratch: PgScratch,
 }
 
@@ -104,6 +111,7 @@ impl PgBackend {
         };
         let statements = installer.apply(&mut self.client, what, plan)?;
         self.reader.reset();
+        self.snapshots.reset();
         self.listener.schema_changed();
         self.scratch.reset();
         Ok(statements)
@@ -135,6 +143,7 @@ impl Backend for PgBackend {
         Ok(PgBackend {
             listener: PgListener::new(options.schema.clone(), options.notify, poll),
             reader: PgReader::new(options.schema.clone()),
+            snapshots: PgSnapshots::new(options.schema.clone()),
             url,
             options,
             client,
@@ -184,6 +193,7 @@ impl Backend for PgBackend {
         start: StartFrom,
     ) -> Result<Registered, BackendError> {
         self.reader.forget(consumer);
+        self.snapshots.reset();
         let consumers = PgConsumers {
             schema: &self.options.schema,
         };
@@ -220,12 +230,17 @@ impl Backend for PgBackend {
         self.listener.reconnected(&mut client)?;
         self.client = client;
         self.reader.reset();
+        self.snapshots.reset();
         self.scratch.reset();
         Ok(())
     }
 
     fn unregister(&mut self, consumer: &Consumer) -> Result<bool, BackendError> {
         self.reader.forget(consumer);
+        let backfills = PgBackfills {
+            schema: &self.options.schema,
+        };
+        backfills.forget(&mut self.client, consumer)?;
         let consumers = PgConsumers {
             schema: &self.options.schema,
         };
@@ -288,6 +303,18 @@ impl Backend for PgBackend {
             &self.options.schema,
             request,
         )?)
+    }
+
+    /// One bounded SELECT by key, then the watermark (see module `snapshot`).
+    fn snapshot_chunk(&mut self, request: &ChunkRequest) -> Result<Chunk, BackendError> {
+        Ok(self.snapshots.chunk(&mut self.client, request)?)
+    }
+
+    fn backfills(&mut self, request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
+        let backfills = PgBackfills {
+            schema: &self.options.schema,
+        };
+        Ok(backfills.apply(&mut self.client, request)?)
     }
 
     /// Only ever touches the scratch table; see module `scratch`.

@@ -75,11 +75,16 @@
 //! batches of one consumer only, and starts over lower after a restore into another
 //! cluster.
 //!
+//! A backfill's watermark (op `W`, written by [`crate::snapshot`] after a chunk's read) is
+//! a log row like any other for batches, acks and prune: it comes to every consumer of
+//! the table in id order with the changes around it, as a change of origin `Watermark`
+//! with no key and no values (see [`decode`]); the host consumes it.
+//!
 //! Not here: registering consumers and their liveness ([`crate::consumers`]), pruning
 //! ([`crate::prune`]), deciding which changes a handler wants, retries, dead letters (the
 //! host).
 
-mod decode;
+pub(crate) mod decode;
 pub(crate) mod statement;
 
 use std::collections::HashMap;

@@ -22,6 +22,8 @@
 //! - `daemon`: one row per daemon name: the lease of the live daemon using it.
 //! - `cluster`: the system identifier of the cluster whose transaction ids the cursors
 //!   hold (see [`rebase_ddl`]).
+//! - `backfill`: one row per (daemon, handler, table) backfill: its state and progress
+//!   (see [`crate::backfill`]).
 //! - `sleeper`: UNLOGGED, one row per reading connection (`pid`), with `since` set while
 //!   that reader waits for a wake-up (see [`crate::wake`]). Nothing in it matters after a
 //!   crash, hence UNLOGGED: writing it costs no WAL.
@@ -341,7 +343,7 @@ pub(crate) fn check_logs(
 }
 
 /// Epidemic's schema and bookkeeping tables: the shared sequence, the registry, the
-/// consumer, lease, cluster, sleeper and dead-letter tables. Idempotent and cheap (no
+/// consumer, lease, cluster, sleeper, dead-letter and backfill tables. Idempotent and cheap (no
 /// lock on any user table), so always part of an install; a column added to a
 /// bookkeeping table since a schema was first installed is added when it is missing.
 pub(crate) fn bookkeeping_ddl(
@@ -473,6 +475,7 @@ pub(crate) fn bookkeeping_ddl(
         "CREATE INDEX IF NOT EXISTS dead_letter_consumer ON {} (daemon, handler)",
         q("dead_letter")
     ));
+    ddl.push(crate::backfill::ddl(schema));
     Ok(ddl)
 }
 

@@ -2,14 +2,20 @@
 //! is read back ([`ValueKind`]), and what a change carries besides its values
 //! ([`PgLogTable`]): its table as the consumer spelled it, the schema, the key, the
 //! stable id, the transaction and the batch's commit-order token.
+//!
+//! A log row of op [`WATERMARK_OP`] is a backfill's watermark (see [`crate::snapshot`]),
+//! never a change to the table: it becomes a change of origin `Watermark` with its log id
+//! and stable id, no key, no columns and no values. `ValueKind` is shared with the
+//! snapshot read, so a snapshot row's values are the `Value`s the log gives.
 
 use std::sync::Arc;
 
 use epidemic_plugin_sdk::backend::kit;
-use epidemic_plugin_sdk::{Change, Op, Value};
+use epidemic_plugin_sdk::{Change, Op, Origin, Value};
 use postgres::types::Type;
 use postgres::Row;
 
+use crate::capture::WATERMARK_OP;
 use crate::ident::Ident;
 use crate::reader::statement::col;
 
@@ -63,13 +69,19 @@ impl ValueKind {
     }
 
     pub fn select(self, column: &Ident) -> String {
+        self.wrap(&format!("l.{}", column.quoted()))
+    }
+
+    /// `expr` as the fetch statement yields a log column of this kind: cast to text for
+    /// [`ValueKind::CastToText`], as it is otherwise.
+    pub fn wrap(self, expr: &str) -> String {
         match self {
-            ValueKind::CastToText => format!("l.{}::text", column.quoted()),
-            _ => format!("l.{}", column.quoted()),
+            ValueKind::CastToText => format!("({expr})::pg_catalog.text"),
+            _ => expr.to_owned(),
         }
     }
 
-    fn read(self, row: &Row, i: usize) -> Result<Value, postgres::Error> {
+    pub(crate) fn read(self, row: &Row, i: usize) -> Result<Value, postgres::Error> {
         Ok(match self {
             ValueKind::Int2 => row.try_get::<_, Option<i16>>(i)?.map(i64::from).into(),
             ValueKind::Int4 => row.try_get::<_, Option<i32>>(i)?.map(i64::from).into(),
@@ -97,6 +109,8 @@ pub(crate) struct PgLogTable {
     /// Where each key column is in `columns`.
     pub key_index: Vec<usize>,
     pub kinds: Vec<ValueKind>,
+    /// No columns: what a watermark carries as its key and value columns.
+    pub no_columns: Arc<[String]>,
     /// Result column of this table's first old value; the new value follows it, then
     /// the next column's pair.
     pub first: usize,
@@ -108,6 +122,22 @@ impl PgLogTable {
         let op: i8 = row.try_get(col::OP)?;
         let changed_at_us: i64 = row.try_get(col::CHANGED_AT_US)?;
         let txid: i64 = row.try_get(col::TXID)?;
+        if op == WATERMARK_OP as i8 {
+            return Ok(Change {
+                id,
+                stable_id: kit::stable_id(&self.identity, id),
+                schema: Some(self.schema.clone()),
+                table: self.table.clone(),
+                op: Op::Insert,
+                origin: Origin::Watermark,
+                key_columns: self.no_columns.clone(),
+                columns: self.no_columns.clone(),
+                changed_at_us,
+                txid: Some(txid),
+                commit_seq: Some(commit_seq),
+                ..Change::default()
+            });
+        }
         let values = |first: usize| -> Result<Vec<Value>, postgres::Error> {
             self.kinds
                 .iter()
@@ -122,7 +152,7 @@ impl PgLogTable {
                 Some(values(self.first)?),
                 Some(values(self.first + 1)?),
             ),
-            // The triggers write only I, U and D.
+            // The triggers write only I, U and D (and the backend W, above).
             _ => (Op::Delete, Some(values(self.first)?), None),
         };
         let key_of = |values: &Option<Vec<Value>>| {

@@ -4,6 +4,7 @@
 //! log table, and returns it with a header row; see the reader's docs for the steps.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use epidemic_plugin_sdk::backend::Consumer;
 use postgres::{Client, Statement};
@@ -138,6 +139,7 @@ pub(crate) fn prepare(
             key_index,
             first,
             kinds,
+            no_columns: Arc::from(Vec::new()),
         });
         first += 2 * columns.len();
         parts.push(Part {
