@@ -14,8 +14,10 @@
 //! | end of a whole snapshot | every Maildir on disk that no row backs (an orphan) is logged, then kept, archived to `archive_dir/<domain>/<local>-orphan-<unix seconds>` or removed, as `orphans` says |
 //!
 //! Every step is idempotent, since delivery is at-least-once: a repeated INSERT completes
-//! or leaves the Maildir; a rename whose source is gone and target exists is done; a
-//! DELETE of a missing Maildir is done. An UPDATE whose old Maildir is missing creates the
+//! or leaves the Maildir; a rename whose source is gone and target exists is done, and so
+//! is one whose target exists and whose source holds no mail (a replayed UPDATE made that
+//! source afresh after the rename had happened: it is removed); a DELETE of a missing
+//! Maildir is done. An UPDATE whose old Maildir is missing creates the
 //! new one. A domain directory left empty by a rename, removal or archive is removed.
 //!
 //! # Safety

@@ -353,6 +353,24 @@ fn rename_onto_an_existing_maildir_is_permanent_and_moves_nothing() {
 }
 
 #[test]
+fn a_replayed_quota_update_then_rename_converges_after_a_restart() {
+    // The daemon died after handling [quota of ann@org, rename ann@org -> ann@com] but
+    // before acknowledging them: both come again. The quota update finds no ann@org and
+    // makes one (no mail in it); the rename then finds both: the empty leftover goes.
+    let mut f = Fixture::new();
+    let quota = change(("ann@example.org", Some(1)), ("ann@example.org", Some(2)));
+    let rename = change(("ann@example.org", Some(2)), ("ann@example.com", Some(2)));
+    f.send(add("ann@example.org", Some(1))).unwrap();
+    f.send(quota.clone()).unwrap();
+    f.send(rename.clone()).unwrap();
+    fs::write(f.path("example.com/ann/new/1.mail"), "hi").unwrap();
+    f.send(quota).unwrap();
+    f.send(rename).unwrap();
+    assert_eq!(f.maildirs(), ["example.com/ann".to_owned()].into());
+    assert!(f.path("example.com/ann/new/1.mail").exists(), "the mail stays");
+}
+
+#[test]
 fn rename_into_itself_is_permanent() {
     let mut f = Fixture::new();
     f.send(add("bob", None)).unwrap();
@@ -1207,8 +1225,9 @@ fn a_maildir_a_change_failed_on_is_kept() {
     f.snapshot(began(false));
     f.snapshot_row(snapshot_row(1, "ann@example.org", None));
     f.snapshot_row(snapshot_row(2, "bob@example.org", None));
-    // bob's row takes ann's name while ann's row still has it: the rename fails (bob's
-    // Maildir is in the way) and goes to the dead letters.
+    // bob's row takes ann's name while ann's row still has it: the rename fails (ann's
+    // Maildir is in the way, and bob's holds mail) and goes to the dead letters.
+    fs::write(f.path("example.org/bob/cur/1.mail"), "mail").unwrap();
     assert_permanent(f.send(live_rename(2, "bob@example.org", "ann@example.org")));
     // Then ann's row is deleted: its Maildir is removed... and bob's stays, held by the
     // failed rename, though no row names it now.

@@ -103,6 +103,14 @@ impl MaildirTree {
             });
         }
         if self.dir_exists(&to_dir)? {
+            // Delivery is at-least-once: after a restart, an UPDATE of the quota that came
+            // before the rename is delivered again and creates the old Maildir afresh, then
+            // the rename comes again and finds both. A source that holds no mail is that
+            // leftover: it goes, and the rename is done. One holding mail is a real conflict.
+            if self.holds_no_mail(&from_dir)? {
+                self.remove(from)?;
+                return Ok(());
+            }
             return Err(MaildirError::RenameTargetExists {
                 from: from_dir,
                 to: to_dir,
@@ -115,6 +123,23 @@ impl MaildirTree {
         fs::rename(&from_dir, &to_dir).map_err(MaildirError::io("rename", &from_dir))?;
         self.remove_domain_if_empty(from.domain().map(OsStr::new));
         Ok(())
+    }
+
+    /// Whether a Maildir's `cur`, `new` and `tmp` are all empty (or missing).
+    fn holds_no_mail(&self, dir: &Path) -> Result<bool, MaildirError> {
+        for sub in ["cur", "new", "tmp"] {
+            let path = dir.join(sub);
+            match fs::read_dir(&path) {
+                Ok(mut entries) => {
+                    if entries.next().is_some() {
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(MaildirError::io("read", &path)(e)),
+            }
+        }
+        Ok(true)
     }
 
     /// Remove a user's Maildir and everything in it. Already gone is success.
