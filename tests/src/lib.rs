@@ -227,6 +227,7 @@ pub fn recorder_handler(
     )
 }
 pub mod mysql;
+pub mod nats;
 pub mod oot;
 pub mod pg;
 pub mod reader;
