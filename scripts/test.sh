@@ -13,6 +13,10 @@ command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 [ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
 # libfaketime runs a daemon with its clock a day ahead (the clock-skew scenario).
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need_apt+=(faketime)
+# promtool checks and unit-tests the alert rules in docs/ (tests/monitoring.rs); the
+# server it comes with is not needed, nor its recommended node exporter.
+need_promtool=no
+command -v promtool >/dev/null 2>&1 || need_promtool=yes
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -22,6 +26,20 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     service mariadb stop >/dev/null 2>&1 || true
     service postgresql stop >/dev/null 2>&1 || true
     service nats-server stop >/dev/null 2>&1 || true
+fi
+if [ "$need_promtool" = yes ]; then
+    echo "==> installing prometheus (for promtool)"
+    export DEBIAN_FRONTEND=noninteractive
+    [ ${#need_apt[@]} -gt 0 ] || apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    service prometheus stop >/dev/null 2>&1 || true
+fi
+
+# cargo-deb builds the Debian package that tests/package.rs installs with dpkg. Pinned to
+# a minor version: packaging the debug build (--profile dev) is deprecated upstream.
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    echo "==> installing cargo-deb (cargo install, about 2 minutes)"
+    cargo install cargo-deb --version '~3.8' --locked --quiet
 fi
 
 echo "==> building the workspace (host, backends, plugins)"

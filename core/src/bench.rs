@@ -589,6 +589,8 @@ impl Reader {
             },
             batch_size: cfg.daemon.batch_size,
             handler_batch,
+            backfill_chunk: 1,
+            resync_on_evicted: false,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let conn = plugins::open(cfg, lib)?;
@@ -597,7 +599,7 @@ impl Reader {
             settings,
             conn,
             handler,
-            Metrics::new(false),
+            Metrics::new(false, "bench", Duration::from_secs(300)),
             Arc::clone(&stop),
         );
         let thread = std::thread::Builder::new()

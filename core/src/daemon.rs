@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use epidemic_plugin_host::HostBackend;
-use epidemic_plugin_sdk::backend::{BackendError, Consumer, Registered, StartFrom};
+use epidemic_plugin_sdk::backend::{
+    BackendError, BackfillRequest, Consumer, Registered, StartFrom,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{sleep_unless, RECONNECT_INITIAL, RECONNECT_MAX};
-use crate::config::Config;
+use crate::config::{Config, OnEvicted, StartMode};
 use crate::dispatch::{DispatchSettings, Dispatcher, RetryPolicy};
 use crate::lease::{DaemonLease, Heartbeat};
 use crate::metrics::Metrics;
@@ -69,18 +71,21 @@ fn log_registration(
 }
 
 pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
-    // Checked before anything touches the database: bad input leaves nothing half-done.
-    if cfg.daemon.lease_ttl < Duration::from_millis(300) {
-        bail!(
-            "{}: daemon.lease_ttl: must be at least 300ms",
-            cfg.path.display()
-        );
-    }
+    // daemon.lease_ttl and every other key were checked by `Config::load`, before
+    // anything touched the database: bad input leaves nothing half-done.
     let daemon = cfg.daemon_name()?;
     let backend_lib = plugins::load_backend(&cfg)?;
     let mut handlers = plugins::load_handlers(&cfg, &daemon)?;
     let url = epidemic_plugin_sdk::redact_url(&cfg.database.url);
-    let metrics = Metrics::new(cfg.metrics.listen.is_some());
+    let metrics = Metrics::new(
+        cfg.metrics.listen.is_some(),
+        &daemon,
+        cfg.metrics.handler_stuck_after,
+    );
+    // Every handler's series exist from the first scrape, before the database is reached.
+    for h in &handlers {
+        metrics.handler(&h.config.name);
+    }
     let _server = match &cfg.metrics.listen {
         Some(addr) => Some(crate::metrics::serve(
             addr,
@@ -91,6 +96,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     };
     // A daemon may start before its database (boot order, an outage): connection errors
     // are retried with backoff; anything else (bad tables, bad options) is fatal.
+    notify_status("connecting to the database");
     let mut main_conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
     // Say what drifted before install repairs it (a dropped trigger) or refuses to
     // start over it (a dropped or renamed column).
@@ -108,6 +114,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         reconnect_on_error(&mut main_conn, |c| c.install(&watches))
     })?;
     let handler_count = handlers.len();
+    notify_status("registering consumers");
     // From here on this daemon changes consumers of its name: hold the name first.
     let lease = DaemonLease::new(&daemon, cfg.daemon.lease_ttl);
     lease.acquire(&stop, |req| {
@@ -125,12 +132,28 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             handler: h.config.name.clone(),
         };
         let tables = h.tables();
+        let start = match h.config.start {
+            StartMode::Now => opts.start,
+            StartMode::Oldest => StartFrom::Oldest,
+            // The snapshot brings the rows; the log from now on brings what follows.
+            StartMode::Snapshot => StartFrom::Now,
+        };
         let registered = until_connected(&stop, "register consumer", || {
-            reconnect_on_error(&mut main_conn, |c| {
-                c.register(&consumer, &tables, opts.start)
-            })
+            reconnect_on_error(&mut main_conn, |c| c.register(&consumer, &tables, start))
         })?;
-        log_registration(&consumer, &h, &tables, registered, opts.start);
+        log_registration(&consumer, &h, &tables, registered, start);
+        let backfill = match registered {
+            Registered::New if h.config.start == StartMode::Snapshot => {
+                Some("start = \"snapshot\"")
+            }
+            Registered::Evicted if h.config.on_evicted == OnEvicted::Resync => {
+                Some("on_evicted = \"resync\"")
+            }
+            _ => None,
+        };
+        if let Some(why) = backfill {
+            request_backfill(&mut main_conn, &consumer, &tables, why)?;
+        }
         let lost_cursor = Arc::new(AtomicBool::new(false));
         consumers.push((consumer.clone(), Arc::clone(&lost_cursor)));
         let conn = until_connected(&stop, &url, || plugins::open_raw(&cfg, &backend_lib))?;
@@ -140,6 +163,8 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             retry: RetryPolicy::from(&h.config),
             batch_size: cfg.daemon.batch_size,
             handler_batch: h.config.handler_batch,
+            backfill_chunk: cfg.daemon.backfill_chunk,
+            resync_on_evicted: h.config.on_evicted == OnEvicted::Resync,
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let dispatcher = Dispatcher::new(
@@ -166,7 +191,24 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         Arc::clone(&stop),
     )?;
 
-    // Logged once every consumer has a cursor: from here on no change is missed.
+    // Gauges show real values from the first scrape after start-up.
+    match main_conn.status() {
+        Ok(status) => {
+            metrics.set_status(&status);
+            metrics.set_connected(true);
+        }
+        Err(e) => debug!(error = %e, "status after registration"),
+    }
+    metrics.set_registered();
+    // Logged, and told to systemd (Type=notify), once every consumer has a cursor: from
+    // here on no change is missed.
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "running: {handler_count} handler(s) on {} table(s)",
+            watches.len()
+        )),
+    ]);
     info!(
         daemon = %daemon,
         backend = %backend_lib.name,
@@ -179,14 +221,26 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let every = Duration::from_millis(cfg.daemon.prune_interval_ms.max(10));
     let mut next_tick = Instant::now() + every;
     let mut outage = false;
+    // systemd's watchdog (WatchdogSec=): pinged from this loop, at half its period.
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut next_ping = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        metrics.tick();
+        if let Some(period) = watchdog {
+            if Instant::now() >= next_ping {
+                next_ping = Instant::now() + period;
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
         if let Some((name, _)) = threads.iter().find(|(_, t)| t.is_finished()) {
             stop.store(true, Ordering::Relaxed);
             bail!("handler thread {name} stopped unexpectedly");
         }
         if Instant::now() >= next_tick {
             next_tick = Instant::now() + every;
-            match housekeeping(&mut main_conn, &cfg, &metrics, &mut health) {
+            let result = housekeeping(&mut main_conn, &cfg, &metrics, &mut health);
+            metrics.set_connected(!matches!(&result, Err(e) if e.is_connection()));
+            match result {
                 Ok(()) => outage = false,
                 Err(e) if e.is_connection() => {
                     // The consumer threads report outages; this one stays quiet.
@@ -201,6 +255,10 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         }
         std::thread::park_timeout(Duration::from_millis(100));
     }
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: finishing the changes in hand"),
+    ]);
     info!("shutting down: finishing the changes in hand");
     for (name, t) in threads {
         if t.join().is_err() {
@@ -216,6 +274,44 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Tell the service manager (`$NOTIFY_SOCKET`, set by systemd for `Type=notify`; without
+/// it this does nothing). A failure to tell is logged, never fatal.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// What `systemctl status` shows while the daemon starts.
+fn notify_status(what: &str) {
+    notify(&[sd_notify::NotifyState::Status(what)]);
+}
+
+/// Ask for a backfill of the consumer's tables (its dispatcher starts it). One already
+/// requested or running (a daemon killed during it) is left to go on.
+pub fn request_backfill(
+    conn: &mut HostBackend,
+    consumer: &Consumer,
+    tables: &[String],
+    why: &str,
+) -> Result<()> {
+    match conn.backfills(&BackfillRequest::Request {
+        consumer: consumer.clone(),
+        tables: tables.to_vec(),
+        requested_by: why.to_owned(),
+    }) {
+        Ok(_) => {
+            info!(consumer = %consumer, tables = ?tables, "backfill requested ({why})");
+            Ok(())
+        }
+        Err(BackendError::Invalid(m)) => {
+            info!(consumer = %consumer, "{m}; it goes on");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("request a backfill ({why})"))),
+    }
 }
 
 /// Heartbeats renew the lease three times per `lease_ttl`, and touch consumers at least
@@ -357,7 +453,8 @@ fn until_connected<T>(
                 sleep_unless(stop, backoff);
                 backoff = (backoff * 2).min(RECONNECT_MAX);
             }
-            Err(e) => bail!("{what}: {e}"),
+            // Kept typed (not formatted) so the exit status can tell its kind.
+            Err(e) => return Err(anyhow::Error::new(e).context(what.to_owned())),
         }
     }
 }

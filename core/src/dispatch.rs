@@ -20,11 +20,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use epidemic_plugin_host::{HostBackend, HostHandler};
-use epidemic_plugin_sdk::backend::{BackendError, Consumer, Registered, StartFrom};
+use epidemic_plugin_sdk::backend::{
+    BackendError, BackfillRequest, BackfillState, ChunkRequest, Consumer, Registered, StartFrom,
+};
 use epidemic_plugin_sdk::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate};
-use epidemic_plugin_sdk::{Change, HandlerError, Router, Subscription};
+use epidemic_plugin_sdk::{Change, HandlerError, Router, SnapshotEvent, Subscription};
 use tracing::{debug, error, info, warn};
 
+use crate::backfill::{Backfill, PendingChunk};
 use crate::backoff::{backoff_delay, now_us, sleep_unless, RECONNECT_INITIAL, RECONNECT_MAX};
 use crate::config::{HandlerConfig, OnFailure};
 use crate::metrics::{HandlerMetrics, Metrics};
@@ -65,6 +68,10 @@ pub struct DispatchSettings {
     pub batch_size: u32,
     /// Most changes handed to the handler in one call (0: all it wants of a fetched batch).
     pub handler_batch: u32,
+    /// Rows read per chunk of a backfill.
+    pub backfill_chunk: u32,
+    /// Ask for a backfill when the consumer comes back evicted (`on_evicted = "resync"`).
+    pub resync_on_evicted: bool,
     /// Longest wait for a wake-up before reading the log anyway.
     pub idle_check: Duration,
 }
@@ -102,6 +109,12 @@ pub struct Dispatcher {
     stop: Arc<AtomicBool>,
     /// Set by the heartbeat when touching this consumer updated no cursor.
     lost_cursor: Arc<AtomicBool>,
+    /// The backfill in hand, if any.
+    backfill: Option<Backfill>,
+    backfill_chunk: u32,
+    resync_on_evicted: bool,
+    /// The backend keeps backfills (an older one may not).
+    backfills_supported: bool,
 }
 
 impl Dispatcher {
@@ -129,6 +142,10 @@ impl Dispatcher {
             idle_check: settings.idle_check.max(Duration::from_millis(1)),
             stop,
             lost_cursor: Arc::new(AtomicBool::new(false)),
+            backfill: None,
+            backfill_chunk: settings.backfill_chunk.max(1),
+            resync_on_evicted: settings.resync_on_evicted,
+            backfills_supported: true,
         }
     }
 
@@ -165,12 +182,18 @@ impl Dispatcher {
             }
             if result.is_ok() && Instant::now() >= next_retry_check {
                 next_retry_check = Instant::now() + RETRY_CHECK;
-                result = self.redeliver_requested();
+                result = self
+                    .redeliver_requested()
+                    .and_then(|()| self.check_backfills());
             }
             if let Err(e) = result {
                 self.recover(&e, &mut outage);
                 sleep_unless(&self.stop, backoff);
                 backoff = (backoff * 2).min(RECONNECT_MAX);
+                // A chunk read before the error is read again.
+                if let Some(b) = self.backfill.as_mut() {
+                    b.drop_chunk();
+                }
                 if e.is_connection() {
                     self.all_metrics.reconnect();
                     if let Err(e) = self.backend.reconnect() {
@@ -199,14 +222,35 @@ impl Dispatcher {
     /// The consumer was evicted while this daemon was cut off, or its cursor vanished:
     /// register again, which says loudly what was missed.
     fn register_again(&mut self) {
+        // The cursor moves: a chunk waiting for its watermark would wait for ever.
+        if let Some(b) = self.backfill.as_mut() {
+            b.drop_chunk();
+        }
         match self
             .backend
             .register(&self.consumer, &self.tables, StartFrom::Now)
         {
+            Ok(Registered::Evicted) if self.resync_on_evicted => {
+                warn!(
+                    consumer = %self.consumer,
+                    "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
+                     handled may have been pruned: resyncing (a backfill of its tables)"
+                );
+                let tables = self.tables.clone();
+                if let Err(e) = crate::daemon::request_backfill(
+                    &mut self.backend,
+                    &self.consumer,
+                    &tables,
+                    "on_evicted = \"resync\"",
+                ) {
+                    error!(consumer = %self.consumer, error = %e, "could not request the resync");
+                }
+            }
             Ok(Registered::Evicted) => error!(
                 consumer = %self.consumer,
                 "this consumer had been evicted (unseen longer than consumer_ttl); changes it had not \
-                 handled may have been pruned and are MISSED; continuing from now"
+                 handled may have been pruned and are MISSED; continuing from now \
+                 (on_evicted = \"resync\" would resync it)"
             ),
             Ok(Registered::New) => error!(
                 consumer = %self.consumer,
@@ -218,10 +262,22 @@ impl Dispatcher {
         }
     }
 
-    /// Read one batch and deliver it; or wait for changes when there are none.
+    /// Read one batch and deliver it; or wait for changes when there are none. With a
+    /// backfill in hand, first read its next chunk when none waits for its watermark.
     pub fn step(&mut self) -> Result<(), BackendError> {
+        self.backfill_prepare()?;
         let batch = self.backend.fetch(&self.consumer, self.batch_size)?;
         if batch.changes.is_empty() {
+            if let Some(run) = self.backfill.as_mut().and_then(|b| b.current()) {
+                if run.chunk.as_mut().is_some_and(PendingChunk::empty_fetch) {
+                    warn!(consumer = %self.consumer, table = %run.progress.table, "a backfill chunk's watermark did not come; reading the chunk again");
+                    run.chunk = None;
+                }
+                // Read the next chunk without waiting.
+                if run.chunk.is_none() {
+                    return Ok(());
+                }
+            }
             let deadline = Instant::now() + self.idle_check;
             while !self.stopping() {
                 let now = Instant::now();
@@ -231,7 +287,17 @@ impl Dispatcher {
             }
             return Ok(());
         }
-        let (done, result) = self.deliver(&batch.changes);
+        let (done, emitted, result) = self.deliver(&batch.changes);
+        if let Some((watermark_at, handed)) = emitted {
+            if done > watermark_at {
+                // The chunk's rows were handed over: save the progress before the ack, so
+                // a crash in between repeats no chunk (the batch comes again; the
+                // watermark, no longer awaited, is passed over).
+                self.chunk_delivered(handed)?;
+            } else if let Some(b) = self.backfill.as_mut() {
+                b.drop_chunk();
+            }
+        }
         // Every change before `done` was handled, dead-lettered or not wanted.
         if done > 0 {
             self.backend
@@ -240,11 +306,49 @@ impl Dispatcher {
         result
     }
 
-    /// Hand a fetched batch to the handler. Returns how many of `changes`, from the
-    /// start, the cursor may move past, and the error that stopped it early, if any.
-    fn deliver(&mut self, changes: &[Change]) -> (usize, Result<(), BackendError>) {
+    /// Hand a fetched batch to the handler, with a backfill chunk's rows right after its
+    /// watermark when the batch holds it. Returns how many of `changes`, from the start,
+    /// the cursor may move past; where the watermark was and how many chunk rows were
+    /// handed with it; and the error that stopped delivery early, if any.
+    #[allow(clippy::type_complexity)]
+    fn deliver(
+        &mut self,
+        changes: &[Change],
+    ) -> (usize, Option<(usize, u64)>, Result<(), BackendError>) {
         let routed = self.router.route_batch(changes);
-        let (positions, mut wanted): (Vec<usize>, Vec<Change>) = routed.into_iter().unzip();
+        let (mut positions, mut wanted): (Vec<usize>, Vec<Change>) = routed.into_iter().unzip();
+        let mut emitted = None;
+        if let Some((at, rows)) = self.backfill.as_mut().and_then(|b| b.splice(changes)) {
+            let rows: Vec<Change> = rows
+                .iter()
+                .filter_map(|r| self.router.route(r))
+                .map(|mut r| {
+                    r.attempt = 1;
+                    r
+                })
+                .collect();
+            // Right after the watermark; a row left unhandled keeps the cursor before it.
+            let insert_at = positions
+                .iter()
+                .position(|p| *p > at)
+                .unwrap_or(positions.len());
+            emitted = Some((at, rows.len() as u64));
+            positions.splice(insert_at..insert_at, std::iter::repeat_n(at, rows.len()));
+            wanted.splice(insert_at..insert_at, rows);
+        }
+        let (done, result) = self.hand_over(changes.len(), &positions, &mut wanted);
+        (done, emitted, result)
+    }
+
+    /// Hand the wanted changes over in as few calls as the handler and the settings
+    /// allow, retrying and dead-lettering as the policy says. `positions[i]` is where
+    /// `wanted[i]` stands in the fetched batch of `total` changes.
+    fn hand_over(
+        &mut self,
+        total: usize,
+        positions: &[usize],
+        wanted: &mut [Change],
+    ) -> (usize, Result<(), BackendError>) {
         // `next`: the first wanted change not handled yet.
         let mut next = 0;
         let mut one_by_one = false;
@@ -290,7 +394,7 @@ impl Dispatcher {
             }
             next = failed + 1;
         }
-        (changes.len(), Ok(()))
+        (total, Ok(()))
     }
 
     fn delivered(&self, changes: &[Change]) {
@@ -366,6 +470,177 @@ impl Dispatcher {
                 Err(e) => error = e,
             }
         }
+    }
+
+    /// Start the consumer's pending backfills, if it has any and none is in hand.
+    fn check_backfills(&mut self) -> Result<(), BackendError> {
+        if self.backfill.is_some() || !self.backfills_supported {
+            return Ok(());
+        }
+        let pending = match self.backend.backfills(&BackfillRequest::Pending {
+            consumer: self.consumer.clone(),
+        }) {
+            Ok(reply) => reply.backfills,
+            Err(BackendError::Unsupported(m)) => {
+                debug!(consumer = %self.consumer, "{m}");
+                self.backfills_supported = false;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if !pending.is_empty() {
+            let tables: Vec<&str> = pending.iter().map(|p| p.table.as_str()).collect();
+            info!(consumer = %self.consumer, tables = ?tables, chunk = self.backfill_chunk, "backfill starting: every row of these tables comes as a snapshot row, interleaved with live changes");
+            self.backfill = Some(Backfill::new(pending, self.backfill_chunk));
+        }
+        Ok(())
+    }
+
+    /// Store a table's backfill progress; false when the backfill was cancelled.
+    fn save_progress(
+        &mut self,
+        progress: &epidemic_plugin_sdk::backend::BackfillProgress,
+    ) -> Result<bool, BackendError> {
+        let reply = self
+            .backend
+            .backfills(&BackfillRequest::Save(progress.clone()))?;
+        Ok(!reply.backfills.is_empty())
+    }
+
+    /// Before a fetch: with a backfill in hand and no chunk waiting for its watermark,
+    /// tell the handler a table's snapshot begins (once) and read the next chunk.
+    fn backfill_prepare(&mut self) -> Result<(), BackendError> {
+        let Some(bf) = self.backfill.as_mut() else {
+            return Ok(());
+        };
+        let chunk_size = bf.chunk_size;
+        let Some(run) = bf.current() else {
+            self.backfill = None;
+            return Ok(());
+        };
+        if run.chunk.is_some() {
+            return Ok(());
+        }
+        let table = run.progress.table.clone();
+        if !run.began {
+            let resumed = run.resumed;
+            let event = SnapshotEvent::Began {
+                table: table.clone(),
+                resumed,
+            };
+            if let Err(e) = self.handler.snapshot(&event) {
+                warn!(consumer = %self.consumer, table = %table, error = %e, "the handler failed at the start of a snapshot; going on");
+            }
+            let mut progress = {
+                let run = self
+                    .backfill
+                    .as_mut()
+                    .and_then(|b| b.current())
+                    .expect("in hand");
+                run.began = true;
+                run.progress.clone()
+            };
+            if progress.state != BackfillState::Running {
+                progress.state = BackfillState::Running;
+                progress.started_at_us = now_us();
+            }
+            progress.updated_at_us = now_us();
+            if !self.save_progress(&progress)? {
+                return self.backfill_cancelled(&table);
+            }
+            info!(consumer = %self.consumer, table = %table, resumed, rows_done = progress.rows_done, "snapshot of a table begins");
+            let run = self
+                .backfill
+                .as_mut()
+                .and_then(|b| b.current())
+                .expect("in hand");
+            run.progress = progress;
+        }
+        let after = self
+            .backfill
+            .as_mut()
+            .and_then(|b| b.current())
+            .and_then(|r| r.progress.last_key.clone());
+        let chunk = self.backend.snapshot_chunk(&ChunkRequest {
+            table: table.clone(),
+            after,
+            limit: chunk_size,
+        })?;
+        let run = self
+            .backfill
+            .as_mut()
+            .and_then(|b| b.current())
+            .expect("in hand");
+        if chunk.rows_estimate.is_some() {
+            run.progress.rows_estimate = chunk.rows_estimate;
+        }
+        if chunk.rows.is_empty() {
+            // Nothing left to read: the table is done (its watermark need not come).
+            return self.table_done();
+        }
+        run.chunk = Some(PendingChunk::new(chunk));
+        Ok(())
+    }
+
+    /// The chunk in flight was handed over (`handed` rows of it wanted): save progress,
+    /// and finish the table after its last chunk.
+    fn chunk_delivered(&mut self, handed: u64) -> Result<(), BackendError> {
+        let Some(run) = self.backfill.as_mut().and_then(|b| b.current()) else {
+            return Ok(());
+        };
+        let Some(chunk) = run.chunk.take() else {
+            return Ok(());
+        };
+        run.delivered += handed;
+        run.progress.rows_done += chunk.rows.len() as u64;
+        if chunk.last_key.is_some() {
+            run.progress.last_key = chunk.last_key.clone();
+        }
+        run.progress.updated_at_us = now_us();
+        if chunk.last {
+            return self.table_done();
+        }
+        let progress = run.progress.clone();
+        if !self.save_progress(&progress)? {
+            return self.backfill_cancelled(&progress.table);
+        }
+        Ok(())
+    }
+
+    /// The table in hand has no rows left: tell the handler, store it as done.
+    fn table_done(&mut self) -> Result<(), BackendError> {
+        let Some(bf) = self.backfill.as_mut() else {
+            return Ok(());
+        };
+        let Some(mut run) = bf.finish_current() else {
+            return Ok(());
+        };
+        if bf.is_empty() {
+            self.backfill = None;
+        }
+        run.progress.state = BackfillState::Done;
+        run.progress.updated_at_us = now_us();
+        let event = SnapshotEvent::Ended {
+            table: run.progress.table.clone(),
+            rows: run.delivered,
+            whole: !run.resumed,
+        };
+        if let Err(e) = self.handler.snapshot(&event) {
+            warn!(consumer = %self.consumer, table = %run.progress.table, error = %e, "the handler failed at the end of a snapshot");
+        }
+        self.save_progress(&run.progress)?;
+        info!(
+            consumer = %self.consumer, table = %run.progress.table, rows = run.progress.rows_done,
+            delivered = run.delivered, secs = run.started.elapsed().as_secs_f64(),
+            "snapshot of a table done"
+        );
+        Ok(())
+    }
+
+    fn backfill_cancelled(&mut self, table: &str) -> Result<(), BackendError> {
+        warn!(consumer = %self.consumer, table = %table, "the backfill was cancelled; stopping it");
+        self.backfill = None;
+        Ok(())
     }
 
     /// Deliver the dead letters `epidemic dead-letters retry` marked for this consumer.

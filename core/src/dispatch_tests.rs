@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use epidemic_plugin_host::{HostBackend, HostHandler};
 use epidemic_plugin_sdk::backend::{
-    Backend, BackendError, Batch, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    Registered, StartFrom, Watch,
+    Backend, BackendError, BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Batch,
+    Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Registered,
+    StartFrom, Watch,
 };
 use epidemic_plugin_sdk::{
-    testing, BatchError, Change, Context, Handler, HandlerConfig, HandlerError, Op, Subscription,
-    Value,
+    testing, BatchError, Change, Context, Handler, HandlerConfig, HandlerError, Op, Origin,
+    SnapshotEvent, Subscription, Value,
 };
 
 use super::{DispatchSettings, Dispatcher, RetryPolicy};
@@ -32,6 +33,41 @@ struct Log {
     letters: Vec<DeadLetter>,
     /// Refuse the next dead letters with a connection error.
     refuse_letters: usize,
+    /// The table `users` as it stands: key → name.
+    rows: std::collections::BTreeMap<i64, String>,
+    backfills: Vec<BackfillProgress>,
+    /// Each chunk read: (after, watermark id).
+    chunks: Vec<(Option<i64>, i64)>,
+}
+
+impl Log {
+    fn next_id(&self) -> i64 {
+        self.changes.last().map_or(1, |c| c.id + 1)
+    }
+
+    /// An application writes row `k` (None: deletes it); the log gets the change.
+    fn write(&mut self, k: i64, name: Option<&str>) {
+        let old = self.rows.get(&k).cloned();
+        let c = match (&old, name) {
+            (None, Some(n)) => testing::insert("users", &[("id", k.into()), ("name", n.into())]),
+            (Some(o), Some(n)) => testing::update(
+                "users",
+                &[("id", k.into()), ("name", o.as_str().into())],
+                &[("id", k.into()), ("name", n.into())],
+            ),
+            (Some(o), None) => {
+                testing::delete("users", &[("id", k.into()), ("name", o.as_str().into())])
+            }
+            (None, None) => return,
+        };
+        match name {
+            Some(n) => self.rows.insert(k, n.to_owned()),
+            None => self.rows.remove(&k),
+        };
+        let mut c = testing::keyed(c, &["id"]);
+        c.id = self.next_id();
+        self.changes.push(c);
+    }
 }
 
 /// Everything a test shares with the handler and backend it builds (found by name, as a
@@ -41,6 +77,9 @@ struct World {
     log: Mutex<Log>,
     /// Each handler call: the `name` of every change in it, with its attempt number.
     calls: Mutex<Vec<Vec<(String, u32)>>>,
+    /// Every change handed over, in order.
+    seen: Mutex<Vec<Change>>,
+    events: Mutex<Vec<SnapshotEvent>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -141,6 +180,66 @@ impl Backend for MemoryBackend {
             .cloned()
             .collect())
     }
+    fn snapshot_chunk(&mut self, r: &ChunkRequest) -> Result<Chunk, BackendError> {
+        let mut log = self.0.log.lock().unwrap();
+        let after = r.after.as_ref().and_then(|k| k[0].as_i64());
+        let rows: Vec<Change> = log
+            .rows
+            .iter()
+            .filter(|(k, _)| after.is_none_or(|a| **k > a))
+            .take(r.limit as usize)
+            .map(|(k, n)| {
+                let mut c = testing::keyed(
+                    testing::insert("users", &[("id", (*k).into()), ("name", n.as_str().into())]),
+                    &["id"],
+                );
+                c.id = 0;
+                c.origin = Origin::Snapshot;
+                c
+            })
+            .collect();
+        let last = rows.len() < r.limit as usize;
+        // The watermark goes into the log after the read.
+        let watermark = log.next_id();
+        log.changes.push(Change {
+            id: watermark,
+            table: "users".into(),
+            origin: Origin::Watermark,
+            ..Change::default()
+        });
+        log.chunks.push((after, watermark));
+        Ok(Chunk {
+            rows,
+            watermark,
+            last,
+            rows_estimate: Some(log.rows.len() as u64),
+        })
+    }
+
+    fn backfills(&mut self, r: &BackfillRequest) -> Result<BackfillReply, BackendError> {
+        let mut log = self.0.log.lock().unwrap();
+        let backfills = match r {
+            BackfillRequest::Pending { .. } => log
+                .backfills
+                .iter()
+                .filter(|b| b.state != BackfillState::Done)
+                .cloned()
+                .collect(),
+            BackfillRequest::Save(p) => {
+                let slot = log.backfills.iter_mut().find(|b| b.table == p.table);
+                match slot {
+                    Some(b) => {
+                        *b = p.clone();
+                        vec![p.clone()]
+                    }
+                    None => vec![],
+                }
+            }
+            _ => log.backfills.clone(),
+        };
+        Ok(BackfillReply { backfills })
+    }
+
     fn update_dead_letters(&mut self, u: &DeadLetterUpdate) -> Result<u64, BackendError> {
         let mut log = self.0.log.lock().unwrap();
         match u {
@@ -183,7 +282,13 @@ impl Handler for Scripted {
         vec![Subscription::new("users", ["name"])]
     }
 
+    fn snapshot(&mut self, event: &SnapshotEvent) -> Result<(), HandlerError> {
+        self.0.events.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+
     fn handle_batch(&mut self, changes: &[Change]) -> Result<(), BatchError> {
+        self.0.seen.lock().unwrap().extend(changes.iter().cloned());
         self.0
             .calls
             .lock()
@@ -252,13 +357,15 @@ fn setup(test: &str, names: &[&str], retry: RetryPolicy) -> (Arc<World>, Dispatc
         retry,
         batch_size: 100,
         handler_batch: 0,
+        backfill_chunk: 3,
+        resync_on_evicted: false,
         idle_check: Duration::from_millis(5),
     };
     let d = Dispatcher::new(
         settings,
         backend,
         handler,
-        Metrics::new(false),
+        Metrics::new(false, "mx1", Duration::from_secs(300)),
         Arc::clone(&w.stop),
     );
     (w, d)
@@ -442,4 +549,210 @@ fn a_dead_letter_marked_for_retry_is_delivered_again_with_the_next_attempt_numbe
     // The letter had 1 failed attempt: its redelivery is attempt 2, and flaky-1 passes.
     assert_eq!(calls(&w).last().unwrap(), &call(&[("flaky-1", 2)]));
     assert!(w.log.lock().unwrap().letters.is_empty());
+}
+
+/// A dispatcher over an in-memory table `users` holding `rows` (key → name), whose log
+/// holds nothing yet, with a backfill of it requested.
+fn backfill_setup(test: &str, rows: &[(i64, &str)]) -> (Arc<World>, Dispatcher) {
+    let (w, d) = setup(test, &[], policy(3));
+    {
+        let mut log = w.log.lock().unwrap();
+        for (k, n) in rows {
+            log.rows.insert(*k, (*n).to_owned());
+        }
+        log.backfills.push(BackfillProgress {
+            daemon: "mx1".into(),
+            handler: "h".into(),
+            table: "users".into(),
+            ..Default::default()
+        });
+    }
+    (w, d)
+}
+
+/// What the handler holds after everything it was handed, replayed: key → name.
+fn replay(w: &World) -> std::collections::BTreeMap<i64, String> {
+    let mut state = std::collections::BTreeMap::new();
+    for c in w.seen.lock().unwrap().iter() {
+        let k = c.key[0].as_i64().unwrap();
+        match c.op {
+            Op::Delete => {
+                state.remove(&k);
+            }
+            _ => {
+                state.insert(k, name(c));
+            }
+        }
+    }
+    state
+}
+
+/// Steps until the backfill is done (or a hundred steps passed).
+fn run_backfill(d: &mut Dispatcher) {
+    d.check_backfills().unwrap();
+    for _ in 0..100 {
+        if d.backfill.is_none() {
+            return;
+        }
+        d.step().unwrap();
+    }
+    panic!("the backfill did not finish");
+}
+
+#[test]
+fn a_backfill_hands_every_row_over_as_snapshot_rows_between_begin_and_end() {
+    let rows: Vec<(i64, &str)> = (1..=7).map(|k| (k, "ok")).collect();
+    let (w, mut d) = backfill_setup("backfill_all", &rows);
+    run_backfill(&mut d);
+    let seen = w.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 7);
+    assert!(seen
+        .iter()
+        .all(|c| c.origin == Origin::Snapshot && c.op == Op::Insert));
+    assert_eq!(
+        *w.events.lock().unwrap(),
+        vec![
+            SnapshotEvent::Began {
+                table: "users".into(),
+                resumed: false
+            },
+            SnapshotEvent::Ended {
+                table: "users".into(),
+                rows: 7,
+                whole: true
+            },
+        ]
+    );
+    let log = w.log.lock().unwrap();
+    assert_eq!(log.chunks.len(), 3, "chunks of 3: {:?}", log.chunks);
+    assert_eq!(log.backfills[0].state, BackfillState::Done);
+    assert_eq!(log.backfills[0].rows_done, 7);
+    // The cursor went past every watermark.
+    assert_eq!(log.acked, log.changes.last().unwrap().id);
+}
+
+#[test]
+fn a_row_changed_between_the_read_and_the_watermark_comes_only_as_its_live_change() {
+    let (w, mut d) = backfill_setup("backfill_window", &[(1, "ok-a"), (2, "ok-b"), (3, "ok-c")]);
+    d.check_backfills().unwrap();
+    // Read the first chunk (keys 1..=3; its watermark is in the log now), then the
+    // application changes key 2 and deletes key 3, after the read, before the fetch.
+    d.backfill_prepare().unwrap();
+    {
+        let mut log = w.log.lock().unwrap();
+        // The writes land after the watermark in the log: newer than the chunk.
+        log.write(2, Some("ok-b2"));
+        log.write(3, None);
+    }
+    run_backfill(&mut d);
+    // Live changes after the watermark come after the chunk's rows: the final state is
+    // the table's, and no snapshot row came after a newer live change of its key.
+    assert_eq!(
+        replay(&w),
+        w.log.lock().unwrap().rows.clone().into_iter().collect()
+    );
+    let seen = w.seen.lock().unwrap().clone();
+    let order: Vec<(i64, Origin)> = seen
+        .iter()
+        .map(|c| (c.key[0].as_i64().unwrap(), c.origin))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (1, Origin::Snapshot),
+            (2, Origin::Snapshot),
+            (3, Origin::Snapshot),
+            (2, Origin::Live),
+            (3, Origin::Live)
+        ]
+    );
+}
+
+#[test]
+fn a_live_change_before_the_watermark_drops_the_chunk_row_of_its_key() {
+    let (w, mut d) = backfill_setup("backfill_drop", &[(1, "ok-a"), (2, "ok-b")]);
+    // A change to key 2 committed before the read, not yet delivered: it sits in the log
+    // before the watermark, so the chunk's (equal) row for key 2 is dropped.
+    w.log.lock().unwrap().write(2, Some("ok-b2"));
+    run_backfill(&mut d);
+    let seen = w.seen.lock().unwrap().clone();
+    let order: Vec<(i64, Origin)> = seen
+        .iter()
+        .map(|c| (c.key[0].as_i64().unwrap(), c.origin))
+        .collect();
+    assert_eq!(order, [(2, Origin::Live), (1, Origin::Snapshot)]);
+    assert_eq!(replay(&w).get(&2).map(String::as_str), Some("ok-b2"));
+}
+
+#[test]
+fn a_restarted_dispatcher_resumes_after_the_last_finished_chunk() {
+    let rows: Vec<(i64, &str)> = (1..=7).map(|k| (k, "ok")).collect();
+    let (w, mut d) = backfill_setup("backfill_resume", &rows);
+    d.check_backfills().unwrap();
+    // One chunk read and handed over (its watermark fetched), then the daemon "dies".
+    d.step().unwrap();
+    assert_eq!(w.seen.lock().unwrap().len(), 3);
+    let saved = w.log.lock().unwrap().backfills[0].clone();
+    assert_eq!(saved.state, BackfillState::Running);
+    assert_eq!(saved.last_key, Some(vec![Value::Int(3)]));
+    drop(d);
+    // A new dispatcher on the same world: it goes on from key 4.
+    let backend = HostBackend::in_process::<MemoryBackend>(
+        "memory://backfill_resume",
+        &serde_json::json!({}),
+    )
+    .unwrap();
+    let handler = HostHandler::in_process::<Scripted>(
+        &serde_json::json!({ "world": "backfill_resume" }),
+        "mx1",
+        "h",
+    )
+    .unwrap();
+    let mut d = Dispatcher::new(
+        DispatchSettings {
+            consumer: Consumer {
+                daemon: "mx1".into(),
+                handler: "h".into(),
+            },
+            subscriptions: handler.subscriptions().unwrap(),
+            retry: policy(3),
+            batch_size: 100,
+            handler_batch: 0,
+            backfill_chunk: 3,
+            resync_on_evicted: false,
+            idle_check: Duration::from_millis(5),
+        },
+        backend,
+        handler,
+        Metrics::new(false, "mx1", Duration::from_secs(300)),
+        Arc::clone(&w.stop),
+    );
+    run_backfill(&mut d);
+    let keys: Vec<i64> = w
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.key[0].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        (1..=7).collect::<Vec<_>>(),
+        "no row twice, none missing"
+    );
+    let events = w.events.lock().unwrap().clone();
+    assert_eq!(
+        events[1..],
+        [
+            SnapshotEvent::Began {
+                table: "users".into(),
+                resumed: true
+            },
+            SnapshotEvent::Ended {
+                table: "users".into(),
+                rows: 4,
+                whole: false
+            },
+        ]
+    );
 }

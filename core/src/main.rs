@@ -5,15 +5,19 @@
 //! The host names no database and links no database client: everything database-specific
 //! is in the backend library, reached only through the plugin SDK.
 
+mod backfill;
+mod backfill_cmd;
 mod backoff;
 mod bench;
 mod config;
 mod daemon;
 mod dispatch;
+mod exit;
 mod lease;
 mod metrics;
 mod plugins;
 mod report;
+mod secrets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +26,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use epidemic_plugin_host as host;
 use epidemic_plugin_sdk::backend::{
-    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, StartFrom,
+    BackfillRequest, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, StartFrom,
 };
 
 use crate::config::Config;
@@ -93,7 +97,30 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Monitoring-plugin mode: print one line and exit 0 (OK), 1 (WARNING: status has
+        /// warnings), 2 (CRITICAL: a consumer evicted or stalled, dead letters, schema
+        /// problems) or 3 (UNKNOWN: the status could not be read).
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
+        /// With --check: a consumer is stalled when its oldest pending change, or its last
+        /// sign of life, is older than this.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, requires = "check")]
+        stall_after: std::time::Duration,
+        /// With --check: look only at this daemon's consumers (default: every daemon's).
+        #[arg(long, requires = "check")]
+        daemon: Option<String>,
     },
+    /// Write the man pages (DIR/man/*.1) and shell completions (DIR/completions/) for the
+    /// package, generated from this command line's definition so they never drift.
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
+    /// Check the config, the plugins and the database connection, changing nothing; exits
+    /// 0, 78 (configuration) or 69 (database unavailable). For `ExecStartPre=`.
+    Check,
+    /// Give a handler every existing row of its tables (as snapshot rows, interleaved with
+    /// live changes, never older than a change it already had), carried out by its
+    /// daemon while it runs; shows the progress until it is done.
+    Backfill(backfill_cmd::BackfillArgs),
     /// List, retry or drop changes that handlers gave up on.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
@@ -156,7 +183,18 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors.
+            return if e.use_stderr() {
+                ExitCode::from(exit::EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     if !matches!(cli.command, Command::Run { .. }) {
         // A command whose output is piped into `head` ends quietly when the reader goes
         // away, as other Unix tools do, instead of panicking in `println!` (Rust ignores
@@ -168,36 +206,52 @@ fn main() -> ExitCode {
     }
     init_logging(cli.log_format);
     let verbose = cli.verbose;
+    let nagios = matches!(cli.command, Command::Status { check: true, .. });
     match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line on stderr: the chain of contexts, outermost first.
             let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            if nagios {
+                // Monitoring plugins report their own failure as UNKNOWN, on stdout.
+                println!("EPIDEMIC UNKNOWN: {}", msg.join(": "));
+                return ExitCode::from(report::CheckState::Unknown.code());
+            }
             eprintln!("epidemic: error: {}", msg.join(": "));
             if verbose {
                 if let Some(detail) = e.downcast_ref::<host::LoadError>().and_then(|l| l.detail()) {
                     eprintln!("{detail}");
                 }
             }
-            ExitCode::FAILURE
+            ExitCode::from(exit::code(&e))
         }
     }
 }
 
-fn dispatch(cli: Cli) -> Result<()> {
+/// Read the config and move into its directory (see [`Config::enter_dir`]).
+fn load_config(path: &std::path::Path) -> Result<Config> {
+    let cfg = Config::load(path)?;
+    cfg.enter_dir()?;
+    Ok(cfg)
+}
+
+/// Runs the command; `Ok` carries the exit status (non-zero when what a command
+/// reports is broken).
+fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run { from_oldest } => {
             let stop = daemon::install_signal_handlers()?;
-            let cfg = Config::load(&cli.config)?;
+            let cfg = load_config(&cli.config)?;
             let start = if from_oldest {
                 StartFrom::Oldest
             } else {
                 StartFrom::Now
             };
-            daemon::run(cfg, daemon::RunOptions { start }, stop)
+            daemon::run(cfg, daemon::RunOptions { start }, stop)?;
+            Ok(0)
         }
         Command::Install => {
-            let cfg = Config::load(&cli.config)?;
+            let cfg = load_config(&cli.config)?;
             let (mut conn, watches) = connect_and_plan(&cfg)?;
             let stmts = conn.install(&watches).context("install")?;
             let tables: Vec<&str> = watches.iter().map(|w| w.table.as_str()).collect();
@@ -206,10 +260,10 @@ fn dispatch(cli: Cli) -> Result<()> {
                 stmts.len(),
                 tables.join(", ")
             );
-            Ok(())
+            Ok(0)
         }
         Command::Uninstall => {
-            let cfg = Config::load(&cli.config)?;
+            let cfg = load_config(&cli.config)?;
             let lib = plugins::load_backend(&cfg)?;
             let mut conn = plugins::open(&cfg, &lib)?;
             let stmts = conn.uninstall().context("uninstall")?;
@@ -218,10 +272,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             } else {
                 println!("uninstalled: {} statements applied", stmts.len());
             }
-            Ok(())
+            Ok(0)
         }
         Command::Sql { uninstall } => {
-            let cfg = Config::load(&cli.config)?;
+            let cfg = load_config(&cli.config)?;
             let (conn, stmts) = if uninstall {
                 let lib = plugins::load_backend(&cfg)?;
                 let mut conn = plugins::open(&cfg, &lib)?;
@@ -242,25 +296,45 @@ fn dispatch(cli: Cli) -> Result<()> {
                 "{}",
                 conn.render_script(&stmts).context("render the script")?
             );
-            Ok(())
+            Ok(0)
         }
-        Command::Status { json } => {
-            let cfg = Config::load(&cli.config)?;
+        Command::Status {
+            json,
+            check,
+            stall_after,
+            daemon,
+        } => {
+            let cfg = load_config(&cli.config)?;
             let lib = plugins::load_backend(&cfg)?;
             let mut conn = plugins::open(&cfg, &lib)?;
             let mut status = conn.status().context("status")?;
             if let Ok(LeaseState::Holders(h)) = conn.lease(&LeaseRequest::List) {
                 status.daemons = h;
             }
+            // A backend that keeps no backfills simply shows none.
+            if let Ok(reply) = conn.backfills(&BackfillRequest::List) {
+                status.backfills = reply.backfills;
+            }
+            if check {
+                let (state, line) =
+                    report::check(&status, now_us(), stall_after, daemon.as_deref());
+                println!("{line}");
+                return Ok(state.code());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", report::status(&status, now_us()));
             }
-            Ok(())
+            Ok(0)
+        }
+        Command::Check => check(&load_config(&cli.config)?),
+        Command::GenerateAssets { dir } => {
+            generate_assets(&dir)?;
+            Ok(0)
         }
         Command::DeadLetters(cmd) => {
-            let cfg = Config::load(&cli.config)?;
+            let cfg = load_config(&cli.config)?;
             let lib = plugins::load_backend(&cfg)?;
             let mut conn = plugins::open(&cfg, &lib)?;
             match cmd {
@@ -285,17 +359,18 @@ fn dispatch(cli: Cli) -> Result<()> {
                     println!("{n} dead letter(s) dropped");
                 }
             }
-            Ok(())
+            Ok(0)
         }
+        Command::Backfill(args) => backfill_cmd::run(&load_config(&cli.config)?, &args),
         Command::Bench(args) => {
-            let cfg = Config::load(&cli.config)?;
+            let cfg = load_config(&cli.config)?;
             let report = bench::run(&cfg, &args)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", bench::render(&report));
             }
-            Ok(())
+            Ok(0)
         }
         Command::Plugin {
             command:
@@ -316,10 +391,10 @@ fn check_ids(conn: &mut host::HostBackend, ids: &[i64]) -> Result<()> {
         .map(|id| id.to_string())
         .collect();
     if !missing.is_empty() {
-        anyhow::bail!(
+        return Err(anyhow::Error::new(exit::DataError(format!(
             "no dead letter with id {}; nothing changed (see `epidemic dead-letters list`)",
             missing.join(", ")
-        );
+        ))));
     }
     Ok(())
 }
@@ -341,11 +416,95 @@ fn connect_and_plan(
     Ok((conn, watches))
 }
 
+/// Man pages (one per subcommand, `epidemic-run.1`…) by clap_mangen, completions for
+/// bash, zsh and fish by clap_complete.
+fn generate_assets(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("write man pages to {}", man.display()))?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "epidemic", &completions)
+            .with_context(|| format!("write {shell} completions to {}", completions.display()))?;
+    }
+    Ok(())
+}
+
+/// `epidemic check`: everything `run` needs before it changes anything, read-only.
+fn check(cfg: &Config) -> Result<u8> {
+    println!("config:   {} ok", cfg.path.display());
+    let daemon = cfg.daemon_name()?;
+    println!("daemon:   {daemon}");
+    let lib = plugins::load_backend(cfg)?;
+    println!(
+        "backend:  {} {} ({})",
+        lib.name,
+        lib.version,
+        lib.path.display()
+    );
+    let mut handlers = plugins::load_handlers(cfg, &cfg.daemon_name()?)?;
+    for h in &handlers {
+        println!(
+            "handler:  {} ({} {}) watches {}",
+            h.config.name,
+            h.library.name,
+            h.library.version,
+            h.tables().join(", ")
+        );
+    }
+    let mut conn = plugins::open(cfg, &lib)?;
+    println!(
+        "database: {} reachable",
+        epidemic_plugin_sdk::redact_url(&cfg.database.url)
+    );
+    let watches = plugins::resolve_names(cfg, &mut conn, &mut handlers)
+        .map_err(|e| anyhow::Error::new(e).context("watched tables"))?;
+    // Planning checks every watched table and column, as `sql` does.
+    conn.plan_install(&watches)
+        .map_err(|e| anyhow::Error::new(e).context("plan install"))?;
+    // What install would still do, from status (the install script itself is
+    // idempotent and always complete, so its length says nothing).
+    let status = conn
+        .status()
+        .map_err(|e| anyhow::Error::new(e).context("status"))?;
+    let pending: Vec<&str> = watches
+        .iter()
+        .filter(|w| {
+            !status.tables.iter().any(|t| {
+                t.table == w.table
+                    && t.triggers.iter().all(|(_, ok)| *ok)
+                    && w.columns.iter().all(|c| t.columns.contains(c))
+            })
+        })
+        .map(|w| w.table.as_str())
+        .collect();
+    if pending.is_empty() {
+        println!("install:  up to date");
+    } else {
+        println!(
+            "install:  needed for {} (`run` or `install` does it; `epidemic sql` shows the SQL)",
+            pending.join(", ")
+        );
+    }
+    println!("ok");
+    Ok(0)
+}
+
 fn plugin_check(
     config_path: &std::path::Path,
     file: &std::path::Path,
     handler_config: Option<&str>,
-) -> Result<()> {
+) -> Result<u8> {
+    // Absolute before a --config's handler config moves into the config's directory.
+    let file = &std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned());
     let lib = host::load(file)?;
     println!("file:    {}", lib.path.display());
     println!("kind:    {}", lib.kind_name());
@@ -360,38 +519,74 @@ fn plugin_check(
     );
     if lib.expect_backend().is_ok() {
         println!("schemes: {}", lib.url_schemes.join(", "));
-        return Ok(());
+        return Ok(0);
     }
-    let config: serde_json::Value = match handler_config {
-        Some(json) => serde_json::from_str(json).context("--handler-config is not valid JSON")?,
-        None => matching_handler_config(config_path, file).unwrap_or_else(|| serde_json::json!({})),
+    // A config given (on the command line, or by a [[handler]] of --config using this
+    // file) must work: a refusal is an error. Without one, an empty config is tried
+    // only to show subscriptions.
+    let (config, given) = match handler_config {
+        Some(json) => (
+            serde_json::from_str(json)
+                .map_err(|e| exit::config(format!("--handler-config is not valid JSON: {e}")))?,
+            Some("--handler-config".to_owned()),
+        ),
+        None => match matching_handler_config(config_path, file)? {
+            Some((name, c)) => (
+                c,
+                Some(format!(
+                    "{}: [handler.config] of handler {name:?}",
+                    config_path.display()
+                )),
+            ),
+            None => (serde_json::json!({}), None),
+        },
     };
     match lib
         .new_handler(&config, "plugin-check", &lib.name)
         .and_then(|h| h.subscriptions())
     {
+        Ok(subs) if subs.is_empty() || subs.iter().any(|s| s.columns.is_empty()) => {
+            Err(exit::config(format!(
+                "plugin {}: subscribes to nothing, or to a table without columns",
+                lib.name
+            )))
+        }
         Ok(subs) => {
             println!("subscriptions:");
             for s in subs {
                 println!("  {} ({}) ops: {}", s.table, s.columns.join(", "), s.ops);
             }
+            Ok(0)
         }
-        Err(e) => println!(
-            "subscriptions: unknown without a valid config ({e}); pass --handler-config JSON"
-        ),
+        Err(e) => match given {
+            Some(source) => Err(exit::config(format!(
+                "{source}: plugin {} refuses it: {e}",
+                lib.name
+            ))),
+            None => {
+                println!(
+                    "subscriptions: unknown without a valid config ({e}); pass --handler-config JSON"
+                );
+                Ok(0)
+            }
+        },
     }
-    Ok(())
 }
 
-/// The `[handler.config]` of a handler in the config file that uses `file`, if any.
+/// The name and `[handler.config]` of the handler in the config file that uses `file`,
+/// if the config file exists and one does. A config file that exists but cannot be
+/// read is an error: its refusal is what the user asked about.
 fn matching_handler_config(
     config_path: &std::path::Path,
     file: &std::path::Path,
-) -> Option<serde_json::Value> {
-    let cfg = Config::load(config_path).ok()?;
-    let want = std::fs::canonicalize(file).ok()?;
-    cfg.handlers.iter().find_map(|h| {
+) -> Result<Option<(String, serde_json::Value)>> {
+    if !config_path.exists() {
+        return Ok(None);
+    }
+    let want = std::fs::canonicalize(file)?;
+    let cfg = load_config(config_path)?;
+    Ok(cfg.handlers.iter().find_map(|h| {
         let p = plugins::resolve(&cfg, &h.plugin).ok()?;
-        (std::fs::canonicalize(p).ok()? == want).then(|| h.config.clone())
-    })
+        (std::fs::canonicalize(p).ok()? == want).then(|| (h.name.clone(), h.config.clone()))
+    }))
 }

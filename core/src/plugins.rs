@@ -7,12 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::Result;
 use epidemic_plugin_host::{self as host, HostBackend, HostHandler, Library};
 use epidemic_plugin_sdk::backend::{BackendError, Watch};
 use epidemic_plugin_sdk::{redact_url, Subscription};
 
 use crate::config::{Config, HandlerConfig};
+use crate::exit::{self, config_bail};
 
 /// Directories searched for a bare library name, in order.
 pub fn search_dirs(cfg: &Config) -> Vec<PathBuf> {
@@ -27,7 +28,9 @@ pub fn search_dirs(cfg: &Config) -> Vec<PathBuf> {
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
             dirs.push(dir.to_owned());
-            dirs.push(dir.join("../lib/epidemic"));
+            // The packaged layout: /usr/bin/epidemic, /usr/lib/epidemic/*.so.
+            let lib = dir.join("../lib/epidemic");
+            dirs.push(std::fs::canonicalize(&lib).unwrap_or(lib));
         }
     }
     dirs
@@ -57,7 +60,7 @@ pub fn resolve(cfg: &Config, plugin: &str) -> Result<PathBuf> {
         }
     }
     let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    bail!(
+    config_bail!(
         "plugin {file}: file not found (searched {})",
         searched.join(", ")
     )
@@ -67,7 +70,7 @@ fn scheme(url: &str) -> Result<&str> {
     url.split_once(':')
         .map(|(s, _)| s)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| anyhow!("database.url {} has no scheme", redact_url(url)))
+        .ok_or_else(|| exit::config(format!("database.url {} has no scheme", redact_url(url))))
 }
 
 /// Load the backend library `database.url` asks for.
@@ -93,7 +96,7 @@ pub fn load_backend(cfg: &Config) -> Result<Library> {
     };
     lib.expect_backend()?;
     if !lib.url_schemes.iter().any(|s| s == scheme) {
-        bail!(
+        config_bail!(
             "backend {} serves {} URLs, not {scheme}://",
             lib.path.display(),
             lib.url_schemes.join(", ")
@@ -126,7 +129,7 @@ fn find_backend_for(cfg: &Config, scheme: &str) -> Result<Library> {
     }
     known.sort();
     known.dedup();
-    bail!(
+    config_bail!(
         "database.url: no backend library for {scheme}:// (found backends for: {})",
         if known.is_empty() {
             "none".to_owned()
@@ -156,34 +159,33 @@ impl LoadedHandler {
 
 /// Load the handler of one `[[handler]]` entry, for daemon `daemon`.
 pub fn load_handler(cfg: &Config, h: &HandlerConfig, daemon: &str) -> Result<LoadedHandler> {
-    let path = resolve(cfg, &h.plugin).with_context(|| format!("handler {:?}", h.name))?;
+    let file = cfg.path.display();
+    let path = resolve(cfg, &h.plugin)
+        .map_err(|e| exit::config(format!("{file}: handler {:?}: {e}", h.name)))?;
     let library = host::load(&path)?;
     library.expect_handler()?;
+    // The plugin judges its own `[handler.config]`; say which file and table it is.
+    let refused = |what: String| {
+        exit::config(format!(
+            "{file}: [handler.config] of handler {:?} ({}): {what}",
+            h.name, library.name
+        ))
+    };
     let instance = library
         .new_handler(&h.config, daemon, &h.name)
-        .map_err(|e| anyhow!("handler {:?} ({}): {e}", h.name, library.name))?;
-    let subscriptions = instance.subscriptions().map_err(|e| {
-        anyhow!(
-            "handler {:?} ({}): subscriptions: {e}",
-            h.name,
-            library.name
-        )
-    })?;
+        .map_err(|e| refused(e.to_string()))?;
+    let subscriptions = instance
+        .subscriptions()
+        .map_err(|e| refused(format!("subscriptions: {e}")))?;
     if subscriptions.is_empty() {
-        bail!(
-            "handler {:?} ({}): subscribes to nothing",
-            h.name,
-            library.name
-        );
+        return Err(refused("subscribes to nothing".into()));
     }
     for s in &subscriptions {
         if s.columns.is_empty() {
-            bail!(
-                "handler {:?} ({}): subscription to {} names no columns",
-                h.name,
-                library.name,
+            return Err(refused(format!(
+                "subscription to {} names no columns",
                 s.table
-            );
+            )));
         }
     }
     Ok(LoadedHandler {
@@ -197,7 +199,7 @@ pub fn load_handler(cfg: &Config, h: &HandlerConfig, daemon: &str) -> Result<Loa
 /// Load every `[[handler]]`, for daemon `daemon`.
 pub fn load_handlers(cfg: &Config, daemon: &str) -> Result<Vec<LoadedHandler>> {
     if cfg.handlers.is_empty() {
-        bail!(
+        config_bail!(
             "{}: no [[handler]] entries; nothing to do",
             cfg.path.display()
         );
@@ -219,7 +221,7 @@ fn check_table_entries(cfg: &Config, handlers: &[LoadedHandler]) -> Result<()> {
             .flat_map(|h| &h.subscriptions)
             .any(|s| s.table.eq_ignore_ascii_case(name));
         if !watched {
-            bail!(
+            config_bail!(
                 "{}: [table.{name}]: no handler watches a table called {name}",
                 cfg.path.display()
             );
@@ -297,9 +299,29 @@ pub fn resolve_names(
     Ok(merged)
 }
 
-/// Open a connection through the backend library.
+/// Open a connection through the backend library. The error keeps the backend's error
+/// kind (for the exit status) under a line naming the URL, password redacted, and where
+/// a refused URL or option came from: an `EPIDEMIC_DATABASE__…` variable whose key the
+/// refusal names, or else the file.
 pub fn open(cfg: &Config, lib: &Library) -> Result<HostBackend> {
-    open_raw(cfg, lib).map_err(|e| anyhow!("{} ({}): {e}", redact_url(&cfg.database.url), lib.name))
+    open_raw(cfg, lib).map_err(|e| {
+        let place = format!("{} ({})", redact_url(&cfg.database.url), lib.name);
+        let context = match (&e, env_option(&e.to_string())) {
+            (_, Some(var)) => format!("{var} (environment): {place}"),
+            (BackendError::Invalid(_), None) => format!("{}: {place}", cfg.path.display()),
+            _ => place,
+        };
+        anyhow::Error::new(e).context(context)
+    })
+}
+
+/// The `EPIDEMIC_DATABASE__…` variable whose option key a backend's message names in
+/// backticks (as serde's "unknown field `key`" does).
+fn env_option(message: &str) -> Option<String> {
+    std::env::vars().find_map(|(var, _)| {
+        let key = var.strip_prefix("EPIDEMIC_DATABASE__")?.to_lowercase();
+        message.contains(&format!("`{key}`")).then_some(var)
+    })
 }
 
 /// [`open`], keeping the backend's error kind so callers can retry connection errors.

@@ -83,6 +83,7 @@ fn rorigin(o: Origin) -> ROrigin {
     match o {
         Origin::Live => ROrigin::Live,
         Origin::Snapshot => ROrigin::Snapshot,
+        Origin::Watermark => ROrigin::Watermark,
     }
 }
 
@@ -90,6 +91,7 @@ fn origin(o: ROrigin) -> Origin {
     match o {
         ROrigin::Live => Origin::Live,
         ROrigin::Snapshot => Origin::Snapshot,
+        ROrigin::Watermark => Origin::Watermark,
     }
 }
 

@@ -141,6 +141,9 @@ pub enum Origin {
     /// A row as it stood when a snapshot of the table read it (a backfill or resync):
     /// delivered as an INSERT of the row's current values.
     Snapshot,
+    /// A marker a backfill wrote into the table's log. Backends deliver it in the stream
+    /// like a change; the host consumes it, and it never reaches a handler.
+    Watermark,
 }
 
 impl Origin {
@@ -148,6 +151,7 @@ impl Origin {
         match self {
             Origin::Live => "live",
             Origin::Snapshot => "snapshot",
+            Origin::Watermark => "watermark",
         }
     }
 }

@@ -8,11 +8,12 @@ use abi_stable::{
     std_types::{RResult, RSlice, RStr, RVec},
 };
 use epidemic_plugin_abi::{
-    HandlerBox, RBatchError, RChange, RError, RErrorKind, RHandlerContext, RSubscription,
-    RawHandler, RawHandler_TO,
+    HandlerBox, RBatchError, RChange, RError, RErrorKind, RHandlerContext, RSnapshotEvent,
+    RSubscription, RawHandler, RawHandler_TO,
 };
 use serde::de::DeserializeOwned;
 
+use crate::backfill::SnapshotEvent;
 use crate::boundary::ColumnCache;
 use crate::change::{Change, Op, Subscription};
 use crate::context::{self, Context, Logger};
@@ -180,6 +181,16 @@ pub trait Handler: Send + 'static {
     fn delete(&mut self, _change: &Change) -> Result<(), HandlerError> {
         Ok(())
     }
+
+    /// A snapshot of a table begins or ends (a backfill: `epidemic backfill`,
+    /// `start = "snapshot"`, `on_evicted = "resync"`). Between the two, rows of the table
+    /// arrive as INSERTs of origin [`crate::Origin::Snapshot`], interleaved with live
+    /// changes. At a [`SnapshotEvent::Ended`] with `whole`, every row of the table reached
+    /// this handler as a snapshot row or a live change since the beginning: external state
+    /// that none of them backed is an orphan. The default does nothing.
+    fn snapshot(&mut self, _event: &SnapshotEvent) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 /// Run `f`, turning a panic into an error so it never unwinds into abi_stable (which
@@ -263,6 +274,51 @@ impl<H: Handler> RawHandler for HandlerAdapter<H> {
                 error: RError::new(RErrorKind::Panic, panic_message(&*payload)),
             }),
         }
+    }
+
+    fn snapshot(&mut self, event: &RSnapshotEvent) -> RResult<(), RError> {
+        let event = snapshot_event(event);
+        let (inner, logger) = (&mut self.inner, &self.logger);
+        guard(|| {
+            context::scoped(logger, || {
+                inner.snapshot(&event).map_err(RError::from).into()
+            })
+        })
+    }
+}
+
+/// The plain form of a snapshot event.
+pub fn snapshot_event(e: &RSnapshotEvent) -> SnapshotEvent {
+    let table = e.table.as_str().to_owned();
+    if e.ended {
+        SnapshotEvent::Ended {
+            table,
+            rows: e.rows,
+            whole: !e.resumed,
+        }
+    } else {
+        SnapshotEvent::Began {
+            table,
+            resumed: e.resumed,
+        }
+    }
+}
+
+/// The stable-ABI form of a snapshot event.
+pub fn rsnapshot_event(e: &SnapshotEvent) -> RSnapshotEvent {
+    match e {
+        SnapshotEvent::Began { table, resumed } => RSnapshotEvent {
+            table: table.as_str().into(),
+            ended: false,
+            resumed: *resumed,
+            rows: 0,
+        },
+        SnapshotEvent::Ended { table, rows, whole } => RSnapshotEvent {
+            table: table.as_str().into(),
+            ended: true,
+            resumed: !whole,
+            rows: *rows,
+        },
     }
 }
 

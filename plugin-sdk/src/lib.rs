@@ -136,6 +136,7 @@
 //! is refused at load time with one line naming both versions, never undefined behaviour.
 
 pub mod backend;
+pub mod backfill;
 pub mod boundary;
 pub mod change;
 pub mod context;
@@ -145,6 +146,7 @@ pub mod ops;
 pub mod routing;
 pub mod testing;
 
+pub use backfill::SnapshotEvent;
 pub use change::{Change, Op, Ops, Origin, Subscription, Value};
 pub use context::{Context, Level, Logger};
 pub use handler::{BatchError, Handler, HandlerConfig, HandlerError};

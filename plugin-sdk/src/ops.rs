@@ -98,6 +98,10 @@ pub struct Status {
     /// Who holds each daemon name (filled by the host from [`LeaseRequest::List`]).
     #[serde(default)]
     pub daemons: Vec<LeaseHolder>,
+    /// Backfills, running and done (filled by the host from
+    /// [`crate::backfill::BackfillRequest::List`]).
+    #[serde(default)]
+    pub backfills: Vec<crate::backfill::BackfillProgress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

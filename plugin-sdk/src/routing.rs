@@ -39,9 +39,12 @@ impl Router {
 
     /// The change narrowed to what the handler subscribed to, or `None` when no
     /// subscription wants it (another table, an operation it did not ask for, an UPDATE
-    /// that changed none of its columns). When several subscriptions want it, the
+    /// that changed none of its columns, a backfill's watermark). When several subscriptions want it, the
     /// handler gets the union of their columns, in first-seen order.
     pub fn route(&self, change: &Change) -> Option<Change> {
+        if change.origin == crate::change::Origin::Watermark {
+            return None;
+        }
         let wanted: Vec<&Subscription> = self
             .subscriptions
             .iter()

@@ -150,6 +150,25 @@ impl<H: Handler> Harness<H> {
         }
     }
 
+    /// Tell the handler a snapshot begins or ends, as the daemon does around a backfill.
+    pub fn snapshot(&mut self, event: crate::backfill::SnapshotEvent) -> Result<(), HandlerError> {
+        let handler = &mut self.handler;
+        match catch_unwind(AssertUnwindSafe(|| handler.snapshot(&event))) {
+            Ok(r) => r,
+            Err(p) => Err(HandlerError::Panic(panic_message(&*p))),
+        }
+    }
+
+    /// A row of a snapshot, as the daemon delivers one during a backfill: an INSERT of
+    /// origin `Snapshot`, routed like any change. `Ok(false)` when nothing wants it.
+    pub fn send_snapshot_row(&mut self, mut change: Change) -> Result<bool, HandlerError> {
+        change.op = Op::Insert;
+        change.origin = crate::change::Origin::Snapshot;
+        change.old = None;
+        change.old_key = None;
+        self.send(change)
+    }
+
     pub fn handler(&self) -> &H {
         &self.handler
     }

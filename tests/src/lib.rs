@@ -84,6 +84,20 @@ pub fn epidemic(config: &Path, args: &[&str]) -> Output {
         .expect("run epidemic")
 }
 
+/// Run `epidemic ARGS...` (give `--config` yourself) with extra environment variables,
+/// in `cwd` when given.
+pub fn epidemic_with(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(epidemic_bin());
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.output().expect("run epidemic")
+}
+
 /// A running `epidemic run`, killed when dropped. Its stderr goes to a log file.
 pub struct Daemon {
     child: Option<Child>,

@@ -1,7 +1,9 @@
 //! SQLite helpers: a database file in a temp dir and a writer connection, which stands in
 //! for the application that owns the database (a separate process from the daemon).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -40,4 +42,33 @@ pub fn objects(path: &Path) -> Vec<(String, String, String)> {
 /// `sqlite://` URL for a path.
 pub fn url(path: &Path) -> String {
     format!("sqlite://{}", path.display())
+}
+
+/// Run `sql` in the `sqlite3` tool, a process of its own, waiting for locks and stopping
+/// at the first error; returns its output (`|`-separated). Use it, not [`connect`], on a
+/// file a backend library loaded into this test process has open: two copies of SQLite in
+/// one process break each other's POSIX locks (closing one's file descriptor drops the
+/// other's locks), which can delete a WAL from under an open connection.
+pub fn sqlite3(path: &Path, sql: &str) -> String {
+    let mut child = Command::new("sqlite3")
+        .args(["-bail", "-batch", "-cmd", ".timeout 30000"])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sqlite3 (Debian package sqlite3; scripts/test.sh installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(sql.as_bytes())
+        .expect("write to sqlite3");
+    let out = child.wait_with_output().expect("sqlite3");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

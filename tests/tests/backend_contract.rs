@@ -596,13 +596,17 @@ mod sqlite_db {
         fn url(&self) -> String {
             epidemic_tests::sqlite::url(&self.path)
         }
+        /// In the `sqlite3` tool: the backend library is loaded in this process, and a
+        /// second SQLite in it would break the library's locks (see
+        /// `epidemic_tests::sqlite::sqlite3`).
         fn exec(&self, statements: &[&str]) {
-            let mut conn = epidemic_tests::sqlite::connect(&self.path);
-            let tx = conn.transaction().expect("begin");
+            let mut sql = String::from("BEGIN;\n");
             for s in statements {
-                tx.execute_batch(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+                sql.push_str(s);
+                sql.push_str(";\n");
             }
-            tx.commit().expect("commit");
+            sql.push_str("COMMIT;\n");
+            epidemic_tests::sqlite::sqlite3(&self.path, &sql);
         }
         fn types(&self) -> &'static Types {
             &TYPES

@@ -699,3 +699,65 @@ fn a_removed_handler_stops_holding_back_its_table() {
         .unwrap()
         .contains("handler no longer in the config"));
 }
+
+/// End to end: a watched table without a primary key is refused by `install`, `run` and
+/// `sql` with one line naming the table and the `[table.NAME] key = [..]` fix, creating
+/// nothing; with that key in the config the daemon delivers its changes with the key
+/// (and the old key of an update that moved the row) and a stable id.
+#[test]
+fn a_table_without_a_primary_key_needs_a_key_in_the_config() {
+    let s = Setup::new("", |_| String::new());
+    sqlite::connect(&s.db)
+        .execute_batch("CREATE TABLE events (kind TEXT, at INTEGER, payload TEXT);")
+        .unwrap();
+    let handler = recorder_handler("rec", &s.dir.join("rec.jsonl"), "events", &["payload"], "");
+    let config = |table_section: &str| {
+        format!(
+            "[database]\nurl = {:?}\n\n[daemon]\nname = \"mx1\"\n{table_section}\n{handler}",
+            sqlite::url(&s.db)
+        )
+    };
+    assert_refused(
+        &s,
+        &config(""),
+        "table events has no primary key: add one, or name the columns that identify a row in the config ([table.events] key = [\"column\", ...])",
+    );
+    assert_refused(
+        &s,
+        &config("[table.events]\nkey = [\"kind\", \"nope\"]\n"),
+        "[table.events] key: table events has no column nope",
+    );
+
+    std::fs::write(
+        &s.config,
+        config("[table.events]\nkey = [\"kind\", \"at\"]\n"),
+    )
+    .unwrap();
+    let _d = s.start();
+    sqlite::connect(&s.db)
+        .execute_batch(
+            "INSERT INTO events VALUES ('login', 1, 'p');
+             UPDATE events SET at = 2;
+             DELETE FROM events;",
+        )
+        .unwrap();
+    let got = wait_recorded(&s.dir.join("rec.jsonl"), 3, WAIT);
+    let keys: Vec<(Value, Value, Value)> = got
+        .iter()
+        .map(|l| (l["op"].clone(), l["key"].clone(), l["old_key"].clone()))
+        .collect();
+    let key = |at: i64| json!({"kind": "login", "at": at});
+    assert_eq!(
+        keys,
+        vec![
+            (json!("INSERT"), key(1), Value::Null),
+            (json!("UPDATE"), key(2), key(1)),
+            (json!("DELETE"), key(2), Value::Null),
+        ]
+    );
+    // The handler watches `payload` only: the key columns reach it as the key, not as
+    // columns it did not ask for.
+    assert_eq!(got[0]["new"], json!({"payload": "p"}));
+    let ids: HashSet<&str> = got.iter().filter_map(|l| l["stable_id"].as_str()).collect();
+    assert_eq!(ids.len(), 3, "{got:?}");
+}

@@ -16,7 +16,7 @@ use epidemic_plugin_sdk::backend::BackendError;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rusqlite::Connection;
 
-use crate::sql_err;
+use crate::error::sql_err;
 
 /// How often `data_version` is checked while a commit is likely in progress.
 const HOT_POLL: Duration = Duration::from_micros(500);

@@ -57,12 +57,14 @@ pub enum ROp {
     Delete,
 }
 
-/// Where a change comes from: the live log, or a snapshot of the table's rows.
+/// Where a change comes from: the live log, a snapshot of the table's rows, or a
+/// watermark a backfill wrote into the log (consumed by the host, never a handler's).
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ROrigin {
     Live,
     Snapshot,
+    Watermark,
 }
 
 /// A field of a change added after 0.2.0 (see [`RChange::ext`]).
@@ -207,6 +209,20 @@ pub struct RHandlerContext {
     pub logger: LoggerBox,
 }
 
+/// A snapshot of a table begins or ends for a handler (see `SnapshotEvent` in the SDK).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RSnapshotEvent {
+    pub table: RString,
+    /// false: it begins; true: it ended.
+    pub ended: bool,
+    /// It begins again after a restart of the daemon (so this instance did not see its
+    /// first rows); for an end: whether this instance saw every row of it.
+    pub resumed: bool,
+    /// Rows delivered (at the end).
+    pub rows: u64,
+}
+
 /// A handler instance as the host sees it. Implemented only by the SDK's adapter, which
 /// catches panics on the plugin's side of the boundary.
 #[sabi_trait]
@@ -214,8 +230,11 @@ pub trait RawHandler: Send {
     fn subscriptions(&self) -> RResult<RVec<RSubscription>, RError>;
 
     /// Handle the changes in order; on failure, say at which one.
-    #[sabi(last_prefix_field)]
     fn handle_batch(&mut self, changes: RSlice<'_, RChange>) -> RResult<(), RBatchError>;
+
+    /// A snapshot of a table begins or ends.
+    #[sabi(last_prefix_field)]
+    fn snapshot(&mut self, event: &RSnapshotEvent) -> RResult<(), RError>;
 }
 
 pub type HandlerBox = RawHandler_TO<'static, RBox<()>>;
@@ -243,6 +262,16 @@ pub struct RWatch {
 pub struct RBatch {
     pub changes: RVec<RChange>,
     pub token: RString,
+}
+
+/// One chunk of a table's rows, read for a backfill.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RChunk {
+    pub rows: RVec<RChange>,
+    pub watermark: i64,
+    pub last: bool,
+    pub rows_estimate: ROption<u64>,
 }
 
 #[repr(u8)]
@@ -295,8 +324,12 @@ pub trait RawBackend: Send {
     fn dead_letters(&mut self, query_json: RStr<'_>) -> RResult<RString, RError>;
     fn update_dead_letters(&mut self, update_json: RStr<'_>) -> RResult<u64, RError>;
     fn status(&mut self) -> RResult<RString, RError>;
-    #[sabi(last_prefix_field)]
     fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError>;
+    /// `ChunkRequest` as JSON in.
+    fn snapshot_chunk(&mut self, request_json: RStr<'_>) -> RResult<RChunk, RError>;
+    /// `BackfillRequest` in, `BackfillReply` out, as JSON.
+    #[sabi(last_prefix_field)]
+    fn backfills(&mut self, request_json: RStr<'_>) -> RResult<RString, RError>;
 }
 
 pub type BackendBox = RawBackend_TO<'static, RBox<()>>;

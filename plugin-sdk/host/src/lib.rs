@@ -327,6 +327,16 @@ impl HostHandler {
         }
     }
 
+    /// Tell the handler a snapshot of a table begins or ends.
+    pub fn snapshot(
+        &mut self,
+        event: &epidemic_plugin_sdk::SnapshotEvent,
+    ) -> Result<(), HandlerError> {
+        ok(self
+            .inner
+            .snapshot(&epidemic_plugin_sdk::handler::rsnapshot_event(event)))
+    }
+
     /// Hand one change to the handler.
     pub fn handle(&mut self, change: &Change) -> Result<(), HandlerError> {
         self.handle_batch(std::slice::from_ref(change))
@@ -495,6 +505,34 @@ impl HostBackend {
         let out = ok::<_, BackendError>(self.inner.lease(RStr::from_str(&json)))?;
         serde_json::from_str(&out)
             .map_err(|e| BackendError::Other(format!("backend sent a bad lease state: {e}")))
+    }
+
+    /// The next chunk of a table's rows for a backfill, and the watermark after it.
+    pub fn snapshot_chunk(
+        &mut self,
+        request: &epidemic_plugin_sdk::backend::ChunkRequest,
+    ) -> Result<epidemic_plugin_sdk::backend::Chunk, BackendError> {
+        let json =
+            serde_json::to_string(request).map_err(|e| BackendError::Other(e.to_string()))?;
+        let c = ok::<_, BackendError>(self.inner.snapshot_chunk(RStr::from_str(&json)))?;
+        Ok(epidemic_plugin_sdk::backend::Chunk {
+            rows: c.rows.iter().map(|r| self.columns.to_change(r)).collect(),
+            watermark: c.watermark,
+            last: c.last,
+            rows_estimate: c.rows_estimate.into_option(),
+        })
+    }
+
+    /// Backfill requests and progress kept in the database.
+    pub fn backfills(
+        &mut self,
+        request: &epidemic_plugin_sdk::backend::BackfillRequest,
+    ) -> Result<epidemic_plugin_sdk::backend::BackfillReply, BackendError> {
+        let json =
+            serde_json::to_string(request).map_err(|e| BackendError::Other(e.to_string()))?;
+        let out = ok::<_, BackendError>(self.inner.backfills(RStr::from_str(&json)))?;
+        serde_json::from_str(&out)
+            .map_err(|e| BackendError::Other(format!("backend sent bad backfills: {e}")))
     }
 
     pub fn status(&mut self) -> Result<Status, BackendError> {

@@ -9,11 +9,12 @@ use abi_stable::{
     std_types::{RResult, RStr, RString, RVec},
 };
 use epidemic_plugin_abi::{
-    BackendBox, LoggerBox, RBatch, RConsumer, RError, RErrorKind, RRegistered, RStartFrom, RWatch,
-    RawBackend, RawBackend_TO,
+    BackendBox, LoggerBox, RBatch, RChunk, RConsumer, RError, RErrorKind, RRegistered, RStartFrom,
+    RWatch, RawBackend, RawBackend_TO,
 };
 
 use super::{Backend, BackendError, Consumer, Registered, StartFrom};
+use crate::backfill::{BackfillRequest, ChunkRequest};
 use crate::boundary::{self, ColumnCache};
 use crate::context::{self, Logger};
 use crate::handler::guard;
@@ -271,6 +272,30 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
 
     fn scratch(&mut self, op_json: RStr<'_>) -> RResult<(), RError> {
         self.call_json(op_json, |b, op: Scratch| res(b.scratch(&op), |()| ()))
+    }
+
+    fn snapshot_chunk(&mut self, request_json: RStr<'_>) -> RResult<RChunk, RError> {
+        let request = match from_json::<ChunkRequest>(request_json) {
+            Ok(r) => r,
+            Err(e) => return RResult::RErr(e),
+        };
+        let (inner, logger, columns) = (&mut self.inner, &self.logger, &mut self.columns);
+        guard(|| {
+            context::scoped(logger, || {
+                res(inner.snapshot_chunk(&request), |chunk| RChunk {
+                    rows: chunk.rows.iter().map(|c| columns.to_rchange(c)).collect(),
+                    watermark: chunk.watermark,
+                    last: chunk.last,
+                    rows_estimate: chunk.rows_estimate.into(),
+                })
+            })
+        })
+    }
+
+    fn backfills(&mut self, request_json: RStr<'_>) -> RResult<RString, RError> {
+        self.call_json(request_json, |b, r: BackfillRequest| {
+            res(b.backfills(&r), |reply| to_json(&reply))
+        })
     }
 }
 

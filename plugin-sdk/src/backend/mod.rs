@@ -26,6 +26,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::backfill::{
+    BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Chunk, ChunkRequest,
+};
 use crate::change::Change;
 pub use crate::ops::{
     ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseHolder, LeaseRequest,
@@ -285,6 +288,20 @@ pub trait Backend: Send + 'static {
     /// and by the database's clock, so two live daemons can never share one name.
     fn lease(&mut self, _request: &LeaseRequest) -> Result<LeaseState, BackendError> {
         Err(unsupported(Self::NAME, "daemon leases"))
+    }
+
+    /// Read the next rows of a table by key for a backfill, without locking the table,
+    /// then write a watermark into the table's log (see [`crate::backfill`]). Every
+    /// change committed before the rows were read must come before the watermark in
+    /// every consumer's stream; the watermark comes to every consumer of the table as a
+    /// change of origin `Watermark` (the host drops it for handlers).
+    fn snapshot_chunk(&mut self, _request: &ChunkRequest) -> Result<Chunk, BackendError> {
+        Err(unsupported(Self::NAME, "backfills"))
+    }
+
+    /// Store and read backfill requests and progress (see [`BackfillRequest`]).
+    fn backfills(&mut self, _request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
+        Err(unsupported(Self::NAME, "backfills"))
     }
 }
 

@@ -1,0 +1,94 @@
+//! Opening a connection and the session settings every Epidemic connection uses.
+//!
+//! Every connection uses a private cache with `read_uncommitted` off: only a shared cache
+//! can show a connection another's uncommitted rows (and `?cache=shared` is refused in
+//! `options`), so every read sees committed data only. In WAL mode the connection also
+//! commits without an fsync and never checkpoints on commit (reasons below): it writes
+//! only Epidemic's bookkeeping, never the user's tables or the log.
+
+use std::path::Path;
+use std::time::Duration;
+
+use epidemic_plugin_sdk::backend::BackendError;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::sql_err;
+use crate::options::SqliteOptions;
+
+/// Now, by SQLite's clock, in microseconds since the Unix epoch. All of a database's
+/// daemons run on the host that has the file, so they share this clock: leases,
+/// `last_seen` and eviction use it.
+pub(crate) const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+
+pub(crate) fn connect(path: &Path, options: &SqliteOptions) -> Result<Connection, BackendError> {
+    if !path.exists() {
+        return Err(BackendError::Invalid(format!(
+            "database file {} does not exist",
+            path.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        // PRIVATE_CACHE even if the process enabled shared caches: only a shared
+        // cache can show a connection uncommitted rows, so this and
+        // `read_uncommitted = 0` below mean every read sees committed data only.
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_PRIVATE_CACHE,
+    )
+    .map_err(|e| BackendError::Connection(format!("cannot open {}: {e}", path.display())))?;
+    conn.pragma_update(None, "read_uncommitted", 0)
+        .map_err(sql_err)?;
+    conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
+        .map_err(sql_err)?;
+    // This connection writes only Epidemic's bookkeeping: cursors, heartbeats, dead
+    // letters, pruning. In WAL mode `synchronous = NORMAL` skips the fsync per commit
+    // (a reader acks after every batch; each fsync held SQLite's one write lock for
+    // milliseconds, delaying writers and the reader's next read). What a power loss
+    // can cost is the newest bookkeeping commits, in order: an ack lost means a change
+    // is delivered again, never that one is lost. Writers' own commits, which fill
+    // the log through the triggers, keep their connection's setting. In
+    // rollback-journal mode NORMAL risks corruption on power loss: left as it is.
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    if journal.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql_err)?;
+        // A commit that finds the WAL over its limit checkpoints it, fsyncs
+        // included, in the committing connection. A reader acks often, so it did most
+        // checkpoints and every one delayed its next read by tens of milliseconds.
+        // Epidemic's connections never checkpoint on commit; `prune`, off the
+        // delivery path, runs a passive checkpoint instead (and the application's
+        // own commits still checkpoint as usual).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(sql_err)?;
+    }
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::database_path;
+
+    #[test]
+    fn connections_never_read_uncommitted_rows() {
+        let err = database_path("sqlite:///var/x.db?mode=rw&cache=shared")
+            .expect_err("a shared cache must be refused");
+        assert!(err.to_string().contains("cache=shared"), "{err}");
+        let path = std::env::temp_dir().join(format!(
+            "epidemic-sqlite-unit-{}-private-cache.db",
+            std::process::id()
+        ));
+        Connection::open(&path).unwrap();
+        let conn = connect(&path, &SqliteOptions::default()).unwrap();
+        let read_uncommitted: i64 = conn
+            .query_row("PRAGMA read_uncommitted", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(read_uncommitted, 0);
+        drop(conn);
+        let _ = std::fs::remove_file(&path);
+    }
+}
