@@ -73,8 +73,12 @@ impl Setup {
 
     /// Start the daemon and wait until this start is ready.
     fn start(&self) -> Daemon {
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, args: &[&str]) -> Daemon {
         let before = self.starts();
-        let d = Daemon::start(&self.config, &self.log, &[]);
+        let d = Daemon::start(&self.config, &self.log, args);
         assert!(
             wait_until(WAIT, || self.starts() > before),
             "daemon did not start:\n{}",
@@ -542,8 +546,10 @@ fn webhook_4xx_is_a_dead_letter_with_the_status_and_the_body() {
 fn webhook_batches_arrive_as_arrays_in_commit_order() {
     let receiver = Receiver::start(|n, _| if n == 2 { Answer::Fail } else { Answer::Ok });
     let s = webhook_setup(&receiver, "retry_initial_ms = 20", "batch_max = 50");
-    let w = sqlite::connect(&s.db);
     // A backlog before the daemon starts, so batches are full.
+    let out = epidemic(&s.config, &["install"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w = sqlite::connect(&s.db);
     for id in 1..=200 {
         w.execute(
             "INSERT INTO items (id, version) VALUES (?1, 0)",
@@ -551,7 +557,8 @@ fn webhook_batches_arrive_as_arrays_in_commit_order() {
         )
         .expect("insert");
     }
-    let _daemon = s.start();
+    // A new consumer starts at the end of the log unless told otherwise.
+    let _daemon = s.start_with(&["--from-oldest"]);
     let ids = || -> Vec<i64> {
         receiver
             .arrivals()
