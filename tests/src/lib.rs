@@ -247,3 +247,4 @@ pub mod pg;
 pub mod reader;
 pub mod rng;
 pub mod sqlite;
+pub mod tls;

@@ -32,6 +32,8 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     pub port: u16,
     pub monitor_port: u16,
+    /// Extra `nats-server` arguments (TLS), kept for restarts.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -47,10 +49,22 @@ pub struct StreamMessage {
 impl NatsServer {
     /// Start a server with JetStream on free ports.
     pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    /// Start a server that accepts only TLS clients, with this certificate and key (PEM).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> NatsServer {
+        let cert = cert.display().to_string();
+        let key = key.display().to_string();
+        Self::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key])
+    }
+
+    fn start_with(args: &[&str]) -> NatsServer {
         let mut s = NatsServer {
             dir: tempfile::tempdir().expect("tempdir"),
             port: free_port(),
             monitor_port: free_port(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         s.start_again();
@@ -78,6 +92,7 @@ impl NatsServer {
             .args(["-a", "127.0.0.1"])
             .args(["-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use epidemic_tests::nats::{stream_detail, NatsServer};
+use epidemic_tests::tls::TestCa;
 use epidemic_tests::{epidemic, free_port, plugin_path, sqlite, wait_until, Daemon};
 use hmac::{Hmac, Mac};
 use rusqlite::params;
@@ -548,7 +549,11 @@ fn webhook_batches_arrive_as_arrays_in_commit_order() {
     let s = webhook_setup(&receiver, "retry_initial_ms = 20", "batch_max = 50");
     // A backlog before the daemon starts, so batches are full.
     let out = epidemic(&s.config, &["install"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let w = sqlite::connect(&s.db);
     for id in 1..=200 {
         w.execute(
@@ -730,6 +735,30 @@ fn nats_adds_its_subjects_to_an_existing_stream_and_follows_the_subject_template
     assert_eq!(
         stream_subjects,
         ["app.mx1.items.delete", "app.mx1.items.insert", "other.>"]
+    );
+}
+
+/// TLS to the broker: with the CA from `ca_file` the handler connects and publishes; a
+/// server whose certificate no trusted CA signed is refused at start, naming `url`.
+#[test]
+fn nats_over_tls_verifies_the_server_against_ca_file() {
+    let ca = TestCa::new();
+    let nats = NatsServer::start_tls(&ca.server_cert(), &ca.server_key());
+    let s = nats_setup(
+        &nats,
+        &format!("tls = true\nca_file = {:?}", ca.ca().display().to_string()),
+    );
+    let _daemon = s.start();
+    let w = sqlite::connect(&s.db);
+    w.execute("INSERT INTO items (id, version) VALUES (1, 0)", [])
+        .expect("insert");
+    assert!(wait_until(WAIT, || nats.stream_count("EPIDEMIC") == 1));
+
+    let untrusted = nats_setup(&nats, "tls = true");
+    let line = untrusted.refused_start();
+    assert!(
+        line.contains("handler \"sink\"") && line.contains("url: cannot connect"),
+        "{line}"
     );
 }
 

@@ -72,7 +72,7 @@
 //! timeout_ms = 10000                     # default: connect, stream requests, each acknowledgement
 //! max_in_flight = 1000                   # default: publishes awaiting acknowledgement at once
 //! tls = false                            # default: require TLS (a tls:// URL or a server that requires it also gives TLS)
-//! ca_file = "/etc/epidemic/nats-ca.pem"  # optional: trust these CAs (besides the built-in roots)
+//! ca_file = "/etc/epidemic/nats-ca.pem"  # optional: trust these CAs too (besides the system's CA store)
 //! credentials_file = "/etc/epidemic/bus.creds"  # optional: JWT + NKey; or token_file; or user + password_file
 //! ```
 //!

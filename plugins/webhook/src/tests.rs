@@ -483,3 +483,164 @@ fn an_unreachable_host_is_refused_at_start() {
         "{msg}"
     );
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl tool.
+struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("the openssl tool");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=epidemic test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(
+            dir.path().join("ext.cnf"),
+            "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        TestCa { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// An HTTPS server on 127.0.0.1 answering 200 to each request, one connection at a time;
+/// returns its port.
+fn https_server(ca: &TestCa) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca.path("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(ca.path("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let config = Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            // Read the request head and body (the client sends Content-Length), then answer.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let complete = loop {
+                match std::io::Read::read(&mut tls, &mut chunk) {
+                    Ok(0) | Err(_) => break false,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break true;
+                    }
+                }
+            };
+            if complete {
+                let _ = std::io::Write::write_all(
+                    &mut tls,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                tls.conn.send_close_notify();
+                let _ = std::io::Write::flush(&mut tls);
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn https_is_verified_against_the_configured_ca_only() {
+    let ca = TestCa::new();
+    let port = https_server(&ca);
+    let url = format!("https://127.0.0.1:{port}/hook");
+    // Trusting the test CA: delivered.
+    let mut h = handler(&url, json!({ "ca_file": ca.path("ca.pem") }));
+    assert!(h.send(user(1, "a")).unwrap());
+    // The built-in roots do not know it: refused, as a retryable error naming the cause.
+    let mut h = handler(&url, json!({}));
+    match h.send(user(1, "a")) {
+        Err(HandlerError::Retryable(msg)) => {
+            assert!(msg.to_lowercase().contains("certificate"), "{msg}")
+        }
+        other => panic!("an untrusted certificate was accepted: {other:?}"),
+    }
+    // Another CA in ca_file replaces the built-in roots and is not this server's: refused.
+    let other = TestCa::new();
+    let mut h = handler(&url, json!({ "ca_file": other.path("ca.pem") }));
+    assert!(h.send(user(1, "a")).unwrap_err().is_retryable());
+}
