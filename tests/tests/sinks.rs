@@ -218,13 +218,16 @@ enum Answer {
     Refuse,
 }
 
+/// Decides the answer to the n-th request, given its body.
+type AnswerFn = dyn Fn(usize, &Value) -> Answer + Send + Sync;
+
 /// A real HTTP receiver on a fixed loopback port that can go down and come back.
 struct Receiver {
     port: u16,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     requests: Arc<AtomicUsize>,
     bad_signatures: Arc<AtomicUsize>,
-    answer: Arc<dyn Fn(usize, &Value) -> Answer + Send + Sync>,
+    answer: Arc<AnswerFn>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
