@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use epidemic_tests::nats::{stream_detail, NatsServer};
+use epidemic_tests::pg::PgServer;
 use epidemic_tests::tls::TestCa;
 use epidemic_tests::{epidemic, free_port, plugin_path, sqlite, wait_until, Daemon};
 use hmac::{Hmac, Mac};
@@ -27,28 +28,133 @@ const WAIT: Duration = Duration::from_secs(60);
 /// in what arrives.
 const SCHEMA: &str = "CREATE TABLE items (id INTEGER PRIMARY KEY, version INTEGER NOT NULL);";
 
-/// A SQLite database, a config, and the daemon's log.
+/// [`SCHEMA`] on PostgreSQL.
+const PG_SCHEMA: &str = "CREATE TABLE items (id BIGINT PRIMARY KEY, version BIGINT NOT NULL);";
+
+/// The database the application writes to.
+#[derive(Debug, Clone)]
+enum Db {
+    Sqlite(PathBuf),
+    /// A database of its own on the binary's shared throwaway PostgreSQL server.
+    Postgres(String),
+}
+
+/// The backend a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Db {
+    fn url(&self) -> String {
+        match self {
+            Db::Sqlite(path) => sqlite::url(path),
+            Db::Postgres(url) => url.clone(),
+        }
+    }
+
+    /// The SQLite file (for the tests that run on SQLite only).
+    fn sqlite(&self) -> &Path {
+        match self {
+            Db::Sqlite(path) => path,
+            Db::Postgres(_) => panic!("a SQLite test on PostgreSQL"),
+        }
+    }
+
+    /// Run `(id, version)` changes in one transaction on a connection of the test's own:
+    /// version 0 inserts the row, any other updates it.
+    fn writer(&self) -> Box<dyn FnMut(&[(i64, i64)]) + Send> {
+        match self {
+            Db::Sqlite(path) => {
+                let mut conn = sqlite::connect(path);
+                Box::new(move |changes| {
+                    let tx = conn.transaction().expect("begin");
+                    for (id, v) in changes {
+                        if *v == 0 {
+                            tx.execute(
+                                "INSERT INTO items (id, version) VALUES (?1, 0)",
+                                params![id],
+                            )
+                            .expect("insert");
+                        } else {
+                            tx.execute(
+                                "UPDATE items SET version = ?2 WHERE id = ?1",
+                                params![id, v],
+                            )
+                            .expect("update");
+                        }
+                    }
+                    tx.commit().expect("commit");
+                })
+            }
+            Db::Postgres(url) => {
+                let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+                Box::new(move |changes| {
+                    let mut tx = client.transaction().expect("begin");
+                    for (id, v) in changes {
+                        if *v == 0 {
+                            tx.execute("INSERT INTO items (id, version) VALUES ($1, 0)", &[id])
+                                .expect("insert");
+                        } else {
+                            tx.execute("UPDATE items SET version = $2 WHERE id = $1", &[id, v])
+                                .expect("update");
+                        }
+                    }
+                    tx.commit().expect("commit");
+                })
+            }
+        }
+    }
+}
+
+/// A database, a config, and the daemon's log.
 struct Setup {
     _dir: tempfile::TempDir,
     dir: PathBuf,
-    db: PathBuf,
+    db: Db,
     config: PathBuf,
     log: PathBuf,
 }
 
+/// Numbers the PostgreSQL databases of this binary's tests.
+static NEXT_PG_DB: AtomicUsize = AtomicUsize::new(0);
+
 impl Setup {
-    /// A database with [`SCHEMA`] and a config with one `[[handler]]`: `handler` holds
-    /// its handler-level lines (plugin, retry policy), `config` its `[handler.config]`.
+    /// A SQLite database with [`SCHEMA`] and a config with one `[[handler]]`: `handler`
+    /// holds its handler-level lines (plugin, retry policy), `config` its
+    /// `[handler.config]`.
     fn new(handler: &str, config: &str) -> Setup {
+        Setup::on(Backend::Sqlite, handler, config)
+    }
+
+    /// The same on `backend`.
+    fn on(backend: Backend, handler: &str, config: &str) -> Setup {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_owned();
-        let db = sqlite::create_db(&dir, "app", SCHEMA);
+        let db = match backend {
+            Backend::Sqlite => Db::Sqlite(sqlite::create_db(&dir, "app", SCHEMA)),
+            Backend::Postgres => {
+                let server = PgServer::shared();
+                let name = format!(
+                    "sinks_{}_{}",
+                    std::process::id(),
+                    NEXT_PG_DB.fetch_add(1, Ordering::SeqCst)
+                );
+                let url = server.create_database(&name);
+                server
+                    .client(&name)
+                    .batch_execute(PG_SCHEMA)
+                    .expect("schema");
+                Db::Postgres(url)
+            }
+        };
         let config_path = dir.join("epidemic.toml");
         let text = format!(
             "[database]\nurl = {:?}\n\n[daemon]\nname = \"mx1\"\nplugin_dir = {:?}\n\n\
              [[handler]]\nname = \"sink\"\n{handler}\n[handler.config]\ntable = \"items\"\n\
              columns = [\"id\", \"version\"]\n{config}\n",
-            sqlite::url(&db),
+            db.url(),
             plugin_path("webhook")
                 .parent()
                 .expect("target dir")
@@ -118,7 +224,7 @@ impl Setup {
 /// versions 1..`versions`, in transactions of `per_tx` statements. Returns the threads;
 /// the committed changes are every (id, version) of [`committed`].
 fn write_concurrently(
-    db: &Path,
+    db: &Db,
     writers: i64,
     rows: i64,
     versions: i64,
@@ -126,9 +232,8 @@ fn write_concurrently(
 ) -> Vec<JoinHandle<()>> {
     (0..writers)
         .map(|w| {
-            let db = db.to_owned();
+            let mut write = db.writer();
             std::thread::spawn(move || {
-                let mut conn = sqlite::connect(&db);
                 let ids: Vec<i64> = (0..rows).map(|r| w * rows + r + 1).collect();
                 let mut statements: Vec<(i64, i64)> = Vec::new();
                 for v in 0..versions {
@@ -137,23 +242,7 @@ fn write_concurrently(
                     }
                 }
                 for chunk in statements.chunks(per_tx) {
-                    let tx = conn.transaction().expect("begin");
-                    for (id, v) in chunk {
-                        if *v == 0 {
-                            tx.execute(
-                                "INSERT INTO items (id, version) VALUES (?1, 0)",
-                                params![id],
-                            )
-                            .expect("insert");
-                        } else {
-                            tx.execute(
-                                "UPDATE items SET version = ?2 WHERE id = ?1",
-                                params![id, v],
-                            )
-                            .expect("update");
-                        }
-                    }
-                    tx.commit().expect("commit");
+                    write(chunk);
                 }
             })
         })
@@ -515,7 +604,7 @@ fn webhook_4xx_is_a_dead_letter_with_the_status_and_the_body() {
     });
     let s = webhook_setup(&receiver, "", "");
     let _daemon = s.start();
-    let w = sqlite::connect(&s.db);
+    let w = sqlite::connect(s.db.sqlite());
     for id in 1..=5 {
         w.execute(
             "INSERT INTO items (id, version) VALUES (?1, 0)",
@@ -557,7 +646,7 @@ fn webhook_batches_arrive_as_arrays_in_commit_order() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let w = sqlite::connect(&s.db);
+    let w = sqlite::connect(s.db.sqlite());
     for id in 1..=200 {
         w.execute(
             "INSERT INTO items (id, version) VALUES (?1, 0)",
@@ -601,31 +690,47 @@ fn webhook_batches_arrive_as_arrays_in_commit_order() {
 // ---------------------------------------------------------------------------------------
 
 fn nats_setup(nats: &NatsServer, extra: &str) -> Setup {
-    Setup::new(
+    nats_setup_on(Backend::Sqlite, nats, extra)
+}
+
+fn nats_setup_on(backend: Backend, nats: &NatsServer, extra: &str) -> Setup {
+    Setup::on(
+        backend,
         "plugin = \"nats\"\non_failure = \"block\"\nretry_initial_ms = 20\nretry_max_ms = 300",
         &format!("url = {:?}\ntimeout_ms = 2000\n{extra}", nats.url()),
     )
 }
 
 /// 20,000 changes from 8 writers, 3 SIGKILLs of the daemon and one restart of
-/// nats-server: the stream holds exactly the committed changes, each once, each row's in
-/// commit order, each with its stable id as `Nats-Msg-Id`.
+/// nats-server, on SQLite: the stream holds exactly the committed changes, each once,
+/// each row's in commit order, each with its stable id as `Nats-Msg-Id`.
 #[test]
 fn nats_stream_holds_every_change_once_in_per_key_order_through_sigkills_and_a_broker_restart() {
+    nats_exactly_once(Backend::Sqlite, 250, 10);
+}
+
+/// The same on PostgreSQL (LISTEN/NOTIFY wake-ups, snapshot reading), 4,000 changes.
+#[test]
+fn nats_exactly_once_on_postgres() {
+    nats_exactly_once(Backend::Postgres, 100, 5);
+}
+
+/// 8 writers, each with `rows` rows changed `versions` times; the daemon is SIGKILLed at
+/// 15 %, 45 % and 75 % of the stream, and nats-server restarted at 60 %.
+fn nats_exactly_once(backend: Backend, rows: i64, versions: i64) {
     const WRITERS: i64 = 8;
-    const ROWS: i64 = 250;
-    const VERSIONS: i64 = 10;
-    let total = (WRITERS * ROWS * VERSIONS) as u64;
+    let total = (WRITERS * rows * versions) as u64;
+    let at = |percent: u64| total * percent / 100;
     let mut nats = NatsServer::start();
-    let s = nats_setup(&nats, "");
+    let s = nats_setup_on(backend, &nats, "");
     let mut daemon = s.start();
     let started = Instant::now();
-    let writers = write_concurrently(&s.db, WRITERS, ROWS, VERSIONS, 10);
+    let writers = write_concurrently(&s.db, WRITERS, rows, versions, 10);
     let count = |nats: &NatsServer| nats.stream_count("EPIDEMIC");
 
-    for (i, at) in [3_000u64, 9_000, 15_000].into_iter().enumerate() {
+    for (i, kill_at) in [at(15), at(45), at(75)].into_iter().enumerate() {
         assert!(
-            wait_until(WAIT, || count(&nats) >= at),
+            wait_until(WAIT, || count(&nats) >= kill_at),
             "stuck at {} messages",
             count(&nats)
         );
@@ -633,7 +738,7 @@ fn nats_stream_holds_every_change_once_in_per_key_order_through_sigkills_and_a_b
         daemon = s.start();
         if i == 1 {
             // The broker restarts while the daemon publishes.
-            assert!(wait_until(WAIT, || count(&nats) >= 12_000), "stuck");
+            assert!(wait_until(WAIT, || count(&nats) >= at(60)), "stuck");
             nats.stop();
             let retries = s.count("will retry");
             assert!(
@@ -651,7 +756,7 @@ fn nats_stream_holds_every_change_once_in_per_key_order_through_sigkills_and_a_b
     // Drained: the daemon has nothing left, so nothing more can arrive.
     assert!(wait_until(WAIT, || backlog(&s.config) == 0));
     drop(daemon);
-    eprintln!("20,000 changes published in {:?}", started.elapsed());
+    eprintln!("{total} changes published in {:?}", started.elapsed());
 
     let messages = nats.read_stream("EPIDEMIC");
     assert_eq!(
@@ -674,7 +779,7 @@ fn nats_stream_holds_every_change_once_in_per_key_order_through_sigkills_and_a_b
             m.payload
         );
     }
-    assert_eq!(changes, committed(WRITERS, ROWS, VERSIONS));
+    assert_eq!(changes, committed(WRITERS, rows, versions));
     let order: Vec<(i64, i64)> = messages.iter().map(|m| change_of(&m.payload)).collect();
     assert_per_key_order(&order);
     assert!(messages.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -715,7 +820,7 @@ fn nats_adds_its_subjects_to_an_existing_stream_and_follows_the_subject_template
         "stream = \"SHARED\"\nsubject = \"app.{daemon}.{table}.{op}\"\nops = [\"insert\", \"delete\"]",
     );
     let _daemon = s.start();
-    let w = sqlite::connect(&s.db);
+    let w = sqlite::connect(s.db.sqlite());
     w.execute("INSERT INTO items (id, version) VALUES (1, 0)", [])
         .expect("insert");
     w.execute("UPDATE items SET version = 1 WHERE id = 1", [])
@@ -752,7 +857,7 @@ fn nats_over_tls_verifies_the_server_against_ca_file() {
         &format!("tls = true\nca_file = {:?}", ca.ca().display().to_string()),
     );
     let _daemon = s.start();
-    let w = sqlite::connect(&s.db);
+    let w = sqlite::connect(s.db.sqlite());
     w.execute("INSERT INTO items (id, version) VALUES (1, 0)", [])
         .expect("insert");
     assert!(wait_until(WAIT, || nats.stream_count("EPIDEMIC") == 1));
