@@ -12,7 +12,7 @@ use abi_stable::std_types::{RArc, RString, RVec};
 pub use epidemic_plugin_abi::{RChange, RColumns};
 use epidemic_plugin_abi::{ROp, ROrigin, RSubscription, RValue, RWatch};
 
-use crate::backend::Watch;
+use crate::backend::{ColumnType, Watch};
 use crate::change::{Change, Op, Ops, Origin, Subscription, Value};
 
 impl From<Value> for RValue {
@@ -256,6 +256,7 @@ impl From<&Watch> for RWatch {
             table: w.table.as_str().into(),
             columns: strings(&w.columns),
             key: strings(&w.key),
+            types: w.types.iter().map(|t| RString::from(t.as_str())).collect(),
         }
     }
 }
@@ -266,6 +267,7 @@ impl From<RWatch> for Watch {
             table: w.table.into(),
             columns: from_rstrings(w.columns),
             key: from_rstrings(w.key),
+            types: w.types.iter().map(|t| ColumnType::parse(t)).collect(),
         }
     }
 }

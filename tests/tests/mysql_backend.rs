@@ -471,70 +471,6 @@ fn server_crash_mid_stream_loses_nothing() {
 }
 
 #[test]
-fn partial_ack_then_a_new_instance_loses_nothing() {
-    let (url, mut conn) = database("partial_ack", ITEMS);
-    let c = consumer("all");
-    drop(install_and_register(
-        &url,
-        &[watch("items", &["k", "v"])],
-        &c,
-    ));
-    for i in 1..=10 {
-        conn.exec_drop(
-            "INSERT INTO items (k, v) VALUES (?, 'x')",
-            (format!("r{i:02}"),),
-        )
-        .unwrap();
-    }
-    // r11 is held by an open transaction while r12..r15 commit.
-    let mut held = MySqlServer::shared().conn("partial_ack");
-    held.query_drop("START TRANSACTION").unwrap();
-    held.query_drop("INSERT INTO items (k, v) VALUES ('r11', 'x')")
-        .unwrap();
-    for i in 12..=15 {
-        conn.exec_drop(
-            "INSERT INTO items (k, v) VALUES (?, 'x')",
-            (format!("r{i:02}"),),
-        )
-        .unwrap();
-    }
-    let keys = |cs: &[Change]| cs.iter().map(|c| text(c.value("k"))).collect::<Vec<_>>();
-
-    let mut first = open_ok(&url);
-    let batch = first.fetch(&c, 100).unwrap();
-    let got = keys(&batch.changes);
-    assert_eq!(got.len(), 14);
-    assert!(!got.contains(&"r11".to_string()));
-    // Handled up to r13, then the daemon dies (the instance is dropped without more).
-    let r13 = batch
-        .changes
-        .iter()
-        .find(|c| text(c.value("k")) == "r13")
-        .unwrap()
-        .id;
-    first.ack(&c, &batch.token, r13).unwrap();
-    drop(first);
-    assert_eq!(
-        cursor(&mut conn, &c, "items").1,
-        "11",
-        "the gap must be durable"
-    );
-    held.query_drop("COMMIT").unwrap();
-
-    let mut second = open_ok(&url);
-    let batch = second.fetch(&c, 100).unwrap();
-    assert_eq!(keys(&batch.changes), ["r11", "r14", "r15"]);
-    // Only the gap fill is handled this time.
-    second.ack(&c, &batch.token, batch.changes[0].id).unwrap();
-    drop(second);
-
-    let mut third = open_ok(&url);
-    assert_eq!(keys(&drain(&mut third, &c)), ["r14", "r15"]);
-    assert_eq!(cursor(&mut conn, &c, "items").1, "");
-    assert!(drain(&mut third, &c).is_empty());
-}
-
-#[test]
 fn prune_keeps_the_newest_row_so_ids_never_go_backwards() {
     let server = MySqlServer::start_new();
     let url = server.create_database("prune");
@@ -584,6 +520,16 @@ fn prune_keeps_the_newest_row_so_ids_never_go_backwards() {
         ["after"]
     );
     assert!(again[0].id > first[4].id);
+    // So a restarted counter never names a change after one that was already delivered.
+    let mut stable: Vec<&str> = first
+        .iter()
+        .chain(&again)
+        .map(|c| c.stable_id.as_str())
+        .collect();
+    assert!(stable.iter().all(|s| !s.is_empty()), "{stable:?}");
+    stable.sort();
+    stable.dedup();
+    assert_eq!(stable.len(), 6, "stable ids reused: {stable:?}");
 }
 
 #[test]
@@ -759,6 +705,7 @@ fn update_trigger_is_null_safe_and_skips_unwatched_columns() {
     assert_eq!(
         ins.new.as_deref().unwrap(),
         [
+            Value::Int(1),
             Value::Text("ann".into()),
             Value::Null,
             Value::Text("9.50".into()),
@@ -851,7 +798,11 @@ fn install_is_idempotent_merges_columns_and_uninstall_removes_everything() {
     );
     conn.query_drop("UPDATE users SET b = 2").unwrap();
     let got = collect(&mut b, &c, 1, WAIT);
-    assert_eq!(&got[0].columns[..], ["a", "b"]);
+    assert_eq!(
+        &got[0].columns[..],
+        ["id", "a", "b"],
+        "the key is captured first"
+    );
     assert_eq!(got[0].new_value("b"), Some(&Value::Int(2)));
 
     let plan = b.plan_uninstall().unwrap();
@@ -1222,4 +1173,175 @@ fn drain_rate_of_a_backlog() {
         "mysql drain: {n} changes in {secs:.2} s = {:.0} changes/s (batch 500)",
         n as f64 / secs
     );
+}
+
+// Keys and stable ids (SDK 0.2).
+
+/// Install records the key; a changed key is brought up to date like a growing column
+/// set, while writers run, and nothing is lost across it.
+#[test]
+fn reinstall_with_another_key_loses_nothing_and_changes_carry_the_new_key() {
+    let (url, mut conn) = database(
+        "rekey",
+        "CREATE TABLE accounts (id INT PRIMARY KEY, email VARCHAR(60) NOT NULL UNIQUE, quota INT)",
+    );
+    let c = consumer("all");
+    let mut b = install_and_register(&url, &[watch("accounts", &["quota"])], &c);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut conn = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) || n < 50 {
+                n += 1;
+                conn.exec_drop(
+                    "INSERT INTO accounts VALUES (?, ?, ?)",
+                    (n, format!("u{n}@example.org"), n),
+                )
+                .unwrap();
+            }
+            n
+        })
+    };
+    wait_until(WAIT, || {
+        conn.query_first::<i64, _>("SELECT COUNT(*) FROM accounts")
+            .unwrap()
+            .unwrap_or(0)
+            >= 10
+    });
+    let rekeyed = Watch {
+        key: vec!["email".into()],
+        ..watch("accounts", &["quota"])
+    };
+    let plan = open_ok(&url)
+        .install(std::slice::from_ref(&rekeyed))
+        .unwrap();
+    assert!(
+        plan.iter().any(|s| s.contains("ADD COLUMN `old_email`")),
+        "{plan:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap() as usize;
+    let got = collect(&mut b, &c, written, WAIT);
+    let mut ids: Vec<i64> = got
+        .iter()
+        .map(|c| c.value("id").and_then(Value::as_i64).unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (1..=written as i64).collect::<Vec<_>>(),
+        "every insert, once"
+    );
+
+    // A reader that reads the registry again (any reader after a restart) gets the new key.
+    conn.query_drop("UPDATE accounts SET email = 'new@example.org' WHERE id = 1")
+        .unwrap();
+    let mut fresh = open_ok(&url);
+    let got = collect(&mut fresh, &c, 1, WAIT);
+    assert_eq!(&got[0].key_columns[..], ["email"]);
+    assert_eq!(got[0].key, [Value::Text("new@example.org".into())]);
+    assert_eq!(
+        got[0].old_key,
+        Some(vec![Value::Text("u1@example.org".into())])
+    );
+    assert_eq!(
+        open_ok(&url).plan_install(&[rekeyed]).unwrap(),
+        Vec::<String>::new(),
+        "the key is recorded"
+    );
+}
+
+/// A log table dropped by hand (and made again by the next install) under a running
+/// reader: the new log's ids start again at 1, below the reader's cursor. The reader
+/// must deliver them, under new stable ids, instead of skipping up to its old position.
+#[test]
+fn a_log_table_dropped_by_hand_and_made_again_loses_nothing_and_reuses_no_stable_id() {
+    let (url, mut conn) = database("stable_dropped", ITEMS);
+    let c = consumer("all");
+    let w = [watch("items", &["v"])];
+    let mut reader = install_and_register(&url, &w, &c);
+    for i in 0..5 {
+        conn.exec_drop(
+            "INSERT INTO items (k, v) VALUES (?, 'x')",
+            (format!("old{i}"),),
+        )
+        .unwrap();
+    }
+    let before = collect(&mut reader, &c, 5, WAIT);
+    assert_eq!(before.len(), 5);
+    assert_eq!(cursor(&mut conn, &c, "items").0, before[4].id);
+
+    conn.query_drop("DROP TABLE epidemic_log_items").unwrap();
+    // Another daemon's install (every daemon start runs one) makes it again.
+    open_ok(&url).install(&w).unwrap();
+    assert_eq!(
+        cursor(&mut conn, &c, "items"),
+        (0, String::new()),
+        "the cursors start over in the new log"
+    );
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('new0', 'y'), ('new1', 'y')")
+        .unwrap();
+    let after = collect(&mut reader, &c, 2, WAIT);
+    assert_eq!(
+        after.iter().map(|c| text(c.value("k"))).collect::<Vec<_>>(),
+        ["new0", "new1"],
+        "the reader with cursors of the old log must not skip the new one's first ids"
+    );
+    assert!(after[0].id <= before[4].id, "ids started again");
+    for a in &after {
+        assert!(before.iter().all(|b| b.stable_id != a.stable_id), "{a:?}");
+    }
+    assert_eq!(cursor(&mut conn, &c, "items").0, after[1].id);
+}
+
+/// A database installed by the version before keys and stable ids (a registry without
+/// `key_columns`/`log_identity`, logs without the key's columns): `status` says so, the
+/// next install brings it up to date in place, and the changes after it carry the key
+/// and a stable id; the cursors keep their position.
+#[test]
+fn an_install_of_the_previous_version_is_brought_up_to_date() {
+    let (url, mut conn) = database("upgrade", ITEMS);
+    let c = consumer("all");
+    let w = [watch("items", &["v"])];
+    let mut reader = install_and_register(&url, &w, &c);
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('a', '1')")
+        .unwrap();
+    assert_eq!(collect(&mut reader, &c, 1, WAIT).len(), 1);
+    for stmt in [
+        "ALTER TABLE epidemic_watch DROP COLUMN key_columns, DROP COLUMN log_identity",
+        "UPDATE epidemic_watch SET `columns` = 'v'",
+        "ALTER TABLE epidemic_log_items DROP COLUMN old_k, DROP COLUMN new_k",
+    ] {
+        conn.query_drop(stmt).unwrap();
+    }
+    let status = open_ok(&url).status().unwrap();
+    assert!(
+        status.tables[0]
+            .problems
+            .iter()
+            .any(|p| p.contains("installed by an older version")),
+        "{:?}",
+        status.tables[0].problems
+    );
+    let position = cursor(&mut conn, &c, "items");
+
+    let plan = open_ok(&url).install(&w).unwrap();
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("ADD COLUMN `key_columns`") && s.contains("`log_identity`")),
+        "{plan:?}"
+    );
+    assert_eq!(cursor(&mut conn, &c, "items"), position, "the log stays");
+    conn.query_drop("INSERT INTO items (k, v) VALUES ('b', '2')")
+        .unwrap();
+    let got = collect(&mut reader, &c, 1, WAIT);
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].key_columns[..], ["k"]);
+    assert_eq!(got[0].key, [Value::Text("b".into())]);
+    assert!(got[0].stable_id.ends_with(&format!("-{}", got[0].id)));
+    assert!(open_ok(&url).status().unwrap().tables[0]
+        .problems
+        .is_empty());
 }

@@ -175,9 +175,26 @@ fn cascaded_deletes_and_key_updates_reach_the_handler() {
         "{lines:?}"
     );
 
+    // Cascaded deletes carry the child row's key, whatever the handler watches.
+    let mut keys: Vec<Json> = lines[3..5].iter().map(|l| l["key"].clone()).collect();
+    keys.sort_by_key(|k| k["id"].as_i64());
+    assert_eq!(
+        keys,
+        vec![json!({"id": 10}), json!({"id": 11})],
+        "{lines:?}"
+    );
+
     conn.query_drop("UPDATE domains SET id = 7 WHERE id = 2")
         .unwrap();
     let lines = wait_recorded(&file, 6, WAIT);
+    assert_eq!(lines[5]["key"], json!({"id": 20}), "{lines:?}");
+    assert!(lines[5].get("old_key").is_none(), "{lines:?}");
+    assert!(
+        lines[5]["stable_id"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(&format!("-{}", lines[5]["id"]))),
+        "{lines:?}"
+    );
     assert_eq!(
         ops(&lines, 5),
         vec![(
@@ -237,12 +254,23 @@ fn set_null_cascades_reach_the_handler() {
     conn.query_drop("UPDATE domains SET id = 5 WHERE id = 2")
         .unwrap();
     type Row = Option<Vec<Value>>;
-    let got: Vec<(String, Row, Row)> = drain(&mut b, &c)
+    let changes = drain(&mut b, &c);
+    // A cascaded change has a key like any other: the child row's primary key.
+    let keys: Vec<(Vec<Value>, bool)> = changes
+        .iter()
+        .map(|ch| (ch.key.clone(), ch.key_changed()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![(vec![Value::Int(10)], false), (vec![Value::Int(20)], false)]
+    );
+    let got: Vec<(String, Row, Row)> = changes
         .into_iter()
         .map(|ch| (ch.op.as_str().to_owned(), ch.old, ch.new))
         .collect();
-    let row = |d: Option<i64>, u: &str| {
+    let row = |id: i64, d: Option<i64>, u: &str| {
         Some(vec![
+            Value::Int(id),
             d.map_or(Value::Null, Value::Int),
             Value::Text(u.into()),
         ])
@@ -250,8 +278,16 @@ fn set_null_cascades_reach_the_handler() {
     assert_eq!(
         got,
         vec![
-            ("UPDATE".into(), row(Some(1), "alice"), row(None, "alice")),
-            ("UPDATE".into(), row(Some(2), "bob"), row(None, "bob")),
+            (
+                "UPDATE".into(),
+                row(10, Some(1), "alice"),
+                row(10, None, "alice")
+            ),
+            (
+                "UPDATE".into(),
+                row(20, Some(2), "bob"),
+                row(20, None, "bob")
+            ),
         ]
     );
 }
@@ -283,15 +319,15 @@ fn cascades_through_an_unwatched_table_reach_the_handler() {
         .unwrap();
     let mut got: Vec<String> = drain(&mut b, &c)
         .into_iter()
-        .map(|ch| format!("{} {:?}", ch.op.as_str(), ch.old))
+        .map(|ch| format!("{} {:?} {:?}", ch.op.as_str(), ch.key, ch.old))
         .collect();
     got.sort();
     assert_eq!(
         got,
         vec![
-            "DELETE Some([Text(\"abuse\")])",
-            "DELETE Some([Text(\"info\")])",
-            "DELETE Some([Text(\"postmaster\")])",
+            "DELETE [Int(100)] Some([Int(100), Text(\"postmaster\")])",
+            "DELETE [Int(101)] Some([Int(101), Text(\"abuse\")])",
+            "DELETE [Int(200)] Some([Int(200), Text(\"info\")])",
         ]
     );
     b.uninstall().expect("uninstall");
@@ -644,8 +680,8 @@ fn cascades_of_parent_rows_an_ignore_statement_skipped_are_not_changes() {
     assert_eq!(
         got,
         vec![
-            "DELETE Some([Int(2), Text(\"bob\")]) -> None",
-            "UPDATE Some([Int(3), Text(\"carol\")]) -> Some([Int(7), Text(\"carol\")])",
+            "DELETE Some([Int(20), Int(2), Text(\"bob\")]) -> None",
+            "UPDATE Some([Int(30), Int(3), Text(\"carol\")]) -> Some([Int(30), Int(7), Text(\"carol\")])",
         ]
     );
     let users: Vec<(i64, i64)> = conn
@@ -656,4 +692,87 @@ fn cascades_of_parent_rows_an_ignore_statement_skipped_are_not_changes() {
     b.uninstall().expect("uninstall");
     let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
     assert_eq!(tables.len(), 3, "{tables:?}");
+}
+
+/// The `epidemic` binary end to end on a table without a primary key: `install`, `sql`
+/// and `run` refuse it with one line naming the table and the `key = [..]` fix; a
+/// configured key column that does not exist is refused by name; with `[table.NAME] key`
+/// the daemon delivers its changes with that key.
+#[test]
+fn a_table_without_a_primary_key_is_refused_until_the_config_names_its_key() {
+    let (url, mut conn) = database(
+        "cap_no_key",
+        "CREATE TABLE forwards (address VARCHAR(100) NOT NULL, target VARCHAR(100) NOT NULL) ENGINE=InnoDB",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = config(dir, &url, &[("rec", "forwards", &["target"])]);
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    for args in [&["install"][..], &["sql"], &["run"]] {
+        let out = epidemic(&cfg, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "epidemic {args:?} accepted it:\n{stderr}"
+        );
+        let line = stderr.trim();
+        assert!(
+            line.contains("table forwards has no primary key")
+                && line.contains("[table.forwards] key = [")
+                && !line.contains('\n'),
+            "epidemic {args:?}:\n{stderr}"
+        );
+    }
+    let tables: Vec<String> = conn.query("SHOW TABLES").unwrap();
+    assert_eq!(tables, ["forwards"], "nothing may be created");
+
+    std::fs::write(
+        &cfg,
+        format!("{base}\n[table.forwards]\nkey = [\"address\", \"nope\"]\n"),
+    )
+    .unwrap();
+    let out = epidemic(&cfg, &["install"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("[table.forwards] key: table forwards has no column nope"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &cfg,
+        format!("{base}\n[table.forwards]\nkey = [\"Address\"]\n"),
+    )
+    .unwrap();
+    let _d = start(&cfg, dir);
+    let file = dir.join("rec.jsonl");
+    conn.query_drop("INSERT INTO forwards VALUES ('ann@example.org', 'ann@elsewhere.org')")
+        .unwrap();
+    conn.query_drop("UPDATE forwards SET address = 'anna@example.org'")
+        .unwrap();
+    let lines = wait_recorded(&file, 2, WAIT);
+    assert_eq!(
+        lines[0]["key"],
+        json!({"address": "ann@example.org"}),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[0]["new"],
+        json!({"target": "ann@elsewhere.org"}),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1]["op"], "UPDATE",
+        "an update of the key alone: {lines:?}"
+    );
+    assert_eq!(
+        lines[1]["key"],
+        json!({"address": "anna@example.org"}),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1]["old_key"],
+        json!({"address": "ann@example.org"}),
+        "{lines:?}"
+    );
 }

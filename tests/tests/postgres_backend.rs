@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use epidemic_plugin_host::{self as host, HostBackend, Library};
 use epidemic_plugin_sdk::backend::{
-    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    Registered, Scratch, StartFrom, Status, TableStatus, Watch, SCRATCH_TABLE,
+    BackendError, Consumer, ConsumerStatus, DeadLetter, DeadLetterQuery, Registered, Scratch,
+    StartFrom, Status, TableStatus, Watch, SCRATCH_TABLE,
 };
 use epidemic_plugin_sdk::{Change, Op, Value};
 use epidemic_tests::pg::{wait_for_server, PgServer, StopMode};
@@ -489,72 +489,6 @@ fn a_server_crash_mid_stream_loses_nothing() {
         "delivered changes that never committed: {extra:?}"
     );
     assert!(connection_errors.load(Ordering::SeqCst) > 0);
-}
-
-#[test]
-fn after_a_partial_ack_and_a_kill_the_rest_of_the_batch_comes_next() {
-    let (url, db) = database("partial_ack", "CREATE TABLE t (id int PRIMARY KEY)");
-    let (mut b, c) = setup(&url, &[watch("t", &["id"])], "h");
-    let mut w = PgServer::shared().client(&db);
-    for i in 1..=10 {
-        w.execute("INSERT INTO t VALUES ($1)", &[&i])
-            .expect("insert");
-    }
-
-    let batch = b.fetch(&c, 100).expect("fetch");
-    let ids: Vec<i64> = batch.changes.iter().map(|ch| int(ch.value("id"))).collect();
-    assert_eq!(ids, (1..=10).collect::<Vec<_>>());
-    b.ack(&c, &batch.token, batch.changes[3].id)
-        .expect("partial ack");
-    // Meanwhile more commits arrive; they belong to a later batch.
-    for i in 11..=12 {
-        w.execute("INSERT INTO t VALUES ($1)", &[&i])
-            .expect("insert");
-    }
-    drop(b); // As if the daemon were killed: nothing of the old instance survives.
-
-    let mut b = open(&url);
-    let batch = b.fetch(&c, 3).expect("fetch after restart");
-    let ids: Vec<i64> = batch.changes.iter().map(|ch| int(ch.value("id"))).collect();
-    assert_eq!(
-        ids,
-        vec![5, 6, 7],
-        "the rest of the batch first, in pieces of max"
-    );
-    // A fetch without an ack returns the same piece again.
-    let again = b.fetch(&c, 3).expect("fetch again");
-    assert_eq!(again.changes, batch.changes);
-    assert_eq!(again.token, batch.token);
-    b.ack(&c, &batch.token, batch.changes[2].id).expect("ack");
-
-    let rest: Vec<i64> = drain(&mut b, &c, 100)
-        .iter()
-        .map(|ch| int(ch.value("id")))
-        .collect();
-    assert_eq!(rest, vec![8, 9, 10, 11, 12]);
-
-    // A batch fetched and never acked comes back whole to a new instance.
-    w.execute("INSERT INTO t VALUES (13), (14)", &[])
-        .expect("insert");
-    let batch = b.fetch(&c, 100).expect("fetch");
-    assert_eq!(batch.changes.len(), 2);
-    drop(b);
-    let mut b = open(&url);
-    let again = b.fetch(&c, 100).expect("fetch");
-    assert_eq!(again.changes, batch.changes);
-    // Repeating an ack whose reply was lost is harmless; acking an old batch is refused.
-    b.ack(&c, &again.token, again.changes[1].id).expect("ack");
-    b.ack(&c, &again.token, again.changes[1].id)
-        .expect("repeated ack");
-    w.execute("INSERT INTO t VALUES (15)", &[]).expect("insert");
-    let next = b.fetch(&c, 100).expect("fetch");
-    assert_eq!(next.changes.len(), 1);
-    let err = b
-        .ack(&c, &again.token, again.changes[1].id)
-        .expect_err("stale token");
-    assert!(!err.is_connection(), "{err:?}");
-    let err = b.ack(&c, "not-a-token", 1).expect_err("bad token");
-    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
 }
 
 #[test]
@@ -1330,85 +1264,6 @@ fn a_growing_column_set_adds_log_columns() {
 // Capture: values and unwatched columns
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn old_and_new_values_are_right_for_insert_update_delete_including_nulls_and_bytea() {
-    let (url, db) = database(
-        "values",
-        "CREATE TABLE acct (id int PRIMARY KEY, name varchar(20), quota bigint, small smallint, ratio float8, \
-             price numeric(10,2), blob bytea, active boolean, code char(4), note text);",
-    );
-    let columns = [
-        "id", "name", "quota", "small", "ratio", "price", "blob", "active", "code",
-    ];
-    let (mut b, c) = setup(&url, &[watch("acct", &columns)], "h");
-    let mut w = PgServer::shared().client(&db);
-    w.batch_execute(
-        "INSERT INTO acct VALUES (1, 'ann', 5000000000, 7, 0.5, 12.34, '\\x00ff10', true, 'ab', 'n');
-         INSERT INTO acct (id) VALUES (2);
-         UPDATE acct SET note = 'only an unwatched column' WHERE id = 1;
-         UPDATE acct SET name = name, quota = quota WHERE id = 1;
-         UPDATE acct SET name = NULL, blob = NULL, quota = 1 WHERE id = 1;
-         UPDATE acct SET blob = '\\x01' WHERE id = 2;
-         DELETE FROM acct WHERE id = 1;",
-    )
-    .expect("writes");
-    let got = drain_until(&mut b, &c, 5, Duration::from_secs(10));
-    let ops: Vec<Op> = got.iter().map(|ch| ch.op).collect();
-    assert_eq!(
-        ops,
-        vec![Op::Insert, Op::Insert, Op::Update, Op::Update, Op::Delete]
-    );
-    assert!(
-        drain(&mut b, &c, 10).is_empty(),
-        "updates that change no watched column write nothing"
-    );
-    let logged: i64 = w
-        .query_one("SELECT count(*) FROM epidemic.log_acct", &[])
-        .expect("count")
-        .get(0);
-    assert_eq!(logged, 5);
-
-    let ins = &got[0];
-    assert!(ins.old.is_none());
-    let new = ins.new.as_ref().expect("new values");
-    assert_eq!(
-        new,
-        &vec![
-            Value::Int(1),
-            Value::Text("ann".into()),
-            Value::Int(5_000_000_000),
-            Value::Int(7),
-            Value::Float(0.5),
-            Value::Text("12.34".into()),
-            Value::Bytes(vec![0, 255, 16]),
-            Value::Text("true".into()),
-            Value::Text("ab  ".into()),
-        ]
-    );
-    assert!(got[1].new.as_ref().unwrap()[1..].iter().all(Value::is_null));
-
-    let upd = &got[2];
-    assert_eq!(text(upd.old_value("name")), "ann");
-    assert_eq!(upd.new_value("name"), Some(&Value::Null));
-    assert_eq!(upd.old_value("blob"), Some(&Value::Bytes(vec![0, 255, 16])));
-    assert_eq!(upd.new_value("blob"), Some(&Value::Null));
-    assert_eq!(int(upd.old_value("quota")), 5_000_000_000);
-    assert_eq!(int(upd.new_value("quota")), 1);
-    assert!(upd.changed("name") && !upd.changed("id"));
-    assert_eq!(
-        got[3].old_value("blob"),
-        Some(&Value::Null),
-        "NULL to a value is a change"
-    );
-    assert_eq!(got[3].new_value("blob"), Some(&Value::Bytes(vec![1])));
-
-    let del = &got[4];
-    assert!(del.new.is_none());
-    assert_eq!(int(del.old_value("id")), 1);
-    assert_eq!(int(del.old_value("quota")), 1);
-    assert!(del.changed_at_us > 1_600_000_000_000_000);
-}
-
 // ---------------------------------------------------------------------------------------
 // Pruning
 // ---------------------------------------------------------------------------------------
@@ -1512,7 +1367,9 @@ fn log_count(db: &str, log: &str) -> i64 {
         .get(0)
 }
 
-const EVICTED: &str = "consumer mx1/stale was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again";
+/// The SDK's sentence for an evicted consumer, the same on every backend.
+const EVICTED: &str =
+    "consumer mx1/stale was evicted (unseen longer than consumer_ttl); it must register again";
 
 #[test]
 fn an_evicted_consumer_releases_pruning_and_must_register_again() {
@@ -1697,110 +1554,6 @@ fn register_sets_the_table_list_and_a_table_added_mid_batch_loses_nothing() {
 // ---------------------------------------------------------------------------------------
 // Dead letters
 // ---------------------------------------------------------------------------------------
-
-#[test]
-fn dead_letters_round_trip() {
-    let (url, db) = database(
-        "dead_letters",
-        "CREATE TABLE t (id int PRIMARY KEY, v text)",
-    );
-    let mut b = open(&url);
-    // Before install there are none, and nothing to update.
-    assert!(b
-        .dead_letters(&DeadLetterQuery::All)
-        .expect("list")
-        .is_empty());
-    assert_eq!(
-        b.update_dead_letters(&DeadLetterUpdate::Delete(vec![1]))
-            .expect("update"),
-        0
-    );
-    let (mut b, c) = setup(&url, &[watch("t", &["id", "v"])], "h");
-    let other = consumer("other");
-    b.register(&other, &["t".into()], StartFrom::Oldest)
-        .expect("register");
-    PgServer::shared()
-        .client(&db)
-        .batch_execute("INSERT INTO t VALUES (1, 'it''s'), (2, 'b')")
-        .expect("insert");
-    let changes = drain_until(&mut b, &c, 2, Duration::from_secs(10));
-
-    let failed_at_us = 1_712_345_678_901_234;
-    let mut first = DeadLetter::new(&c, &changes[0], "mailbox full", 5, failed_at_us);
-    first.id = b.add_dead_letter(&first).expect("add");
-    let mut second = DeadLetter::new(&other, &changes[1], "nope", 1, failed_at_us + 1);
-    second.id = b.add_dead_letter(&second).expect("add");
-    assert!(second.id > first.id);
-    assert_eq!(
-        b.dead_letters(&DeadLetterQuery::All).expect("list"),
-        vec![first.clone(), second.clone()]
-    );
-    assert_eq!(first.change().expect("stored change"), changes[0]);
-    assert_eq!(
-        b.dead_letters(&DeadLetterQuery::Consumer(c.clone()))
-            .expect("list"),
-        vec![first.clone()]
-    );
-    assert_eq!(
-        b.dead_letters(&DeadLetterQuery::Ids(vec![second.id, 999_999]))
-            .expect("list"),
-        vec![second.clone()]
-    );
-    assert!(b
-        .dead_letters(&DeadLetterQuery::RetryRequested(c.clone()))
-        .expect("list")
-        .is_empty());
-
-    assert_eq!(
-        b.update_dead_letters(&DeadLetterUpdate::RequestRetry(vec![first.id]))
-            .expect("retry"),
-        1
-    );
-    let marked = b
-        .dead_letters(&DeadLetterQuery::RetryRequested(c.clone()))
-        .expect("list");
-    assert_eq!(marked.len(), 1);
-    assert!(marked[0].retry_requested);
-    assert_eq!(
-        consumer_status(&b.status().expect("status"), "h").dead_letters,
-        1
-    );
-
-    // The retry failed again.
-    assert_eq!(
-        b.update_dead_letters(&DeadLetterUpdate::Failed {
-            id: first.id,
-            error: "still full".into(),
-            attempts: 10,
-            failed_at_us: failed_at_us + 7,
-        })
-        .expect("failed"),
-        1
-    );
-    let again = &b
-        .dead_letters(&DeadLetterQuery::Ids(vec![first.id]))
-        .expect("list")[0];
-    assert!(!again.retry_requested);
-    assert_eq!(
-        (again.error.as_str(), again.attempts, again.failed_at_us),
-        ("still full", 10, failed_at_us + 7)
-    );
-
-    assert_eq!(
-        b.update_dead_letters(&DeadLetterUpdate::Delete(vec![first.id, second.id, 42]))
-            .expect("delete"),
-        2
-    );
-    assert!(b
-        .dead_letters(&DeadLetterQuery::All)
-        .expect("list")
-        .is_empty());
-    assert_eq!(
-        b.update_dead_letters(&DeadLetterUpdate::RequestRetry(vec![]))
-            .expect("nothing"),
-        0
-    );
-}
 
 // ---------------------------------------------------------------------------------------
 // Status and schema drift
@@ -2317,4 +2070,417 @@ fn no_password_reaches_a_message_or_the_status() {
         "status",
         &serde_json::to_string(&b.status().expect("status")).expect("json"),
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// SDK 0.2: keys, stable ids, transactions, commit order, schemas
+// ---------------------------------------------------------------------------------------
+
+fn keyed(table: &str, columns: &[&str], key: &[&str]) -> Watch {
+    Watch {
+        key: key.iter().map(|c| c.to_string()).collect(),
+        ..watch(table, columns)
+    }
+}
+
+#[test]
+fn the_daemon_refuses_a_table_without_a_key_in_one_line_and_takes_the_configured_one() {
+    let (url, db) = database(
+        "nokey_cli",
+        "CREATE TABLE boxes (owner text NOT NULL, path text NOT NULL, size int)",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("rec.jsonl");
+    let handler = epidemic_tests::recorder_handler("rec", &out, "boxes", &["owner", "size"], "");
+    let config = dir.path().join("epidemic.toml");
+    let write_config = |table_section: &str| {
+        std::fs::write(
+            &config,
+            format!("[database]\nurl = {url:?}\n\n{table_section}{handler}"),
+        )
+        .expect("config");
+    };
+
+    write_config("");
+    for command in ["install", "sql"] {
+        let run = epidemic(&config, &[command]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{command}: {stderr}");
+        let reason: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("no primary key"))
+            .collect();
+        assert_eq!(reason.len(), 1, "{command}: {stderr}");
+        assert!(
+            reason[0].contains("table boxes has no primary key")
+                && reason[0].contains("[table.boxes] key = ["),
+            "{command}: {stderr}"
+        );
+    }
+    assert!(!schema_exists(&db, "epidemic"));
+
+    write_config("[table.boxes]\nkey = [\"owner\", \"missing\"]\n\n");
+    let run = epidemic(&config, &["install"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("table boxes has no column missing"),
+        "{stderr}"
+    );
+
+    write_config("[table.boxes]\nkey = [\"owner\", \"path\"]\n\n");
+    let run = epidemic(&config, &["install"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let key: Vec<String> = PgServer::shared()
+        .client(&db)
+        .query_one(
+            "SELECT key_columns FROM epidemic.watched_table WHERE table_name = 'boxes'",
+            &[],
+        )
+        .expect("registry")
+        .get(0);
+    assert_eq!(key, ["owner", "path"]);
+}
+
+#[test]
+fn a_changed_key_is_captured_from_then_on_loses_nothing_and_a_dropped_key_column_is_drift() {
+    let (url, db) = database(
+        "rekey",
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)",
+    );
+    let (mut b, c) = setup(&url, &[watch("users", &["name"])], "h");
+    let mut w = PgServer::shared().client(&db);
+    w.execute("INSERT INTO users VALUES (1, 'a@x', 'ann')", &[])
+        .expect("insert");
+    // The next install names another key: it is recorded and captured from then on.
+    let plan = b
+        .install(&[keyed("users", &["name"], &["email"])])
+        .expect("install with another key");
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("SET key_columns = ARRAY['email']")),
+        "{plan:#?}"
+    );
+    assert!(
+        plan.iter()
+            .any(|s| s.contains("ADD COLUMN IF NOT EXISTS \"old_email\"")),
+        "{plan:#?}"
+    );
+    w.batch_execute(
+        "INSERT INTO users VALUES (2, 'b@x', 'bob');
+         UPDATE users SET email = 'bob@x' WHERE id = 2;",
+    )
+    .expect("write");
+    let got = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    assert_eq!(got.len(), 3, "nothing lost across the key change: {got:#?}");
+    assert_eq!(&*got[2].key_columns, &["email".to_owned()]);
+    // Logged before email was captured: the log has no value for it.
+    assert_eq!(got[0].key, vec![Value::Null]);
+    assert_eq!(got[1].key, vec![Value::from("b@x")]);
+    assert_eq!(got[2].key, vec![Value::from("bob@x")]);
+    assert_eq!(got[2].old_key, Some(vec![Value::from("b@x")]));
+    // The same install again changes nothing about the key.
+    let again = b
+        .install(&[keyed("users", &["name"], &["email"])])
+        .expect("install again");
+    assert!(
+        again.iter().all(|s| !s.contains("SET key_columns")),
+        "{again:#?}"
+    );
+
+    // A key column dropped with CASCADE (which takes the triggers along) is drift.
+    w.batch_execute("ALTER TABLE users DROP COLUMN email CASCADE")
+        .expect("drop the key column");
+    let problems = table_status(&b.status().expect("status"), "users")
+        .problems
+        .clone();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("key column email of table users no longer exists")),
+        "{problems:#?}"
+    );
+}
+
+/// The stable ids of the changes, and the identity part (before the `-`).
+fn stable_ids(changes: &[Change]) -> Vec<String> {
+    changes.iter().map(|c| c.stable_id.clone()).collect()
+}
+
+fn identity(change: &Change) -> String {
+    let (identity, id) = change
+        .stable_id
+        .rsplit_once('-')
+        .unwrap_or_else(|| panic!("stable id {:?}", change.stable_id));
+    assert_eq!(id, change.id.to_string(), "{}", change.stable_id);
+    assert_eq!(identity.len(), 16, "{}", change.stable_id);
+    identity.to_owned()
+}
+
+fn insert_users(db: &str, ids: std::ops::Range<i32>) {
+    let mut w = PgServer::shared().client(db);
+    for i in ids {
+        w.execute("INSERT INTO users VALUES ($1, 'u')", &[&i])
+            .expect("insert");
+    }
+}
+
+#[test]
+fn stable_ids_survive_redelivery_and_are_not_reused_after_uninstall_and_install() {
+    let (url, db) = database(
+        "stable_uninstall",
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let watches = [watch("users", &["name"])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 0..3);
+    // A batch fetched again (not acknowledged: a crash) carries the same stable ids.
+    let first = wait_fetch(&mut b, &c, 3);
+    let mut other = open(&url);
+    let again = other.fetch(&c, 10).expect("fetch again");
+    assert_eq!(stable_ids(&again.changes), stable_ids(&first.changes));
+    let before = drain(&mut b, &c, 10);
+    assert_eq!(stable_ids(&before), stable_ids(&first.changes));
+
+    b.uninstall().expect("uninstall");
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 3..6);
+    let after = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    // The sequence started over with the schema: the same ids, another log identity.
+    assert_eq!(
+        after.iter().map(|c| c.id).collect::<Vec<_>>(),
+        before.iter().map(|c| c.id).collect::<Vec<_>>()
+    );
+    assert_ne!(identity(&after[0]), identity(&before[0]));
+    let old: HashSet<String> = stable_ids(&before).into_iter().collect();
+    assert!(stable_ids(&after).iter().all(|s| !old.contains(s)));
+}
+
+/// Fetch until a batch with `n` changes arrives (not acknowledged).
+fn wait_fetch(b: &mut HostBackend, c: &Consumer, n: usize) -> epidemic_plugin_sdk::backend::Batch {
+    let mut batch = Default::default();
+    assert!(wait_until(Duration::from_secs(10), || {
+        batch = b.fetch(c, 100).expect("fetch");
+        batch.changes.len() >= n
+    }));
+    batch
+}
+
+#[test]
+fn a_log_table_dropped_or_recreated_by_hand_gets_a_new_identity_at_the_next_install() {
+    let (url, db) = database(
+        "stable_droplog",
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let watches = [watch("users", &["name"])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 0..2);
+    let first = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    let mut seen: HashSet<String> = stable_ids(&first).into_iter().collect();
+    let mut identities = vec![identity(&first[0])];
+    let mut admin = PgServer::shared().client(&db);
+
+    // Dropped: writes to the table fail and status says so until install creates it.
+    admin
+        .batch_execute("DROP TABLE epidemic.log_users")
+        .expect("drop the log");
+    assert!(admin
+        .execute("INSERT INTO users VALUES (100, 'lost')", &[])
+        .is_err());
+    let problems = table_status(&b.status().expect("status"), "users")
+        .problems
+        .clone();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("log table epidemic.log_users of users is missing")),
+        "{problems:#?}"
+    );
+    let plan = b.install(&watches).expect("install");
+    assert!(
+        plan.iter()
+            .any(|s| s.starts_with("CREATE TABLE IF NOT EXISTS \"epidemic\".\"log_users\"")),
+        "{plan:#?}"
+    );
+    assert!(table_status(&b.status().expect("status"), "users")
+        .problems
+        .is_empty());
+    insert_users(&db, 2..4);
+    let second = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    identities.push(identity(&second[0]));
+
+    // Re-created by hand (as a restore would): another table under the log's name.
+    admin
+        .batch_execute(
+            "CREATE TABLE epidemic.copy (LIKE epidemic.log_users INCLUDING ALL);
+             DROP TABLE epidemic.log_users;
+             ALTER TABLE epidemic.copy RENAME TO log_users;",
+        )
+        .expect("re-create the log by hand");
+    let problems = table_status(&b.status().expect("status"), "users")
+        .problems
+        .clone();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("is not the one Epidemic created")),
+        "{problems:#?}"
+    );
+    b.install(&watches).expect("install");
+    assert!(table_status(&b.status().expect("status"), "users")
+        .problems
+        .is_empty());
+    insert_users(&db, 4..6);
+    let third = drain_until(&mut b, &c, 2, Duration::from_secs(10));
+    identities.push(identity(&third[0]));
+
+    let distinct: HashSet<&String> = identities.iter().collect();
+    assert_eq!(distinct.len(), 3, "{identities:?}");
+    for s in stable_ids(&second).into_iter().chain(stable_ids(&third)) {
+        assert!(seen.insert(s.clone()), "stable id {s} handed out twice");
+    }
+}
+
+#[test]
+fn a_sequence_set_back_is_reported_and_install_moves_it_past_every_id_used() {
+    let (url, db) = database(
+        "stable_sequence",
+        "CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let watches = [watch("users", &["name"])];
+    let (mut b, c) = setup(&url, &watches, "h");
+    insert_users(&db, 0..3);
+    let before = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    // Everything handled is pruned: the log is empty, only the record of what was
+    // pruned remembers the ids. Idle fetches move the cursor past transactions that
+    // other tests' keep open on this server.
+    assert!(wait_until(Duration::from_secs(30), || {
+        assert!(b.fetch(&c, 100).expect("fetch").changes.is_empty());
+        b.prune().expect("prune");
+        log_count(&db, "log_users") == 0
+    }));
+    PgServer::shared()
+        .client(&db)
+        .batch_execute("ALTER SEQUENCE epidemic.change_id RESTART")
+        .expect("restart the sequence");
+    let warnings = b.status().expect("status").warnings;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("change id sequence epidemic.change_id is behind id")),
+        "{warnings:#?}"
+    );
+    b.install(&watches).expect("install");
+    assert!(b.status().expect("status").warnings.is_empty());
+    insert_users(&db, 3..6);
+    let after = drain_until(&mut b, &c, 3, Duration::from_secs(10));
+    let top = before.iter().map(|c| c.id).max().unwrap_or(0);
+    assert!(after.iter().all(|c| c.id > top), "{after:#?}");
+    let old: HashSet<String> = stable_ids(&before).into_iter().collect();
+    assert!(stable_ids(&after).iter().all(|s| !old.contains(s)));
+}
+
+#[test]
+fn transactions_commit_order_and_schemas_come_with_every_change() {
+    let (url, db) = database(
+        "txids",
+        "CREATE SCHEMA app;
+         CREATE TABLE app.users (id int PRIMARY KEY, name text);
+         CREATE TABLE boxes (id int PRIMARY KEY, size int);",
+    );
+    let (mut b, c) = setup(
+        &url,
+        &[watch("app.users", &["name"]), watch("boxes", &["size"])],
+        "h",
+    );
+    let caps = b.capabilities();
+    assert!(caps.transaction_ids && caps.commit_order && caps.schemas);
+
+    let server = PgServer::shared();
+    let mut w = server.client(&db);
+    // A transaction over both tables, then one on its own.
+    w.batch_execute(
+        "BEGIN;
+         INSERT INTO app.users VALUES (1, 'ann');
+         INSERT INTO boxes VALUES (1, 10);
+         UPDATE app.users SET name = 'anna' WHERE id = 1;
+         COMMIT;
+         INSERT INTO boxes VALUES (2, 20);",
+    )
+    .expect("write");
+    let first = drain_until(&mut b, &c, 4, Duration::from_secs(10));
+    assert_eq!(first.len(), 4);
+    let schemas: Vec<(&str, Option<&str>)> = first
+        .iter()
+        .map(|ch| (ch.table.as_str(), ch.schema.as_deref()))
+        .collect();
+    assert_eq!(
+        schemas,
+        vec![
+            ("app.users", Some("app")),
+            ("boxes", Some("public")),
+            ("app.users", Some("app")),
+            ("boxes", Some("public")),
+        ]
+    );
+    let txids: Vec<i64> = first.iter().map(|ch| ch.txid.expect("txid")).collect();
+    assert!(txids[0] == txids[1] && txids[1] == txids[2], "{txids:?}");
+    assert_ne!(txids[2], txids[3]);
+
+    // T1 takes its transaction id first but commits after T2, with a fetch between:
+    // commit order, not transaction id order, decides `commit_seq`.
+    let mut t1 = server.client(&db);
+    t1.batch_execute("BEGIN; INSERT INTO boxes VALUES (3, 30)")
+        .expect("t1");
+    w.execute("INSERT INTO boxes VALUES (4, 40)", &[])
+        .expect("t2");
+    let t2 = drain_until(&mut b, &c, 1, Duration::from_secs(10));
+    assert_eq!(t2.len(), 1);
+    t1.batch_execute("COMMIT").expect("commit t1");
+    let t1 = drain_until(&mut b, &c, 1, Duration::from_secs(10));
+    assert_eq!(t1.len(), 1);
+    assert!(t1[0].txid < t2[0].txid);
+
+    let delivered: Vec<&Change> = first.iter().chain(&t2).chain(&t1).collect();
+    let seqs: Vec<i64> = delivered
+        .iter()
+        .map(|ch| ch.commit_seq.expect("commit_seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|p| p[0] <= p[1]), "{seqs:?}");
+    assert!(seqs[3] < seqs[4] && seqs[4] < seqs[5], "{seqs:?}");
+}
+
+#[test]
+fn a_transaction_left_open_elsewhere_does_not_hold_back_pruning() {
+    let (url, db) = database(
+        "prune_open_tx",
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         CREATE TABLE other (id int);",
+    );
+    let (mut b, c) = setup(&url, &[watch("users", &["name"])], "h");
+    let late = consumer("late");
+    b.register(&late, &["users".into()], StartFrom::Oldest)
+        .expect("register");
+    // An unrelated transaction with a transaction id, open before the changes and
+    // until the end: every snapshot's xmin stays below it.
+    let mut open_tx = PgServer::shared().client(&db);
+    open_tx
+        .batch_execute("BEGIN; INSERT INTO other VALUES (1)")
+        .expect("open a transaction");
+    insert_users(&db, 0..3);
+    assert_eq!(drain_until(&mut b, &c, 3, Duration::from_secs(10)).len(), 3);
+    assert_eq!(b.prune().expect("prune"), 0, "late has handled nothing");
+    assert_eq!(
+        drain_until(&mut b, &late, 3, Duration::from_secs(10)).len(),
+        3
+    );
+    // Both consumers' snapshots show the three transactions as committed: they go,
+    // although the open transaction is older.
+    assert_eq!(b.prune().expect("prune"), 3);
+    assert_eq!(log_count(&db, "log_users"), 0);
+    open_tx.batch_execute("COMMIT").expect("commit");
 }

@@ -40,9 +40,23 @@ impl Setup {
 
     /// Write the config for daemon `mx1` on `url`; `handlers`: (name, table, columns).
     fn config(&self, url: &str, handlers: &[(&str, &str, &[&str])]) -> PathBuf {
+        self.config_with_key(url, handlers, None)
+    }
+
+    /// [`Setup::config`] with `[table.NAME] key = ["id"]` for `keyed`: a table without a
+    /// primary key (a partitioned one without the partition column in a key).
+    fn config_with_key(
+        &self,
+        url: &str,
+        handlers: &[(&str, &str, &[&str])],
+        keyed: Option<&str>,
+    ) -> PathBuf {
         let mut text = format!(
             "[database]\nurl = {url:?}\n\n[daemon]\nname = \"mx1\"\nprune_interval_ms = 100\n\n"
         );
+        if let Some(table) = keyed {
+            text.push_str(&format!("[table.{table}]\nkey = [\"id\"]\n\n"));
+        }
         for (name, table, columns) in handlers {
             text.push_str(&recorder_handler(name, &self.out(name), table, columns, ""));
         }
@@ -193,7 +207,11 @@ fn truncating_a_partitioned_table_or_one_partition_is_delivered_as_deletes() {
          INSERT INTO mail_users VALUES (1, 'mx1', 'alice'), (2, 'mx2', 'bob');",
     );
     let s = Setup::new();
-    s.config(&url, &[("rec", "mail_users", &["id", "username"])]);
+    s.config_with_key(
+        &url,
+        &[("rec", "mail_users", &["id", "username"])],
+        Some("mail_users"),
+    );
     let d = s.start();
     let mut c = PgServer::shared().client("noloss_truncate_parts");
     c.batch_execute("TRUNCATE mail_users_mx1")
@@ -403,9 +421,10 @@ fn a_row_moved_to_another_partition_arrives_as_one_update() {
          INSERT INTO mail_users VALUES (1, 'mx1', 'alice'), (2, 'mx1', 'bob'), (3, 'mx1', 'carol'), (4, 'mx2', 'dave');",
     );
     let s = Setup::new();
-    s.config(
+    s.config_with_key(
         &url,
         &[("rec", "mail_users", &["id", "server", "username"])],
+        Some("mail_users"),
     );
     let d = s.start();
     let mut c = PgServer::shared().client("noloss_partitions");
@@ -469,7 +488,11 @@ fn a_move_that_changes_no_watched_column_is_no_change() {
          INSERT INTO boxes VALUES (1, 'mx1', 'alice'), (2, 'mx1', 'bob');",
     );
     let s = Setup::new();
-    s.config(&url, &[("rec", "boxes", &["id", "username"])]);
+    s.config_with_key(
+        &url,
+        &[("rec", "boxes", &["id", "username"])],
+        Some("boxes"),
+    );
     let d = s.start();
     let mut c = PgServer::shared().client("noloss_partition_quiet");
     c.batch_execute(
@@ -762,4 +785,62 @@ fn prune_never_deletes_what_a_consumer_being_registered_still_needs() {
         [1],
         "h2 registered before the row committed, so it must get it"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// SDK 0.2: what a handler receives besides the values
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn the_handler_receives_the_key_stable_id_transaction_commit_order_and_schema() {
+    let url = database(
+        "noloss_change_fields",
+        "CREATE SCHEMA app;
+         CREATE TABLE app.members (org int, member int, role text, PRIMARY KEY (member, org));",
+    );
+    let s = Setup::new();
+    // The handler watches no key column: the key comes all the same.
+    s.config(&url, &[("rec", "app.members", &["role"])]);
+    let d = s.start();
+    let mut c = PgServer::shared().client("noloss_change_fields");
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO app.members VALUES (7, 1, 'admin');
+         INSERT INTO app.members VALUES (7, 2, 'user');
+         COMMIT;
+         UPDATE app.members SET member = 3 WHERE member = 1;",
+    )
+    .expect("writes");
+    let lines = wait_for(&s.out("rec"), 3, &d);
+    let keys: Vec<(Value, Value)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["key"].clone(),
+                l.get("old_key").cloned().unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            (json!({"member": 1, "org": 7}), Value::Null),
+            (json!({"member": 2, "org": 7}), Value::Null),
+            (
+                json!({"member": 3, "org": 7}),
+                json!({"member": 1, "org": 7})
+            ),
+        ],
+        "{lines:#?}"
+    );
+    for l in &lines {
+        assert_eq!(l["schema"], "app", "{l}");
+        assert_eq!(l["table"], "app.members", "{l}");
+        let stable = l["stable_id"].as_str().expect("stable_id");
+        assert!(stable.ends_with(&format!("-{}", l["id"])), "{l}");
+        assert!(l["commit_seq"].is_i64() && l["txid"].is_i64(), "{l}");
+    }
+    assert_eq!(lines[0]["txid"], lines[1]["txid"]);
+    assert_ne!(lines[1]["txid"], lines[2]["txid"]);
+    assert!(lines[0]["commit_seq"].as_i64() <= lines[2]["commit_seq"].as_i64());
 }

@@ -19,6 +19,10 @@
 //! `AFTER` ones, so nothing has to be merged on servers with one trigger per table, event
 //! and timing; a user's BEFORE trigger on a parent there is refused with one line.
 //!
+//! The copies carry every captured column of the child, its key columns included, so a
+//! cascaded DELETE or UPDATE is a change with a key like any other (an `ON UPDATE
+//! CASCADE` of a key column gives `old_key`).
+//!
 //! Captured: direct `ON DELETE CASCADE | SET NULL` and `ON UPDATE CASCADE | SET NULL`
 //! keys, and chains of `ON DELETE CASCADE` through any number of tables (up to
 //! [`MAX_DEPTH`]), watched or not, joined from the parent row down to the watched table.
@@ -33,9 +37,14 @@
 //! statements cascading into one table at once take turns. Rows of skipped parent rows
 //! stay in the pending table as garbage until the next install remakes it.
 
-use crate::schema::{fit, log_column, quote};
 use epidemic_plugin_sdk::backend::BackendError;
 use epidemic_plugin_sdk::ident;
+use mysql::prelude::Queryable;
+use mysql::Conn;
+
+use crate::capture::{fit, fnv1a32, log_column, now_expr, pend_table_name, quote};
+use crate::catalog::{ExistingTrigger, MySqlCatalog};
+use crate::conn::ServerInfo;
 
 /// Longest chain of cascades followed from a watched table up to a parent.
 pub(crate) const MAX_DEPTH: usize = 8;
@@ -188,7 +197,7 @@ pub(crate) struct CascadeCapture {
 impl CascadeCapture {
     fn var(&self, what: &str) -> String {
         let id = format!("{}/{}/{}", self.parent, self.event.sql(), self.watched);
-        format!("@`epidemic_{:08x}_{what}`", crate::schema::fnv1a32(&id))
+        format!("@`epidemic_{:08x}_{what}`", fnv1a32(&id))
     }
 
     fn guarded(&self, inner: &str, otherwise: Option<&str>) -> String {
@@ -557,6 +566,221 @@ pub(crate) fn body(statements: &[&str]) -> String {
     }
     s.push_str("END");
     s
+}
+
+/// A watched table's log, as the cascade planner needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchedLog {
+    pub table: String,
+    pub log_table: String,
+    /// The captured columns (the key's included: a cascaded change has a key too).
+    pub columns: Vec<String>,
+}
+
+impl WatchedLog {
+    fn view(&self) -> WatchedTable<'_> {
+        WatchedTable {
+            table: &self.table,
+            log_table: &self.log_table,
+            columns: &self.columns,
+        }
+    }
+}
+
+/// Whether `t` is one of the parents' cascade triggers Epidemic creates.
+pub(crate) fn is_cascade_trigger(t: &ExistingTrigger) -> bool {
+    KINDS.iter().any(|(e, timing)| {
+        t.name == trigger_name(&t.table, *e, *timing) && t.timing == timing.sql()
+    })
+}
+
+/// How cascaded rows reach the log on this server (see [`CascadeMode`]).
+pub(crate) fn mode(conn: &mut Conn, server: ServerInfo) -> CascadeMode {
+    if !server.multiple_triggers() {
+        return CascadeMode::Direct;
+    }
+    match conn.query_first::<Option<i64>, _>("SELECT @@innodb_autoinc_lock_mode") {
+        Ok(Some(Some(0 | 1))) => CascadeMode::Staged,
+        _ => CascadeMode::Direct,
+    }
+}
+
+/// A parent's cascade trigger a watched table needs: (parent, trigger name, whether it is
+/// there and current).
+pub(crate) type CascadeTrigger = (String, String, bool);
+
+/// For `status`: the parents' cascade triggers a watched table needs, each with
+/// whether it is there and current (`Ok`), or why its cascades cannot be captured.
+pub(crate) fn status_triggers(
+    conn: &mut Conn,
+    server: ServerInfo,
+    log: &WatchedLog,
+    fks: &[ForeignKey],
+    mode: CascadeMode,
+) -> Result<Result<Vec<CascadeTrigger>, String>, BackendError> {
+    let captures = match captures(&log.view(), fks, now_expr(server)) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let mut catalog = MySqlCatalog::new(conn);
+    let triggers = catalog.triggers()?;
+    let pend = pend_table_name(&log.table);
+    let mut out = Vec::new();
+    for c in &captures {
+        let mut wanted = vec![(Timing::Before, c.before(mode, &pend))];
+        if mode == CascadeMode::Staged {
+            let key = catalog.unique_row_key(&c.parent)?;
+            wanted.push((Timing::After, c.after(&pend, key.as_deref())));
+        }
+        for (timing, statement) in wanted {
+            let name = trigger_name(&c.parent, c.event, timing);
+            let here = triggers.iter().any(|t| {
+                t.name == name
+                    && t.table == c.parent
+                    && t.timing == timing.sql()
+                    && t.body.contains(&statement)
+            });
+            out.push((c.parent.clone(), name, here));
+        }
+    }
+    Ok(Ok(out))
+}
+
+/// The statements that bring the parents' cascade triggers and the pending tables up
+/// to date for every watched table in `tables` (this install's and those already
+/// registered), including dropping ones no longer needed. `earlier` is the plan so far.
+pub(crate) fn plan(
+    conn: &mut Conn,
+    server: ServerInfo,
+    mut tables: Vec<WatchedLog>,
+    triggers: &[ExistingTrigger],
+    earlier: &[String],
+) -> Result<Vec<String>, BackendError> {
+    let mode = mode(conn, server);
+    let mut catalog = MySqlCatalog::new(conn);
+    let fks = catalog.foreign_keys()?;
+    tables.sort_by(|a, b| a.table.cmp(&b.table));
+    let now = now_expr(server);
+    let mut all: Vec<CascadeCapture> = Vec::new();
+    for t in &tables {
+        all.extend(captures(&t.view(), &fks, now)?);
+    }
+    let mut plan = Vec::new();
+
+    // Pending tables: the log table's exact shape (`CREATE TABLE ... LIKE`), made
+    // again whenever the log table changes. Between statements they hold only rows
+    // of parent rows an IGNORE statement skipped, which are garbage.
+    for t in &tables {
+        let pend = pend_table_name(&t.table);
+        let needed = mode == CascadeMode::Staged && all.iter().any(|c| c.watched == t.table);
+        let exists = catalog.table_exists(&pend)?;
+        if !needed {
+            if exists {
+                plan.push(format!("DROP TABLE {}", quote(&pend)));
+            }
+            continue;
+        }
+        let log_q = quote(&t.log_table);
+        let log_changes = earlier.iter().any(|s| {
+            s.starts_with(&format!("ALTER TABLE {log_q}"))
+                || s.starts_with(&format!("CREATE TABLE {log_q}"))
+        });
+        let same_shape = exists && !log_changes && {
+            let a = catalog.columns_of(&pend)?;
+            let b = catalog.columns_of(&t.log_table)?;
+            a.len() == b.len()
+                && a.iter()
+                    .zip(&b)
+                    .all(|(x, y)| x.name == y.name && x.same_type(y))
+        };
+        if !same_shape {
+            if exists {
+                plan.push(format!("DROP TABLE {}", quote(&pend)));
+            }
+            plan.push(format!("CREATE TABLE {} LIKE {log_q}", quote(&pend)));
+        }
+    }
+
+    let mut parents: Vec<(String, ParentEvent)> =
+        all.iter().map(|c| (c.parent.clone(), c.event)).collect();
+    parents.sort_by(|a, b| (a.0.as_str(), a.1.sql()).cmp(&(b.0.as_str(), b.1.sql())));
+    parents.dedup();
+    let mut wanted_names: Vec<String> = Vec::new();
+    for (parent, event) in &parents {
+        let parent_table = catalog.catalog_table(parent)?;
+        let mine: Vec<&CascadeCapture> = all
+            .iter()
+            .filter(|c| c.parent == *parent && c.event == *event)
+            .collect();
+        let mut bodies = vec![(
+            Timing::Before,
+            mine.iter()
+                .map(|c| c.before(mode, &pend_table_name(&c.watched)))
+                .collect::<Vec<_>>(),
+        )];
+        if mode == CascadeMode::Staged {
+            let key = catalog.unique_row_key(&parent_table.name)?;
+            bodies.push((
+                Timing::After,
+                mine.iter()
+                    .map(|c| c.after(&pend_table_name(&c.watched), key.as_deref()))
+                    .collect(),
+            ));
+        }
+        for (timing, statements) in bodies {
+            let name = trigger_name(parent, *event, timing);
+            wanted_names.push(name.clone());
+            if !server.multiple_triggers() {
+                if let Some(t) = triggers.iter().find(|t| {
+                    t.table == *parent
+                        && t.event == event.sql()
+                        && t.timing == timing.sql()
+                        && t.name != name
+                }) {
+                    return Err(BackendError::Invalid(format!(
+                        "table {parent} already has a {} {} trigger ({}) and this server allows only one \
+                         per table and event, so the foreign-key cascades into watched tables cannot be captured; \
+                         merge it by hand or upgrade to MySQL 5.7.2+/MariaDB 10.2.3+",
+                        timing.sql(),
+                        event.sql(),
+                        t.name
+                    )));
+                }
+            }
+            let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
+            let body = body(&refs);
+            let current = triggers.iter().any(|t| {
+                t.name == name
+                    && t.table == *parent
+                    && t.event == event.sql()
+                    && t.timing == timing.sql()
+                    && t.body == body
+            });
+            if current {
+                continue;
+            }
+            // As for the tables' own triggers: no write to the parent between the
+            // DROP and the CREATE.
+            plan.push(format!("LOCK TABLES {} WRITE", quote(&parent_table.name)));
+            plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&name)));
+            plan.push(format!(
+                "CREATE TRIGGER {} {} {} ON {} FOR EACH ROW {body}",
+                quote(&name),
+                timing.sql(),
+                event.sql(),
+                quote(parent)
+            ));
+            plan.push("UNLOCK TABLES".to_owned());
+        }
+    }
+    // Cascade triggers no watched table needs any more (a foreign key dropped, the
+    // mode changed).
+    for t in triggers {
+        if is_cascade_trigger(t) && !wanted_names.contains(&t.name) {
+            plan.push(format!("DROP TRIGGER IF EXISTS {}", quote(&t.name)));
+        }
+    }
+    Ok(plan)
 }
 
 #[cfg(test)]

@@ -6,42 +6,45 @@
 //! `failed_at` is a `timestamptz` for people reading the table; it converts exactly to
 //! and from the SDK's microseconds since the Unix epoch.
 
+use epidemic_plugin_sdk::backend::kit::{DeadLetterRow, DEAD_LETTER_COLUMNS};
 use epidemic_plugin_sdk::backend::{DeadLetter, DeadLetterQuery, DeadLetterUpdate};
-use epidemic_plugin_sdk::Op;
 use postgres::{Client, Row};
 
 use crate::error::{not_installed, PgError};
 use crate::ident::{quote_ident, Ident};
-use crate::install::{schema_state, SchemaState};
+use crate::registry::{schema_state, SchemaState};
 
 /// SQL for a `timestamptz` from microseconds since the epoch in parameter `$n`.
 fn from_us(n: usize) -> String {
     format!("('epoch'::timestamptz + ${n}::int8 * interval '1 microsecond')")
 }
 
-const LETTER_COLUMNS: &str =
-    "id, daemon, handler, source_table, change_id, op, change, error, attempts, \
-     (extract(epoch FROM failed_at) * 1000000)::int8, retry_requested";
-
-/// A stored dead letter's operation; the column is only ever written from an `Op`.
-fn op_from(code: &str) -> Op {
-    Op::from_code(code).unwrap_or(Op::Update)
+/// The select list for [`DeadLetterRow`]: its columns in order, `failed_at` as
+/// microseconds since the epoch.
+fn letter_columns() -> String {
+    DEAD_LETTER_COLUMNS
+        .map(|c| match c {
+            "failed_at" => "(extract(epoch FROM failed_at) * 1000000)::int8".to_owned(),
+            c => c.to_owned(),
+        })
+        .join(", ")
 }
 
 fn letter(r: &Row) -> Result<DeadLetter, postgres::Error> {
-    Ok(DeadLetter {
+    Ok(DeadLetterRow {
         id: r.try_get(0)?,
         daemon: r.try_get(1)?,
         handler: r.try_get(2)?,
         table: r.try_get(3)?,
         change_id: r.try_get(4)?,
-        op: op_from(r.try_get(5)?),
+        op: r.try_get(5)?,
         change: r.try_get(6)?,
         error: r.try_get(7)?,
-        attempts: u32::try_from(r.try_get::<_, i32>(8)?).unwrap_or(0),
+        attempts: i64::from(r.try_get::<_, i32>(8)?),
         failed_at_us: r.try_get(9)?,
         retry_requested: r.try_get(10)?,
-    })
+    }
+    .into())
 }
 
 /// `attempts` for the `integer` column.
@@ -97,7 +100,7 @@ impl PgDeadLetters<'_> {
         if schema_state(client, self.schema)? != SchemaState::Ours {
             return Ok(Vec::new());
         }
-        let base = format!("SELECT {LETTER_COLUMNS} FROM {}", self.table());
+        let base = format!("SELECT {} FROM {}", letter_columns(), self.table());
         let context = "read dead letters";
         let rows = match query {
             DeadLetterQuery::All => client.query(&format!("{base} ORDER BY id"), &[]),

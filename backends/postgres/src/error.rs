@@ -1,4 +1,5 @@
-//! The backend's error type and how it maps onto the SDK's [`BackendError`] kinds.
+//! The backend's error type, how driver errors become one line, and how each maps onto
+//! the SDK's [`BackendError`] kinds (the host branches on the kind, never on the text).
 
 use epidemic_plugin_sdk::backend::BackendError;
 
@@ -35,15 +36,12 @@ pub enum PgError {
     NothingInstalled(String),
     #[error("a consumer must read at least one table")]
     NoTables,
-    #[error("consumer {0} is not registered")]
-    NotRegistered(String),
-    #[error("consumer {0} was evicted (unseen longer than consumer_ttl) and may have missed changes; it must register again")]
-    Evicted(String),
-    #[error("bench works only on {expected}, not {table}")]
-    NotScratch {
-        expected: &'static str,
-        table: String,
-    },
+    #[error("table {0} was installed by an older version of Epidemic (no key or stable ids in its registry); run `epidemic install`")]
+    Outdated(String),
+    /// A condition the SDK words for every backend (`kit::evicted`, `kit::no_key`...),
+    /// with its kind.
+    #[error("{0}")]
+    Backend(BackendError),
     #[error("consumer {consumer}: ack token {token:?} is not a batch token of this backend")]
     BadToken { consumer: String, token: String },
     #[error("consumer {consumer}: ack for batch {token} but the batch in progress is another one (is a second daemon running with the same name?)")]
@@ -76,6 +74,12 @@ pub enum PgError {
     },
 }
 
+impl From<BackendError> for PgError {
+    fn from(e: BackendError) -> Self {
+        PgError::Backend(e)
+    }
+}
+
 impl PgError {
     /// Wrap a driver error with what we were doing.
     pub fn sql(context: impl Into<String>) -> impl FnOnce(postgres::Error) -> PgError {
@@ -86,6 +90,9 @@ impl PgError {
 
 impl From<PgError> for BackendError {
     fn from(e: PgError) -> Self {
+        if let PgError::Backend(inner) = e {
+            return inner;
+        }
         let message = e.to_string();
         match &e {
             PgError::Sql { source, .. } if is_connection_error(source) => {
@@ -100,8 +107,9 @@ impl From<PgError> for BackendError {
             | PgError::CursorRace(_)
             | PgError::UnknownLog(_)
             | PgError::ForeignCluster { .. }
-            | PgError::StaleToken { .. } => BackendError::Other(message),
-            PgError::NotRegistered(_) | PgError::Evicted(_) => BackendError::Evicted(message),
+            | PgError::StaleToken { .. }
+            // Returned as it is above.
+            | PgError::Backend(_) => BackendError::Other(message),
             PgError::InvalidIdentifier(_)
             | PgError::InvalidOption(_)
             | PgError::InvalidUrl { .. }
@@ -113,7 +121,7 @@ impl From<PgError> for BackendError {
             | PgError::ForeignSchema(_)
             | PgError::NotInstalled(_)
             | PgError::NothingInstalled(_)
-            | PgError::NotScratch { .. }
+            | PgError::Outdated(_)
             | PgError::OwnTable { .. }
             | PgError::NoTables
             | PgError::BadToken { .. } => BackendError::Invalid(message),

@@ -1,11 +1,47 @@
-//! The backend's options (the config's `[database]` table minus `url`) and URL handling.
+//! The backend's options (the config's `[database]` table minus `url`) and the URL:
+//! parsing it with Epidemic's defaults ([`PgUrl`]) and keeping passwords out of messages
+//! ([`redact_url`]).
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::PgError;
+use crate::error::{self, PgError};
 use crate::ident::Ident;
+
+/// Connecting gives up after this long unless the URL sets `connect_timeout`, so that a
+/// reconnect attempt during an outage does not hang the host.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where to connect: the URL parsed, with Epidemic's defaults for what it leaves out.
+#[derive(Debug, Clone)]
+pub struct PgUrl {
+    pub config: postgres::Config,
+    /// For messages: the URL with its password replaced.
+    pub redacted: String,
+}
+
+impl PgUrl {
+    /// Parse a `postgres://` URL or a libpq key-value string. Unless the URL says
+    /// otherwise, connecting times out after ten seconds and the session is named
+    /// `epidemic` (in `pg_stat_activity`).
+    pub fn parse(url: &str) -> Result<PgUrl, PgError> {
+        let redacted = redact_url(url);
+        let mut config: postgres::Config =
+            url.parse()
+                .map_err(|e: postgres::Error| PgError::InvalidUrl {
+                    url: redacted.clone(),
+                    reason: error::describe(&e),
+                })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("epidemic");
+        }
+        Ok(PgUrl { config, redacted })
+    }
+}
 
 /// The longest schema name we accept: the triggers on each watched table are named
 /// `<schema>_capture_insert|update|delete`, which must stay within PostgreSQL's 63-byte
@@ -21,7 +57,7 @@ struct RawOptions {
     fallback_poll_ms: Option<u64>,
 }
 
-/// When the capture triggers send their `NOTIFY` wake-up; see [`crate::listener`] for the
+/// When the capture triggers send their `NOTIFY` wake-up; see [`crate::wake`] for the
 /// trade-off. The option takes effect on the triggers at `install`; the reading side is
 /// the same for `Always` and `WhenIdle`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +90,7 @@ impl NotifyMode {
     }
 
     /// The default for `fallback_poll_ms`. With `WhenIdle` it bounds how late a wake-up
-    /// that lost the race described in [`crate::listener`] can be, so it is short.
+    /// that lost the race described in [`crate::wake`] can be, so it is short.
     fn default_fallback_poll_ms(self) -> u64 {
         match self {
             NotifyMode::Always => 10_000,

@@ -1,5 +1,8 @@
 //! What `epidemic status` shows for PostgreSQL: per consumer its cursor, backlog and dead
-//! letters; per watched table its log, its capture triggers and any schema drift.
+//! letters; per watched table its log, its capture triggers and any schema drift,
+//! including a key column that is gone, and what would let a stable id repeat (a log
+//! table dropped or re-created by hand, the id sequence set back) until install repairs
+//! it.
 //!
 //! # Backlog
 //!
@@ -17,11 +20,13 @@ use epidemic_plugin_sdk::ops::drift;
 use epidemic_plugin_sdk::Op;
 use postgres::Client;
 
+use crate::capture::{find_triggers, Event};
+use crate::catalog::inspect_table;
 use crate::error::PgError;
 use crate::ident::{quote_ident, Ident, TableName};
-use crate::install::{
-    check_cluster, find_triggers, inspect_table, load_registry, partition_leaves, schema_state,
-    ClusterCheck, Event, SchemaState,
+use crate::partition::partition_leaves;
+use crate::registry::{
+    check_cluster, check_logs, load_registry, schema_state, ClusterCheck, SchemaState,
 };
 
 /// The status report of one Epidemic schema; empty before install.
@@ -59,8 +64,34 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
         ));
     }
 
+    let logs = check_logs(client, schema, &registry)?;
+    if let Some(used) = logs.sequence_behind {
+        status.warnings.push(format!(
+            "the change id sequence {schema}.change_id is behind id {used}, which a log already used \
+             (restarted or set back by hand, or an older dump restored?): new changes get ids, and \
+             stable ids, that were handed out before; run `epidemic install`, which moves the sequence \
+             past them and gives every log a new identity"
+        ));
+    }
+
     for (name, reg) in &registry {
         let mut problems = Vec::new();
+        let log_missing = logs.missing.contains(name);
+        if log_missing {
+            problems.push(format!(
+                "log table {schema}.{} of {name} is missing (dropped by hand?): every write to {name} \
+                 fails; run `epidemic install`, which creates it again",
+                reg.log_table
+            ));
+        }
+        if logs.recreated.contains(name) {
+            problems.push(format!(
+                "log table {schema}.{} of {name} is not the one Epidemic created (re-created by hand or \
+                 restored from a dump?): stable ids may repeat ones handed out before; run \
+                 `epidemic install`, which gives the log a new identity",
+                reg.log_table
+            ));
+        }
         let table = match inspect_table(client, name) {
             Ok(t) => Some(t),
             Err(PgError::MissingTable(_)) => {
@@ -125,22 +156,36 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
         }
         if let Some(t) = &table {
             for c in &reg.columns {
-                if !t.columns.contains_key(c.name.as_str()) {
-                    problems.push(drift::column_gone(
+                if t.columns.contains_key(c.name.as_str()) {
+                    continue;
+                }
+                problems.push(if reg.key_columns.contains(&c.name) {
+                    format!(
+                        "key column {} of table {name} no longer exists (dropped or renamed): changes \
+                         cannot name their row; restore the column or name another key \
+                         ([table.{name}] key = [...]), then run `epidemic install`",
+                        c.name
+                    )
+                } else {
+                    drift::column_gone(
                         c.name.as_str(),
                         name,
                         "handlers that need it cannot get it",
-                    ));
-                }
+                    )
+                });
             }
         }
-        let log_rows: i64 = client
-            .query_one(
-                &format!("SELECT count(*) FROM {}", q(reg.log_table.as_str())),
-                &[],
-            )
-            .map_err(PgError::sql(format!("count the log of {name}")))?
-            .get(0);
+        let log_rows: i64 = if log_missing {
+            0
+        } else {
+            client
+                .query_one(
+                    &format!("SELECT count(*) FROM {}", q(reg.log_table.as_str())),
+                    &[],
+                )
+                .map_err(PgError::sql(format!("count the log of {name}")))?
+                .get(0)
+        };
         status.tables.push(TableStatus {
             table: name.to_string(),
             log_table: format!("{schema}.{}", reg.log_table),
@@ -189,7 +234,8 @@ pub(crate) fn status(client: &mut Client, schema: &Ident) -> Result<Status, PgEr
             else {
                 continue;
             };
-            if seen.contains(&name) {
+            // A log dropped by hand is reported above and holds nothing.
+            if seen.contains(&name) || logs.missing.contains(name) {
                 continue;
             }
             seen.push(name);

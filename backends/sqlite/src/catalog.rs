@@ -12,7 +12,7 @@
 //! implicit rowid is no identity a handler can rely on (`VACUUM` may renumber rowids that
 //! no `INTEGER PRIMARY KEY` aliases), so such a table needs `[table.NAME] key = [..]`.
 
-use epidemic_plugin_sdk::backend::{kit, BackendError, Watch};
+use epidemic_plugin_sdk::backend::{kit, BackendError, ColumnType, Watch};
 use epidemic_plugin_sdk::ident;
 use rusqlite::{Connection, OptionalExtension};
 
@@ -50,6 +50,43 @@ pub(crate) fn table_columns(conn: &Connection, table: &str) -> Result<Vec<String
         .collect::<Result<Vec<String>, _>>()
         .map_err(sql_err)?;
     Ok(cols)
+}
+
+/// The declared types of a table's columns, by name, as SQLite's type affinity reads
+/// them (the rules of "Determination Of Column Affinity": INT, then CHAR/CLOB/TEXT, then
+/// BLOB or none, then REAL/FLOA/DOUB, else NUMERIC). A NUMERIC column may hold integers,
+/// reals or text, so it is `Other`: no filter type check applies to it.
+pub(crate) fn column_types(
+    conn: &Connection,
+    table: &str,
+) -> Result<Vec<(String, ColumnType)>, BackendError> {
+    let mut stmt = conn
+        .prepare("SELECT name, upper(type) FROM pragma_table_info(?1) ORDER BY cid")
+        .map_err(sql_err)?;
+    let cols = stmt
+        .query_map([table], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(sql_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql_err)?;
+    Ok(cols
+        .into_iter()
+        .map(|(name, t)| {
+            let kind = if t.contains("INT") {
+                ColumnType::Int
+            } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+                ColumnType::Text
+            } else if t.contains("BLOB") || t.is_empty() {
+                ColumnType::Bytes
+            } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
+                ColumnType::Float
+            } else {
+                ColumnType::Other
+            };
+            (name, kind)
+        })
+        .collect())
 }
 
 /// The table's primary key columns in key order; empty for a rowid table without a
@@ -118,16 +155,27 @@ pub(crate) fn resolve(conn: &Connection, w: &Watch) -> Result<Watch, BackendErro
         return Ok(w.clone());
     };
     let existing = table_columns(conn, &table)?;
-    let columns = w
+    let columns: Vec<String> = w
         .columns
         .iter()
         .map(|c| spelled(&existing, c).unwrap_or(c).clone())
         .collect();
     let key = key(conn, &table, &existing, &w.key)?;
+    let declared = column_types(conn, &table)?;
+    let types = columns
+        .iter()
+        .map(|c: &String| {
+            declared
+                .iter()
+                .find(|(n, _)| n == c)
+                .map_or(ColumnType::Missing, |(_, t)| *t)
+        })
+        .collect();
     Ok(Watch {
         table,
         columns,
         key,
+        types,
     })
 }
 
@@ -140,6 +188,7 @@ mod tests {
             table: table.into(),
             columns: vec!["V".into()],
             key: key.iter().map(|c| c.to_string()).collect(),
+            ..Watch::default()
         }
     }
 

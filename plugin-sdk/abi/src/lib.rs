@@ -255,6 +255,9 @@ pub struct RWatch {
     pub columns: RVec<RString>,
     /// Key columns named in the config; empty: the table's primary key.
     pub key: RVec<RString>,
+    /// The type of each of `columns` (`int`, `float`, `text`, …), as `resolve` found
+    /// them; empty when unknown.
+    pub types: RVec<RString>,
 }
 
 #[repr(C)]
@@ -328,8 +331,10 @@ pub trait RawBackend: Send {
     /// `ChunkRequest` as JSON in.
     fn snapshot_chunk(&mut self, request_json: RStr<'_>) -> RResult<RChunk, RError>;
     /// `BackfillRequest` in, `BackfillReply` out, as JSON.
-    #[sabi(last_prefix_field)]
     fn backfills(&mut self, request_json: RStr<'_>) -> RResult<RString, RError>;
+    /// `BarrierRequest` in, `BarrierReply` out, as JSON.
+    #[sabi(last_prefix_field)]
+    fn barrier(&mut self, request_json: RStr<'_>) -> RResult<RString, RError>;
 }
 
 pub type BackendBox = RawBackend_TO<'static, RBox<()>>;

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::backfill::{
     BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Chunk, ChunkRequest,
 };
+pub use crate::barrier::{BarrierReply, BarrierRequest, Laggard};
 use crate::change::Change;
 pub use crate::ops::{
     ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseHolder, LeaseRequest,
@@ -78,6 +79,58 @@ pub struct Watch {
     /// The key columns: given by the config (`[table.NAME] key = [..]`), or empty for
     /// "the table's primary key", which [`Backend::resolve`] fills in.
     pub key: Vec<String>,
+    /// The type of each of `columns`, as [`Backend::resolve`] found them in the catalog
+    /// (one per column, in order; [`ColumnType::Missing`] for a column the table lacks),
+    /// so the host can check a handler's row filter at start; empty when the backend does
+    /// not say.
+    pub types: Vec<ColumnType>,
+}
+
+/// What kind of values a column holds, coarsely: what a row filter can compare it with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    Int,
+    Float,
+    /// An exact decimal (delivered as text).
+    Decimal,
+    Text,
+    Bytes,
+    Bool,
+    /// Dates, times, JSON, arrays, …: delivered as text.
+    #[default]
+    Other,
+    /// The table has no such column.
+    Missing,
+}
+
+impl ColumnType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColumnType::Int => "int",
+            ColumnType::Float => "float",
+            ColumnType::Decimal => "decimal",
+            ColumnType::Text => "text",
+            ColumnType::Bytes => "bytes",
+            ColumnType::Bool => "bool",
+            ColumnType::Other => "other",
+            ColumnType::Missing => "missing",
+        }
+    }
+
+    /// The type for a name `as_str` gives; `Other` for any other name (a newer backend).
+    pub fn parse(name: &str) -> ColumnType {
+        match name {
+            "int" => ColumnType::Int,
+            "float" => ColumnType::Float,
+            "decimal" => ColumnType::Decimal,
+            "text" => ColumnType::Text,
+            "bytes" => ColumnType::Bytes,
+            "bool" => ColumnType::Bool,
+            "missing" => ColumnType::Missing,
+            _ => ColumnType::Other,
+        }
+    }
 }
 
 impl Watch {
@@ -89,6 +142,7 @@ impl Watch {
             table: table.into(),
             columns: columns.into_iter().map(Into::into).collect(),
             key: Vec::new(),
+            types: Vec::new(),
         }
     }
 
@@ -302,6 +356,11 @@ pub trait Backend: Send + 'static {
     /// Store and read backfill requests and progress (see [`BackfillRequest`]).
     fn backfills(&mut self, _request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
         Err(unsupported(Self::NAME, "backfills"))
+    }
+
+    /// Fences and laggards for `epidemic wait` (see [`crate::barrier`]).
+    fn barrier(&mut self, _request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        Err(unsupported(Self::NAME, "epidemic wait"))
     }
 }
 

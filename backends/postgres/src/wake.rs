@@ -1,5 +1,6 @@
-//! [`PgListener`]: wake-ups from the capture triggers' `NOTIFY`, and telling writers
-//! when a wake-up is wanted.
+//! Wake-ups: [`PgListener`] waits for the capture triggers' `NOTIFY` and tells writers
+//! when a wake-up is wanted; [`fallback_poll`] is how often a reader reads the log
+//! anyway.
 //!
 //! A notification is only a hint: the data stays in the log tables, every trigger sends
 //! the same constant payload on one channel (the schema's name), and PostgreSQL folds
@@ -84,11 +85,34 @@ use postgres::Client;
 
 use crate::error::PgError;
 use crate::ident::{quote_ident, Ident};
-use crate::options::NotifyMode;
+use crate::options::{NotifyMode, PgOptions};
+
+/// The fallback poll interval, unless configured, on a server that allows prepared
+/// transactions: `when-idle`'s default.
+const TWO_PHASE_FALLBACK_POLL: Duration = Duration::from_millis(250);
+
+/// How long after a read the reader reads again without a wake-up. With prepared
+/// transactions enabled the capture triggers do not notify (see [`crate::capture`]), so
+/// the fallback poll is how changes are found: unless configured, make it as short as
+/// with `when-idle`.
+pub(crate) fn fallback_poll(client: &mut Client, options: &PgOptions) -> Duration {
+    let two_phase = client
+        .query_one(
+            "SELECT current_setting('max_prepared_transactions')::int4 > 0",
+            &[],
+        )
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false);
+    if two_phase && !options.fallback_poll_configured {
+        options.fallback_poll.min(TWO_PHASE_FALLBACK_POLL)
+    } else {
+        options.fallback_poll
+    }
+}
 
 /// How long a registration as waiting counts, from when it was written: how long writers
 /// keep notifying for nothing after a waiting reader went away. The capture functions'
-/// `interval '10 seconds'` (see [`crate::install`]) is this.
+/// `interval '10 seconds'` (see [`crate::capture`]) is this.
 pub(crate) const SLEEPER_TTL: Duration = Duration::from_secs(10);
 
 /// How often a waiting reader writes its registration again, well within
