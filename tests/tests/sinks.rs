@@ -1,5 +1,5 @@
-//! The sinks (issue 15) end to end: the real `epidemic` binary, the SQLite backend and
-//! the real `libepidemic_webhook.so` / `libepidemic_nats.so`, against a real HTTP receiver
+//! The sinks (issue 15) end to end: the real `epidemic` binary, the SQLite backend (and
+//! PostgreSQL for the NATS scenario) and the real `libepidemic_webhook.so` / `libepidemic_nats.so`, against a real HTTP receiver
 //! this test runs (tiny_http on a loopback port) and a real `nats-server` with JetStream
 //! (the harness's `nats.rs`), with writers in this process standing in for the
 //! application and SIGKILLs of the daemon.
@@ -30,6 +30,9 @@ const SCHEMA: &str = "CREATE TABLE items (id INTEGER PRIMARY KEY, version INTEGE
 
 /// [`SCHEMA`] on PostgreSQL.
 const PG_SCHEMA: &str = "CREATE TABLE items (id BIGINT PRIMARY KEY, version BIGINT NOT NULL);";
+
+/// Commits `(id, version)` changes in one transaction.
+type WriteFn = dyn FnMut(&[(i64, i64)]) + Send;
 
 /// The database the application writes to.
 #[derive(Debug, Clone)]
@@ -64,7 +67,7 @@ impl Db {
 
     /// Run `(id, version)` changes in one transaction on a connection of the test's own:
     /// version 0 inserts the row, any other updates it.
-    fn writer(&self) -> Box<dyn FnMut(&[(i64, i64)]) + Send> {
+    fn writer(&self) -> Box<WriteFn> {
         match self {
             Db::Sqlite(path) => {
                 let mut conn = sqlite::connect(path);
