@@ -11,6 +11,8 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_apt+=(m
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 # The NATS sink's tests start their own nats-server with JetStream (Debian starts none).
 [ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
+# The TLS tests of the sinks make a throwaway CA with the openssl tool.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # libfaketime runs a daemon with its clock a day ahead (the clock-skew scenario).
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need_apt+=(faketime)
 # promtool checks and unit-tests the alert rules in docs/ (tests/monitoring.rs); the
