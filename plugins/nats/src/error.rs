@@ -19,6 +19,10 @@ pub enum NatsError {
     #[error("stream {stream}: {msg}")]
     Stream { stream: String, msg: String },
 
+    /// The change could not be turned into a message.
+    #[error("cannot encode the change: {0}")]
+    Encode(String),
+
     /// A publish got no positive acknowledgement.
     #[error("publish to {subject}: {source}")]
     Publish {
@@ -36,7 +40,7 @@ impl NatsError {
     pub fn is_permanent(&self) -> bool {
         use async_nats::jetstream::context::PublishErrorKind;
         match self {
-            NatsError::Parse(_) | NatsError::Config { .. } => true,
+            NatsError::Parse(_) | NatsError::Config { .. } | NatsError::Encode(_) => true,
             NatsError::Stream { .. } => false,
             NatsError::Publish { source, .. } => {
                 matches!(source.kind(), PublishErrorKind::MaxPayloadExceeded)

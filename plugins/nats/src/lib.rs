@@ -258,10 +258,8 @@ impl NatsHandler {
 
     async fn publish(&self, change: &Change) -> Result<PublishAckFuture, NatsError> {
         let subject = &self.subjects[op_index(change.op)];
-        let payload = serde_json::to_vec(&change.to_json()).map_err(|e| NatsError::Config {
-            key: "columns",
-            msg: format!("cannot encode the change: {e}"),
-        })?;
+        let payload =
+            serde_json::to_vec(&change.to_json()).map_err(|e| NatsError::Encode(e.to_string()))?;
         self.js
             .send_publish(
                 subject.clone(),
