@@ -91,7 +91,7 @@ c.commit()
 EOF
 config noop "$work/base.db" 1 "plugin = \"recorder\"" > "$work/install.toml"
 echo 'file = "/dev/null"' >> "$work/install.toml"
-"$bin" --config "$work/install.toml" install >/dev/null
+RUST_LOG=warn "$bin" --config "$work/install.toml" install >/dev/null
 python3 - "$work/base.db" "$n" <<'EOF'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
