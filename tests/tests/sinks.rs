@@ -224,14 +224,16 @@ impl Setup {
 
 /// Writers standing in for the application: `writers` threads, each with its own
 /// connection and its own `rows` rows, each row inserted (version 0) and then updated to
-/// versions 1..`versions`, in transactions of `per_tx` statements. Returns the threads;
-/// the committed changes are every (id, version) of [`committed`].
+/// versions 1..`versions`, in transactions of `per_tx` statements, `pause` between
+/// transactions (pacing the load so that it lasts through a scenario's events). Returns
+/// the threads; the committed changes are every (id, version) of [`committed`].
 fn write_concurrently(
     db: &Db,
     writers: i64,
     rows: i64,
     versions: i64,
     per_tx: usize,
+    pause: Duration,
 ) -> Vec<JoinHandle<()>> {
     (0..writers)
         .map(|w| {
@@ -246,6 +248,7 @@ fn write_concurrently(
                 }
                 for chunk in statements.chunks(per_tx) {
                     write(chunk);
+                    std::thread::sleep(pause);
                 }
             })
         })
@@ -491,7 +494,7 @@ fn webhook_delivers_every_change_through_failures_an_outage_and_sigkills() {
         "read_timeout_ms = 300",
     );
     let mut daemon = s.start();
-    let writers = write_concurrently(&s.db, WRITERS, ROWS, VERSIONS, 5);
+    let writers = write_concurrently(&s.db, WRITERS, ROWS, VERSIONS, 5, Duration::ZERO);
 
     // First SIGKILL: mid-stream, restarted at once.
     assert!(
@@ -728,7 +731,11 @@ fn nats_exactly_once(backend: Backend, rows: i64, versions: i64) {
     let s = nats_setup_on(backend, &nats, "");
     let mut daemon = s.start();
     let started = Instant::now();
-    let writers = write_concurrently(&s.db, WRITERS, rows, versions, 10);
+    // Writes spread over about 6 s, so that the daemon is publishing fresh changes when
+    // the broker goes down (a drained daemon would not notice the outage).
+    const PER_TX: i64 = 10;
+    let pause = Duration::from_secs(6) / (rows * versions / PER_TX) as u32;
+    let writers = write_concurrently(&s.db, WRITERS, rows, versions, PER_TX as usize, pause);
     let count = |nats: &NatsServer| nats.stream_count("EPIDEMIC");
 
     for (i, kill_at) in [at(15), at(45), at(75)].into_iter().enumerate() {
