@@ -9,6 +9,10 @@ need_apt=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+# The NATS sink's tests start their own nats-server with JetStream (Debian starts none).
+[ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
+# The TLS tests of the sinks make a throwaway CA with the openssl tool.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # libfaketime runs a daemon with its clock a day ahead (the clock-skew scenario).
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need_apt+=(faketime)
 # promtool checks and unit-tests the alert rules in docs/ (tests/monitoring.rs); the
@@ -23,6 +27,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     # Debian starts the packaged servers; the tests start their own, so stop these.
     service mariadb stop >/dev/null 2>&1 || true
     service postgresql stop >/dev/null 2>&1 || true
+    service nats-server stop >/dev/null 2>&1 || true
 fi
 if [ "$need_promtool" = yes ]; then
     echo "==> installing prometheus (for promtool)"

@@ -243,8 +243,10 @@ pub fn recorder_handler(
 pub mod db;
 pub mod maildirs;
 pub mod mysql;
+pub mod nats;
 pub mod oot;
 pub mod pg;
 pub mod reader;
 pub mod rng;
 pub mod sqlite;
+pub mod tls;
