@@ -88,6 +88,8 @@ fn the_debian_package_installs_runs_the_quickstart_and_is_removed() {
         "/usr/lib/epidemic/libepidemic_backend_mysql.so",
         "/usr/lib/epidemic/libepidemic_maildir.so",
         "/usr/lib/epidemic/libepidemic_exec.so",
+        "/usr/lib/epidemic/libepidemic_webhook.so",
+        "/usr/lib/epidemic/libepidemic_nats.so",
         "/lib/systemd/system/epidemic.service",
         "/etc/epidemic/epidemic.toml",
         "/usr/share/man/man1/epidemic.1.gz",

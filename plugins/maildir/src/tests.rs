@@ -367,7 +367,10 @@ fn a_replayed_quota_update_then_rename_converges_after_a_restart() {
     f.send(quota).unwrap();
     f.send(rename).unwrap();
     assert_eq!(f.maildirs(), ["example.com/ann".to_owned()].into());
-    assert!(f.path("example.com/ann/new/1.mail").exists(), "the mail stays");
+    assert!(
+        f.path("example.com/ann/new/1.mail").exists(),
+        "the mail stays"
+    );
 }
 
 #[test]
