@@ -6,7 +6,10 @@
 //! came after a live change newer than it.
 //!
 //! Sizes: `EPIDEMIC_BACKFILL_ROWS` (default 6000) existing rows, `EPIDEMIC_BACKFILL_WRITERS`
-//! (default 4) writers, chunks of `EPIDEMIC_BACKFILL_CHUNK` (default 200) rows.
+//! (default 4) writers, each pausing `EPIDEMIC_BACKFILL_PAUSE_MS` (default 10) between
+//! statements, chunks of `EPIDEMIC_BACKFILL_CHUNK` (default 200) rows. (A chunk's rows go
+//! to the handler when the consumer reaches the chunk's watermark: a consumer that cannot
+//! keep up with the writers makes its backfill wait, as it makes everything else wait.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -137,6 +140,7 @@ impl<D: SqlDb + 'static> Scenario<D> {
         let db = Arc::clone(&self.db);
         let version = Arc::clone(&self.version);
         let span = self.rows + 500;
+        let pause = Duration::from_millis(env_or("EPIDEMIC_BACKFILL_PAUSE_MS", 10));
         std::thread::spawn(move || {
             let mut rng = Rng::new(seed);
             while !stop.load(Ordering::Relaxed) {
@@ -164,7 +168,7 @@ impl<D: SqlDb + 'static> Scenario<D> {
                 };
                 // A duplicate key or a deadlock rolls back: the table stays the truth.
                 let _ = db.try_exec(&[stmt]);
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(pause);
             }
         })
     }
