@@ -33,7 +33,8 @@ fi
 if [ "$build" = yes ]; then
     echo "==> building (cargo build --profile $profile)"
     cargo build --profile "$profile" -p epidemic -p epidemic-backend-sqlite \
-        -p epidemic-backend-postgres -p epidemic-backend-mysql -p epidemic-maildir -p epidemic-exec
+        -p epidemic-backend-postgres -p epidemic-backend-mysql -p epidemic-maildir -p epidemic-exec \
+        -p epidemic-webhook -p epidemic-nats
 fi
 # Man pages and completions come from the binary's own command-line definition.
 rm -rf "$out/package-assets"
