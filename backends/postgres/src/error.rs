@@ -64,6 +64,11 @@ pub enum PgError {
         reason: String,
         connection: bool,
     },
+    /// A TLS handshake the server or our certificate check refused, or certificate
+    /// files that cannot be used: retrying does not help until the configuration or the
+    /// server's certificate changes.
+    #[error("cannot connect to {url}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("{0}")]
     ConnectionLost(String),
     #[error("{context}: {}", describe(.source))]
@@ -113,6 +118,7 @@ impl From<PgError> for BackendError {
             PgError::InvalidIdentifier(_)
             | PgError::InvalidOption(_)
             | PgError::InvalidUrl { .. }
+            | PgError::Tls { .. }
             | PgError::MissingTable(_)
             | PgError::NotATable(_)
             | PgError::MissingColumn { .. }
