@@ -11,7 +11,9 @@
 //! `ssl-ca` *and* the public web roots it ships (webpki-roots); `verify_identity` also
 //! checks the host name. A refused handshake, a certificate that does not check out or a
 //! server without TLS under `required` is a configuration error, one line naming the URL
-//! (password hidden): retrying cannot fix it. `preferred` falls back to a plain
+//! (password hidden): retrying cannot fix it. From `required` on, the driver's move of a
+//! connection to a local server onto its Unix socket (`prefer_socket`) is off, since a
+//! socket has no TLS. `preferred` falls back to a plain
 //! connection when the server offers no TLS or the handshake fails, as the `mysql`
 //! client does for a server without TLS.
 //!
@@ -95,7 +97,11 @@ enum Failure {
     /// TLS could not be agreed on (none offered, handshake refused, certificate not
     /// accepted): configuration, unless a plain attempt follows.
     NoTls(String),
-    Driver(mysql::Error),
+    /// The driver's error; `plain`: the attempt had no TLS.
+    Driver {
+        error: mysql::Error,
+        plain: bool,
+    },
     Other(BackendError),
 }
 
@@ -108,16 +114,30 @@ impl Failure {
                 target.tls.mode.as_str()
             )),
             Failure::Other(e) => e,
-            Failure::Driver(e) => {
+            Failure::Driver { error: e, plain } => {
                 // Wrong credentials or database name will not heal by retrying: say so
                 // at once. So do servers that refuse a plain connection
                 // (`require_secure_transport`: 3159 on MySQL, 1045 with a message on
                 // MariaDB).
-                let config_error =
-                    server_code(&e).is_some_and(|c| matches!(c, 1044 | 1045 | 1049 | 3159));
+                let code = server_code(&e);
+                let config_error = code.is_some_and(|c| matches!(c, 1044 | 1045 | 1049 | 3159));
+                // MariaDB hides why it refused a plain connection under
+                // `require_secure_transport`: it says "Access denied".
+                let hint = if plain && code == Some(1045) {
+                    format!(
+                        "; the connection was not encrypted (ssl-mode={}), and a server that requires \
+                         secure transport refuses a plain connection this way",
+                        target.tls.mode.as_str()
+                    )
+                } else {
+                    String::new()
+                };
                 match sql_err(e) {
                     BackendError::Connection(m) | BackendError::Other(m) if config_error => {
-                        BackendError::Invalid(format!("cannot connect to {}: {m}", target.shown))
+                        BackendError::Invalid(format!(
+                            "cannot connect to {}: {m}{hint}",
+                            target.shown
+                        ))
                     }
                     BackendError::Connection(m) | BackendError::Other(m) => {
                         BackendError::Connection(format!("cannot connect to {}: {m}", target.shown))
@@ -169,6 +189,11 @@ fn connect_once(
             opts = opts.read_timeout(Some(limit));
         }
     }
+    if attempt == (Attempt::Tls { fallback: false }) {
+        // The driver moves a connection to a local server over to its Unix socket
+        // (`prefer_socket`), which never has TLS: not when the URL asks for TLS.
+        opts = opts.prefer_socket(false);
+    }
     if let Attempt::Tls { fallback } = attempt {
         // The driver builds its TLS configuration with rustls' process-wide default
         // provider, which rustls cannot choose by itself if another crate of the build
@@ -193,7 +218,10 @@ fn connect_once(
     })?;
     connected.map_err(|e| match tls_refusal(&e) {
         Some(reason) if attempt != Attempt::Plain => Failure::NoTls(reason),
-        _ => Failure::Driver(e),
+        _ => Failure::Driver {
+            error: e,
+            plain: attempt == Attempt::Plain,
+        },
     })
 }
 
@@ -249,13 +277,20 @@ fn tls_refusal(e: &mysql::Error) -> Option<String> {
             Some("the server does not accept TLS connections".into())
         }
         mysql::Error::TlsError(t) => Some(format!("TLS: {t}")),
-        // rustls reports a refused handshake as an io::Error carrying its error.
-        mysql::Error::IoError(io) => io
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .map(|r| format!("TLS handshake failed: {}", describe_rustls(r))),
+        // rustls reports a refused handshake as an io::Error carrying its error, which
+        // the driver passes on as such or inside its packet codec's error.
+        mysql::Error::IoError(io) => handshake_refusal(io),
+        mysql::Error::CodecError(codec) => std::error::Error::source(codec)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .and_then(handshake_refusal),
         _ => None,
     }
+}
+
+fn handshake_refusal(io: &std::io::Error) -> Option<String> {
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map(|r| format!("TLS handshake failed: {}", describe_rustls(r)))
 }
 
 /// A rustls error in words an operator can act on.
