@@ -11,10 +11,11 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use epidemic_plugin_sdk::backend::{Consumer, StartFrom, Watch};
 use epidemic_tests::mysql::MySqlServer;
 use epidemic_tests::pg::PgServer;
 use epidemic_tests::proxy::TcpProxy;
-use epidemic_tests::{recorded, recorder_handler, wait_until, Daemon};
+use epidemic_tests::{backend_path, recorded, recorder_handler, wait_until, Daemon};
 use mysql::prelude::Queryable;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -190,9 +191,10 @@ fn postgres_a_frozen_path_is_noticed_and_nothing_is_lost() {
 }
 
 /// With `notify = "always"` and a fallback poll far longer than the test, the reader
-/// sits in LISTEN with nothing owed: only its heartbeat can find the dead path.
+/// sits in LISTEN with nothing owed: the statements it sends while waiting (its
+/// registration as a waiting reader, its heartbeat) find the dead path.
 #[test]
-fn postgres_a_frozen_listen_connection_is_found_by_its_heartbeat() {
+fn postgres_a_frozen_connection_waiting_in_listen_is_noticed() {
     let (server, proxy, url) = pg_setup("dead_peer_listen");
     frozen_path_is_noticed_and_nothing_is_lost(
         &url,
@@ -200,6 +202,58 @@ fn postgres_a_frozen_listen_connection_is_found_by_its_heartbeat() {
         &proxy,
         &pg_insert(server, "dead_peer_listen"),
     );
+}
+
+/// A connection that only listens owes the server nothing, and without the `sleeper`
+/// table (a schema installed by an older version) it sends no registration either: only
+/// the heartbeat can find a dead path. On the backend alone, without the daemon (whose
+/// periodic checks would find it too).
+#[test]
+fn postgres_a_connection_that_only_listens_is_tested_by_its_heartbeat() {
+    let (server, proxy, url) = pg_setup("dead_peer_heartbeat");
+    let lib = epidemic_plugin_host::load(&backend_path("postgres")).expect("load the backend");
+    let options = serde_json::json!({
+        "notify": "always",
+        "fallback_poll_ms": 600_000,
+        "dead_peer_timeout_ms": DEAD_PEER.as_millis() as u64,
+    });
+    let mut backend = lib.open_backend(&url, &options).expect("open");
+    let watch = Watch {
+        table: "mail_users".into(),
+        columns: vec!["username".into()],
+        ..Default::default()
+    };
+    let resolved = backend.resolve(&[watch]).expect("resolve");
+    backend.install(&resolved).expect("install");
+    let consumer = Consumer {
+        daemon: "mx1".into(),
+        handler: "rec".into(),
+    };
+    backend
+        .register(&consumer, &["mail_users".into()], StartFrom::Now)
+        .expect("register");
+    server
+        .client("dead_peer_heartbeat")
+        .batch_execute("DROP TABLE epidemic.sleeper")
+        .expect("drop the sleeper table");
+    backend.fetch(&consumer, 10).expect("fetch");
+    // The first waits start listening and return at once; then a wait blocks.
+    assert!(
+        wait_until(WAIT, || !backend
+            .wait(Duration::from_millis(300))
+            .expect("wait")),
+        "the connection never settled into waiting"
+    );
+    proxy.freeze_established();
+    let frozen_at = Instant::now();
+    let result = backend.wait(WAIT);
+    let noticed = frozen_at.elapsed();
+    eprintln!("the listening connection failed {noticed:?} after the freeze: {result:?}");
+    assert!(
+        matches!(&result, Err(e) if e.is_connection()),
+        "a connection error, not {result:?}"
+    );
+    assert!(noticed < detection_bound(), "{noticed:?}");
 }
 
 // ---------------------------------------------------------------- MariaDB
