@@ -471,16 +471,12 @@ impl MakeTlsConnect<Socket> for PgConnector {
     type Error = TlsFailure;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<PgTlsConnect, TlsFailure> {
-        let tls = match &mut self.rustls {
-            Some(make) => Some(
-                match <MakeRustlsConnect as MakeTlsConnect<Socket>>::make_tls_connect(make, domain)
-                {
-                    Ok(c) => c,
-                    Err(never) => match never {},
-                },
-            ),
-            None => None,
-        };
+        let tls = self.rustls.as_mut().map(|make| {
+            match <MakeRustlsConnect as MakeTlsConnect<Socket>>::make_tls_connect(make, domain) {
+                Ok(c) => c,
+                Err(never) => match never {},
+            }
+        });
         Ok(PgTlsConnect {
             attempt: self.attempt,
             tls,
