@@ -82,12 +82,13 @@ fn delivers(s: &Setup, insert: impl FnOnce()) -> Daemon {
     d
 }
 
-/// `epidemic run` must exit by itself, non-zero, with one line naming the URL (without
-/// its password) and saying `expect`; the line is returned.
+/// `epidemic run` must exit by itself with status 78, with one line naming the URL
+/// (without its password) and saying `expect`; the line is returned.
 fn refused(s: &Setup, url_shown: &str, expect: &[&str]) -> String {
     let out = epidemic_within(&s.config, &["run"], WAIT).expect("epidemic run exits by itself");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{stderr}");
+    // A refusal is configuration: retrying cannot cure it (EX_CONFIG).
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(!stderr.contains(PASSWORD), "the password leaked:\n{stderr}");
     let lines: Vec<&str> = stderr
         .lines()

@@ -36,7 +36,7 @@ pub(crate) fn connect(url: &PgUrl, watch: &DeadPeerWatch) -> Result<Client, PgEr
                 // host backs off and reconnects.
                 let fall_back = match (attempt, &e) {
                     (Attempt::TlsIfOffered, PgError::Tls { .. }) => true,
-                    (Attempt::Plain, PgError::Connect { connection, .. }) => !connection,
+                    (Attempt::Plain, PgError::Refused { .. }) => true,
                     _ => false,
                 };
                 last = Some(e);
@@ -63,6 +63,10 @@ fn connect_once(url: &PgUrl, attempt: Attempt, watch: &DeadPeerWatch) -> Result<
                 url.tls.mode.as_str(),
                 url.tls.root_certs_shown()
             ),
+        },
+        None if refused_session(&e) => PgError::Refused {
+            url: url.redacted.clone(),
+            reason: describe(&e),
         },
         None => PgError::Connect {
             url: url.redacted.clone(),
@@ -91,6 +95,13 @@ fn connect_once(url: &PgUrl, attempt: Attempt, watch: &DeadPeerWatch) -> Result<
     };
     client.batch_execute(SESSION_SETTINGS).map_err(failed)?;
     Ok(client)
+}
+
+/// The server refused this session for a reason retrying cannot cure: authentication
+/// (SQLSTATE class 28) or a database that does not exist (3D000).
+fn refused_session(e: &postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("28") || c.code() == "3D000")
 }
 
 /// The connector's own failure, if that is what the driver's error carries.
