@@ -34,11 +34,11 @@ pub(crate) fn connect(url: &PgUrl, watch: &DeadPeerWatch) -> Result<Client, PgEr
                 // failed; `allow` tries TLS after a plain connection the server refused
                 // (pg_hba.conf's `hostssl`). Network failures are not retried here: the
                 // host backs off and reconnects.
-                let fall_back = match (attempt, &e) {
-                    (Attempt::TlsIfOffered, PgError::Tls { .. }) => true,
-                    (Attempt::Plain, PgError::Refused { .. }) => true,
-                    _ => false,
-                };
+                let fall_back = matches!(
+                    (attempt, &e),
+                    (Attempt::TlsIfOffered, PgError::Tls { .. })
+                        | (Attempt::Plain, PgError::Refused { .. })
+                );
                 last = Some(e);
                 if !fall_back || i + 1 == attempts.len() {
                     break;
