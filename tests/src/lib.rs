@@ -84,6 +84,27 @@ pub fn epidemic(config: &Path, args: &[&str]) -> Output {
         .expect("run epidemic")
 }
 
+/// Run `epidemic --config CONFIG ARGS...` to completion, but for at most `timeout`
+/// (then it is killed and `None` returned): for commands that must exit by themselves.
+pub fn epidemic_within(config: &Path, args: &[&str], timeout: Duration) -> Option<Output> {
+    let mut child = Command::new(epidemic_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run epidemic");
+    let exited = wait_until(timeout, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("wait for epidemic");
+    exited.then_some(out)
+}
+
 /// Run `epidemic ARGS...` (give `--config` yourself) with extra environment variables,
 /// in `cwd` when given.
 pub fn epidemic_with(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -240,12 +261,14 @@ pub fn recorder_handler(
         cols.join(", ")
     )
 }
+pub mod certs;
 pub mod db;
 pub mod maildirs;
 pub mod mysql;
 pub mod nats;
 pub mod oot;
 pub mod pg;
+pub mod proxy;
 pub mod reader;
 pub mod rng;
 pub mod sqlite;

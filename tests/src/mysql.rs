@@ -71,6 +71,9 @@ pub struct MySqlServer {
     child: Mutex<Option<Child>>,
     /// Extra `mariadbd` options, given on every (re)start.
     extra_args: Vec<String>,
+    /// TCP connections must use TLS ([`MySqlServer::start_new_tls`]); the harness's own
+    /// connections go through the Unix socket.
+    tls: bool,
 }
 
 impl MySqlServer {
@@ -89,6 +92,25 @@ impl MySqlServer {
     /// Like [`MySqlServer::start_new`], with extra `mariadbd` options (for example
     /// `--transaction-isolation=READ-UNCOMMITTED`) given on every start.
     pub fn start_new_with_args(extra_args: &[&str]) -> MySqlServer {
+        MySqlServer::start_configured(extra_args, false)
+    }
+
+    /// A server of its own that accepts TCP connections only over TLS
+    /// (`require_secure_transport = ON`) with `pki`'s server certificate, and checks
+    /// client certificates against its CA. The harness's own connections
+    /// ([`MySqlServer::conn`]) use the Unix socket, which MariaDB counts as secure.
+    pub fn start_new_tls(pki: &crate::certs::TestPki) -> MySqlServer {
+        let args = [
+            format!("--ssl-ca={}", pki.ca.display()),
+            format!("--ssl-cert={}", pki.server_cert.display()),
+            format!("--ssl-key={}", pki.server_key.display()),
+            "--require-secure-transport=ON".to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        MySqlServer::start_configured(&args, true)
+    }
+
+    fn start_configured(extra_args: &[&str], tls: bool) -> MySqlServer {
         install_exit_hook();
         let dir = tempfile::Builder::new()
             .prefix("epidemic-mariadb-")
@@ -123,6 +145,7 @@ impl MySqlServer {
             port: free_port(),
             child: Mutex::new(None),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            tls,
         };
         server.start();
         server
@@ -146,10 +169,21 @@ impl MySqlServer {
         format!("mysql://root@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// A connection as root to `db` (`""` for none).
+    /// A connection as root to `db` (`""` for none); through the Unix socket on a
+    /// TLS-only server.
     pub fn conn(&self, db: &str) -> mysql::Conn {
-        mysql::Conn::new(mysql::Opts::from_url(&self.url(db)).expect("url"))
-            .expect("connect to mariadb")
+        mysql::Conn::new(self.admin_opts(db)).expect("connect to mariadb")
+    }
+
+    fn admin_opts(&self, db: &str) -> mysql::Opts {
+        let opts = mysql::Opts::from_url(&self.url(db)).expect("url");
+        if !self.tls {
+            return opts;
+        }
+        mysql::OptsBuilder::from_opts(opts)
+            .socket(Some(self.dir.join("sock").display().to_string()))
+            .prefer_socket(true)
+            .into()
     }
 
     /// Create an empty database and return its URL.
@@ -198,7 +232,7 @@ impl MySqlServer {
             .unwrap_or_else(|e| e.into_inner())
             .push(child.id());
         *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
-        let opts = mysql::Opts::from_url(&self.url("")).expect("url");
+        let opts = self.admin_opts("");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if mysql::Conn::new(opts.clone()).is_ok() {

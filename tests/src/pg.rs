@@ -45,6 +45,9 @@ pub struct PgServer {
     private: bool,
     /// Extra `-c name=value` server settings, kept for restarts.
     settings: Vec<(String, String)>,
+    /// TCP connections must use TLS ([`PgServer::start_private_tls`]); the harness's own
+    /// connections go through the Unix socket.
+    tls: bool,
 }
 
 /// Directories of servers this process started and has not cleaned up yet.
@@ -176,7 +179,24 @@ impl PgServer {
         PgServer::start_new(true, settings)
     }
 
+    /// A private server that accepts TCP connections only over TLS (`ssl = on`, every
+    /// TCP line of `pg_hba.conf` a `hostssl`), with `pki`'s server certificate and its CA
+    /// for client certificates. The role [`TestPki::CLIENT_NAME`](crate::certs::TestPki)
+    /// must present its client certificate (`cert`); everyone else is trusted. The
+    /// harness's own connections ([`PgServer::client`]) use the Unix socket.
+    pub fn start_private_tls(pki: &crate::certs::TestPki) -> PgServer {
+        PgServer::start_configured(true, &[], Some(pki))
+    }
+
     fn start_new(private: bool, settings: &[(&str, &str)]) -> PgServer {
+        PgServer::start_configured(private, settings, None)
+    }
+
+    fn start_configured(
+        private: bool,
+        settings: &[(&str, &str)],
+        tls: Option<&crate::certs::TestPki>,
+    ) -> PgServer {
         for (name, value) in settings {
             assert!(
                 name.chars()
@@ -226,6 +246,9 @@ impl PgServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(pki) = tls {
+            configure_tls(&dir, pki);
+        }
         // A free port can be taken by someone else before the server binds it: retry.
         let mut last_error = String::new();
         for _ in 0..5 {
@@ -238,6 +261,7 @@ impl PgServer {
                     .iter()
                     .map(|(n, v)| (n.to_string(), v.to_string()))
                     .collect(),
+                tls: tls.is_some(),
             };
             match server.try_start() {
                 Ok(()) => return server,
@@ -321,10 +345,19 @@ impl PgServer {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// A new connection to `db`.
+    /// A new connection to `db` (through the Unix socket on a TLS-only server).
     pub fn client(&self, db: &str) -> postgres::Client {
-        postgres::Client::connect(&self.url(db), postgres::NoTls)
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url(db)))
+        let url = if self.tls {
+            format!(
+                "host={} port={} user=postgres dbname={db}",
+                self.dir.display(),
+                self.port
+            )
+        } else {
+            self.url(db)
+        };
+        postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
     }
 
     /// Create an empty database (dropping a leftover of the same name); returns its URL.
@@ -357,6 +390,38 @@ impl Drop for PgServer {
             live.retain(|d| d != &self.dir);
         }
     }
+}
+
+/// Give a freshly initialised data directory TLS: the certificate files (readable by
+/// the server only), `ssl = on`, and a `pg_hba.conf` whose TCP lines all need TLS.
+fn configure_tls(dir: &Path, pki: &crate::certs::TestPki) {
+    use std::os::unix::fs::PermissionsExt;
+    let data = dir.join("data");
+    for (from, name) in [
+        (&pki.server_cert, "server.crt"),
+        (&pki.server_key, "server.key"),
+        (&pki.ca, "root.crt"),
+    ] {
+        let to = data.join(name);
+        std::fs::copy(from, &to).expect("copy a certificate file");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod a certificate file");
+        chown_to_postgres(&to);
+    }
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .expect("open postgresql.conf");
+    std::io::Write::write_all(
+        &mut conf,
+        b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n",
+    )
+    .expect("write postgresql.conf");
+    let hba = format!(
+        "local all all trust\nhostssl all {} 127.0.0.1/32 cert\nhostssl all all 127.0.0.1/32 trust\n",
+        crate::certs::TestPki::CLIENT_NAME
+    );
+    std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
 }
 
 /// Poll interval for [`wait_for_server`].

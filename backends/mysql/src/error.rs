@@ -42,7 +42,9 @@ pub(crate) const ER_BAD_FIELD_ERROR: u16 = 1054;
 /// Map a driver error to the SDK's error kinds.
 pub(crate) fn sql_err(e: mysql::Error) -> BackendError {
     match &e {
-        mysql::Error::IoError(_) | mysql::Error::CodecError(_) => {
+        // Once connected, a TLS error is the connection's (a corrupted record, a
+        // closed session); refusals while connecting are told apart in `conn.rs`.
+        mysql::Error::IoError(_) | mysql::Error::CodecError(_) | mysql::Error::TlsError(_) => {
             BackendError::Connection(format!("mysql connection lost: {e}"))
         }
         mysql::Error::DriverError(d) => match d {

@@ -32,7 +32,9 @@
 //! Options (`[database]`, all optional; `options.rs`): `poll_interval_ms` (50),
 //! `gap_detection` (`"auto"`, `"innodb_trx"` or `"timeout"`), `gap_timeout_ms` (60000),
 //! `gap_check_ms` (250), `max_gap_ranges` (10000), `prune_chunk` (10000),
-//! `connect_timeout_ms` (10000), `allow_galera` (false).
+//! `connect_timeout_ms` (10000), `allow_galera` (false), `dead_peer_timeout_ms` (30000).
+//! TLS is in the URL (`ssl-mode`, `ssl-ca`, `ssl-cert`, `ssl-key`), and every connection
+//! has the dead-peer limits (`conn.rs`).
 //!
 //! The backend never changes the user's tables, their data or the server's settings,
 //! and it keeps nothing in memory that matters: cursors, gaps and dead letters live in
@@ -125,7 +127,7 @@ impl Backend for MySqlBackend {
     fn open(url: &str, options: &serde_json::Value) -> Result<Self, BackendError> {
         let options = MySqlOptions::parse(options)?;
         let target = Target::parse(url)?;
-        let mut conn = conn::connect(&target, options.connect_timeout())?;
+        let mut conn = conn::connect(&target, &options)?;
         let server = ServerInfo::query(&mut conn)?;
         let galera = conn::check_server(&mut conn, &options)?;
         let (method, fallback) = gap_judge::choose_method(&mut conn, &options)?;
@@ -172,9 +174,10 @@ impl Backend for MySqlBackend {
 
     fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
         let server = self.server;
-        let result = install::apply(&mut self.conn, |c| {
-            install::plan_install(c, server, watches)
-        });
+        // DDL waits for metadata locks behind the application's transactions: on a
+        // connection without the dead-peer read timeout (`conn.rs`).
+        let mut patient = conn::connect_patient(&self.target, &self.options)?;
+        let result = install::apply(&mut patient, |c| install::plan_install(c, server, watches));
         self.consumers.clear();
         result
     }
@@ -184,7 +187,8 @@ impl Backend for MySqlBackend {
     }
 
     fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
-        let result = install::apply(&mut self.conn, install::plan_uninstall);
+        let mut patient = conn::connect_patient(&self.target, &self.options)?;
+        let result = install::apply(&mut patient, install::plan_uninstall);
         self.consumers.clear();
         result
     }
@@ -264,7 +268,7 @@ impl Backend for MySqlBackend {
     }
 
     fn reconnect(&mut self) -> Result<(), BackendError> {
-        let mut conn = conn::connect(&self.target, self.options.connect_timeout())?;
+        let mut conn = conn::connect(&self.target, &self.options)?;
         self.server = ServerInfo::query(&mut conn)?;
         // The address may now reach another server (a failover behind one name).
         conn::check_server(&mut conn, &self.options)?;

@@ -1,7 +1,14 @@
 //! The `[database]` options of the MySQL backend and the `mysql://` / `mariadb://` URL:
 //! everything the operator configures, checked before a connection is opened, so a typo
 //! is one line naming the key instead of a surprise later.
+//!
+//! TLS is set in the URL with the MySQL client's names, as sqlx spells them:
+//! `ssl-mode` (`disabled`, `preferred` — the default, as in the `mysql` client —,
+//! `required`, `verify_ca`, `verify_identity`; any case), `ssl-ca` (a PEM file of CA
+//! certificates), `ssl-cert` and `ssl-key` (a client certificate and its key). See
+//! [`MySqlTls`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::backend::BackendError;
@@ -41,6 +48,9 @@ pub(crate) struct MySqlOptions {
     pub connect_timeout_ms: u64,
     /// Run on a Galera node although its gaps are judged by this node alone.
     pub allow_galera: bool,
+    /// How long the server may leave a statement unanswered before the connection is
+    /// taken for dead; also drives TCP keepalives and `TCP_USER_TIMEOUT`. 0: off.
+    pub dead_peer_timeout_ms: u64,
 }
 
 impl Default for MySqlOptions {
@@ -54,6 +64,7 @@ impl Default for MySqlOptions {
             prune_chunk: 10_000,
             connect_timeout_ms: 10_000,
             allow_galera: false,
+            dead_peer_timeout_ms: 30_000,
         }
     }
 }
@@ -61,8 +72,20 @@ impl Default for MySqlOptions {
 impl MySqlOptions {
     /// The options from the `[database]` table minus `url`, as the host passes them.
     pub fn parse(options: &serde_json::Value) -> Result<MySqlOptions, BackendError> {
-        serde_json::from_value(options.clone())
-            .map_err(|e| BackendError::Invalid(format!("[database] options for mysql: {e}")))
+        let options: MySqlOptions = serde_json::from_value(options.clone())
+            .map_err(|e| BackendError::Invalid(format!("[database] options for mysql: {e}")))?;
+        if (1..1000).contains(&options.dead_peer_timeout_ms) {
+            return Err(BackendError::Invalid(format!(
+                "[database] options for mysql: dead_peer_timeout_ms must be 0 (off) or at least 1000, not {}",
+                options.dead_peer_timeout_ms
+            )));
+        }
+        Ok(options)
+    }
+
+    /// `None` when switched off.
+    pub fn dead_peer_timeout(&self) -> Option<Duration> {
+        (self.dead_peer_timeout_ms > 0).then(|| Duration::from_millis(self.dead_peer_timeout_ms))
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -70,11 +93,119 @@ impl MySqlOptions {
     }
 }
 
-/// A parsed `mysql://` (or `mariadb://`) URL: the driver's options and the URL as it
-/// may be shown (password hidden).
+/// The URL's `ssl-mode` (the MySQL client's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    Disabled,
+    /// TLS when the server offers it, certificate not checked; plain otherwise, or when
+    /// the handshake fails.
+    Preferred,
+    /// TLS or nothing; the certificate is checked against `ssl-ca` only if one is given.
+    Required,
+    /// TLS, the certificate signed by a CA in `ssl-ca`; the host name is not checked.
+    VerifyCa,
+    /// TLS, the certificate signed by a CA in `ssl-ca` and valid for the URL's host.
+    VerifyIdentity,
+}
+
+impl SslMode {
+    fn parse(value: &str) -> Result<SslMode, String> {
+        Ok(match value.to_ascii_lowercase().as_str() {
+            "disabled" => SslMode::Disabled,
+            "preferred" => SslMode::Preferred,
+            "required" => SslMode::Required,
+            "verify_ca" => SslMode::VerifyCa,
+            "verify_identity" => SslMode::VerifyIdentity,
+            _ => {
+                return Err(format!(
+                    "ssl-mode must be disabled, preferred, required, verify_ca or verify_identity, not {value:?}"
+                ))
+            }
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disabled => "disabled",
+            SslMode::Preferred => "preferred",
+            SslMode::Required => "required",
+            SslMode::VerifyCa => "verify_ca",
+            SslMode::VerifyIdentity => "verify_identity",
+        }
+    }
+}
+
+/// The URL's TLS parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MySqlTls {
+    pub mode: SslMode,
+    /// `ssl-ca`: PEM file of the CA certificates the server's must chain to.
+    pub ca: Option<PathBuf>,
+    /// `ssl-cert` and `ssl-key`: the client certificate chain and its private key (PEM).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// The URL parameters this backend reads itself, taken out before the driver parses the
+/// rest.
+const OWN_PARAMS: [&str; 4] = ["ssl-mode", "ssl-ca", "ssl-cert", "ssl-key"];
+
+/// The driver's own TLS parameters, refused in favour of ours (one way to say it, and
+/// none that turns checks off behind the operator's back).
+const DRIVER_TLS_PARAMS: [(&str, &str); 8] = [
+    ("require_ssl", "ssl-mode=required"),
+    ("verify_ca", "ssl-mode=verify_ca"),
+    ("verify_identity", "ssl-mode=verify_identity"),
+    ("root_cert_path", "ssl-ca"),
+    ("cert_chain_path", "ssl-cert"),
+    ("priv_key_path", "ssl-key"),
+    ("danger_accept_invalid_certs", "ssl-mode=required"),
+    ("danger_skip_domain_validation", "ssl-mode=verify_ca"),
+];
+
+impl MySqlTls {
+    fn from_params(params: &[(String, String)]) -> Result<MySqlTls, String> {
+        let mut mode = None;
+        let (mut ca, mut cert, mut key) = (None, None, None);
+        for (k, v) in params {
+            match k.as_str() {
+                "ssl-mode" => mode = Some(SslMode::parse(v)?),
+                "ssl-ca" => ca = Some(PathBuf::from(v)),
+                "ssl-cert" => cert = Some(PathBuf::from(v)),
+                "ssl-key" => key = Some(PathBuf::from(v)),
+                _ => {}
+            }
+        }
+        // As in the mysql client: a CA given without a mode means verify_ca.
+        let mode = match (mode, &ca) {
+            (Some(m), _) => m,
+            (None, Some(_)) => SslMode::VerifyCa,
+            (None, None) => SslMode::Preferred,
+        };
+        if matches!(mode, SslMode::VerifyCa | SslMode::VerifyIdentity) && ca.is_none() {
+            return Err(format!(
+                "ssl-mode={} needs ssl-ca=FILE (the CA certificates, PEM)",
+                mode.as_str()
+            ));
+        }
+        let client_cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err("ssl-cert and ssl-key go together: give both, or neither".into()),
+        };
+        Ok(MySqlTls {
+            mode,
+            ca,
+            client_cert,
+        })
+    }
+}
+
+/// A parsed `mysql://` (or `mariadb://`) URL: the driver's options, the TLS parameters,
+/// and the URL as it may be shown (password hidden).
 #[derive(Clone)]
 pub(crate) struct Target {
     pub opts: Opts,
+    pub tls: MySqlTls,
     /// For messages: the URL with its password hidden.
     pub shown: String,
 }
@@ -92,6 +223,9 @@ impl Target {
                 "not a mysql URL: {shown} (expected mysql://USER:PASSWORD@HOST:PORT/DATABASE)"
             )));
         }
+        let bad = |e: String| BackendError::Invalid(format!("bad database URL {shown}: {e}"));
+        let (driver_url, own) = split_params(&driver_url).map_err(bad)?;
+        let tls = MySqlTls::from_params(&own).map_err(bad)?;
         // The driver's URL errors never contain the password, but say which URL anyway.
         let opts = Opts::from_url(&driver_url)
             .map_err(|e| BackendError::Invalid(format!("bad database URL {shown}: {e}")))?;
@@ -100,8 +234,54 @@ impl Target {
                 "database URL {shown} names no database (mysql://USER@HOST/DATABASE)"
             )));
         }
-        Ok(Target { opts, shown })
+        Ok(Target { opts, tls, shown })
     }
+}
+
+/// Take [`OWN_PARAMS`] out of the URL's query; refuse the driver's TLS parameters.
+fn split_params(url: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let mut rest = Vec::new();
+    let mut own = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if let Some((_, ours)) = DRIVER_TLS_PARAMS.iter().find(|(theirs, _)| *theirs == k) {
+            return Err(format!("use {ours} instead of {k}"));
+        }
+        if OWN_PARAMS.contains(&k) {
+            own.push((k.to_owned(), percent_decode(v)?));
+        } else {
+            rest.push(pair);
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, own))
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
 }
 
 #[cfg(test)]
@@ -152,5 +332,48 @@ mod tests {
             .to_string();
         assert!(err.contains("bogus") && !err.contains("secret"), "{err}");
         assert!(Target::parse("mariadb://a:secret@h:3307/db").is_ok());
+    }
+
+    #[test]
+    fn tls_parameters_have_the_mysql_clients_names() {
+        let t = Target::parse("mysql://a:secret@h/db").unwrap();
+        assert_eq!(t.tls.mode, SslMode::Preferred);
+        let t = Target::parse(
+            "mysql://a:secret@h/db?ssl-mode=VERIFY_IDENTITY&ssl-ca=%2Fetc%2Fca.pem&ssl-cert=/c.pem&ssl-key=/k.pem&prefer_socket=false",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, SslMode::VerifyIdentity);
+        assert_eq!(t.tls.ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(
+            t.tls.client_cert,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        assert!(!t.opts.get_prefer_socket());
+        // A CA alone means verify_ca, as in the mysql client.
+        let t = Target::parse("mysql://a@h/db?ssl-ca=/ca.pem").unwrap();
+        assert_eq!(t.tls.mode, SslMode::VerifyCa);
+        for (url, expect) in [
+            (
+                "mysql://a:secret@h/db?ssl-mode=verify-full",
+                "ssl-mode must be",
+            ),
+            ("mysql://a:secret@h/db?ssl-mode=verify_ca", "needs ssl-ca"),
+            ("mysql://a:secret@h/db?ssl-cert=/c.pem", "ssl-key"),
+            (
+                "mysql://a:secret@h/db?root_cert_path=/ca.pem",
+                "use ssl-ca instead",
+            ),
+            (
+                "mysql://a:secret@h/db?danger_accept_invalid_certs=true",
+                "ssl-mode=required",
+            ),
+        ] {
+            let e = Target::parse(url).err().unwrap().to_string();
+            assert!(e.contains(expect) && !e.contains("secret"), "{url}: {e}");
+        }
+        let e = MySqlOptions::parse(&serde_json::json!({"dead_peer_timeout_ms": 5})).unwrap_err();
+        assert!(e.to_string().contains("dead_peer_timeout_ms"), "{e}");
+        let o = MySqlOptions::parse(&serde_json::json!({})).unwrap();
+        assert_eq!(o.dead_peer_timeout(), Some(Duration::from_secs(30)));
     }
 }

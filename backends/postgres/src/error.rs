@@ -91,6 +91,16 @@ pub enum PgError {
         reason: String,
         connection: bool,
     },
+    /// A TLS handshake the server or our certificate check refused, or certificate
+    /// files that cannot be used: retrying does not help until the configuration or the
+    /// server's certificate changes.
+    #[error("cannot connect to {url}: {reason}")]
+    Tls { url: String, reason: String },
+    /// The server refused the session: authentication (class 28: a wrong password, no
+    /// `pg_hba.conf` line, a client certificate missing) or a database that does not
+    /// exist. Configuration, as for MySQL's 1044/1045/1049.
+    #[error("cannot connect to {url}: {reason}")]
+    Refused { url: String, reason: String },
     #[error("{0}")]
     ConnectionLost(String),
     #[error("{context}: {}", describe(.source))]
@@ -141,6 +151,8 @@ impl From<PgError> for BackendError {
             PgError::InvalidIdentifier(_)
             | PgError::InvalidOption(_)
             | PgError::InvalidUrl { .. }
+            | PgError::Tls { .. }
+            | PgError::Refused { .. }
             | PgError::MissingTable(_)
             | PgError::NotATable(_)
             | PgError::MissingColumn { .. }

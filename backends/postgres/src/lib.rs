@@ -18,7 +18,8 @@
 //! one role per module, the same names as the other backends where the role is the same:
 //!
 //! - `options`: the `[database]` options and the URL; `conn`: connecting, session
-//!   settings; `error`: errors and their kinds; `ident`: validated names and quoting.
+//!   settings; `tls`: `sslmode` and the connector; `stream`: the dead-peer watch;
+//!   `error`: errors and their kinds; `ident`: validated names and quoting.
 //! - `catalog`: the user's tables, columns and keys, and `resolve`.
 //! - `install`: planning and applying install and uninstall; `registry`: Epidemic's
 //!   bookkeeping tables; `capture`: the log table, trigger function and triggers of one
@@ -34,9 +35,14 @@
 //! `Text`, every other type (including `numeric`, to keep its precision, `bool`,
 //! timestamps, `json`, arrays) is its PostgreSQL text form as `Text`; SQL NULL is `Null`.
 //!
+//! Connections: TLS as libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in the
+//! URL say (`tls`), every connection's stream watched for a peer that went silent
+//! (`stream`, with TCP keepalives and a heartbeat while waiting in `wake`), all driven by
+//! the `dead_peer_timeout_ms` option: a dead path becomes a connection error, on which the
+//! host reconnects and reads the log again.
+//!
 //! What this crate deliberately does not do: decide which changes a handler wants, retry,
-//! keep any state that matters outside the database (a killed daemon loses nothing),
-//! or speak TLS (the URL must allow a plain connection).
+//! or keep any state that matters outside the database (a killed daemon loses nothing).
 
 mod backfill;
 mod barrier;
@@ -57,6 +63,8 @@ mod registry;
 mod scratch;
 mod snapshot;
 mod status;
+mod stream;
+mod tls;
 mod wake;
 
 pub use error::PgError;
@@ -81,6 +89,7 @@ use crate::prune::PgPruner;
 use crate::reader::PgReader;
 use crate::scratch::PgScratch;
 use crate::snapshot::PgSnapshots;
+use crate::stream::DeadPeerWatch;
 use crate::wake::PgListener;
 
 /// One connection to the database, serving one thread of the host.
@@ -88,6 +97,8 @@ pub struct PgBackend {
     url: PgUrl,
     options: PgOptions,
     client: Client,
+    /// The dead-peer limit of this backend's connection, and its patient statements.
+    watch: DeadPeerWatch,
     listener: PgListener,
     reader: PgReader,
     snapshots: PgSnapshots,
@@ -109,7 +120,10 @@ impl PgBackend {
             schema: &self.options.schema,
             notify: self.options.notify,
         };
-        let statements = installer.apply(&mut self.client, what, plan)?;
+        // DDL may wait for locks behind the application's transactions: no dead-peer
+        // limit on its answers (see `stream`).
+        let client = &mut self.client;
+        let statements = self.watch.patient(|| installer.apply(client, what, plan))?;
         self.reader.reset();
         self.snapshots.reset();
         self.listener.schema_changed();
@@ -137,11 +151,18 @@ impl Backend for PgBackend {
 
     fn open(url: &str, options: &serde_json::Value) -> Result<Self, BackendError> {
         let options = PgOptions::from_json(options)?;
-        let url = PgUrl::parse(url)?;
-        let mut client = conn::connect(&url)?;
+        let url = PgUrl::parse(url, options.dead_peer_timeout)?;
+        let watch = DeadPeerWatch::new(options.dead_peer_timeout);
+        let mut client = conn::connect(&url, &watch)?;
         let poll = wake::fallback_poll(&mut client, &options);
         Ok(PgBackend {
-            listener: PgListener::new(options.schema.clone(), options.notify, poll),
+            listener: PgListener::new(
+                options.schema.clone(),
+                options.notify,
+                poll,
+                options.dead_peer_timeout,
+            ),
+            watch,
             reader: PgReader::new(options.schema.clone()),
             snapshots: PgSnapshots::new(options.schema.clone()),
             url,
@@ -222,11 +243,13 @@ impl Backend for PgBackend {
         let pruner = PgPruner {
             schema: &self.options.schema,
         };
-        Ok(pruner.prune(&mut self.client)?)
+        // One DELETE of a large backlog may run long: no dead-peer limit on its answer.
+        let client = &mut self.client;
+        Ok(self.watch.patient(|| pruner.prune(client))?)
     }
 
     fn reconnect(&mut self) -> Result<(), BackendError> {
-        let mut client = conn::connect(&self.url)?;
+        let mut client = conn::connect(&self.url, &self.watch)?;
         self.listener.reconnected(&mut client)?;
         self.client = client;
         self.reader.reset();

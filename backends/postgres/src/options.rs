@@ -2,16 +2,38 @@
 //! parsing it with Epidemic's defaults ([`PgUrl`]) and keeping passwords out of messages
 //! ([`redact_url`]).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::error::{self, PgError};
 use crate::ident::Ident;
+use crate::tls::{Attempt, PgTlsSettings, RootCerts, SslMode};
 
 /// Connecting gives up after this long unless the URL sets `connect_timeout`, so that a
 /// reconnect attempt during an outage does not hang the host.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The URL parameters Epidemic reads itself (libpq's TLS parameters, which the driver
+/// does not know or knows only in part), taken out before the driver parses the rest.
+const OWN_PARAMS: [&str; 5] = [
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslnegotiation",
+];
+
+/// URL parameters that tune TCP keepalives; when the URL sets one, `dead_peer_timeout_ms`
+/// leaves them all as the URL says.
+const KEEPALIVE_PARAMS: [&str; 5] = [
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "tcp_user_timeout",
+];
 
 /// Where to connect: the URL parsed, with Epidemic's defaults for what it leaves out.
 #[derive(Debug, Clone)]
@@ -19,16 +41,30 @@ pub struct PgUrl {
     pub config: postgres::Config,
     /// For messages: the URL with its password replaced.
     pub redacted: String,
+    pub tls: PgTlsSettings,
+    /// The connection goes to a host name over TCP, so it passes through
+    /// [`crate::tls::PgConnector`] (TLS and the dead-peer watch). A Unix socket (local:
+    /// no TLS, as in libpq, and no dead path) or a bare `hostaddr` does not.
+    pub through_connector: bool,
 }
 
 impl PgUrl {
     /// Parse a `postgres://` URL or a libpq key-value string. Unless the URL says
-    /// otherwise, connecting times out after ten seconds and the session is named
-    /// `epidemic` (in `pg_stat_activity`).
-    pub fn parse(url: &str) -> Result<PgUrl, PgError> {
+    /// otherwise, connecting times out after ten seconds, the session is named
+    /// `epidemic` (in `pg_stat_activity`), and TCP keepalives and `tcp_user_timeout` are
+    /// set from `dead_peer` (see [`keepalives_for`]).
+    pub fn parse(url: &str, dead_peer: Option<Duration>) -> Result<PgUrl, PgError> {
         let redacted = redact_url(url);
+        let invalid = |reason: String| PgError::InvalidUrl {
+            url: redacted.clone(),
+            reason,
+        };
+        let split = split_params(url).map_err(invalid)?;
+        let tls = tls_settings(&split.own).map_err(invalid)?;
         let mut config: postgres::Config =
-            url.parse()
+            split
+                .rest
+                .parse()
                 .map_err(|e: postgres::Error| PgError::InvalidUrl {
                     url: redacted.clone(),
                     reason: error::describe(&e),
@@ -39,8 +75,220 @@ impl PgUrl {
         if config.get_application_name().is_none() {
             config.application_name("epidemic");
         }
-        Ok(PgUrl { config, redacted })
+        let tuned = split
+            .keys
+            .iter()
+            .any(|k| KEEPALIVE_PARAMS.contains(&k.as_str()));
+        if let (Some(limit), false) = (dead_peer, tuned) {
+            let k = keepalives_for(limit);
+            config
+                .keepalives(true)
+                .keepalives_idle(k.idle)
+                .keepalives_interval(k.interval)
+                .keepalives_retries(k.retries)
+                .tcp_user_timeout(limit);
+        }
+        use postgres::config::Host;
+        let hosts = config.get_hosts();
+        let tcp = hosts.iter().filter(|h| matches!(h, Host::Tcp(_))).count();
+        if tcp > 0 && tcp < hosts.len() {
+            return Err(invalid(
+                "a host list that mixes TCP hosts and Unix sockets is not supported".into(),
+            ));
+        }
+        let through_connector = tcp > 0;
+        if !through_connector && tls.attempts() == [Attempt::Tls] && hosts.is_empty() {
+            return Err(invalid(format!(
+                "sslmode={} needs a host name (host=) to check the certificate against, not only hostaddr=",
+                tls.mode.as_str()
+            )));
+        }
+        Ok(PgUrl {
+            config,
+            redacted,
+            tls,
+            through_connector,
+        })
     }
+}
+
+/// TCP keepalive settings that find a silent path within `limit`: the first probe after
+/// a third of it without traffic, then three probes a ninth of it apart (whole seconds,
+/// at least one: the kernel counts in seconds).
+pub(crate) struct Keepalives {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub retries: u32,
+}
+
+pub(crate) fn keepalives_for(limit: Duration) -> Keepalives {
+    let secs = |d: Duration| Duration::from_secs(d.as_secs().max(1));
+    Keepalives {
+        idle: secs(limit / 3),
+        interval: secs(limit / 9),
+        retries: 3,
+    }
+}
+
+/// A URL split into Epidemic's own parameters and the rest, for the driver.
+struct SplitUrl {
+    rest: String,
+    own: Vec<(String, String)>,
+    /// Every parameter name the URL has.
+    keys: Vec<String>,
+}
+
+/// Take [`OWN_PARAMS`] out of a URL's query (`postgres://h/db?sslmode=verify-full`) or a
+/// key-value string (`host=h sslmode=verify-full`).
+fn split_params(url: &str) -> Result<SplitUrl, String> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, q),
+            None => (url, ""),
+        };
+        let mut rest = Vec::new();
+        let mut own = Vec::new();
+        let mut keys = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = percent_decode(k)?;
+            keys.push(key.clone());
+            if OWN_PARAMS.contains(&key.as_str()) {
+                own.push((key, percent_decode(v)?));
+            } else {
+                rest.push(pair);
+            }
+        }
+        let rest = if rest.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        return Ok(SplitUrl { rest, own, keys });
+    }
+    let mut rest = String::new();
+    let mut own = Vec::new();
+    let mut keys = Vec::new();
+    for (key, value, text) in key_values(url)? {
+        keys.push(key.clone());
+        if OWN_PARAMS.contains(&key.as_str()) {
+            own.push((key, value));
+        } else {
+            if !rest.is_empty() {
+                rest.push(' ');
+            }
+            rest.push_str(text);
+        }
+    }
+    Ok(SplitUrl { rest, own, keys })
+}
+
+/// The pairs of a libpq key-value string, each with its text as written.
+fn key_values(s: &str) -> Result<Vec<(String, String, &str)>, String> {
+    let mut out = Vec::new();
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    let skip_space = |i: &mut usize| {
+        while *i < bytes.len() && bytes[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_space(&mut i);
+        if i >= bytes.len() {
+            return Ok(out);
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = s[start..i].to_owned();
+        skip_space(&mut i);
+        if i >= bytes.len() || bytes[i] != b'=' {
+            return Err(format!("missing `=` after {key:?}"));
+        }
+        i += 1;
+        skip_space(&mut i);
+        let mut value = String::new();
+        if i < bytes.len() && bytes[i] == b'\'' {
+            i += 1;
+            loop {
+                match bytes.get(i) {
+                    None => return Err(format!("unterminated quoted value of {key:?}")),
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') if i + 1 < bytes.len() => {
+                        value.push(bytes[i + 1] as char);
+                        i += 2;
+                    }
+                    Some(_) => {
+                        let c = s[i..].chars().next().unwrap_or_default();
+                        value.push(c);
+                        i += c.len_utf8();
+                    }
+                }
+            }
+        } else {
+            let v_start = i;
+            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            value.push_str(&s[v_start..i]);
+        }
+        out.push((key, value, &s[start..i]));
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+/// `sslmode`, `sslrootcert`, `sslcert`, `sslkey` as given (the last of a repeated one
+/// wins, as in libpq).
+fn tls_settings(own: &[(String, String)]) -> Result<PgTlsSettings, String> {
+    let mut settings = PgTlsSettings::default();
+    let (mut cert, mut key) = (None, None);
+    for (k, v) in own {
+        match k.as_str() {
+            "sslmode" => settings.mode = SslMode::parse(v)?,
+            "sslrootcert" if v == "system" => settings.root_certs = Some(RootCerts::System),
+            "sslrootcert" => settings.root_certs = Some(RootCerts::File(v.into())),
+            "sslcert" => cert = Some(PathBuf::from(v)),
+            "sslkey" => key = Some(PathBuf::from(v)),
+            "sslnegotiation" if v == "postgres" => {}
+            "sslnegotiation" => {
+                return Err(format!(
+                    "sslnegotiation={v} is not supported (only the default, postgres)"
+                ))
+            }
+            _ => {}
+        }
+    }
+    settings.client_cert = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err("sslcert and sslkey go together: give both, or neither".into()),
+    };
+    settings.validate()?;
+    Ok(settings)
 }
 
 /// The longest schema name we accept: the triggers on each watched table are named
@@ -55,7 +303,11 @@ struct RawOptions {
     /// A mode name, or a boolean (the option's original form).
     notify: Option<serde_json::Value>,
     fallback_poll_ms: Option<u64>,
+    dead_peer_timeout_ms: Option<u64>,
 }
+
+/// `dead_peer_timeout_ms` unless configured.
+pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// When the capture triggers send their `NOTIFY` wake-up; see [`crate::wake`] for the
 /// trade-off. The option takes effect on the triggers at `install`; the reading side is
@@ -115,6 +367,10 @@ pub struct PgOptions {
     pub fallback_poll: Duration,
     /// Whether `fallback_poll_ms` was set, rather than defaulted.
     pub fallback_poll_configured: bool,
+    /// How long the server may leave a statement unanswered before the connection is
+    /// taken for dead (default 30 s); `None` when set to 0 (no watch, no keepalive
+    /// tuning, no heartbeat). See [`crate::stream`].
+    pub dead_peer_timeout: Option<Duration>,
 }
 
 impl PgOptions {
@@ -139,11 +395,22 @@ impl PgOptions {
                 "fallback_poll_ms must be at least 1".into(),
             ));
         }
+        let dead_peer_timeout = match raw.dead_peer_timeout_ms {
+            None => Some(DEFAULT_DEAD_PEER_TIMEOUT),
+            Some(0) => None,
+            Some(ms) if ms < 1000 => {
+                return Err(PgError::InvalidOption(format!(
+                    "dead_peer_timeout_ms must be 0 (off) or at least 1000, not {ms}"
+                )))
+            }
+            Some(ms) => Some(Duration::from_millis(ms)),
+        };
         Ok(PgOptions {
             schema,
             notify,
             fallback_poll: Duration::from_millis(fallback_ms),
             fallback_poll_configured: raw.fallback_poll_ms.is_some(),
+            dead_peer_timeout,
         })
     }
 }
@@ -226,6 +493,79 @@ mod tests {
         let e = PgOptions::from_json(&json!({"schema": "a; DROP SCHEMA public"})).unwrap_err();
         assert!(e.to_string().contains("a; DROP SCHEMA public"), "{e}");
         assert!(PgOptions::from_json(&json!({"fallback_poll_ms": 0})).is_err());
+    }
+
+    #[test]
+    fn tls_parameters_are_read_from_either_url_form() {
+        let u = PgUrl::parse(
+            "postgres://mx:pw@db.example:5433/mail?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap();
+        assert_eq!(u.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            u.tls.root_certs,
+            Some(RootCerts::File("/etc/ca.pem".into()))
+        );
+        assert_eq!(u.config.get_application_name(), Some("x"));
+        assert!(u.through_connector);
+        assert_eq!(u.config.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(
+            u.config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(30))
+        );
+        let u = PgUrl::parse(
+            "host=db.example user=mx sslmode=require sslcert='/etc/my cert.pem' sslkey=/k.pem dbname=mail",
+            None,
+        )
+        .unwrap();
+        assert_eq!(u.tls.mode, SslMode::Require);
+        assert_eq!(
+            u.tls.client_cert,
+            Some(("/etc/my cert.pem".into(), "/k.pem".into()))
+        );
+        assert_eq!(u.config.get_dbname(), Some("mail"));
+        assert_eq!(u.config.get_tcp_user_timeout(), None);
+        // Defaults: libpq's `prefer`; keepalives the URL sets are left alone.
+        let u = PgUrl::parse(
+            "postgres://db/mail?keepalives_idle=7",
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap();
+        assert_eq!(u.tls.mode, SslMode::Prefer);
+        assert_eq!(u.config.get_keepalives_idle(), Duration::from_secs(7));
+        // A Unix socket is neither TLS nor watched.
+        let u = PgUrl::parse("host=/run/postgresql dbname=mail", None).unwrap();
+        assert!(!u.through_connector);
+    }
+
+    #[test]
+    fn bad_tls_parameters_are_one_line_naming_the_url_without_its_password() {
+        for (url, expect) in [
+            (
+                "postgres://mx:pw@db/mail?sslmode=verify_full",
+                "verify-full",
+            ),
+            ("postgres://mx:pw@db/mail?sslmode=verify-ca", "sslrootcert"),
+            ("postgres://mx:pw@db/mail?sslcert=/c.pem", "sslkey"),
+            (
+                "postgres://mx:pw@db/mail?sslnegotiation=direct",
+                "sslnegotiation",
+            ),
+        ] {
+            let e = PgUrl::parse(url, None).unwrap_err().to_string();
+            assert!(
+                e.contains(expect) && e.contains("mx:***@db") && !e.contains("pw"),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = PgOptions::from_json(&json!({"dead_peer_timeout_ms": 10})).unwrap_err();
+        assert!(e.to_string().contains("dead_peer_timeout_ms"), "{e}");
+        let o = PgOptions::from_json(&json!({"dead_peer_timeout_ms": 0})).unwrap();
+        assert_eq!(o.dead_peer_timeout, None);
+        let o = PgOptions::from_json(&json!({})).unwrap();
+        assert_eq!(o.dead_peer_timeout, Some(Duration::from_secs(30)));
     }
 
     #[test]

@@ -76,6 +76,15 @@
 //! Notifications that pile up while the host works through a long backlog are dropped at
 //! the start of each fetch (see [`PgListener::read_started`]): that fetch reads
 //! everything they announced.
+//!
+//! # A dead connection while waiting
+//!
+//! A connection blocked in `LISTEN` sends nothing and owes nothing, so a path that died
+//! silently (an expired NAT entry) would look like a quiet database for ever. While it
+//! waits, the listener sends a heartbeat, `SELECT 1`, whenever the connection has sent
+//! nothing for a third of `dead_peer_timeout_ms`: a dead peer then leaves the heartbeat
+//! unanswered, the stream's watch ([`crate::stream`]) ends the connection, and `wait`
+//! returns a connection error, on which the host reconnects and reads the log.
 
 use std::time::{Duration, Instant};
 
@@ -144,11 +153,23 @@ pub(crate) struct PgListener {
     last_cleanup: Option<Instant>,
     /// The last fetch returned changes.
     busy: bool,
+    /// How long the connection may send nothing while waiting before a heartbeat;
+    /// `None`: no heartbeat (`dead_peer_timeout_ms = 0`).
+    heartbeat: Option<Duration>,
+    /// When this connection last sent a statement the listener knows of.
+    last_sent: Instant,
 }
 
 impl PgListener {
-    pub fn new(schema: Ident, mode: NotifyMode, fallback_poll: Duration) -> PgListener {
+    pub fn new(
+        schema: Ident,
+        mode: NotifyMode,
+        fallback_poll: Duration,
+        dead_peer_timeout: Option<Duration>,
+    ) -> PgListener {
         PgListener {
+            heartbeat: dead_peer_timeout.map(|t| t / 3),
+            last_sent: Instant::now(),
             schema,
             mode,
             fallback_poll,
@@ -190,6 +211,7 @@ impl PgListener {
         if !self.no_sleeper_table {
             let script = format!("{listen}; {}", self.registration(true));
             let written = Instant::now();
+            self.last_sent = written;
             match client.batch_execute(&script) {
                 Ok(()) => {
                     self.listening = true;
@@ -221,6 +243,7 @@ impl PgListener {
             .last_cleanup
             .is_none_or(|t| t.elapsed() >= CLEANUP_EVERY);
         let written = Instant::now();
+        self.last_sent = written;
         match client.batch_execute(&self.registration(cleanup)) {
             Ok(()) => {
                 self.registered = Some(written);
@@ -260,6 +283,7 @@ impl PgListener {
     /// A new connection replaced the old one: listen (and register) again if we were
     /// listening. The host reads the log after a reconnect, so registering now is enough.
     pub fn reconnected(&mut self, client: &mut Client) -> Result<(), PgError> {
+        self.last_sent = Instant::now();
         self.registered = None;
         self.no_sleeper_table = false;
         self.last_cleanup = None;
@@ -274,6 +298,7 @@ impl PgListener {
     /// already received announced: drop them, and restart the fallback poll interval.
     pub fn read_started(&mut self, client: &mut Client) {
         self.read_due = Instant::now() + self.fallback_poll;
+        self.last_sent = Instant::now();
         if self.listening {
             let mut pending = client.notifications();
             // Errors surface on the next statement; this is only housekeeping.
@@ -289,13 +314,16 @@ impl PgListener {
         self.busy = false;
         let end = Instant::now() + timeout;
         if self.mode == NotifyMode::Off {
-            let polled = self.read_due <= end;
-            std::thread::sleep(
-                self.read_due
-                    .min(end)
-                    .saturating_duration_since(Instant::now()),
-            );
-            return Ok(self.poll(polled));
+            loop {
+                let until = self.read_due.min(end);
+                let beat = self.heartbeat_due();
+                std::thread::sleep(until.min(beat).saturating_duration_since(Instant::now()));
+                let now = Instant::now();
+                if until <= now {
+                    return Ok(self.poll(self.read_due <= now));
+                }
+                self.send_heartbeat(client)?;
+            }
         }
         if !self.listening {
             self.listen(client)?;
@@ -318,7 +346,8 @@ impl PgListener {
                 .filter(|_| !self.no_sleeper_table);
             let until = refresh_due
                 .map_or(self.read_due, |r| r.min(self.read_due))
-                .min(end);
+                .min(end)
+                .min(self.heartbeat_due());
             if self.block(client, until.saturating_duration_since(Instant::now()))? {
                 return Ok(true);
             }
@@ -327,10 +356,30 @@ impl PgListener {
                 return Ok(self.poll(self.read_due <= now));
             }
             if refresh_due.is_some_and(|r| r <= now) {
-                // It never lapsed meanwhile, so no read is needed.
+                // It never lapsed meanwhile, so no read is needed. It is a statement
+                // too, so it stands for the heartbeat.
                 self.register(client)?;
+            } else if self.heartbeat_due() <= now {
+                self.send_heartbeat(client)?;
             }
         }
+    }
+
+    /// When the next heartbeat is due (far away without one).
+    fn heartbeat_due(&self) -> Instant {
+        match self.heartbeat {
+            Some(every) => self.last_sent + every,
+            None => Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    /// A statement the server must answer: on a dead path it goes unanswered and the
+    /// stream's watch turns that into a connection error (see the module docs).
+    fn send_heartbeat(&mut self, client: &mut Client) -> Result<(), PgError> {
+        self.last_sent = Instant::now();
+        client
+            .batch_execute("SELECT 1")
+            .map_err(PgError::sql("heartbeat while waiting for changes"))
     }
 
     /// `polled`: the fallback poll is due; tell the host to read, and count the next
