@@ -364,7 +364,13 @@ pub fn resolve_names(
 /// refusal names, or else the file.
 pub fn open(cfg: &Config, lib: &Library) -> Result<HostBackend> {
     open_raw(cfg, lib).map_err(|e| {
-        let place = format!("{} ({})", redact_url(&cfg.database.url), lib.name);
+        let url = redact_url(&cfg.database.url);
+        // A backend that already names the URL in its message is not made to say it twice.
+        let place = if e.to_string().contains(&url) {
+            format!("{} backend", lib.name)
+        } else {
+            format!("{url} ({})", lib.name)
+        };
         let context = match (&e, env_option(&e.to_string())) {
             (_, Some(var)) => format!("{var} (environment): {place}"),
             (BackendError::Invalid(_), None) => format!("{}: {place}", cfg.path.display()),
