@@ -39,6 +39,7 @@
 //! the database. This file is only the [`Backend`] glue; start reading at `reader.rs`
 //! for the reading rule, `install.rs` for the objects.
 
+mod backfill;
 mod capture;
 mod cascade;
 mod catalog;
@@ -55,6 +56,7 @@ mod prune;
 mod reader;
 mod registry;
 mod scratch;
+mod snapshot;
 mod status;
 mod truncation;
 mod wake;
@@ -63,8 +65,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use epidemic_plugin_sdk::backend::{
-    Backend, BackendError, Batch, Capabilities, Consumer, DeadLetter, DeadLetterQuery,
-    DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
+    Backend, BackendError, BackfillReply, BackfillRequest, Batch, Capabilities, Chunk,
+    ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest,
+    LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use epidemic_plugin_sdk::tracing;
 use mysql::Conn;
@@ -73,6 +76,7 @@ use conn::ServerInfo;
 use gap_judge::GapJudge;
 use options::{MySqlOptions, Target};
 use reader::{id_series, ConsumerCursors, MySqlPoller, ReadError};
+use snapshot::SnapshotPlan;
 
 pub use prune::prune_bound;
 
@@ -89,6 +93,8 @@ pub struct MySqlBackend {
     truncation_checked: Option<Instant>,
     /// What the reading rule cannot see on this server, with the remedy (for `status`).
     warnings: Vec<String>,
+    /// How each table is read for backfills, made again when its registry entry changes.
+    snapshots: HashMap<String, SnapshotPlan>,
 }
 
 impl MySqlBackend {
@@ -145,6 +151,7 @@ impl Backend for MySqlBackend {
             consumers: HashMap::new(),
             truncation_checked: None,
             warnings: galera.into_iter().chain(fallback).collect(),
+            snapshots: HashMap::new(),
         })
     }
 
@@ -174,6 +181,7 @@ impl Backend for MySqlBackend {
             install::plan_install(c, server, watches)
         });
         self.consumers.clear();
+        self.snapshots.clear();
         result
     }
 
@@ -184,6 +192,7 @@ impl Backend for MySqlBackend {
     fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
         let result = install::apply(&mut self.conn, install::plan_uninstall);
         self.consumers.clear();
+        self.snapshots.clear();
         result
     }
 
@@ -270,6 +279,7 @@ impl Backend for MySqlBackend {
         // Cursors are reloaded from the database: an ack that failed with the old
         // connection may or may not have been written.
         self.consumers.clear();
+        self.snapshots.clear();
         Ok(())
     }
 
@@ -333,7 +343,24 @@ impl Backend for MySqlBackend {
 
     fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {
         self.consumers.clear();
+        self.snapshots.clear();
         scratch::scratch(&mut self.conn, op)
+    }
+
+    /// The next rows by key, then the watermark (`snapshot.rs`).
+    fn snapshot_chunk(&mut self, request: &ChunkRequest) -> Result<Chunk, BackendError> {
+        let result =
+            snapshot::snapshot_chunk(&mut self.conn, self.server, &mut self.snapshots, request);
+        if result.is_err() {
+            // The catalog may have changed under the plan (a key column altered).
+            self.snapshots.remove(&request.table);
+        }
+        result
+    }
+
+    /// Requests and progress in `epidemic_backfill` (`backfill.rs`).
+    fn backfills(&mut self, request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
+        backfill::backfills(&mut self.conn, self.server, request)
     }
 }
 
