@@ -189,7 +189,7 @@ fn request_backfill(
     }
     // Every table first: a table that cannot be paged through refuses the whole request.
     for t in &wanted {
-        snapshot::check_table(conn, t)?;
+        snapshot::check_table(conn, server, t)?;
     }
     let now = epidemic_plugin_sdk::backend::kit::now_us();
     let rows: Vec<BackfillProgress> = wanted
@@ -216,8 +216,13 @@ fn request_backfill(
                 ),
                 (&consumer.daemon, &consumer.handler),
             )?;
-            if let Some(busy) = mine.into_iter().find(|r| r.3 != "done") {
-                return Err(Refusal::Busy(busy_message(consumer, busy)));
+            // A running one says the most (how far it is).
+            let busy = mine
+                .iter()
+                .position(|r| r.3 == "running")
+                .or_else(|| mine.iter().position(|r| r.3 != "done"));
+            if let Some(i) = busy {
+                return Err(Refusal::Busy(busy_message(consumer, mine[i].clone())));
             }
             for (p, progress) in rows.iter().zip(&encoded) {
                 // A done backfill of the same table is replaced.

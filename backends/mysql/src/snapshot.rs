@@ -27,9 +27,11 @@
 //! the statement as literals of the column's own kind, so the comparison is the one
 //! `ORDER BY` sorts by: integers and decimals as numbers (a decimal compared with a
 //! quoted string would be compared as a double), dates and times quoted (compared as
-//! temporal values), character columns as `CONVERT(X'<hex>' USING <charset>) COLLATE
-//! <collation>` (the column's own collation, never the connection's, and no quoting
-//! that `NO_BACKSLASH_ESCAPES` could change), binary strings as `X'<hex>'`.
+//! temporal values), character columns as `CONVERT(CONVERT(X'<hex>' USING utf8mb4)
+//! USING <charset>) COLLATE <collation>` (the UTF-8 bytes read as UTF-8, then converted
+//! into the column's character set and compared under its own collation, never the
+//! connection's; a hex literal has no quoting that `NO_BACKSLASH_ESCAPES` could change),
+//! binary strings as `X'<hex>'`.
 //!
 //! A table can be backfilled when its key names one row for certain and sorts the way it
 //! compares: every key column `NOT NULL` (a NULL compares as unknown, and the pages after
@@ -136,7 +138,8 @@ impl KeyKind {
     }
 
     /// `v` as an SQL literal of this kind, or `None` when it is not a value of it.
-    fn literal(&self, v: &Value) -> Option<String> {
+    /// `utf8` names the server's character set for UTF-8 text (see [`ServerInfo::utf8`]).
+    fn literal(&self, v: &Value, utf8: &str) -> Option<String> {
         let number = |s: &str, point: bool| {
             let digits = s.strip_prefix('-').unwrap_or(s);
             let mut parts = digits.splitn(2, '.');
@@ -157,8 +160,10 @@ impl KeyKind {
             {
                 Some(format!("'{s}'"))
             }
+            // `CONVERT(X'..' USING cs)` reads the bytes as `cs` as they are: read them as
+            // the UTF-8 they are first, then convert.
             (KeyKind::Text { charset, collation }, Value::Text(s)) => Some(format!(
-                "CONVERT(X'{}' USING {charset}) COLLATE {collation}",
+                "CONVERT(CONVERT(X'{}' USING {utf8}) USING {charset}) COLLATE {collation}",
                 hex(s.as_bytes())
             )),
             (KeyKind::Binary, Value::Bytes(b)) => Some(format!("X'{}'", hex(b))),
@@ -182,13 +187,19 @@ fn hex(bytes: &[u8]) -> String {
 pub(crate) struct SnapshotPlan {
     log: Arc<MySqlLogTable>,
     kinds: Vec<KeyKind>,
+    /// The server's character set for UTF-8 text.
+    utf8: &'static str,
     /// `SELECT <captured columns> FROM <table>`.
     select: String,
 }
 
 impl SnapshotPlan {
     /// The plan for `log`'s table, or why its key cannot page through it.
-    pub fn new(conn: &mut Conn, log: MySqlLogTable) -> Result<SnapshotPlan, BackendError> {
+    pub fn new(
+        conn: &mut Conn,
+        server: ServerInfo,
+        log: MySqlLogTable,
+    ) -> Result<SnapshotPlan, BackendError> {
         let table = log.source_table.clone();
         if log.key.is_empty() {
             return Err(BackendError::Invalid(format!(
@@ -242,6 +253,7 @@ impl SnapshotPlan {
         Ok(SnapshotPlan {
             log: Arc::new(log),
             kinds,
+            utf8: server.utf8(),
             select,
         })
     }
@@ -283,7 +295,7 @@ impl SnapshotPlan {
         }
         let mut literals = Vec::with_capacity(key.len());
         for ((k, kind), v) in key.iter().zip(&self.kinds).zip(after) {
-            literals.push(kind.literal(v).ok_or_else(|| {
+            literals.push(kind.literal(v, self.utf8).ok_or_else(|| {
                 BackendError::Invalid(format!(
                     "a backfill of table {} continues after {k} = {v:?}, which is not a value of that column",
                     self.log.source_table
@@ -313,12 +325,13 @@ impl SnapshotPlan {
 /// from, else made again.
 fn plan_for<'p>(
     conn: &mut Conn,
+    server: ServerInfo,
     plans: &'p mut HashMap<String, SnapshotPlan>,
     table: &str,
 ) -> Result<&'p SnapshotPlan, BackendError> {
     let log = watched(conn, table)?;
     if !plans.get(table).is_some_and(|p| p.matches(&log)) {
-        let plan = SnapshotPlan::new(conn, log)?;
+        let plan = SnapshotPlan::new(conn, server, log)?;
         plans.insert(table.to_owned(), plan);
     }
     Ok(&plans[table])
@@ -340,9 +353,13 @@ fn watched(conn: &mut Conn, table: &str) -> Result<MySqlLogTable, BackendError> 
 }
 
 /// Whether `table` can be backfilled: watched, with a key that pages through it.
-pub(crate) fn check_table(conn: &mut Conn, table: &str) -> Result<(), BackendError> {
+pub(crate) fn check_table(
+    conn: &mut Conn,
+    server: ServerInfo,
+    table: &str,
+) -> Result<(), BackendError> {
     let log = watched(conn, table)?;
-    SnapshotPlan::new(conn, log).map(|_| ())
+    SnapshotPlan::new(conn, server, log).map(|_| ())
 }
 
 /// Read the chunk `request` asks for, then write its watermark (see the module docs).
@@ -353,7 +370,7 @@ pub(crate) fn snapshot_chunk(
     request: &ChunkRequest,
 ) -> Result<Chunk, BackendError> {
     let limit = request.limit.max(1);
-    let plan = plan_for(conn, plans, &request.table)?;
+    let plan = plan_for(conn, server, plans, &request.table)?;
     let sql = plan.statement(request.after.as_deref(), limit)?;
     let log = Arc::clone(&plan.log);
     let read_at_us = kit::now_us();
@@ -466,6 +483,7 @@ mod tests {
         SnapshotPlan {
             log: Arc::new(log),
             kinds,
+            utf8: "utf8mb4",
             select: "SELECT `a`, `v` FROM `t`".into(),
         }
     }
@@ -475,8 +493,8 @@ mod tests {
         let one = plan(&["a"], vec![KeyKind::Int]);
         assert_eq!(one.after_condition(&[Value::Int(5)]).unwrap(), "`a` > 5");
         let text = KeyKind::Text {
-            charset: "utf8mb4".into(),
-            collation: "utf8mb4_general_ci".into(),
+            charset: "latin1".into(),
+            collation: "latin1_bin".into(),
         };
         let three = plan(&["a", "b", "c"], vec![KeyKind::Int, text, KeyKind::Decimal]);
         assert_eq!(
@@ -484,8 +502,8 @@ mod tests {
                 .after_condition(&[Value::Int(5), "x'".into(), "1.50".into()])
                 .unwrap(),
             "`a` >= 5 AND (`a` > 5 OR (`a` = 5 AND (\
-             `b` > CONVERT(X'7827' USING utf8mb4) COLLATE utf8mb4_general_ci OR (\
-             `b` = CONVERT(X'7827' USING utf8mb4) COLLATE utf8mb4_general_ci AND (`c` > 1.50)))))"
+             `b` > CONVERT(CONVERT(X'7827' USING utf8mb4) USING latin1) COLLATE latin1_bin OR (\
+             `b` = CONVERT(CONVERT(X'7827' USING utf8mb4) USING latin1) COLLATE latin1_bin AND (`c` > 1.50)))))"
         );
         assert_eq!(
             three.statement(None, 10).unwrap(),
@@ -498,31 +516,36 @@ mod tests {
     fn only_values_of_the_column_kind_become_literals() {
         assert_eq!(
             KeyKind::Int
-                .literal(&"18446744073709551615".into())
+                .literal(&"18446744073709551615".into(), "utf8mb4")
                 .as_deref(),
             Some("18446744073709551615")
         );
-        assert_eq!(KeyKind::Int.literal(&"1; DROP".into()), None);
+        assert_eq!(KeyKind::Int.literal(&"1; DROP".into(), "utf8mb4"), None);
         assert_eq!(
-            KeyKind::Decimal.literal(&"-12.50".into()).as_deref(),
+            KeyKind::Decimal
+                .literal(&"-12.50".into(), "utf8mb4")
+                .as_deref(),
             Some("-12.50")
         );
-        assert_eq!(KeyKind::Decimal.literal(&"1e5".into()), None);
-        assert_eq!(KeyKind::Decimal.literal(&"1.".into()), None);
+        assert_eq!(KeyKind::Decimal.literal(&"1e5".into(), "utf8mb4"), None);
+        assert_eq!(KeyKind::Decimal.literal(&"1.".into(), "utf8mb4"), None);
         assert_eq!(
             KeyKind::Temporal
-                .literal(&"2024-01-02 03:04:05.000006".into())
+                .literal(&"2024-01-02 03:04:05.000006".into(), "utf8mb4")
                 .as_deref(),
             Some("'2024-01-02 03:04:05.000006'")
         );
-        assert_eq!(KeyKind::Temporal.literal(&"2024' OR '1".into()), None);
+        assert_eq!(
+            KeyKind::Temporal.literal(&"2024' OR '1".into(), "utf8mb4"),
+            None
+        );
         assert_eq!(
             KeyKind::Binary
-                .literal(&Value::Bytes(vec![0, 255]))
+                .literal(&Value::Bytes(vec![0, 255]), "utf8mb4")
                 .as_deref(),
             Some("X'00FF'")
         );
-        assert_eq!(KeyKind::Int.literal(&Value::Null), None);
-        assert_eq!(KeyKind::Int.literal(&Value::Float(1.0)), None);
+        assert_eq!(KeyKind::Int.literal(&Value::Null, "utf8mb4"), None);
+        assert_eq!(KeyKind::Int.literal(&Value::Float(1.0), "utf8mb4"), None);
     }
 }
