@@ -26,6 +26,13 @@
 //! (`install.rs`). It carries no transaction id, commit order or schema
 //! ([`Backend::capabilities`] says so): see `reader.rs` for why.
 //!
+//! Backfills (every existing row of a table to one consumer, interleaved with its live
+//! changes): `snapshot.rs` reads a chunk by key without a lock and then writes a
+//! watermark row (`op = 'W'`) into the table's log, which the reader delivers like a
+//! change; `backfill.rs` stores requests and progress in `epidemic_backfill`. Why every
+//! change committed before a chunk's read reaches every consumer before its watermark is
+//! in ARCHITECTURE.md ("MySQL / MariaDB backfill rule").
+//!
 //! Trigger bodies contain `;`. `install` runs each statement on its own, so it needs no
 //! `DELIMITER`; a script for the `mysql` command-line client does (see `epidemic sql`).
 //!

@@ -35,6 +35,17 @@
 //!
 //! When a gap is dead is `gap_judge.rs`'s question.
 //!
+//! # Watermarks
+//!
+//! A log row with `op = 'W'` is a backfill's watermark (`snapshot.rs`), delivered in id
+//! order like any change, as a change of origin `Watermark` with no key and no values.
+//! Every read above is one statement with one InnoDB read view, and a batch holds every
+//! visible id below its last one that is new or a gap (with split reads, the gap reads
+//! come after the read of the new ids and the batch is cut before anything they may not
+//! have looked at): so when a batch brings a watermark, it brings before it (or an
+//! earlier batch brought) every change committed before the watermark was inserted. The
+//! whole argument is in ARCHITECTURE.md ("MySQL / MariaDB backfill rule").
+//!
 //! # Acknowledging
 //!
 //! Batches mix gap fills and new ids, in id order. `ack(upto)` marks everything in the
