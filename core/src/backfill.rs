@@ -131,9 +131,18 @@ impl Backfill {
     }
 
     /// Splice the pending chunk into a fetched batch: note the keys of the table's live
-    /// changes before the watermark, and return the position of the watermark in
-    /// `changes`, if it is there, with the chunk's rows to hand over right after it.
-    pub fn splice(&mut self, changes: &[Change]) -> Option<(usize, Vec<Change>)> {
+    /// changes before the watermark that the handler receives (`handed(i)`: change `i`
+    /// goes to it), and return the position of the watermark in `changes`, if it is
+    /// there, with the chunk's rows to hand over right after it.
+    ///
+    /// Only changes the handler receives count: one it does not want (an UPDATE of
+    /// columns another handler watches) leaves its columns as the chunk read them, so the
+    /// chunk's row is still right, and dropping it would leave the handler without the row.
+    pub fn splice(
+        &mut self,
+        changes: &[Change],
+        handed: impl Fn(usize) -> bool,
+    ) -> Option<(usize, Vec<Change>)> {
         let run = self.tables.front_mut()?;
         let chunk = run.chunk.as_mut()?;
         let table = run.progress.table.as_str();
@@ -145,6 +154,9 @@ impl Backfill {
                 if c.id == chunk.watermark {
                     return Some((i, chunk.surviving()));
                 }
+                continue;
+            }
+            if !handed(i) {
                 continue;
             }
             chunk.dropped.insert(key_text(&c.key));
@@ -187,6 +199,13 @@ mod tests {
         }
     }
 
+    impl Backfill {
+        /// Every change goes to the handler.
+        fn splice_all(&mut self, changes: &[Change]) -> Option<(usize, Vec<Change>)> {
+            self.splice(changes, |_| true)
+        }
+    }
+
     fn backfill() -> Backfill {
         let mut b = Backfill::new(
             vec![BackfillProgress {
@@ -208,10 +227,10 @@ mod tests {
     fn rows_a_live_change_touched_before_the_watermark_are_dropped() {
         let mut b = backfill();
         // A first fetch after the read: no watermark yet, key 2 changed.
-        assert!(b.splice(&[live(2, Op::Insert)]).is_none());
+        assert!(b.splice_all(&[live(2, Op::Insert)]).is_none());
         // The watermark's fetch: key 3 deleted before it, key 4 changed after it.
         let (at, rows) = b
-            .splice(&[live(3, Op::Delete), watermark(99), live(4, Op::Insert)])
+            .splice_all(&[live(3, Op::Delete), watermark(99), live(4, Op::Insert)])
             .expect("the watermark is there");
         assert_eq!(at, 1);
         let keys: Vec<i64> = rows.iter().map(|r| r.key[0].as_i64().unwrap()).collect();
@@ -228,9 +247,23 @@ mod tests {
         let mut other = live(1, Op::Insert);
         other.table = "u".into();
         let (_, rows) = b
-            .splice(&[other, watermark(98), watermark(99)])
+            .splice_all(&[other, watermark(98), watermark(99)])
             .expect("ours");
         assert_eq!(rows.len(), 4);
+    }
+
+    #[test]
+    fn a_change_the_handler_does_not_receive_keeps_the_row() {
+        let mut b = backfill();
+        // Key 2 changed in a way this handler does not want (position 0 not handed).
+        let (_, rows) = b
+            .splice(&[live(2, Op::Insert), watermark(99)], |i| i != 0)
+            .unwrap();
+        assert_eq!(
+            rows.len(),
+            4,
+            "the row of key 2 is still the handler's only news of it"
+        );
     }
 
     #[test]
@@ -244,7 +277,7 @@ mod tests {
             ),
             &["id"],
         );
-        let (_, rows) = b.splice(&[moved, watermark(99)]).unwrap();
+        let (_, rows) = b.splice_all(&[moved, watermark(99)]).unwrap();
         let keys: Vec<i64> = rows.iter().map(|r| r.key[0].as_i64().unwrap()).collect();
         assert_eq!(keys, [2, 3]);
     }

@@ -80,7 +80,9 @@ pub fn run(cfg: &Config, args: &BackfillArgs) -> Result<u8> {
     // The handler's tables, in the catalog's spelling and with a usable key each: the
     // same resolution `run` does, so a table without a key is refused here, not later.
     let mut handlers = vec![plugins::load_handler(cfg, handler, &daemon)?];
-    plugins::resolve_names(cfg, &mut conn, &mut handlers).context("watched tables")?;
+    let watches =
+        plugins::resolve_names(cfg, &mut conn, &mut handlers).context("watched tables")?;
+    plugins::check_filters(cfg, &handlers, &watches)?;
     let watched = handlers[0].tables();
     let tables = if args.tables.is_empty() {
         watched.clone()

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// compare with whole batches (1: one boundary crossing per change, as SDK 0.1 did)
     #[arg(long)]
     pub compare_handler_batch: Option<u32>,
+    /// Also drain a backlog through this row filter over the scratch table's `id` and
+    /// `payload` columns, e.g. "id % 10 == 0" (passes 10 % of the changes)
+    #[arg(long)]
+    pub compare_filter: Option<String>,
 }
 
 struct Sizes {
@@ -103,6 +107,14 @@ pub struct WriteThroughput {
 }
 
 #[derive(Debug, Serialize)]
+pub struct DrainFiltered {
+    pub filter: String,
+    /// Changes that passed the filter and reached the handler.
+    pub handed: u64,
+    pub drain_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct DrainCapped {
     pub handler_batch: u32,
     pub drain_per_s: f64,
@@ -130,6 +142,8 @@ pub struct BenchReport {
     pub drain_per_s: f64,
     /// The same drain with the handler given fewer changes per call, when asked.
     pub drain_capped: Option<DrainCapped>,
+    /// The same drain through a row filter, when asked.
+    pub drain_filtered: Option<DrainFiltered>,
     pub write_unwatched: WriteThroughput,
     pub write_watched: WriteThroughput,
     pub write_ratio: f64,
@@ -194,6 +208,17 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport> {
         })
         .map_err(be)
         .context("bench needs the backend's scratch-table support")?;
+    let filter = match &args.compare_filter {
+        Some(expr) => {
+            let f = crate::filter::CelFilter::compile(expr, &cfg.daemon_name()?)
+                .map_err(|e| crate::exit::config(format!("--compare-filter {expr:?}: {e}")))?;
+            let columns = ["id".to_owned(), "payload".to_owned()];
+            f.check_types(SCRATCH_TABLE, &columns, &[])
+                .map_err(|e| crate::exit::config(format!("--compare-filter {expr:?}: {e}")))?;
+            Some(Arc::new(f))
+        }
+        None => None,
+    };
     let result = measure(
         cfg,
         &lib,
@@ -201,6 +226,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport> {
         &sizes,
         args.quick,
         args.compare_handler_batch,
+        filter,
         &progress,
     );
     progress.phase("dropping the scratch table");
@@ -220,6 +246,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport> {
     Ok(report)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measure(
     cfg: &Config,
     lib: &Library,
@@ -227,6 +254,7 @@ fn measure(
     sizes: &Sizes,
     quick: bool,
     compare_handler_batch: Option<u32>,
+    filter: Option<Arc<crate::filter::CelFilter>>,
     progress: &Progress,
 ) -> Result<BenchReport> {
     let watch = Watch {
@@ -269,7 +297,7 @@ fn measure(
     admin
         .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
         .map_err(be)?;
-    let reader = Reader::start(cfg, lib, &consumer, true, 0)?;
+    let reader = Reader::start(cfg, lib, &consumer, true, 0, None)?;
     progress.phase("commit-to-handler latency");
     let mut writer = plugins::open(cfg, lib)?;
     let interval = Duration::from_secs_f64(1.0 / sizes.rate as f64);
@@ -331,12 +359,14 @@ fn measure(
         sizes.drain,
         &mut next_id,
         0,
+        None,
         progress,
-    )?;
+    )?
+    .0;
     let peak_rss_mb_draining = peak_rss_mb();
     let drain_capped = match compare_handler_batch {
         Some(cap) => {
-            let secs = drain(
+            let (secs, _) = drain(
                 cfg,
                 lib,
                 admin,
@@ -345,10 +375,34 @@ fn measure(
                 sizes.drain,
                 &mut next_id,
                 cap,
+                None,
                 progress,
             )?;
             Some(DrainCapped {
                 handler_batch: cap,
+                drain_per_s: sizes.drain as f64 / secs,
+            })
+        }
+        None => None,
+    };
+    let drain_filtered = match filter {
+        Some(f) => {
+            let source = f.source().to_owned();
+            let (secs, handed) = drain(
+                cfg,
+                lib,
+                admin,
+                &mut writer,
+                &consumer,
+                sizes.drain,
+                &mut next_id,
+                0,
+                Some(f),
+                progress,
+            )?;
+            Some(DrainFiltered {
+                filter: source,
+                handed,
                 drain_per_s: sizes.drain as f64 / secs,
             })
         }
@@ -369,6 +423,7 @@ fn measure(
         drain_changes: sizes.drain,
         drain_per_s: sizes.drain as f64 / drain_secs,
         drain_capped,
+        drain_filtered,
         write_ratio: ratio(&watched),
         write_variants: variants
             .into_iter()
@@ -443,8 +498,9 @@ fn drain(
     n: u64,
     next_id: &mut i64,
     handler_batch: u32,
+    filter: Option<Arc<crate::filter::CelFilter>>,
     progress: &Progress,
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     progress.phase(&format!("writing a backlog of {n} changes"));
     let first = *next_id;
     *next_id += n as i64;
@@ -469,10 +525,24 @@ fn drain(
     };
     progress.phase(&what);
     let t0 = Instant::now();
-    let drainer = Reader::start(cfg, lib, consumer, false, handler_batch)?;
+    let filtered = filter.is_some();
+    let drainer = Reader::start(cfg, lib, consumer, false, handler_batch, filter)?;
     let mut last_prune = Instant::now();
     loop {
-        let drained = drainer.probe.count.load(Ordering::Relaxed);
+        // Through a filter most changes never reach the handler: the consumer's backlog
+        // in the database says when it is through (read less often: it counts rows).
+        let drained = if filtered {
+            std::thread::sleep(Duration::from_millis(20));
+            let status = admin.status().map_err(be)?;
+            let backlog = status
+                .consumers
+                .iter()
+                .find(|c| c.daemon == consumer.daemon && c.handler == consumer.handler)
+                .map_or(n as i64, |c| c.backlog);
+            n.saturating_sub(backlog.max(0) as u64)
+        } else {
+            drainer.probe.count.load(Ordering::Relaxed)
+        };
         if drained >= n {
             break;
         }
@@ -484,9 +554,11 @@ fn drain(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    let secs = t0.elapsed().as_secs_f64();
+    let handed = drainer.probe.count.load(Ordering::Relaxed);
     drainer.stop();
     admin.prune().map_err(be)?;
-    Ok(t0.elapsed().as_secs_f64())
+    Ok((secs, handed))
 }
 
 /// What the bench's handler saw: when each scratch row's change arrived (when asked to
@@ -560,6 +632,7 @@ impl Reader {
         consumer: &Consumer,
         note_times: bool,
         handler_batch: u32,
+        filter: Option<Arc<crate::filter::CelFilter>>,
     ) -> Result<Reader> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -592,6 +665,7 @@ impl Reader {
             handler_batch,
             backfill_chunk: 1,
             resync_on_evicted: false,
+            filter: filter.map(|f| f as Arc<dyn epidemic_plugin_sdk::routing::RowFilter>),
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let conn = plugins::open(cfg, lib)?;
@@ -707,6 +781,17 @@ pub fn render(r: &BenchReport) -> String {
             format!("{:.0} changes/s", r.drain_per_s),
         ),
     ];
+    if let Some(f) = &r.drain_filtered {
+        rows.push((
+            format!("drain rate through filter {:?}", f.filter),
+            format!(
+                "{:.0} changes/s, {} handed over (whole stream: {:.2}x that)",
+                f.drain_per_s,
+                f.handed,
+                r.drain_per_s / f.drain_per_s.max(f64::MIN_POSITIVE)
+            ),
+        ));
+    }
     if let Some(c) = &r.drain_capped {
         rows.push((
             format!(

@@ -169,6 +169,11 @@ pub struct HandlerConfig {
     /// later changes, for handlers that need strict order.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// A row filter: a CEL expression over the row's columns, with `daemon.name` the
+    /// daemon's own name (`mailhost == daemon.name`). Rows moving in and out of it reach
+    /// the handler as INSERTs and DELETEs.
+    #[serde(default)]
+    pub filter: Option<String>,
     /// Where this handler's consumer starts the first time it runs: `now` (changes from
     /// now on), `oldest` (every change still in the log), or `snapshot` (every existing
     /// row as a snapshot row, then live changes; a backfill).

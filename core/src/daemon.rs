@@ -110,6 +110,7 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             plugins::resolve_names(&cfg, c, &mut handlers)
         })
     })?;
+    plugins::check_filters(&cfg, &handlers, &watches)?;
     until_connected(&stop, "install", || {
         reconnect_on_error(&mut main_conn, |c| c.install(&watches))
     })?;
@@ -165,6 +166,10 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             handler_batch: h.config.handler_batch,
             backfill_chunk: cfg.daemon.backfill_chunk,
             resync_on_evicted: h.config.on_evicted == OnEvicted::Resync,
+            filter: h
+                .filter
+                .clone()
+                .map(|f| f as Arc<dyn epidemic_plugin_sdk::routing::RowFilter>),
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let dispatcher = Dispatcher::new(

@@ -24,6 +24,7 @@ use epidemic_plugin_sdk::backend::{
     BackendError, BackfillRequest, BackfillState, ChunkRequest, Consumer, Registered, StartFrom,
 };
 use epidemic_plugin_sdk::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate};
+use epidemic_plugin_sdk::routing::{Routed, RowFilter};
 use epidemic_plugin_sdk::{Change, HandlerError, Router, SnapshotEvent, Subscription};
 use tracing::{debug, error, info, warn};
 
@@ -59,7 +60,7 @@ impl From<&HandlerConfig> for RetryPolicy {
 }
 
 /// What a dispatcher needs besides its connection and its handler.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DispatchSettings {
     pub consumer: Consumer,
     pub subscriptions: Vec<Subscription>,
@@ -72,6 +73,8 @@ pub struct DispatchSettings {
     pub backfill_chunk: u32,
     /// Ask for a backfill when the consumer comes back evicted (`on_evicted = "resync"`).
     pub resync_on_evicted: bool,
+    /// The handler's row filter (`[[handler]] filter`), if any.
+    pub filter: Option<Arc<dyn RowFilter>>,
     /// Longest wait for a wake-up before reading the log anyway.
     pub idle_check: Duration,
 }
@@ -132,7 +135,10 @@ impl Dispatcher {
             consumer: settings.consumer,
             backend,
             handler,
-            router: Router::new(settings.subscriptions),
+            router: match settings.filter {
+                Some(f) => Router::new(settings.subscriptions).with_filter(f),
+                None => Router::new(settings.subscriptions),
+            },
             retry: settings.retry,
             batch_size: settings.batch_size.max(1),
             handler_batch: match settings.handler_batch {
@@ -315,29 +321,75 @@ impl Dispatcher {
         &mut self,
         changes: &[Change],
     ) -> (usize, Option<(usize, u64)>, Result<(), BackendError>) {
-        let routed = self.router.route_batch(changes);
-        let (mut positions, mut wanted): (Vec<usize>, Vec<Change>) = routed.into_iter().unzip();
+        let mut positions = Vec::new();
+        let mut wanted = Vec::new();
+        // Changes the row filter could not judge: (position, change, why).
+        let mut refused = Vec::new();
+        for (i, routed) in self.router.route_batch(changes) {
+            match routed {
+                Routed::Deliver(c) => {
+                    positions.push(i);
+                    wanted.push(c);
+                }
+                Routed::Refused { change, error } => refused.push((i, change, error)),
+                Routed::Skip => {}
+            }
+        }
         let mut emitted = None;
-        if let Some((at, rows)) = self.backfill.as_mut().and_then(|b| b.splice(changes)) {
-            let rows: Vec<Change> = rows
-                .iter()
-                .filter_map(|r| self.router.route(r))
-                .map(|mut r| {
-                    r.attempt = 1;
-                    r
-                })
-                .collect();
+        // The handler receives change `i`: wanted, or refused (its dead letter stands for it).
+        let mut handed = vec![false; changes.len()];
+        for p in positions.iter().chain(refused.iter().map(|(p, ..)| p)) {
+            handed[*p] = true;
+        }
+        if let Some((at, rows)) = self
+            .backfill
+            .as_mut()
+            .and_then(|b| b.splice(changes, |i| handed[i]))
+        {
+            let mut handed = Vec::new();
+            for row in &rows {
+                match self.router.route_checked(row) {
+                    Routed::Deliver(mut r) => {
+                        r.attempt = 1;
+                        handed.push(r);
+                    }
+                    Routed::Refused { change, error } => refused.push((at, change, error)),
+                    Routed::Skip => {}
+                }
+            }
             // Right after the watermark; a row left unhandled keeps the cursor before it.
             let insert_at = positions
                 .iter()
                 .position(|p| *p > at)
                 .unwrap_or(positions.len());
-            emitted = Some((at, rows.len() as u64));
-            positions.splice(insert_at..insert_at, std::iter::repeat_n(at, rows.len()));
-            wanted.splice(insert_at..insert_at, rows);
+            emitted = Some((at, handed.len() as u64));
+            positions.splice(insert_at..insert_at, std::iter::repeat_n(at, handed.len()));
+            wanted.splice(insert_at..insert_at, handed);
         }
-        let (done, result) = self.hand_over(changes.len(), &positions, &mut wanted);
-        (done, emitted, result)
+        // A change the filter refused is dead-lettered at once (a permanent failure: the
+        // same row would be refused again). One the database would not take stops the
+        // batch there, so the cursor never passes it.
+        let mut total = changes.len();
+        let mut stopped = Ok(());
+        refused.sort_by_key(|(at, ..)| *at);
+        for (at, change, error) in refused {
+            let error = HandlerError::Permanent(format!("row filter: {error}"));
+            if let Err(e) = self.dead_letter(&change, &error, 1) {
+                total = at;
+                stopped = Err(e);
+                break;
+            }
+        }
+        if total < changes.len() {
+            let keep = positions
+                .iter()
+                .position(|p| *p >= total)
+                .unwrap_or(positions.len());
+            positions.truncate(keep);
+            wanted.truncate(keep);
+        }
+        let (done, result) = self.hand_over(total, &positions, &mut wanted);
+        (done, emitted, result.and(stopped))
     }
 
     /// Hand the wanted changes over in as few calls as the handler and the settings
@@ -574,10 +626,9 @@ impl Dispatcher {
         if chunk.rows_estimate.is_some() {
             run.progress.rows_estimate = chunk.rows_estimate;
         }
-        if chunk.rows.is_empty() {
-            // Nothing left to read: the table is done (its watermark need not come).
-            return self.table_done();
-        }
+        // Even an empty last chunk waits for its watermark: the table's snapshot ends
+        // only once every change committed before that read has been delivered, so a
+        // handler that cleans up at the end (orphans) has seen every row by then.
         run.chunk = Some(PendingChunk::new(chunk));
         Ok(())
     }

@@ -322,6 +322,15 @@ fn name(c: &Change) -> String {
 /// A dispatcher over a fresh in-memory log holding one change per name (on table
 /// `users`, or `other` for names starting with `other`).
 fn setup(test: &str, names: &[&str], retry: RetryPolicy) -> (Arc<World>, Dispatcher) {
+    setup_filtered(test, names, retry, None)
+}
+
+fn setup_filtered(
+    test: &str,
+    names: &[&str],
+    retry: RetryPolicy,
+    filter: Option<Arc<dyn epidemic_plugin_sdk::routing::RowFilter>>,
+) -> (Arc<World>, Dispatcher) {
     let w = Arc::new(World::default());
     {
         let mut log = w.log.lock().unwrap();
@@ -359,6 +368,7 @@ fn setup(test: &str, names: &[&str], retry: RetryPolicy) -> (Arc<World>, Dispatc
         handler_batch: 0,
         backfill_chunk: 3,
         resync_on_evicted: false,
+        filter,
         idle_check: Duration::from_millis(5),
     };
     let d = Dispatcher::new(
@@ -720,6 +730,7 @@ fn a_restarted_dispatcher_resumes_after_the_last_finished_chunk() {
             handler_batch: 0,
             backfill_chunk: 3,
             resync_on_evicted: false,
+            filter: None,
             idle_check: Duration::from_millis(5),
         },
         backend,
@@ -755,4 +766,36 @@ fn a_restarted_dispatcher_resumes_after_the_last_finished_chunk() {
             },
         ]
     );
+}
+
+#[test]
+fn a_row_the_filter_cannot_judge_is_dead_lettered_and_the_rest_is_delivered() {
+    // The filter passes names starting with `ok` and cannot judge `weird` ones.
+    let filter = |cols: &[String], vals: &[Value]| -> Result<bool, String> {
+        let i = cols.iter().position(|c| c == "name").ok_or("no name")?;
+        match vals[i].as_str() {
+            Some(n) if n.starts_with("weird") => Err("no such overload".into()),
+            Some(n) => Ok(n.starts_with("ok")),
+            None => Ok(false),
+        }
+    };
+    let (w, mut d) = setup_filtered(
+        "filter_refused",
+        &["ok-1", "skip-2", "weird-3", "ok-4"],
+        policy(3),
+        Some(Arc::new(filter)),
+    );
+    d.step().unwrap();
+    assert_eq!(calls(&w), vec![call(&[("ok-1", 1), ("ok-4", 1)])]);
+    let log = w.log.lock().unwrap();
+    assert_eq!(
+        log.acks,
+        vec![4],
+        "filtered-out and refused changes advance the cursor"
+    );
+    assert_eq!(log.letters.len(), 1);
+    assert_eq!(log.letters[0].change_id, 3);
+    assert!(log.letters[0]
+        .error
+        .contains("row filter: no such overload"));
 }

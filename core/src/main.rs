@@ -13,11 +13,13 @@ mod config;
 mod daemon;
 mod dispatch;
 mod exit;
+mod filter;
 mod lease;
 mod metrics;
 mod plugins;
 mod report;
 mod secrets;
+mod wait_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,6 +123,10 @@ enum Command {
     /// live changes, never older than a change it already had), carried out by its
     /// daemon while it runs; shows the progress until it is done.
     Backfill(backfill_cmd::BackfillArgs),
+    /// Wait until every consumer (or those named) has handled every change committed
+    /// before this call: a barrier for a front end that must not answer before the mail
+    /// servers acted. Exits 0, or 1 naming the consumers still behind at the timeout.
+    Wait(wait_cmd::WaitArgs),
     /// List, retry or drop changes that handlers gave up on.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
@@ -362,6 +368,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Backfill(args) => backfill_cmd::run(&load_config(&cli.config)?, &args),
+        Command::Wait(args) => wait_cmd::run(&load_config(&cli.config)?, &args),
         Command::Bench(args) => {
             let cfg = load_config(&cli.config)?;
             let report = bench::run(&cfg, &args)?;
@@ -413,6 +420,7 @@ fn connect_and_plan(
     let mut handlers = plugins::load_handlers(cfg, &cfg.daemon_name()?)?;
     let mut conn = plugins::open(cfg, &lib)?;
     let watches = plugins::resolve_names(cfg, &mut conn, &mut handlers).context("resolve names")?;
+    plugins::check_filters(cfg, &handlers, &watches)?;
     Ok((conn, watches))
 }
 
@@ -467,6 +475,7 @@ fn check(cfg: &Config) -> Result<u8> {
     );
     let watches = plugins::resolve_names(cfg, &mut conn, &mut handlers)
         .map_err(|e| anyhow::Error::new(e).context("watched tables"))?;
+    plugins::check_filters(cfg, &handlers, &watches)?;
     // Planning checks every watched table and column, as `sql` does.
     conn.plan_install(&watches)
         .map_err(|e| anyhow::Error::new(e).context("plan install"))?;

@@ -9,11 +9,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use epidemic_plugin_host::{self as host, HostBackend, HostHandler, Library};
-use epidemic_plugin_sdk::backend::{BackendError, Watch};
+use std::sync::Arc;
+
+use epidemic_plugin_sdk::backend::{BackendError, ColumnType, Watch};
 use epidemic_plugin_sdk::{redact_url, Subscription};
 
 use crate::config::{Config, HandlerConfig};
 use crate::exit::{self, config_bail};
+use crate::filter::CelFilter;
 
 /// Directories searched for a bare library name, in order.
 pub fn search_dirs(cfg: &Config) -> Vec<PathBuf> {
@@ -145,6 +148,8 @@ pub struct LoadedHandler {
     pub library: Library,
     pub instance: HostHandler,
     pub subscriptions: Vec<Subscription>,
+    /// Its `filter`, compiled.
+    pub filter: Option<Arc<CelFilter>>,
 }
 
 impl LoadedHandler {
@@ -188,11 +193,18 @@ pub fn load_handler(cfg: &Config, h: &HandlerConfig, daemon: &str) -> Result<Loa
             )));
         }
     }
+    let filter = match &h.filter {
+        Some(source) => Some(Arc::new(CelFilter::compile(source, daemon).map_err(
+            |e| exit::config(format!("{file}: handler {:?}: filter: {e}", h.name)),
+        )?)),
+        None => None,
+    };
     Ok(LoadedHandler {
         config: h.clone(),
         library,
         instance,
         subscriptions,
+        filter,
     })
 }
 
@@ -231,11 +243,17 @@ fn check_table_entries(cfg: &Config, handlers: &[LoadedHandler]) -> Result<()> {
 }
 
 /// Merge every handler's subscriptions into one watch per table: the union of columns,
-/// in first-seen order, and the key columns the config names for the table (none: the
-/// backend uses the table's primary key).
+/// in first-seen order, the columns each handler's row filter reads (captured too, so a
+/// row moving in or out of a filter is a change), and the key columns the config names
+/// for the table (none: the backend uses the table's primary key).
 pub fn watches(cfg: &Config, handlers: &[LoadedHandler]) -> Vec<Watch> {
     let mut out: Vec<Watch> = Vec::new();
-    for s in handlers.iter().flat_map(|h| &h.subscriptions) {
+    let subscriptions = handlers.iter().flat_map(|h| {
+        h.subscriptions
+            .iter()
+            .map(move |s| (s, h.filter.as_ref().map(|f| f.columns()).unwrap_or(&[])))
+    });
+    for (s, filter_columns) in subscriptions {
         let w = match out.iter_mut().position(|w| w.table == s.table) {
             Some(i) => &mut out[i],
             None => {
@@ -253,8 +271,35 @@ pub fn watches(cfg: &Config, handlers: &[LoadedHandler]) -> Vec<Watch> {
                 w.columns.push(c.clone());
             }
         }
+        for c in filter_columns {
+            if !w.columns.iter().any(|x| x.eq_ignore_ascii_case(c)) {
+                w.columns.push(c.clone());
+            }
+        }
     }
     out
+}
+
+/// Check every handler's row filter against the tables it reads, as resolved (catalog
+/// columns and types): one line naming the file, the handler and what is wrong.
+pub fn check_filters(cfg: &Config, handlers: &[LoadedHandler], watches: &[Watch]) -> Result<()> {
+    for h in handlers {
+        let Some(f) = &h.filter else { continue };
+        for table in h.tables() {
+            let Some(w) = watches.iter().find(|w| w.table == table) else {
+                continue;
+            };
+            f.check_types(&w.table, &w.columns, &w.types).map_err(|e| {
+                exit::config(format!(
+                    "{}: handler {:?}: filter {:?}: {e}",
+                    cfg.path.display(),
+                    h.config.name,
+                    f.source()
+                ))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Ask the backend for the catalog's spelling of every watched table and column and use
@@ -290,11 +335,24 @@ pub fn resolve_names(
         }
         s.table = resolved[i].table.clone();
     }
-    // The keys the backend found (or checked) go with the merged watches.
+    // The keys and column types the backend found go with the merged watches (filter
+    // columns keep the expression's spelling; they are matched without regard to case).
     let mut merged = watches(cfg, handlers);
     for w in &mut merged {
         if let Some(r) = resolved.iter().find(|r| r.table == w.table) {
             w.key = r.key.clone();
+            if r.types.len() == r.columns.len() {
+                w.types = w
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        r.columns
+                            .iter()
+                            .position(|x| x.eq_ignore_ascii_case(c))
+                            .map_or(ColumnType::Missing, |i| r.types[i])
+                    })
+                    .collect();
+            }
         }
     }
     Ok(merged)

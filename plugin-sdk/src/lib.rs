@@ -137,6 +137,7 @@
 
 pub mod backend;
 pub mod backfill;
+pub mod barrier;
 pub mod boundary;
 pub mod change;
 pub mod context;

@@ -28,7 +28,7 @@ use crate::backend::kit;
 use crate::change::{Change, Op, Subscription, Value};
 use crate::context::Context;
 use crate::handler::{panic_message, BatchError, Handler, HandlerConfig, HandlerError};
-use crate::routing::Router;
+use crate::routing::{Routed, Router, RowFilter};
 
 static NEXT_ID: AtomicI64 = AtomicI64::new(1);
 
@@ -119,6 +119,14 @@ impl<H: Handler> Harness<H> {
         Ok(Harness { handler, router })
     }
 
+    /// Judge changes by a row filter first, as the daemon does with `[[handler]] filter`
+    /// (moves into and out of it become INSERTs and DELETEs). A refused row is an error
+    /// at its index.
+    pub fn with_filter(mut self, filter: std::sync::Arc<dyn RowFilter>) -> Self {
+        self.router = self.router.with_filter(filter);
+        self
+    }
+
     /// Deliver a change. `Ok(false)` when no subscription wanted it.
     pub fn send(&mut self, change: Change) -> Result<bool, HandlerError> {
         match self.send_batch(&[change]) {
@@ -131,14 +139,25 @@ impl<H: Handler> Harness<H> {
     /// [`Handler::handle_batch`] call. Returns how many were delivered; on failure the
     /// index is into `changes`.
     pub fn send_batch(&mut self, changes: &[Change]) -> Result<usize, BatchError> {
-        let routed = self.router.route_batch(changes);
+        let mut routed = Vec::new();
+        let mut refused = None;
+        for (i, r) in self.router.route_batch(changes) {
+            match r {
+                Routed::Deliver(c) => routed.push((i, c)),
+                Routed::Refused { error, .. } => {
+                    refused = Some(BatchError::new(i, HandlerError::Permanent(error)));
+                    break;
+                }
+                Routed::Skip => {}
+            }
+        }
         if routed.is_empty() {
-            return Ok(0);
+            return refused.map_or(Ok(0), Err);
         }
         let batch: Vec<Change> = routed.iter().map(|(_, c)| c.clone()).collect();
         let handler = &mut self.handler;
         match catch_unwind(AssertUnwindSafe(|| handler.handle_batch(&batch))) {
-            Ok(Ok(())) => Ok(batch.len()),
+            Ok(Ok(())) => refused.map_or(Ok(batch.len()), Err),
             Ok(Err(e)) => {
                 let at = routed[e.index.min(routed.len() - 1)].0;
                 Err(BatchError::new(at, e.error))

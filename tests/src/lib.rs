@@ -240,6 +240,8 @@ pub fn recorder_handler(
         cols.join(", ")
     )
 }
+pub mod db;
+pub mod maildirs;
 pub mod mysql;
 pub mod oot;
 pub mod pg;

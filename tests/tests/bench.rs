@@ -20,7 +20,18 @@ fn quick_bench_runs_and_cleans_up_on_sqlite() {
     .unwrap();
     let before = sqlite::objects(&db);
 
-    let out = epidemic(&config, &["bench", "--quick", "--json"]);
+    let out = epidemic(
+        &config,
+        &[
+            "bench",
+            "--quick",
+            "--json",
+            "--compare-filter",
+            "id % 10 == 0",
+            "--compare-handler-batch",
+            "1",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -42,6 +53,15 @@ fn quick_bench_runs_and_cleans_up_on_sqlite() {
         );
     }
     assert!(r["drain_per_s"].as_f64().unwrap() > 0.0);
+    // The side-by-side drains ran: a tenth of the changes passed the filter.
+    let drained = r["drain_changes"].as_u64().unwrap();
+    assert_eq!(
+        r["drain_filtered"]["handed"].as_u64(),
+        Some(drained / 10),
+        "{r}"
+    );
+    assert!(r["drain_filtered"]["drain_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["drain_capped"]["handler_batch"], 1);
     assert!(r["write_watched"]["rows"].as_u64().unwrap() > 0);
     // SQLite declares no option set worth comparing (it has no notification to turn off).
     assert_eq!(r["write_variants"], serde_json::json!([]), "{r}");

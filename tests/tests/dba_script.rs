@@ -93,6 +93,11 @@ fn postgres_script_runs_in_psql() {
     let by_hand = config(tmp.path(), &urls[0]);
     let script = sql(&by_hand);
     assert!(script.contains("CREATE SCHEMA"), "{script}");
+    // One transaction, as install applies it.
+    assert!(
+        script.contains("\nBEGIN;\n") && script.trim_end().ends_with("COMMIT;"),
+        "{script}"
+    );
     let mut psql = Command::new(Path::new(PG_BIN).join("psql"));
     psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &urls[0]]);
     pipe(psql, &script);

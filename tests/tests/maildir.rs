@@ -45,33 +45,9 @@ fn expected(db: &Path, base: &Path) -> BTreeMap<PathBuf, Option<String>> {
     .collect()
 }
 
-/// What is on disk: every directory holding `cur`, `new` and `tmp`, with its quota line.
+/// What is on disk: every Maildir with its quota line (the harness's view).
 fn actual(base: &Path) -> BTreeMap<PathBuf, Option<String>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![base.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if !p.is_dir()
-                || p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            {
-                continue;
-            }
-            if ["cur", "new", "tmp"].iter().all(|s| p.join(s).is_dir()) {
-                let quota = std::fs::read_to_string(p.join("maildirsize"))
-                    .ok()
-                    .and_then(|t| t.lines().next().map(str::to_owned));
-                out.insert(p, quota);
-            } else {
-                stack.push(p);
-            }
-        }
-    }
-    out
+    epidemic_tests::maildirs::on_disk(base)
 }
 
 #[test]

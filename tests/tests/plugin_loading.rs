@@ -309,8 +309,8 @@ fn a_plugin_from_a_later_0_2_release_that_grew_the_interface_loads_and_runs() {
         let abi = work.join("abi/src/lib.rs");
         edit_file(
             &abi,
-            "    fn handle_batch(&mut self, changes: RSlice<'_, RChange>) -> RResult<(), RBatchError>;\n",
-            "    fn handle_batch(&mut self, changes: RSlice<'_, RChange>) -> RResult<(), RBatchError>;\n\n    \
+            "    fn snapshot(&mut self, event: &RSnapshotEvent) -> RResult<(), RError>;\n",
+            "    fn snapshot(&mut self, event: &RSnapshotEvent) -> RResult<(), RError>;\n\n    \
              fn flush(&mut self) -> RResult<(), RError>;\n",
         );
         edit_file(

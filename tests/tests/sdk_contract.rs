@@ -133,7 +133,14 @@ fn a_retry_carries_the_next_attempt_number() {
 #[test]
 fn a_plugins_log_lines_reach_the_daemons_json_log_with_the_plugin_named() {
     let s = setup("fail_first = 1\n");
-    let _d = Daemon::start(&s.config, &s.log, &["--log-format", "json"]);
+    // The recorder says it is ready at debug level, so other tests' `install` output
+    // stays one line: ask for the plugin's debug lines.
+    let _d = Daemon::start_with_env(
+        &s.config,
+        &s.log,
+        &["--log-format", "json"],
+        &[("RUST_LOG", "info,plugin=debug")],
+    );
     assert!(
         wait_until(WAIT, || log_lines(&s.log)
             .iter()
@@ -148,7 +155,7 @@ fn a_plugins_log_lines_reach_the_daemons_json_log_with_the_plugin_named() {
         .iter()
         .find(|l| l["fields"]["message"] == "recorder ready")
         .unwrap_or_else(|| panic!("no 'recorder ready' line in {lines:?}"));
-    assert_eq!(ready["level"], "INFO");
+    assert_eq!(ready["level"], "DEBUG");
     assert_eq!(ready["fields"]["plugin"], "rec", "{ready}");
     assert!(
         ready["fields"]["fields"]

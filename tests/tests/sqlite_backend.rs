@@ -19,10 +19,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use epidemic_plugin_host::{self as host, HostBackend, Library};
-use epidemic_plugin_sdk::backend::{BackendError, Consumer, Registered, StartFrom, Watch};
+use epidemic_plugin_sdk::backend::{
+    BackendError, BackfillReply, BackfillRequest, BackfillState, Chunk, ChunkRequest, Consumer,
+    Registered, StartFrom, Watch,
+};
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
-use epidemic_tests::{backend_path, sqlite};
+use epidemic_tests::rng::Rng;
+use epidemic_tests::{backend_path, recorded, sqlite, wait_until, Daemon};
 use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
 
 fn library() -> &'static Library {
     static LIB: OnceLock<Library> = OnceLock::new();
@@ -154,7 +160,9 @@ fn a_single_column_primary_key_comes_with_every_change() {
     let db = Db::new("CREATE TABLE users (ID INTEGER PRIMARY KEY, name TEXT, note TEXT);");
     let mut b = db.open();
     let resolved = b.resolve(&[watch("Users", &["NAME"], &[])]).unwrap();
-    assert_eq!(resolved, vec![watch("users", &["name"], &["ID"])]);
+    let mut want = watch("users", &["name"], &["ID"]);
+    want.types = vec![epidemic_plugin_sdk::backend::ColumnType::Text];
+    assert_eq!(resolved, vec![want]);
     let (mut b, c) = setup(&db, &resolved, "h");
     db.write(
         "INSERT INTO users VALUES (1, 'ann', 'x');
@@ -539,4 +547,1018 @@ fn stable_ids_are_not_reused_after_the_sequence_restarts_behind_an_evicted_consu
         Registered::Evicted
     );
     assert_all_new(&mut seen, write_and_read(&db, &mut b, &c, 10, 3));
+}
+
+// ---------------------------------------------------------------------------------------
+// Backfills: chunks by key, watermarks, the progress store
+// ---------------------------------------------------------------------------------------
+
+/// `snapshot_chunk`, retried on a lock held past the busy timeout (a connection error,
+/// as the daemon retries it).
+fn chunk(b: &mut HostBackend, table: &str, after: Option<Vec<Value>>, limit: u32) -> Chunk {
+    loop {
+        match b.snapshot_chunk(&ChunkRequest {
+            table: table.into(),
+            after: after.clone(),
+            limit,
+        }) {
+            Ok(c) => return c,
+            Err(e) if e.is_connection() => continue,
+            Err(e) => panic!("snapshot_chunk: {e}"),
+        }
+    }
+}
+
+/// Every chunk of a table from the start, by `limit` rows, checking `last` and the
+/// estimate on the way.
+fn all_chunks(b: &mut HostBackend, table: &str, limit: u32) -> Vec<Chunk> {
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut after = None;
+    loop {
+        let c = chunk(b, table, after.clone(), limit);
+        assert!(c.rows.len() <= limit as usize);
+        assert_eq!(
+            c.last,
+            c.rows.len() < limit as usize,
+            "last: fewer rows than asked"
+        );
+        assert_eq!(
+            c.rows_estimate.is_some(),
+            after.is_none(),
+            "an estimate with the first chunk only"
+        );
+        after = c.rows.last().map(|r| r.key.clone()).or(after);
+        let last = c.last;
+        chunks.push(c);
+        if last {
+            return chunks;
+        }
+    }
+}
+
+fn chunk_keys(chunks: &[Chunk]) -> Vec<Vec<Value>> {
+    chunks
+        .iter()
+        .flat_map(|c| c.rows.iter().map(|r| r.key.clone()))
+        .collect()
+}
+
+/// Chunks come in key order, composite keys compared as a row (key order, not column
+/// order) and text keys by the column's collation, `after` pages to the end, and `last`
+/// is set by the chunk that has fewer rows than asked (an empty one when the rows divide
+/// evenly). Snapshot rows are INSERTs of origin Snapshot with id 0, the captured columns
+/// in the log's order and stable ids of their own.
+#[test]
+fn chunks_come_in_key_order_by_composite_and_text_keys() {
+    let db = Db::new(
+        "CREATE TABLE grants (host TEXT, uid INTEGER, level INTEGER, PRIMARY KEY (uid, host));
+         CREATE TABLE names (name TEXT COLLATE NOCASE PRIMARY KEY, v INTEGER) WITHOUT ROWID;",
+    );
+    let mut b = db.open();
+    b.install(&[
+        watch("grants", &["level"], &[]),
+        watch("names", &["v"], &[]),
+    ])
+    .unwrap();
+    // Inserted out of order.
+    let mut script = String::new();
+    for uid in [3, 1, 5, 2, 4] {
+        for host in ["b", "B", "c", "a"] {
+            script.push_str(&format!(
+                "INSERT INTO grants VALUES ('{host}', {uid}, {});\n",
+                uid * 10
+            ));
+        }
+    }
+    for (i, n) in [
+        "delta", "Alpha", "charlie", "épée", "bravo", "Echo", "9", "10",
+    ]
+    .iter()
+    .enumerate()
+    {
+        script.push_str(&format!("INSERT INTO names VALUES ('{n}', {i});\n"));
+    }
+    db.write(&script);
+
+    let mut want = Vec::new();
+    for uid in 1..=5 {
+        // BINARY: upper case first.
+        for host in ["B", "a", "b", "c"] {
+            want.push(vec![Value::Int(uid), Value::from(host)]);
+        }
+    }
+    for limit in [1, 3, 4, 7, 20, 100] {
+        let chunks = all_chunks(&mut b, "grants", limit);
+        assert_eq!(chunk_keys(&chunks), want, "chunks of {limit}");
+        assert_eq!(chunks[0].rows_estimate, Some(20));
+        if 20 % limit == 0 {
+            assert!(chunks.last().unwrap().rows.is_empty(), "chunks of {limit}");
+        }
+        let mut ids = HashSet::new();
+        for c in &chunks {
+            for r in &c.rows {
+                assert_eq!((r.op, r.origin, r.id), (Op::Insert, Origin::Snapshot, 0));
+                assert_eq!(r.table, "grants");
+                assert_eq!(&*r.key_columns, ["uid", "host"]);
+                assert_eq!(&*r.columns, ["uid", "host", "level"]);
+                assert_eq!(r.old, None);
+                assert_eq!(
+                    r.new_value("level"),
+                    Some(&Value::Int(r.key[0].as_i64().unwrap() * 10))
+                );
+                assert!(ids.insert(r.stable_id.clone()), "{}", r.stable_id);
+                assert!(
+                    r.stable_id.contains(&format!("-w{}.", c.watermark)),
+                    "{}",
+                    r.stable_id
+                );
+            }
+        }
+    }
+    // NOCASE: case folded for the order and for `after`; '9' > '10' as text.
+    let want: Vec<Vec<Value>> = [
+        "10", "9", "Alpha", "bravo", "charlie", "delta", "Echo", "épée",
+    ]
+    .iter()
+    .map(|n| vec![Value::from(*n)])
+    .collect();
+    for limit in [1, 2, 3, 8, 9] {
+        assert_eq!(
+            chunk_keys(&all_chunks(&mut b, "names", limit)),
+            want,
+            "chunks of {limit}"
+        );
+    }
+    // Bad requests: one line each.
+    let err = b
+        .snapshot_chunk(&ChunkRequest {
+            table: "nope".into(),
+            after: None,
+            limit: 10,
+        })
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert!(
+        one_line(&err).contains("table nope is not watched"),
+        "{err}"
+    );
+    let err = b
+        .snapshot_chunk(&ChunkRequest {
+            table: "grants".into(),
+            after: Some(vec![Value::Int(1)]),
+            limit: 10,
+        })
+        .unwrap_err();
+    assert!(
+        one_line(&err).contains("key changed during the backfill"),
+        "{err}"
+    );
+}
+
+/// The watermark is a change of origin Watermark in every consumer's stream, with the
+/// id `snapshot_chunk` returned, after every change committed before the read and before
+/// every change committed after it; it carries no key and no values, and prune removes
+/// it like any change.
+#[test]
+fn the_watermark_reaches_every_consumer_between_older_and_newer_changes_and_is_pruned() {
+    let db = Db::new(USERS);
+    let (mut b, c1) = setup(&db, &[watch("users", &["name"], &[])], "h1");
+    let c2 = consumer("h2");
+    b.register(&c2, &["users".into()], StartFrom::Oldest)
+        .unwrap();
+    db.write("INSERT INTO users VALUES (1, 'a'); INSERT INTO users VALUES (2, 'b');");
+    let ch = chunk(&mut b, "users", None, 10);
+    assert!(ch.last);
+    assert_eq!(
+        chunk_keys(std::slice::from_ref(&ch)),
+        vec![ints(&[1]), ints(&[2])]
+    );
+    db.write("UPDATE users SET name = 'a2' WHERE id = 1; DELETE FROM users WHERE id = 2;");
+    for c in [&c1, &c2] {
+        let got = drain(&mut b, c);
+        let what: Vec<(Origin, Op, Vec<Value>)> = got
+            .iter()
+            .map(|c| (c.origin, c.op, c.key.clone()))
+            .collect();
+        assert_eq!(
+            what,
+            vec![
+                (Origin::Live, Op::Insert, ints(&[1])),
+                (Origin::Live, Op::Insert, ints(&[2])),
+                (Origin::Watermark, Op::Insert, vec![]),
+                (Origin::Live, Op::Update, ints(&[1])),
+                (Origin::Live, Op::Delete, ints(&[2])),
+            ],
+            "{c}"
+        );
+        let w = &got[2];
+        assert_eq!(w.id, ch.watermark);
+        assert_eq!(w.table, "users");
+        assert!(w.key_columns.is_empty() && w.columns.is_empty());
+        assert_eq!((&w.old, &w.new, &w.old_key), (&None, &None, &None));
+        assert!(w.changed_at_us > 0);
+        // Its stable id is the log's, like its neighbours'.
+        let identity = got[0].stable_id.rsplit_once('-').unwrap().0;
+        assert_eq!(w.stable_id, format!("{identity}-{}", w.id));
+    }
+    assert_eq!(
+        db.sql("SELECT count(*) FROM epidemic_log_users WHERE op = 'W';"),
+        "1\n"
+    );
+    assert_eq!(b.prune().unwrap(), 5);
+    assert_eq!(db.sql("SELECT count(*) FROM epidemic_log_users;"), "0\n");
+}
+
+/// A snapshot row's key, columns and values are what a live change of the same row
+/// carries: same key columns, same `Value` types (integers, reals, text that looks like a
+/// number, blobs, NULLs, a column without a type), so the host can match them. Keys of
+/// reals and blobs page too.
+#[test]
+fn snapshot_rows_carry_the_keys_and_values_live_changes_carry() {
+    let db = Db::new(
+        "CREATE TABLE t (s TEXT, k TEXT, n INTEGER, r REAL, b BLOB, x, PRIMARY KEY (k, n));
+         CREATE TABLE kb (b BLOB, r REAL, v TEXT, PRIMARY KEY (b, r)) WITHOUT ROWID;",
+    );
+    let watches = [
+        watch("t", &["r", "b", "x", "s"], &[]),
+        watch("kb", &["v"], &[]),
+    ];
+    let (mut b, c) = setup(&db, &watches, "h");
+    db.write(
+        "INSERT INTO t VALUES (NULL, 'a', 1, 1.5, X'00ff', '007');
+         INSERT INTO t VALUES ('s', 'a', 2, 2, NULL, 7);
+         INSERT INTO t VALUES ('', '07', 3, -0.25, X'', 7.5);
+         INSERT INTO t VALUES ('z', 'b', -1, NULL, 'text in a blob', X'01');
+         INSERT INTO kb VALUES (X'02', 0.5, 'p'), (X'01', 2.5, 'q'), (X'01', -1, 'r'), (X'0100', 0, 's');",
+    );
+    let live = drain(&mut b, &c);
+    assert_eq!(live.len(), 8);
+    for (table, n) in [("t", 4), ("kb", 4)] {
+        for limit in [1, 3] {
+            let chunks = all_chunks(&mut b, table, limit);
+            let rows: Vec<&Change> = chunks.iter().flat_map(|c| &c.rows).collect();
+            assert_eq!(rows.len(), n, "{table} by {limit}");
+            for r in rows {
+                let l = live
+                    .iter()
+                    .find(|l| l.table == table && l.key == r.key)
+                    .unwrap_or_else(|| panic!("no live change with the key {:?}", r.key));
+                assert_eq!(r.key_columns, l.key_columns);
+                assert_eq!(r.columns, l.columns);
+                assert_eq!(r.new, l.new, "values of {:?}", r.key);
+            }
+        }
+    }
+    let t: Vec<Vec<Value>> = chunk_keys(&all_chunks(&mut b, "t", 2));
+    assert_eq!(
+        t,
+        vec![
+            vec![Value::from("07"), Value::Int(3)],
+            vec![Value::from("a"), Value::Int(1)],
+            vec![Value::from("a"), Value::Int(2)],
+            vec![Value::from("b"), Value::Int(-1)],
+        ]
+    );
+    let kb: Vec<Vec<Value>> = chunk_keys(&all_chunks(&mut b, "kb", 1));
+    assert_eq!(
+        kb,
+        vec![
+            vec![Value::Bytes(vec![1]), Value::Float(-1.0)],
+            vec![Value::Bytes(vec![1]), Value::Float(2.5)],
+            vec![Value::Bytes(vec![1, 0]), Value::Float(0.0)],
+            vec![Value::Bytes(vec![2]), Value::Float(0.5)],
+        ]
+    );
+}
+
+const ITEMS: &str =
+    "CREATE TABLE items (grp TEXT, n INTEGER, version INTEGER NOT NULL, name TEXT, PRIMARY KEY (grp, n));";
+
+/// A writer's script of small transactions on `items`: updates that bump `version`,
+/// inserts of fresh keys, deletes, and moves of a row to a fresh key (version bumped too).
+/// A key is born once (fresh keys are never used twice, nor a key moved away from), so
+/// for one key the versions only grow.
+fn writer_script(w: u64, transactions: usize, existing: i64) -> String {
+    let mut rng = Rng::new(w + 1);
+    let mut fresh = (w as i64 + 1) * 100_000;
+    // Many small commits: no fsync for each (the test is about order, not durability).
+    let mut script = String::from("PRAGMA synchronous = OFF;\n");
+    let mut mine: Vec<i64> = Vec::new();
+    for i in 0..transactions {
+        script.push_str("BEGIN;\n");
+        for _ in 0..rng.range(1, 3) {
+            let target = if !mine.is_empty() && rng.chance(30) {
+                mine[rng.below(mine.len() as u64) as usize]
+            } else {
+                rng.range(1, existing)
+            };
+            let roll = rng.below(100);
+            if roll < 60 {
+                script.push_str(&format!(
+                    "UPDATE items SET version = version + 1, name = 'w{w}.{i}' WHERE n = {target};\n"
+                ));
+            } else if roll < 70 {
+                fresh += 1;
+                mine.push(fresh);
+                script.push_str(&format!(
+                    "INSERT INTO items VALUES ('g{}', {fresh}, 1, 'new{w}.{i}');\n",
+                    fresh % 5
+                ));
+            } else if roll < 80 {
+                script.push_str(&format!("DELETE FROM items WHERE n = {target};\n"));
+            } else {
+                fresh += 1;
+                mine.push(fresh);
+                script.push_str(&format!(
+                    "UPDATE items SET n = {fresh}, version = version + 1 WHERE n = {target};\n"
+                ));
+            }
+        }
+        script.push_str("COMMIT;\n");
+    }
+    script
+}
+
+fn key_text(key: &[Value]) -> String {
+    format!("{key:?}")
+}
+
+fn version(image: &Option<Vec<Value>>, columns: &[String]) -> Option<i64> {
+    let i = columns.iter().position(|c| c == "version")?;
+    image.as_ref()?.get(i)?.as_i64()
+}
+
+/// Under writers hammering the table (updates, inserts, deletes, key moves) while chunks
+/// are read: every change fetched after a chunk's watermark is newer than the chunk's row
+/// for its key (a change committed before the read never comes after the watermark), and
+/// the stream with each chunk's rows put right after its watermark — minus the rows a
+/// change fetched between the read and the watermark touched, the host's rule — ends
+/// equal to the table.
+#[test]
+fn under_concurrent_writers_no_change_older_than_a_chunk_comes_after_its_watermark() {
+    // A small table read in chunks of a tenth of it, again and again while the writers
+    // run, so that many commits land near a read and touch the rows it read.
+    const EXISTING: i64 = 200;
+    const WRITERS: u64 = 4;
+    let db = Db::new(ITEMS);
+    let initial: String = (1..=EXISTING)
+        .map(|n| format!("INSERT INTO items VALUES ('g{}', {n}, 1, 'init');\n", n % 5))
+        .collect();
+    db.write(&initial);
+    let (mut b, c) = setup(&db, &[watch("items", &["version", "name"], &[])], "h");
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let script = writer_script(w, 1500, EXISTING);
+        let mut child = db.sqlite3().stdout(Stdio::null()).spawn().expect("sqlite3");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let feed = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
+        writers.push((child, feed));
+    }
+    let running = |writers: &mut Vec<(
+        std::process::Child,
+        std::thread::JoinHandle<std::io::Result<()>>,
+    )>| {
+        writers
+            .iter_mut()
+            .any(|(c, _)| c.try_wait().expect("wait").is_none())
+    };
+
+    // Everything fetched, in order; each chunk with how much was fetched when it was read.
+    let mut stream: Vec<Change> = Vec::new();
+    let mut chunks: Vec<(usize, Chunk)> = Vec::new();
+    let mut passes = 0;
+    let fetch_more = |b: &mut HostBackend, stream: &mut Vec<Change>| match b.fetch(&c, 200) {
+        Ok(batch) => {
+            if let Some(last) = batch.changes.last() {
+                match b.ack(&c, &batch.token, last.id) {
+                    Ok(()) => {}
+                    Err(e) if e.is_connection() => {}
+                    Err(e) => panic!("ack: {e}"),
+                }
+            }
+            stream.extend(batch.changes);
+        }
+        Err(e) if e.is_connection() => {}
+        Err(e) => panic!("fetch: {e}"),
+    };
+    while passes < 2 || running(&mut writers) {
+        let mut after = None;
+        loop {
+            let ch = chunk(&mut b, "items", after, 20);
+            let read_at = stream.len();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !stream[read_at..]
+                .iter()
+                .any(|s| s.origin == Origin::Watermark && s.id == ch.watermark)
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the watermark never came"
+                );
+                fetch_more(&mut b, &mut stream);
+            }
+            after = ch.rows.last().map(|r| r.key.clone());
+            let last = ch.last;
+            chunks.push((read_at, ch));
+            if last {
+                break;
+            }
+        }
+        passes += 1;
+    }
+    for (mut child, feed) in writers {
+        feed.join().unwrap().expect("feed sqlite3");
+        let out = child.wait().expect("sqlite3");
+        assert!(out.success(), "a writer failed");
+    }
+    loop {
+        let n = stream.len();
+        fetch_more(&mut b, &mut stream);
+        if stream.len() == n {
+            break;
+        }
+    }
+    let lives = stream.iter().filter(|s| s.origin == Origin::Live).count();
+    assert!(lives > 1000, "the writers wrote too little: {lives}");
+
+    // 1. Nothing after a chunk's watermark is as old as the chunk's row for its key.
+    let mut position = std::collections::HashMap::new();
+    for (i, s) in stream.iter().enumerate() {
+        if s.origin == Origin::Watermark {
+            position.insert(s.id, i);
+        }
+    }
+    let mut overlapped = 0;
+    for (read_at, ch) in &chunks {
+        let at = position[&ch.watermark];
+        let rows: std::collections::HashMap<String, i64> = ch
+            .rows
+            .iter()
+            .map(|r| (key_text(&r.key), version(&r.new, &r.columns).unwrap()))
+            .collect();
+        for s in &stream[at + 1..] {
+            if s.origin != Origin::Live {
+                continue;
+            }
+            if let Some(v) = rows.get(&key_text(&s.key)) {
+                match s.op {
+                    Op::Delete => {
+                        let old = version(&s.old, &s.columns).unwrap();
+                        assert!(
+                            old >= *v,
+                            "a delete of version {old} after a chunk read version {v} of {:?}",
+                            s.key
+                        );
+                    }
+                    _ => {
+                        let new = version(&s.new, &s.columns).unwrap();
+                        assert!(new > *v, "change {} (version {new}) of {:?} came after the watermark of a chunk that read version {v}", s.id, s.key);
+                    }
+                }
+            }
+        }
+        overlapped += stream[*read_at..at]
+            .iter()
+            .filter(|s| s.origin == Origin::Live)
+            .count();
+    }
+    assert!(
+        overlapped > 0,
+        "no change landed between a read and its watermark"
+    );
+
+    // 2. The host's rule converges on the table.
+    let mut state: std::collections::BTreeMap<String, (i64, String)> = Default::default();
+    let by_watermark: std::collections::HashMap<i64, &(usize, Chunk)> =
+        chunks.iter().map(|c| (c.1.watermark, c)).collect();
+    let name_of = |image: &Option<Vec<Value>>, columns: &[String]| {
+        let i = columns.iter().position(|c| c == "name").unwrap();
+        image.as_ref().unwrap()[i].to_string()
+    };
+    for (i, s) in stream.iter().enumerate() {
+        match s.origin {
+            Origin::Watermark => {
+                let Some((read_at, ch)) = by_watermark.get(&s.id) else {
+                    continue;
+                };
+                let mut touched = HashSet::new();
+                for l in &stream[*read_at..i] {
+                    touched.insert(key_text(&l.key));
+                    if let Some(old) = &l.old_key {
+                        touched.insert(key_text(old));
+                    }
+                }
+                for r in &ch.rows {
+                    if !touched.contains(&key_text(&r.key)) {
+                        state.insert(
+                            key_text(&r.key),
+                            (
+                                version(&r.new, &r.columns).unwrap(),
+                                name_of(&r.new, &r.columns),
+                            ),
+                        );
+                    }
+                }
+            }
+            _ => {
+                if let Some(old) = &s.old_key {
+                    state.remove(&key_text(old));
+                }
+                if s.op == Op::Delete {
+                    state.remove(&key_text(&s.key));
+                } else {
+                    state.insert(
+                        key_text(&s.key),
+                        (
+                            version(&s.new, &s.columns).unwrap(),
+                            name_of(&s.new, &s.columns),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let table: std::collections::BTreeMap<String, (i64, String)> = db
+        .sql("SELECT grp, n, version, name FROM items;")
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (
+                key_text(&[Value::from(f[0]), Value::Int(f[1].parse().unwrap())]),
+                (f[2].parse().unwrap(), f[3].to_owned()),
+            )
+        })
+        .collect();
+    assert_eq!(state.len(), table.len());
+    assert!(
+        state == table,
+        "the stream with its chunks does not end equal to the table"
+    );
+    let ids: HashSet<&str> = stream
+        .iter()
+        .map(|s| s.stable_id.as_str())
+        .chain(
+            chunks
+                .iter()
+                .flat_map(|c| c.1.rows.iter().map(|r| r.stable_id.as_str())),
+        )
+        .collect();
+    assert_eq!(
+        ids.len(),
+        stream.len() + chunks.iter().map(|c| c.1.rows.len()).sum::<usize>(),
+        "stable ids repeat"
+    );
+}
+
+fn request(consumer: &Consumer, tables: &[&str]) -> BackfillRequest {
+    BackfillRequest::Request {
+        consumer: consumer.clone(),
+        tables: tables.iter().map(|t| t.to_string()).collect(),
+        requested_by: "epidemic backfill".into(),
+    }
+}
+
+fn progress_of(reply: BackfillReply) -> Vec<(String, String, BackfillState)> {
+    reply
+        .backfills
+        .into_iter()
+        .map(|p| (p.handler, p.table, p.state))
+        .collect()
+}
+
+/// The progress store: a request stores one row per table (the registry's spelling) in
+/// state requested; a second request of the same consumer while one is requested or
+/// running is refused in one line naming the consumer and the table, storing nothing;
+/// pending gives the consumer's unfinished rows, save updates only the row of the same
+/// request, list gives every row, cancel drops the unfinished ones, a done row is
+/// replaced by a new request, unregister forgets the consumer's rows and uninstall the
+/// table.
+#[test]
+fn backfill_requests_and_progress_are_kept_in_the_database() {
+    let db = Db::new(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
+         CREATE TABLE groups (id INTEGER PRIMARY KEY, name TEXT);",
+    );
+    let before = db
+        .sql("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name;");
+    let mut b = db.open();
+    let plan = b.plan_install(&[watch("users", &["name"], &[])]).unwrap();
+    assert!(plan
+        .iter()
+        .any(|s| s.contains("CREATE TABLE IF NOT EXISTS epidemic_backfill")));
+    // Before install: nothing to read, and a request says what to do.
+    assert!(b
+        .backfills(&BackfillRequest::List)
+        .unwrap()
+        .backfills
+        .is_empty());
+    let (mut b, h) = setup(
+        &db,
+        &[
+            watch("users", &["name"], &[]),
+            watch("groups", &["name"], &[]),
+        ],
+        "h",
+    );
+    let other = consumer("other");
+    let err = b.backfills(&request(&h, &["nope"])).unwrap_err();
+    assert!(
+        one_line(&err).contains("table nope is not watched"),
+        "{err}"
+    );
+    let err = b.backfills(&request(&h, &[])).unwrap_err();
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert!(b
+        .backfills(&BackfillRequest::List)
+        .unwrap()
+        .backfills
+        .is_empty());
+
+    let stored = b
+        .backfills(&request(&h, &["USERS", "groups", "users"]))
+        .unwrap();
+    assert_eq!(
+        progress_of(stored.clone()),
+        vec![
+            ("h".into(), "users".into(), BackfillState::Requested),
+            ("h".into(), "groups".into(), BackfillState::Requested),
+        ]
+    );
+    assert_eq!(stored.backfills[0].requested_by, "epidemic backfill");
+    assert!(stored.backfills[0].requested_at_us > 0);
+    b.backfills(&request(&other, &["users"])).unwrap();
+
+    // A second request while one is requested: refused, nothing stored.
+    let err = b.backfills(&request(&h, &["groups"])).unwrap_err();
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    let msg = one_line(&err);
+    assert!(
+        msg.contains(
+            "a backfill of consumer mx1/h is already requested (table users: 0 rows done)"
+        ),
+        "{msg}"
+    );
+    let pending = b
+        .backfills(&BackfillRequest::Pending {
+            consumer: h.clone(),
+        })
+        .unwrap();
+    assert_eq!(pending.backfills, stored.backfills);
+
+    // Progress saved, read back; refused while running, with the progress in the message.
+    let mut p = pending.backfills[0].clone();
+    p.state = BackfillState::Running;
+    p.rows_done = 1200;
+    p.rows_estimate = Some(50_000);
+    p.last_key = Some(vec![Value::Int(1200)]);
+    p.started_at_us = 5;
+    let saved = b.backfills(&BackfillRequest::Save(p.clone())).unwrap();
+    assert_eq!(saved.backfills.len(), 1);
+    let pending = b
+        .backfills(&BackfillRequest::Pending {
+            consumer: h.clone(),
+        })
+        .unwrap()
+        .backfills;
+    assert_eq!(pending[0].last_key, p.last_key);
+    assert_eq!(
+        (pending[0].rows_done, pending[0].rows_estimate),
+        (1200, Some(50_000))
+    );
+    assert_eq!(pending[0].state, BackfillState::Running);
+    let err = b.backfills(&request(&h, &["users"])).unwrap_err();
+    assert!(
+        one_line(&err).contains(
+            "a backfill of consumer mx1/h is already running (table users: 1200 of ~50000 rows); wait for it to finish, or cancel it"
+        ),
+        "{err}"
+    );
+
+    // Done rows are not pending, and a new request replaces them.
+    for mut q in pending {
+        q.state = BackfillState::Done;
+        assert_eq!(
+            b.backfills(&BackfillRequest::Save(q))
+                .unwrap()
+                .backfills
+                .len(),
+            1
+        );
+    }
+    assert!(b
+        .backfills(&BackfillRequest::Pending {
+            consumer: h.clone()
+        })
+        .unwrap()
+        .backfills
+        .is_empty());
+    assert_eq!(
+        progress_of(b.backfills(&BackfillRequest::List).unwrap()),
+        vec![
+            ("h".into(), "users".into(), BackfillState::Done),
+            ("h".into(), "groups".into(), BackfillState::Done),
+            ("other".into(), "users".into(), BackfillState::Requested),
+        ]
+    );
+    let again = b.backfills(&request(&h, &["users"])).unwrap().backfills;
+    assert_eq!(again[0].rows_done, 0);
+    assert_eq!(
+        progress_of(b.backfills(&BackfillRequest::List).unwrap()),
+        vec![
+            ("h".into(), "groups".into(), BackfillState::Done),
+            ("h".into(), "users".into(), BackfillState::Requested),
+            ("other".into(), "users".into(), BackfillState::Requested),
+        ]
+    );
+    // A save of the replaced request (a daemon still on the old one) changes nothing.
+    assert!(b
+        .backfills(&BackfillRequest::Save(p.clone()))
+        .unwrap()
+        .backfills
+        .is_empty());
+
+    // Cancel drops the unfinished rows of that consumer only; a save after it is told so.
+    let cancelled = b
+        .backfills(&BackfillRequest::Cancel {
+            consumer: h.clone(),
+        })
+        .unwrap();
+    assert_eq!(
+        progress_of(cancelled),
+        vec![("h".into(), "users".into(), BackfillState::Requested)]
+    );
+    let mut late = again[0].clone();
+    late.state = BackfillState::Running;
+    assert!(b
+        .backfills(&BackfillRequest::Save(late))
+        .unwrap()
+        .backfills
+        .is_empty());
+    assert_eq!(
+        progress_of(b.backfills(&BackfillRequest::List).unwrap()),
+        vec![
+            ("h".into(), "groups".into(), BackfillState::Done),
+            ("other".into(), "users".into(), BackfillState::Requested),
+        ]
+    );
+    // The progress table is Epidemic's: unregister forgets the consumer's rows, uninstall
+    // drops it.
+    b.register(&other, &["users".into()], StartFrom::Now)
+        .unwrap();
+    assert!(b.unregister(&other).unwrap());
+    assert_eq!(
+        progress_of(b.backfills(&BackfillRequest::List).unwrap()),
+        vec![("h".into(), "groups".into(), BackfillState::Done)]
+    );
+    b.uninstall().unwrap();
+    assert_eq!(
+        db.sql(
+            "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name;"
+        ),
+        before
+    );
+}
+
+/// Two requests for one consumer at the same time, from two connections: exactly one is
+/// stored, the other is refused as already requested (never a lock error, never both).
+#[test]
+fn of_two_racing_backfill_requests_one_wins() {
+    let db = Db::new(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
+         CREATE TABLE groups (id INTEGER PRIMARY KEY, name TEXT);",
+    );
+    let (mut admin, h) = setup(
+        &db,
+        &[
+            watch("users", &["name"], &[]),
+            watch("groups", &["name"], &[]),
+        ],
+        "h",
+    );
+    for round in 0..20 {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let racers: Vec<_> = ["users", "groups"]
+            .into_iter()
+            .map(|table| {
+                let mut b = db.open();
+                let (barrier, h) = (barrier.clone(), h.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    b.backfills(&request(&h, &[table]))
+                })
+            })
+            .collect();
+        let results: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+        let won: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        let lost = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert!(
+            matches!(lost, BackendError::Invalid(_)),
+            "round {round}: {lost:?}"
+        );
+        assert!(one_line(lost).contains("is already requested"), "{lost}");
+        let pending = admin
+            .backfills(&BackfillRequest::Pending {
+                consumer: h.clone(),
+            })
+            .unwrap()
+            .backfills;
+        assert_eq!(pending.len(), 1, "round {round}");
+        admin
+            .backfills(&BackfillRequest::Cancel {
+                consumer: h.clone(),
+            })
+            .unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A backfill through the daemon
+// ---------------------------------------------------------------------------------------
+
+/// The whole path through the real daemon and the recorder plugin: a backfill requested
+/// through the backend (as `epidemic backfill` will) for a running daemon's consumer,
+/// while a writer updates, inserts and deletes rows; the daemon is SIGKILLed mid-backfill
+/// and resumes after the last chunk it finished (not from the start). At the end the last
+/// value the recorder received for each key equals the table's row, and no snapshot row
+/// arrived after a live change of its key that was newer.
+#[test]
+fn a_backfill_through_the_daemon_converges_and_resumes_after_a_kill() {
+    const ROWS: i64 = 4000;
+    let db = Db::new(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, version INTEGER NOT NULL);",
+    );
+    let (dir, path) = (db._dir.path(), db.path.clone());
+    let rows: String = (1..=ROWS)
+        .map(|i| format!("INSERT INTO users VALUES ({i}, 'u{i}', 1);\n"))
+        .collect();
+    db.write(&format!("BEGIN;\n{rows}COMMIT;"));
+    let out = dir.join("rec.jsonl");
+    let config = dir.join("epidemic.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = {:?}\n\n[daemon]\nname = \"mx1\"\nbackfill_chunk = 5\n\n{}",
+            sqlite::url(&path),
+            epidemic_tests::recorder_handler("rec", &out, "users", &["name", "version"], "")
+        ),
+    )
+    .unwrap();
+    let install = epidemic_tests::epidemic(&config, &["install"]);
+    assert!(
+        install.status.success(),
+        "{}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let log = dir.join("daemon.log");
+    let started = |d: &Daemon, n: usize| {
+        assert!(
+            wait_until(WAIT, || d.log_text().matches("epidemic started").count()
+                >= n),
+            "daemon did not start:\n{}",
+            d.log_text()
+        );
+    };
+    let mut daemon = Daemon::start(&config, &log, &[]);
+    started(&daemon, 1);
+
+    // A writer that keeps going across the kill: updates bump the version, inserts use
+    // ids no row ever had, deletes.
+    let mut rng = Rng::new(42);
+    let mut script = String::from("PRAGMA synchronous = OFF;\n");
+    let mut fresh = 1_000_000;
+    for i in 0..6000 {
+        let id = rng.range(1, ROWS);
+        match rng.below(10) {
+            0 => {
+                fresh += 1;
+                script.push_str(&format!("INSERT INTO users VALUES ({fresh}, 'n{i}', 1);\n"));
+            }
+            1 => script.push_str(&format!("DELETE FROM users WHERE id = {id};\n")),
+            _ => script.push_str(&format!(
+                "UPDATE users SET version = version + 1, name = 'w{i}' WHERE id = {id};\n"
+            )),
+        }
+    }
+    let mut writer = db.sqlite3().stdout(Stdio::null()).spawn().expect("sqlite3");
+    let mut stdin = writer.stdin.take().expect("stdin");
+    let feed = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
+
+    let rec = Consumer {
+        daemon: "mx1".into(),
+        handler: "rec".into(),
+    };
+    let mut b = db.open();
+    b.backfills(&BackfillRequest::Request {
+        consumer: rec.clone(),
+        tables: vec!["users".into()],
+        requested_by: "test".into(),
+    })
+    .unwrap();
+    let snapshots =
+        |lines: &[serde_json::Value]| lines.iter().filter(|l| l["origin"] == "snapshot").count();
+    assert!(
+        wait_until(WAIT, || snapshots(&recorded(&out)) >= 300),
+        "no snapshot rows came:\n{}",
+        daemon.log_text()
+    );
+    daemon.kill();
+    let killed_at = recorded(&out).len();
+    let saved = b.backfills(&BackfillRequest::List).unwrap().backfills;
+    assert_eq!(saved.len(), 1);
+    assert_eq!(
+        saved[0].state,
+        BackfillState::Running,
+        "the backfill ended before the kill; make it longer"
+    );
+    assert!(saved[0].rows_done > 0);
+    let resume_after = saved[0].last_key.clone().expect("a last key")[0]
+        .as_i64()
+        .unwrap();
+
+    let daemon = Daemon::start(&config, &log, &[]);
+    started(&daemon, 2);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            b.backfills(&BackfillRequest::List).unwrap().backfills[0].state == BackfillState::Done
+        }),
+        "the backfill did not finish:\n{}",
+        daemon.log_text()
+    );
+    feed.join().unwrap().expect("feed sqlite3");
+    assert!(writer.wait().expect("sqlite3").success());
+    let table: std::collections::BTreeMap<i64, (String, i64)> = db
+        .sql("SELECT id, name, version FROM users;")
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (
+                f[0].parse().unwrap(),
+                (f[1].to_owned(), f[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    // Replay what the recorder received, in order.
+    let replay = |lines: &[serde_json::Value]| {
+        let mut state = std::collections::BTreeMap::new();
+        for l in lines {
+            let id = l["key"]["id"].as_i64().unwrap();
+            if l["op"] == "DELETE" {
+                state.remove(&id);
+            } else {
+                let new = &l["new"];
+                state.insert(
+                    id,
+                    (
+                        new["name"].as_str().unwrap().to_owned(),
+                        new["version"].as_i64().unwrap(),
+                    ),
+                );
+            }
+        }
+        state
+    };
+    assert!(
+        wait_until(WAIT, || replay(&recorded(&out)) == table),
+        "the recorder's last values differ from the table:\n{}",
+        daemon.log_text()
+    );
+    let lines = recorded(&out);
+    // The restarted daemon went on after the last chunk it had finished.
+    let resumed: Vec<i64> = lines[killed_at..]
+        .iter()
+        .filter(|l| l["origin"] == "snapshot")
+        .map(|l| l["key"]["id"].as_i64().unwrap())
+        .collect();
+    assert!(!resumed.is_empty());
+    assert!(
+        resumed.iter().all(|id| *id > resume_after),
+        "resumed from the start, not after {resume_after}"
+    );
+    assert!(daemon.log_text().contains("snapshot of a table done"));
+    // No snapshot row older than a live change of its key received before it.
+    let mut newest_live: std::collections::HashMap<i64, Option<i64>> = Default::default();
+    for l in &lines {
+        let id = l["key"]["id"].as_i64().unwrap();
+        let version = l["new"]["version"].as_i64();
+        if l["origin"] == "snapshot" {
+            if let Some(live) = newest_live.get(&id) {
+                let v = version.unwrap();
+                match live {
+                    None => panic!("a snapshot row of {id} came after its delete"),
+                    Some(lv) => assert!(
+                        v >= *lv,
+                        "snapshot version {v} of {id} after live version {lv}"
+                    ),
+                }
+            }
+        } else {
+            newest_live.insert(id, version);
+        }
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l["origin"] == "live" && l["op"] == "DELETE"));
+    assert!(snapshots(&lines) >= (ROWS as usize) / 2);
 }

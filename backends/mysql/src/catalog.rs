@@ -258,7 +258,7 @@ impl<'c> MySqlCatalog<'c> {
                 .collect();
             let types = found
                 .iter()
-                .map(|h| h.map_or(ColumnType::Other, SourceColumn::kind))
+                .map(|h| h.map_or(ColumnType::Missing, SourceColumn::kind))
                 .collect();
             let key = self.key_of(&t.name, &w.key)?;
             out.push(Watch {

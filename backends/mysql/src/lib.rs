@@ -47,6 +47,7 @@
 //! for the reading rule, `install.rs` for the objects.
 
 mod backfill;
+mod barrier;
 mod capture;
 mod cascade;
 mod catalog;
@@ -72,9 +73,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use epidemic_plugin_sdk::backend::{
-    Backend, BackendError, BackfillReply, BackfillRequest, Batch, Capabilities, Chunk,
-    ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest,
-    LeaseState, Registered, Scratch, StartFrom, Status, Watch,
+    Backend, BackendError, BackfillReply, BackfillRequest, BarrierReply, BarrierRequest, Batch,
+    Capabilities, Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use epidemic_plugin_sdk::tracing;
 use mysql::Conn;
@@ -333,10 +334,19 @@ impl Backend for MySqlBackend {
         )
     }
 
+    fn barrier(&mut self, request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        barrier::barrier(&mut self.conn, request)
+    }
+
     /// Trigger bodies contain `;`, which the `mysql` client takes as the end of the
     /// statement unless the delimiter is changed around them.
     fn render_script(&self, statements: &[String]) -> String {
-        statements
+        // MySQL commits each DDL statement on its own: say so, rather than pretend.
+        let header = "-- MySQL/MariaDB commit every CREATE/ALTER/DROP on its own: this script \
+                      cannot be applied atomically.\n-- If it stops half-way, fix the cause and \
+                      run `epidemic install` (or a new `epidemic sql`): it plans from what \
+                      exists.\n\n";
+        let body: String = statements
             .iter()
             .map(|s| {
                 if s.trim_start().starts_with("CREATE TRIGGER") {
@@ -345,7 +355,8 @@ impl Backend for MySqlBackend {
                     format!("{s};\n\n")
                 }
             })
-            .collect()
+            .collect();
+        format!("{header}{body}")
     }
 
     fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {

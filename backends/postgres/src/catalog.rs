@@ -204,7 +204,7 @@ pub(crate) fn resolve(
                     table
                         .columns
                         .get(c)
-                        .map_or(ColumnType::Other, UserColumn::kind)
+                        .map_or(ColumnType::Missing, UserColumn::kind)
                 })
                 .collect();
             Ok(Watch {

@@ -36,6 +36,7 @@
 //! keep any state that matters outside the database (a killed daemon loses nothing),
 //! or speak TLS (the URL must allow a plain connection).
 
+mod barrier;
 mod capture;
 mod catalog;
 mod conn;
@@ -59,9 +60,9 @@ pub use error::PgError;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::backend::{
-    kit, Backend, BackendError, Batch, BenchVariant, Capabilities, Consumer, DeadLetter,
-    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom,
-    Status, Watch,
+    kit, Backend, BackendError, BarrierReply, BarrierRequest, Batch, BenchVariant, Capabilities,
+    Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Registered,
+    Scratch, StartFrom, Status, Watch,
 };
 use postgres::Client;
 
@@ -155,6 +156,13 @@ impl Backend for PgBackend {
 
     fn install(&mut self, watches: &[Watch]) -> Result<Vec<String>, BackendError> {
         Ok(self.apply("install", |i, tx| i.plan_install(tx, watches))?)
+    }
+
+    /// One transaction, as install itself applies it: a DBA's `psql -f` applies all of it
+    /// or nothing.
+    fn render_script(&self, statements: &[String]) -> String {
+        let body: String = statements.iter().map(|s| format!("{s};\n\n")).collect();
+        format!("BEGIN;\n\n{body}COMMIT;\n")
     }
 
     fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
@@ -272,6 +280,14 @@ impl Backend for PgBackend {
 
     fn status(&mut self) -> Result<Status, BackendError> {
         Ok(status::status(&mut self.client, &self.options.schema)?)
+    }
+
+    fn barrier(&mut self, request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        Ok(barrier::barrier(
+            &mut self.client,
+            &self.options.schema,
+            request,
+        )?)
     }
 
     /// Only ever touches the scratch table; see module `scratch`.

@@ -12,6 +12,9 @@
 //! alone is a change) and AFTER DELETE copy the old and new values into the log; the
 //! BEFORE triggers of [`crate::replace`] catch the rows a REPLACE removes silently.
 //!
+//! A backfill's watermark (see [`crate::snapshot`]) is a log row too: op [`WATERMARK_OP`],
+//! every value NULL, written by the backend itself, never by a trigger.
+//!
 //! A log table never changes shape but by growing: columns are added, never dropped, so
 //! a row logged before a key or column change still reads the values it was logged with.
 
@@ -34,6 +37,11 @@ pub(crate) const TRIGGERS: &[(&str, Op)] = &[
     ("insert_replace", Op::Delete),
     ("update_replace", Op::Delete),
 ];
+
+/// The op of a backfill's watermark in a log table. Triggers write only `I`, `U` and
+/// `D` (no trigger any Epidemic ever created writes anything else), so a reader never
+/// takes a watermark for a change, nor a change for a watermark.
+pub(crate) const WATERMARK_OP: &str = "W";
 
 pub(crate) fn trigger_name(table: &str, suffix: &str) -> String {
     format!("epidemic_{table}_{suffix}")
@@ -126,6 +134,17 @@ impl SqliteLogTable {
     /// The current key (the latest epoch's); empty for a registry without keys.
     pub fn key(&self) -> &[String] {
         self.keys.last().map_or(&[], |e| &e.columns)
+    }
+
+    /// The key columns of the current key epoch, shared with the changes that carry them;
+    /// `None` for a registry without keys.
+    pub fn current_key(&self) -> Option<&KeyEpoch> {
+        self.keys.last()
+    }
+
+    /// An empty column list, shared (a watermark carries no columns and no key).
+    pub fn no_columns(&self) -> &Arc<[String]> {
+        &self.no_key
     }
 
     /// The key columns of log row `id` and where they are among the captured columns.

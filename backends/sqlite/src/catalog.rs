@@ -168,7 +168,7 @@ pub(crate) fn resolve(conn: &Connection, w: &Watch) -> Result<Watch, BackendErro
             declared
                 .iter()
                 .find(|(n, _)| n == c)
-                .map_or(ColumnType::Other, |(_, t)| *t)
+                .map_or(ColumnType::Missing, |(_, t)| *t)
         })
         .collect();
     Ok(Watch {

@@ -7,6 +7,8 @@
 //! - `epidemic_cursor`: one row per (daemon, handler, table): the last id handled.
 //! - `epidemic_dead_letter`: changes handlers gave up on.
 //! - `epidemic_daemon`: one row per daemon name: the lease of the live daemon using it.
+//! - `epidemic_backfill`: one row per (daemon, handler, table) backfill: its state and
+//!   progress (see [`crate::backfill`]).
 //! - per watched table, what [`crate::capture`] and [`crate::replace`] create: the log
 //!   table `epidemic_log_<table>`, the triggers `epidemic_<table>_*` and the scratch table
 //!   `epidemic_replaced_<table>`.
@@ -30,6 +32,7 @@ use epidemic_plugin_sdk::backend::{BackendError, Watch};
 use epidemic_plugin_sdk::ident;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
+use crate::backfill::{BACKFILL_DDL, BACKFILL_TABLE};
 use crate::capture::{
     last_id, log_table_name, plan_log, plan_triggers, trigger_name, SqliteLogTable, TRIGGERS,
 };
@@ -91,6 +94,7 @@ const DAEMON_DDL: &str = "CREATE TABLE IF NOT EXISTS epidemic_daemon (
 
 /// Fixed bookkeeping tables, in the order uninstall drops them.
 const OWN_TABLES: &[&str] = &[
+    BACKFILL_TABLE,
     "epidemic_daemon",
     "epidemic_dead_letter",
     "epidemic_cursor",
@@ -247,6 +251,7 @@ pub(crate) fn plan_install(
         CURSOR_DDL.to_owned(),
         DEAD_LETTER_DDL.to_owned(),
         DAEMON_DDL.to_owned(),
+        BACKFILL_DDL.to_owned(),
     ]);
     for w in watches {
         plan_table(conn, w, &mut plan)?;

@@ -26,12 +26,16 @@
 //! - `replace`: the capture of rows `REPLACE` removes without a DELETE trigger.
 //! - `reader`: fetch and ack.
 //! - `consumers`: register, unregister, heartbeats, eviction.
+//! - `snapshot`: a backfill's chunk read by key and its watermark in the log.
+//! - `backfill`: backfill requests and progress.
 //! - `prune`, `wake` (file events confirmed by `PRAGMA data_version`),
 //!   `dead_letters`, `status`, `lease`, `scratch`.
 //!
 //! The backend never changes the user's tables or the database's journal mode; WAL is
 //! recommended (see the README) but left to the application that owns the database.
 
+mod backfill;
+mod barrier;
 mod capture;
 mod catalog;
 mod conn;
@@ -45,6 +49,7 @@ mod prune;
 mod reader;
 mod replace;
 mod scratch;
+mod snapshot;
 mod status;
 mod wake;
 
@@ -52,8 +57,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::backend::{
-    Backend, BackendError, Batch, Capabilities, Consumer, DeadLetter, DeadLetterQuery,
-    DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
+    Backend, BackendError, BackfillReply, BackfillRequest, BarrierReply, BarrierRequest, Batch,
+    Capabilities, Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use rusqlite::Connection;
 
@@ -114,6 +120,13 @@ impl Backend for SqliteBackend {
         install::apply(&mut self.conn, |c| install::plan_install(c, watches))
     }
 
+    /// One write transaction, as install itself applies it (`BEGIN IMMEDIATE`: the write
+    /// lock first), so `sqlite3 db < script` applies all of it or nothing.
+    fn render_script(&self, statements: &[String]) -> String {
+        let body: String = statements.iter().map(|s| format!("{s};\n\n")).collect();
+        format!("BEGIN IMMEDIATE;\n\n{body}COMMIT;\n")
+    }
+
     fn plan_uninstall(&mut self) -> Result<Vec<String>, BackendError> {
         install::plan_uninstall(&self.conn)
     }
@@ -158,6 +171,7 @@ impl Backend for SqliteBackend {
 
     fn unregister(&mut self, consumer: &Consumer) -> Result<bool, BackendError> {
         self.reader.forget(consumer);
+        backfill::forget(&self.conn, consumer)?;
         consumers::unregister(&self.conn, consumer)
     }
 
@@ -188,6 +202,19 @@ impl Backend for SqliteBackend {
 
     fn status(&mut self) -> Result<Status, BackendError> {
         status::status(&self.conn)
+    }
+
+    /// One bounded SELECT by key, then the watermark (see `snapshot`).
+    fn snapshot_chunk(&mut self, request: &ChunkRequest) -> Result<Chunk, BackendError> {
+        snapshot::snapshot_chunk(&self.conn, request)
+    }
+
+    fn backfills(&mut self, request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
+        backfill::backfills(&mut self.conn, request)
+    }
+
+    fn barrier(&mut self, request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        barrier::barrier(&self.conn, request)
     }
 
     fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {

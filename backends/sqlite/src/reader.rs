@@ -13,6 +13,11 @@
 //! table (no order across tables), so `txid` and `commit_seq` are `None`; it has no
 //! schemas, so `schema` is `None`.
 //!
+//! A backfill's watermark (op `W`, see `snapshot`) is a log row like any other for the
+//! cursor: it is read in id order with the changes around it and comes to every consumer
+//! of the table as a change of origin `Watermark` with its log id and stable id, no key,
+//! no columns and no values. The host consumes it; acks and prune pass it like a change.
+//!
 //! Acks: an ack the database refuses because an application holds the write lock longer
 //! than `busy_timeout_ms` is remembered and written before the next read, so the handler
 //! is not handed the same changes again once per timeout (see
@@ -25,7 +30,7 @@ use epidemic_plugin_sdk::backend::{kit, BackendError, Batch, Consumer};
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
 use rusqlite::{params, Connection};
 
-use crate::capture::SqliteLogTable;
+use crate::capture::{SqliteLogTable, WATERMARK_OP};
 use crate::consumers::gone;
 use crate::error::sql_err;
 use crate::install::watched;
@@ -249,7 +254,9 @@ fn write_ack(
     })
 }
 
-fn value(v: rusqlite::types::ValueRef<'_>) -> Value {
+/// A value as SQLite stored it: the log and a snapshot read of the user's table give the
+/// same `Value` for the same stored value.
+pub(crate) fn value(v: rusqlite::types::ValueRef<'_>) -> Value {
     use rusqlite::types::ValueRef;
     match v {
         ValueRef::Null => Value::Null,
@@ -276,6 +283,27 @@ fn read_log(
         let id: i64 = row.get(0).map_err(sql_err)?;
         let op: String = row.get(1).map_err(sql_err)?;
         let changed_at_us: i64 = row.get(2).map_err(sql_err)?;
+        if op == WATERMARK_OP {
+            out.push(Change {
+                id,
+                stable_id: kit::stable_id(identity, id),
+                schema: None,
+                table: log.source_table.clone(),
+                op: Op::Insert,
+                origin: Origin::Watermark,
+                key_columns: log.no_columns().clone(),
+                key: Vec::new(),
+                old_key: None,
+                columns: log.no_columns().clone(),
+                old: None,
+                new: None,
+                changed_at_us,
+                txid: None,
+                commit_seq: None,
+                attempt: 0,
+            });
+            continue;
+        }
         let op = Op::from_code(&op).ok_or_else(|| {
             BackendError::Other(format!("unknown op {op:?} in {}", log.log_table))
         })?;

@@ -331,8 +331,10 @@ pub trait RawBackend: Send {
     /// `ChunkRequest` as JSON in.
     fn snapshot_chunk(&mut self, request_json: RStr<'_>) -> RResult<RChunk, RError>;
     /// `BackfillRequest` in, `BackfillReply` out, as JSON.
-    #[sabi(last_prefix_field)]
     fn backfills(&mut self, request_json: RStr<'_>) -> RResult<RString, RError>;
+    /// `BarrierRequest` in, `BarrierReply` out, as JSON.
+    #[sabi(last_prefix_field)]
+    fn barrier(&mut self, request_json: RStr<'_>) -> RResult<RString, RError>;
 }
 
 pub type BackendBox = RawBackend_TO<'static, RBox<()>>;

@@ -535,6 +535,18 @@ impl HostBackend {
             .map_err(|e| BackendError::Other(format!("backend sent bad backfills: {e}")))
     }
 
+    /// Fences and laggards for `epidemic wait`.
+    pub fn barrier(
+        &mut self,
+        request: &epidemic_plugin_sdk::backend::BarrierRequest,
+    ) -> Result<epidemic_plugin_sdk::backend::BarrierReply, BackendError> {
+        let json =
+            serde_json::to_string(request).map_err(|e| BackendError::Other(e.to_string()))?;
+        let out = ok::<_, BackendError>(self.inner.barrier(RStr::from_str(&json)))?;
+        serde_json::from_str(&out)
+            .map_err(|e| BackendError::Other(format!("backend sent a bad barrier reply: {e}")))
+    }
+
     pub fn status(&mut self) -> Result<Status, BackendError> {
         let out = ok::<_, BackendError>(self.inner.status())?;
         serde_json::from_str(&out)

@@ -15,6 +15,7 @@ use epidemic_plugin_abi::{
 
 use super::{Backend, BackendError, Consumer, Registered, StartFrom};
 use crate::backfill::{BackfillRequest, ChunkRequest};
+use crate::barrier::BarrierRequest;
 use crate::boundary::{self, ColumnCache};
 use crate::context::{self, Logger};
 use crate::handler::guard;
@@ -295,6 +296,12 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
     fn backfills(&mut self, request_json: RStr<'_>) -> RResult<RString, RError> {
         self.call_json(request_json, |b, r: BackfillRequest| {
             res(b.backfills(&r), |reply| to_json(&reply))
+        })
+    }
+
+    fn barrier(&mut self, request_json: RStr<'_>) -> RResult<RString, RError> {
+        self.call_json(request_json, |b, r: BarrierRequest| {
+            res(b.barrier(&r), |reply| to_json(&reply))
         })
     }
 }

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::backfill::{
     BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Chunk, ChunkRequest,
 };
+pub use crate::barrier::{BarrierReply, BarrierRequest, Laggard};
 use crate::change::Change;
 pub use crate::ops::{
     ConsumerStatus, DeadLetter, DeadLetterQuery, DeadLetterUpdate, LeaseHolder, LeaseRequest,
@@ -79,8 +80,9 @@ pub struct Watch {
     /// "the table's primary key", which [`Backend::resolve`] fills in.
     pub key: Vec<String>,
     /// The type of each of `columns`, as [`Backend::resolve`] found them in the catalog
-    /// (one per column, in order), so the host can check a handler's row filter at
-    /// start; empty when the backend does not say.
+    /// (one per column, in order; [`ColumnType::Missing`] for a column the table lacks),
+    /// so the host can check a handler's row filter at start; empty when the backend does
+    /// not say.
     pub types: Vec<ColumnType>,
 }
 
@@ -98,6 +100,8 @@ pub enum ColumnType {
     /// Dates, times, JSON, arrays, …: delivered as text.
     #[default]
     Other,
+    /// The table has no such column.
+    Missing,
 }
 
 impl ColumnType {
@@ -110,6 +114,7 @@ impl ColumnType {
             ColumnType::Bytes => "bytes",
             ColumnType::Bool => "bool",
             ColumnType::Other => "other",
+            ColumnType::Missing => "missing",
         }
     }
 
@@ -122,6 +127,7 @@ impl ColumnType {
             "text" => ColumnType::Text,
             "bytes" => ColumnType::Bytes,
             "bool" => ColumnType::Bool,
+            "missing" => ColumnType::Missing,
             _ => ColumnType::Other,
         }
     }
@@ -350,6 +356,11 @@ pub trait Backend: Send + 'static {
     /// Store and read backfill requests and progress (see [`BackfillRequest`]).
     fn backfills(&mut self, _request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
         Err(unsupported(Self::NAME, "backfills"))
+    }
+
+    /// Fences and laggards for `epidemic wait` (see [`crate::barrier`]).
+    fn barrier(&mut self, _request: &BarrierRequest) -> Result<BarrierReply, BackendError> {
+        Err(unsupported(Self::NAME, "epidemic wait"))
     }
 }
 

@@ -21,6 +21,8 @@ struct MaildirConfigFile {
     quota_column: String,
     #[serde(default)]
     on_delete: OnDelete,
+    #[serde(default)]
+    orphans: Orphans,
     archive_dir: Option<PathBuf>,
     dir_mode: Option<DirMode>,
     uid: Option<u32>,
@@ -50,6 +52,31 @@ pub enum OnDelete {
     Archive,
 }
 
+/// What the end of a whole snapshot of the table does with a Maildir that no row backs
+/// (an orphan). It is logged in every mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Orphans {
+    /// Leave it where it is.
+    #[default]
+    Keep,
+    /// Move it into `archive_dir`.
+    Archive,
+    /// Remove the directory and everything in it.
+    Remove,
+}
+
+impl Orphans {
+    /// The mode as the config file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Orphans::Keep => "keep",
+            Orphans::Archive => "archive",
+            Orphans::Remove => "remove",
+        }
+    }
+}
+
 /// `dir_mode` as TOML allows it: an integer (`0o700`) or an octal string (`"0700"`).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -66,6 +93,7 @@ pub struct MaildirConfig {
     pub username_column: String,
     pub quota_column: String,
     pub on_delete: OnDelete,
+    pub orphans: Orphans,
     pub archive_dir: PathBuf,
     pub dir_mode: u32,
     pub uid: Option<u32>,
@@ -131,7 +159,7 @@ impl MaildirConfig {
                 ));
             }
         }
-        if file.on_delete == OnDelete::Archive {
+        if file.on_delete == OnDelete::Archive || file.orphans == Orphans::Archive {
             // Archiving is a rename, which cannot cross file systems.
             let base_dev = device(&file.base_dir)?;
             let archive_dev = device(nearest_existing(&archive_dir))?;
@@ -165,6 +193,7 @@ impl MaildirConfig {
             username_column: file.username_column,
             quota_column: file.quota_column,
             on_delete: file.on_delete,
+            orphans: file.orphans,
             archive_dir,
             dir_mode,
             uid: file.uid,

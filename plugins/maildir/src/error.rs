@@ -34,6 +34,13 @@ pub enum MaildirError {
     #[error("refusing to {action} {}: it is neither empty nor a Maildir (no cur directory)", path.display())]
     NotAMaildir { action: &'static str, path: PathBuf },
 
+    #[error("refusing to {action} orphan {}: {reason}", path.display())]
+    UnsafeOrphan {
+        action: &'static str,
+        path: PathBuf,
+        reason: &'static str,
+    },
+
     #[error("cannot rename {} to {}: the target already exists", from.display(), to.display())]
     RenameTargetExists { from: PathBuf, to: PathBuf },
 
@@ -77,6 +84,7 @@ impl MaildirError {
             | MaildirError::InvalidQuota { .. }
             | MaildirError::NotADirectory { .. }
             | MaildirError::NotAMaildir { .. }
+            | MaildirError::UnsafeOrphan { .. }
             | MaildirError::RenameTargetExists { .. }
             | MaildirError::RenameIntoItself { .. }
             | MaildirError::ArchiveNamesExhausted { .. } => true,

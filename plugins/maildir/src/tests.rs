@@ -4,9 +4,16 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use epidemic_plugin_sdk::testing::{delete, insert, update, Harness};
-use epidemic_plugin_sdk::{Change, Handler, HandlerError, Op, Value};
+use epidemic_plugin_sdk::abi::abi_stable::sabi_trait::TD_Opaque;
+use epidemic_plugin_sdk::abi::abi_stable::std_types::{RArc, RStr, RString, RVec, Tuple2};
+use epidemic_plugin_sdk::abi::{RLevel, RawLogger, RawLogger_TO};
+use epidemic_plugin_sdk::testing::{delete, insert, keyed, update, Harness};
+use epidemic_plugin_sdk::{
+    Change, Context, Handler, HandlerError, Logger, Op, SnapshotEvent, Value,
+};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -551,6 +558,10 @@ fn bad_configs_are_refused() {
         (json!({ "base_dir": base, "bogus": 1 }), "bogus"),
         (json!({ "base_dir": base, "on_delete": "shred" }), "shred"),
         (
+            json!({ "base_dir": base, "orphans": "delete" }),
+            "expected one of `keep`, `archive`, `remove`",
+        ),
+        (
             json!({ "base_dir": base, "archive_dir": format!("{base}/archive") }),
             "dot",
         ),
@@ -650,4 +661,559 @@ fn mixed_stream_ends_with_the_expected_tree() {
             .map(String::from)
             .into()
     );
+}
+
+// Orphans: Maildirs no row backs at the end of a whole snapshot of the table.
+
+/// The lines a handler logs, caught by a logger that stands in for the daemon's.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<Mutex<Vec<(RLevel, String)>>>);
+
+impl RawLogger for CapturedLog {
+    fn enabled(&self, _: RLevel) -> bool {
+        true
+    }
+
+    fn log(
+        &self,
+        level: RLevel,
+        _: RStr<'_>,
+        message: RStr<'_>,
+        fields: RVec<Tuple2<RString, RString>>,
+    ) {
+        let mut line = message.as_str().to_owned();
+        for Tuple2(k, v) in fields.iter() {
+            line.push_str(&format!(" {k}={v}"));
+        }
+        self.0.lock().unwrap().push((level, line));
+    }
+}
+
+impl CapturedLog {
+    fn logger(&self) -> Logger {
+        Logger::from_host(RawLogger_TO::from_ptr(RArc::new(self.clone()), TD_Opaque))
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .filter(|(level, _)| *level == RLevel::Warn)
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+
+    fn all(&self) -> Vec<String> {
+        let lines = self.0.lock().unwrap();
+        lines.iter().map(|(_, line)| line.clone()).collect()
+    }
+
+    /// The warnings about one Maildir: those naming its path as a field.
+    fn about(&self, path: &Path) -> Vec<String> {
+        let field = format!("path={}", path.display());
+        self.warnings()
+            .into_iter()
+            .filter(|l| l.split(' ').any(|w| w == field))
+            .collect()
+    }
+
+    /// The summary line of the orphan check.
+    fn summary(&self) -> String {
+        let found: Vec<String> = self
+            .all()
+            .into_iter()
+            .filter(|l| l.starts_with("orphan check done"))
+            .collect();
+        assert_eq!(found.len(), 1, "expected one summary line: {found:#?}");
+        found[0].clone()
+    }
+}
+
+/// A fixture whose handler logs into a [`CapturedLog`], as `[[handler]]` `mx-maildir`.
+fn logged(extra: serde_json::Value) -> (Fixture, CapturedLog) {
+    let log = CapturedLog::default();
+    let mut f = Fixture::with(extra.clone());
+    let mut config = json!({ "base_dir": f.base });
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    let ctx = Context::new("test", "mx-maildir", log.logger());
+    f.handler = Harness::with_context(config, &ctx).unwrap();
+    (f, log)
+}
+
+fn keyed_row(id: i64, username: &str, quota: Option<i64>) -> [(&'static str, Value); 3] {
+    [
+        ("id", id.into()),
+        ("username", username.into()),
+        ("quota_bytes", quota.into()),
+    ]
+}
+
+/// A row as a snapshot reads it.
+fn snapshot_row(id: i64, username: &str, quota: Option<i64>) -> Change {
+    keyed(insert(TABLE, &keyed_row(id, username, quota)), &["id"])
+}
+
+fn live_add(id: i64, username: &str, quota: Option<i64>) -> Change {
+    keyed(insert(TABLE, &keyed_row(id, username, quota)), &["id"])
+}
+
+fn live_rename(id: i64, old: &str, new: &str) -> Change {
+    keyed(
+        update(TABLE, &keyed_row(id, old, None), &keyed_row(id, new, None)),
+        &["id"],
+    )
+}
+
+fn live_remove(id: i64, username: &str) -> Change {
+    keyed(delete(TABLE, &keyed_row(id, username, None)), &["id"])
+}
+
+fn began(resumed: bool) -> SnapshotEvent {
+    SnapshotEvent::Began {
+        table: TABLE.to_owned(),
+        resumed,
+    }
+}
+
+fn ended(rows: u64, whole: bool) -> SnapshotEvent {
+    SnapshotEvent::Ended {
+        table: TABLE.to_owned(),
+        rows,
+        whole,
+    }
+}
+
+impl Fixture {
+    fn snapshot(&mut self, event: SnapshotEvent) {
+        self.handler.snapshot(event).unwrap();
+    }
+
+    fn snapshot_row(&mut self, change: Change) {
+        assert!(self.handler.send_snapshot_row(change).unwrap());
+    }
+
+    /// A Maildir made behind the handler's back (restored from a backup, left from a user
+    /// deleted while this host was away), with one mail in it.
+    fn leftover(&self, rel: &str) {
+        let dir = self.path(rel);
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        fs::write(dir.join("cur/1.mail"), rel).unwrap();
+        age(&dir);
+    }
+
+    /// Everything under base_dir/archive whose name starts with `prefix`.
+    fn archived(&self, domain: &str, prefix: &str) -> Vec<PathBuf> {
+        let dir = self.path(".archive").join(domain);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .collect()
+    }
+
+    /// Make every Maildir look untouched since long before the snapshot, so that only
+    /// which rows back it decides (not the rule that keeps what changed meanwhile).
+    fn age_all(&self) {
+        for rel in self.maildirs() {
+            age(&self.path(&rel));
+        }
+    }
+}
+
+/// Set the modification time of a Maildir and of its cur, new and tmp (those that are
+/// there) to an hour ago.
+fn age(dir: &Path) {
+    let past = SystemTime::now() - Duration::from_secs(3600);
+    for path in [
+        dir.to_owned(),
+        dir.join("cur"),
+        dir.join("new"),
+        dir.join("tmp"),
+    ] {
+        if let Ok(file) = fs::File::open(&path) {
+            file.set_modified(past).unwrap();
+        }
+    }
+}
+
+/// The table holds ann@example.org and bob; the disk also has three Maildirs no row
+/// backs. No snapshot has begun.
+fn orphans_on_disk(mode: &str) -> (Fixture, CapturedLog) {
+    let (mut f, log) = logged(json!({ "orphans": mode }));
+    f.send(add("ann@example.org", Some(1))).unwrap();
+    f.send(add("bob", None)).unwrap();
+    f.leftover("example.org/old");
+    f.leftover("other.org/leftover");
+    f.leftover("gone");
+    f.age_all();
+    (f, log)
+}
+
+/// [`orphans_on_disk`], and a snapshot that began and brought both rows.
+fn with_orphans(mode: &str) -> (Fixture, CapturedLog) {
+    let (mut f, log) = orphans_on_disk(mode);
+    f.snapshot(began(false));
+    f.snapshot_row(snapshot_row(1, "ann@example.org", Some(1)));
+    f.snapshot_row(snapshot_row(2, "bob", None));
+    f.age_all();
+    (f, log)
+}
+
+const ORPHANS: [&str; 3] = ["example.org/old", "other.org/leftover", "gone"];
+
+#[test]
+fn orphans_are_kept_and_reported_by_default() {
+    let (mut f, log) = with_orphans("keep");
+    let before = f.everything();
+    f.snapshot(ended(2, true));
+    assert_eq!(f.everything(), before, "keep changed the disk");
+    for rel in ORPHANS {
+        let lines = log.about(&f.path(rel));
+        assert_eq!(lines.len(), 1, "{rel}: {lines:#?}");
+        assert!(lines[0].contains("kept"), "{}", lines[0]);
+    }
+    for rel in ["example.org/ann", "bob"] {
+        assert!(log.about(&f.path(rel)).is_empty(), "{rel} was reported");
+    }
+    let summary = log.summary();
+    assert!(summary.contains("orphans=3"), "{summary}");
+    assert!(summary.contains("mode=keep"), "{summary}");
+    assert!(summary.contains("kept=3"), "{summary}");
+}
+
+#[test]
+fn orphans_keep_is_the_default() {
+    let (mut f, log) = logged(json!({}));
+    f.leftover("gone");
+    f.snapshot(began(false));
+    f.snapshot(ended(0, true));
+    assert_maildir(&f.path("gone"));
+    assert!(log.summary().contains("mode=keep"));
+}
+
+#[test]
+fn orphans_are_archived_under_a_unique_name() {
+    let (mut f, log) = with_orphans("archive");
+    f.snapshot(ended(2, true));
+    assert_eq!(
+        f.maildirs(),
+        ["example.org/ann", "bob"].map(String::from).into()
+    );
+    for (domain, local, rel) in [
+        ("example.org", "old", "example.org/old"),
+        ("other.org", "leftover", "other.org/leftover"),
+        ("", "gone", "gone"),
+    ] {
+        let found = f.archived(domain, &format!("{local}-orphan-"));
+        assert_eq!(found.len(), 1, "{rel}: {found:?}");
+        assert_eq!(
+            fs::read_to_string(found[0].join("cur/1.mail")).unwrap(),
+            rel,
+            "the mail moved with it"
+        );
+        let lines = log.about(&f.path(rel));
+        assert_eq!(lines.len(), 1, "{rel}: {lines:#?}");
+        assert!(lines[0].contains("archived"), "{}", lines[0]);
+    }
+    assert!(!f.path("other.org").exists(), "the emptied domain was left");
+    assert!(log.summary().contains("archived=3"), "{}", log.summary());
+
+    // The same orphan name again (a user re-created and orphaned again) never
+    // overwrites the first archive.
+    f.leftover("gone");
+    f.snapshot(began(false));
+    f.snapshot_row(snapshot_row(1, "ann@example.org", Some(1)));
+    f.snapshot_row(snapshot_row(2, "bob", None));
+    f.age_all();
+    f.snapshot(ended(2, true));
+    assert_eq!(f.archived("", "gone-orphan-").len(), 2);
+}
+
+#[test]
+fn orphans_are_removed_like_a_delete() {
+    let (mut f, log) = with_orphans("remove");
+    fs::write(f.path("example.org/ann/cur/1.mail"), "ann's").unwrap();
+    f.age_all();
+    f.snapshot(ended(2, true));
+    assert_eq!(
+        f.maildirs(),
+        ["example.org/ann", "bob"].map(String::from).into()
+    );
+    assert!(!f.path("other.org").exists(), "the emptied domain was left");
+    assert!(!f.path(".archive").exists());
+    assert_eq!(
+        fs::read_to_string(f.path("example.org/ann/cur/1.mail")).unwrap(),
+        "ann's"
+    );
+    for rel in ORPHANS {
+        let lines = log.about(&f.path(rel));
+        assert_eq!(lines.len(), 1, "{rel}: {lines:#?}");
+        assert!(lines[0].contains("removed"), "{}", lines[0]);
+    }
+    assert!(log.summary().contains("removed=3"), "{}", log.summary());
+}
+
+#[test]
+fn users_renamed_or_deleted_during_the_snapshot() {
+    let (mut f, log) = logged(json!({ "orphans": "remove" }));
+    for (id, user) in [(1, "ann@example.org"), (2, "bob@example.org"), (3, "carl")] {
+        f.send(live_add(id, user, None)).unwrap();
+    }
+    f.snapshot(began(false));
+    // Renamed after its snapshot row came: the new name is backed, not the old.
+    f.snapshot_row(snapshot_row(1, "ann@example.org", None));
+    f.send(live_rename(1, "ann@example.org", "anna@example.net"))
+        .unwrap();
+    // Renamed before its snapshot row would have come (the snapshot drops that row).
+    f.send(live_rename(2, "bob@example.org", "bob")).unwrap();
+    // Deleted after its snapshot row came.
+    f.snapshot_row(snapshot_row(3, "carl", None));
+    f.send(live_remove(3, "carl")).unwrap();
+    // A row whose username was taken over by another row is backed again.
+    f.send(live_add(4, "carl", None)).unwrap();
+    f.age_all();
+    f.snapshot(ended(2, true));
+    assert_eq!(
+        f.maildirs(),
+        ["example.net/anna", "bob", "carl"].map(String::from).into()
+    );
+    assert!(log.summary().contains("orphans=0"), "{}", log.summary());
+}
+
+#[test]
+fn a_user_deleted_during_the_snapshot_is_no_longer_backed() {
+    // The deleted row's Maildir could not be removed by its DELETE and comes back into
+    // view (a file system remounted): by the end no row backs it.
+    let (mut f, log) = logged(json!({ "orphans": "archive" }));
+    f.send(live_add(1, "ann@example.org", None)).unwrap();
+    f.send(live_add(2, "bob@example.org", None)).unwrap();
+    f.snapshot(began(false));
+    f.snapshot_row(snapshot_row(1, "ann@example.org", None));
+    f.snapshot_row(snapshot_row(2, "bob@example.org", None));
+    f.send(live_remove(1, "ann@example.org")).unwrap();
+    f.leftover("example.org/ann");
+    f.age_all();
+    f.snapshot(ended(2, true));
+    assert_eq!(f.maildirs(), ["example.org/bob"].map(String::from).into());
+    assert_eq!(f.archived("example.org", "ann-orphan-").len(), 1);
+    assert_eq!(log.about(&f.path("example.org/ann")).len(), 1);
+}
+
+#[test]
+fn a_user_inserted_during_the_snapshot_is_not_an_orphan() {
+    let (mut f, log) = logged(json!({ "orphans": "remove" }));
+    f.send(live_add(1, "ann@example.org", None)).unwrap();
+    // erin's Maildir is on disk already (a restored backup): the INSERT keeps it as is.
+    f.leftover("example.org/erin");
+    f.snapshot(began(false));
+    f.snapshot_row(snapshot_row(1, "ann@example.org", None));
+    f.send(live_add(7, "erin@example.org", None)).unwrap();
+    f.send(live_add(8, "fred", Some(5))).unwrap();
+    f.age_all();
+    f.snapshot(ended(1, true));
+    assert_eq!(
+        f.maildirs(),
+        ["example.org/ann", "example.org/erin", "fred"]
+            .map(String::from)
+            .into()
+    );
+    assert!(f.path("example.org/erin/cur/1.mail").exists());
+    assert!(log.summary().contains("orphans=0"), "{}", log.summary());
+}
+
+#[test]
+fn a_snapshot_row_writes_the_quota_like_an_insert() {
+    let (mut f, _log) = logged(json!({}));
+    f.leftover("example.org/ann");
+    fs::write(f.path("example.org/ann/maildirsize"), "100S\n5 1\n").unwrap();
+    f.leftover("bob");
+    fs::write(f.path("bob/maildirsize"), "100S\n").unwrap();
+    f.snapshot(began(false));
+    f.snapshot_row(snapshot_row(1, "ann@example.org", Some(200)));
+    f.snapshot_row(snapshot_row(2, "bob", None));
+    f.snapshot_row(snapshot_row(3, "carl", Some(300)));
+    assert_eq!(
+        f.maildirsize("example.org/ann").as_deref(),
+        Some("200S\n5 1\n")
+    );
+    assert_eq!(f.maildirsize("bob"), None);
+    assert_eq!(f.maildirsize("carl").as_deref(), Some("300S\n"));
+}
+
+#[test]
+fn a_resumed_snapshot_checks_nothing() {
+    for resumed in [true, false] {
+        let (mut f, log) = orphans_on_disk("remove");
+        // After a restart the snapshot begins again as resumed, in a new instance; the
+        // end's `whole` alone also decides.
+        f.snapshot(began(resumed));
+        f.snapshot_row(snapshot_row(2, "bob", None));
+        f.age_all();
+        let before = f.everything();
+        f.snapshot(ended(1, false));
+        assert_eq!(f.everything(), before, "resumed: {resumed}");
+        let all = log.all();
+        assert!(
+            all.iter().any(|l| l.contains("orphan check skipped")
+                && l.contains("resumed after a restart")
+                && l.contains("epidemic backfill --handler mx-maildir")),
+            "{all:#?}"
+        );
+        assert!(!all.iter().any(|l| l.starts_with("orphan check done")));
+    }
+    // Resumed at its beginning is enough, whatever the end says.
+    let (mut f, log) = orphans_on_disk("remove");
+    f.snapshot(began(true));
+    let before = f.everything();
+    f.snapshot(ended(0, true));
+    assert_eq!(f.everything(), before);
+    assert!(!log.all().iter().any(|l| l.starts_with("orphan check done")));
+}
+
+#[test]
+fn a_snapshot_that_never_ends_removes_nothing() {
+    let (mut f, log) = with_orphans("remove");
+    // The daemon stops: no Ended. Live changes go on meanwhile.
+    f.send(live_add(9, "zed", None)).unwrap();
+    f.send(live_remove(9, "zed")).unwrap();
+    for rel in ORPHANS {
+        assert_maildir(&f.path(rel));
+    }
+    // A new instance: no snapshot began in it, so an end it hears of checks nothing.
+    let (mut g, log2) = logged(json!({ "orphans": "remove" }));
+    g.leftover("gone");
+    g.snapshot(ended(0, true));
+    assert_maildir(&g.path("gone"));
+    assert!(log2
+        .all()
+        .iter()
+        .any(|l| l.contains("did not see the snapshot begin")));
+    assert!(!log.all().iter().any(|l| l.starts_with("orphan check")));
+}
+
+#[test]
+fn a_snapshot_of_another_table_is_ignored() {
+    let (mut f, _log) = with_orphans("remove");
+    f.snapshot(SnapshotEvent::Ended {
+        table: "aliases".into(),
+        rows: 0,
+        whole: true,
+    });
+    for rel in ORPHANS {
+        assert_maildir(&f.path(rel));
+    }
+    // The table's own end still checks.
+    f.snapshot(ended(2, true));
+    assert!(!f.path("gone").exists());
+}
+
+#[test]
+fn what_is_not_a_plain_maildir_is_never_touched() {
+    let (mut f, log) = logged(json!({ "orphans": "remove" }));
+    let outside = f.root.join("outside");
+    for sub in [
+        "cur",
+        "new",
+        "tmp",
+        "dom/ann/cur",
+        "dom/ann/new",
+        "dom/ann/tmp",
+    ] {
+        fs::create_dir_all(outside.join(sub)).unwrap();
+    }
+    // Dot directories: the archive, Maildir++ folders, anything hidden.
+    f.leftover(".archive/old-1");
+    f.leftover(".archive/example.org/ann-2");
+    f.leftover(".hidden");
+    f.leftover("example.org/.folder");
+    // Directories that are not Maildirs: no new/tmp, or files only.
+    fs::create_dir_all(f.path("half/cur")).unwrap();
+    fs::create_dir_all(f.path("example.org/half/cur")).unwrap();
+    fs::create_dir_all(f.path("notes")).unwrap();
+    fs::write(f.path("notes/todo"), "x").unwrap();
+    fs::write(f.path("file"), "x").unwrap();
+    // Symbolic links: to a Maildir, to a domain of Maildirs, in place of cur.
+    std::os::unix::fs::symlink(&outside, f.path("linked")).unwrap();
+    std::os::unix::fs::symlink(outside.join("dom"), f.path("linked.org")).unwrap();
+    fs::create_dir_all(f.path("example.org")).unwrap();
+    std::os::unix::fs::symlink(&outside, f.path("example.org/linked")).unwrap();
+    fs::create_dir_all(f.path("sneaky/new")).unwrap();
+    fs::create_dir_all(f.path("sneaky/tmp")).unwrap();
+    std::os::unix::fs::symlink(outside.join("cur"), f.path("sneaky/cur")).unwrap();
+    // A bare user's Maildir holding the Maildir of a user of the domain with its name.
+    f.leftover("shared");
+    f.leftover("shared/bob");
+
+    f.snapshot(began(false));
+    f.snapshot_row(snapshot_row(1, "bob@shared", None));
+    f.age_all();
+    let before = f.everything();
+    f.snapshot(ended(1, true));
+    assert_eq!(f.everything(), before);
+    let lines = log.about(&f.path("shared"));
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("could not be removed"), "{}", lines[0]);
+    assert!(log.summary().contains("orphans=1"), "{}", log.summary());
+}
+
+#[test]
+fn a_bare_users_folders_go_with_it() {
+    let (mut f, _log) = logged(json!({ "orphans": "remove" }));
+    f.leftover("zed");
+    // A folder in LAYOUT=fs looks like the Maildir of a user of domain "zed".
+    f.leftover("zed/Sent");
+    f.snapshot(began(false));
+    f.snapshot(ended(0, true));
+    assert!(!f.path("zed").exists());
+}
+
+#[test]
+fn a_maildir_that_changed_during_the_snapshot_is_kept() {
+    // The mail server made it for a user whose INSERT had not reached this handler.
+    let (mut f, log) = with_orphans("remove");
+    let soon = SystemTime::now() + Duration::from_secs(60);
+    fs::File::open(f.path("gone/new"))
+        .unwrap()
+        .set_modified(soon)
+        .unwrap();
+    f.snapshot(ended(2, true));
+    assert_maildir(&f.path("gone"));
+    assert!(!f.path("other.org").exists());
+    let lines = log.about(&f.path("gone"));
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("changed during the snapshot"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        log.summary().contains("changed_during_snapshot=1"),
+        "{}",
+        log.summary()
+    );
+}
+
+#[test]
+fn a_maildir_a_change_failed_on_is_kept() {
+    let (mut f, _log) = logged(json!({ "orphans": "remove" }));
+    f.send(live_add(1, "ann@example.org", None)).unwrap();
+    f.send(live_add(2, "bob@example.org", None)).unwrap();
+    f.snapshot(began(false));
+    f.snapshot_row(snapshot_row(1, "ann@example.org", None));
+    f.snapshot_row(snapshot_row(2, "bob@example.org", None));
+    // bob's row takes ann's name while ann's row still has it: the rename fails (bob's
+    // Maildir is in the way) and goes to the dead letters.
+    assert_permanent(f.send(live_rename(2, "bob@example.org", "ann@example.org")));
+    // Then ann's row is deleted: its Maildir is removed... and bob's stays, held by the
+    // failed rename, though no row names it now.
+    f.send(live_remove(1, "ann@example.org")).unwrap();
+    f.age_all();
+    f.snapshot(ended(2, true));
+    assert_maildir(&f.path("example.org/bob"));
 }

@@ -1,15 +1,20 @@
 //! The directory tree under `base_dir`: creating, renaming, removing and archiving
-//! Maildirs, and writing their `maildirsize` file.
+//! Maildirs, writing their `maildirsize` file, and finding the Maildirs on disk (for
+//! orphans).
 //!
 //! Every operation here is idempotent, because delivery is at-least-once: doing it again
 //! after it succeeded (or half succeeded, if the daemon died) ends in the same state.
-//! Paths are built only from a [`Mailbox`], so they stay inside `base_dir` or
-//! `archive_dir`; directories on the way are checked not to be symbolic links.
+//! Paths for changes are built only from a [`Mailbox`], so they stay inside `base_dir` or
+//! `archive_dir`; directories on the way are checked not to be symbolic links. Paths of
+//! orphans come from [`MaildirTree::scan_maildirs`], which yields only `<domain>/<local>`
+//! or `<user>` under `base_dir`, and are checked again before anything is done to them.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, DirBuilder};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
 
 use crate::config::MaildirConfig;
 use crate::error::MaildirError;
@@ -41,6 +46,10 @@ impl MaildirTree {
             uid: config.uid,
             gid: config.gid,
         }
+    }
+
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
     }
 
     /// Where a user's Maildir lives.
@@ -104,7 +113,7 @@ impl MaildirTree {
             self.ensure_dir(&domain_dir)?;
         }
         fs::rename(&from_dir, &to_dir).map_err(MaildirError::io("rename", &from_dir))?;
-        self.remove_domain_if_empty(from);
+        self.remove_domain_if_empty(from.domain().map(OsStr::new));
         Ok(())
     }
 
@@ -116,7 +125,7 @@ impl MaildirTree {
         }
         self.check_is_maildir("remove", &dir)?;
         fs::remove_dir_all(&dir).map_err(MaildirError::io("remove", &dir))?;
-        self.remove_domain_if_empty(mailbox);
+        self.remove_domain_if_empty(mailbox.domain().map(OsStr::new));
         Ok(())
     }
 
@@ -133,27 +142,223 @@ impl MaildirTree {
             return Ok(None);
         }
         self.check_is_maildir("archive", &dir)?;
-        let parent = match mailbox.domain() {
+        let domain = mailbox.domain().map(OsStr::new);
+        let target = self.archive_as(
+            &dir,
+            domain,
+            OsStr::new(mailbox.local()),
+            &change_id.to_string(),
+        )?;
+        self.remove_domain_if_empty(domain);
+        Ok(Some(target))
+    }
+
+    /// Rename `dir` to `archive_dir/[<domain>/]<local>-<tag>`, or the first free
+    /// `<local>-<tag>.<n>`, never overwriting an earlier archive.
+    fn archive_as(
+        &self,
+        dir: &Path,
+        domain: Option<&OsStr>,
+        local: &OsStr,
+        tag: &str,
+    ) -> Result<PathBuf, MaildirError> {
+        let parent = match domain {
             Some(domain) => self.archive_dir.join(domain),
             None => self.archive_dir.clone(),
         };
         self.ensure_dir_all(&parent)?;
-        let base = parent.join(format!("{}-{change_id}", mailbox.local()));
-        let mut target = base.clone();
+        let name = |n: u32| {
+            let mut name = OsString::from(local);
+            name.push(format!("-{tag}"));
+            if n > 1 {
+                name.push(format!(".{n}"));
+            }
+            parent.join(name)
+        };
         let mut n = 1;
+        let mut target = name(n);
         while self.exists_no_follow(&target)? {
             n += 1;
             if n > ARCHIVE_TRIES {
                 return Err(MaildirError::ArchiveNamesExhausted {
-                    base,
+                    base: name(1),
                     tries: ARCHIVE_TRIES,
                 });
             }
-            target = parent.join(format!("{}-{change_id}.{n}", mailbox.local()));
+            target = name(n);
         }
-        fs::rename(&dir, &target).map_err(MaildirError::io("archive", &dir))?;
-        self.remove_domain_if_empty(mailbox);
+        fs::rename(dir, &target).map_err(MaildirError::io("archive", dir))?;
+        Ok(target)
+    }
+
+    /// Every Maildir under `base_dir`, by its path relative to `base_dir`: a directory
+    /// with `cur`, `new` and `tmp` directories, at `<user>` or `<domain>/<local>`.
+    /// Names starting with a dot (Maildir++ folders, the default `archive_dir`) are never
+    /// entered or reported, nor is `archive_dir` wherever it is, nor anything reached
+    /// through a symbolic link. Inside a bare user's Maildir, a directory that looks like
+    /// a Maildir may be a folder of that user (`LAYOUT=fs`) as well as the Maildir of a
+    /// user of a domain that has the user's name: it is not reported. Returns the
+    /// directories that could not be read: the Maildirs in them are not reported.
+    pub fn scan_maildirs(
+        &self,
+        mut found: impl FnMut(&Path),
+    ) -> Result<Vec<MaildirError>, MaildirError> {
+        self.check_base_dir()?;
+        let mut unreadable = Vec::new();
+        for top in self.subdirs(&self.base_dir)? {
+            let top = Path::new(&top);
+            let top_dir = self.base_dir.join(top);
+            if looks_like_maildir(&top_dir) {
+                found(top);
+                continue;
+            }
+            match self.subdirs(&top_dir) {
+                Ok(subs) => {
+                    for sub in subs {
+                        let rel = top.join(sub);
+                        if looks_like_maildir(&self.base_dir.join(&rel)) {
+                            found(&rel);
+                        }
+                    }
+                }
+                Err(e) => unreadable.push(e),
+            }
+        }
+        Ok(unreadable)
+    }
+
+    /// The names of the directories in `dir` that a scan may enter: real directories
+    /// (not symbolic links), not starting with a dot, and not `archive_dir` or one of its
+    /// ancestors.
+    fn subdirs(&self, dir: &Path) -> Result<Vec<OsString>, MaildirError> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir).map_err(MaildirError::io("read", dir))? {
+            let entry = entry.map_err(MaildirError::io("read", dir))?;
+            let name = entry.file_name();
+            if name.as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
+            // DirEntry::file_type does not follow a symbolic link.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if self.archive_dir.starts_with(dir.join(&name)) {
+                continue;
+            }
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    /// When anything in a Maildir found by [`Self::scan_maildirs`] last changed: the
+    /// newest modification time of the directory and of its `cur`, `new` and `tmp` (a
+    /// delivery, a client reading mail, a quota rewrite all change one of them).
+    pub fn last_modified(&self, relative: &Path) -> Result<SystemTime, MaildirError> {
+        let dir = self.base_dir.join(relative);
+        let mut newest = SystemTime::UNIX_EPOCH;
+        for path in std::iter::once(dir.clone()).chain(SUBDIRS.iter().map(|s| dir.join(s))) {
+            let modified = fs::symlink_metadata(&path)
+                .and_then(|m| m.modified())
+                .map_err(MaildirError::io("inspect", &path))?;
+            newest = newest.max(modified);
+        }
+        Ok(newest)
+    }
+
+    /// Remove an orphan found by [`Self::scan_maildirs`] and everything in it, then its
+    /// domain directory if that is left empty. Already gone is success. `backed` says
+    /// whether a path relative to `base_dir` is the Maildir of a row.
+    pub fn remove_orphan(
+        &self,
+        relative: &Path,
+        backed: impl Fn(&Path) -> bool,
+    ) -> Result<(), MaildirError> {
+        let Some(orphan) = self.orphan("remove", relative, backed)? else {
+            return Ok(());
+        };
+        // remove_dir_all removes symbolic links inside, never what they point to.
+        fs::remove_dir_all(&orphan.dir).map_err(MaildirError::io("remove", &orphan.dir))?;
+        self.remove_domain_if_empty(orphan.domain);
+        Ok(())
+    }
+
+    /// Move an orphan found by [`Self::scan_maildirs`] to
+    /// `archive_dir/[<domain>/]<local>-<tag>` (`.2`, `.3`, ... if taken), then remove its
+    /// domain directory if that is left empty. Returns where it went, or `None` when it
+    /// was already gone. `backed` as for [`Self::remove_orphan`].
+    pub fn archive_orphan(
+        &self,
+        relative: &Path,
+        tag: &str,
+        backed: impl Fn(&Path) -> bool,
+    ) -> Result<Option<PathBuf>, MaildirError> {
+        let Some(orphan) = self.orphan("archive", relative, backed)? else {
+            return Ok(None);
+        };
+        let target = self.archive_as(&orphan.dir, orphan.domain, orphan.local, tag)?;
+        self.remove_domain_if_empty(orphan.domain);
         Ok(Some(target))
+    }
+
+    /// The checks before an orphan is removed or archived, made again at that moment:
+    /// one or two plain components under `base_dir`, none of them a symbolic link or
+    /// starting with a dot; still a Maildir; for a bare user, holding no Maildir that a
+    /// row backs (a user of a domain with the same name). `None` when it is gone.
+    fn orphan<'a>(
+        &self,
+        action: &'static str,
+        relative: &'a Path,
+        backed: impl Fn(&Path) -> bool,
+    ) -> Result<Option<Orphan<'a>>, MaildirError> {
+        let dir = self.base_dir.join(relative);
+        let refuse = |reason: &'static str| MaildirError::UnsafeOrphan {
+            action,
+            path: dir.clone(),
+            reason,
+        };
+        let parts: Vec<&OsStr> = relative
+            .components()
+            .map(|c| match c {
+                Component::Normal(name) if !name.as_encoded_bytes().starts_with(b".") => Ok(name),
+                _ => Err(refuse(
+                    "it is not <user> or <domain>/<local> under base_dir",
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        let (domain, local) = match parts.as_slice() {
+            [local] => (None, *local),
+            [domain, local] => (Some(*domain), *local),
+            _ => {
+                return Err(refuse(
+                    "it is not <user> or <domain>/<local> under base_dir",
+                ))
+            }
+        };
+        if let Some(domain) = domain {
+            if !self.dir_exists(&self.base_dir.join(domain))? {
+                return Ok(None);
+            }
+        }
+        if !self.dir_exists(&dir)? {
+            return Ok(None);
+        }
+        if !looks_like_maildir(&dir) {
+            return Err(refuse("it no longer has cur, new and tmp directories"));
+        }
+        if domain.is_none() {
+            // Its own folders go with it, and so would the Maildir of an orphan of a domain
+            // with its name (which would be removed anyway); a user's that a row backs
+            // must not.
+            for sub in self.subdirs(&dir)? {
+                let rel = relative.join(&sub);
+                if backed(&rel) && looks_like_maildir(&dir.join(&sub)) {
+                    return Err(refuse(
+                        "it holds the Maildir of a user of the domain with its name",
+                    ));
+                }
+            }
+        }
+        Ok(Some(Orphan { dir, domain, local }))
     }
 
     /// Make the first line of `maildirsize` the quota definition `<bytes>S`, or remove the
@@ -311,10 +516,25 @@ impl MaildirTree {
 
     /// Tidy up a domain directory that the last user left. Failure is not an error: the
     /// directory is not empty (the usual case), or it will be tried again next time.
-    fn remove_domain_if_empty(&self, mailbox: &Mailbox) {
-        if let Some(domain_dir) = self.domain_dir(mailbox) {
+    fn remove_domain_if_empty(&self, domain: Option<&OsStr>) {
+        if let Some(domain) = domain {
             // remove_dir only ever removes an empty directory.
-            let _ = fs::remove_dir(domain_dir);
+            let _ = fs::remove_dir(self.base_dir.join(domain));
         }
     }
+}
+
+/// An orphan that passed the checks before it is moved or removed.
+struct Orphan<'a> {
+    dir: PathBuf,
+    domain: Option<&'a OsStr>,
+    local: &'a OsStr,
+}
+
+/// Whether `dir` has `cur`, `new` and `tmp` directories (none of them a symbolic link):
+/// what a scan takes for a Maildir.
+fn looks_like_maildir(dir: &Path) -> bool {
+    SUBDIRS
+        .iter()
+        .all(|sub| fs::symlink_metadata(dir.join(sub)).is_ok_and(|m| m.is_dir()))
 }

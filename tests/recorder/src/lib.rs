@@ -72,7 +72,7 @@ impl Handler for Recorder {
             .open(&cfg.file)
             .map_err(|e| HandlerError::Permanent(format!("cannot open {}: {e}", cfg.file)))?;
         // Through the SDK's bridge, this reaches the daemon's log in the daemon's format.
-        epidemic_plugin_sdk::tracing::info!(file = %cfg.file, daemon = ctx.daemon(), "recorder ready");
+        epidemic_plugin_sdk::tracing::debug!(file = %cfg.file, daemon = ctx.daemon(), "recorder ready");
         Ok(Recorder {
             daemon: ctx.daemon().to_owned(),
             handler: ctx.handler().to_owned(),
