@@ -762,6 +762,22 @@ fn backfill_requests_and_progress_are_stored_per_consumer_and_table() {
     assert!(pending(&mut b, &mx).is_empty());
     let gone = b.backfills(&BackfillRequest::Save(p[0].clone())).unwrap();
     assert!(gone.backfills.is_empty(), "no row is made by a save");
+    // Requested again: the old request's save does not touch the new one's row.
+    request(&mut b, &mx, &["users"]).expect("requested again");
+    let mut stale = p[0].clone();
+    stale.state = BackfillState::Running;
+    stale.rows_done = 77;
+    let gone = b.backfills(&BackfillRequest::Save(stale)).unwrap();
+    assert!(gone.backfills.is_empty(), "another request's row");
+    let fresh = pending(&mut b, &mx);
+    assert_eq!(
+        (fresh[0].state, fresh[0].rows_done),
+        (BackfillState::Requested, 0)
+    );
+    b.backfills(&BackfillRequest::Cancel {
+        consumer: mx.clone(),
+    })
+    .unwrap();
     let left = b.backfills(&BackfillRequest::List).unwrap().backfills;
     assert_eq!(
         left.iter()

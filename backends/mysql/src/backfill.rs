@@ -13,6 +13,10 @@
 //! InnoDB rolls one back as a deadlock, which is tried again from the start and then
 //! sees the other's rows.
 //!
+//! A save updates the row of the same request only (the same `requested_at`), so a daemon
+//! still running a backfill that was cancelled and requested again stops instead of
+//! overwriting the new request's progress with its own.
+//!
 //! A database installed by a version without backfills has no `epidemic_backfill` until
 //! the next install: nothing can be pending there, and a request says to install.
 
@@ -228,10 +232,11 @@ fn request_backfill(
                 // A done backfill of the same table is replaced.
                 c.exec_drop(
                     format!(
-                        "REPLACE INTO `epidemic_backfill` ({COLUMNS}, `updated_at`) VALUES (?, ?, ?, 'requested', ?, {})",
+                        "REPLACE INTO `epidemic_backfill` ({COLUMNS}, `requested_at`, `updated_at`) \
+                         VALUES (?, ?, ?, 'requested', ?, ?, {})",
                         now_expr(server)
                     ),
-                    (&p.daemon, &p.handler, &p.table, progress),
+                    (&p.daemon, &p.handler, &p.table, progress, p.requested_at_us),
                 )?;
             }
             Ok(())
@@ -275,7 +280,8 @@ fn busy_message(consumer: &Consumer, row: Row) -> String {
     )
 }
 
-/// Store the progress in the row `Request` made; nothing when it is gone (cancelled).
+/// Store the progress in the row its request made; nothing when that row is gone
+/// (cancelled, maybe requested again since).
 fn save(
     conn: &mut Conn,
     server: ServerInfo,
@@ -284,11 +290,11 @@ fn save(
     let encoded = encode(progress)?;
     let key = (&progress.daemon, &progress.handler, &progress.table);
     let stored = in_transaction(conn, |c| -> Result<bool, mysql::Error> {
-        let exists: Option<String> = c.exec_first(
-            "SELECT `state` FROM `epidemic_backfill` WHERE `daemon` = ? AND `handler` = ? AND `source_table` = ? FOR UPDATE",
+        let requested_at: Option<i64> = c.exec_first(
+            "SELECT `requested_at` FROM `epidemic_backfill` WHERE `daemon` = ? AND `handler` = ? AND `source_table` = ? FOR UPDATE",
             key,
         )?;
-        if exists.is_none() {
+        if requested_at != Some(progress.requested_at_us) {
             return Ok(false);
         }
         c.exec_drop(

@@ -120,6 +120,7 @@ const BACKFILL_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_backfill` (
     `source_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
     `state` VARCHAR(16) CHARACTER SET ascii NOT NULL COMMENT 'requested, running or done',
     `progress` MEDIUMBLOB NOT NULL COMMENT 'the progress as JSON (UTF-8): last key done, rows done, times',
+    `requested_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch: which request this row is',
     `updated_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch, by the server clock',
     PRIMARY KEY (`daemon`, `handler`, `source_table`)
 ) ENGINE=InnoDB COMMENT='Epidemic: backfills (every row of a table to one consumer) and their progress'";
