@@ -1,7 +1,7 @@
 //! A backfill's chunk: the next rows of a watched table by key, read without a lock, and
 //! the **watermark** written into the table's log after the read (see the SDK's
-//! `backfill` module for the protocol, ARCHITECTURE.md "Backfill rule" for why it is
-//! exact on MySQL).
+//! `backfill` module for the protocol, ARCHITECTURE.md "MySQL / MariaDB backfill rule"
+//! for why it is exact).
 //!
 //! # The read
 //!
@@ -18,8 +18,9 @@
 //! 100 000 rows: the row value gives `type: index` (a scan of the whole primary key
 //! from its start, filtered: 90 143 index reads, `Handler_read_next`, for 100 rows near
 //! the end), the expanded form `type: range` on `PRIMARY` with every key part used (99
-//! reads for the same 100 rows). So each chunk costs its own rows, not the rows before
-//! it. The order is the key columns' order; it is the primary key's index order, and
+//! reads for the same 100 rows); the same with a three-part key `(INT, latin1 VARCHAR,
+//! DECIMAL)` and the literals below (range, all three parts, 99 reads). So each chunk
+//! costs its own rows, not the rows before it. The order is the key columns' order; it is the primary key's index order, and
 //! for a configured key an index that starts with those columns keeps it cheap (else
 //! every chunk sorts the rest of the table).
 //!
@@ -41,7 +42,13 @@
 //! their index but compare as text, FLOAT/DOUBLE come back rounded (the last row would
 //! be read again and again), TEXT/BLOB sort by a prefix, BIT, JSON, spatial and
 //! MariaDB's UUID/INET6 types sort by rules of their own: such a key is refused, with the
-//! column named, when the backfill is asked for ([`check_table`]) and at every chunk.
+//! column named, when the backfill is asked for ([`check_table`]) and at every chunk. Not
+//! handled: a TIMESTAMP key in a session time zone with daylight saving time, whose
+//! repeated autumn hour shows two instants as one text.
+//!
+//! The plan for a table (its key's kinds, the SELECT) comes from the catalog once and is
+//! kept by the backend instance while the registry entry it was made from stays the same
+//! (`lib.rs` forgets it after an install, a reconnect or a failed chunk).
 //!
 //! The rows are read through the text protocol and turned into values by the reader's
 //! own [`crate::reader::value`]: a log column has the source column's type and character
@@ -59,11 +66,11 @@
 //! The same transaction first counts the watermark in `epidemic_watermark` (a row per
 //! table). That makes it a writer in `INNODB_TRX` (`trx_rows_modified > 0`) *before* it
 //! takes its log id, which is what the gap judge's proof needs of every transaction
-//! holding an id (`gap_judge.rs`): the table's own triggers have changed the user's row
-//! by then, an INSERT of only the log row would not have written anything yet between
-//! taking its id and writing its row. Without it, a reader that saw a later id in that
-//! instant could prove the watermark's id dead, and the backfill would wait for a
-//! watermark that never comes.
+//! holding an id (`gap_judge.rs`). The tables' own AFTER triggers have changed the
+//! user's row by then; an INSERT of nothing but the log row has written nothing yet
+//! between taking its id and writing its row. Without the count, a reader that saw a
+//! later id in that instant could prove the watermark's id dead, and the backfill would
+//! wait for a watermark that never comes (on a busy table, for ever).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
