@@ -60,6 +60,19 @@ impl SourceColumn {
     }
 }
 
+/// A column as a backfill's key needs to know it (`snapshot.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyColumn {
+    pub name: String,
+    /// `int`, `varchar`, `decimal`: `information_schema.COLUMNS.DATA_TYPE`.
+    pub data_type: String,
+    /// `int(10) unsigned`, for messages.
+    pub column_type: String,
+    pub nullable: bool,
+    pub charset: Option<String>,
+    pub collation: Option<String>,
+}
+
 /// A trigger of the current database.
 #[derive(Debug, Clone)]
 pub(crate) struct ExistingTrigger {
@@ -337,6 +350,68 @@ impl<'c> MySqlCatalog<'c> {
             .into_iter()
             .find(|(_, _, nulls)| !nulls)
             .map(|(_, cols, _)| cols))
+    }
+
+    /// Every column of `table` with what a backfill's key needs: type, nullability,
+    /// character set and collation.
+    pub fn key_columns(&mut self, table: &str) -> Result<Vec<KeyColumn>, BackendError> {
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = self
+            .conn
+            .exec(
+                "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, IS_NULLABLE, CHARACTER_SET_NAME, COLLATION_NAME \
+                 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? \
+                 ORDER BY ORDINAL_POSITION",
+                (table,),
+            )
+            .map_err(sql_err)?;
+        Ok(rows
+            .into_iter()
+            .filter(|(t, ..)| t == table)
+            .map(
+                |(_, name, data_type, column_type, nullable, charset, collation)| KeyColumn {
+                    name,
+                    data_type: data_type.to_ascii_lowercase(),
+                    column_type,
+                    nullable: nullable == "YES",
+                    charset,
+                    collation,
+                },
+            )
+            .collect())
+    }
+
+    /// The columns of each unique index of `table` (the primary key included), each in
+    /// index order; the primary key first.
+    pub fn unique_indexes(&mut self, table: &str) -> Result<Vec<Vec<String>>, BackendError> {
+        let rows: Vec<(String, String, String)> = self
+            .conn
+            .exec(
+                "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND NON_UNIQUE = 0 \
+                 ORDER BY INDEX_NAME <> 'PRIMARY', INDEX_NAME, SEQ_IN_INDEX",
+                (table,),
+            )
+            .map_err(sql_err)?;
+        let mut indexes: Vec<(String, Vec<String>)> = Vec::new();
+        for (t, index, column) in rows {
+            if t != table {
+                continue;
+            }
+            match indexes.last_mut() {
+                Some((name, cols)) if *name == index => cols.push(column),
+                _ => indexes.push((index, vec![column])),
+            }
+        }
+        Ok(indexes.into_iter().map(|(_, cols)| cols).collect())
     }
 
     pub fn column_names(&mut self, table: &str) -> Result<Vec<String>, BackendError> {

@@ -355,6 +355,21 @@ impl ServerInfo {
         }
     }
 
+    /// The character set that holds every UTF-8 string: `utf8mb4` (MySQL 5.5.3+, MariaDB
+    /// 5.5+), else `utf8`, which holds all a server without it can store.
+    pub fn utf8(&self) -> &'static str {
+        let mb4 = if self.mariadb {
+            self.version >= (5, 5, 0)
+        } else {
+            self.version >= (5, 5, 3)
+        };
+        if mb4 {
+            "utf8mb4"
+        } else {
+            "utf8"
+        }
+    }
+
     /// Several triggers per table, event and timing: MySQL 5.7.2+, MariaDB 10.2.3+.
     pub fn multiple_triggers(&self) -> bool {
         if self.mariadb {

@@ -268,8 +268,9 @@ pub(crate) fn ensure_live(
     })
 }
 
-/// Forget a consumer's cursors; whether it had any.
+/// Forget a consumer's cursors and backfills; whether it had cursors.
 pub(crate) fn unregister(conn: &mut Conn, c: &Consumer) -> Result<bool, BackendError> {
+    crate::backfill::forget(conn, c)?;
     if !crate::catalog::MySqlCatalog::new(conn).table_exists("epidemic_cursor")? {
         return Ok(false);
     }

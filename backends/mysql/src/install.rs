@@ -8,6 +8,10 @@
 //! - `epidemic_cursor`: one row per (daemon, handler, table): high-water mark and gaps.
 //! - `epidemic_daemon`: one row per daemon name: the lease of the live daemon using it.
 //! - `epidemic_dead_letter`: changes handlers gave up on.
+//! - `epidemic_backfill`: one row per (daemon, handler, table) backfill: its state and
+//!   its progress as JSON (`backfill.rs`).
+//! - `epidemic_watermark`: one row per table a backfill wrote a watermark into: how many
+//!   (`snapshot.rs` says why the watermark's transaction writes it first).
 //! - per watched table, its log table and triggers (`capture.rs`), and the parents'
 //!   cascade triggers and pending tables (`cascade.rs`).
 //!
@@ -106,6 +110,28 @@ const DAEMON_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_daemon` (
     `renewals` BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (`daemon`)
 ) ENGINE=InnoDB COMMENT='Epidemic: which live daemon holds each daemon name'";
+
+/// Backfills and their progress (`backfill.rs`). The progress is the SDK's
+/// `BackfillProgress` as JSON, stored as bytes like the dead letters' changes: a text key
+/// in `last_key` may hold 4-byte characters, which MySQL 5.0's `utf8` cannot.
+const BACKFILL_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_backfill` (
+    `daemon` VARCHAR(128) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `handler` VARCHAR(128) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `source_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `state` VARCHAR(16) CHARACTER SET ascii NOT NULL COMMENT 'requested, running or done',
+    `progress` MEDIUMBLOB NOT NULL COMMENT 'the progress as JSON (UTF-8): last key done, rows done, times',
+    `requested_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch: which request this row is',
+    `updated_at` BIGINT NOT NULL COMMENT 'microseconds since the Unix epoch, by the server clock',
+    PRIMARY KEY (`daemon`, `handler`, `source_table`)
+) ENGINE=InnoDB COMMENT='Epidemic: backfills (every row of a table to one consumer) and their progress'";
+
+/// How many watermarks each table's log got. A watermark's transaction updates its row
+/// before it takes its log id, so it is a writer in INNODB_TRX by then (`snapshot.rs`).
+const WATERMARK_DDL: &str = "CREATE TABLE IF NOT EXISTS `epidemic_watermark` (
+    `source_table` VARCHAR(64) CHARACTER SET utf8 COLLATE utf8_bin NOT NULL,
+    `written` BIGINT NOT NULL COMMENT 'watermarks written into the table''s log',
+    PRIMARY KEY (`source_table`)
+) ENGINE=InnoDB COMMENT='Epidemic: backfill watermarks written per table'";
 
 /// The token a new log gets: random, made by the database (MySQL 5.0 has both).
 const NEW_IDENTITY: &str = "MD5(CONCAT(UUID(), RAND()))";
@@ -324,6 +350,12 @@ fn plan_bookkeeping(conn: &mut Conn) -> Result<Vec<String>, BackendError> {
     if !catalog.table_exists("epidemic_daemon")? {
         plan.push(DAEMON_DDL.to_owned());
     }
+    if !catalog.table_exists("epidemic_backfill")? {
+        plan.push(BACKFILL_DDL.to_owned());
+    }
+    if !catalog.table_exists("epidemic_watermark")? {
+        plan.push(WATERMARK_DDL.to_owned());
+    }
     Ok(plan)
 }
 
@@ -416,6 +448,8 @@ pub(crate) fn plan_uninstall(conn: &mut Conn) -> Result<Vec<String>, BackendErro
         }
     }
     for t in [
+        "epidemic_watermark",
+        "epidemic_backfill",
         "epidemic_daemon",
         "epidemic_dead_letter",
         "epidemic_cursor",

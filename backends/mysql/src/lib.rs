@@ -26,6 +26,13 @@
 //! (`install.rs`). It carries no transaction id, commit order or schema
 //! ([`Backend::capabilities`] says so): see `reader.rs` for why.
 //!
+//! Backfills (every existing row of a table to one consumer, interleaved with its live
+//! changes): `snapshot.rs` reads a chunk by key without a lock and then writes a
+//! watermark row (`op = 'W'`) into the table's log, which the reader delivers like a
+//! change; `backfill.rs` stores requests and progress in `epidemic_backfill`. Why every
+//! change committed before a chunk's read reaches every consumer before its watermark is
+//! in ARCHITECTURE.md ("MySQL / MariaDB backfill rule").
+//!
 //! Trigger bodies contain `;`. `install` runs each statement on its own, so it needs no
 //! `DELIMITER`; a script for the `mysql` command-line client does (see `epidemic sql`).
 //!
@@ -41,6 +48,7 @@
 //! the database. This file is only the [`Backend`] glue; start reading at `reader.rs`
 //! for the reading rule, `install.rs` for the objects.
 
+mod backfill;
 mod barrier;
 mod capture;
 mod cascade;
@@ -58,6 +66,7 @@ mod prune;
 mod reader;
 mod registry;
 mod scratch;
+mod snapshot;
 mod status;
 mod truncation;
 mod wake;
@@ -66,9 +75,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use epidemic_plugin_sdk::backend::{
-    Backend, BackendError, BarrierReply, BarrierRequest, Batch, Capabilities, Consumer, DeadLetter,
-    DeadLetterQuery, DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom,
-    Status, Watch,
+    Backend, BackendError, BackfillReply, BackfillRequest, BarrierReply, BarrierRequest, Batch,
+    Capabilities, Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use epidemic_plugin_sdk::tracing;
 use mysql::Conn;
@@ -77,6 +86,7 @@ use conn::ServerInfo;
 use gap_judge::GapJudge;
 use options::{MySqlOptions, Target};
 use reader::{id_series, ConsumerCursors, MySqlPoller, ReadError};
+use snapshot::SnapshotPlan;
 
 pub use prune::prune_bound;
 
@@ -93,6 +103,8 @@ pub struct MySqlBackend {
     truncation_checked: Option<Instant>,
     /// What the reading rule cannot see on this server, with the remedy (for `status`).
     warnings: Vec<String>,
+    /// How each table is read for backfills, made again when its registry entry changes.
+    snapshots: HashMap<String, SnapshotPlan>,
 }
 
 impl MySqlBackend {
@@ -149,6 +161,7 @@ impl Backend for MySqlBackend {
             consumers: HashMap::new(),
             truncation_checked: None,
             warnings: galera.into_iter().chain(fallback).collect(),
+            snapshots: HashMap::new(),
         })
     }
 
@@ -179,6 +192,7 @@ impl Backend for MySqlBackend {
         let mut patient = conn::connect_patient(&self.target, &self.options)?;
         let result = install::apply(&mut patient, |c| install::plan_install(c, server, watches));
         self.consumers.clear();
+        self.snapshots.clear();
         result
     }
 
@@ -190,6 +204,7 @@ impl Backend for MySqlBackend {
         let mut patient = conn::connect_patient(&self.target, &self.options)?;
         let result = install::apply(&mut patient, install::plan_uninstall);
         self.consumers.clear();
+        self.snapshots.clear();
         result
     }
 
@@ -276,6 +291,7 @@ impl Backend for MySqlBackend {
         // Cursors are reloaded from the database: an ack that failed with the old
         // connection may or may not have been written.
         self.consumers.clear();
+        self.snapshots.clear();
         Ok(())
     }
 
@@ -349,7 +365,24 @@ impl Backend for MySqlBackend {
 
     fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {
         self.consumers.clear();
+        self.snapshots.clear();
         scratch::scratch(&mut self.conn, op)
+    }
+
+    /// The next rows by key, then the watermark (`snapshot.rs`).
+    fn snapshot_chunk(&mut self, request: &ChunkRequest) -> Result<Chunk, BackendError> {
+        let result =
+            snapshot::snapshot_chunk(&mut self.conn, self.server, &mut self.snapshots, request);
+        if result.is_err() {
+            // The catalog may have changed under the plan (a key column altered).
+            self.snapshots.remove(&request.table);
+        }
+        result
+    }
+
+    /// Requests and progress in `epidemic_backfill` (`backfill.rs`).
+    fn backfills(&mut self, request: &BackfillRequest) -> Result<BackfillReply, BackendError> {
+        backfill::backfills(&mut self.conn, self.server, request)
     }
 }
 

@@ -35,6 +35,17 @@
 //!
 //! When a gap is dead is `gap_judge.rs`'s question.
 //!
+//! # Watermarks
+//!
+//! A log row with `op = 'W'` is a backfill's watermark (`snapshot.rs`), delivered in id
+//! order like any change, as a change of origin `Watermark` with no key and no values.
+//! Every read above is one statement with one InnoDB read view, and a batch holds every
+//! visible id below its last one that is new or a gap (with split reads, the gap reads
+//! come after the read of the new ids and the batch is cut before anything they may not
+//! have looked at): so when a batch brings a watermark, it brings before it (or an
+//! earlier batch brought) every change committed before the watermark was inserted. The
+//! whole argument is in ARCHITECTURE.md ("MySQL / MariaDB backfill rule").
+//!
 //! # Acknowledging
 //!
 //! Batches mix gap fills and new ids, in id order. `ack(upto)` marks everything in the
@@ -502,11 +513,16 @@ fn query_changes(conn: &mut Conn, tc: &TableCursor, sql: &str) -> Result<Vec<Cha
             .into());
         };
         let id = next().as_i64().ok_or_else(|| bad_row(log, "id"))?;
-        let op = next()
+        let code = next();
+        let changed_at_us = next().as_i64().unwrap_or(0);
+        if code.as_str() == Some(WATERMARK_CODE) {
+            out.push(watermark(log, &identity, id, changed_at_us));
+            continue;
+        }
+        let op = code
             .as_str()
             .and_then(Op::from_code)
             .ok_or_else(|| bad_row(log, "op"))?;
-        let changed_at_us = next().as_i64().unwrap_or(0);
         let old: Vec<Value> = (0..ncol).map(|_| next()).collect();
         let new: Vec<Value> = (0..ncol).map(|_| next()).collect();
         let key_of = |vals: &[Value]| -> Vec<Value> {
@@ -540,6 +556,33 @@ fn query_changes(conn: &mut Conn, tc: &TableCursor, sql: &str) -> Result<Vec<Cha
         });
     }
     Ok(out)
+}
+
+/// The `op` of a backfill's watermark row (`snapshot.rs`). The triggers write only `I`,
+/// `U` and `D`, so no change of a row can ever read as a watermark.
+pub(crate) const WATERMARK_CODE: &str = "W";
+
+/// A watermark as the consumer's stream carries it: its log id and table, no key and no
+/// values; the host consumes it and no handler ever sees it.
+fn watermark(log: &MySqlLogTable, identity: &str, id: i64, changed_at_us: i64) -> Change {
+    Change {
+        id,
+        stable_id: kit::stable_id(identity, id),
+        schema: None,
+        table: log.source_table.clone(),
+        op: Op::Insert,
+        origin: Origin::Watermark,
+        key_columns: Arc::from(Vec::new()),
+        key: Vec::new(),
+        old_key: None,
+        columns: Arc::from(Vec::new()),
+        old: None,
+        new: None,
+        changed_at_us,
+        txid: None,
+        commit_seq: None,
+        attempt: 0,
+    }
 }
 
 fn bad_row(log: &MySqlLogTable, what: &str) -> BackendError {
