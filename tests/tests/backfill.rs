@@ -6,7 +6,7 @@
 //! came after a live change newer than it.
 //!
 //! Sizes: `EPIDEMIC_BACKFILL_ROWS` (default 6000) existing rows, `EPIDEMIC_BACKFILL_WRITERS`
-//! (default 4) writers, each pausing `EPIDEMIC_BACKFILL_PAUSE_MS` (default 10) between
+//! (default 4) writers, each pausing `EPIDEMIC_BACKFILL_PAUSE_MS` (default 30) between
 //! statements, chunks of `EPIDEMIC_BACKFILL_CHUNK` (default 200) rows. (A chunk's rows go
 //! to the handler when the consumer reaches the chunk's watermark: a consumer that cannot
 //! keep up with the writers makes its backfill wait, as it makes everything else wait.)
@@ -140,7 +140,7 @@ impl<D: SqlDb + 'static> Scenario<D> {
         let db = Arc::clone(&self.db);
         let version = Arc::clone(&self.version);
         let span = self.rows + 500;
-        let pause = Duration::from_millis(env_or("EPIDEMIC_BACKFILL_PAUSE_MS", 10));
+        let pause = Duration::from_millis(env_or("EPIDEMIC_BACKFILL_PAUSE_MS", 30));
         std::thread::spawn(move || {
             let mut rng = Rng::new(seed);
             while !stop.load(Ordering::Relaxed) {
