@@ -10,12 +10,13 @@ use serde::{Deserialize, Serialize};
 /// One column value, as the database stored it.
 ///
 /// Its serde form is tagged (`{"Int": 5}`, `"Null"`) so it round-trips exactly, bytes
-/// included; [`Change::to_json`] gives the plain form handlers and scripts want.
+/// and non-finite floats included (`{"Float": "inf"}`, which JSON has no number for);
+/// [`Change::to_json`] gives the plain form handlers and scripts want.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Value {
     Null,
     Int(i64),
-    Float(f64),
+    Float(#[serde(with = "any_float")] f64),
     Text(String),
     Bytes(Vec<u8>),
 }
@@ -302,13 +303,25 @@ impl Change {
     }
 }
 
-/// A value as plain JSON: numbers, text, `null`; bytes as lowercase hex.
+/// A value as plain JSON: numbers, text, `null`; bytes as lowercase hex; a float JSON has
+/// no number for as `"inf"`, `"-inf"` or `"NaN"` (not `null`, which is SQL's NULL).
 pub fn value_to_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Null => serde_json::Value::Null,
         Value::Int(i) => (*i).into(),
-        Value::Float(f) => serde_json::Number::from_f64(*f)
-            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Value::Float(f) => serde_json::Number::from_f64(*f).map_or_else(
+            || {
+                let text = if f.is_nan() {
+                    "NaN"
+                } else if *f > 0.0 {
+                    "inf"
+                } else {
+                    "-inf"
+                };
+                serde_json::Value::String(text.into())
+            },
+            serde_json::Value::Number,
+        ),
         Value::Text(s) => s.clone().into(),
         // Bytes as an array of numbers would be ambiguous with text; use lowercase hex.
         Value::Bytes(b) => b
@@ -429,6 +442,45 @@ impl Subscription {
     }
 }
 
+/// A float as a JSON number when it is finite, else as `"inf"`, `"-inf"` or `"NaN"`
+/// (serde_json would write `null` and fail to read it back).
+mod any_float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(f: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if f.is_finite() {
+            s.serialize_f64(*f)
+        } else if f.is_nan() {
+            s.serialize_str("NaN")
+        } else if *f > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Form::deserialize(d)? {
+            Form::Number(f) => Ok(f),
+            Form::Text(t) => match t.as_str() {
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                "NaN" => Ok(f64::NAN),
+                other => Err(serde::de::Error::custom(format!(
+                    "not a float: {other:?} (expected a number, \"inf\", \"-inf\" or \"NaN\")"
+                ))),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +495,30 @@ mod tests {
             new,
             ..Change::default()
         }
+    }
+
+    #[test]
+    fn values_round_trip_through_json_non_finite_floats_included() {
+        let values = vec![
+            Value::Null,
+            Value::Int(-7),
+            Value::Float(1.5),
+            Value::Float(f64::INFINITY),
+            Value::Float(f64::NEG_INFINITY),
+            Value::Text("inf".into()),
+            Value::Bytes(vec![0, 255]),
+        ];
+        let json = serde_json::to_string(&values).unwrap();
+        assert!(json.contains(r#"{"Float":"inf"}"#), "{json}");
+        assert!(json.contains(r#"{"Float":1.5}"#), "{json}");
+        let back: Vec<Value> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, values);
+        let nan: Value =
+            serde_json::from_str(&serde_json::to_string(&Value::Float(f64::NAN)).unwrap()).unwrap();
+        assert!(matches!(nan, Value::Float(f) if f.is_nan()));
+        assert!(serde_json::from_str::<Value>(r#"{"Float":"many"}"#).is_err());
+        assert_eq!(value_to_json(&Value::Float(f64::NEG_INFINITY)), "-inf");
+        assert_eq!(value_to_json(&Value::Null), serde_json::Value::Null);
     }
 
     #[test]
