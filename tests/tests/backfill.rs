@@ -5,6 +5,9 @@
 //! for every key, that its last value is the table's row and that no snapshot row ever
 //! came after a live change newer than it.
 //!
+//! Also: a consumer evicted while its daemon was down resyncs (`on_evicted = "resync"`)
+//! and archives the orphan Maildirs.
+//!
 //! Sizes: `EPIDEMIC_BACKFILL_ROWS` (default 6000) existing rows, `EPIDEMIC_BACKFILL_WRITERS`
 //! (default 4) writers, each pausing `EPIDEMIC_BACKFILL_PAUSE_MS` (default 30) between
 //! statements, chunks of `EPIDEMIC_BACKFILL_CHUNK` (default 200) rows. (A chunk's rows go
@@ -322,6 +325,181 @@ fn a_new_server_converges_to_the_table<D: SqlDb + 'static>(db: D) {
     );
 }
 
+/// A consumer evicted while its daemon was down (`consumer_ttl`) and configured with
+/// `on_evicted = "resync"` backfills when it comes back: its Maildir tree equals the table
+/// again, and the Maildirs of users deleted or renamed while it was away (orphans, since
+/// the changes that removed them were never delivered to it) are archived. With
+/// `on_evicted = "continue"` it would go on from now and keep them: the test fails.
+fn an_evicted_consumer_resyncs_and_archives_orphans<D: SqlDb>(db: D) {
+    let (text, int) = db.types();
+    db.exec(&[format!(
+        "CREATE TABLE mail_users (id {int} PRIMARY KEY, username {text} NOT NULL, \
+         quota_bytes {int}, version {int} NOT NULL)"
+    )]);
+    let values: Vec<String> = (1..=200)
+        .map(|id| format!("({id}, '{}', {}, 0)", username(id, 0), id * 10))
+        .collect();
+    db.exec(&[format!(
+        "INSERT INTO mail_users (id, username, quota_bytes, version) VALUES {}",
+        values.join(", ")
+    )]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let vhosts = dir.join("vhosts");
+    std::fs::create_dir_all(&vhosts).unwrap();
+    let common = format!("[database]\nurl = {:?}\n{}\n", db.url(), db.options());
+    // mx1: the mail server that goes away; mx2 stays, reads and prunes, and evicts it.
+    let mx1 = dir.join("mx1.toml");
+    std::fs::write(
+        &mx1,
+        format!(
+            "{common}[daemon]\nname = \"mx1\"\nconsumer_ttl = \"2s\"\nbackfill_chunk = 50\n\n\
+             [[handler]]\nname = \"maildir\"\nplugin = {:?}\nstart = \"snapshot\"\n\
+             on_evicted = \"resync\"\n\
+             [handler.config]\nbase_dir = {:?}\norphans = \"archive\"\n",
+            plugin_path("maildir").display().to_string(),
+            vhosts.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mx2 = dir.join("mx2.toml");
+    std::fs::write(
+        &mx2,
+        format!(
+            "{common}[daemon]\nname = \"mx2\"\nconsumer_ttl = \"2s\"\nprune_interval_ms = 200\n\n\
+             [[handler]]\nname = \"rec\"\nplugin = {:?}\n\
+             [handler.config]\nfile = {:?}\ntable = \"mail_users\"\ncolumns = [\"username\"]\n",
+            plugin_path("recorder").display().to_string(),
+            dir.join("rec.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let tree_is_table = |db: &D| {
+        let rows: Vec<(String, Option<i64>)> = db
+            .query("SELECT username, quota_bytes FROM mail_users")
+            .into_iter()
+            .map(|r| {
+                (
+                    r[0].clone().unwrap(),
+                    r[1].as_ref().map(|q| q.parse().unwrap()),
+                )
+            })
+            .collect();
+        let want = maildirs::expected(&rows, &vhosts);
+        let got = maildirs::on_disk(&vhosts);
+        (want == got, maildirs::diff(&want, &got))
+    };
+    let status = |config: &PathBuf| -> Value {
+        let out = epidemic(config, &["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let backfill_done = |config: &PathBuf, requested_by: Option<&str>| {
+        let s = status(config);
+        s["backfills"].as_array().is_some_and(|b| {
+            b.iter().any(|b| {
+                b["daemon"] == "mx1"
+                    && b["state"] == "done"
+                    && requested_by.is_none_or(|r| b["requested_by"].as_str() == Some(r))
+            })
+        })
+    };
+
+    let mut d1 = Daemon::start(&mx1, &dir.join("mx1.log"), &[]);
+    assert!(
+        wait_until(WAIT, || backfill_done(&mx1, None) && tree_is_table(&db).0),
+        "mx1's first backfill did not converge:\n{}\n{}",
+        tree_is_table(&db).1,
+        d1.log_text()
+    );
+    let before: Vec<String> = db
+        .query("SELECT username FROM mail_users")
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
+    d1.kill();
+
+    // While mx1 is down: mx2 runs and evicts it; users are deleted, renamed, added and
+    // their quotas changed.
+    let mut d2 = Daemon::start(&mx2, &dir.join("mx2.log"), &[]);
+    let mut writes = Vec::new();
+    for id in 1..=20 {
+        writes.push(format!("DELETE FROM mail_users WHERE id = {id}"));
+    }
+    for id in 21..=40 {
+        writes.push(format!(
+            "UPDATE mail_users SET username = '{}', version = 1 WHERE id = {id}",
+            username(id, 1)
+        ));
+    }
+    for id in 41..=60 {
+        writes.push(format!(
+            "UPDATE mail_users SET quota_bytes = {}, version = 1 WHERE id = {id}",
+            id * 1000
+        ));
+    }
+    for id in 201..=220 {
+        writes.push(format!(
+            "INSERT INTO mail_users (id, username, quota_bytes, version) VALUES ({id}, '{}', NULL, 1)",
+            username(id, 0)
+        ));
+    }
+    db.exec(&writes);
+    let evicted = |s: &Value| {
+        s["consumers"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["daemon"] == "mx1" && c["evicted"] == true)
+        })
+    };
+    assert!(
+        wait_until(WAIT, || evicted(&status(&mx2))),
+        "mx1 was not evicted:\n{}\n{}",
+        status(&mx2),
+        d2.log_text()
+    );
+    let after: Vec<String> = db
+        .query("SELECT username FROM mail_users")
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
+    assert!(!tree_is_table(&db).0, "the writes changed nothing");
+
+    // mx1 comes back: evicted, it resyncs.
+    let mut d1 = Daemon::start(&mx1, &dir.join("mx1.log"), &[]);
+    assert!(
+        wait_until(WAIT, || backfill_done(
+            &mx1,
+            Some("on_evicted = \"resync\"")
+        ) && tree_is_table(&db).0),
+        "mx1 did not converge after its eviction:\n{}\n{}\n{}",
+        tree_is_table(&db).1,
+        status(&mx1),
+        d1.log_text()
+    );
+    // The Maildirs no row backs any more were archived, as `<local>-orphan-<secs>`.
+    let mut archived: Vec<String> = Vec::new();
+    for domain in std::fs::read_dir(vhosts.join(".archive"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for e in std::fs::read_dir(domain.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let local = name.split("-orphan-").next().unwrap_or_default().to_owned();
+            archived.push(format!("{local}@{}", domain.file_name().to_string_lossy()));
+        }
+    }
+    archived.sort();
+    let mut gone: Vec<String> = before.into_iter().filter(|u| !after.contains(u)).collect();
+    gone.sort();
+    assert_eq!(gone.len(), 40);
+    assert_eq!(archived, gone, "{}", d1.log_text());
+    assert!(d1.alive() && d2.alive());
+}
+
 macro_rules! scenarios {
     ($($backend:ident => $db:expr;)*) => {
         $(
@@ -331,6 +509,11 @@ macro_rules! scenarios {
                 #[test]
                 fn a_new_server_converges_to_the_table() {
                     super::a_new_server_converges_to_the_table($db);
+                }
+
+                #[test]
+                fn an_evicted_consumer_resyncs_and_archives_orphans() {
+                    super::an_evicted_consumer_resyncs_and_archives_orphans($db);
                 }
             }
         )*
