@@ -371,6 +371,7 @@ impl SnapshotPlan {
                 .collect();
             match literals {
                 Some(l) if l.is_empty() => out.push("FALSE".to_owned()),
+                Some(l) if l.len() == 1 => out.push(format!("{} = {}", quote(name), l[0])),
                 Some(l) => out.push(format!("{} IN ({})", quote(name), l.join(", "))),
                 None => {}
             }
@@ -690,6 +691,12 @@ mod only_tests {
              AND `V` IN (CONVERT(CONVERT(X'6F2762' USING utf8mb4) USING latin1) COLLATE latin1_swedish_ci, \
              CONVERT(CONVERT(X'5CC3A9' USING utf8mb4) USING latin1) COLLATE latin1_swedish_ci) \
              AND `n` IN (-3, 7) ORDER BY `a`, `b` LIMIT 5"
+        );
+        assert_eq!(
+            p.statement(None, &[only("v", vec!["mx1".into()])], 5)
+                .unwrap(),
+            "SELECT `a`, `v` FROM `t` WHERE `V` = CONVERT(CONVERT(X'6D7831' USING utf8mb4) \
+             USING latin1) COLLATE latin1_swedish_ci ORDER BY `a`, `b` LIMIT 5"
         );
         // No values: no row.
         assert_eq!(

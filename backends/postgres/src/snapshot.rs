@@ -25,8 +25,8 @@
 //! # Keeping only the host's rows
 //!
 //! The request's `only` conditions (the part of the handler's row filter a SELECT can
-//! say) are added as `AND t.col = ANY ($n::text[]::<type>[])`, the values bound as text
-//! like the key: an integer column (`smallint`, `integer`, `bigint`) against `int8`,
+//! say) are added as `AND t.col = $n::text::<type>` (one value) or `AND t.col = ANY
+//! ($n::text[]::<type>[])`, the values bound as text like the key: an integer column (`smallint`, `integer`, `bigint`) against `int8`,
 //! whose cross-type `=` is in the integer operator family, so an index on the column
 //! still serves it and a value out of the column's range matches nothing instead of
 //! failing the cast; a character column (`text`, `varchar`, `char(n)`, `name`) against
@@ -83,12 +83,33 @@ use crate::ident::{quote_literal, Ident, TableName};
 use crate::reader::decode::ValueKind;
 use crate::registry::{load_registry, schema_state, SchemaState};
 
-/// One condition of `only` as the statement writes it: `t.<column> = ANY ($n::text[]::<cast>[])`.
+/// One condition of `only` as the statement writes it: `t.<column> = $n::text::<cast>`
+/// for one value, `t.<column> = ANY ($n::text[]::<cast>[])` for any other number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct OnlyTerm {
     /// The column, quoted, as `t."col"`.
     column_sql: String,
     cast: String,
+    /// One value: an equality, which lets an index on `(col, key)` return the rows in key
+    /// order (PostgreSQL before 17 does not take `= ANY` on an index's leading column as
+    /// ordered, and would sort every kept row after the last key for each chunk).
+    one: bool,
+}
+
+/// What an [`OnlyTerm`] binds.
+#[derive(Debug)]
+enum OnlyBind {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OnlyBind {
+    fn param(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            OnlyBind::One(v) => v,
+            OnlyBind::Many(v) => v,
+        }
+    }
 }
 
 /// Backfill reads of one Epidemic schema on one connection: a [`ChunkPlan`] per table.
@@ -115,7 +136,7 @@ struct ChunkPlan {
     /// Every other `SELECT`, by its shape: which of the `after` key's values are NULL
     /// (`None`: no `after`) and the kept rows' conditions (their columns and casts); with
     /// the positions of the key values it binds, in order (see [`after_filter`]); then
-    /// one text array per condition, then the limit.
+    /// the values of each condition (a text, or a text array), then the limit.
     statements: HashMap<(Option<Vec<bool>>, Vec<OnlyTerm>), (Statement, Vec<usize>)>,
     /// The user table's columns that `only` may name: their kind and the type a value is
     /// cast to (see the module docs); `None` for a column of another type.
@@ -346,7 +367,7 @@ impl ChunkPlan {
                 };
                 let mut params: Vec<&(dyn ToSql + Sync)> =
                     binds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
-                params.extend(arrays.iter().map(|a| a as &(dyn ToSql + Sync)));
+                params.extend(arrays.iter().map(OnlyBind::param));
                 params.push(&limit);
                 client
                     .query(statement, &params)
@@ -415,7 +436,7 @@ impl ChunkPlan {
 impl ChunkPlan {
     /// The kept rows' conditions of `only` this table can apply, with the text array
     /// each binds (see the module docs).
-    fn only_terms(&self, only: &[ColumnIn]) -> Result<(Vec<OnlyTerm>, Vec<Vec<String>>), PgError> {
+    fn only_terms(&self, only: &[ColumnIn]) -> Result<(Vec<OnlyTerm>, Vec<OnlyBind>), PgError> {
         let mut terms = Vec::new();
         let mut arrays = Vec::new();
         for c in only {
@@ -448,11 +469,17 @@ impl ChunkPlan {
                 .collect::<Option<Vec<Option<String>>>>()
                 .map(|v| v.into_iter().flatten().collect());
             let Some(values) = values else { continue };
+            let mut values = values;
+            let one = values.len() == 1;
             terms.push(OnlyTerm {
                 column_sql: format!("t.{}", Ident::internal(column.clone()).quoted()),
                 cast: cast.clone(),
+                one,
             });
-            arrays.push(values);
+            arrays.push(match values.pop() {
+                Some(v) if one => OnlyBind::One(v),
+                last => OnlyBind::Many(values.into_iter().chain(last).collect()),
+            });
         }
         Ok((terms, arrays))
     }
@@ -474,12 +501,15 @@ impl ChunkPlan {
             bound = b;
         }
         for (i, t) in terms.iter().enumerate() {
-            conditions.push(format!(
-                "{} = ANY (${}::pg_catalog.text[]::{}[])",
-                t.column_sql,
-                bound.len() + i + 1,
-                t.cast
-            ));
+            let n = bound.len() + i + 1;
+            conditions.push(if t.one {
+                format!("{} = ${n}::pg_catalog.text::{}", t.column_sql, t.cast)
+            } else {
+                format!(
+                    "{} = ANY (${n}::pg_catalog.text[]::{}[])",
+                    t.column_sql, t.cast
+                )
+            });
         }
         let statement = client
             .prepare(&format!(

@@ -19,13 +19,13 @@
 //! delivers each log in id order, which is commit order.
 //!
 //! The request's `only` conditions (the part of the handler's row filter a SELECT can
-//! say) become `AND col IN (?, ...)` with bound values, on a column of integer or text
-//! affinity whose values are of that kind (any other condition is ignored: it is a hint,
-//! and the host filters every row anyway). SQLite compares with the column's affinity
-//! and collation: `NOCASE` or `RTRIM` read rows the host then drops, never fewer than
-//! exact equality. Paging stays by key over the rows kept; an index on `(col, key)` lets
-//! each chunk read only the rows it returns, else the key's index is walked past the
-//! rows of others.
+//! say) become `AND col = ?` or `AND col IN (?, ...)` with bound values, on a column of
+//! integer or text affinity whose values are of that kind (any other condition is
+//! ignored: it is a hint, and the host filters every row anyway); a column the table does
+//! not have is refused. SQLite compares with the column's affinity and collation:
+//! `NOCASE` or `RTRIM` read rows the host then drops, never fewer than exact equality.
+//! Paging stays by key over the rows kept; an index on `(col, key)` lets each chunk read
+//! only the rows it returns, else the key's index is walked past the rows of others.
 //!
 //! Snapshot rows carry the captured columns in the log's order (key first) with values
 //! read as the log reads them ([`crate::reader::value`]), so a row's key equals a live
@@ -215,8 +215,13 @@ fn only_filter(
             terms.push("0".to_owned());
             continue;
         }
-        let marks = vec!["?"; c.values.len()].join(", ");
-        terms.push(format!("{} IN ({marks})", quote(name)));
+        // One value as an equality, so that an index on `(col, key)` gives key order.
+        terms.push(if c.values.len() == 1 {
+            format!("{} = ?", quote(name))
+        } else {
+            let marks = vec!["?"; c.values.len()].join(", ");
+            format!("{} IN ({marks})", quote(name))
+        });
         binds.extend(c.values.iter().map(sql_value));
     }
     Ok((terms.join(" AND "), binds))
