@@ -666,6 +666,8 @@ impl Reader {
             backfill_chunk: 1,
             resync_on_evicted: false,
             filter: filter.map(|f| f as Arc<dyn epidemic_plugin_sdk::routing::RowFilter>),
+            // The bench drains a log; it reads no snapshot.
+            snapshot_only: Default::default(),
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let conn = plugins::open(cfg, lib)?;

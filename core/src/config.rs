@@ -174,6 +174,11 @@ pub struct HandlerConfig {
     /// the handler as INSERTs and DELETEs.
     #[serde(default)]
     pub filter: Option<String>,
+    /// Let a backfill's SELECT skip rows the filter cannot pass (`col = 'x'`, `col IN
+    /// (...)`, the parts of the filter a SELECT can say; the filter still judges every row
+    /// read). `false` reads every row of the table and leaves all of it to the filter.
+    #[serde(default = "default_snapshot_pushdown")]
+    pub snapshot_pushdown: bool,
     /// Where this handler's consumer starts the first time it runs: `now` (changes from
     /// now on), `oldest` (every change still in the log), or `snapshot` (every existing
     /// row as a snapshot row, then live changes; a backfill).
@@ -292,6 +297,10 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
             ))
         }),
     }
+}
+
+fn default_snapshot_pushdown() -> bool {
+    true
 }
 
 fn default_max_attempts() -> u32 {

@@ -170,6 +170,11 @@ pub fn run(cfg: Config, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 .filter
                 .clone()
                 .map(|f| f as Arc<dyn epidemic_plugin_sdk::routing::RowFilter>),
+            snapshot_only: if h.config.snapshot_pushdown {
+                h.snapshot_only
+            } else {
+                Default::default()
+            },
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
         let dispatcher = Dispatcher::new(

@@ -15,13 +15,15 @@
 //! or a dead letter the database would not take. So a crash redelivers at most the batch
 //! in flight, and nothing is ever skipped.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use epidemic_plugin_host::{HostBackend, HostHandler};
 use epidemic_plugin_sdk::backend::{
-    BackendError, BackfillRequest, BackfillState, ChunkRequest, Consumer, Registered, StartFrom,
+    BackendError, BackfillRequest, BackfillState, ChunkRequest, ColumnIn, Consumer, Registered,
+    StartFrom,
 };
 use epidemic_plugin_sdk::ops::{DeadLetter, DeadLetterQuery, DeadLetterUpdate};
 use epidemic_plugin_sdk::routing::{Routed, RowFilter};
@@ -75,6 +77,9 @@ pub struct DispatchSettings {
     pub resync_on_evicted: bool,
     /// The handler's row filter (`[[handler]] filter`), if any.
     pub filter: Option<Arc<dyn RowFilter>>,
+    /// Per table: the part of the filter a backfill's SELECT may apply (the chunk
+    /// requests' `only`; see `filter.rs`). The filter still judges every row read.
+    pub snapshot_only: HashMap<String, Vec<ColumnIn>>,
     /// Longest wait for a wake-up before reading the log anyway.
     pub idle_check: Duration,
 }
@@ -118,6 +123,8 @@ pub struct Dispatcher {
     resync_on_evicted: bool,
     /// The backend keeps backfills (an older one may not).
     backfills_supported: bool,
+    /// What each table's chunk requests ask the backend to keep (`only`).
+    snapshot_only: HashMap<String, Vec<ColumnIn>>,
 }
 
 impl Dispatcher {
@@ -152,6 +159,7 @@ impl Dispatcher {
             backfill_chunk: settings.backfill_chunk.max(1),
             resync_on_evicted: settings.resync_on_evicted,
             backfills_supported: true,
+            snapshot_only: settings.snapshot_only,
         }
     }
 
@@ -617,6 +625,7 @@ impl Dispatcher {
             table: table.clone(),
             after,
             limit: chunk_size,
+            only: self.snapshot_only.get(&table).cloned().unwrap_or_default(),
         })?;
         let run = self
             .backfill

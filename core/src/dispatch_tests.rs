@@ -11,8 +11,8 @@ use std::time::Duration;
 use epidemic_plugin_host::{HostBackend, HostHandler};
 use epidemic_plugin_sdk::backend::{
     Backend, BackendError, BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Batch,
-    Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Registered,
-    StartFrom, Watch,
+    Chunk, ChunkRequest, ColumnIn, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
+    Registered, StartFrom, Watch,
 };
 use epidemic_plugin_sdk::{
     testing, BatchError, Change, Context, Handler, HandlerConfig, HandlerError, Op, Origin,
@@ -38,6 +38,8 @@ struct Log {
     backfills: Vec<BackfillProgress>,
     /// Each chunk read: (after, watermark id).
     chunks: Vec<(Option<i64>, i64)>,
+    /// Each chunk request's `only`.
+    chunk_only: Vec<Vec<ColumnIn>>,
 }
 
 impl Log {
@@ -183,10 +185,17 @@ impl Backend for MemoryBackend {
     fn snapshot_chunk(&mut self, r: &ChunkRequest) -> Result<Chunk, BackendError> {
         let mut log = self.0.log.lock().unwrap();
         let after = r.after.as_ref().and_then(|k| k[0].as_i64());
+        log.chunk_only.push(r.only.clone());
+        // Honours `only` on `name` as a backend's SELECT would.
+        let kept = |n: &String| {
+            r.only
+                .iter()
+                .all(|c| c.column != "name" || c.values.contains(&Value::Text(n.clone())))
+        };
         let rows: Vec<Change> = log
             .rows
             .iter()
-            .filter(|(k, _)| after.is_none_or(|a| **k > a))
+            .filter(|(k, n)| after.is_none_or(|a| **k > a) && kept(n))
             .take(r.limit as usize)
             .map(|(k, n)| {
                 let mut c = testing::keyed(
@@ -369,6 +378,7 @@ fn setup_filtered(
         backfill_chunk: 3,
         resync_on_evicted: false,
         filter,
+        snapshot_only: HashMap::new(),
         idle_check: Duration::from_millis(5),
     };
     let d = Dispatcher::new(
@@ -731,6 +741,7 @@ fn a_restarted_dispatcher_resumes_after_the_last_finished_chunk() {
             backfill_chunk: 3,
             resync_on_evicted: false,
             filter: None,
+            snapshot_only: HashMap::new(),
             idle_check: Duration::from_millis(5),
         },
         backend,
@@ -798,4 +809,53 @@ fn a_row_the_filter_cannot_judge_is_dead_lettered_and_the_rest_is_delivered() {
     assert!(log.letters[0]
         .error
         .contains("row filter: no such overload"));
+}
+
+#[test]
+fn every_chunk_request_carries_the_pushed_part_of_the_filter_and_the_filter_still_judges() {
+    // The filter passes `ok-*` names; the backend may keep only `ok-a` and `bad` rows (a
+    // pushed condition looser than the filter: `bad` is read and must still be dropped).
+    let filter = |cols: &[String], vals: &[Value]| -> Result<bool, String> {
+        let i = cols.iter().position(|c| c == "name").ok_or("no name")?;
+        Ok(vals[i].as_str().is_some_and(|n| n.starts_with("ok")))
+    };
+    let (w, mut d) = setup_filtered("backfill_only", &[], policy(3), Some(Arc::new(filter)));
+    {
+        let mut log = w.log.lock().unwrap();
+        for (k, n) in [(1, "ok-a"), (2, "ok-b"), (3, "bad"), (4, "ok-a"), (5, "x")] {
+            log.rows.insert(k, n.to_owned());
+        }
+        for k in 6..=12 {
+            log.rows.insert(k, "x".to_owned());
+        }
+        log.rows.insert(13, "ok-a".to_owned());
+        log.backfills.push(BackfillProgress {
+            daemon: "mx1".into(),
+            handler: "h".into(),
+            table: "users".into(),
+            ..Default::default()
+        });
+    }
+    let only = vec![ColumnIn {
+        column: "name".into(),
+        values: vec!["ok-a".into(), "bad".into()],
+    }];
+    d.snapshot_only.insert("users".into(), only.clone());
+    run_backfill(&mut d);
+    let keys: Vec<i64> = w
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.key[0].as_i64().unwrap())
+        .collect();
+    assert_eq!(keys, [1, 4, 13], "`bad` was read but not passed");
+    let log = w.log.lock().unwrap();
+    assert!(log.chunk_only.len() >= 2, "{:?}", log.chunk_only);
+    assert!(log.chunk_only.iter().all(|o| *o == only));
+    assert_eq!(
+        log.backfills[0].rows_done, 4,
+        "the rows read, `bad` included"
+    );
+    assert_eq!(log.backfills[0].state, BackfillState::Done);
 }

@@ -15,11 +15,31 @@
 //! moves into the filter reaches the handler as an INSERT, one that moves out as a DELETE.
 //! The columns a filter reads are captured like watched columns, so an UPDATE of them
 //! alone is a change.
+//!
+//! # Pushed into a backfill's SELECT
+//!
+//! A backfill would read every row of the table only for the filter to drop most of them
+//! (each of ten mail servers keeps a tenth). So [`CelFilter::pushdown`] derives from the
+//! expression's syntax tree what a SELECT can say, and the dispatcher hands it to the
+//! backend with every chunk request (`ChunkRequest::only`): the top-level `&&` conjuncts
+//! of the forms `col == <literal>`, `<literal> == col`, `col == daemon.name`,
+//! `daemon.name == col` and `col in [<literals>]`, where the literals are strings for a
+//! text column or integers for an integer column (the catalog's type). Anything else
+//! (`||`, `!`, `!=`, `<`, functions, a literal of another type) pushes nothing for that
+//! conjunct, and other conjuncts still push theirs.
+//!
+//! **Invariant:** the pushed condition is implied by the filter: a row passes the filter
+//! only if every top-level conjunct is true, and a pushed conjunct is true only if the
+//! column equals one of the values exactly. So every row the filter passes is read. A
+//! backend comparison that is looser than exact equality (MySQL's case-insensitive or
+//! PAD SPACE collations, PostgreSQL's `char(n)`) reads rows the filter then drops here,
+//! as it drops every row it does not pass: the filter still judges every snapshot row.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use epidemic_plugin_sdk::backend::ColumnType;
+use cel::common::ast::{CallExpr, Expr, IdedExpr, LiteralValue};
+use epidemic_plugin_sdk::backend::{ColumnIn, ColumnType};
 use epidemic_plugin_sdk::routing::RowFilter;
 use epidemic_plugin_sdk::Value;
 
@@ -143,6 +163,133 @@ impl CelFilter {
     }
 }
 
+impl CelFilter {
+    /// The conditions a backfill's SELECT can apply for this filter on a table whose
+    /// columns (the catalog's spelling) have `types` (see the module docs): one per
+    /// pushable top-level conjunct, the column in the catalog's spelling. Empty when
+    /// nothing can be pushed or the types are unknown.
+    pub fn pushdown(&self, columns: &[String], types: &[ColumnType]) -> Vec<ColumnIn> {
+        if types.len() != columns.len() {
+            return Vec::new();
+        }
+        let mut conjuncts = Vec::new();
+        top_level_conjuncts(self.program.expression(), &mut conjuncts);
+        conjuncts
+            .into_iter()
+            .filter_map(|e| self.pushable(e))
+            .filter_map(|(name, values)| {
+                // The column as the catalog spells it, matched as `eval` matches it.
+                let i = columns
+                    .iter()
+                    .position(|c| *c == name)
+                    .or_else(|| columns.iter().position(|c| c.eq_ignore_ascii_case(&name)))?;
+                let fits = |v: &Value| match (types[i], v) {
+                    (ColumnType::Text, Value::Text(_)) | (ColumnType::Int, Value::Int(_)) => true,
+                    _ => false,
+                };
+                (!values.is_empty() && values.iter().all(fits)).then(|| ColumnIn {
+                    column: columns[i].clone(),
+                    values,
+                })
+            })
+            .collect()
+    }
+
+    /// `(column, values)` when `e` says "column equals one of values", with the values
+    /// as literals of one type; `None` for any other expression.
+    fn pushable(&self, e: &IdedExpr) -> Option<(String, Vec<Value>)> {
+        let Expr::Call(CallExpr {
+            func_name,
+            target: None,
+            args,
+        }) = &e.expr
+        else {
+            return None;
+        };
+        let [left, right] = args.as_slice() else {
+            return None;
+        };
+        match func_name.as_str() {
+            cel::common::ast::operators::EQUALS => {
+                let (column, value) = match (self.column(left), self.column(right)) {
+                    (Some(c), None) => (c, self.constant(right)?),
+                    (None, Some(c)) => (c, self.constant(left)?),
+                    _ => return None,
+                };
+                Some((column, vec![value]))
+            }
+            cel::common::ast::operators::IN => {
+                let column = self.column(left)?;
+                let Expr::List(list) = &right.expr else {
+                    return None;
+                };
+                if !list.optional_indices.is_empty() {
+                    return None;
+                }
+                let values = list
+                    .elements
+                    .iter()
+                    .map(|v| self.constant(v))
+                    .collect::<Option<Vec<Value>>>()?;
+                Some((column, values))
+            }
+            _ => None,
+        }
+    }
+
+    /// The row column `e` names, if it is one.
+    fn column(&self, e: &IdedExpr) -> Option<String> {
+        match &e.expr {
+            Expr::Ident(name) if name != DAEMON => Some(name.clone()),
+            _ => None,
+        }
+    }
+
+    /// The value of `e` when it is a string or integer literal, or `daemon.name`.
+    fn constant(&self, e: &IdedExpr) -> Option<Value> {
+        match &e.expr {
+            Expr::Literal(LiteralValue::String(s)) => Some(Value::Text(s.inner().to_owned())),
+            Expr::Literal(LiteralValue::Int(i)) => Some(Value::Int(*i.inner())),
+            // `-5` may come as a negation of the literal 5.
+            Expr::Call(CallExpr {
+                func_name,
+                target: None,
+                args,
+            }) if func_name == cel::common::ast::operators::NEGATE && args.len() == 1 => {
+                match &args[0].expr {
+                    Expr::Literal(LiteralValue::Int(i)) => i.inner().checked_neg().map(Value::Int),
+                    _ => None,
+                }
+            }
+            Expr::Select(select)
+                if !select.test
+                    && select.field == "name"
+                    && matches!(&select.operand.expr, Expr::Ident(d) if d == DAEMON) =>
+            {
+                Some(Value::Text(self.daemon.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The operands of the `&&` at the top of `e`, flattened (`a && (b && c)` gives `a`, `b`,
+/// `c`); `e` itself when it is no `&&`.
+fn top_level_conjuncts<'e>(e: &'e IdedExpr, out: &mut Vec<&'e IdedExpr>) {
+    match &e.expr {
+        Expr::Call(CallExpr {
+            func_name,
+            target: None,
+            args,
+        }) if func_name == cel::common::ast::operators::LOGICAL_AND && args.len() == 2 => {
+            for a in args {
+                top_level_conjuncts(a, out);
+            }
+        }
+        _ => out.push(e),
+    }
+}
+
 impl RowFilter for CelFilter {
     fn passes(&self, columns: &[String], values: &[Value]) -> Result<bool, String> {
         self.eval(columns, values)
@@ -212,6 +359,158 @@ mod tests {
         assert!(g.passes(&cols(&["quota"]), &[Value::Int(6)]).unwrap());
         // A real type error is one, for the dispatcher to refuse the row.
         assert!(g.passes(&cols(&["quota"]), &["six".into()]).is_err());
+    }
+
+    fn pushed(filter: &str, columns: &[&str], types: &[ColumnType]) -> Vec<(String, Vec<Value>)> {
+        CelFilter::compile(filter, "mx2")
+            .unwrap()
+            .pushdown(&cols(columns), types)
+            .into_iter()
+            .map(|c| (c.column, c.values))
+            .collect()
+    }
+
+    const HOST_QUOTA: [ColumnType; 2] = [ColumnType::Text, ColumnType::Int];
+
+    #[test]
+    fn equalities_with_literals_and_the_daemon_name_are_pushed() {
+        let cols = ["mailhost", "quota"];
+        let host = |v: &str| vec![("mailhost".to_owned(), vec![Value::from(v)])];
+        assert_eq!(
+            pushed("mailhost == daemon.name", &cols, &HOST_QUOTA),
+            host("mx2")
+        );
+        assert_eq!(
+            pushed("daemon.name == mailhost", &cols, &HOST_QUOTA),
+            host("mx2")
+        );
+        assert_eq!(pushed("mailhost == 'mx7'", &cols, &HOST_QUOTA), host("mx7"));
+        // CEL's escapes are undone: the value is the string the filter compares with.
+        assert_eq!(
+            pushed(r#"'o\'b\\c é' == mailhost"#, &cols, &HOST_QUOTA),
+            host("o'b\\c é")
+        );
+        assert_eq!(
+            pushed("quota == -5", &cols, &HOST_QUOTA),
+            vec![("quota".to_owned(), vec![Value::Int(-5)])]
+        );
+        assert_eq!(
+            pushed("mailhost in ['mx1', daemon.name]", &cols, &HOST_QUOTA),
+            vec![("mailhost".to_owned(), vec!["mx1".into(), "mx2".into()])]
+        );
+        // Every top-level conjunct that can be, however nested; the others stay with the
+        // filter.
+        assert_eq!(
+            pushed(
+                "quota > 5 && (mailhost == daemon.name && quota in [6, 7]) && size(mailhost) > 1",
+                &cols,
+                &HOST_QUOTA
+            ),
+            vec![
+                ("mailhost".to_owned(), vec!["mx2".into()]),
+                ("quota".to_owned(), vec![6.into(), 7.into()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_catalog_spelling_is_pushed() {
+        assert_eq!(
+            pushed(
+                "mailhost == daemon.name",
+                &["MailHost"],
+                &[ColumnType::Text]
+            ),
+            vec![("MailHost".to_owned(), vec!["mx2".into()])]
+        );
+    }
+
+    #[test]
+    fn what_a_select_cannot_say_exactly_is_not_pushed() {
+        let cols = ["mailhost", "quota"];
+        for filter in [
+            "mailhost == daemon.name || quota == 5",
+            "!(mailhost == daemon.name)",
+            "mailhost != daemon.name",
+            "quota > 5",
+            "quota >= 5 && quota <= 5",
+            "mailhost.startsWith('mx')",
+            "mailhost == mailhost",
+            "daemon.name == 'mx2'",
+            "mailhost in []",
+            "mailhost in ['mx1', quota]",
+            "quota + 0 == 5",
+            "has(daemon.name) && mailhost == 'mx1' || false",
+            "mailhost == null",
+            "true",
+        ] {
+            assert_eq!(pushed(filter, &cols, &HOST_QUOTA), vec![], "{filter}");
+        }
+    }
+
+    #[test]
+    fn a_literal_of_another_type_than_the_column_is_not_pushed() {
+        let cols = ["mailhost", "quota"];
+        for filter in [
+            "quota == daemon.name",
+            "quota == '5'",
+            "mailhost == 5",
+            "quota == 5.0",
+            "quota == 5u",
+            "quota in [5, '6']",
+            "nosuch == 'x'",
+        ] {
+            assert_eq!(pushed(filter, &cols, &HOST_QUOTA), vec![], "{filter}");
+        }
+        for t in [
+            ColumnType::Other,
+            ColumnType::Decimal,
+            ColumnType::Bytes,
+            ColumnType::Float,
+            ColumnType::Bool,
+            ColumnType::Missing,
+        ] {
+            assert_eq!(
+                pushed("mailhost == 'mx1'", &["mailhost"], &[t]),
+                vec![],
+                "{t:?}"
+            );
+            assert_eq!(
+                pushed("mailhost == 1", &["mailhost"], &[t]),
+                vec![],
+                "{t:?}"
+            );
+        }
+        // Without the catalog's types, nothing.
+        assert_eq!(pushed("mailhost == 'mx1'", &["mailhost"], &[]), vec![]);
+    }
+
+    #[test]
+    fn a_pushed_condition_is_implied_by_the_filter() {
+        // Any row the filter passes meets every pushed condition.
+        let filter = "quota > 5 && mailhost == daemon.name && quota in [6, 7, 9]";
+        let f = CelFilter::compile(filter, "mx2").unwrap();
+        let names = cols(&["mailhost", "quota"]);
+        let only = f.pushdown(&names, &HOST_QUOTA);
+        assert_eq!(only.len(), 2);
+        for host in ["mx1", "mx2", "MX2", "mx2 ", ""] {
+            for quota in [
+                Value::Null,
+                0.into(),
+                6.into(),
+                7.into(),
+                8.into(),
+                9.into(),
+            ] {
+                let row = [Value::from(host), quota.clone()];
+                if f.passes(&names, &row).unwrap() {
+                    for c in &only {
+                        let i = names.iter().position(|n| *n == c.column).unwrap();
+                        assert!(c.values.contains(&row[i]), "{row:?} passes, {c:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,13 +5,14 @@
 //! `libepidemic_backend_X.so`, and if there is none, any backend library whose declared
 //! URL schemes include `X`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use epidemic_plugin_host::{self as host, HostBackend, HostHandler, Library};
 use std::sync::Arc;
 
-use epidemic_plugin_sdk::backend::{BackendError, ColumnType, Watch};
+use epidemic_plugin_sdk::backend::{BackendError, ColumnIn, ColumnType, Watch};
 use epidemic_plugin_sdk::{redact_url, Subscription};
 
 use crate::config::{Config, HandlerConfig};
@@ -150,6 +151,9 @@ pub struct LoadedHandler {
     pub subscriptions: Vec<Subscription>,
     /// Its `filter`, compiled.
     pub filter: Option<Arc<CelFilter>>,
+    /// Per table (the catalog's spelling): the part of `filter` a backfill's SELECT can
+    /// apply ([`CelFilter::pushdown`]), filled in by [`resolve_names`].
+    pub snapshot_only: HashMap<String, Vec<ColumnIn>>,
 }
 
 impl LoadedHandler {
@@ -205,6 +209,7 @@ pub fn load_handler(cfg: &Config, h: &HandlerConfig, daemon: &str) -> Result<Loa
         instance,
         subscriptions,
         filter,
+        snapshot_only: HashMap::new(),
     })
 }
 
@@ -305,7 +310,9 @@ pub fn check_filters(cfg: &Config, handlers: &[LoadedHandler], watches: &[Watch]
 /// Ask the backend for the catalog's spelling of every watched table and column and use
 /// it in every handler's subscriptions, so that dispatch (which compares names exactly)
 /// matches what the backend reports on a database whose names are case-insensitive.
-/// Returns the merged watches in that spelling.
+/// Returns the merged watches in that spelling. Also works out, per handler with a
+/// filter and table, what a backfill's SELECT can apply of the filter
+/// (`LoadedHandler::snapshot_only`), from the catalog's spelling and types.
 pub fn resolve_names(
     cfg: &Config,
     conn: &mut HostBackend,
@@ -324,6 +331,19 @@ pub fn resolve_names(
         ));
     }
     // Positional: the backend returns one watch per watch asked, columns in order.
+    for h in handlers.iter_mut() {
+        let Some(f) = &h.filter else { continue };
+        h.snapshot_only = h
+            .subscriptions
+            .iter()
+            .filter_map(|s| asked.iter().position(|w| w.table == s.table))
+            .map(|i| {
+                let r = &resolved[i];
+                (r.table.clone(), f.pushdown(&r.columns, &r.types))
+            })
+            .filter(|(_, only)| !only.is_empty())
+            .collect();
+    }
     for s in handlers.iter_mut().flat_map(|h| h.subscriptions.iter_mut()) {
         let Some(i) = asked.iter().position(|w| w.table == s.table) else {
             continue;

@@ -30,6 +30,31 @@ pub struct ChunkRequest {
     pub after: Option<Vec<Value>>,
     /// Most rows in the chunk.
     pub limit: u32,
+    /// A **hint**: the host will keep only rows that meet every one of these conditions
+    /// (the part of the handler's row filter a SELECT can say; see [`ColumnIn`]). A
+    /// backend may restrict its read to such rows (`col IN (...)`), or ignore any of them:
+    /// the host applies the whole filter to every row it gets anyway. Paging is
+    /// unchanged, by key over the rows read: `after` is the key of the last row returned,
+    /// and a chunk of fewer than `limit` rows is the `last`. Empty (the default, and what
+    /// a host older than this field sends): every row.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<ColumnIn>,
+}
+
+/// One condition of [`ChunkRequest::only`]: the host keeps only rows whose `column` (the
+/// catalog's spelling) equals one of `values` (integers for an integer column, text for a
+/// character column). A row whose column is NULL never meets it; an empty `values` is met
+/// by no row.
+///
+/// A backend's comparison may be looser than the host's (a case-insensitive or PAD SPACE
+/// collation, `char(n)`): that only reads rows the host then drops. It must never be
+/// stricter: every row whose value equals one of `values` exactly must be read. A column
+/// the table does not have is a bug or a dropped column; a backend refuses it
+/// ([`crate::backend::BackendError::Invalid`], naming the table and the column).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnIn {
+    pub column: String,
+    pub values: Vec<Value>,
 }
 
 /// Rows read for a backfill, and the watermark written after reading them.

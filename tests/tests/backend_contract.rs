@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use epidemic_plugin_host::{self as host, HostBackend, Library};
 use epidemic_plugin_sdk::backend::{
-    BackendError, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate, Registered, StartFrom,
-    Watch,
+    BackendError, Chunk, ChunkRequest, ColumnIn, Consumer, DeadLetter, DeadLetterQuery,
+    DeadLetterUpdate, Registered, StartFrom, Watch,
 };
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
 use epidemic_tests::{backend_path, wait_until};
@@ -578,6 +578,170 @@ fn a_wrong_password_is_a_connection_error_that_does_not_show_it<D: ContractDb>(d
     assert!(msg.contains("***") || !msg.contains("s3cret"), "{msg}");
 }
 
+/// Every chunk of `table` that `only` keeps, by `limit` rows: the chunks as read.
+fn chunks(b: &mut HostBackend, table: &str, only: &[ColumnIn], limit: u32) -> Vec<Chunk> {
+    let mut after = None;
+    let mut all = Vec::new();
+    loop {
+        let chunk = b
+            .snapshot_chunk(&ChunkRequest {
+                table: table.into(),
+                after: after.clone(),
+                limit,
+                only: only.to_vec(),
+            })
+            .unwrap_or_else(|e| panic!("chunk of {table} after {after:?}: {e}"));
+        assert!(chunk.rows.len() <= limit as usize);
+        assert!(chunk.watermark > 0, "every chunk writes its watermark");
+        let last = chunk.last;
+        if let Some(r) = chunk.rows.last() {
+            after = Some(r.key.clone());
+        }
+        all.push(chunk);
+        if last {
+            return all;
+        }
+        assert!(all.len() < 100, "no end");
+    }
+}
+
+/// The keys of the rows kept, in the order read.
+fn kept(b: &mut HostBackend, only: &[ColumnIn], limit: u32) -> Vec<i64> {
+    chunks(b, "hosts", only, limit)
+        .iter()
+        .flat_map(|c| &c.rows)
+        .map(|r| int(r.key.first()))
+        .collect()
+}
+
+fn only(column: &str, values: &[Value]) -> ColumnIn {
+    ColumnIn {
+        column: column.into(),
+        values: values.to_vec(),
+    }
+}
+
+/// A backfill's chunk request with `only` (the part of a handler's row filter a SELECT
+/// can say) returns exactly the rows whose column equals one of the values, in key order,
+/// paged by key across chunks; NULLs never; an integer column narrower than the values;
+/// text with quotes, backslashes and accents in a column of another character set (on
+/// MariaDB). Nothing kept: one empty last chunk. A column the table lacks: refused.
+fn a_chunk_keeps_only_the_rows_asked_for<D: ContractDb>(db: D) {
+    let t = db.types();
+    let (host, small, backslash) = match db.backend() {
+        "mysql" => (
+            "VARCHAR(40) CHARACTER SET latin1 COLLATE latin1_bin",
+            "SMALLINT",
+            "'a\\\\b'",
+        ),
+        "postgres" => ("varchar(40)", "smallint", "'a\\b'"),
+        _ => ("TEXT", "INTEGER", "'a\\b'"),
+    };
+    create(
+        &db,
+        &format!(
+            "CREATE TABLE hosts (id {int} PRIMARY KEY, host {host}, n {small}, note {text})",
+            int = t.int,
+            text = t.text
+        ),
+    );
+    let mut rows: Vec<String> = [
+        "(1, 'mx1', 1)",
+        "(2, 'o''brien', 2)",
+        "(3, 'mx2', 3)",
+        "(5, 'é-mx', 5)",
+        "(6, NULL, 6)",
+        "(7, 'mx1', NULL)",
+        "(8, 'mx1', 8)",
+        "(9, 'MX1', 9)",
+        "(10, 'mx1', 10)",
+    ]
+    .iter()
+    .map(|r| r.to_string())
+    .collect();
+    rows.push(format!("(4, {backslash}, 4)"));
+    rows.extend((11..=20).map(|i| format!("({i}, 'mx9', {i})")));
+    db.exec(&[&format!(
+        "INSERT INTO hosts (id, host, n) VALUES {}",
+        rows.join(", ")
+    )]);
+    let (mut b, _) = setup(&db, &[watch("hosts", &["host", "n", "note"])], "h");
+
+    let mx1 = [only("host", &["mx1".into()])];
+    for limit in [1, 2, 3, 100] {
+        assert_eq!(
+            kept(&mut b, &mx1, limit),
+            [1, 7, 8, 10],
+            "chunks of {limit}"
+        );
+    }
+    // Paging: chunks of 2 are full until the one after the last kept row.
+    let pages = chunks(&mut b, "hosts", &mx1, 2);
+    let sizes: Vec<(usize, bool)> = pages.iter().map(|c| (c.rows.len(), c.last)).collect();
+    assert_eq!(sizes, [(2, false), (2, false), (0, true)]);
+    for r in pages.iter().flat_map(|c| &c.rows) {
+        assert_eq!(text(r.new_value("host")), "mx1");
+        assert_eq!(r.origin, Origin::Snapshot);
+    }
+    // Text that needs quoting, escaping and converting, in one list.
+    let odd = [only(
+        "host",
+        &[
+            "o'brien".into(),
+            "a\\b".into(),
+            "é-mx".into(),
+            "nosuch".into(),
+        ],
+    )];
+    assert_eq!(kept(&mut b, &odd, 2), [2, 4, 5]);
+    let got: Vec<String> = chunks(&mut b, "hosts", &odd, 10)[0]
+        .rows
+        .iter()
+        .map(|r| text(r.new_value("host")))
+        .collect();
+    assert_eq!(got, ["o'brien", "a\\b", "é-mx"]);
+    // An integer column, with a value beyond its type's range, which matches nothing.
+    assert_eq!(
+        kept(
+            &mut b,
+            &[only("n", &[3.into(), 8.into(), 100_000.into()])],
+            1
+        ),
+        [3, 8]
+    );
+    // Every condition at once; the catalog's spelling or not.
+    assert_eq!(
+        kept(
+            &mut b,
+            &[
+                only("HOST", &["mx1".into()]),
+                only("n", &[1.into(), 9.into(), 10.into(), 7.into()])
+            ],
+            1
+        ),
+        [1, 10]
+    );
+    // Nothing kept: one empty chunk, the last, with its watermark.
+    let none = chunks(&mut b, "hosts", &[only("host", &["nobody".into()])], 5);
+    assert_eq!(none.len(), 1);
+    assert!(none[0].rows.is_empty() && none[0].last);
+    // Without `only`, every row.
+    assert_eq!(kept(&mut b, &[], 7), (1..=20).collect::<Vec<i64>>());
+    // A column the table does not have: a bug or a dropped column, refused by name.
+    let err = b
+        .snapshot_chunk(&ChunkRequest {
+            table: "hosts".into(),
+            after: None,
+            limit: 5,
+            only: vec![only("hostx", &["mx1".into()])],
+        })
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("hosts") && msg.contains("hostx"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+}
+
 mod sqlite_db {
     use super::*;
 
@@ -859,6 +1023,11 @@ macro_rules! contract {
                 #[test]
                 fn install_is_idempotent_and_uninstall_removes_everything() {
                     super::install_is_idempotent_and_uninstall_removes_everything($db);
+                }
+
+                #[test]
+                fn a_chunk_keeps_only_the_rows_asked_for() {
+                    super::a_chunk_keeps_only_the_rows_asked_for($db);
                 }
 
                 #[test]

@@ -5,9 +5,13 @@
 //! exactly `SELECT … WHERE mailhost = host`, checked at once; with a host stopped, `wait`
 //! times out and names it.
 //!
+//! A backfill through a filter reads only the host's rows: the part of the filter a SELECT
+//! can say is pushed into the snapshot's SELECT, the rest still judged by the daemon.
+//!
 //! Sizes: `EPIDEMIC_FILTER_WRITERS` (default 4) writers of `EPIDEMIC_FILTER_OPS` (default
 //! 150) statements each.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +19,7 @@ use std::time::Duration;
 use epidemic_tests::db::{MySqlDb, PgDb, SqlDb, SqliteDb};
 use epidemic_tests::maildirs::{self, Tree};
 use epidemic_tests::rng::Rng;
-use epidemic_tests::{epidemic, plugin_path, wait_until, Daemon};
+use epidemic_tests::{epidemic, plugin_path, recorded, wait_until, Daemon};
 
 const HOSTS: [&str; 3] = ["mx1", "mx2", "mx3"];
 const WAIT: Duration = Duration::from_secs(60);
@@ -242,6 +246,130 @@ fn bad_filters_are_refused_at_start<D: SqlDb + 'static>(db: D) {
     }
 }
 
+/// Mail server mx1 joins (`start = "snapshot"`) a table where nine rows in ten belong to
+/// other hosts, with `filter = "mailhost == daemon.name && quota_bytes > 5"` (the column
+/// is spelled `MailHost` in the catalog of SQLite and MariaDB). Its backfill reads only
+/// the rows the database itself calls `MailHost = 'mx1'` (`rows_done`; MariaDB's
+/// case-insensitive, PAD SPACE collation also reads `MX1` and `mx1 `), and hands over
+/// exactly the rows the whole filter passes: `quota_bytes > 5` and the exact host are
+/// still judged by the daemon. A second handler with `snapshot_pushdown = false` reads
+/// every row and receives the same rows.
+fn a_backfill_reads_only_the_rows_its_filter_can_pass<D: SqlDb + 'static>(db: D) {
+    let (text, int) = db.types();
+    let mut statements = vec![format!(
+        "CREATE TABLE pushdown_users (id {int} PRIMARY KEY, quota_bytes {int}, MailHost {text})"
+    )];
+    let mut rows = Vec::new();
+    for id in 1..=600i64 {
+        // mx1 owns every tenth row, mx2..mx10 the others.
+        let host = format!("mx{}", id % 10 + 1);
+        let quota = match id {
+            _ if id % 70 == 0 => "NULL".to_owned(),
+            _ if id % 30 == 0 => "3".to_owned(),
+            _ => id.to_string(),
+        };
+        rows.push(format!("({id}, {quota}, '{host}')"));
+    }
+    // Rows only a loose comparison takes for mx1's, and one with no host.
+    rows.extend(
+        [
+            "(601, 50, 'MX1')",
+            "(602, 50, 'mx1 ')",
+            "(603, 50, NULL)",
+            "(604, 50, 'mx1')",
+        ]
+        .map(String::from),
+    );
+    statements.push(format!(
+        "INSERT INTO pushdown_users (id, quota_bytes, MailHost) VALUES {}",
+        rows.join(", ")
+    ));
+    db.exec(&statements);
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let handler = |name: &str, pushdown: bool| {
+        format!(
+            "[[handler]]\nname = {name:?}\nplugin = {:?}\nstart = \"snapshot\"\n\
+             filter = \"mailhost == daemon.name && quota_bytes > 5\"\nsnapshot_pushdown = {pushdown}\n\
+             [handler.config]\nfile = {:?}\ntable = \"pushdown_users\"\ncolumns = [\"quota_bytes\"]\n\n",
+            plugin_path("recorder").display().to_string(),
+            dir.join(format!("{name}.jsonl")).display().to_string(),
+        )
+    };
+    let config = dir.join("mx1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = {:?}\n{}\n[daemon]\nname = \"mx1\"\nbackfill_chunk = 7\n\n{}{}",
+            db.url(),
+            db.options(),
+            handler("pushed", true),
+            handler("unpushed", false),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("mx1.log");
+    let daemon = Daemon::start(&config, &log, &[]);
+    // Both backfills done: (handler, rows_done) of each.
+    let mut done = Vec::new();
+    let finished = wait_until(WAIT, || {
+        let out = epidemic(&config, &["status", "--json"]);
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let backfills = status["backfills"].as_array().cloned().unwrap_or_default();
+        done = backfills
+            .iter()
+            .filter(|b| b["state"] == "done")
+            .map(|b| {
+                (
+                    b["handler"].as_str().unwrap_or_default().to_owned(),
+                    b["rows_done"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        done.sort();
+        done.len() == 2
+    });
+    assert!(
+        finished,
+        "the backfills did not finish:\n{}",
+        daemon.log_text()
+    );
+
+    let want: BTreeSet<i64> = (1..=600)
+        .filter(|id| id % 10 == 0 && id % 70 != 0 && id % 30 != 0)
+        .chain([604])
+        .collect();
+    for name in ["pushed", "unpushed"] {
+        let lines = recorded(&dir.join(format!("{name}.jsonl")));
+        let got: BTreeSet<i64> = lines
+            .iter()
+            .map(|l| l["key"]["id"].as_i64().expect("a key"))
+            .collect();
+        assert_eq!(got, want, "{name}: the rows the whole filter passes");
+        assert_eq!(lines.len(), want.len(), "{name}: each once");
+        assert!(lines.iter().all(|l| l["origin"] == "snapshot"), "{name}");
+    }
+    // What each backfill read: the rows the database calls mx1's, or all of them.
+    let mx1: u64 = db.query("SELECT count(*) FROM pushdown_users WHERE MailHost = 'mx1'")[0][0]
+        .as_deref()
+        .expect("a count")
+        .parse()
+        .expect("a number");
+    assert!((61..=63).contains(&mx1), "{mx1}");
+    assert_eq!(
+        done,
+        [("pushed".to_owned(), mx1), ("unpushed".to_owned(), 604)],
+        "rows read by each backfill"
+    );
+    assert!(
+        !daemon.log_text().contains("ERROR"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
 macro_rules! scenarios {
     ($($backend:ident => $db:expr;)*) => {
         $(
@@ -251,6 +379,11 @@ macro_rules! scenarios {
                 #[test]
                 fn hosts_converge_under_writers_and_kills() {
                     super::hosts_converge_under_writers_and_kills($db);
+                }
+
+                #[test]
+                fn a_backfill_reads_only_the_rows_its_filter_can_pass() {
+                    super::a_backfill_reads_only_the_rows_its_filter_can_pass($db);
                 }
 
                 #[test]

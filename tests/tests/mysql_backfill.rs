@@ -69,6 +69,7 @@ fn chunk(b: &mut HostBackend, table: &str, after: Option<Vec<Value>>, limit: u32
         table: table.into(),
         after,
         limit,
+        only: Vec::new(),
     })
     .expect("snapshot_chunk")
 }
@@ -358,6 +359,7 @@ fn a_key_that_cannot_page_through_the_table_is_refused_and_nothing_is_stored() {
                 table: table.into(),
                 after: None,
                 limit: 10,
+                only: Vec::new(),
             })
             .expect_err(table);
         assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");

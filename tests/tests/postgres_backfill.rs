@@ -106,6 +106,7 @@ fn chunk(b: &mut HostBackend, table: &str, after: Option<Vec<Value>>, limit: u32
         table: table.into(),
         after,
         limit,
+        only: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("snapshot_chunk of {table}: {e}"))
 }
@@ -323,6 +324,7 @@ fn chunks_come_in_key_order_by_composite_text_and_nullable_keys() {
             table: "nope".into(),
             after: None,
             limit: 10,
+            only: Vec::new(),
         })
         .unwrap_err();
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
@@ -335,6 +337,7 @@ fn chunks_come_in_key_order_by_composite_text_and_nullable_keys() {
             table: "grants".into(),
             after: Some(vec![Value::Int(1)]),
             limit: 10,
+            only: Vec::new(),
         })
         .unwrap_err();
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");

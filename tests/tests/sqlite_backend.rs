@@ -561,6 +561,7 @@ fn chunk(b: &mut HostBackend, table: &str, after: Option<Vec<Value>>, limit: u32
             table: table.into(),
             after: after.clone(),
             limit,
+            only: Vec::new(),
         }) {
             Ok(c) => return c,
             Err(e) if e.is_connection() => continue,
@@ -695,6 +696,7 @@ fn chunks_come_in_key_order_by_composite_and_text_keys() {
             table: "nope".into(),
             after: None,
             limit: 10,
+            only: Vec::new(),
         })
         .unwrap_err();
     assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
@@ -707,6 +709,7 @@ fn chunks_come_in_key_order_by_composite_and_text_keys() {
             table: "grants".into(),
             after: Some(vec![Value::Int(1)]),
             limit: 10,
+            only: Vec::new(),
         })
         .unwrap_err();
     assert!(

@@ -46,6 +46,20 @@
 //! handled: a TIMESTAMP key in a session time zone with daylight saving time, whose
 //! repeated autumn hour shows two instants as one text.
 //!
+//! # Keeping only the host's rows
+//!
+//! The request's `only` conditions (the part of the handler's row filter a SELECT can
+//! say) are added as `AND col IN (<literals>)`, written as key values are: integers as
+//! decimals on an integer column, text converted into a character column's own
+//! character set and collation (`CHAR`, `VARCHAR`, the `TEXT` types, `ENUM` and `SET`,
+//! which compare with a string as strings). A condition on a column of any other type, or
+//! with values of another kind, is ignored (a hint: the host filters every row anyway);
+//! a column the table does not have is refused. The column's collation decides equality,
+//! which is never stricter than the host's: a case- or accent-insensitive collation, or
+//! PAD SPACE, reads rows the host then drops, and a value the column's character set
+//! cannot hold (converted to `?`) can only match rows the host drops too. Paging stays by
+//! key over the rows kept: an index on `(col, key)` reads only the rows a chunk returns.
+//!
 //! The plan for a table (its key's kinds, the SELECT) comes from the catalog once and is
 //! kept by the backend instance while the registry entry it was made from stays the same
 //! (`lib.rs` forgets it after an install, a reconnect or a failed chunk).
@@ -76,7 +90,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use epidemic_plugin_sdk::backend::{kit, BackendError, Chunk, ChunkRequest};
+use epidemic_plugin_sdk::backend::{kit, BackendError, Chunk, ChunkRequest, ColumnIn};
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
 use mysql::prelude::Queryable;
 use mysql::Conn;
@@ -144,6 +158,29 @@ impl KeyKind {
         })
     }
 
+    /// How a kept rows' condition (`only`) compares column `c`: as an integer or as text
+    /// in the column's own character set and collation; `None` for any other type.
+    fn of_filter_column(c: &KeyColumn) -> Option<KeyKind> {
+        let name = |s: &Option<String>| {
+            s.as_deref()
+                .filter(|n| {
+                    !n.is_empty() && n.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                })
+                .map(str::to_owned)
+        };
+        match c.data_type.as_str() {
+            "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" => {
+                Some(KeyKind::Int)
+            }
+            "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" | "enum"
+            | "set" => Some(KeyKind::Text {
+                charset: name(&c.charset)?,
+                collation: name(&c.collation)?,
+            }),
+            _ => None,
+        }
+    }
+
     /// `v` as an SQL literal of this kind, or `None` when it is not a value of it.
     /// `utf8` names the server's character set for UTF-8 text (see [`ServerInfo::utf8`]).
     fn literal(&self, v: &Value, utf8: &str) -> Option<String> {
@@ -198,6 +235,10 @@ pub(crate) struct SnapshotPlan {
     utf8: &'static str,
     /// `SELECT <captured columns> FROM <table>`.
     select: String,
+    /// Every column of the table by its name in lower case (names are case-insensitive):
+    /// its catalog spelling, and how `only` compares it, if it can (an integer or a
+    /// character column).
+    filterable: HashMap<String, (String, Option<KeyKind>)>,
 }
 
 impl SnapshotPlan {
@@ -220,6 +261,15 @@ impl SnapshotPlan {
                 "watched table {table} no longer exists"
             )));
         }
+        let filterable = columns
+            .iter()
+            .map(|c| {
+                (
+                    c.name.to_lowercase(),
+                    (c.name.clone(), KeyKind::of_filter_column(c)),
+                )
+            })
+            .collect();
         let kinds = log
             .key
             .iter()
@@ -262,6 +312,7 @@ impl SnapshotPlan {
             kinds,
             utf8: server.utf8(),
             select,
+            filterable,
         })
     }
 
@@ -273,18 +324,59 @@ impl SnapshotPlan {
             && self.log.identity == log.identity
     }
 
-    /// The statement reading `limit` rows after `after` (from the start for `None`).
-    pub fn statement(&self, after: Option<&[Value]>, limit: u32) -> Result<String, BackendError> {
+    /// The statement reading `limit` rows after `after` (from the start for `None`),
+    /// of the rows `only` keeps.
+    pub fn statement(
+        &self,
+        after: Option<&[Value]>,
+        only: &[ColumnIn],
+        limit: u32,
+    ) -> Result<String, BackendError> {
         let order: Vec<String> = self.log.key.iter().map(|k| quote(k)).collect();
-        let condition = match after {
-            None => String::new(),
-            Some(after) => format!(" WHERE {}", self.after_condition(after)?),
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(format!("({})", self.after_condition(after)?));
+        }
+        conditions.extend(self.only_conditions(only)?);
+        let condition = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
         };
         Ok(format!(
             "{}{condition} ORDER BY {} LIMIT {limit}",
             self.select,
             order.join(", ")
         ))
+    }
+
+    /// The conditions of `only` this table can apply (see the module docs).
+    fn only_conditions(&self, only: &[ColumnIn]) -> Result<Vec<String>, BackendError> {
+        let mut out = Vec::new();
+        for c in only {
+            let Some((name, kind)) = self.filterable.get(&c.column.to_lowercase()) else {
+                return Err(BackendError::Invalid(format!(
+                    "a backfill of table {} was asked to keep only rows by column {}, which the table does not have",
+                    self.log.source_table, c.column
+                )));
+            };
+            let literals: Option<Vec<String>> = c
+                .values
+                .iter()
+                .map(|v| match (kind, v) {
+                    (Some(k @ KeyKind::Int), Value::Int(_))
+                    | (Some(k @ KeyKind::Text { .. }), Value::Text(_)) => k.literal(v, self.utf8),
+                    _ => None,
+                })
+                .collect();
+            match literals {
+                Some(l) if l.is_empty() => out.push("FALSE".to_owned()),
+                Some(l) if l.len() == 1 => out.push(format!("{} = {}", quote(name), l[0])),
+                Some(l) => out.push(format!("{} IN ({})", quote(name), l.join(", "))),
+                None => {}
+            }
+        }
+        Ok(out)
     }
 
     /// The rows whose key comes after `after` in key order, written so that the server
@@ -378,7 +470,7 @@ pub(crate) fn snapshot_chunk(
 ) -> Result<Chunk, BackendError> {
     let limit = request.limit.max(1);
     let plan = plan_for(conn, server, plans, &request.table)?;
-    let sql = plan.statement(request.after.as_deref(), limit)?;
+    let sql = plan.statement(request.after.as_deref(), &request.only, limit)?;
     let log = Arc::clone(&plan.log);
     let read_at_us = kit::now_us();
     let mut values: Vec<Vec<Value>> = Vec::new();
@@ -477,7 +569,7 @@ fn rows_estimate(conn: &mut Conn, table: &str) -> Result<Option<u64>, BackendErr
 mod tests {
     use super::*;
 
-    fn plan(key: &[&str], kinds: Vec<KeyKind>) -> SnapshotPlan {
+    pub(super) fn plan(key: &[&str], kinds: Vec<KeyKind>) -> SnapshotPlan {
         let columns: Vec<String> = key.iter().map(|k| k.to_string()).collect();
         let log = MySqlLogTable::from_row(
             "t".into(),
@@ -487,11 +579,22 @@ mod tests {
             Some("abc".into()),
         )
         .unwrap();
+        let text = KeyKind::Text {
+            charset: "latin1".into(),
+            collation: "latin1_swedish_ci".into(),
+        };
         SnapshotPlan {
             log: Arc::new(log),
             kinds,
             utf8: "utf8mb4",
             select: "SELECT `a`, `v` FROM `t`".into(),
+            filterable: [
+                ("v".to_owned(), ("V".to_owned(), Some(text))),
+                ("n".to_owned(), ("n".to_owned(), Some(KeyKind::Int))),
+                ("d".to_owned(), ("d".to_owned(), None)),
+            ]
+            .into_iter()
+            .collect(),
         }
     }
 
@@ -513,7 +616,7 @@ mod tests {
              `b` = CONVERT(CONVERT(X'7827' USING utf8mb4) USING latin1) COLLATE latin1_bin AND (`c` > 1.50)))))"
         );
         assert_eq!(
-            three.statement(None, 10).unwrap(),
+            three.statement(None, &[], 10).unwrap(),
             "SELECT `a`, `v` FROM `t` ORDER BY `a`, `b`, `c` LIMIT 10"
         );
         assert!(three.after_condition(&[Value::Int(5)]).is_err(), "arity");
@@ -554,5 +657,75 @@ mod tests {
         );
         assert_eq!(KeyKind::Int.literal(&Value::Null, "utf8mb4"), None);
         assert_eq!(KeyKind::Int.literal(&Value::Float(1.0), "utf8mb4"), None);
+    }
+}
+
+#[cfg(test)]
+mod only_tests {
+    use super::tests::plan;
+    use super::*;
+
+    fn only(column: &str, values: Vec<Value>) -> ColumnIn {
+        ColumnIn {
+            column: column.into(),
+            values,
+        }
+    }
+
+    #[test]
+    fn kept_rows_are_an_in_list_in_the_columns_own_terms() {
+        let p = plan(&["a", "b"], vec![KeyKind::Int, KeyKind::Int]);
+        let sql = p
+            .statement(
+                Some(&[Value::Int(1), Value::Int(2)]),
+                &[
+                    only("v", vec!["o'b".into(), "\\é".into()]),
+                    only("N", vec![Value::Int(-3), Value::Int(7)]),
+                ],
+                5,
+            )
+            .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT `a`, `v` FROM `t` WHERE (`a` >= 1 AND (`a` > 1 OR (`a` = 1 AND (`b` > 2)))) \
+             AND `V` IN (CONVERT(CONVERT(X'6F2762' USING utf8mb4) USING latin1) COLLATE latin1_swedish_ci, \
+             CONVERT(CONVERT(X'5CC3A9' USING utf8mb4) USING latin1) COLLATE latin1_swedish_ci) \
+             AND `n` IN (-3, 7) ORDER BY `a`, `b` LIMIT 5"
+        );
+        assert_eq!(
+            p.statement(None, &[only("v", vec!["mx1".into()])], 5)
+                .unwrap(),
+            "SELECT `a`, `v` FROM `t` WHERE `V` = CONVERT(CONVERT(X'6D7831' USING utf8mb4) \
+             USING latin1) COLLATE latin1_swedish_ci ORDER BY `a`, `b` LIMIT 5"
+        );
+        // No values: no row.
+        assert_eq!(
+            p.statement(None, &[only("n", vec![])], 5).unwrap(),
+            "SELECT `a`, `v` FROM `t` WHERE FALSE ORDER BY `a`, `b` LIMIT 5"
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_compared_exactly_is_ignored_and_an_unknown_column_refused() {
+        let p = plan(&["a"], vec![KeyKind::Int]);
+        for o in [
+            only("d", vec!["x".into()]),
+            only("n", vec!["5".into()]),
+            only("v", vec![Value::Int(5)]),
+            only("v", vec!["x".into(), Value::Null]),
+        ] {
+            assert_eq!(
+                p.statement(None, &[o.clone()], 5).unwrap(),
+                "SELECT `a`, `v` FROM `t` ORDER BY `a` LIMIT 5",
+                "{o:?}"
+            );
+        }
+        let e = p
+            .statement(None, &[only("nosuch", vec![Value::Int(1)])], 5)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("table t") && e.to_string().contains("column nosuch"),
+            "{e}"
+        );
     }
 }

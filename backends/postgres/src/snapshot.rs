@@ -22,6 +22,22 @@
 //! are the `Value`s a live change of the same row carries. The `after` key is bound as
 //! text and cast to the same types, so it compares as the values it was read from.
 //!
+//! # Keeping only the host's rows
+//!
+//! The request's `only` conditions (the part of the handler's row filter a SELECT can
+//! say) are added as `AND t.col = $n::text::<type>` (one value) or `AND t.col = ANY
+//! ($n::text[]::<type>[])`, the values bound as text like the key: an integer column (`smallint`, `integer`, `bigint`) against `int8`,
+//! whose cross-type `=` is in the integer operator family, so an index on the column
+//! still serves it and a value out of the column's range matches nothing instead of
+//! failing the cast; a character column (`text`, `varchar`, `char(n)`, `name`) against
+//! its own type without modifier, under the column's collation. A text value holding NUL,
+//! which no PostgreSQL text can, is left out. A condition on a column of any other type,
+//! or with values of another kind, is ignored (a hint: the host filters every row
+//! anyway); a column the table does not have is refused. `char(n)` ignores trailing
+//! spaces and a nondeterministic collation may call different strings equal: both only
+//! read rows the host then drops. Paging stays by key over the rows kept: an index on
+//! `(col, key)` reads only the rows a chunk returns.
+//!
 //! # The watermark, and why it is after every change committed before the read
 //!
 //! After the read, in a statement and transaction of its own that commits before
@@ -55,16 +71,46 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use epidemic_plugin_sdk::backend::{Chunk, ChunkRequest};
+use epidemic_plugin_sdk::backend::{Chunk, ChunkRequest, ColumnIn, ColumnType};
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
 use postgres::types::ToSql;
 use postgres::{Client, Statement};
 
 use crate::capture::WATERMARK_OP;
+use crate::catalog::inspect_table;
 use crate::error::PgError;
 use crate::ident::{quote_literal, Ident, TableName};
 use crate::reader::decode::ValueKind;
 use crate::registry::{load_registry, schema_state, SchemaState};
+
+/// One condition of `only` as the statement writes it: `t.<column> = $n::text::<cast>`
+/// for one value, `t.<column> = ANY ($n::text[]::<cast>[])` for any other number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct OnlyTerm {
+    /// The column, quoted, as `t."col"`.
+    column_sql: String,
+    cast: String,
+    /// One value: an equality, which lets an index on `(col, key)` return the rows in key
+    /// order (PostgreSQL before 17 does not take `= ANY` on an index's leading column as
+    /// ordered, and would sort every kept row after the last key for each chunk).
+    one: bool,
+}
+
+/// What an [`OnlyTerm`] binds.
+#[derive(Debug)]
+enum OnlyBind {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OnlyBind {
+    fn param(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            OnlyBind::One(v) => v,
+            OnlyBind::Many(v) => v,
+        }
+    }
+}
 
 /// Backfill reads of one Epidemic schema on one connection: a [`ChunkPlan`] per table.
 pub(crate) struct PgSnapshots {
@@ -87,9 +133,14 @@ struct ChunkPlan {
     kinds: Vec<ValueKind>,
     /// The `SELECT` without a filter, for the first chunk; `$1` the limit.
     first: Statement,
-    /// The `SELECT` after a key, by which of the key's values are NULL, with the
-    /// positions of the values it binds, in order (see [`after_filter`]); the limit last.
-    after: HashMap<Vec<bool>, (Statement, Vec<usize>)>,
+    /// Every other `SELECT`, by its shape: which of the `after` key's values are NULL
+    /// (`None`: no `after`) and the kept rows' conditions (their columns and casts); with
+    /// the positions of the key values it binds, in order (see [`after_filter`]); then
+    /// the values of each condition (a text, or a text array), then the limit.
+    statements: HashMap<(Option<Vec<bool>>, Vec<OnlyTerm>), (Statement, Vec<usize>)>,
+    /// The user table's columns that `only` may name: their kind and the type a value is
+    /// cast to (see the module docs); `None` for a column of another type.
+    filterable: HashMap<String, Option<String>>,
     /// The parts of the `SELECT` after a key, to prepare it for another NULL pattern.
     select_sql: String,
     key_sql: Vec<String>,
@@ -205,6 +256,19 @@ impl ChunkPlan {
         if nullable_key.len() != key.len() {
             return Err(PgError::KeyColumnGone(name.to_string()));
         }
+        // The columns a kept rows' condition may name, and what its values are cast to.
+        let filterable = inspect_table(client, &name)?
+            .columns
+            .into_iter()
+            .map(|(column, c)| {
+                let cast = match c.kind() {
+                    ColumnType::Int => Some("pg_catalog.int8".to_owned()),
+                    ColumnType::Text => Some(c.type_sql.clone()),
+                    _ => None,
+                };
+                (column, cast)
+            })
+            .collect();
 
         // Each column cast to its log column's type and read as the fetch statement reads
         // it; an ordinary table `ONLY` (see the module docs).
@@ -256,7 +320,8 @@ impl ChunkPlan {
             key_index,
             kinds,
             first,
-            after: HashMap::new(),
+            statements: HashMap::new(),
+            filterable,
             select_sql,
             key_sql,
             key_types,
@@ -270,40 +335,39 @@ impl ChunkPlan {
         let name = &self.name;
         let limit = i64::from(request.limit.max(1));
         let context = || format!("read table {name} for a backfill (see `epidemic status`)");
-        let rows = match &request.after {
-            None => client
+        if let Some(after) = &request.after {
+            if after.len() != self.key_columns.len() {
+                return Err(PgError::KeyChanged {
+                    table: name.to_string(),
+                    key: self.key_columns.to_vec(),
+                    paging: after.len(),
+                });
+            }
+        }
+        let (terms, arrays) = self.only_terms(&request.only)?;
+        let rows = match (&request.after, terms.is_empty()) {
+            (None, true) => client
                 .query(&self.first, &[&limit])
                 .map_err(PgError::sql(context()))?,
-            Some(after) => {
-                if after.len() != self.key_columns.len() {
-                    return Err(PgError::KeyChanged {
-                        table: name.to_string(),
-                        key: self.key_columns.to_vec(),
-                        paging: after.len(),
-                    });
+            (after, _) => {
+                let nulls: Option<Vec<bool>> = after
+                    .as_ref()
+                    .map(|a| a.iter().map(Value::is_null).collect());
+                let shape = (nulls, terms);
+                if !self.statements.contains_key(&shape) {
+                    let statement = self.prepare_read(client, &shape.0, &shape.1)?;
+                    self.statements.insert(shape.clone(), statement);
                 }
-                let nulls: Vec<bool> = after.iter().map(Value::is_null).collect();
-                if !self.after.contains_key(&nulls) {
-                    let types: Vec<&str> = self.key_types.iter().map(String::as_str).collect();
-                    let (filter, bound) =
-                        after_filter(&self.key_sql, &types, &self.nullable_key, &nulls);
-                    let statement = client
-                        .prepare(&format!(
-                            "{} WHERE {filter} ORDER BY {} LIMIT ${}::pg_catalog.int8",
-                            self.select_sql,
-                            self.key_sql.join(", "),
-                            bound.len() + 1
-                        ))
-                        .map_err(PgError::sql(context()))?;
-                    self.after.insert(nulls.clone(), (statement, bound));
-                }
-                let Some((statement, bound)) = self.after.get(&nulls) else {
+                let Some((statement, bound)) = self.statements.get(&shape) else {
                     return Err(PgError::NotInstalled(request.table.clone()));
                 };
-                let binds: Vec<Option<String>> =
-                    bound.iter().map(|&i| text_of(&after[i])).collect();
+                let binds: Vec<Option<String>> = match after {
+                    Some(after) => bound.iter().map(|&i| text_of(&after[i])).collect(),
+                    None => Vec::new(),
+                };
                 let mut params: Vec<&(dyn ToSql + Sync)> =
                     binds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
+                params.extend(arrays.iter().map(OnlyBind::param));
                 params.push(&limit);
                 client
                     .query(statement, &params)
@@ -366,6 +430,100 @@ impl ChunkPlan {
             last,
             rows_estimate,
         })
+    }
+}
+
+impl ChunkPlan {
+    /// The kept rows' conditions of `only` this table can apply, with the text array
+    /// each binds (see the module docs).
+    fn only_terms(&self, only: &[ColumnIn]) -> Result<(Vec<OnlyTerm>, Vec<OnlyBind>), PgError> {
+        let mut terms = Vec::new();
+        let mut arrays = Vec::new();
+        for c in only {
+            // The catalog's spelling; as SQL reads a name unquoted, failing that.
+            let found = self
+                .filterable
+                .get_key_value(c.column.as_str())
+                .or_else(|| {
+                    self.filterable
+                        .get_key_value(&c.column.to_ascii_lowercase())
+                });
+            let Some((column, cast)) = found else {
+                return Err(PgError::MissingColumn {
+                    table: self.name.to_string(),
+                    column: c.column.clone(),
+                });
+            };
+            let Some(cast) = cast else { continue };
+            let int = cast == "pg_catalog.int8";
+            let values: Option<Vec<String>> = c
+                .values
+                .iter()
+                .map(|v| match v {
+                    Value::Int(i) if int => Some(Some(i.to_string())),
+                    // No PostgreSQL text holds a NUL: no row has this value.
+                    Value::Text(s) if !int && s.contains('\0') => Some(None),
+                    Value::Text(s) if !int => Some(Some(s.clone())),
+                    _ => None,
+                })
+                .collect::<Option<Vec<Option<String>>>>()
+                .map(|v| v.into_iter().flatten().collect());
+            let Some(values) = values else { continue };
+            let mut values = values;
+            let one = values.len() == 1;
+            terms.push(OnlyTerm {
+                column_sql: format!("t.{}", Ident::internal(column.clone()).quoted()),
+                cast: cast.clone(),
+                one,
+            });
+            arrays.push(match values.pop() {
+                Some(v) if one => OnlyBind::One(v),
+                last => OnlyBind::Many(values.into_iter().chain(last).collect()),
+            });
+        }
+        Ok((terms, arrays))
+    }
+
+    /// Prepare the `SELECT` of a shape: after a key with NULLs where `nulls` says (none:
+    /// from the start), keeping the rows `terms` say.
+    fn prepare_read(
+        &self,
+        client: &mut Client,
+        nulls: &Option<Vec<bool>>,
+        terms: &[OnlyTerm],
+    ) -> Result<(Statement, Vec<usize>), PgError> {
+        let mut conditions = Vec::new();
+        let mut bound = Vec::new();
+        if let Some(nulls) = nulls {
+            let types: Vec<&str> = self.key_types.iter().map(String::as_str).collect();
+            let (filter, b) = after_filter(&self.key_sql, &types, &self.nullable_key, nulls);
+            conditions.push(filter);
+            bound = b;
+        }
+        for (i, t) in terms.iter().enumerate() {
+            let n = bound.len() + i + 1;
+            conditions.push(if t.one {
+                format!("{} = ${n}::pg_catalog.text::{}", t.column_sql, t.cast)
+            } else {
+                format!(
+                    "{} = ANY (${n}::pg_catalog.text[]::{}[])",
+                    t.column_sql, t.cast
+                )
+            });
+        }
+        let statement = client
+            .prepare(&format!(
+                "{} WHERE {} ORDER BY {} LIMIT ${}::pg_catalog.int8",
+                self.select_sql,
+                conditions.join(" AND "),
+                self.key_sql.join(", "),
+                bound.len() + terms.len() + 1
+            ))
+            .map_err(PgError::sql(format!(
+                "read table {} for a backfill (see `epidemic status`)",
+                self.name
+            )))?;
+        Ok((statement, bound))
     }
 }
 

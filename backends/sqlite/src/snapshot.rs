@@ -18,18 +18,27 @@
 //! `AUTOINCREMENT` id is larger than every log id committed before — and the reader
 //! delivers each log in id order, which is commit order.
 //!
+//! The request's `only` conditions (the part of the handler's row filter a SELECT can
+//! say) become `AND col = ?` or `AND col IN (?, ...)` with bound values, on a column of
+//! integer or text affinity whose values are of that kind (any other condition is
+//! ignored: it is a hint, and the host filters every row anyway); a column the table does
+//! not have is refused. SQLite compares with the column's affinity and collation:
+//! `NOCASE` or `RTRIM` read rows the host then drops, never fewer than exact equality.
+//! Paging stays by key over the rows kept; an index on `(col, key)` lets each chunk read
+//! only the rows it returns, else the key's index is walked past the rows of others.
+//!
 //! Snapshot rows carry the captured columns in the log's order (key first) with values
 //! read as the log reads them ([`crate::reader::value`]), so a row's key equals a live
 //! change's key for the same row. Their stable ids are `<log identity>-w<watermark>.<i>`:
 //! the watermark's id is never handed out again in that log, so no two rows share one.
 
-use epidemic_plugin_sdk::backend::{BackendError, Chunk, ChunkRequest};
+use epidemic_plugin_sdk::backend::{BackendError, Chunk, ChunkRequest, ColumnIn, ColumnType};
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params_from_iter, Connection};
 
 use crate::capture::WATERMARK_OP;
-use crate::catalog::quote;
+use crate::catalog::{column_types, quote};
 use crate::error::sql_err;
 use crate::install::watched;
 use crate::reader::value;
@@ -71,7 +80,15 @@ pub(crate) fn snapshot_chunk(
 
     let columns: Vec<String> = log.columns.iter().map(|c| quote(c)).collect();
     let key_q: Vec<String> = key.columns.iter().map(|c| quote(c)).collect();
-    let (filter, binds) = after_filter(&key_q, request.after.as_deref());
+    let (after, mut binds) = after_filter(&key_q, request.after.as_deref());
+    let (only, only_binds) = only_filter(conn, &log.source_table, &request.only)?;
+    binds.extend(only_binds.iter().cloned());
+    let filter = match (after.is_empty(), only.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!("WHERE {after}"),
+        (true, false) => format!("WHERE {only}"),
+        (false, false) => format!("WHERE ({after}) AND {only}"),
+    };
     let sql = format!(
         "SELECT {} FROM {} {filter} ORDER BY {} LIMIT ?",
         columns.join(", "),
@@ -99,12 +116,21 @@ pub(crate) fn snapshot_chunk(
         // The statement is reset here: the read transaction ends before the watermark.
     };
     // Only for the first chunk: a count is a scan of the table (or of its smallest
-    // index), and the host keeps the estimate it has.
+    // index), and the host keeps the estimate it has. Of the rows `only` keeps: what the
+    // backfill will read.
     let rows_estimate = match request.after {
         None => Some(
             conn.query_row(
-                &format!("SELECT count(*) FROM {}", quote(&log.source_table)),
-                [],
+                &format!(
+                    "SELECT count(*) FROM {}{}",
+                    quote(&log.source_table),
+                    if only.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" WHERE {only}")
+                    }
+                ),
+                params_from_iter(only_binds),
                 |r| r.get::<_, i64>(0),
             )
             .map_err(sql_err)?
@@ -152,7 +178,56 @@ pub(crate) fn snapshot_chunk(
     })
 }
 
-/// The WHERE clause that keeps rows whose key (`key`, quoted) comes after `after` in
+/// The condition that keeps the rows `only` asks for (see the module docs), with the
+/// values it binds; empty when none applies. A column the table does not have is
+/// refused.
+fn only_filter(
+    conn: &Connection,
+    table: &str,
+    only: &[ColumnIn],
+) -> Result<(String, Vec<SqlValue>), BackendError> {
+    if only.is_empty() {
+        return Ok((String::new(), Vec::new()));
+    }
+    let columns = column_types(conn, table)?;
+    let mut terms = Vec::new();
+    let mut binds = Vec::new();
+    for c in only {
+        let (name, kind) = columns
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&c.column))
+            .ok_or_else(|| {
+                BackendError::Invalid(format!(
+                    "a backfill of table {table} was asked to keep only rows by column {}, which the table does not have",
+                    c.column
+                ))
+            })?;
+        let fits = |v: &Value| {
+            matches!(
+                (kind, v),
+                (ColumnType::Int, Value::Int(_)) | (ColumnType::Text, Value::Text(_))
+            )
+        };
+        if !c.values.iter().all(fits) {
+            continue;
+        }
+        if c.values.is_empty() {
+            terms.push("0".to_owned());
+            continue;
+        }
+        // One value as an equality, so that an index on `(col, key)` gives key order.
+        terms.push(if c.values.len() == 1 {
+            format!("{} = ?", quote(name))
+        } else {
+            let marks = vec!["?"; c.values.len()].join(", ");
+            format!("{} IN ({marks})", quote(name))
+        });
+        binds.extend(c.values.iter().map(sql_value));
+    }
+    Ok((terms.join(" AND "), binds))
+}
+
+/// The condition that keeps rows whose key (`key`, quoted) comes after `after` in
 /// `ORDER BY key` order, with the values it binds. A row value comparison when `after`
 /// has no NULL (an index seek); SQLite sorts NULL first but a row value comparison with
 /// a NULL is NULL, so a key with NULLs (possible in a configured key) is compared column
@@ -164,9 +239,9 @@ fn after_filter(key: &[String], after: Option<&[Value]>) -> (String, Vec<SqlValu
     if !after.iter().any(Value::is_null) {
         let marks = vec!["?"; key.len()].join(", ");
         let filter = if key.len() == 1 {
-            format!("WHERE {} > ?", key[0])
+            format!("{} > ?", key[0])
         } else {
-            format!("WHERE ({}) > ({marks})", key.join(", "))
+            format!("({}) > ({marks})", key.join(", "))
         };
         return (filter, after.iter().map(sql_value).collect());
     }
@@ -192,7 +267,7 @@ fn after_filter(key: &[String], after: Option<&[Value]>) -> (String, Vec<SqlValu
         }
         alternatives.push(format!("({})", terms.join(" AND ")));
     }
-    (format!("WHERE {}", alternatives.join(" OR ")), binds)
+    (alternatives.join(" OR "), binds)
 }
 
 fn sql_value(v: &Value) -> SqlValue {
@@ -223,6 +298,11 @@ mod tests {
 
     /// Every row of `t` by chunks of `limit`, keys only.
     fn page(conn: &Connection, limit: u32) -> Vec<Vec<Value>> {
+        page_only(conn, limit, &[])
+    }
+
+    /// The rows of `t` that `only` keeps, by chunks of `limit`, keys only.
+    fn page_only(conn: &Connection, limit: u32, only: &[ColumnIn]) -> Vec<Vec<Value>> {
         let mut after = None;
         let mut keys = Vec::new();
         loop {
@@ -232,6 +312,7 @@ mod tests {
                     table: "t".into(),
                     after: after.clone(),
                     limit,
+                    only: only.to_vec(),
                 },
             )
             .unwrap();
@@ -272,6 +353,23 @@ mod tests {
         ];
         for limit in [1, 2, 3, 100] {
             assert_eq!(page(&conn, limit), want, "chunks of {limit}");
+        }
+        // Kept rows only, paged column by column past the NULLs: the key's alternatives
+        // (`... OR ...`) and the kept rows' condition combine as an AND of the two.
+        conn.execute_batch("UPDATE t SET v = 'y' WHERE b = 2 OR a = 'a'")
+            .unwrap();
+        let only = [ColumnIn {
+            column: "V".into(),
+            values: vec!["x".into()],
+        }];
+        let kept: Vec<Vec<Value>> = want
+            .iter()
+            .filter(|k| k[1] != Value::Int(2) && k[0] != t("a"))
+            .cloned()
+            .collect();
+        assert_eq!(kept.len(), 5);
+        for limit in [1, 2, 3, 100] {
+            assert_eq!(page_only(&conn, limit, &only), kept, "chunks of {limit}");
         }
     }
 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::backfill::{
-    BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Chunk, ChunkRequest,
+    BackfillProgress, BackfillReply, BackfillRequest, BackfillState, Chunk, ChunkRequest, ColumnIn,
 };
 pub use crate::barrier::{BarrierReply, BarrierRequest, Laggard};
 use crate::change::Change;
@@ -348,7 +348,9 @@ pub trait Backend: Send + 'static {
     /// then write a watermark into the table's log (see [`crate::backfill`]). Every
     /// change committed before the rows were read must come before the watermark in
     /// every consumer's stream; the watermark comes to every consumer of the table as a
-    /// change of origin `Watermark` (the host drops it for handlers).
+    /// change of origin `Watermark` (the host drops it for handlers). The request's
+    /// `only` conditions are a hint the read may use to skip rows the host would drop
+    /// ([`ColumnIn`]: never stricter than exact equality).
     fn snapshot_chunk(&mut self, _request: &ChunkRequest) -> Result<Chunk, BackendError> {
         Err(unsupported(Self::NAME, "backfills"))
     }
