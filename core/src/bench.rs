@@ -191,9 +191,10 @@ pub struct LatencyRun {
 #[derive(Debug, Serialize)]
 pub struct DrainRun {
     pub changes: u64,
-    /// Until the handler had every change (pruning once a second meanwhile).
+    /// From the dispatcher's start (its connection open) to the handler's last return,
+    /// pruning once a second meanwhile.
     pub drain_per_s: f64,
-    /// Until the handler had every change and the log was pruned of them.
+    /// The same, plus the prune that followed: until the log was pruned of them too.
     pub drain_pruned_per_s: f64,
     /// `drain_per_s` over that of the smallest backlog: below 1 where a cost grows
     /// faster than the backlog.
@@ -685,7 +686,7 @@ struct Drained {
     pruned_while_draining: u64,
     /// The prune after the reader stopped: what the last second's prunes left.
     final_prune_s: f64,
-    /// Until the handler had every change, acknowledged, and the log was pruned.
+    /// `secs` and `final_prune_s`: until the log was pruned of the backlog too.
     total_secs: f64,
 }
 
@@ -728,7 +729,6 @@ fn drain(
         k => format!("draining a backlog of {n}, at most {k} per handler call"),
     };
     progress.phase(&what);
-    let t0 = Instant::now();
     let filtered = filter.is_some();
     let drainer = Reader::start(cfg, lib, consumer, false, handler_batch, filter)?;
     let mut last_prune = Instant::now();
@@ -759,18 +759,36 @@ fn drain(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let secs = t0.elapsed().as_secs_f64();
+    // From the dispatcher's start (its connection open) to the handler's last return;
+    // through a filter, to when the backlog was seen gone.
+    let now = Instant::now();
+    let started = drainer.probe.started.get().copied().unwrap_or(now);
+    let last = if filtered {
+        now
+    } else {
+        drainer
+            .probe
+            .last_handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(now)
+    };
+    let secs = last
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        .max(1e-6);
     let handed = drainer.probe.count.load(Ordering::Relaxed);
     // Stopping lets the dispatcher finish its step: the last batch is acknowledged.
     drainer.stop();
     let t1 = Instant::now();
     admin.prune().map_err(be)?;
+    let final_prune_s = t1.elapsed().as_secs_f64();
     Ok(Drained {
         secs,
         handed,
         pruned_while_draining,
-        final_prune_s: t1.elapsed().as_secs_f64(),
-        total_secs: t0.elapsed().as_secs_f64(),
+        final_prune_s,
+        total_secs: secs + final_prune_s,
     })
 }
 
@@ -782,6 +800,10 @@ struct ProbeState {
     seen: Mutex<HashMap<i64, Instant>>,
     max_seen: AtomicU64,
     count: AtomicU64,
+    /// When the reader's thread started the dispatcher (its connection already open).
+    started: OnceLock<Instant>,
+    /// When the handler last returned.
+    last_handled: Mutex<Option<Instant>>,
 }
 
 /// Probes by number: the handler is built from its config like any handler (through the
@@ -827,6 +849,11 @@ impl Handler for Probe {
         self.0
             .count
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        *self
+            .0
+            .last_handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         Ok(())
     }
 }
@@ -892,7 +919,13 @@ impl Reader {
         );
         let thread = std::thread::Builder::new()
             .name("bench-reader".into())
-            .spawn(move || dispatcher.run())
+            .spawn({
+                let probe = Arc::clone(&probe);
+                move || {
+                    let _ = probe.started.set(Instant::now());
+                    dispatcher.run();
+                }
+            })
             .context("cannot start the bench's reader thread")?;
         Ok(Reader {
             probe,
