@@ -44,7 +44,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub rate: Vec<u32>,
     /// Changes written at each rate during the latency measurement [default: five
-    /// seconds' worth, at least 500; quick: 250]
+    /// seconds' worth, 500 to 10000; quick: 250]
     #[arg(long)]
     pub latency_changes: Option<u64>,
     /// Backlog to drain; a list (10000,100000,1000000) drains each size in turn and
@@ -85,9 +85,11 @@ struct Sizes {
 }
 
 impl Sizes {
+    /// Five seconds' worth at `rate`, within 500..=10,000 (a writer that cannot commit
+    /// that fast takes longer), unless given.
     fn latency_changes(&self, rate: u32) -> u64 {
         self.latency_changes
-            .unwrap_or_else(|| (u64::from(rate) * 5).max(500))
+            .unwrap_or_else(|| (u64::from(rate) * 5).clamp(500, 10_000))
             .max(1)
     }
 
