@@ -39,18 +39,22 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Changes per second written during the latency measurement [default: 1000; quick: 500]
-    #[arg(long)]
-    pub rate: Option<u32>,
-    /// Changes written during the latency measurement [default: 5000; quick: 250]
+    /// Changes per second offered during the latency measurement; a list (100,1000,5000)
+    /// measures at each rate in turn [default: 1000; quick: 500]
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<u32>,
+    /// Changes written at each rate during the latency measurement [default: five
+    /// seconds' worth, 500 to 10000; quick: 250]
     #[arg(long)]
     pub latency_changes: Option<u64>,
-    /// Backlog to drain [default: 1000000; quick: 5000]
-    #[arg(long)]
-    pub drain: Option<u64>,
-    /// Concurrent writers for the write-overhead measurement [default: 8; quick: 2]
-    #[arg(long)]
-    pub writers: Option<u32>,
+    /// Backlog to drain; a list (10000,100000,1000000) drains each size in turn and
+    /// compares their rates [default: 1000000; quick: 1000,5000]
+    #[arg(long, value_delimiter = ',')]
+    pub drain: Vec<u64>,
+    /// Concurrent writers for the write-overhead measurement; a list (8,32) measures each
+    /// [default: 8; quick: 2]
+    #[arg(long, value_delimiter = ',')]
+    pub writers: Vec<u32>,
     /// Rows each writer inserts, one per transaction [default: 1000; quick: 100]
     #[arg(long)]
     pub rows_per_writer: Option<u64>,
@@ -68,28 +72,55 @@ pub struct BenchArgs {
 }
 
 struct Sizes {
-    rate: u32,
-    latency_changes: u64,
-    drain: u64,
-    writers: u32,
+    /// Offered rates of the latency runs, in the order given.
+    rates: Vec<u32>,
+    /// Changes per latency run, when given; otherwise five seconds' worth.
+    latency_changes: Option<u64>,
+    /// Backlogs to drain, in the order given.
+    drains: Vec<u64>,
+    /// Writer counts of the write measurements, in the order given.
+    writers: Vec<u32>,
     rows_per_writer: u64,
     idle: Duration,
+}
+
+impl Sizes {
+    /// Five seconds' worth at `rate`, within 500..=10,000 (a writer that cannot commit
+    /// that fast takes longer), unless given.
+    fn latency_changes(&self, rate: u32) -> u64 {
+        self.latency_changes
+            .unwrap_or_else(|| (u64::from(rate) * 5).clamp(500, 10_000))
+            .max(1)
+    }
+
+    /// The largest backlog: the one the headline figures and the comparisons use.
+    fn largest_drain(&self) -> u64 {
+        self.drains.iter().copied().max().unwrap_or(1)
+    }
+}
+
+/// A list option: what was given, or the default; never empty, never a zero.
+fn list<T: Copy + PartialEq + From<u8>>(given: &[T], default: &[T]) -> Vec<T> {
+    let one = T::from(1);
+    let zero = T::from(0);
+    let v: Vec<T> = if given.is_empty() { default } else { given }
+        .iter()
+        .map(|&x| if x == zero { one } else { x })
+        .collect();
+    v
 }
 
 impl BenchArgs {
     fn sizes(&self) -> Sizes {
         let q = self.quick;
         Sizes {
-            rate: self.rate.unwrap_or(if q { 500 } else { 1000 }).max(1),
+            rates: list(&self.rate, if q { &[500] } else { &[1000] }),
             latency_changes: self
                 .latency_changes
-                .unwrap_or(if q { 250 } else { 5000 })
-                .max(1),
-            drain: self
-                .drain
-                .unwrap_or(if q { 5_000 } else { 1_000_000 })
-                .max(1),
-            writers: self.writers.unwrap_or(if q { 2 } else { 8 }).max(1),
+                .or(if q { Some(250) } else { None })
+                .map(|n| n.max(1)),
+            drains: list(&self.drain, if q { &[1_000, 5_000] } else { &[1_000_000] }),
+            writers: list(&self.writers, if q { &[2] } else { &[8] }),
             rows_per_writer: self
                 .rows_per_writer
                 .unwrap_or(if q { 100 } else { 1_000 })
@@ -99,7 +130,7 @@ impl BenchArgs {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct WriteThroughput {
     pub writers: u32,
     pub rows: u64,
@@ -120,13 +151,65 @@ pub struct DrainCapped {
     pub drain_per_s: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct WriteVariant {
     pub label: String,
     pub write: WriteThroughput,
     pub ratio: f64,
 }
 
+/// The write measurements for one number of writers.
+#[derive(Debug, Serialize)]
+pub struct WriteRun {
+    pub writers: u32,
+    pub unwatched: WriteThroughput,
+    /// Watched, nobody reading.
+    pub watched: WriteThroughput,
+    pub ratio: f64,
+    /// Watched, with the daemon's dispatcher reading the changes as they come.
+    pub with_reader: WriteThroughput,
+    pub ratio_with_reader: f64,
+    /// How long after the last write the reader had every change.
+    pub reader_behind_ms: f64,
+    /// Watched, nobody reading, with each option set the backend declares worth comparing.
+    pub variants: Vec<WriteVariant>,
+}
+
+/// Commit-to-handler latency at one offered rate.
+#[derive(Debug, Serialize)]
+pub struct LatencyRun {
+    pub rate_per_s: u32,
+    pub changes: u64,
+    /// The rate the writer reached (below the offered one when one connection cannot
+    /// commit that fast).
+    pub achieved_per_s: f64,
+    pub ms_p50: f64,
+    pub ms_p95: f64,
+    pub ms_p99: f64,
+    pub ms_max: f64,
+}
+
+/// The drain of one backlog.
+#[derive(Debug, Serialize)]
+pub struct DrainRun {
+    pub changes: u64,
+    /// From the dispatcher's start (its connection open) to the handler's last return,
+    /// pruning once a second meanwhile.
+    pub drain_per_s: f64,
+    /// The same, plus the prune that followed: until the log was pruned of them too.
+    pub drain_pruned_per_s: f64,
+    /// `drain_per_s` over that of the smallest backlog: below 1 where a cost grows
+    /// faster than the backlog.
+    pub ratio_to_smallest: f64,
+    pub pruned_ratio_to_smallest: f64,
+    /// Rows pruned while the drain ran, and the seconds the last prune took after it.
+    pub pruned_while_draining: u64,
+    pub final_prune_s: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// The results. The flat fields are the first latency run, the largest drain and the
+/// first writer count, as before lists were accepted; the lists hold every run.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub backend: String,
@@ -138,8 +221,11 @@ pub struct BenchReport {
     pub latency_ms_p95: f64,
     pub latency_ms_p99: f64,
     pub latency_ms_max: f64,
+    pub latency_runs: Vec<LatencyRun>,
     pub drain_changes: u64,
     pub drain_per_s: f64,
+    pub drain_pruned_per_s: f64,
+    pub drains: Vec<DrainRun>,
     /// The same drain with the handler given fewer changes per call, when asked.
     pub drain_capped: Option<DrainCapped>,
     /// The same drain through a row filter, when asked.
@@ -147,9 +233,11 @@ pub struct BenchReport {
     pub write_unwatched: WriteThroughput,
     pub write_watched: WriteThroughput,
     pub write_ratio: f64,
+    pub write_ratio_with_reader: f64,
     /// Watched, with each option set the backend declares worth comparing (PostgreSQL:
     /// its wake-up notification off).
     pub write_variants: Vec<WriteVariant>,
+    pub writes: Vec<WriteRun>,
     pub idle_cpu_percent: f64,
     pub peak_rss_mb_draining: Option<f64>,
 }
@@ -265,31 +353,64 @@ fn measure(
     };
     let mut next_id = 1i64;
 
-    progress.phase("write throughput, table not watched");
-    let unwatched = write_throughput(cfg, lib, None, sizes, &mut next_id)?;
+    // Writes: every writer count unwatched first (the table is watched from the install
+    // on), then watched with nobody reading, watched with the dispatcher reading, and
+    // watched with each option set the backend itself says is worth comparing
+    // (PostgreSQL: NOTIFY off, since it takes a database-wide lock at commit). The core
+    // names none of them.
+    let mut unwatched = Vec::new();
+    for &k in &sizes.writers {
+        progress.phase(&format!("write throughput, {k} writers, table not watched"));
+        unwatched.push(write_throughput(cfg, lib, None, k, sizes, &mut next_id)?);
+    }
     admin.install(std::slice::from_ref(&watch)).map_err(be)?;
-    progress.phase("write throughput, table watched");
-    let watched = write_throughput(cfg, lib, None, sizes, &mut next_id)?;
-
-    // Option sets the backend itself says are worth comparing (PostgreSQL: NOTIFY off,
-    // since it takes a database-wide lock at commit). The core names none of them.
-    let mut variants = Vec::new();
-    for v in admin.capabilities().bench_variants {
-        let mut options = cfg.backend_options();
-        if let (Some(o), Some(extra)) = (options.as_object_mut(), v.options.as_object()) {
-            for (k, x) in extra {
-                o.insert(k.clone(), x.clone());
+    let bench_variants = admin.capabilities().bench_variants;
+    let mut writes = Vec::new();
+    for (&k, unwatched) in sizes.writers.iter().zip(unwatched) {
+        let ratio =
+            |w: &WriteThroughput| w.rows_per_s / unwatched.rows_per_s.max(f64::MIN_POSITIVE);
+        progress.phase(&format!("write throughput, {k} writers, table watched"));
+        let watched = write_throughput(cfg, lib, None, k, sizes, &mut next_id)?;
+        progress.phase(&format!(
+            "write throughput, {k} writers, table watched, a reader keeping up"
+        ));
+        let (with_reader, behind) = write_with_reader(cfg, lib, admin, k, sizes, &mut next_id)?;
+        let mut variants = Vec::new();
+        for v in &bench_variants {
+            let mut options = cfg.backend_options();
+            if let (Some(o), Some(extra)) = (options.as_object_mut(), v.options.as_object()) {
+                for (key, x) in extra {
+                    o.insert(key.clone(), x.clone());
+                }
             }
+            let mut conn = lib.open_backend(&cfg.database.url, &options).map_err(be)?;
+            conn.install(std::slice::from_ref(&watch)).map_err(be)?;
+            progress.phase(&format!(
+                "write throughput, {k} writers, table watched, {}",
+                v.label
+            ));
+            let write = write_throughput(cfg, lib, Some(&options), k, sizes, &mut next_id)?;
+            admin.install(std::slice::from_ref(&watch)).map_err(be)?;
+            variants.push(WriteVariant {
+                label: v.label.clone(),
+                ratio: ratio(&write),
+                write,
+            });
         }
-        let mut conn = lib.open_backend(&cfg.database.url, &options).map_err(be)?;
-        conn.install(std::slice::from_ref(&watch)).map_err(be)?;
-        progress.phase(&format!("write throughput, table watched, {}", v.label));
-        let write = write_throughput(cfg, lib, Some(&options), sizes, &mut next_id)?;
-        admin.install(std::slice::from_ref(&watch)).map_err(be)?;
-        variants.push((v.label, write));
+        writes.push(WriteRun {
+            writers: k,
+            ratio: ratio(&watched),
+            ratio_with_reader: ratio(&with_reader),
+            reader_behind_ms: behind.as_secs_f64() * 1e3,
+            unwatched,
+            watched,
+            with_reader,
+            variants,
+        });
     }
 
-    // Latency: a consumer from now on, a writer at a steady rate on its own connection.
+    // Latency: a consumer from now on, a writer at a steady rate on its own connection,
+    // one run per offered rate.
     let consumer = Consumer {
         daemon: format!("epidemic-bench-{}", std::process::id()),
         handler: "noop".into(),
@@ -298,46 +419,62 @@ fn measure(
         .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
         .map_err(be)?;
     let reader = Reader::start(cfg, lib, &consumer, true, 0, None)?;
-    progress.phase("commit-to-handler latency");
     let mut writer = plugins::open(cfg, lib)?;
-    let interval = Duration::from_secs_f64(1.0 / sizes.rate as f64);
-    let mut sent: Vec<(i64, Instant)> = Vec::with_capacity(sizes.latency_changes as usize);
-    let start = Instant::now();
-    for i in 0..sizes.latency_changes {
-        let due = start + interval * i as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
+    let mut latency_runs = Vec::new();
+    for &rate in &sizes.rates {
+        let what = format!("commit-to-handler latency at {rate}/s");
+        progress.phase(&what);
+        let n = sizes.latency_changes(rate);
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+        let mut sent: Vec<(i64, Instant)> = Vec::with_capacity(n as usize);
+        let start = Instant::now();
+        for i in 0..n {
+            let due = start + interval.mul_f64(i as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let id = next_id;
+            next_id += 1;
+            writer
+                .scratch(&Scratch::Insert {
+                    table: SCRATCH_TABLE.into(),
+                    first_id: id,
+                    count: 1,
+                    per_tx: 1,
+                })
+                .map_err(be)?;
+            // Measured from the moment COMMIT returned to the writer: the change cannot
+            // be read before it is committed, and the writer's own fsync is not the
+            // reader's latency. (A reader that sees the row before the writer's call
+            // returns counts 0.)
+            sent.push((id, Instant::now()));
+            if i % 100 == 0 {
+                progress.update(&what, i, n);
+            }
         }
-        let id = next_id;
-        next_id += 1;
-        writer
-            .scratch(&Scratch::Insert {
-                table: SCRATCH_TABLE.into(),
-                first_id: id,
-                count: 1,
-                per_tx: 1,
-            })
-            .map_err(be)?;
-        // Measured from the moment COMMIT returned to the writer: the change cannot be
-        // read before it is committed, and the writer's own fsync is not the reader's
-        // latency. (A reader that sees the row before the writer's call returns counts 0.)
-        sent.push((id, Instant::now()));
-        if i % 100 == 0 {
-            progress.update("commit-to-handler latency", i, sizes.latency_changes);
-        }
+        let achieved_per_s = n as f64 / start.elapsed().as_secs_f64();
+        let last = sent.last().map(|(id, _)| *id).unwrap_or(0);
+        reader.wait_for(last, Duration::from_secs(60))?;
+        let mut latencies: Vec<f64> = {
+            let seen = reader.probe.seen.lock().unwrap_or_else(|p| p.into_inner());
+            sent.iter()
+                .filter_map(|(id, t)| {
+                    seen.get(id)
+                        .map(|r| r.saturating_duration_since(*t).as_secs_f64() * 1e3)
+                })
+                .collect()
+        };
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        latency_runs.push(LatencyRun {
+            rate_per_s: rate,
+            changes: n,
+            achieved_per_s,
+            ms_p50: percentile(&latencies, 50.0),
+            ms_p95: percentile(&latencies, 95.0),
+            ms_p99: percentile(&latencies, 99.0),
+            ms_max: latencies.last().copied().unwrap_or(0.0),
+        });
     }
-    let last = sent.last().map(|(id, _)| *id).unwrap_or(0);
-    reader.wait_for(last, Duration::from_secs(60))?;
-    let mut latencies: Vec<f64> = {
-        let seen = reader.probe.seen.lock().unwrap_or_else(|p| p.into_inner());
-        sent.iter()
-            .filter_map(|(id, t)| {
-                seen.get(id)
-                    .map(|r| r.saturating_duration_since(*t).as_secs_f64() * 1e3)
-            })
-            .collect()
-    };
-    latencies.sort_by(|a, b| a.total_cmp(b));
 
     // Idle CPU: the reader waits for changes that do not come.
     progress.phase(&format!("idle CPU over {} s", sizes.idle.as_secs()));
@@ -347,32 +484,54 @@ fn measure(
     let idle_cpu_percent = (cpu_time() - cpu0).as_secs_f64() * 100.0 / t0.elapsed().as_secs_f64();
     reader.stop();
 
-    // Drain: a backlog written while nobody reads, then read as fast as possible,
-    // pruning as the daemon does.
-    reset_peak_rss();
-    let drain_secs = drain(
-        cfg,
-        lib,
-        admin,
-        &mut writer,
-        &consumer,
-        sizes.drain,
-        &mut next_id,
-        0,
-        None,
-        progress,
-    )?
-    .0;
-    let peak_rss_mb_draining = peak_rss_mb();
+    // Drains: a backlog written while nobody reads, then read as fast as possible,
+    // pruning as the daemon does; one per size, each compared with the smallest.
+    let mut drains: Vec<DrainRun> = Vec::new();
+    for &n in &sizes.drains {
+        reset_peak_rss();
+        let d = drain(
+            cfg,
+            lib,
+            admin,
+            &mut writer,
+            &consumer,
+            n,
+            &mut next_id,
+            0,
+            None,
+            progress,
+        )?;
+        drains.push(DrainRun {
+            changes: n,
+            drain_per_s: n as f64 / d.secs,
+            drain_pruned_per_s: n as f64 / d.total_secs,
+            ratio_to_smallest: 1.0,
+            pruned_ratio_to_smallest: 1.0,
+            pruned_while_draining: d.pruned_while_draining,
+            final_prune_s: d.final_prune_s,
+            peak_rss_mb: peak_rss_mb(),
+        });
+    }
+    if let Some(smallest) = drains
+        .iter()
+        .min_by_key(|d| d.changes)
+        .map(|d| (d.drain_per_s, d.drain_pruned_per_s))
+    {
+        for d in &mut drains {
+            d.ratio_to_smallest = d.drain_per_s / smallest.0.max(f64::MIN_POSITIVE);
+            d.pruned_ratio_to_smallest = d.drain_pruned_per_s / smallest.1.max(f64::MIN_POSITIVE);
+        }
+    }
+    let largest = sizes.largest_drain();
     let drain_capped = match compare_handler_batch {
         Some(cap) => {
-            let (secs, _) = drain(
+            let d = drain(
                 cfg,
                 lib,
                 admin,
                 &mut writer,
                 &consumer,
-                sizes.drain,
+                largest,
                 &mut next_id,
                 cap,
                 None,
@@ -380,7 +539,7 @@ fn measure(
             )?;
             Some(DrainCapped {
                 handler_batch: cap,
-                drain_per_s: sizes.drain as f64 / secs,
+                drain_per_s: largest as f64 / d.secs,
             })
         }
         None => None,
@@ -388,13 +547,13 @@ fn measure(
     let drain_filtered = match filter {
         Some(f) => {
             let source = f.source().to_owned();
-            let (secs, handed) = drain(
+            let d = drain(
                 cfg,
                 lib,
                 admin,
                 &mut writer,
                 &consumer,
-                sizes.drain,
+                largest,
                 &mut next_id,
                 0,
                 Some(f),
@@ -402,42 +561,47 @@ fn measure(
             )?;
             Some(DrainFiltered {
                 filter: source,
-                handed,
-                drain_per_s: sizes.drain as f64 / secs,
+                handed: d.handed,
+                drain_per_s: largest as f64 / d.secs,
             })
         }
         None => None,
     };
 
-    let ratio = |w: &WriteThroughput| w.rows_per_s / unwatched.rows_per_s.max(f64::MIN_POSITIVE);
+    let first_latency = latency_runs
+        .first()
+        .ok_or_else(|| anyhow!("no latency run"))?;
+    let headline_drain = drains
+        .iter()
+        .rev()
+        .find(|d| d.changes == largest)
+        .ok_or_else(|| anyhow!("no drain"))?;
+    let first_write = writes.first().ok_or_else(|| anyhow!("no write run"))?;
     Ok(BenchReport {
         backend: lib.name.clone(),
         url: epidemic_plugin_sdk::redact_url(&cfg.database.url),
         quick,
-        latency_changes: sizes.latency_changes,
-        latency_rate_per_s: sizes.rate,
-        latency_ms_p50: percentile(&latencies, 50.0),
-        latency_ms_p95: percentile(&latencies, 95.0),
-        latency_ms_p99: percentile(&latencies, 99.0),
-        latency_ms_max: latencies.last().copied().unwrap_or(0.0),
-        drain_changes: sizes.drain,
-        drain_per_s: sizes.drain as f64 / drain_secs,
+        latency_changes: first_latency.changes,
+        latency_rate_per_s: first_latency.rate_per_s,
+        latency_ms_p50: first_latency.ms_p50,
+        latency_ms_p95: first_latency.ms_p95,
+        latency_ms_p99: first_latency.ms_p99,
+        latency_ms_max: first_latency.ms_max,
+        drain_changes: headline_drain.changes,
+        drain_per_s: headline_drain.drain_per_s,
+        drain_pruned_per_s: headline_drain.drain_pruned_per_s,
+        peak_rss_mb_draining: headline_drain.peak_rss_mb,
         drain_capped,
         drain_filtered,
-        write_ratio: ratio(&watched),
-        write_variants: variants
-            .into_iter()
-            .map(|(label, write)| WriteVariant {
-                label,
-                ratio: ratio(&write),
-                write,
-            })
-            .collect(),
-        write_unwatched: unwatched,
-        write_watched: watched,
-
+        write_unwatched: first_write.unwatched.clone(),
+        write_watched: first_write.watched.clone(),
+        write_ratio: first_write.ratio,
+        write_ratio_with_reader: first_write.ratio_with_reader,
+        write_variants: first_write.variants.clone(),
         idle_cpu_percent,
-        peak_rss_mb_draining,
+        latency_runs,
+        drains,
+        writes,
     })
 }
 
@@ -446,16 +610,17 @@ fn write_throughput(
     cfg: &Config,
     lib: &Library,
     options: Option<&serde_json::Value>,
+    writers: u32,
     sizes: &Sizes,
     next_id: &mut i64,
 ) -> Result<WriteThroughput> {
     let options = options.cloned().unwrap_or_else(|| cfg.backend_options());
     let mut conns = Vec::new();
-    for _ in 0..sizes.writers {
+    for _ in 0..writers {
         conns.push(lib.open_backend(&cfg.database.url, &options).map_err(be)?);
     }
     let base = *next_id;
-    *next_id += sizes.writers as i64 * sizes.rows_per_writer as i64;
+    *next_id += writers as i64 * sizes.rows_per_writer as i64;
     let t0 = Instant::now();
     let handles: Vec<_> = conns
         .into_iter()
@@ -477,17 +642,59 @@ fn write_throughput(
             .map_err(|_| anyhow!("writer thread panicked"))?
             .map_err(be)?;
     }
-    let rows = sizes.writers as u64 * sizes.rows_per_writer;
+    let rows = writers as u64 * sizes.rows_per_writer;
     Ok(WriteThroughput {
-        writers: sizes.writers,
+        writers,
         rows,
         rows_per_s: rows as f64 / t0.elapsed().as_secs_f64(),
     })
 }
 
+/// [`write_throughput`] with the daemon's dispatcher reading the table meanwhile, as a
+/// consumer of its own; also how long after the last write the reader had every change.
+fn write_with_reader(
+    cfg: &Config,
+    lib: &Library,
+    admin: &mut HostBackend,
+    writers: u32,
+    sizes: &Sizes,
+    next_id: &mut i64,
+) -> Result<(WriteThroughput, Duration)> {
+    let consumer = Consumer {
+        daemon: format!("epidemic-bench-{}-writes", std::process::id()),
+        handler: "noop".into(),
+    };
+    admin
+        .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
+        .map_err(be)?;
+    let reader = Reader::start(cfg, lib, &consumer, false, 0, None)?;
+    let measured = write_throughput(cfg, lib, None, writers, sizes, next_id).and_then(|write| {
+        let t = Instant::now();
+        reader.wait_count(write.rows, Duration::from_secs(120))?;
+        Ok((write, t.elapsed()))
+    });
+    reader.stop();
+    admin.unregister(&consumer).map_err(be)?;
+    admin.prune().map_err(be)?;
+    measured
+}
+
+/// How a drain went.
+struct Drained {
+    /// Until the handler had every change.
+    secs: f64,
+    /// Changes the handler was given.
+    handed: u64,
+    pruned_while_draining: u64,
+    /// The prune after the reader stopped: what the last second's prunes left.
+    final_prune_s: f64,
+    /// `secs` and `final_prune_s`: until the log was pruned of the backlog too.
+    total_secs: f64,
+}
+
 /// Write a backlog of `n` changes while nobody reads, then drain it through the
 /// dispatcher (handing the handler at most `handler_batch` per call; 0: no limit),
-/// pruning every second as the daemon does. Returns the seconds the drain took.
+/// pruning every second as the daemon does.
 #[allow(clippy::too_many_arguments)]
 fn drain(
     cfg: &Config,
@@ -500,7 +707,7 @@ fn drain(
     handler_batch: u32,
     filter: Option<Arc<crate::filter::CelFilter>>,
     progress: &Progress,
-) -> Result<(f64, u64)> {
+) -> Result<Drained> {
     progress.phase(&format!("writing a backlog of {n} changes"));
     let first = *next_id;
     *next_id += n as i64;
@@ -520,14 +727,14 @@ fn drain(
         progress.update("writing the backlog", done, n);
     }
     let what = match handler_batch {
-        0 => "draining the backlog".to_owned(),
-        k => format!("draining the backlog, at most {k} per handler call"),
+        0 => format!("draining a backlog of {n}"),
+        k => format!("draining a backlog of {n}, at most {k} per handler call"),
     };
     progress.phase(&what);
-    let t0 = Instant::now();
     let filtered = filter.is_some();
     let drainer = Reader::start(cfg, lib, consumer, false, handler_batch, filter)?;
     let mut last_prune = Instant::now();
+    let mut pruned_while_draining = 0;
     loop {
         // Through a filter most changes never reach the handler: the consumer's backlog
         // in the database says when it is through (read less often: it counts rows).
@@ -548,17 +755,43 @@ fn drain(
         }
         drainer.check()?;
         if last_prune.elapsed() >= Duration::from_secs(1) {
-            admin.prune().map_err(be)?;
+            pruned_while_draining += admin.prune().map_err(be)?;
             last_prune = Instant::now();
             progress.update(&what, drained, n);
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let secs = t0.elapsed().as_secs_f64();
+    // From the dispatcher's start (its connection open) to the handler's last return;
+    // through a filter, to when the backlog was seen gone.
+    let now = Instant::now();
+    let started = drainer.probe.started.get().copied().unwrap_or(now);
+    let last = if filtered {
+        now
+    } else {
+        drainer
+            .probe
+            .last_handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(now)
+    };
+    let secs = last
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        .max(1e-6);
     let handed = drainer.probe.count.load(Ordering::Relaxed);
+    // Stopping lets the dispatcher finish its step: the last batch is acknowledged.
     drainer.stop();
+    let t1 = Instant::now();
     admin.prune().map_err(be)?;
-    Ok((secs, handed))
+    let final_prune_s = t1.elapsed().as_secs_f64();
+    Ok(Drained {
+        secs,
+        handed,
+        pruned_while_draining,
+        final_prune_s,
+        total_secs: secs + final_prune_s,
+    })
 }
 
 /// What the bench's handler saw: when each scratch row's change arrived (when asked to
@@ -569,6 +802,10 @@ struct ProbeState {
     seen: Mutex<HashMap<i64, Instant>>,
     max_seen: AtomicU64,
     count: AtomicU64,
+    /// When the reader's thread started the dispatcher (its connection already open).
+    started: OnceLock<Instant>,
+    /// When the handler last returned.
+    last_handled: Mutex<Option<Instant>>,
 }
 
 /// Probes by number: the handler is built from its config like any handler (through the
@@ -614,6 +851,11 @@ impl Handler for Probe {
         self.0
             .count
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        *self
+            .0
+            .last_handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         Ok(())
     }
 }
@@ -681,7 +923,13 @@ impl Reader {
         );
         let thread = std::thread::Builder::new()
             .name("bench-reader".into())
-            .spawn(move || dispatcher.run())
+            .spawn({
+                let probe = Arc::clone(&probe);
+                move || {
+                    let _ = probe.started.set(Instant::now());
+                    dispatcher.run();
+                }
+            })
             .context("cannot start the bench's reader thread")?;
         Ok(Reader {
             probe,
@@ -694,6 +942,20 @@ impl Reader {
     fn check(&self) -> Result<()> {
         if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
             return Err(anyhow!("the reader stopped early"));
+        }
+        Ok(())
+    }
+
+    fn wait_count(&self, n: u64, timeout: Duration) -> Result<()> {
+        let end = Instant::now() + timeout;
+        while self.probe.count.load(Ordering::Relaxed) < n {
+            if Instant::now() > end {
+                return Err(anyhow!(
+                    "the reader did not get {n} changes within {timeout:?}"
+                ));
+            }
+            self.check()?;
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
     }
@@ -767,22 +1029,36 @@ pub fn render(r: &BenchReport) -> String {
             t.rows / t.writers.max(1) as u64
         )
     };
-    let mut rows: Vec<(String, String)> = vec![
-        (
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for l in &r.latency_runs {
+        rows.push((
             format!(
-                "commit->handler latency p50 / p95 / p99 / max ({} at {}/s)",
-                r.latency_changes, r.latency_rate_per_s
+                "commit->handler latency p50 / p95 / p99 / max ({} at {}/s, reached {:.0}/s)",
+                l.changes, l.rate_per_s, l.achieved_per_s
             ),
             format!(
                 "{:.2} / {:.2} / {:.2} / {:.2} ms",
-                r.latency_ms_p50, r.latency_ms_p95, r.latency_ms_p99, r.latency_ms_max
+                l.ms_p50, l.ms_p95, l.ms_p99, l.ms_max
             ),
-        ),
-        (
-            format!("drain rate ({} changes, pruning included)", r.drain_changes),
-            format!("{:.0} changes/s", r.drain_per_s),
-        ),
-    ];
+        ));
+    }
+    let several = r.drains.len() > 1;
+    for d in &r.drains {
+        let mut v = format!(
+            "{:.0} changes/s; {:.0}/s with the last prune ({} pruned while draining, last prune {:.2} s)",
+            d.drain_per_s, d.drain_pruned_per_s, d.pruned_while_draining, d.final_prune_s
+        );
+        if several {
+            v.push_str(&format!(
+                "; x{:.2} / x{:.2} of the smallest",
+                d.ratio_to_smallest, d.pruned_ratio_to_smallest
+            ));
+        }
+        rows.push((
+            format!("drain rate ({} changes, pruning once a second)", d.changes),
+            v,
+        ));
+    }
     if let Some(f) = &r.drain_filtered {
         rows.push((
             format!("drain rate through filter {:?}", f.filter),
@@ -807,25 +1083,40 @@ pub fn render(r: &BenchReport) -> String {
             ),
         ));
     }
-    rows.extend([
-        ("write throughput, unwatched".into(), w(&r.write_unwatched)),
-        (
-            "write throughput, watched".into(),
-            format!("{}  ratio {:.2}", w(&r.write_watched), r.write_ratio),
-        ),
-    ]);
-    for v in &r.write_variants {
-        rows.push((
-            format!("write throughput, watched, {}", v.label),
-            format!("{}  ratio {:.2}", w(&v.write), v.ratio),
-        ));
+    for run in &r.writes {
+        let k = run.writers;
+        rows.extend([
+            (
+                format!("write throughput, {k} writers, unwatched"),
+                w(&run.unwatched),
+            ),
+            (
+                format!("write throughput, {k} writers, watched"),
+                format!("{}  ratio {:.2}", w(&run.watched), run.ratio),
+            ),
+            (
+                format!("write throughput, {k} writers, watched, a reader keeping up"),
+                format!(
+                    "{}  ratio {:.2} (reader {:.0} ms behind at the end)",
+                    w(&run.with_reader),
+                    run.ratio_with_reader,
+                    run.reader_behind_ms
+                ),
+            ),
+        ]);
+        for v in &run.variants {
+            rows.push((
+                format!("write throughput, {k} writers, watched, {}", v.label),
+                format!("{}  ratio {:.2}", w(&v.write), v.ratio),
+            ));
+        }
     }
     rows.push((
         "idle CPU of the reader".into(),
         format!("{:.2} %", r.idle_cpu_percent),
     ));
     rows.push((
-        "peak RSS while draining".into(),
+        format!("peak RSS while draining {}", r.drain_changes),
         r.peak_rss_mb_draining
             .map_or("n/a".into(), |m| format!("{m:.1} MB")),
     ));

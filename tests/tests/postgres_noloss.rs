@@ -788,6 +788,221 @@ fn prune_never_deletes_what_a_consumer_being_registered_still_needs() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Issue 16: pruning the acknowledged part of a batch; acknowledgements a crash loses
+// ---------------------------------------------------------------------------------------
+
+fn log_rows(server: &PgServer, db: &str) -> Vec<i64> {
+    server
+        .client(db)
+        .query("SELECT id FROM epidemic.log_t ORDER BY id", &[])
+        .expect("read the log")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Rows of the table `t`'s changes in the log: their `id` column.
+fn logged_values(server: &PgServer, db: &str) -> Vec<i32> {
+    server
+        .client(db)
+        .query("SELECT new_id FROM epidemic.log_t ORDER BY id", &[])
+        .expect("read the log")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn prune_takes_the_acknowledged_part_of_a_batch_and_never_a_late_commit_below_it() {
+    let db = "noloss_prune_in_batch";
+    let url = database(db, "CREATE TABLE t (id int PRIMARY KEY);");
+    let server = PgServer::shared();
+    let mut b = open(&url);
+    b.install(&[Watch {
+        table: "t".into(),
+        columns: vec!["id".into()],
+        ..Default::default()
+    }])
+    .expect("install");
+    let (h, other) = (consumer("h"), consumer("other"));
+    for c in [&h, &other] {
+        b.register(c, &["t".to_owned()], StartFrom::Oldest)
+            .expect("register");
+    }
+    // A writer that draws the smallest id and commits last.
+    let mut late = server.client(db);
+    late.batch_execute("BEGIN; INSERT INTO t VALUES (0)")
+        .expect("late writer");
+    let mut w = server.client(db);
+    for i in 1..=10 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    assert_eq!(drain(&mut b, &other), (1..=10).collect::<Vec<_>>());
+
+    // h handles half of its batch; the late row commits, below what h acknowledged, and
+    // other has it: only h's snapshot says h still needs it.
+    let batch = b.fetch(&h, 5).expect("fetch");
+    assert_eq!(batch.changes.len(), 5);
+    b.ack(&h, &batch.token, batch.changes[4].id).expect("ack");
+    late.batch_execute("COMMIT").expect("late commit");
+    assert_eq!(drain(&mut b, &other), [0]);
+    assert_eq!(
+        b.prune().expect("prune"),
+        5,
+        "the rows both consumers handled go while h's batch is in progress"
+    );
+    assert_eq!(logged_values(server, db), [0, 6, 7, 8, 9, 10]);
+
+    // The rest of h's batch, then the late row in the next one: nothing was skipped.
+    assert_eq!(drain(&mut b, &h), [6, 7, 8, 9, 10, 0]);
+    assert_eq!(b.prune().expect("prune"), 6);
+    assert!(log_rows(server, db).is_empty());
+}
+
+#[test]
+fn prune_finds_everything_handled_through_cursors_without_a_known_upper_id() {
+    let db = "noloss_prune_unknown_bound";
+    let url = database(db, "CREATE TABLE t (id int PRIMARY KEY);");
+    let server = PgServer::shared();
+    let mut b = open(&url);
+    b.install(&[Watch {
+        table: "t".into(),
+        columns: vec!["id".into()],
+        ..Default::default()
+    }])
+    .expect("install");
+    let (h, other) = (consumer("h"), consumer("other"));
+    for c in [&h, &other] {
+        b.register(c, &["t".to_owned()], StartFrom::Now)
+            .expect("register");
+    }
+    let mut w = server.client(db);
+    for i in 1..=10 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    assert_eq!(drain(&mut b, &h), (1..=10).collect::<Vec<_>>());
+    assert_eq!(drain(&mut b, &other), (1..=10).collect::<Vec<_>>());
+    // A cursor written before the bound was kept (an older daemon's), and one whose
+    // bound is below rows its snapshot shows: the first bounds nothing, the second
+    // keeps rows longer, and neither loses one.
+    w.execute(
+        "UPDATE epidemic.consumer SET prev_upto = NULL WHERE handler = 'h'",
+        &[],
+    )
+    .expect("forget h's bound");
+    w.execute(
+        "UPDATE epidemic.consumer SET prev_upto = 0 WHERE handler = 'other'",
+        &[],
+    )
+    .expect("lower other's bound");
+    assert_eq!(
+        b.prune().expect("prune"),
+        0,
+        "other's bound says: nothing yet"
+    );
+    w.execute(
+        "UPDATE epidemic.consumer SET prev_upto = NULL WHERE handler = 'other'",
+        &[],
+    )
+    .expect("forget other's bound");
+    assert_eq!(b.prune().expect("prune"), 10);
+    for i in 11..=12 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    // Closing a batch makes the bound known again.
+    assert_eq!(drain(&mut b, &h), [11, 12]);
+    let known: bool = w
+        .query_one(
+            "SELECT prev_upto >= (SELECT max(id) FROM epidemic.log_t) FROM epidemic.consumer              WHERE handler = 'h'",
+            &[],
+        )
+        .expect("read the bound")
+        .get(0);
+    assert!(known, "h's bound is past the rows its snapshot shows");
+    assert_eq!(b.prune().expect("prune"), 0, "other has not had them");
+    assert_eq!(drain(&mut b, &other), [11, 12]);
+    assert_eq!(b.prune().expect("prune"), 2);
+}
+
+#[test]
+fn an_acknowledgement_lost_in_a_crash_means_redelivery_never_loss() {
+    // The WAL writer flushes asynchronous commits only every ten seconds here, so the
+    // acknowledgement (which does not wait for its flush) is lost in the crash below
+    // unless a later synchronous commit flushed it.
+    let server = PgServer::start_private_with(&[("wal_writer_delay", "10000ms")]);
+    let db = "noloss_lost_ack";
+    let url = server.create_database(db);
+    server
+        .client(db)
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .expect("schema");
+    let mut b = library()
+        .open_backend(&url, &json!({}))
+        .expect("open backend");
+    b.install(&[Watch {
+        table: "t".into(),
+        columns: vec!["id".into()],
+        ..Default::default()
+    }])
+    .expect("install");
+    let c = consumer("h");
+    b.register(&c, &["t".to_owned()], StartFrom::Now)
+        .expect("register");
+    let mut w = server.client(db);
+    for i in 1..=10 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    let batch = b.fetch(&c, 500).expect("fetch");
+    assert_eq!(batch.changes.len(), 10);
+    b.ack(&c, &batch.token, batch.changes[9].id).expect("ack");
+    drop(w);
+    server.stop(epidemic_tests::pg::StopMode::Immediate);
+    server.start();
+    b.reconnect().expect("reconnect");
+    // Either the ack survived and nothing comes again, or it was lost and the whole
+    // batch comes again: never a part of it, never nothing while rows are missing.
+    let again = drain(&mut b, &c);
+    assert!(
+        again.is_empty() || again == (1..=10).collect::<Vec<_>>(),
+        "{again:?}"
+    );
+    eprintln!(
+        "the acknowledgement {} the crash",
+        if again.is_empty() {
+            "survived"
+        } else {
+            "was lost in"
+        }
+    );
+    let mut w = server.client(db);
+    w.execute("INSERT INTO t VALUES (11)", &[]).expect("insert");
+    assert_eq!(drain(&mut b, &c), [11]);
+
+    // A prune that deleted by an acknowledgement is durable only with it: the prune's
+    // commit is flushed, and the WAL before it with it.
+    for i in 12..=20 {
+        w.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .expect("insert");
+    }
+    assert_eq!(drain(&mut b, &c), (12..=20).collect::<Vec<_>>());
+    let pruned = b.prune().expect("prune");
+    assert!(pruned >= 9, "pruned {pruned}");
+    drop(w);
+    server.stop(epidemic_tests::pg::StopMode::Immediate);
+    server.start();
+    b.reconnect().expect("reconnect");
+    assert!(
+        drain(&mut b, &c).is_empty(),
+        "the prune survived, so did the acknowledgement it pruned by"
+    );
+    assert!(log_rows(&server, db).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
 // SDK 0.2: what a handler receives besides the values
 // ---------------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ use postgres::Client;
 use crate::error::{not_installed, PgError};
 use crate::ident::{quote_ident, Ident};
 use crate::registry::{
-    check_cluster, cursor_lock_key, load_registry, logs_of, schema_state, ClusterCheck, SchemaState,
+    check_cluster, cursor_lock_key, has_column, load_registry, logs_of, schema_state, ClusterCheck,
+    SchemaState,
 };
 
 /// The consumers of one Epidemic schema.
@@ -62,6 +63,7 @@ impl PgConsumers<'_> {
         }
         let registry = load_registry(client, self.schema)?;
         logs_of(&registry, tables)?;
+        let has_prev_upto = has_column(client, self.schema, "consumer", "prev_upto")?;
         let consumer_table = self.q("consumer");
         let context = || format!("register consumer {consumer}");
         let from_now = start == StartFrom::Now;
@@ -80,11 +82,29 @@ impl PgConsumers<'_> {
         .map_err(PgError::sql(context()))?;
         // 1:1: sees no transaction at all, so the first batch is the whole log.
         let start_snapshot = "CASE WHEN $3 THEN pg_current_snapshot() ELSE '1:1:'::pg_snapshot END";
+        // `prev_upto` (see `registry::bookkeeping_ddl`): the sequence's last value, read
+        // after the statement's snapshot was taken, is past every id that snapshot (or
+        // an older one) shows, in every log; the snapshot that sees nothing shows none.
+        let id_bound = format!(
+            "(SELECT last_value FROM {}.{})",
+            self.schema.quoted(),
+            quote_ident("change_id")
+        );
+        let (upto_column, upto_value, upto_start, upto_grown) = if has_prev_upto {
+            (
+                ", prev_upto",
+                format!(", CASE WHEN $3 THEN {id_bound} ELSE 0 END"),
+                format!(", prev_upto = CASE WHEN $3 THEN {id_bound} ELSE 0 END"),
+                format!(", prev_upto = {id_bound}"),
+            )
+        } else {
+            Default::default()
+        };
         let inserted = tx
             .query_opt(
                 &format!(
-                    "INSERT INTO {consumer_table} (daemon, handler, tables, prev_snapshot) \
-                     VALUES ($1, $2, $4, {start_snapshot}) \
+                    "INSERT INTO {consumer_table} (daemon, handler, tables, prev_snapshot{upto_column}) \
+                     VALUES ($1, $2, $4, {start_snapshot}{upto_value}) \
                      ON CONFLICT (daemon, handler) DO NOTHING RETURNING batch_id"
                 ),
                 &[d, h, &from_now, &tables],
@@ -96,33 +116,37 @@ impl PgConsumers<'_> {
             let row = tx
                 .query_one(
                     &format!(
-                        "SELECT evicted_at IS NOT NULL, batch_snapshot IS NOT NULL AND NOT tables @> $3 \
+                        "SELECT evicted_at IS NOT NULL, NOT tables @> $3, batch_snapshot IS NOT NULL \
                          FROM {consumer_table} WHERE daemon = $1 AND handler = $2 FOR UPDATE"
                     ),
                     &[d, h, &tables],
                 )
                 .map_err(PgError::sql(context()))?;
-            let (evicted, grown_mid_batch): (bool, bool) = (row.get(0), row.get(1));
+            let (evicted, grown, mid_batch): (bool, bool, bool) =
+                (row.get(0), row.get(1), row.get(2));
             let restart_batch = "batch_id = batch_id + 1, batch_snapshot = NULL, \
                                  batch_done_upto = NULL, batch_last_id = NULL";
             if evicted {
                 tx.execute(
                     &format!(
                         "UPDATE {consumer_table} SET tables = $4, prev_snapshot = {start_snapshot}, {restart_batch}, \
-                             evicted_at = NULL, registered_at = now(), last_seen = now() \
+                             evicted_at = NULL, registered_at = now(), last_seen = now(){upto_start} \
                          WHERE daemon = $1 AND handler = $2"
                     ),
                     &[d, h, &from_now, &tables],
                 )
             } else {
-                let restart = if grown_mid_batch {
+                let restart = if grown && mid_batch {
                     format!(", {restart_batch}")
                 } else {
                     String::new()
                 };
+                // A new table's log rows that `prev` shows may have any id below the
+                // sequence's, not only below the bound kept for the old tables' logs.
+                let upto = if grown { upto_grown.as_str() } else { "" };
                 tx.execute(
                     &format!(
-                        "UPDATE {consumer_table} SET tables = $3{restart}, last_seen = now() \
+                        "UPDATE {consumer_table} SET tables = $3{restart}{upto}, last_seen = now() \
                          WHERE daemon = $1 AND handler = $2"
                     ),
                     &[d, h, &tables],

@@ -222,6 +222,13 @@ impl Backend for PgBackend {
     }
 
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
+        // Right after the ack that closed a batch this connection read whole, a read
+        // would find only what committed since; the wake-ups say when that is (see
+        // `PgListener::may_skip_read`).
+        if self.reader.take_whole_batch_closed(consumer) && self.listener.may_skip_read() {
+            self.listener.read_skipped();
+            return Ok(Batch::default());
+        }
         self.listener.read_started(&mut self.client);
         let clear = self.listener.clear_if_busy();
         let batch = self.reader.fetch(&mut self.client, consumer, max, clear)?;
@@ -236,6 +243,7 @@ impl Backend for PgBackend {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
+        self.reader.clear_whole_batch_closed();
         Ok(self.listener.wait(&mut self.client, timeout)?)
     }
 
@@ -330,6 +338,8 @@ impl Backend for PgBackend {
 
     /// One bounded SELECT by key, then the watermark (see module `snapshot`).
     fn snapshot_chunk(&mut self, request: &ChunkRequest) -> Result<Chunk, BackendError> {
+        // The watermark is written here and notifies nobody: the next fetch must read.
+        self.reader.clear_whole_batch_closed();
         Ok(self.snapshots.chunk(&mut self.client, request)?)
     }
 

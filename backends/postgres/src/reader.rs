@@ -38,21 +38,53 @@
 //!    most `max`. A large batch is read in pieces by later fetches with the same
 //!    snapshots, each piece costing O(max), not O(batch).
 //! 3. `ack(upto)` is one UPDATE: `done_upto = upto`, or, when `upto` reaches the last id,
-//!    `prev = cur` and the batch is closed. A crash after a partial ack resumes the same
-//!    batch after `upto`.
+//!    `prev = cur` and the batch is closed (and `prev_upto`, the bound prune walks up to,
+//!    moves past the batch's last id: see [`crate::prune`]). A crash after a partial ack
+//!    resumes the same batch after `upto`.
 //!
-//! The fetch statement commits without waiting for its WAL to reach disk
-//! (`synchronous_commit = off` for that transaction only), which takes a flush off the
-//! path from a commit to the handler. What it writes may be lost in a server crash, and
-//! that is safe: a lost batch start leaves the cursor at `prev`, and the next fetch
-//! starts a batch from `prev` again that holds everything the lost one held (delivered
-//! again: at least once); a lost advance of an empty batch leaves `prev` where it was,
-//! which spans no change of the consumer's. Nothing durable can build on a lost one:
-//! the WAL is flushed in order, so the flush an ack waits for also makes durable the
-//! batch start before it, and `prune`, which deletes by the cursors it reads, flushes its
-//! own commit, written after theirs. Acks still wait for the flush: a handled change is
-//! acknowledged durably.
+//! # Commits that do not wait for their flush
 //!
+//! Every cursor write of this module (the fetch statement's batch start or advance, the
+//! ack, the close of an exhausted batch) commits without waiting for its WAL to reach
+//! disk (`synchronous_commit = off` for that transaction only), which takes a flush (a
+//! disk round trip, ~1 ms) off every batch. What they write may be lost in a server
+//! crash, and that is safe:
+//!
+//! - A lost batch start leaves the cursor at `prev`, and the next fetch starts a batch
+//!   from `prev` again that holds everything the lost one held (delivered again: at
+//!   least once). A lost advance of an empty batch leaves `prev` where it was, which
+//!   spans no change of the consumer's.
+//! - A lost ack leaves the cursor where an earlier write put it: the changes it covered
+//!   come again (at least once). An ack never says more than the host handled, so even
+//!   a lost one said only what was true.
+//! - Nothing durable builds on a lost one. Recovery replays a prefix of the WAL, and a
+//!   transaction that read a cursor write (it saw it committed) writes its own commit
+//!   record after that write's, which was inserted before the write became visible:
+//!   whatever survives a crash, every cursor write it read survived too. `prune`, which
+//!   deletes by the cursors it reads, is such a transaction (and, with the server's
+//!   default `synchronous_commit`, its commit waits for its flush, so the acks it pruned
+//!   by are durable once it returns); so are a later
+//!   ack and everything the host writes after a fetch (dead letters, backfill progress).
+//!
+//! A handler's effects outside the database (a mail folder created, a message
+//! published) are the case "crash after the handler, before the ack" that at-least-once
+//! delivery always had; the window is now the WAL writer's delay (at most three times
+//! `wal_writer_delay`, 600 ms by default) after the ack rather than the ack's round trip.
+//! A sink that deduplicates (NATS JetStream by `Nats-Msg-Id`, a webhook receiver by
+//! `Idempotency-Key`) covers it with a window far longer than that.
+//! `tests/tests/postgres_noloss.rs` crashes the server right after an ack.
+//!
+//! # A read left to the wake-ups
+//!
+//! The host's loop is fetch, handle, ack, fetch again, and wait when a fetch is empty.
+//! When a fetch started a batch and returned all of it (fewer than `max` changes) and
+//! the ack closes it, the next fetch could only find what committed after the batch's
+//! snapshot; the backend skips it (returns no changes without a round trip) when the
+//! wake-ups are sure to report such a commit: see `PgListener::may_skip_read` in
+//! [`crate::wake`]. So a change costs one read and one ack, not two reads and an ack.
+//! Skipping a read only moves it: the host waits, and the wait returns at once if a
+//! notification came, at the latest `fallback_poll` after the last read.
+
 //! When asked to (the connection is registered as waiting for a wake-up and busy, see
 //! [`crate::wake`]), the fetch statement also clears the registration if it returns
 //! changes.
@@ -96,13 +128,19 @@ use postgres::{Client, Statement};
 use crate::error::{not_installed, PgError};
 use crate::ident::Ident;
 use crate::reader::statement::{col, FetchStatements};
-use crate::registry::{check_cluster, ClusterCheck};
+use crate::registry::{check_cluster, has_column, ClusterCheck};
 
 /// An empty batch moves the consumer's `prev_snapshot` forward (so pruning can proceed
 /// and `last_seen` stays fresh), but at most this often: a consumer woken by changes to
 /// tables it does not watch would otherwise write its cursor once per foreign commit.
 /// Not advancing is always safe: the next batch simply starts from the older snapshot.
 const ADVANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// Appended to the WHERE clause of the cursor writes that need not wait for their WAL
+/// flush: it turns off synchronous commit for the statement's transaction when it is
+/// evaluated, which it is for every row the statement updates.
+const ASYNC_COMMIT: &str =
+    "AND pg_catalog.set_config('synchronous_commit', 'off', true) IS NOT NULL";
 
 /// The prepared statements for one consumer on the current connection.
 struct ConsumerPlan {
@@ -112,6 +150,8 @@ struct ConsumerPlan {
     /// The last fetch returned a full piece of a batch: the batch likely has more.
     continuing: bool,
     last_advance: Option<Instant>,
+    /// The last fetch started a batch and returned all of it: its id and last change id.
+    whole: Option<(i64, i64)>,
 }
 
 /// The consumer's cursor row, as far as this module needs it outside the fetch statement.
@@ -139,6 +179,10 @@ pub(crate) struct PgReader {
     /// This connection found the cursors written by this cluster (see
     /// [`PgReader::same_cluster`]).
     cluster_checked: bool,
+    /// The consumer whose last fetch, the last read on this connection, started a batch
+    /// and returned all of it, and whose ack just closed that batch (see
+    /// [`PgReader::take_whole_batch_closed`]).
+    whole_batch_closed: Option<(String, String)>,
 }
 
 fn key(c: &Consumer) -> (String, String) {
@@ -152,6 +196,7 @@ impl PgReader {
             shared: None,
             plans: HashMap::new(),
             cluster_checked: false,
+            whole_batch_closed: None,
         }
     }
 
@@ -160,12 +205,30 @@ impl PgReader {
         self.shared = None;
         self.plans.clear();
         self.cluster_checked = false;
+        self.whole_batch_closed = None;
     }
 
     /// Forget the consumer's plan: it is prepared again, for its cursor's tables, on the
     /// next fetch.
     pub fn forget(&mut self, consumer: &Consumer) {
         self.plans.remove(&key(consumer));
+        self.whole_batch_closed = None;
+    }
+
+    /// Whether the last thing this reader did was to close, by `consumer`'s ack, a batch
+    /// that the last fetch on this connection both started and returned whole; asking
+    /// clears it. Then a fetch right away could only find what committed after that
+    /// batch's snapshot, and the caller may leave that to the wake-ups (see
+    /// `crate::wake`). Anything else written on this connection in between (a
+    /// backfill's watermark) must call [`PgReader::clear_whole_batch_closed`].
+    pub fn take_whole_batch_closed(&mut self, consumer: &Consumer) -> bool {
+        self.whole_batch_closed
+            .take()
+            .is_some_and(|k| k.0 == consumer.daemon && k.1 == consumer.handler)
+    }
+
+    pub fn clear_whole_batch_closed(&mut self) {
+        self.whole_batch_closed = None;
     }
 
     /// Refuse to read by cursors that another cluster wrote (a dump restored here: its
@@ -201,6 +264,25 @@ impl PgReader {
         if self.shared.is_none() {
             let consumer = self.q("consumer");
             let schema = self.schema.clone();
+            // Closing a batch moves `prev_upto` (see `registry::bookkeeping_ddl`) past
+            // the batch's rows: no row the new `prev` shows but the old did not has an id
+            // above `batch_last_id`. When it was not known, the sequence's last value,
+            // read after the batch's snapshot was taken, bounds every row it shows.
+            let (close_upto, ack_upto) = if has_column(client, &schema, "consumer", "prev_upto")? {
+                let upto = format!(
+                    "CASE WHEN prev_upto IS NULL THEN (SELECT last_value FROM {}) \
+                              ELSE GREATEST(prev_upto, batch_last_id) END",
+                    self.q("change_id")
+                );
+                (
+                        format!("prev_upto = {upto}, "),
+                        format!(
+                            "prev_upto = CASE WHEN $4 >= batch_last_id THEN {upto} ELSE prev_upto END, "
+                        ),
+                    )
+            } else {
+                Default::default()
+            };
             let mut prepare = |sql: String| {
                 client
                     .prepare(&sql)
@@ -212,25 +294,28 @@ impl PgReader {
                      FROM {consumer} WHERE daemon = $1 AND handler = $2"
                 ))?,
                 // Every cursor write checks `evicted_at IS NULL`: an eviction between
-                // reading the cursor and writing it must not be overwritten.
+                // reading the cursor and writing it must not be overwritten. Both commit
+                // without waiting for their WAL flush (the `set_config` in the WHERE
+                // clause runs for the row they update): see the module docs for why
+                // that is safe.
                 finish: prepare(format!(
                     "UPDATE {consumer} SET prev_snapshot = batch_snapshot, batch_snapshot = NULL, \
-                         batch_done_upto = NULL, batch_last_id = NULL, last_seen = now() \
+                         {close_upto}batch_done_upto = NULL, batch_last_id = NULL, last_seen = now() \
                      WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL \
-                       AND evicted_at IS NULL"
+                       AND evicted_at IS NULL {ASYNC_COMMIT}"
                 ))?,
                 // Everything on the right-hand side sees the row as it was, so the batch
                 // closes (prev := cur) exactly when upto reaches its last id.
                 ack: prepare(format!(
                     "UPDATE {consumer} SET \
-                         prev_snapshot = CASE WHEN $4 >= batch_last_id THEN batch_snapshot ELSE prev_snapshot END, \
+                         {ack_upto}prev_snapshot = CASE WHEN $4 >= batch_last_id THEN batch_snapshot ELSE prev_snapshot END, \
                          batch_snapshot = CASE WHEN $4 >= batch_last_id THEN NULL ELSE batch_snapshot END, \
                          batch_done_upto = CASE WHEN $4 >= batch_last_id THEN NULL \
                                                 ELSE GREATEST(batch_done_upto, $4) END, \
                          batch_last_id = CASE WHEN $4 >= batch_last_id THEN NULL ELSE batch_last_id END, \
                          last_seen = now() \
                      WHERE daemon = $1 AND handler = $2 AND batch_id = $3 AND batch_snapshot IS NOT NULL \
-                       AND evicted_at IS NULL"
+                       AND evicted_at IS NULL {ASYNC_COMMIT}"
                 ))?,
             };
             self.shared = Some(shared);
@@ -270,6 +355,10 @@ impl PgReader {
         let (d, h) = (&consumer.daemon, &consumer.handler);
         let race = |client: &mut Client| lost_race(client, &consumer_table, consumer);
         self.same_cluster(client)?;
+        self.whole_batch_closed = None;
+        if let Some(plan) = self.plans.get_mut(&k) {
+            plan.whole = None;
+        }
 
         // At most: find the plan stale and rebuild it, find a batch that was expected to
         // go on finished, find the batch in progress exhausted and close it, start a new
@@ -289,6 +378,7 @@ impl PgReader {
                         statements,
                         continuing: false,
                         last_advance: None,
+                        whole: None,
                     },
                 );
             }
@@ -373,6 +463,11 @@ impl PgReader {
             if let (false, Some(batch_id)) = (changes.is_empty(), batch_id) {
                 changes.sort_unstable_by_key(|c| c.id);
                 plan.continuing = changes.len() as i64 == max;
+                // Fewer than `max` from the statement that started the batch: the whole
+                // batch, whose last id is the last change's.
+                if found_new && !plan.continuing {
+                    plan.whole = changes.last().map(|c| (batch_id, c.id));
+                }
                 return Ok(Batch {
                     changes,
                     token: batch_id.to_string(),
@@ -414,6 +509,16 @@ impl PgReader {
             )
             .map_err(PgError::sql(format!("acknowledge for {consumer}")))?;
         if n == 1 {
+            let k = key(consumer);
+            if let Some(plan) = self.plans.get_mut(&k) {
+                if plan
+                    .whole
+                    .is_some_and(|(b, last)| b == batch_id && upto_id >= last)
+                {
+                    plan.whole = None;
+                    self.whole_batch_closed = Some(k);
+                }
+            }
             return Ok(());
         }
         // Acking a batch that is already closed is fine: the host may repeat an ack whose

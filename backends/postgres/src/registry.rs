@@ -387,7 +387,9 @@ pub(crate) fn bookkeeping_ddl(
         // prev_snapshot: what the consumer has fully handled. batch_*: the batch in
         // progress (NULL when none), kept durable so that a partial ack followed by a
         // crash resumes exactly the same batch. evicted_at: set by evict_stale; an
-        // evicted consumer holds back no pruning and must register again.
+        // evicted consumer holds back no pruning and must register again. prev_upto: no
+        // row of the consumer's logs visible in prev_snapshot has a greater id (NULL: not
+        // known); how far up the id range prune needs to look (see `crate::prune`).
         format!(
             "CREATE TABLE IF NOT EXISTS {} (\n    \
                  daemon text NOT NULL,\n    \
@@ -401,6 +403,7 @@ pub(crate) fn bookkeeping_ddl(
                  registered_at timestamptz NOT NULL DEFAULT now(),\n    \
                  last_seen timestamptz NOT NULL DEFAULT now(),\n    \
                  evicted_at timestamptz,\n    \
+                 prev_upto bigint,\n    \
                  PRIMARY KEY (daemon, handler)\n)",
             q("consumer")
         ),
@@ -409,6 +412,14 @@ pub(crate) fn bookkeeping_ddl(
         if !has_column(client, schema, "consumer", "evicted_at")? {
             ddl.push(format!(
                 "ALTER TABLE {} ADD COLUMN IF NOT EXISTS evicted_at timestamptz",
+                q("consumer")
+            ));
+        }
+        // NULL, "not known", for the cursors there are: prune looks through their logs
+        // to the end until their next batch closes.
+        if !has_column(client, schema, "consumer", "prev_upto")? {
+            ddl.push(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS prev_upto bigint",
                 q("consumer")
             ));
         }
@@ -514,7 +525,7 @@ pub(crate) fn rebase_ddl(
     }
     ddl.push(format!(
         "UPDATE {} SET prev_snapshot = '1:1:', batch_id = batch_id + 1, batch_snapshot = NULL, \
-             batch_done_upto = NULL, batch_last_id = NULL",
+             batch_done_upto = NULL, batch_last_id = NULL, prev_upto = 0",
         q("consumer")
     ));
     ddl.push(format!(

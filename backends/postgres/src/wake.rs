@@ -21,8 +21,10 @@
 //! `LISTEN`, which it has been doing since before (1), so every notification sent after
 //! (1) reaches it. Once the reader is busy, the fetch statement clears the row (see
 //! [`crate::reader`]), and the reader registers again before it next blocks. "Busy"
-//! means a fetch returns changes right after a fetch that returned changes: the host
-//! found more work without waiting, the sign of a stream that keeps the reader going.
+//! means a fetch returns changes right after a fetch that returned changes, or right
+//! after a read left to the wake-ups (see [`crate::reader`]) whose wait found a
+//! notification already there: the host found more work without waiting, the sign of a
+//! stream that keeps the reader going.
 //! A reader woken for a change now and then stays registered through the fetch, the
 //! acknowledgement and the next wait: a trickle of commits notifies every time, which
 //! costs little because they rarely meet at the lock, and the reader writes its row once
@@ -158,6 +160,10 @@ pub(crate) struct PgListener {
     heartbeat: Option<Duration>,
     /// When this connection last sent a statement the listener knows of.
     last_sent: Instant,
+    /// The last `wait` ended with a notification: the triggers do notify.
+    notified: bool,
+    /// The host's last read was skipped (see [`PgListener::may_skip_read`]).
+    skipped: bool,
 }
 
 impl PgListener {
@@ -179,7 +185,27 @@ impl PgListener {
             no_sleeper_table: false,
             last_cleanup: None,
             busy: false,
+            notified: false,
+            skipped: false,
         }
+    }
+
+    /// Whether a read the host is about to make may be skipped when it could only find
+    /// what committed after the snapshot of a read made since the last `wait` (see
+    /// `PgReader::take_whole_batch_closed`): this connection listens and is registered
+    /// as waiting (or the triggers notify unconditionally), and the last wake-up was a
+    /// notification, so the triggers do notify. Every commit after that snapshot then
+    /// notifies this connection, after the notifications that read dropped, and the
+    /// next `wait` returns at once; except a writer in the race of the module docs,
+    /// which `wait` finds at the latest `fallback_poll` after that read, as always.
+    pub fn may_skip_read(&self) -> bool {
+        self.listening && self.notified && (self.registered.is_some() || self.no_sleeper_table)
+    }
+
+    /// The host's read was skipped; the next `wait` first looks for a notification that
+    /// came meanwhile.
+    pub fn read_skipped(&mut self) {
+        self.skipped = true;
     }
 
     /// Whether the fetch starting now is to clear this connection's registration if it
@@ -311,7 +337,21 @@ impl PgListener {
     /// at once after starting to listen or registering as waiting: the host must read the
     /// log once more before this connection may block (see the module docs).
     pub fn wait(&mut self, client: &mut Client, timeout: Duration) -> Result<bool, PgError> {
+        // After a skipped read, a notification already here means the stream goes on:
+        // read at once, and stay busy, as if the skipped read had found changes.
+        if std::mem::take(&mut self.skipped) && self.listening {
+            let came = {
+                let mut pending = client.notifications();
+                let came = matches!(pending.iter().next(), Ok(Some(_)));
+                came
+            };
+            if came {
+                self.notified = true;
+                return Ok(true);
+            }
+        }
         self.busy = false;
+        self.notified = false;
         let end = Instant::now() + timeout;
         if self.mode == NotifyMode::Off {
             loop {
@@ -349,6 +389,7 @@ impl PgListener {
                 .min(end)
                 .min(self.heartbeat_due());
             if self.block(client, until.saturating_duration_since(Instant::now()))? {
+                self.notified = true;
                 return Ok(true);
             }
             let now = Instant::now();
