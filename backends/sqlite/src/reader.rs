@@ -276,10 +276,14 @@ fn read_log(
 ) -> Result<Vec<Change>, BackendError> {
     let identity = log.identity.as_deref().unwrap_or_default();
     let mut stmt = conn.prepare_cached(&log.select_sql).map_err(sql_err)?;
-    let mut rows = stmt.query(params![after, max]).map_err(sql_err)?;
+    let mut rows = stmt.query(params![after]).map_err(sql_err)?;
     let ncol = log.columns.len();
+    let max = usize::try_from(max).unwrap_or(0);
     let mut out = Vec::new();
-    while let Some(row) = rows.next().map_err(sql_err)? {
+    while out.len() < max {
+        let Some(row) = rows.next().map_err(sql_err)? else {
+            break;
+        };
         let id: i64 = row.get(0).map_err(sql_err)?;
         let op: String = row.get(1).map_err(sql_err)?;
         let changed_at_us: i64 = row.get(2).map_err(sql_err)?;
