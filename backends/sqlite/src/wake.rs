@@ -53,12 +53,25 @@ impl SqliteWaker {
     /// So after an event that `data_version` does not confirm yet, the waker checks
     /// again every [`HOT_POLL`] for [`HOT_WINDOW`]: a commit in progress is seen within
     /// half a millisecond of becoming visible, and an idle database costs nothing.
-    pub fn wait(&mut self, conn: &Connection, timeout: Duration) -> Result<bool, BackendError> {
+    ///
+    /// `retry` is called first and then again after the interval it returns (`None`: not
+    /// again): the reader's acks kept while a writer held the lock are tried in between.
+    pub fn wait(
+        &mut self,
+        conn: &Connection,
+        timeout: Duration,
+        mut retry: impl FnMut() -> Result<Option<Duration>, BackendError>,
+    ) -> Result<bool, BackendError> {
         let deadline = Instant::now() + timeout;
         let mut hot_until: Option<Instant> = None;
+        let mut retry_at = Some(Instant::now());
         loop {
+            if retry_at.is_some_and(|t| Instant::now() >= t) {
+                retry_at = retry()?.map(|d| Instant::now() + d);
+            }
             let version: i64 = conn
-                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .prepare_cached("PRAGMA data_version")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(sql_err)?;
             match self.last_version.replace(version) {
                 Some(v) if v != version => return Ok(true),
@@ -69,7 +82,10 @@ impl SqliteWaker {
                 return Ok(false);
             }
             let hot = hot_until.is_some_and(|t| now < t);
-            let step = (deadline - now).min(if hot { HOT_POLL } else { self.fallback });
+            let mut step = (deadline - now).min(if hot { HOT_POLL } else { self.fallback });
+            if let Some(t) = retry_at {
+                step = step.min(t.saturating_duration_since(now));
+            }
             match &self.events {
                 Some(rx) => match rx.recv_timeout(step) {
                     Ok(()) => {
