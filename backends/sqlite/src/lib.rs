@@ -165,7 +165,7 @@ impl Backend for SqliteBackend {
     fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
         let (conn, lock, reader) = (&self.conn, &self.lock, &mut self.reader);
         let busy_timeout = Duration::from_millis(self.options.busy_timeout_ms);
-        self.waker.wait(conn, timeout, || {
+        self.waker.wait(conn, lock, timeout, || {
             reader.retry_pending(conn, lock, busy_timeout)?;
             Ok(reader.retry_interval())
         })
