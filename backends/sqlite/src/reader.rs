@@ -500,7 +500,8 @@ fn read_log(
             break;
         };
         let id: i64 = row.get(0).map_err(sql_err)?;
-        let op: String = row.get(1).map_err(sql_err)?;
+        let code = row.get_ref(1).map_err(sql_err)?;
+        let op = code.as_str().map_err(|e| sql_err(e.into()))?;
         let changed_at_us: i64 = row.get(2).map_err(sql_err)?;
         if op == WATERMARK_OP {
             out.push(Change {
@@ -523,7 +524,7 @@ fn read_log(
             });
             continue;
         }
-        let op = Op::from_code(&op).ok_or_else(|| {
+        let op = Op::from_code(op).ok_or_else(|| {
             BackendError::Other(format!("unknown op {op:?} in {}", log.log_table))
         })?;
         let vals = |offset: usize| -> Result<Vec<Value>, BackendError> {
