@@ -6,14 +6,15 @@
 //! commits without an fsync and never checkpoints on commit (reasons below): it writes
 //! only Epidemic's bookkeeping, never the user's tables or the log.
 //!
-//! Lock waits: every connection waits for the write lock with its own busy handler
+//! Lock waits: every connection waits for a lock with its own busy handler
 //! ([`LockWait`]), which retries after tens to hundreds of microseconds instead of
-//! SQLite's default 1, 2, 5 … 100 ms. A reader's ack waits for a writer that holds the
-//! lock through its commit's fsync (a millisecond or less); with the default handler
-//! the ack slept far past the writer's release, often again and again while the writer
-//! took the lock back, and at 1,000 changes/s the reader fell up to a second behind.
-//! The handler can also be told not to wait at all, so an ack can be tried and
-//! deferred while the lock is held (see `reader`).
+//! SQLite's default 1, 2, 5 … 100 ms. In WAL mode a writer holds the write lock through
+//! its commit's fsync (a millisecond or less) and takes it back microseconds after; an ack
+//! waiting in the default handler slept far past each release and then found the lock
+//! taken again, and at 1,000 changes/s the reader fell up to a second behind. The handler
+//! can also be told not to wait at all ([`LockWait::without_waiting`]): the reader's acks
+//! are tried that way and kept while the lock is held (see `reader`), so they rarely
+//! wait at all.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +35,14 @@ pub(crate) const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)"
 /// The first retry's sleep of [`LockWait`]'s busy handler; each retry doubles it up to
 /// [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_micros(20);
-/// The longest sleep between two attempts to take a held lock: a lock held for long
-/// (an application's long transaction) costs a few thousand cheap attempts a second.
+/// The longest sleep between two attempts to take a lock held for a moment (a writer's
+/// commit).
 const RETRY_MAX: Duration = Duration::from_micros(500);
+/// The longest sleep between two attempts to take a lock held for long (an
+/// application's long transaction): attempts slow down to a sixteenth of the time
+/// waited so far, up to this, so a wait of seconds costs a few hundred attempts and
+/// notices the release at most ~6 % late.
+const RETRY_MAX_LONG: Duration = Duration::from_millis(10);
 
 /// How a connection waits for a lock another connection holds: retries after short,
 /// growing sleeps for up to `busy_timeout_ms`, or not at all inside
@@ -66,7 +72,7 @@ impl LockWait {
             }
             let sleep = RETRY_FIRST
                 .saturating_mul(1 << count.clamp(0, 16))
-                .min(RETRY_MAX)
+                .min(RETRY_MAX.max(waited / 16).min(RETRY_MAX_LONG))
                 .min(timeout - waited);
             std::thread::sleep(sleep);
             true
