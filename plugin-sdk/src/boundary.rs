@@ -99,6 +99,10 @@ fn rvalues(v: &[Value]) -> RVec<RValue> {
     v.iter().map(RValue::from).collect()
 }
 
+fn into_rvalues(v: Vec<Value>) -> RVec<RValue> {
+    v.into_iter().map(RValue::from).collect()
+}
+
 fn values(v: &[RValue]) -> Vec<Value> {
     v.iter().map(Value::from).collect()
 }
@@ -180,6 +184,31 @@ impl ColumnCache {
             columns: self.to_r(&c.columns),
             old: c.old.as_deref().map(rvalues).into(),
             new: c.new.as_deref().map(rvalues).into(),
+            changed_at_us: c.changed_at_us,
+            txid: c.txid.into(),
+            commit_seq: c.commit_seq.into(),
+            attempt: c.attempt,
+            ext: RVec::new(),
+        }
+    }
+
+    /// [`ColumnCache::to_rchange`] for a change the caller no longer needs: its
+    /// strings and byte strings become the stable-ABI ones without a copy (a backend's
+    /// adapter hands its whole batch over this way).
+    pub fn into_rchange(&mut self, c: Change) -> RChange {
+        RChange {
+            id: c.id,
+            stable_id: c.stable_id.into(),
+            schema: c.schema.map(RString::from).into(),
+            table: c.table.into(),
+            op: rop(c.op),
+            origin: rorigin(c.origin),
+            key_columns: self.to_r(&c.key_columns),
+            key: into_rvalues(c.key),
+            old_key: c.old_key.map(into_rvalues).into(),
+            columns: self.to_r(&c.columns),
+            old: c.old.map(into_rvalues).into(),
+            new: c.new.map(into_rvalues).into(),
             changed_at_us: c.changed_at_us,
             txid: c.txid.into(),
             commit_seq: c.commit_seq.into(),
@@ -316,5 +345,9 @@ mod tests {
         assert_eq!(c1, c);
         assert!(Arc::ptr_eq(&c1.columns, &c2.columns));
         assert!(Arc::ptr_eq(&c1.key_columns, &c2.key_columns));
+        // Handed over rather than copied: the same stable-ABI change.
+        let r3 = out.into_rchange(c.clone());
+        assert!(same_list(&r1.columns, &r3.columns));
+        assert_eq!(back.to_change(&r3), c);
     }
 }

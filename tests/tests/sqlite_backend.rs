@@ -1565,3 +1565,118 @@ fn a_backfill_through_the_daemon_converges_and_resumes_after_a_kill() {
         .any(|l| l["origin"] == "live" && l["op"] == "DELETE"));
     assert!(snapshots(&lines) >= (ROWS as usize) / 2);
 }
+
+// ---------------------------------------------------------------------------------------
+// Acks while a writer holds the write lock
+// ---------------------------------------------------------------------------------------
+
+/// An application's `sqlite3` holding the write lock (an open `BEGIN IMMEDIATE`).
+struct LockHolder {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LockHolder {
+    fn take(db: &Db) -> LockHolder {
+        let mut child = db
+            .sqlite3()
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run sqlite3");
+        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut holder = LockHolder { child, out };
+        holder.say("BEGIN IMMEDIATE;", "locked");
+        holder
+    }
+
+    /// Send `sql` and wait until it ran.
+    fn say(&mut self, sql: &str, done: &str) {
+        use std::io::BufRead;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{sql}\n.print {done}").expect("write to sqlite3");
+        stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read from sqlite3");
+        assert_eq!(line.trim(), done);
+    }
+
+    fn release(mut self) {
+        self.say("COMMIT;", "released");
+        drop(self.child.stdin.take());
+        self.child.wait().expect("sqlite3");
+    }
+}
+
+fn cursor_in_db(db: &Db) -> i64 {
+    db.sql("SELECT last_id FROM epidemic_cursor WHERE handler = 'h'")
+        .trim()
+        .parse()
+        .expect("one cursor")
+}
+
+fn ids(changes: &[Change]) -> Vec<i64> {
+    changes.iter().map(|c| c.id).collect()
+}
+
+/// While a writer holds the write lock, an ack is kept and reading goes on after it (a
+/// WAL reader does not wait for the writer), but never more than one batch past the
+/// cursor the database has: a crash then redelivers at most one batch, never skips one.
+/// The kept ack is written once the lock is free, before the next read or before the
+/// reader goes idle.
+#[test]
+fn an_ack_while_a_writer_holds_the_lock_is_kept_and_reading_goes_on_within_one_batch() {
+    let db = Db::new("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);");
+    let mut b = library()
+        .open_backend(&sqlite::url(&db.path), &json!({ "busy_timeout_ms": 300 }))
+        .expect("open backend");
+    b.install(&[watch("t", &["v"], &[])]).expect("install");
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Oldest)
+        .expect("register");
+    db.write(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10)
+         INSERT INTO t SELECT i, 'v' || i FROM n;",
+    );
+    const MAX: u32 = 8;
+    let first = b.fetch(&c, MAX).expect("fetch");
+    assert_eq!(ids(&first.changes), (1..=8).collect::<Vec<_>>());
+
+    let lock = LockHolder::take(&db);
+    // A partial ack: kept, and the next read starts after it, within one batch of the
+    // database's cursor (3 kept, so 5 more).
+    b.ack(&c, &first.token, 3)
+        .expect("an ack is kept, not refused");
+    assert_eq!(cursor_in_db(&db), 0);
+    let second = b.fetch(&c, MAX).expect("fetch");
+    assert_eq!(ids(&second.changes), (4..=8).collect::<Vec<_>>());
+    b.ack(&c, &second.token, 8).expect("kept");
+    // A whole batch handled and not in the database: no further read until the ack is
+    // written, and a lock held past the busy timeout says which ack waits.
+    let err = b.fetch(&c, MAX).expect_err("the lock is still held");
+    assert!(err.is_connection(), "{err}");
+    assert!(
+        one_line(&err).contains("acknowledging t up to change 8"),
+        "{err}"
+    );
+    // A crash now (another daemon taking over from the database's cursor) redelivers
+    // that one batch: nothing skipped, nothing more repeated.
+    let mut after_crash = db.open();
+    let again = after_crash.fetch(&c, MAX).expect("fetch");
+    assert_eq!(ids(&again.changes), (1..=8).collect::<Vec<_>>());
+    drop(after_crash);
+
+    lock.release();
+    // Going idle writes the kept ack; reading resumes after it.
+    b.wait(Duration::from_millis(1)).expect("wait");
+    assert_eq!(cursor_in_db(&db), 8);
+    let third = b.fetch(&c, MAX).expect("fetch");
+    assert_eq!(ids(&third.changes), vec![9, 10]);
+
+    // Kept again, then written before the next read once the lock is free.
+    let lock = LockHolder::take(&db);
+    b.ack(&c, &third.token, 10).expect("kept");
+    assert_eq!(cursor_in_db(&db), 8);
+    lock.release();
+    assert!(b.fetch(&c, MAX).expect("fetch").changes.is_empty());
+    assert_eq!(cursor_in_db(&db), 10);
+}

@@ -76,7 +76,12 @@ pub(crate) struct SqliteLogTable {
     /// The log's identity, made by SQLite when the log table was created; `None` for a
     /// registry written by an Epidemic without stable ids, until the next install.
     pub identity: Option<String>,
-    /// `SELECT id, op, changed_at, old..., new... WHERE id > ?1 ORDER BY id LIMIT ?2`.
+    /// `SELECT id, op, changed_at, old..., new... WHERE id > ?1 ORDER BY id`: a range of
+    /// the rowid, read lazily, so the reader stops after as many rows as it wants. No
+    /// `LIMIT ?`: SQLite (the bundled 3.54) marks a statement whose LIMIT is a bound
+    /// parameter to be prepared again whenever its bindings are cleared, and rusqlite's
+    /// statement cache clears them on every use, so every fetch parsed and planned its
+    /// SELECT again.
     pub select_sql: String,
     /// The key columns of rows logged before any key epoch: none.
     no_key: Arc<[String]>,
@@ -93,7 +98,7 @@ impl SqliteLogTable {
         let olds: Vec<String> = columns.iter().map(|c| quote(&format!("o_{c}"))).collect();
         let news: Vec<String> = columns.iter().map(|c| quote(&format!("n_{c}"))).collect();
         let select_sql = format!(
-            "SELECT id, op, changed_at, {} FROM {} WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, op, changed_at, {} FROM {} WHERE id > ?1 ORDER BY id",
             olds.iter()
                 .chain(&news)
                 .cloned()

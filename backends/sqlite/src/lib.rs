@@ -63,6 +63,7 @@ use epidemic_plugin_sdk::backend::{
 };
 use rusqlite::Connection;
 
+use conn::LockWait;
 use options::SqliteOptions;
 use reader::SqliteReader;
 use wake::SqliteWaker;
@@ -71,6 +72,8 @@ pub struct SqliteBackend {
     path: PathBuf,
     options: SqliteOptions,
     conn: Connection,
+    /// How `conn` waits for the write lock (see `conn`).
+    lock: LockWait,
     waker: SqliteWaker,
     reader: SqliteReader,
 }
@@ -82,12 +85,13 @@ impl Backend for SqliteBackend {
     fn open(url: &str, options: &serde_json::Value) -> Result<Self, BackendError> {
         let options = SqliteOptions::parse(options)?;
         let path = options::database_path(url)?;
-        let conn = conn::connect(&path, &options)?;
+        let (conn, lock) = conn::connect(&path, &options)?;
         let waker = SqliteWaker::new(&path, Duration::from_millis(options.fallback_poll_ms));
         Ok(SqliteBackend {
             path,
             options,
             conn,
+            lock,
             waker,
             reader: SqliteReader::default(),
         })
@@ -148,15 +152,23 @@ impl Backend for SqliteBackend {
     }
 
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
-        self.reader.fetch(&self.conn, consumer, max)
+        self.reader.fetch(&self.conn, &self.lock, consumer, max)
     }
 
     fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError> {
-        self.reader.ack(&self.conn, consumer, token, upto_id)
+        self.reader
+            .ack(&self.conn, &self.lock, consumer, token, upto_id)
     }
 
+    /// Acks kept while a writer held the lock are tried again while waiting, without
+    /// waiting for the lock (see `reader`).
     fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
-        self.waker.wait(&self.conn, timeout)
+        let (conn, lock, reader) = (&self.conn, &self.lock, &mut self.reader);
+        let busy_timeout = Duration::from_millis(self.options.busy_timeout_ms);
+        self.waker.wait(conn, lock, timeout, || {
+            reader.retry_pending(conn, lock, busy_timeout)?;
+            Ok(reader.retry_interval())
+        })
     }
 
     fn prune(&mut self) -> Result<u64, BackendError> {
@@ -164,7 +176,7 @@ impl Backend for SqliteBackend {
     }
 
     fn reconnect(&mut self) -> Result<(), BackendError> {
-        self.conn = conn::connect(&self.path, &self.options)?;
+        (self.conn, self.lock) = conn::connect(&self.path, &self.options)?;
         self.reader.forget_all();
         Ok(())
     }
@@ -219,7 +231,7 @@ impl Backend for SqliteBackend {
 
     fn scratch(&mut self, op: &Scratch) -> Result<(), BackendError> {
         self.reader.forget_all();
-        scratch::scratch(&mut self.conn, op)
+        scratch::scratch(&mut self.conn, &self.lock, op)
     }
 }
 
@@ -227,7 +239,7 @@ impl Drop for SqliteBackend {
     /// A clean stop (SIGTERM while an application held the write lock) tries the
     /// refused acks once more, so the next start does not deliver those changes again.
     fn drop(&mut self) {
-        self.reader.flush(&self.conn);
+        self.reader.flush(&self.conn, &self.lock);
     }
 }
 

@@ -45,13 +45,15 @@ pub(crate) fn prune(conn: &Connection, chunk: u32) -> Result<u64, BackendError> 
         )
         .and_then(|mut s| s.execute(params![log.source_table, upto]))
         .map_err(sql_err)?;
+        // The chunk is written into the statement: a bound LIMIT makes SQLite plan the
+        // statement again on every use (see `SqliteLogTable::select_sql`).
         let sql = format!(
-            "DELETE FROM {log_q} WHERE id IN (SELECT id FROM {log_q} WHERE id <= ?1 ORDER BY id LIMIT ?2)"
+            "DELETE FROM {log_q} WHERE id IN (SELECT id FROM {log_q} WHERE id <= ?1 ORDER BY id LIMIT {chunk})"
         );
         loop {
             let n = conn
                 .prepare_cached(&sql)
-                .and_then(|mut s| s.execute(params![upto, chunk]))
+                .and_then(|mut s| s.execute(params![upto]))
                 .map_err(sql_err)?;
             total += n as u64;
             if n < chunk as usize {

@@ -6,10 +6,15 @@ use epidemic_plugin_sdk::backend::{BackendError, Scratch};
 use rusqlite::{Connection, TransactionBehavior};
 
 use crate::catalog::quote;
+use crate::conn::LockWait;
 use crate::error::sql_err;
 use crate::install::{drop_table_objects, installed};
 
-pub(crate) fn scratch(conn: &mut Connection, op: &Scratch) -> Result<(), BackendError> {
+pub(crate) fn scratch(
+    conn: &mut Connection,
+    lock: &LockWait,
+    op: &Scratch,
+) -> Result<(), BackendError> {
     match op {
         Scratch::Create { table } => {
             check_scratch(table)?;
@@ -27,9 +32,9 @@ pub(crate) fn scratch(conn: &mut Connection, op: &Scratch) -> Result<(), Backend
             per_tx,
         } => {
             check_scratch(table)?;
-            // Write as an application does, with SQLite's default durability and
-            // checkpointing, not the settings Epidemic uses for its own bookkeeping
-            // (see `conn::connect`).
+            // Write as an application does, with SQLite's default durability,
+            // checkpointing and busy handler, not the settings Epidemic uses for its own
+            // bookkeeping (see `conn::connect`).
             let sync: i64 = conn
                 .query_row("PRAGMA synchronous", [], |r| r.get(0))
                 .map_err(sql_err)?;
@@ -40,7 +45,9 @@ pub(crate) fn scratch(conn: &mut Connection, op: &Scratch) -> Result<(), Backend
                 .map_err(sql_err)?;
             conn.pragma_update(None, "wal_autocheckpoint", 1000)
                 .map_err(sql_err)?;
+            conn.busy_timeout(lock.timeout()).map_err(sql_err)?;
             let result = insert_scratch(conn, table, *first_id, *count, (*per_tx).max(1));
+            lock.install(conn)?;
             conn.pragma_update(None, "synchronous", sync)
                 .map_err(sql_err)?;
             conn.pragma_update(None, "wal_autocheckpoint", checkpoint)

@@ -89,18 +89,19 @@ pub(crate) fn snapshot_chunk(
         (true, false) => format!("WHERE {only}"),
         (false, false) => format!("WHERE ({after}) AND {only}"),
     };
+    let limit = request.limit.max(1);
+    // The limit is written into the statement: a bound LIMIT makes SQLite plan the
+    // statement again on every use (see `SqliteLogTable::select_sql`).
     let sql = format!(
-        "SELECT {} FROM {} {filter} ORDER BY {} LIMIT ?",
+        "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
         columns.join(", "),
         quote(&log.source_table),
         key_q.join(", ")
     );
-    let limit = request.limit.max(1);
     let images: Vec<Vec<Value>> = {
         let mut stmt = conn
             .prepare_cached(&sql)
             .map_err(|e| read_err(e, &log.source_table))?;
-        let binds = binds.into_iter().chain([SqlValue::Integer(limit.into())]);
         let mut rows = stmt
             .query(params_from_iter(binds))
             .map_err(|e| read_err(e, &log.source_table))?;

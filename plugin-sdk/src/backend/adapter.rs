@@ -206,8 +206,8 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
                 res(inner.fetch(&consumer(c), max), |batch| RBatch {
                     changes: batch
                         .changes
-                        .iter()
-                        .map(|c| columns.to_rchange(c))
+                        .into_iter()
+                        .map(|c| columns.into_rchange(c))
                         .collect(),
                     token: batch.token.into(),
                 })
@@ -284,7 +284,11 @@ impl<B: Backend> RawBackend for BackendAdapter<B> {
         guard(|| {
             context::scoped(logger, || {
                 res(inner.snapshot_chunk(&request), |chunk| RChunk {
-                    rows: chunk.rows.iter().map(|c| columns.to_rchange(c)).collect(),
+                    rows: chunk
+                        .rows
+                        .into_iter()
+                        .map(|c| columns.into_rchange(c))
+                        .collect(),
                     watermark: chunk.watermark,
                     last: chunk.last,
                     rows_estimate: chunk.rows_estimate.into(),
