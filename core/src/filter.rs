@@ -183,9 +183,11 @@ impl CelFilter {
                     .iter()
                     .position(|c| *c == name)
                     .or_else(|| columns.iter().position(|c| c.eq_ignore_ascii_case(&name)))?;
-                let fits = |v: &Value| match (types[i], v) {
-                    (ColumnType::Text, Value::Text(_)) | (ColumnType::Int, Value::Int(_)) => true,
-                    _ => false,
+                let fits = |v: &Value| {
+                    matches!(
+                        (types[i], v),
+                        (ColumnType::Text, Value::Text(_)) | (ColumnType::Int, Value::Int(_))
+                    )
                 };
                 (!values.is_empty() && values.iter().all(fits)).then(|| ColumnIn {
                     column: columns[i].clone(),

@@ -715,7 +715,7 @@ mod only_tests {
             only("v", vec!["x".into(), Value::Null]),
         ] {
             assert_eq!(
-                p.statement(None, &[o.clone()], 5).unwrap(),
+                p.statement(None, std::slice::from_ref(&o), 5).unwrap(),
                 "SELECT `a`, `v` FROM `t` ORDER BY `a` LIMIT 5",
                 "{o:?}"
             );

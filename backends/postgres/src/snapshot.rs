@@ -119,6 +119,10 @@ pub(crate) struct PgSnapshots {
     plans: HashMap<String, ChunkPlan>,
 }
 
+/// A chunk `SELECT`'s shape: which of the `after` key's values are NULL (`None`: no
+/// `after`), and the kept rows' conditions.
+type ChunkShape = (Option<Vec<bool>>, Vec<OnlyTerm>);
+
 /// One table's chunks, prepared on this connection.
 struct ChunkPlan {
     name: TableName,
@@ -137,7 +141,7 @@ struct ChunkPlan {
     /// (`None`: no `after`) and the kept rows' conditions (their columns and casts); with
     /// the positions of the key values it binds, in order (see [`after_filter`]); then
     /// the values of each condition (a text, or a text array), then the limit.
-    statements: HashMap<(Option<Vec<bool>>, Vec<OnlyTerm>), (Statement, Vec<usize>)>,
+    statements: HashMap<ChunkShape, (Statement, Vec<usize>)>,
     /// The user table's columns that `only` may name: their kind and the type a value is
     /// cast to (see the module docs); `None` for a column of another type.
     filterable: HashMap<String, Option<String>>,
