@@ -44,6 +44,8 @@ if ! command -v cargo-deb >/dev/null 2>&1; then
     cargo install cargo-deb --version '~3.8' --locked --quiet
 fi
 
+# No incremental build: a run starts from a clean tree, and its caches would only take disk.
+export CARGO_INCREMENTAL=0
 echo "==> building the workspace (host, backends, plugins)"
 cargo build --workspace --all-targets
 
