@@ -37,7 +37,7 @@
 //! `DELIMITER`; a script for the `mysql` command-line client does (see `epidemic sql`).
 //!
 //! Options (`[database]`, all optional; `options.rs`): `poll_interval_ms` (50),
-//! `gap_detection` (`"auto"`, `"innodb_trx"` or `"timeout"`), `gap_timeout_ms` (60000),
+//! `poll_min_ms` (1), `gap_detection` (`"auto"`, `"innodb_trx"` or `"timeout"`), `gap_timeout_ms` (60000),
 //! `gap_check_ms` (250), `max_gap_ranges` (10000), `prune_chunk` (10000),
 //! `connect_timeout_ms` (10000), `allow_galera` (false), `dead_peer_timeout_ms` (30000).
 //! TLS is in the URL (`ssl-mode`, `ssl-ca`, `ssl-cert`, `ssl-key`), and every connection
@@ -105,6 +105,8 @@ pub struct MySqlBackend {
     warnings: Vec<String>,
     /// How each table is read for backfills, made again when its registry entry changes.
     snapshots: HashMap<String, SnapshotPlan>,
+    /// How often `wait` polls: fast after changes, slow when idle.
+    pace: wake::Pace,
 }
 
 impl MySqlBackend {
@@ -152,6 +154,7 @@ impl Backend for MySqlBackend {
             max_gap_ranges: options.max_gap_ranges.max(1),
             series: id_series(&mut conn)?,
         };
+        let pace = wake::Pace::new(options.poll_bounds());
         Ok(MySqlBackend {
             target,
             options,
@@ -162,6 +165,7 @@ impl Backend for MySqlBackend {
             truncation_checked: None,
             warnings: galera.into_iter().chain(fallback).collect(),
             snapshots: HashMap::new(),
+            pace,
         })
     }
 
@@ -223,7 +227,12 @@ impl Backend for MySqlBackend {
             p.fetch(c, consumer, cur, max)
         };
         match self.with_cursors(consumer, fetch)? {
-            Ok(batch) => Ok(batch),
+            Ok(batch) => {
+                if !batch.changes.is_empty() {
+                    self.pace.activity();
+                }
+                Ok(batch)
+            }
             Err(ReadError::Backend(e)) => Err(e),
             // Cursors of a log made again: read with the ones the database has now
             // (install moved them to the new log's start).
@@ -265,8 +274,12 @@ impl Backend for MySqlBackend {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<bool, BackendError> {
-        let interval = Duration::from_millis(self.options.poll_interval_ms.max(1));
-        wake::wait(&mut self.conn, self.consumers.values(), interval, timeout)
+        wake::wait(
+            &mut self.conn,
+            self.consumers.values(),
+            &mut self.pace,
+            timeout,
+        )
     }
 
     fn prune(&mut self) -> Result<u64, BackendError> {

@@ -32,8 +32,11 @@ pub(crate) enum GapDetection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct MySqlOptions {
-    /// How often an idle reader looks for new log rows.
+    /// How often an idle reader looks for new log rows: the slowest poll.
     pub poll_interval_ms: u64,
+    /// The fastest poll, right after the reader last found changes; the interval then
+    /// grows with the quiet time up to `poll_interval_ms` (see `wake.rs`).
+    pub poll_min_ms: u64,
     pub gap_detection: GapDetection,
     /// How long a gap may stay unfilled before it counts as rolled back, when
     /// INNODB_TRX cannot tell.
@@ -57,6 +60,7 @@ impl Default for MySqlOptions {
     fn default() -> Self {
         MySqlOptions {
             poll_interval_ms: 50,
+            poll_min_ms: 1,
             gap_detection: GapDetection::Auto,
             gap_timeout_ms: 60_000,
             gap_check_ms: 250,
@@ -80,7 +84,23 @@ impl MySqlOptions {
                 options.dead_peer_timeout_ms
             )));
         }
+        if options.poll_min_ms == 0 || options.poll_min_ms > options.poll_interval_ms.max(1) {
+            return Err(BackendError::Invalid(format!(
+                "[database] options for mysql: poll_min_ms must be at least 1 and at most poll_interval_ms ({}), not {}",
+                options.poll_interval_ms.max(1),
+                options.poll_min_ms
+            )));
+        }
         Ok(options)
+    }
+
+    /// The poll's bounds: fastest right after activity, slowest when idle.
+    pub fn poll_bounds(&self) -> (Duration, Duration) {
+        let slow = Duration::from_millis(self.poll_interval_ms.max(1));
+        (
+            Duration::from_millis(self.poll_min_ms.max(1)).min(slow),
+            slow,
+        )
     }
 
     /// `None` when switched off.
@@ -306,6 +326,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pol_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_poll_bounds_are_checked() {
+        let o = MySqlOptions::parse(&serde_json::json!({})).unwrap();
+        assert_eq!(
+            o.poll_bounds(),
+            (Duration::from_millis(1), Duration::from_millis(50))
+        );
+        let o = MySqlOptions::parse(&serde_json::json!({"poll_min_ms": 50})).unwrap();
+        assert_eq!(
+            o.poll_bounds(),
+            (Duration::from_millis(50), Duration::from_millis(50))
+        );
+        for bad in [
+            serde_json::json!({"poll_min_ms": 0}),
+            serde_json::json!({"poll_min_ms": 60}),
+            serde_json::json!({"poll_interval_ms": 5, "poll_min_ms": 10}),
+        ] {
+            let err = MySqlOptions::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains("poll_min_ms"), "{err}");
+        }
     }
 
     #[test]
