@@ -282,11 +282,23 @@ fn a_plugin_built_against_a_changed_interface_is_refused() {
                 "pub struct RChange {\n    pub id: i64,",
                 "pub struct RChange {\n    pub shard: i64,\n    pub id: i64,",
             );
-            edit_file(
-                &work.join("sdk/src/boundary.rs"),
-                "        RChange {\n            id: c.id,",
-                "        RChange {\n            shard: 0,\n            id: c.id,",
+            // Every place the SDK builds a change (borrowed and owned conversions).
+            let boundary = work.join("sdk/src/boundary.rs");
+            let text = std::fs::read_to_string(&boundary).unwrap();
+            let from = "        RChange {\n            id: c.id,";
+            assert!(
+                text.contains(from),
+                "{} changed: update this test",
+                boundary.display()
             );
+            std::fs::write(
+                &boundary,
+                text.replace(
+                    from,
+                    "        RChange {\n            shard: 0,\n            id: c.id,",
+                ),
+            )
+            .unwrap();
         },
     );
     let err = assert_one_line_error(&lib, &["SDK interface differs", "rebuild the plugin"]);
