@@ -45,7 +45,11 @@ pub(crate) fn scratch(
                 .map_err(sql_err)?;
             conn.pragma_update(None, "wal_autocheckpoint", 1000)
                 .map_err(sql_err)?;
-            conn.busy_timeout(lock.timeout()).map_err(sql_err)?;
+            // With SQLite's default busy handler (sleeps of 1, 2, 5 … 100 ms) one of 32
+            // writers can be passed over for longer than `busy_timeout_ms`: give the
+            // bench's writers a minute, so they measure throughput instead of failing.
+            conn.busy_timeout(lock.timeout().max(std::time::Duration::from_secs(60)))
+                .map_err(sql_err)?;
             let result = insert_scratch(conn, table, *first_id, *count, (*per_tx).max(1));
             lock.install(conn)?;
             conn.pragma_update(None, "synchronous", sync)
