@@ -232,7 +232,7 @@ impl Backend for PgBackend {
         self.listener.read_started(&mut self.client);
         let clear = self.listener.clear_if_busy();
         let batch = self.reader.fetch(&mut self.client, consumer, max, clear)?;
-        self.listener.read_done(!batch.changes.is_empty(), clear);
+        self.listener.read_done(batch.changes.len(), clear);
         Ok(batch)
     }
 

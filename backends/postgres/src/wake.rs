@@ -64,6 +64,21 @@
 //! installed `when-idle`. A schema without a `sleeper` table (installed by an older
 //! version) is read as with `always`.
 //!
+//! # A dense stream: poll instead of registering
+//!
+//! A reader that keeps up with a fast stream catches up again and again, and would
+//! register each time; every transaction committed while it is registered notifies and
+//! queues at the lock, which cost writers a third of their rate in `epidemic bench`
+//! (8 writers with a reader attached: 0.47–0.56 of the unwatched rate with `when-idle`,
+//! 0.62–0.81 with `off`; 0.53–0.59 with this poll). So after a read that found
+//! [`DENSE_BATCH`] changes or more (several commits per round trip of the reader), `wait`
+//! sleeps [`HOT_POLL`] and has the host read again, without registering, for
+//! [`DENSE_HOLD`] after the last such read; the first of those reads that finds changes
+//! clears a registration still standing, as a busy read does. A trickle (fewer than
+//! [`DENSE_BATCH`] changes per read) never counts as dense, so its latency stays that of
+//! a notification (p50 at 1,000 changes/s unchanged). This only adds reads: the
+//! registration protocol above is unchanged whenever the reader blocks.
+//!
 //! # What is lost, and why that is fine
 //!
 //! - Notifications sent while the connection is down: the host reads the log after every
@@ -121,6 +136,16 @@ pub(crate) fn fallback_poll(client: &mut Client, options: &PgOptions) -> Duratio
     }
 }
 
+/// A read that finds this many changes or more marks the stream dense: several commits
+/// per round trip of the reader.
+pub(crate) const DENSE_BATCH: usize = 4;
+
+/// How long a dense stream keeps the reader polling after its last dense read.
+pub(crate) const DENSE_HOLD: Duration = Duration::from_millis(10);
+
+/// The sleep between two reads of a dense stream.
+pub(crate) const HOT_POLL: Duration = Duration::from_micros(500);
+
 /// How long a registration as waiting counts, from when it was written: how long writers
 /// keep notifying for nothing after a waiting reader went away. The capture functions'
 /// `interval '10 seconds'` (see [`crate::capture`]) is this.
@@ -164,6 +189,12 @@ pub(crate) struct PgListener {
     notified: bool,
     /// The host's last read was skipped (see [`PgListener::may_skip_read`]).
     skipped: bool,
+    /// Until when the stream counts as dense: a read found [`DENSE_BATCH`] changes or
+    /// more, so writers commit faster than the reader comes back (see the module docs).
+    dense_until: Option<Instant>,
+    /// The last `wait` returned for a hot poll: the next fetch that finds changes
+    /// clears the registration, as a busy one does.
+    hot: bool,
 }
 
 impl PgListener {
@@ -187,6 +218,8 @@ impl PgListener {
             busy: false,
             notified: false,
             skipped: false,
+            dense_until: None,
+            hot: false,
         }
     }
 
@@ -212,16 +245,19 @@ impl PgListener {
     /// returns changes: the connection is registered, and the previous fetch returned
     /// changes too, so the host found more work without waiting (see the module docs).
     pub fn clear_if_busy(&self) -> bool {
-        self.registered.is_some() && self.busy
+        self.registered.is_some() && (self.busy || self.hot)
     }
 
-    /// A fetch ended: whether it returned changes, and whether it was to clear the
+    /// A fetch ended: how many changes it returned, and whether it was to clear the
     /// registration (if it returned changes, it did).
-    pub fn read_done(&mut self, had_changes: bool, cleared: bool) {
-        if had_changes && cleared {
+    pub fn read_done(&mut self, changes: usize, cleared: bool) {
+        if changes > 0 && cleared {
             self.registered = None;
         }
-        self.busy = had_changes;
+        self.busy = changes > 0;
+        if changes >= DENSE_BATCH {
+            self.dense_until = Some(Instant::now() + DENSE_HOLD);
+        }
     }
 
     /// Objects in the schema may have been created or dropped (install, uninstall).
@@ -352,7 +388,18 @@ impl PgListener {
         }
         self.busy = false;
         self.notified = false;
+        self.hot = false;
         let end = Instant::now() + timeout;
+        // A dense stream: read again after a short sleep instead of registering, so that
+        // writers keep away from the notification lock (see the module docs).
+        if self.mode != NotifyMode::Off
+            && self.listening
+            && self.dense_until.is_some_and(|t| Instant::now() < t)
+        {
+            std::thread::sleep(HOT_POLL.min(timeout));
+            self.hot = true;
+            return Ok(true);
+        }
         if self.mode == NotifyMode::Off {
             loop {
                 let until = self.read_due.min(end);
