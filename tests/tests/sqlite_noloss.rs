@@ -482,10 +482,27 @@ fn vacuum_checkpoints_journal_modes_and_attached_databases_lose_nothing() {
     insert(7);
     w.execute_batch("VACUUM").unwrap();
     upto(7);
-    // Back to WAL under the running daemon (its rollback-journal reads are short).
-    let mode: String = w
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .unwrap();
+    // Back to WAL under the running daemon. The switch needs a moment with no reader on
+    // the file, and the daemon's rollback-journal reads are short but frequent: retry
+    // while it answers "database is locked", as a DBA would.
+    let mut mode = String::new();
+    assert!(
+        wait_until(WAIT, || {
+            match w.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+                Ok(m) => {
+                    mode = m;
+                    true
+                }
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+                {
+                    false
+                }
+                Err(e) => panic!("PRAGMA journal_mode = WAL: {e}"),
+            }
+        }),
+        "the switch to WAL stayed locked out"
+    );
     assert_eq!(mode, "wal");
     insert(8);
     // Same-named tables elsewhere are other tables: their rows are no changes of main.users.
