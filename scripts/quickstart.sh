@@ -43,7 +43,7 @@ base_dir = "$demo/maildirs"
 TOML
 
 echo "==> the SQL 'epidemic install' will run (epidemic sql):"
-"$bin" sql | sed 's/^/    /' | head -n 40
+"$bin" sql | sed -n '1,40s/^/    /p'   # the first 40 lines (sed reads all: no broken pipe)
 echo "    ..."
 
 echo "==> starting the daemon (epidemic run)"
