@@ -55,9 +55,21 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The README's other command, the SQLite quickstart, end to end (about 10 s).
+echo "==> running the quickstart (scripts/quickstart.sh)"
+if ./scripts/quickstart.sh >"$log.quickstart" 2>&1; then
+    echo "quickstart: ok"
+else
+    echo "quickstart: FAILED; its output:"
+    cat "$log.quickstart"
+    status=1
+    failed_quickstart=1
+fi
+rm -f "$log.quickstart"
 set -e
 # One closing line for the whole run (cargo ends with the last crate's doc tests).
 passed=$(grep -oE 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
+failed=$((failed + ${failed_quickstart:-0}))
 echo "summary: $passed passed, $failed failed"
 exit "$status"
