@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use epidemic_plugin_sdk::backend::BackendError;
+use epidemic_plugin_sdk::backend::{kit, BackendError};
 use epidemic_plugin_sdk::redact_url;
 use mysql::Opts;
 use serde::Deserialize;
@@ -271,7 +271,7 @@ fn split_params(url: &str) -> Result<(String, Vec<(String, String)>), String> {
             return Err(format!("use {ours} instead of {k}"));
         }
         if OWN_PARAMS.contains(&k) {
-            own.push((k.to_owned(), percent_decode(v)?));
+            own.push((k.to_owned(), kit::percent_decode(v)?));
         } else {
             rest.push(pair);
         }
@@ -282,26 +282,6 @@ fn split_params(url: &str) -> Result<(String, Vec<(String, String)>), String> {
         format!("{base}?{}", rest.join("&"))
     };
     Ok((url, own))
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use epidemic_plugin_sdk::backend::kit;
 use serde::Deserialize;
 
 use crate::error::{self, PgError};
@@ -151,10 +152,10 @@ fn split_params(url: &str) -> Result<SplitUrl, String> {
         let mut keys = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let key = percent_decode(k)?;
+            let key = kit::percent_decode(k)?;
             keys.push(key.clone());
             if OWN_PARAMS.contains(&key.as_str()) {
-                own.push((key, percent_decode(v)?));
+                own.push((key, kit::percent_decode(v)?));
             } else {
                 rest.push(pair);
             }
@@ -239,26 +240,6 @@ fn key_values(s: &str) -> Result<Vec<(String, String, &str)>, String> {
         }
         out.push((key, value, &s[start..i]));
     }
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
 }
 
 /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey` as given (the last of a repeated one

@@ -134,6 +134,29 @@ pub fn check_scratch(table: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// `%XX` escapes of a URL part decoded (no `+` for space: URL parameters as libpq and the
+/// MySQL driver read them); an escape that is not two hex digits, or bytes that are not
+/// UTF-8, are an error naming the text.
+pub fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
