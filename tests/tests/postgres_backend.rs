@@ -775,11 +775,14 @@ fn when_idle_writers_notify_only_while_a_reader_waits() {
     assert_eq!(counter.count(), 0, "a lapsed registration wakes nobody");
     assert_eq!(drain(&mut b, &c, 100).len(), 1);
 
-    // A reader that starts listening deletes the rows of connections that are gone.
+    // A reader that starts listening deletes the rows of connections that are gone: a
+    // reader whose connection died (here: killed by the server) cannot delete its own.
     let pid: i32 = w
         .query_one("SELECT pid FROM epidemic.sleeper", &[])
         .expect("the row of the first reader")
         .get(0);
+    w.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .expect("terminate the first reader's connection");
     drop(b);
     assert!(wait_until(Duration::from_secs(30), || {
         !w.query_one(
@@ -801,6 +804,162 @@ fn when_idle_writers_notify_only_while_a_reader_waits() {
         .collect();
     assert_eq!(pids.len(), 1, "{pids:?}");
     assert_ne!(pids[0], pid);
+}
+
+#[test]
+fn a_reader_that_goes_away_stops_writers_notifying_at_once() {
+    let (url, db) = database("reader_goes_away", "CREATE TABLE t (id int PRIMARY KEY)");
+    let mut b = open_with(&url, json!({"fallback_poll_ms": 600_000}));
+    b.install(&[watch("t", &["id"])]).expect("install");
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    assert!(b
+        .wait(Duration::from_secs(30))
+        .expect("listen and register"));
+    assert_eq!(waiting_readers(&db, "epidemic"), 1);
+    let mut counter = NotifyCounter::new(&db, "epidemic");
+
+    // The daemon stops: its backend is dropped, and deletes its registration first. Without
+    // that, writers would notify nobody for the registration's ten seconds.
+    drop(b);
+    assert_eq!(
+        waiting_readers(&db, "epidemic"),
+        0,
+        "the registration outlived its reader"
+    );
+    let mut w = PgServer::shared().client(&db);
+    insert_ids(&mut w, 0..3);
+    assert_eq!(counter.count(), 0, "writers notified a reader that is gone");
+}
+
+/// Counts every write of a `sleeper` row that says "waiting" (a registration).
+fn count_registrations(db: &str) -> impl FnMut() -> i64 {
+    let mut c = PgServer::shared().client(db);
+    c.batch_execute(
+        "CREATE TABLE public.registrations (at timestamptz DEFAULT clock_timestamp()); \
+         CREATE FUNCTION public.count_registration() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO public.registrations DEFAULT VALUES; RETURN NULL; END $$; \
+         CREATE TRIGGER count_registration AFTER INSERT OR UPDATE ON epidemic.sleeper \
+           FOR EACH ROW WHEN (NEW.since IS NOT NULL) EXECUTE FUNCTION public.count_registration();",
+    )
+    .expect("count registrations");
+    move || {
+        c.query_one("SELECT count(*) FROM public.registrations", &[])
+            .expect("count")
+            .get(0)
+    }
+}
+
+#[test]
+fn a_reader_keeping_up_with_a_dense_stream_lets_commits_gather_and_does_not_register() {
+    let (url, db) = database("dense_stream", "CREATE TABLE t (id int PRIMARY KEY)");
+    // A long linger, so that lingering shows in the count of reads on any machine; the
+    // fallback poll far away, so that only wake-ups and the dense poll bring changes.
+    let linger = Duration::from_millis(100);
+    let mut b = open_with(
+        &url,
+        json!({"fallback_poll_ms": 600_000, "linger_ms": linger.as_millis() as u64}),
+    );
+    b.install(&[watch("t", &["id"])]).expect("install");
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    let mut registrations = count_registrations(&db);
+
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // The daemon's loop: read; when there is nothing, wait.
+    let reader = thread::spawn({
+        let (received, reads, stop, c) = (received.clone(), reads.clone(), stop.clone(), c.clone());
+        move || {
+            while !stop.load(Ordering::SeqCst) {
+                let batch = b.fetch(&c, 100_000).expect("fetch");
+                match batch.changes.last() {
+                    Some(last) => {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        b.ack(&c, &batch.token, last.id).expect("ack");
+                        received
+                            .lock()
+                            .expect("received")
+                            .extend(batch.changes.iter().map(|ch| ch.id));
+                    }
+                    None => {
+                        b.wait(Duration::from_millis(200)).expect("wait");
+                    }
+                }
+            }
+        }
+    });
+    assert!(
+        wait_until(Duration::from_secs(30), || waiting_readers(&db, "epidemic")
+            == 1),
+        "the idle reader never registered"
+    );
+    let registered_before = registrations();
+
+    // Four writers, 10 rows per transaction and a pause of a millisecond after each, for
+    // two seconds: thousands of changes a second (a dense stream), in commits the reader
+    // could keep up with one by one.
+    let writers_stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|k| {
+            let (db, writers_stop) = (db.clone(), writers_stop.clone());
+            thread::spawn(move || {
+                let mut w = PgServer::shared().client(&db);
+                let mut commits = 0i64;
+                let mut next = k * 10_000_000;
+                while !writers_stop.load(Ordering::SeqCst) {
+                    w.execute(
+                        "INSERT INTO t SELECT g FROM generate_series($1::int, $2::int) g",
+                        &[&next, &(next + 9)],
+                    )
+                    .expect("insert");
+                    next += 10;
+                    commits += 1;
+                    thread::sleep(Duration::from_millis(1));
+                }
+                commits
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    writers_stop.store(true, Ordering::SeqCst);
+    let commits: i64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+    let streamed = t0.elapsed();
+    let registered_during = registrations() - registered_before;
+    let reads_during = reads.load(Ordering::SeqCst);
+    let total = commits as usize * 10;
+    eprintln!("dense stream: {commits} commits in {streamed:?}, {reads_during} reads, {registered_during} registrations");
+    assert!(
+        wait_until(Duration::from_secs(60), || received
+            .lock()
+            .expect("received")
+            .len()
+            >= total),
+        "the reader did not get every change"
+    );
+    stop.store(true, Ordering::SeqCst);
+    reader.join().expect("reader thread");
+
+    // Nothing lost, nothing twice.
+    let got = received.lock().expect("received").clone();
+    let distinct: HashSet<i64> = got.iter().copied().collect();
+    assert_eq!((got.len(), distinct.len()), (total, total));
+    // Reads at most once per linger while the stream lasted (plus the first ones, before
+    // the stream counted as dense); one per commit would be `commits`.
+    let most = (streamed.as_millis() / linger.as_millis()) as usize + 10;
+    assert!(
+        reads_during <= most,
+        "{reads_during} reads of {commits} commits in {streamed:?}, at most {most} expected"
+    );
+    // A dense stream's reader polls instead of registering each time it catches up.
+    assert!(
+        registered_during <= 2,
+        "the reader registered {registered_during} times during a dense stream of {commits} commits"
+    );
 }
 
 #[test]

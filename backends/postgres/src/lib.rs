@@ -105,6 +105,12 @@ pub struct PgBackend {
     scratch: PgScratch,
 }
 
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.listener.release(&mut self.client);
+    }
+}
+
 impl PgBackend {
     /// Apply a plan like an install; what this connection prepared may be out of date
     /// afterwards (registrations, captured columns, tables).
@@ -161,6 +167,7 @@ impl Backend for PgBackend {
                 options.notify,
                 poll,
                 options.dead_peer_timeout,
+                options.linger,
             ),
             watch,
             reader: PgReader::new(options.schema.clone()),
@@ -232,7 +239,8 @@ impl Backend for PgBackend {
         self.listener.read_started(&mut self.client);
         let clear = self.listener.clear_if_busy();
         let batch = self.reader.fetch(&mut self.client, consumer, max, clear)?;
-        self.listener.read_done(batch.changes.len(), clear);
+        self.listener
+            .read_done(batch.changes.len(), max as usize, clear);
         Ok(batch)
     }
 

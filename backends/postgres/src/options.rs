@@ -285,10 +285,18 @@ struct RawOptions {
     notify: Option<serde_json::Value>,
     fallback_poll_ms: Option<u64>,
     dead_peer_timeout_ms: Option<u64>,
+    linger_ms: Option<u64>,
 }
 
 /// `dead_peer_timeout_ms` unless configured.
 pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `linger_ms` unless configured.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
+
+/// The longest `linger_ms` accepted: beyond it a dense stream's latency would be
+/// PgQ's tick, and the fallback poll is the tool for that.
+const MAX_LINGER_MS: u64 = 1000;
 
 /// When the capture triggers send their `NOTIFY` wake-up; see [`crate::wake`] for the
 /// trade-off. The option takes effect on the triggers at `install`; the reading side is
@@ -352,6 +360,9 @@ pub struct PgOptions {
     /// taken for dead (default 30 s); `None` when set to 0 (no watch, no keepalive
     /// tuning, no heartbeat). See [`crate::stream`].
     pub dead_peer_timeout: Option<Duration>,
+    /// How long a reader behind a dense stream lets changes gather between two reads
+    /// (default 5 ms; zero: read again at once). See [`crate::wake`], "A dense stream".
+    pub linger: Duration,
 }
 
 impl PgOptions {
@@ -386,12 +397,22 @@ impl PgOptions {
             }
             Some(ms) => Some(Duration::from_millis(ms)),
         };
+        let linger = match raw.linger_ms {
+            None => DEFAULT_LINGER,
+            Some(ms) if ms > MAX_LINGER_MS => {
+                return Err(PgError::InvalidOption(format!(
+                    "linger_ms must be between 0 (off) and {MAX_LINGER_MS}, not {ms}"
+                )))
+            }
+            Some(ms) => Duration::from_millis(ms),
+        };
         Ok(PgOptions {
             schema,
             notify,
             fallback_poll: Duration::from_millis(fallback_ms),
             fallback_poll_configured: raw.fallback_poll_ms.is_some(),
             dead_peer_timeout,
+            linger,
         })
     }
 }
@@ -547,6 +568,21 @@ mod tests {
         assert_eq!(o.dead_peer_timeout, None);
         let o = PgOptions::from_json(&json!({})).unwrap();
         assert_eq!(o.dead_peer_timeout, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn linger_defaults_to_5_ms_and_is_bounded() {
+        let o = PgOptions::from_json(&json!({})).unwrap();
+        assert_eq!(o.linger, Duration::from_millis(5));
+        let o = PgOptions::from_json(&json!({"linger_ms": 0})).unwrap();
+        assert_eq!(o.linger, Duration::ZERO);
+        let o = PgOptions::from_json(&json!({"linger_ms": 20})).unwrap();
+        assert_eq!(o.linger, Duration::from_millis(20));
+        let e = PgOptions::from_json(&json!({"linger_ms": 5000}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("linger_ms") && e.contains("5000"), "{e}");
+        assert!(PgOptions::from_json(&json!({"linger_ms": -1})).is_err());
     }
 
     #[test]
