@@ -374,7 +374,8 @@ fn measure(
         progress.phase(&format!(
             "write throughput, {k} writers, table watched, a reader keeping up"
         ));
-        let (with_reader, behind) = write_with_reader(cfg, lib, admin, k, sizes, &mut next_id)?;
+        let (with_reader, behind) =
+            write_with_reader(cfg, lib, None, admin, k, sizes, &mut next_id)?;
         let mut variants = Vec::new();
         for v in &bench_variants {
             let mut options = cfg.backend_options();
@@ -386,10 +387,12 @@ fn measure(
             let mut conn = lib.open_backend(&cfg.database.url, &options).map_err(be)?;
             conn.install(std::slice::from_ref(&watch)).map_err(be)?;
             progress.phase(&format!(
-                "write throughput, {k} writers, table watched, {}",
+                "write throughput, {k} writers, table watched, a reader keeping up, {}",
                 v.label
             ));
-            let write = write_throughput(cfg, lib, Some(&options), k, sizes, &mut next_id)?;
+            let (write, _) =
+                write_with_reader(cfg, lib, Some(&options), &mut conn, k, sizes, &mut next_id)?;
+            drop(conn);
             admin.install(std::slice::from_ref(&watch)).map_err(be)?;
             variants.push(WriteVariant {
                 label: v.label.clone(),
@@ -418,7 +421,7 @@ fn measure(
     admin
         .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
         .map_err(be)?;
-    let reader = Reader::start(cfg, lib, &consumer, true, 0, None)?;
+    let reader = Reader::start(cfg, lib, None, &consumer, true, 0, None)?;
     let mut writer = plugins::open(cfg, lib)?;
     let mut latency_runs = Vec::new();
     for &rate in &sizes.rates {
@@ -652,9 +655,11 @@ fn write_throughput(
 
 /// [`write_throughput`] with the daemon's dispatcher reading the table meanwhile, as a
 /// consumer of its own; also how long after the last write the reader had every change.
+/// `options`: the backend options of writers and reader, instead of the configured ones.
 fn write_with_reader(
     cfg: &Config,
     lib: &Library,
+    options: Option<&serde_json::Value>,
     admin: &mut HostBackend,
     writers: u32,
     sizes: &Sizes,
@@ -667,8 +672,8 @@ fn write_with_reader(
     admin
         .register(&consumer, &[SCRATCH_TABLE.to_owned()], StartFrom::Now)
         .map_err(be)?;
-    let reader = Reader::start(cfg, lib, &consumer, false, 0, None)?;
-    let measured = write_throughput(cfg, lib, None, writers, sizes, next_id).and_then(|write| {
+    let reader = Reader::start(cfg, lib, options, &consumer, false, 0, None)?;
+    let measured = write_throughput(cfg, lib, options, writers, sizes, next_id).and_then(|write| {
         let t = Instant::now();
         reader.wait_count(write.rows, Duration::from_secs(120))?;
         Ok((write, t.elapsed()))
@@ -732,7 +737,7 @@ fn drain(
     };
     progress.phase(&what);
     let filtered = filter.is_some();
-    let drainer = Reader::start(cfg, lib, consumer, false, handler_batch, filter)?;
+    let drainer = Reader::start(cfg, lib, None, consumer, false, handler_batch, filter)?;
     let mut last_prune = Instant::now();
     let mut pruned_while_draining = 0;
     loop {
@@ -868,9 +873,11 @@ struct Reader {
 }
 
 impl Reader {
+    /// `options`: the backend options to read with, instead of the configured ones.
     fn start(
         cfg: &Config,
         lib: &Library,
+        options: Option<&serde_json::Value>,
         consumer: &Consumer,
         note_times: bool,
         handler_batch: u32,
@@ -912,7 +919,10 @@ impl Reader {
             snapshot_only: Default::default(),
             idle_check: Duration::from_millis(cfg.daemon.idle_check_ms),
         };
-        let conn = plugins::open(cfg, lib)?;
+        let conn = match options {
+            None => plugins::open(cfg, lib)?,
+            Some(o) => lib.open_backend(&cfg.database.url, o).map_err(be)?,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let dispatcher = Dispatcher::new(
             settings,
@@ -1106,7 +1116,10 @@ pub fn render(r: &BenchReport) -> String {
         ]);
         for v in &run.variants {
             rows.push((
-                format!("write throughput, {k} writers, watched, {}", v.label),
+                format!(
+                    "write throughput, {k} writers, watched, a reader keeping up, {}",
+                    v.label
+                ),
                 format!("{}  ratio {:.2}", w(&v.write), v.ratio),
             ));
         }

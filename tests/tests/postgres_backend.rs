@@ -2205,14 +2205,17 @@ fn quick_bench_runs_and_cleans_up() {
         serde_json::from_slice(&out.stdout).expect("bench --json prints JSON");
     assert_eq!(r["backend"], "postgres");
     assert!(r["drain_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
-    // The backend declares the variant; the core names no option.
+    // The backend declares the variants; the core names no option.
     assert_eq!(r["write_variants"][0]["label"], "notify off", "{r}");
-    assert!(
-        r["write_variants"][0]["write"]["rows"]
-            .as_u64()
-            .is_some_and(|n| n > 0),
-        "the notify-off measurement ran: {r}"
-    );
+    assert_eq!(r["write_variants"][1]["label"], "linger 0", "{r}");
+    for v in 0..2 {
+        assert!(
+            r["write_variants"][v]["write"]["rows"]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+            "the measurement of variant {v} ran: {r}"
+        );
+    }
     assert_eq!(catalog(&db), before, "bench left something behind");
 }
 

@@ -144,11 +144,18 @@ impl Backend for PgBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            // NOTIFY takes a database-wide lock at commit: worth seeing what it costs.
-            bench_variants: vec![BenchVariant {
-                label: "notify off".into(),
-                options: serde_json::json!({ "notify": false }),
-            }],
+            // NOTIFY takes a database-wide lock at commit, and a reader that reads once per
+            // commit costs writers too: worth seeing what each costs.
+            bench_variants: vec![
+                BenchVariant {
+                    label: "notify off".into(),
+                    options: serde_json::json!({ "notify": false }),
+                },
+                BenchVariant {
+                    label: "linger 0".into(),
+                    options: serde_json::json!({ "linger_ms": 0 }),
+                },
+            ],
             transaction_ids: true,
             commit_order: true,
             schemas: true,

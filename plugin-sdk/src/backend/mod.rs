@@ -163,8 +163,9 @@ impl Watch {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Capabilities {
-    /// Option sets `epidemic bench` also measures writes with, side by side (PostgreSQL:
-    /// wake-ups off), each merged into the `[database]` options.
+    /// Option sets `epidemic bench` also measures writes with a reader attached with,
+    /// side by side (PostgreSQL: wake-ups off, no linger), each merged into the
+    /// `[database]` options.
     pub bench_variants: Vec<BenchVariant>,
     /// Fills [`Change::txid`].
     pub transaction_ids: bool,
