@@ -74,10 +74,11 @@ mod wake;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use epidemic_plugin_sdk::backend::linger::Linger;
 use epidemic_plugin_sdk::backend::{
     Backend, BackendError, BackfillReply, BackfillRequest, BarrierReply, BarrierRequest, Batch,
-    Capabilities, Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery, DeadLetterUpdate,
-    LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
+    BenchVariant, Capabilities, Chunk, ChunkRequest, Consumer, DeadLetter, DeadLetterQuery,
+    DeadLetterUpdate, LeaseRequest, LeaseState, Registered, Scratch, StartFrom, Status, Watch,
 };
 use epidemic_plugin_sdk::tracing;
 use mysql::Conn;
@@ -107,9 +108,43 @@ pub struct MySqlBackend {
     snapshots: HashMap<String, SnapshotPlan>,
     /// How often `wait` polls: fast after changes, slow when idle.
     pace: wake::Pace,
+    /// Paces the reads of a dense stream (`linger_ms`).
+    linger: Linger,
 }
 
 impl MySqlBackend {
+    /// The next changes for the consumer, at most `max`.
+    fn read_batch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
+        let fetch = |p: &mut MySqlPoller, c: &mut Conn, cur: &mut ConsumerCursors| {
+            p.fetch(c, consumer, cur, max)
+        };
+        match self.with_cursors(consumer, fetch)? {
+            Ok(batch) => {
+                if !batch.changes.is_empty() {
+                    self.pace.activity();
+                }
+                Ok(batch)
+            }
+            Err(ReadError::Backend(e)) => Err(e),
+            // Cursors of a log made again: read with the ones the database has now
+            // (install moved them to the new log's start).
+            Err(ReadError::Stale { table }) => {
+                tracing::warn!(
+                    consumer = %consumer,
+                    table = %table,
+                    "the log table was made again since this consumer's cursors were read; reading them again"
+                );
+                match self.with_cursors(consumer, fetch)? {
+                    Ok(batch) => Ok(batch),
+                    Err(ReadError::Backend(e)) => Err(e),
+                    Err(ReadError::Stale { table }) => Err(BackendError::Other(format!(
+                        "the log of table {table} changed twice during one fetch; trying again"
+                    ))),
+                }
+            }
+        }
+    }
+
     fn take_cursors(&mut self, consumer: &Consumer) -> Result<ConsumerCursors, BackendError> {
         match self.consumers.remove(consumer) {
             Some(c) => Ok(c),
@@ -155,6 +190,7 @@ impl Backend for MySqlBackend {
             series: id_series(&mut conn)?,
         };
         let pace = wake::Pace::new(options.poll_bounds());
+        let linger = Linger::new(options.linger()?);
         Ok(MySqlBackend {
             target,
             options,
@@ -166,13 +202,18 @@ impl Backend for MySqlBackend {
             warnings: galera.into_iter().chain(fallback).collect(),
             snapshots: HashMap::new(),
             pace,
+            linger,
         })
     }
 
     /// No transaction ids, commit order or schemas: see `reader.rs`.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            bench_variants: Vec::new(),
+            // What the pacing of a dense stream's reads saves the writers.
+            bench_variants: vec![BenchVariant {
+                label: "linger 0".into(),
+                options: serde_json::json!({ "linger_ms": 0 }),
+            }],
             transaction_ids: false,
             commit_order: false,
             schemas: false,
@@ -222,35 +263,13 @@ impl Backend for MySqlBackend {
         consumers::register(&mut self.conn, consumer, tables, start)
     }
 
+    /// After a dense read the next one waits a moment, so that commits gather (the SDK's
+    /// `backend::linger`).
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
-        let fetch = |p: &mut MySqlPoller, c: &mut Conn, cur: &mut ConsumerCursors| {
-            p.fetch(c, consumer, cur, max)
-        };
-        match self.with_cursors(consumer, fetch)? {
-            Ok(batch) => {
-                if !batch.changes.is_empty() {
-                    self.pace.activity();
-                }
-                Ok(batch)
-            }
-            Err(ReadError::Backend(e)) => Err(e),
-            // Cursors of a log made again: read with the ones the database has now
-            // (install moved them to the new log's start).
-            Err(ReadError::Stale { table }) => {
-                tracing::warn!(
-                    consumer = %consumer,
-                    table = %table,
-                    "the log table was made again since this consumer's cursors were read; reading them again"
-                );
-                match self.with_cursors(consumer, fetch)? {
-                    Ok(batch) => Ok(batch),
-                    Err(ReadError::Backend(e)) => Err(e),
-                    Err(ReadError::Stale { table }) => Err(BackendError::Other(format!(
-                        "the log of table {table} changed twice during one fetch; trying again"
-                    ))),
-                }
-            }
-        }
+        self.linger.before_read();
+        let batch = self.read_batch(consumer, max)?;
+        self.linger.after_read(batch.changes.len(), max as usize);
+        Ok(batch)
     }
 
     fn ack(&mut self, consumer: &Consumer, token: &str, upto_id: i64) -> Result<(), BackendError> {

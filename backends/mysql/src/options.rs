@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use epidemic_plugin_sdk::backend::linger::linger_option;
 use epidemic_plugin_sdk::backend::{kit, BackendError};
 use epidemic_plugin_sdk::redact_url;
 use mysql::Opts;
@@ -54,6 +55,9 @@ pub(crate) struct MySqlOptions {
     /// How long the server may leave a statement unanswered before the connection is
     /// taken for dead; also drives TCP keepalives and `TCP_USER_TIMEOUT`. 0: off.
     pub dead_peer_timeout_ms: u64,
+    /// How long a reader behind a dense stream lets changes gather between two reads
+    /// (the SDK's `backend::linger`); 0: read again at once.
+    pub linger_ms: Option<u64>,
 }
 
 impl Default for MySqlOptions {
@@ -69,6 +73,7 @@ impl Default for MySqlOptions {
             connect_timeout_ms: 10_000,
             allow_galera: false,
             dead_peer_timeout_ms: 30_000,
+            linger_ms: None,
         }
     }
 }
@@ -84,6 +89,7 @@ impl MySqlOptions {
                 options.dead_peer_timeout_ms
             )));
         }
+        options.linger()?;
         if options.poll_min_ms == 0 || options.poll_min_ms > options.poll_interval_ms.max(1) {
             return Err(BackendError::Invalid(format!(
                 "[database] options for mysql: poll_min_ms must be at least 1 and at most poll_interval_ms ({}), not {}",
@@ -92,6 +98,12 @@ impl MySqlOptions {
             )));
         }
         Ok(options)
+    }
+
+    /// `linger_ms`, checked: the default when unset.
+    pub fn linger(&self) -> Result<Duration, BackendError> {
+        linger_option(self.linger_ms)
+            .map_err(|e| BackendError::Invalid(format!("[database] options for mysql: {e}")))
     }
 
     /// The poll's bounds: fastest right after activity, slowest when idle.
@@ -306,6 +318,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pol_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn linger_defaults_to_5_ms_and_is_bounded() {
+        let o = MySqlOptions::parse(&serde_json::json!({})).unwrap();
+        assert_eq!(o.linger().unwrap(), Duration::from_millis(5));
+        let o = MySqlOptions::parse(&serde_json::json!({"linger_ms": 0})).unwrap();
+        assert_eq!(o.linger().unwrap(), Duration::ZERO);
+        let err = MySqlOptions::parse(&serde_json::json!({"linger_ms": 5000}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("linger_ms") && err.contains("mysql"), "{err}");
     }
 
     #[test]

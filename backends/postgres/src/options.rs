@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use epidemic_plugin_sdk::backend::kit;
+use epidemic_plugin_sdk::backend::linger::linger_option;
 use serde::Deserialize;
 
 use crate::error::{self, PgError};
@@ -291,13 +292,6 @@ struct RawOptions {
 /// `dead_peer_timeout_ms` unless configured.
 pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `linger_ms` unless configured.
-pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
-
-/// The longest `linger_ms` accepted: beyond it a dense stream's latency would be
-/// PgQ's tick, and the fallback poll is the tool for that.
-const MAX_LINGER_MS: u64 = 1000;
-
 /// When the capture triggers send their `NOTIFY` wake-up; see [`crate::wake`] for the
 /// trade-off. The option takes effect on the triggers at `install`; the reading side is
 /// the same for `Always` and `WhenIdle`.
@@ -397,15 +391,7 @@ impl PgOptions {
             }
             Some(ms) => Some(Duration::from_millis(ms)),
         };
-        let linger = match raw.linger_ms {
-            None => DEFAULT_LINGER,
-            Some(ms) if ms > MAX_LINGER_MS => {
-                return Err(PgError::InvalidOption(format!(
-                    "linger_ms must be between 0 (off) and {MAX_LINGER_MS}, not {ms}"
-                )))
-            }
-            Some(ms) => Duration::from_millis(ms),
-        };
+        let linger = linger_option(raw.linger_ms).map_err(PgError::InvalidOption)?;
         Ok(PgOptions {
             schema,
             notify,

@@ -71,9 +71,9 @@
 //! queues at the lock, which cost writers a third of their rate in `epidemic bench`
 //! (8 writers with a reader attached: 0.47–0.56 of the unwatched rate with `when-idle`,
 //! 0.62–0.81 with `off`; 0.53–0.59 with this poll). A read is *dense* when it finds
-//! [`DENSE_BATCH`] changes or more, at least one per [`DENSE_SPACING`] since the
-//! previous read started (several commits per round trip of the reader, 2,000 changes a
-//! second or more). After a dense read `wait` sleeps [`HOT_POLL`] and has the host read
+//! four changes or more, at least one per 0.5 ms since the previous read started
+//! (several commits per round trip of the reader, 2,000 changes a second or more; see
+//! the SDK's `backend::linger`). After a dense read `wait` sleeps [`HOT_POLL`] and has the host read
 //! again, without registering, for [`DENSE_HOLD`] after the last dense read; the first
 //! of those reads that finds changes clears a registration still standing, as a busy
 //! read does.
@@ -82,12 +82,12 @@
 //! thousand cycles a second, each writing the cursor twice and reading the hottest
 //! index pages, which cost writers as much as the notifications did. So after a dense
 //! read that was not full, the next read waits until `linger` (option `linger_ms`,
-//! default 5 ms) after the dense one started, and finds the commits of that time in one
-//! batch: a few hundred cycles a second at most (`epidemic bench`-style runs, 8 writers,
+//! default 5 ms) after the dense one started (the SDK's `backend::linger::Linger`), and
+//! finds the commits of that time in one batch: a few hundred cycles a second at most (`epidemic bench`-style runs, 8 writers,
 //! reader attached, 4 interleaved rounds: 0.50–0.53 of the unwatched rate without it,
 //! 0.53–0.82, median 0.72, with 5 ms; `off` 0.64–0.88). The price is latency under a
-//! dense stream only, `linger` at most; a trickle (fewer than [`DENSE_BATCH`] changes per
-//! read, or fewer than one per [`DENSE_SPACING`]) is read at once, so its latency stays
+//! dense stream only, `linger` at most; a trickle (fewer than four changes per read, or
+//! fewer than one per 0.5 ms) is read at once, so its latency stays
 //! that of a notification, and a backlog (full reads) is read without pause. This only
 //! moves reads: the registration protocol above is unchanged whenever the reader blocks.
 //!
@@ -123,6 +123,7 @@
 
 use std::time::{Duration, Instant};
 
+use epidemic_plugin_sdk::backend::linger::Linger;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
@@ -154,27 +155,11 @@ pub(crate) fn fallback_poll(client: &mut Client, options: &PgOptions) -> Duratio
     }
 }
 
-/// A read that finds this many changes or more, at least one per [`DENSE_SPACING`],
-/// marks the stream dense: several commits per round trip of the reader.
-pub(crate) const DENSE_BATCH: usize = 4;
-
-/// A dense read found at least one change per this much time since the previous read
-/// started (2,000 changes a second).
-pub(crate) const DENSE_SPACING: Duration = Duration::from_micros(500);
-
 /// How long a dense stream keeps the reader polling after its last dense read.
 pub(crate) const DENSE_HOLD: Duration = Duration::from_millis(10);
 
 /// The sleep between two reads of a dense stream.
 pub(crate) const HOT_POLL: Duration = Duration::from_micros(500);
-
-/// Whether a read of `changes` changes, `span` after the previous read started, was
-/// dense: [`DENSE_BATCH`] or more, at least one per [`DENSE_SPACING`]. With no previous
-/// read to compare with (`span` zero) the count decides.
-pub(crate) fn is_dense(changes: usize, span: Duration) -> bool {
-    changes >= DENSE_BATCH
-        && span <= DENSE_SPACING.saturating_mul(u32::try_from(changes).unwrap_or(u32::MAX))
-}
 
 /// How long a registration as waiting counts, from when it was written: how long writers
 /// keep notifying for nothing after a waiting reader went away. The capture functions'
@@ -219,19 +204,14 @@ pub(crate) struct PgListener {
     notified: bool,
     /// The host's last read was skipped (see [`PgListener::may_skip_read`]).
     skipped: bool,
-    /// Until when the stream counts as dense: a read found [`DENSE_BATCH`] changes or
-    /// more, so writers commit faster than the reader comes back (see the module docs).
+    /// Until when the stream counts as dense: a read was dense (see [`Linger`]), so
+    /// writers commit faster than the reader comes back (see the module docs).
     dense_until: Option<Instant>,
     /// The last `wait` returned for a hot poll: the next fetch that finds changes
     /// clears the registration, as a busy one does.
     hot: bool,
-    /// How long a dense stream's changes gather between two reads (`linger_ms`).
-    linger: Duration,
-    /// When the current (or last) read started, and the one before it.
-    read_start: Option<Instant>,
-    previous_read_start: Option<Instant>,
-    /// The last read was dense and not full: the next one waits out `linger`.
-    linger_next: bool,
+    /// Paces the reads of a dense stream (`linger_ms`), and tells a dense read.
+    pace: Linger,
 }
 
 impl PgListener {
@@ -258,10 +238,7 @@ impl PgListener {
             skipped: false,
             dense_until: None,
             hot: false,
-            linger,
-            read_start: None,
-            previous_read_start: None,
-            linger_next: false,
+            pace: Linger::new(linger),
         }
     }
 
@@ -297,15 +274,9 @@ impl PgListener {
             self.registered = None;
         }
         self.busy = changes > 0;
-        let span = match (self.previous_read_start, self.read_start) {
-            (Some(before), Some(now)) => now.saturating_duration_since(before),
-            _ => Duration::ZERO,
-        };
-        let dense = is_dense(changes, span);
-        if dense {
+        if self.pace.after_read(changes, max) {
             self.dense_until = Some(Instant::now() + DENSE_HOLD);
         }
-        self.linger_next = dense && changes < max && !self.linger.is_zero();
     }
 
     /// The backend is going away: if this connection is registered as waiting, delete
@@ -422,13 +393,7 @@ impl PgListener {
     /// After a dense read that was not full, it first lets `linger` pass since that read
     /// started (see the module docs).
     pub fn read_started(&mut self, client: &mut Client) {
-        if std::mem::take(&mut self.linger_next) {
-            if let Some(t) = self.read_start {
-                std::thread::sleep((t + self.linger).saturating_duration_since(Instant::now()));
-            }
-        }
-        self.previous_read_start = self.read_start;
-        self.read_start = Some(Instant::now());
+        self.pace.before_read();
         self.read_due = Instant::now() + self.fallback_poll;
         self.last_sent = Instant::now();
         if self.listening {
@@ -574,28 +539,5 @@ impl PgListener {
             ));
         }
         Ok(woken)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_read_is_dense_with_enough_changes_close_enough_together() {
-        // A trickle: fewer than DENSE_BATCH, however close.
-        assert!(!is_dense(3, Duration::ZERO));
-        assert!(!is_dense(0, Duration::ZERO));
-        // The first read, or one right after the previous: the count decides.
-        assert!(is_dense(4, Duration::ZERO));
-        assert!(is_dense(500, Duration::from_micros(100)));
-        // 4 changes over 2 ms: 2,000 a second, the edge.
-        assert!(is_dense(4, Duration::from_millis(2)));
-        assert!(!is_dense(4, Duration::from_micros(2001)));
-        // 1,000 changes a second read every 5 ms (a hiccup): not a dense stream.
-        assert!(!is_dense(5, Duration::from_millis(5)));
-        // A burst after a long wait: not a stream either.
-        assert!(!is_dense(50, Duration::from_millis(200)));
-        assert!(is_dense(usize::MAX, Duration::from_secs(3600)));
     }
 }

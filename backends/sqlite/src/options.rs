@@ -2,7 +2,9 @@
 //! to wait for locks, poll and prune. Parsed once in `open`; nothing else reads the config.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use epidemic_plugin_sdk::backend::linger::linger_option;
 use epidemic_plugin_sdk::backend::BackendError;
 use serde::Deserialize;
 
@@ -16,6 +18,9 @@ pub(crate) struct SqliteOptions {
     pub fallback_poll_ms: u64,
     /// Rows deleted per statement when pruning, so writers never wait long.
     pub prune_chunk: u32,
+    /// How long a reader behind a dense stream lets changes gather between two reads
+    /// (the SDK's `backend::linger`); 0: read again at once.
+    pub linger_ms: Option<u64>,
 }
 
 impl Default for SqliteOptions {
@@ -24,6 +29,7 @@ impl Default for SqliteOptions {
             busy_timeout_ms: 5_000,
             fallback_poll_ms: 250,
             prune_chunk: 10_000,
+            linger_ms: None,
         }
     }
 }
@@ -31,7 +37,15 @@ impl Default for SqliteOptions {
 impl SqliteOptions {
     /// The options from the `[database]` table minus `url`, as JSON.
     pub fn parse(options: &serde_json::Value) -> Result<Self, BackendError> {
-        serde_json::from_value(options.clone())
+        let options: SqliteOptions = serde_json::from_value(options.clone())
+            .map_err(|e| BackendError::Invalid(format!("[database] options for sqlite: {e}")))?;
+        options.linger()?;
+        Ok(options)
+    }
+
+    /// `linger_ms`, checked: the default when unset.
+    pub fn linger(&self) -> Result<Duration, BackendError> {
+        linger_option(self.linger_ms)
             .map_err(|e| BackendError::Invalid(format!("[database] options for sqlite: {e}")))
     }
 }
@@ -91,5 +105,15 @@ mod tests {
         assert!(SqliteOptions::parse(&serde_json::json!({"busy_timeout_ms": 10})).is_ok());
         let err = SqliteOptions::parse(&serde_json::json!({"busy_timeout": 10})).unwrap_err();
         assert!(err.to_string().contains("busy_timeout"), "{err}");
+    }
+
+    #[test]
+    fn linger_defaults_to_5_ms_and_is_bounded() {
+        let o = SqliteOptions::parse(&serde_json::json!({})).unwrap();
+        assert_eq!(o.linger().unwrap(), Duration::from_millis(5));
+        let o = SqliteOptions::parse(&serde_json::json!({"linger_ms": 0})).unwrap();
+        assert_eq!(o.linger().unwrap(), Duration::ZERO);
+        let err = SqliteOptions::parse(&serde_json::json!({"linger_ms": 5000})).unwrap_err();
+        assert!(err.to_string().contains("linger_ms"), "{err}");
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod adapter;
 pub mod kit;
+pub mod linger;
 
 use std::time::Duration;
 
