@@ -256,6 +256,55 @@ fn postgres_a_connection_that_only_listens_is_tested_by_its_heartbeat() {
     assert!(noticed < detection_bound(), "{noticed:?}");
 }
 
+/// A backend dropped while its connection waits registered (a daemon stopping) deletes
+/// its registration first; on a path that died silently that statement must not hold up
+/// the shutdown for the dead-peer limit (ten minutes here), nor for ever without one.
+#[test]
+fn postgres_a_backend_dropped_on_a_frozen_path_does_not_hold_up_shutdown() {
+    let (_server, proxy, url) = pg_setup("dead_peer_drop");
+    let lib = epidemic_plugin_host::load(&backend_path("postgres")).expect("load the backend");
+    let options = serde_json::json!({
+        "fallback_poll_ms": 600_000,
+        "dead_peer_timeout_ms": 600_000,
+    });
+    let mut backend = lib.open_backend(&url, &options).expect("open");
+    let watch = Watch {
+        table: "mail_users".into(),
+        columns: vec!["username".into()],
+        ..Default::default()
+    };
+    let resolved = backend.resolve(&[watch]).expect("resolve");
+    backend.install(&resolved).expect("install");
+    let consumer = Consumer {
+        daemon: "mx1".into(),
+        handler: "rec".into(),
+    };
+    backend
+        .register(&consumer, &["mail_users".into()], StartFrom::Now)
+        .expect("register");
+    backend.fetch(&consumer, 10).expect("fetch");
+    // The first waits listen and register, and return at once; then a wait blocks.
+    assert!(
+        wait_until(WAIT, || !backend
+            .wait(Duration::from_millis(300))
+            .expect("wait")),
+        "the connection never settled into waiting"
+    );
+    proxy.freeze_established();
+    let (done, dropped) = std::sync::mpsc::channel();
+    let frozen_at = Instant::now();
+    std::thread::spawn(move || {
+        drop(backend);
+        let _ = done.send(());
+    });
+    let result = dropped.recv_timeout(Duration::from_secs(60));
+    eprintln!("dropped {:?} after the freeze", frozen_at.elapsed());
+    assert!(
+        result.is_ok(),
+        "dropping the backend on a frozen path took over a minute"
+    );
+}
+
 // ---------------------------------------------------------------- MariaDB
 
 #[test]

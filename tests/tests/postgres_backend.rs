@@ -948,16 +948,17 @@ fn a_reader_keeping_up_with_a_dense_stream_lets_commits_gather_and_does_not_regi
     let got = received.lock().expect("received").clone();
     let distinct: HashSet<i64> = got.iter().copied().collect();
     assert_eq!((got.len(), distinct.len()), (total, total));
-    // Reads at most once per linger while the stream lasted (plus the first ones, before
-    // the stream counted as dense); one per commit would be `commits`.
-    let most = (streamed.as_millis() / linger.as_millis()) as usize + 10;
+    // Reads about once per linger while the stream lasted (twice that, plus ten, leaves
+    // room for the first reads, before the stream counted as dense, and for a writer
+    // stalled on a loaded machine); one per round trip would be hundreds.
+    let most = 2 * (streamed.as_millis() / linger.as_millis()) as usize + 10;
     assert!(
         reads_during <= most,
         "{reads_during} reads of {commits} commits in {streamed:?}, at most {most} expected"
     );
     // A dense stream's reader polls instead of registering each time it catches up.
     assert!(
-        registered_during <= 2,
+        registered_during <= 3,
         "the reader registered {registered_during} times during a dense stream of {commits} commits"
     );
 }

@@ -1680,3 +1680,55 @@ fn an_ack_while_a_writer_holds_the_lock_is_kept_and_reading_goes_on_within_one_b
     assert!(b.fetch(&c, MAX).expect("fetch").changes.is_empty());
     assert_eq!(cursor_in_db(&db), 10);
 }
+
+/// A consumer of two tables: one with a stream of a few rows per read, one with a backlog.
+/// Reads of the stream are dense and not full, but the backlog's table is still to be read
+/// in the same turn: no read may linger (`linger_ms`) while a backlog waits. With the
+/// linger at a second, one wrong pause per round would make the drain take 20 s or more
+/// (20 reads of 500).
+#[test]
+fn a_backlog_in_another_table_is_read_without_lingering() {
+    let db = Db::new(
+        "CREATE TABLE a (id INTEGER PRIMARY KEY); CREATE TABLE b (id INTEGER PRIMARY KEY);",
+    );
+    let mut b = library()
+        .open_backend(&sqlite::url(&db.path), &json!({"linger_ms": 1000}))
+        .expect("open backend");
+    b.install(&[watch("a", &["id"], &[]), watch("b", &["id"], &[])])
+        .expect("install");
+    let c = consumer("h");
+    b.register(&c, &["a".into(), "b".into()], StartFrom::Oldest)
+        .expect("register");
+    db.write(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10000) \
+         INSERT INTO b SELECT i FROM n;",
+    );
+    let started = std::time::Instant::now();
+    let (mut from_b, mut next_a) = (0, 0);
+    while from_b < 10_000 {
+        // A hundred rows of the stream before every read: dense (the sqlite3 tool takes a
+        // few milliseconds to start), and fewer than a read takes.
+        db.write(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT {next_a} UNION ALL SELECT i + 1 FROM n \
+             WHERE i < {}) INSERT INTO a SELECT i FROM n;",
+            next_a + 99
+        ));
+        next_a += 100;
+        let batch = b.fetch(&c, 500).expect("fetch");
+        let Some(last) = batch.changes.last() else {
+            panic!(
+                "nothing read while table b has {} rows to go",
+                10_000 - from_b
+            );
+        };
+        if batch.token == "b" {
+            from_b += batch.changes.len();
+        }
+        b.ack(&c, &batch.token, last.id).expect("ack");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{from_b} of b's 10000 rows after {:?}: reads lingered while a backlog waited",
+            started.elapsed()
+        );
+    }
+}

@@ -188,6 +188,7 @@ impl Backend for MySqlBackend {
             ),
             max_gap_ranges: options.max_gap_ranges.max(1),
             series: id_series(&mut conn)?,
+            caught_up: false,
         };
         let pace = wake::Pace::new(options.poll_bounds());
         let linger = Linger::new(options.linger()?);
@@ -268,7 +269,11 @@ impl Backend for MySqlBackend {
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
         self.linger.before_read();
         let batch = self.read_batch(consumer, max)?;
-        self.linger.after_read(batch.changes.len(), max as usize);
+        // Clear first: an error leaves no stale "caught up" for the next read.
+        self.linger.after_read(
+            batch.changes.len(),
+            std::mem::take(&mut self.poller.caught_up),
+        );
         Ok(batch)
     }
 

@@ -209,6 +209,10 @@ pub(crate) struct MySqlPoller {
     pub max_gap_ranges: usize,
     /// The ids the server hands out, refreshed at every gap check.
     pub series: IdSeries,
+    /// The last fetch left nothing behind that it knows of: fewer changes than `max`,
+    /// from the last of the consumer's tables it tried (the others had none), or
+    /// nothing at all. Paces a dense stream (see `lib.rs`).
+    pub caught_up: bool,
 }
 
 /// The server's `auto_increment_increment` and `auto_increment_offset`, as new writer
@@ -263,6 +267,7 @@ impl MySqlPoller {
                 continue;
             }
             cursors.next = (idx + 1) % n;
+            self.caught_up = i + 1 == n && changes.len() < max as usize;
             return Ok(Batch {
                 changes,
                 token: tc.log.source_table.clone(),
@@ -272,6 +277,7 @@ impl MySqlPoller {
         if !cursors.current(conn)? {
             return Err(cursors.tables[0].stale());
         }
+        self.caught_up = true;
         Ok(Batch::default())
     }
 

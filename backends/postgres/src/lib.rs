@@ -105,9 +105,15 @@ pub struct PgBackend {
     scratch: PgScratch,
 }
 
+/// How long a dropped backend waits for the server to delete its registration: a
+/// path that died silently must not hold up a daemon's shutdown (the row lapses anyway).
+const RELEASE_LIMIT: Duration = Duration::from_secs(2);
+
 impl Drop for PgBackend {
     fn drop(&mut self) {
-        self.listener.release(&mut self.client);
+        let (listener, client) = (&mut self.listener, &mut self.client);
+        self.watch
+            .hurried(RELEASE_LIMIT, || listener.release(client));
     }
 }
 

@@ -25,7 +25,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,6 +44,8 @@ type RustlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 pub struct DeadPeerWatch {
     limit: Option<Duration>,
     patient: Arc<AtomicBool>,
+    /// A shorter limit for the statements of [`DeadPeerWatch::hurried`], in ms; 0: none.
+    hurry_ms: Arc<AtomicU64>,
 }
 
 impl DeadPeerWatch {
@@ -52,6 +54,7 @@ impl DeadPeerWatch {
         DeadPeerWatch {
             limit,
             patient: Arc::new(AtomicBool::new(false)),
+            hurry_ms: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -67,8 +70,32 @@ impl DeadPeerWatch {
         result
     }
 
+    /// Run `f` with at most `limit` for each answer, whatever the configured limit (even
+    /// none): for housekeeping that must not hold anything up, such as a backend's last
+    /// statement when it is dropped.
+    pub fn hurried<T>(&self, limit: Duration, f: impl FnOnce() -> T) -> T {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        let before = self.hurry_ms.swap(ms, Ordering::Relaxed);
+        let result = f();
+        self.hurry_ms.store(before, Ordering::Relaxed);
+        result
+    }
+
+    fn hurry(&self) -> Option<Duration> {
+        match self.hurry_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// The limit a new wait for an answer starts with.
+    fn deadline_limit(&self) -> Option<Duration> {
+        self.hurry().or(self.limit)
+    }
+
     fn active_limit(&self) -> Option<Duration> {
-        self.limit.filter(|_| !self.patient.load(Ordering::Relaxed))
+        self.hurry()
+            .or(self.limit.filter(|_| !self.patient.load(Ordering::Relaxed)))
     }
 }
 
@@ -111,7 +138,7 @@ impl PgStream {
     }
 
     fn restart_silence(&mut self) {
-        let Some(limit) = self.watch.limit else {
+        let Some(limit) = self.watch.deadline_limit() else {
             return;
         };
         let at = Instant::now() + limit;

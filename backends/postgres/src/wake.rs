@@ -95,7 +95,9 @@
 //!
 //! A backend dropped while its connection is registered (the daemon stops, a handler's
 //! thread ends) deletes its `sleeper` row first, so writers stop notifying at once
-//! rather than for [`SLEEPER_TTL`]; a reader that crashes leaves it to the TTL.
+//! rather than for [`SLEEPER_TTL`]; it waits at most two seconds for the server's answer
+//! (a dead path must not hold up a shutdown). A reader that crashes, or whose path is
+//! dead, leaves the row to the TTL.
 //!
 //! # What is lost, and why that is fine
 //!
@@ -274,7 +276,8 @@ impl PgListener {
             self.registered = None;
         }
         self.busy = changes > 0;
-        if self.pace.after_read(changes, max) {
+        // One statement reads every log table of the consumer: fewer than `max` is all.
+        if self.pace.after_read(changes, changes < max) {
             self.dense_until = Some(Instant::now() + DENSE_HOLD);
         }
     }

@@ -165,7 +165,10 @@ impl Backend for SqliteBackend {
     fn fetch(&mut self, consumer: &Consumer, max: u32) -> Result<Batch, BackendError> {
         self.linger.before_read();
         let batch = self.reader.fetch(&self.conn, &self.lock, consumer, max)?;
-        self.linger.after_read(batch.changes.len(), max as usize);
+        self.linger.after_read(
+            batch.changes.len(),
+            std::mem::take(&mut self.reader.caught_up),
+        );
         Ok(batch)
     }
 

@@ -62,6 +62,10 @@ struct ConsumerState {
 
 #[derive(Default)]
 pub(crate) struct SqliteReader {
+    /// The last fetch left nothing behind that it knows of: it returned fewer changes
+    /// than it could, from the last of the consumer's tables it tried (the others had
+    /// none), or nothing at all. Paces a dense stream (see `lib.rs`).
+    pub caught_up: bool,
     /// Cursor positions and registry entries as last read or acked; dropped whenever the
     /// registry or cursors may have changed (install, register, reconnect, or any schema
     /// change: see `schema_version`).
@@ -141,6 +145,7 @@ impl SqliteReader {
         if self.schema_version.replace(version) != Some(version) {
             self.consumers.clear();
         }
+        self.caught_up = false;
         let state = self.state(conn, consumer)?;
         let n = state.tables.len();
         for i in 0..n {
@@ -149,12 +154,13 @@ impl SqliteReader {
             let changes = read_log(conn, log, *last, room)?;
             if !changes.is_empty() {
                 state.next = (idx + 1) % n;
-                return Ok(Batch {
-                    changes,
-                    token: log.source_table.clone(),
-                });
+                let caught_up = i + 1 == n && (changes.len() as i64) < room;
+                let token = log.source_table.clone();
+                self.caught_up = caught_up;
+                return Ok(Batch { changes, token });
             }
         }
+        self.caught_up = true;
         Ok(Batch::default())
     }
 

@@ -6,14 +6,16 @@
 //! straight back for more: a read and an acknowledgement per round trip, each one work
 //! for the database that the writers wait behind (cursor writes, the hottest index pages,
 //! SQLite's one write lock). After a *dense* read, one that found [`DENSE_BATCH`] changes
-//! or more, at least one per [`DENSE_SPACING`] since the previous read started, and was
-//! not full, [`Linger::before_read`] waits until `linger` (each backend's `linger_ms`
+//! or more, at least one per [`DENSE_SPACING`] since the previous read started, and left
+//! nothing behind that the reader knows of (it was not full, and no other log table of
+//! the consumer went unread), [`Linger::before_read`] waits until `linger` (each backend's `linger_ms`
 //! option, default [`DEFAULT_LINGER`]) after that read started; the next read then takes
 //! the commits of that time in one batch.
 //!
 //! Only a dense stream waits, and at most `linger`: a trickle (fewer than
 //! [`DENSE_BATCH`] changes per read, or fewer than one per [`DENSE_SPACING`]) is read at
-//! once, so its latency is the wake-up's; a backlog (full reads) is read without pause.
+//! once, so its latency is the wake-up's; a backlog (full reads, or a read that left
+//! another table unread) is read without pause.
 
 use std::time::{Duration, Instant};
 
@@ -28,8 +30,8 @@ pub const DENSE_SPACING: Duration = Duration::from_micros(500);
 /// `linger_ms` unless configured.
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
 
-/// The largest `linger_ms` accepted: beyond a second a dense stream would wait longer
-/// than the backends' fallback polls.
+/// The largest `linger_ms` accepted: a dense stream's changes would wait up to a second,
+/// longer than PgQ's ticks or any backend's default poll.
 pub const MAX_LINGER_MS: u64 = 1000;
 
 /// Whether a read of `changes` changes, `span` after the previous read started, was
@@ -86,15 +88,16 @@ impl Linger {
         self.start = Some(Instant::now());
     }
 
-    /// Call after the read: it returned `changes` of the `max` asked for. Whether it was
-    /// dense.
-    pub fn after_read(&mut self, changes: usize, max: usize) -> bool {
+    /// Call after the read: it returned `changes`, and `caught_up` says it left nothing
+    /// behind that the reader knows of (fewer than it asked for, and every log table of
+    /// the consumer read). Whether it was dense.
+    pub fn after_read(&mut self, changes: usize, caught_up: bool) -> bool {
         let span = match (self.previous, self.start) {
             (Some(before), Some(now)) => now.saturating_duration_since(before),
             _ => Duration::ZERO,
         };
         let dense = is_dense(changes, span);
-        self.wait_next = dense && changes < max && !self.linger.is_zero();
+        self.wait_next = dense && caught_up && !self.linger.is_zero();
         dense
     }
 }
@@ -133,22 +136,23 @@ mod tests {
         // A dense read, not full: the next read starts `linger` after it at the earliest.
         let linger = Duration::from_millis(50);
         let mut l = Linger::new(linger);
-        l.before_read();
         let started = Instant::now();
-        assert!(l.after_read(10, 100));
         l.before_read();
-        assert!(started.elapsed() >= linger - Duration::from_millis(1));
+        assert!(l.after_read(10, true));
+        l.before_read();
+        assert!(started.elapsed() >= linger);
 
         // Reads that do not wait, with a linger no loaded machine could mistake for a
-        // pause: the first, after a full read (a backlog), a trickle, nothing.
+        // pause: the first, after a read that left more behind (a backlog), a trickle,
+        // nothing.
         let long = Duration::from_secs(20);
         let mut l = Linger::new(long);
         assert!(timed_read(&mut l) < long / 2, "the first read");
-        assert!(l.after_read(100, 100));
-        assert!(timed_read(&mut l) < long / 2, "after a full read");
-        assert!(!l.after_read(1, 100));
+        assert!(l.after_read(100, false));
+        assert!(timed_read(&mut l) < long / 2, "after a read that left more");
+        assert!(!l.after_read(1, true));
         assert!(timed_read(&mut l) < long / 2, "after a trickle");
-        assert!(!l.after_read(0, 100));
+        assert!(!l.after_read(0, true));
         assert!(timed_read(&mut l) < long / 2, "after nothing");
     }
 
@@ -156,7 +160,7 @@ mod tests {
     fn zero_never_waits_and_the_option_is_bounded() {
         let mut l = Linger::new(Duration::ZERO);
         l.before_read();
-        assert!(l.after_read(10, 100), "still tells a dense read");
+        assert!(l.after_read(10, true), "still tells a dense read");
         assert!(!l.wait_next);
         assert_eq!(linger_option(None), Ok(Duration::from_millis(5)));
         assert_eq!(linger_option(Some(0)), Ok(Duration::ZERO));
