@@ -1345,3 +1345,53 @@ fn an_install_of_the_previous_version_is_brought_up_to_date() {
         .problems
         .is_empty());
 }
+
+/// A consumer of two tables: one with a stream of a hundred rows per read, one with a
+/// backlog. MariaDB reads one table per fetch, in turn: a dense read of the stream that
+/// was not full still leaves the backlog's table unread, so no read may linger
+/// (`linger_ms`, a second here) before it. One wrong pause per round would make the drain
+/// take 20 s or more (20 reads of 500).
+#[test]
+fn a_backlog_in_another_table_is_read_without_lingering() {
+    let (url, mut conn) = database(
+        "linger_backlog",
+        "CREATE TABLE a (id INT PRIMARY KEY); CREATE TABLE b (id INT PRIMARY KEY)",
+    );
+    let c = consumer("h");
+    install_and_register(&url, &[watch("a", &["id"]), watch("b", &["id"])], &c);
+    let mut b = open(&url, json!({"linger_ms": 1000})).expect("open backend");
+    conn.query_drop("SET SESSION max_recursive_iterations = 100000")
+        .expect("allow a long series");
+    conn.query_drop(
+        "INSERT INTO b WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+         WHERE i < 10000) SELECT i FROM n",
+    )
+    .expect("the backlog");
+    let started = Instant::now();
+    let (mut from_b, mut next_a) = (0, 0);
+    while from_b < 10_000 {
+        conn.query_drop(format!(
+            "INSERT INTO a WITH RECURSIVE n(i) AS (SELECT {next_a} UNION ALL SELECT i + 1 \
+             FROM n WHERE i < {}) SELECT i FROM n",
+            next_a + 99
+        ))
+        .expect("the stream");
+        next_a += 100;
+        let batch = b.fetch(&c, 500).expect("fetch");
+        let Some(last) = batch.changes.last() else {
+            panic!(
+                "nothing read while table b has {} rows to go",
+                10_000 - from_b
+            );
+        };
+        if batch.token == "b" {
+            from_b += batch.changes.len();
+        }
+        b.ack(&c, &batch.token, last.id).expect("ack");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{from_b} of b's 10000 rows after {:?}: reads lingered while a backlog waited",
+            started.elapsed()
+        );
+    }
+}
