@@ -1,11 +1,13 @@
 //! [`BackendReader`]: the daemon's read loop (fetch, "handle", ack, wait) on a backend
 //! connection in a thread of its own, recording every change it was given. Backend-level
 //! tests use it to read while writers write, without the daemon binary.
+//! [`read_backlog_beside_a_stream`]: a backend's reads of two tables at once, one
+//! streaming and one with a backlog.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use epidemic_plugin_host::HostBackend;
 use epidemic_plugin_sdk::backend::{BackendError, Consumer};
@@ -101,5 +103,42 @@ impl BackendReader {
 impl Drop for BackendReader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Read and ack, 500 changes at most per read, until `backlog` changes of table `backlog_of`
+/// came, calling `write_stream(first_id)` before every read to add a hundred rows (ids from
+/// `first_id`) to the consumer's other table: reads of that stream are dense and not full,
+/// while the backlog waits in the other table. Fails once 15 s have passed: a read that
+/// lingered (`linger_ms`) before each read of the backlog, with the linger at a second,
+/// takes 20 s or more (20 reads of 500 for a backlog of 10,000).
+pub fn read_backlog_beside_a_stream(
+    b: &mut HostBackend,
+    c: &Consumer,
+    backlog_of: &str,
+    backlog: usize,
+    mut write_stream: impl FnMut(i64),
+) {
+    let started = Instant::now();
+    let (mut from_backlog, mut next) = (0, 0);
+    while from_backlog < backlog {
+        write_stream(next);
+        next += 100;
+        let batch = b.fetch(c, 500).expect("fetch");
+        let Some(last) = batch.changes.last() else {
+            panic!(
+                "nothing read while table {backlog_of} has {} rows to go",
+                backlog - from_backlog
+            );
+        };
+        if batch.token == backlog_of {
+            from_backlog += batch.changes.len();
+        }
+        b.ack(c, &batch.token, last.id).expect("ack");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{from_backlog} of {backlog_of}'s {backlog} rows after {:?}: reads lingered while a backlog waited",
+            started.elapsed()
+        );
     }
 }

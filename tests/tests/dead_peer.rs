@@ -179,6 +179,43 @@ fn pg_insert(server: &'static PgServer, db: &str) -> impl Fn(i64) {
     }
 }
 
+/// The PostgreSQL backend alone (no daemon) with `options`, installed on `mail_users` and
+/// with a consumer registered from now.
+fn pg_backend_reading_mail_users(
+    url: &str,
+    options: serde_json::Value,
+) -> (epidemic_plugin_host::HostBackend, Consumer) {
+    let lib = epidemic_plugin_host::load(&backend_path("postgres")).expect("load the backend");
+    let mut backend = lib.open_backend(url, &options).expect("open");
+    let watch = Watch {
+        table: "mail_users".into(),
+        columns: vec!["username".into()],
+        ..Default::default()
+    };
+    let resolved = backend.resolve(&[watch]).expect("resolve");
+    backend.install(&resolved).expect("install");
+    let consumer = Consumer {
+        daemon: "mx1".into(),
+        handler: "rec".into(),
+    };
+    backend
+        .register(&consumer, &["mail_users".into()], StartFrom::Now)
+        .expect("register");
+    (backend, consumer)
+}
+
+/// Read once, then wait until a wait blocks: the first waits start listening (and
+/// register, where there is a `sleeper` table) and return at once.
+fn settle_into_waiting(backend: &mut epidemic_plugin_host::HostBackend, consumer: &Consumer) {
+    backend.fetch(consumer, 10).expect("fetch");
+    assert!(
+        wait_until(WAIT, || !backend
+            .wait(Duration::from_millis(300))
+            .expect("wait")),
+        "the connection never settled into waiting"
+    );
+}
+
 #[test]
 fn postgres_a_frozen_path_is_noticed_and_nothing_is_lost() {
     let (server, proxy, url) = pg_setup("dead_peer_default");
@@ -211,39 +248,19 @@ fn postgres_a_frozen_connection_waiting_in_listen_is_noticed() {
 #[test]
 fn postgres_a_connection_that_only_listens_is_tested_by_its_heartbeat() {
     let (server, proxy, url) = pg_setup("dead_peer_heartbeat");
-    let lib = epidemic_plugin_host::load(&backend_path("postgres")).expect("load the backend");
-    let options = serde_json::json!({
-        "notify": "always",
-        "fallback_poll_ms": 600_000,
-        "dead_peer_timeout_ms": DEAD_PEER.as_millis() as u64,
-    });
-    let mut backend = lib.open_backend(&url, &options).expect("open");
-    let watch = Watch {
-        table: "mail_users".into(),
-        columns: vec!["username".into()],
-        ..Default::default()
-    };
-    let resolved = backend.resolve(&[watch]).expect("resolve");
-    backend.install(&resolved).expect("install");
-    let consumer = Consumer {
-        daemon: "mx1".into(),
-        handler: "rec".into(),
-    };
-    backend
-        .register(&consumer, &["mail_users".into()], StartFrom::Now)
-        .expect("register");
+    let (mut backend, consumer) = pg_backend_reading_mail_users(
+        &url,
+        serde_json::json!({
+            "notify": "always",
+            "fallback_poll_ms": 600_000,
+            "dead_peer_timeout_ms": DEAD_PEER.as_millis() as u64,
+        }),
+    );
     server
         .client("dead_peer_heartbeat")
         .batch_execute("DROP TABLE epidemic.sleeper")
         .expect("drop the sleeper table");
-    backend.fetch(&consumer, 10).expect("fetch");
-    // The first waits start listening and return at once; then a wait blocks.
-    assert!(
-        wait_until(WAIT, || !backend
-            .wait(Duration::from_millis(300))
-            .expect("wait")),
-        "the connection never settled into waiting"
-    );
+    settle_into_waiting(&mut backend, &consumer);
     proxy.freeze_established();
     let frozen_at = Instant::now();
     let result = backend.wait(WAIT);
@@ -262,34 +279,14 @@ fn postgres_a_connection_that_only_listens_is_tested_by_its_heartbeat() {
 #[test]
 fn postgres_a_backend_dropped_on_a_frozen_path_does_not_hold_up_shutdown() {
     let (_server, proxy, url) = pg_setup("dead_peer_drop");
-    let lib = epidemic_plugin_host::load(&backend_path("postgres")).expect("load the backend");
-    let options = serde_json::json!({
-        "fallback_poll_ms": 600_000,
-        "dead_peer_timeout_ms": 600_000,
-    });
-    let mut backend = lib.open_backend(&url, &options).expect("open");
-    let watch = Watch {
-        table: "mail_users".into(),
-        columns: vec!["username".into()],
-        ..Default::default()
-    };
-    let resolved = backend.resolve(&[watch]).expect("resolve");
-    backend.install(&resolved).expect("install");
-    let consumer = Consumer {
-        daemon: "mx1".into(),
-        handler: "rec".into(),
-    };
-    backend
-        .register(&consumer, &["mail_users".into()], StartFrom::Now)
-        .expect("register");
-    backend.fetch(&consumer, 10).expect("fetch");
-    // The first waits listen and register, and return at once; then a wait blocks.
-    assert!(
-        wait_until(WAIT, || !backend
-            .wait(Duration::from_millis(300))
-            .expect("wait")),
-        "the connection never settled into waiting"
+    let (mut backend, consumer) = pg_backend_reading_mail_users(
+        &url,
+        serde_json::json!({
+            "fallback_poll_ms": 600_000,
+            "dead_peer_timeout_ms": 600_000,
+        }),
     );
+    settle_into_waiting(&mut backend, &consumer);
     proxy.freeze_established();
     let (done, dropped) = std::sync::mpsc::channel();
     let frozen_at = Instant::now();

@@ -16,7 +16,7 @@ use epidemic_plugin_sdk::backend::{
 };
 use epidemic_plugin_sdk::{Change, Op, Value};
 use epidemic_tests::mysql::MySqlServer;
-use epidemic_tests::reader::{text, BackendReader};
+use epidemic_tests::reader::{read_backlog_beside_a_stream, text, BackendReader};
 use epidemic_tests::rng::Rng;
 use epidemic_tests::{backend_path, wait_until};
 use mysql::prelude::Queryable;
@@ -1367,31 +1367,12 @@ fn a_backlog_in_another_table_is_read_without_lingering() {
          WHERE i < 10000) SELECT i FROM n",
     )
     .expect("the backlog");
-    let started = Instant::now();
-    let (mut from_b, mut next_a) = (0, 0);
-    while from_b < 10_000 {
+    read_backlog_beside_a_stream(&mut b, &c, "b", 10_000, |next_a| {
         conn.query_drop(format!(
             "INSERT INTO a WITH RECURSIVE n(i) AS (SELECT {next_a} UNION ALL SELECT i + 1 \
              FROM n WHERE i < {}) SELECT i FROM n",
             next_a + 99
         ))
-        .expect("the stream");
-        next_a += 100;
-        let batch = b.fetch(&c, 500).expect("fetch");
-        let Some(last) = batch.changes.last() else {
-            panic!(
-                "nothing read while table b has {} rows to go",
-                10_000 - from_b
-            );
-        };
-        if batch.token == "b" {
-            from_b += batch.changes.len();
-        }
-        b.ack(&c, &batch.token, last.id).expect("ack");
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "{from_b} of b's 10000 rows after {:?}: reads lingered while a backlog waited",
-            started.elapsed()
-        );
-    }
+        .expect("the stream")
+    });
 }

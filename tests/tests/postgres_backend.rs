@@ -687,6 +687,16 @@ fn capture_source_of_t(db: &str) -> String {
         .get(0)
 }
 
+/// A backend with `options`, installed on `t (id)`, and consumer `h` registered from now.
+fn reader_of_t(url: &str, options: serde_json::Value) -> (HostBackend, Consumer) {
+    let mut b = open_with(url, options);
+    b.install(&[watch("t", &["id"])]).expect("install");
+    let c = consumer("h");
+    b.register(&c, &["t".into()], StartFrom::Now)
+        .expect("register");
+    (b, c)
+}
+
 /// Rows of `schema.sleeper` that say their reader waits.
 fn waiting_readers(db: &str, schema: &str) -> i64 {
     PgServer::shared()
@@ -809,11 +819,7 @@ fn when_idle_writers_notify_only_while_a_reader_waits() {
 #[test]
 fn a_reader_that_goes_away_stops_writers_notifying_at_once() {
     let (url, db) = database("reader_goes_away", "CREATE TABLE t (id int PRIMARY KEY)");
-    let mut b = open_with(&url, json!({"fallback_poll_ms": 600_000}));
-    b.install(&[watch("t", &["id"])]).expect("install");
-    let c = consumer("h");
-    b.register(&c, &["t".into()], StartFrom::Now)
-        .expect("register");
+    let (mut b, _consumer) = reader_of_t(&url, json!({"fallback_poll_ms": 600_000}));
     assert!(b
         .wait(Duration::from_secs(30))
         .expect("listen and register"));
@@ -857,14 +863,10 @@ fn a_reader_keeping_up_with_a_dense_stream_lets_commits_gather_and_does_not_regi
     // A long linger, so that lingering shows in the count of reads on any machine; the
     // fallback poll far away, so that only wake-ups and the dense poll bring changes.
     let linger = Duration::from_millis(100);
-    let mut b = open_with(
+    let (mut b, c) = reader_of_t(
         &url,
         json!({"fallback_poll_ms": 600_000, "linger_ms": linger.as_millis() as u64}),
     );
-    b.install(&[watch("t", &["id"])]).expect("install");
-    let c = consumer("h");
-    b.register(&c, &["t".into()], StartFrom::Now)
-        .expect("register");
     let mut registrations = count_registrations(&db);
 
     let received = Arc::new(Mutex::new(Vec::new()));
@@ -966,11 +968,7 @@ fn a_reader_keeping_up_with_a_dense_stream_lets_commits_gather_and_does_not_regi
 #[test]
 fn a_waiting_reader_is_woken_by_a_commit_in_another_thread() {
     let (url, db) = database("woken_thread", "CREATE TABLE t (id int PRIMARY KEY)");
-    let mut b = open_with(&url, json!({"fallback_poll_ms": 600_000}));
-    b.install(&[watch("t", &["id"])]).expect("install");
-    let c = consumer("h");
-    b.register(&c, &["t".into()], StartFrom::Now)
-        .expect("register");
+    let (mut b, c) = reader_of_t(&url, json!({"fallback_poll_ms": 600_000}));
     let received = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     // The daemon's loop: read; when there is nothing, wait.
@@ -1016,11 +1014,7 @@ fn a_commit_while_a_whole_batch_is_handled_wakes_the_reader_after_the_ack() {
         "CREATE TABLE t (id int PRIMARY KEY)",
     );
     // The fallback poll ten minutes away: only a notification can bring a row in time.
-    let mut b = open_with(&url, json!({"fallback_poll_ms": 600_000}));
-    b.install(&[watch("t", &["id"])]).expect("install");
-    let c = consumer("h");
-    b.register(&c, &["t".into()], StartFrom::Now)
-        .expect("register");
+    let (mut b, c) = reader_of_t(&url, json!({"fallback_poll_ms": 600_000}));
     assert!(b
         .wait(Duration::from_secs(30))
         .expect("listen and register"));

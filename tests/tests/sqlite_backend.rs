@@ -24,6 +24,7 @@ use epidemic_plugin_sdk::backend::{
     Registered, StartFrom, Watch,
 };
 use epidemic_plugin_sdk::{Change, Op, Origin, Value};
+use epidemic_tests::reader::read_backlog_beside_a_stream;
 use epidemic_tests::rng::Rng;
 use epidemic_tests::{backend_path, recorded, sqlite, wait_until, Daemon};
 use serde_json::json;
@@ -1703,32 +1704,13 @@ fn a_backlog_in_another_table_is_read_without_lingering() {
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10000) \
          INSERT INTO b SELECT i FROM n;",
     );
-    let started = std::time::Instant::now();
-    let (mut from_b, mut next_a) = (0, 0);
-    while from_b < 10_000 {
-        // A hundred rows of the stream before every read: dense (the sqlite3 tool takes a
-        // few milliseconds to start), and fewer than a read takes.
+    // A hundred rows of the stream before every read: dense (the sqlite3 tool takes a few
+    // milliseconds to start), and fewer than a read takes.
+    read_backlog_beside_a_stream(&mut b, &c, "b", 10_000, |next_a| {
         db.write(&format!(
             "WITH RECURSIVE n(i) AS (SELECT {next_a} UNION ALL SELECT i + 1 FROM n \
              WHERE i < {}) INSERT INTO a SELECT i FROM n;",
             next_a + 99
-        ));
-        next_a += 100;
-        let batch = b.fetch(&c, 500).expect("fetch");
-        let Some(last) = batch.changes.last() else {
-            panic!(
-                "nothing read while table b has {} rows to go",
-                10_000 - from_b
-            );
-        };
-        if batch.token == "b" {
-            from_b += batch.changes.len();
-        }
-        b.ack(&c, &batch.token, last.id).expect("ack");
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "{from_b} of b's 10000 rows after {:?}: reads lingered while a backlog waited",
-            started.elapsed()
-        );
-    }
+        ))
+    });
 }

@@ -68,28 +68,29 @@
 //!
 //! A reader that keeps up with a fast stream catches up again and again, and would
 //! register each time; every transaction committed while it is registered notifies and
-//! queues at the lock, which cost writers a third of their rate in `epidemic bench`
-//! (8 writers with a reader attached: 0.47–0.56 of the unwatched rate with `when-idle`,
+//! queues at the lock, which cost writers a third of their rate in `epidemic bench` (8
+//! writers with a reader attached: 0.47–0.56 of the unwatched rate with `when-idle`,
 //! 0.62–0.81 with `off`; 0.53–0.59 with this poll). A read is *dense* when it finds
 //! four changes or more, at least one per 0.5 ms since the previous read started
 //! (several commits per round trip of the reader, 2,000 changes a second or more; see
-//! the SDK's `backend::linger`). After a dense read `wait` sleeps [`HOT_POLL`] and has the host read
-//! again, without registering, for [`DENSE_HOLD`] after the last dense read; the first
-//! of those reads that finds changes clears a registration still standing, as a busy
-//! read does.
+//! the SDK's `backend::linger`). After a dense read `wait` sleeps [`HOT_POLL`] and has
+//! the host read again, without registering, for [`DENSE_HOLD`] after the last dense
+//! read; the first of those reads that finds changes clears a registration still
+//! standing, as a busy read does.
 //!
 //! A reader that keeps up then still reads and acknowledges once per round trip: a
 //! thousand cycles a second, each writing the cursor twice and reading the hottest
 //! index pages, which cost writers as much as the notifications did. So after a dense
 //! read that was not full, the next read waits until `linger` (option `linger_ms`,
 //! default 5 ms) after the dense one started (the SDK's `backend::linger::Linger`), and
-//! finds the commits of that time in one batch: a few hundred cycles a second at most (`epidemic bench`-style runs, 8 writers,
-//! reader attached, 4 interleaved rounds: 0.50–0.53 of the unwatched rate without it,
-//! 0.53–0.82, median 0.72, with 5 ms; `off` 0.64–0.88). The price is latency under a
-//! dense stream only, `linger` at most; a trickle (fewer than four changes per read, or
-//! fewer than one per 0.5 ms) is read at once, so its latency stays
-//! that of a notification, and a backlog (full reads) is read without pause. This only
-//! moves reads: the registration protocol above is unchanged whenever the reader blocks.
+//! finds the commits of that time in one batch: a few hundred cycles a second at most
+//! (`epidemic bench`-style runs, 8 writers, reader attached, 4 interleaved rounds:
+//! 0.50–0.53 of the unwatched rate without it, 0.53–0.82, median 0.72, with 5 ms; `off`
+//! 0.64–0.88). The price is latency under a dense stream only, `linger` at most; a
+//! trickle (fewer than four changes per read, or fewer than one per 0.5 ms) is read at
+//! once, so its latency stays that of a notification, and a backlog (full reads) is
+//! read without pause. This only moves reads: the registration protocol above is
+//! unchanged whenever the reader blocks.
 //!
 //! # A reader that goes away
 //!
