@@ -816,6 +816,166 @@ fn when_idle_writers_notify_only_while_a_reader_waits() {
     assert_ne!(pids[0], pid);
 }
 
+/// Milliseconds from the registration stamp to now, on the server's clock; `None` when
+/// the stamp was never set.
+fn stamp_age_ms(client: &mut postgres::Client) -> Option<i64> {
+    client
+        .query_one(
+            "SELECT (EXTRACT(epoch FROM clock_timestamp()) * 1000)::bigint \
+                    - pg_sequence_last_value('epidemic.sleeper_stamp')",
+            &[],
+        )
+        .expect("read the stamp")
+        .get(0)
+}
+
+#[test]
+fn writers_look_for_a_waiting_reader_only_after_a_recent_registration() {
+    let (url, db) = database("sleeper_stamp", "CREATE TABLE t (id int PRIMARY KEY)");
+    let (mut b, c) = reader_of_t(&url, json!({"fallback_poll_ms": 600_000}));
+    let mut w = PgServer::shared().client(&db);
+    let mut counter = NotifyCounter::new(&db, "epidemic");
+    assert_eq!(stamp_age_ms(&mut w), None, "nobody registered yet");
+
+    // Registering stamps the time, and a commit while the reader waits notifies it.
+    assert!(b
+        .wait(Duration::from_secs(30))
+        .expect("listen and register"));
+    assert!(drain(&mut b, &c, 100).is_empty());
+    let age = stamp_age_ms(&mut w).expect("the registration set the stamp");
+    assert!((0..5_000).contains(&age), "stamp {age} ms old");
+    insert_ids(&mut w, 0..1);
+    assert!(b.wait(Duration::from_secs(60)).expect("woken"));
+    assert_eq!(counter.count(), 1);
+    assert_eq!(drain(&mut b, &c, 100).len(), 1);
+
+    // The writers' first test is the stamp: with it older than a registration lasts,
+    // they do not look at `sleeper` at all, even though the row says "waiting".
+    w.batch_execute("SELECT setval('epidemic.sleeper_stamp', 1)")
+        .expect("age the stamp");
+    assert_eq!(waiting_readers(&db, "epidemic"), 1);
+    insert_ids(&mut w, 1..2);
+    assert_eq!(
+        counter.count(),
+        0,
+        "a stale stamp must skip the sleeper test"
+    );
+    assert_eq!(drain(&mut b, &c, 100).len(), 1);
+
+    // That fetch followed one that found a change, so it cleared the registration (a
+    // stream); the reader registers again before it blocks, stamp included.
+    settle_registered(&mut b, &c, &db);
+    let age = stamp_age_ms(&mut w).expect("the registration set the stamp");
+    assert!((0..5_000).contains(&age), "stamp {age} ms old");
+
+    // A waiting reader refreshes its registration, stamp included, within its lifetime.
+    w.batch_execute("SELECT setval('epidemic.sleeper_stamp', 1)")
+        .expect("age the stamp");
+    settle_registered(&mut b, &c, &db);
+    let age = stamp_age_ms(&mut w).expect("the refresh set the stamp");
+    assert!(
+        (0..5_000).contains(&age),
+        "stamp {age} ms old after a refresh"
+    );
+    insert_ids(&mut w, 2..3);
+    assert!(b
+        .wait(Duration::from_secs(60))
+        .expect("woken after the refresh"));
+    assert_eq!(counter.count(), 1);
+    assert_eq!(drain(&mut b, &c, 100).len(), 1);
+
+    // A reader that finds a stream clears its registration and brings the stamp down:
+    // nobody waits, so writers no longer look at `sleeper`.
+    insert_ids(&mut w, 100..102);
+    assert!(b
+        .wait(Duration::from_secs(60))
+        .expect("woken for the stream"));
+    assert_eq!(drain(&mut b, &c, 1).len(), 2, "two fetches of one change");
+    assert_eq!(waiting_readers(&db, "epidemic"), 0);
+    let age = stamp_age_ms(&mut w).expect("stamp");
+    assert!(
+        age > 10_000,
+        "nobody waits: the stamp must be long ago, not {age} ms"
+    );
+    assert_eq!(
+        counter.count(),
+        2,
+        "one notification per commit while it waited"
+    );
+
+    // A reader that goes away brings it down too...
+    let mut other = open_with(&url, json!({"fallback_poll_ms": 600_000}));
+    assert!(other
+        .wait(Duration::from_secs(30))
+        .expect("another reader registers"));
+    assert!(stamp_age_ms(&mut w).expect("stamp") < 5_000);
+    drop(other);
+    let age = stamp_age_ms(&mut w).expect("stamp");
+    assert!(
+        age > 10_000,
+        "the only waiting reader left: the stamp is {age} ms old"
+    );
+
+    // ...but only to the registrations that still stand.
+    settle_registered(&mut b, &c, &db);
+    let mut other = open_with(&url, json!({"fallback_poll_ms": 600_000}));
+    assert!(other
+        .wait(Duration::from_secs(30))
+        .expect("another reader registers"));
+    drop(other);
+    let age = stamp_age_ms(&mut w).expect("stamp");
+    assert!(
+        age < 10_000,
+        "a reader still waits: the stamp must stand, is {age} ms old"
+    );
+    insert_ids(&mut w, 102..103);
+    assert!(b.wait(Duration::from_secs(60)).expect("woken"));
+    assert_eq!(counter.count(), 1);
+    assert_eq!(drain(&mut b, &c, 100).len(), 1);
+
+    // A stamp dropped by hand never fails a write, nor a registration; the log still
+    // has every change, and install puts the stamp back.
+    w.batch_execute("DROP SEQUENCE epidemic.sleeper_stamp")
+        .expect("drop the stamp");
+    insert_ids(&mut w, 3..5);
+    assert_eq!(counter.count(), 0);
+    let mut b2 = open_with(&url, json!({"fallback_poll_ms": 600_000}));
+    assert!(b2
+        .wait(Duration::from_secs(30))
+        .expect("register without a stamp"));
+    drop(b2);
+    b.install(&[watch("t", &["id"])]).expect("install again");
+    assert_eq!(
+        stamp_age_ms(&mut w),
+        None,
+        "install creates the stamp unset"
+    );
+    assert_eq!(drain(&mut b, &c, 100).len(), 2);
+    settle_registered(&mut b, &c, &db);
+    insert_ids(&mut w, 5..6);
+    assert!(b
+        .wait(Duration::from_secs(60))
+        .expect("woken after install"));
+    assert_eq!(counter.count(), 1);
+    assert_eq!(drain(&mut b, &c, 100).len(), 1);
+}
+
+/// Wait and read until `b` waits registered, through a refresh of its registration: a
+/// wait longer than a refresh's interval that nothing woke.
+fn settle_registered(b: &mut HostBackend, c: &Consumer, db: &str) {
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            if b.wait(Duration::from_secs(4)).expect("wait") {
+                assert!(drain(b, c, 100).is_empty(), "nothing was committed");
+                return false;
+            }
+            true
+        }),
+        "the reader never settled into waiting"
+    );
+    assert_eq!(waiting_readers(db, "epidemic"), 1);
+}
+
 #[test]
 fn a_reader_that_goes_away_stops_writers_notifying_at_once() {
     let (url, db) = database("reader_goes_away", "CREATE TABLE t (id int PRIMARY KEY)");
