@@ -960,6 +960,35 @@ fn writers_look_for_a_waiting_reader_only_after_a_recent_registration() {
     assert_eq!(drain(&mut b, &c, 100).len(), 1);
 }
 
+#[test]
+fn a_role_without_rights_on_the_stamp_still_registers() {
+    let (url, db) = database("stampless", "CREATE TABLE t (id int PRIMARY KEY)");
+    let (_installer, _c) = reader_of_t(&url, json!({}));
+    let mut admin = PgServer::shared().client(&db);
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE stampless LOGIN; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             GRANT USAGE ON SCHEMA epidemic TO stampless; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON epidemic.sleeper TO stampless",
+        )
+        .expect("a role with rights on sleeper only");
+    let role_url = url.replacen("postgres://postgres@", "postgres://stampless@", 1);
+    assert_ne!(role_url, url);
+    let mut b = open_with(&role_url, json!({"fallback_poll_ms": 600_000}));
+    assert!(b
+        .wait(Duration::from_secs(30))
+        .expect("the stamp is an optimisation: registering must not need it"));
+    assert_eq!(waiting_readers(&db, "epidemic"), 1);
+    assert_eq!(stamp_age_ms(&mut admin), None);
+    drop(b);
+    assert_eq!(
+        waiting_readers(&db, "epidemic"),
+        0,
+        "the release needs no stamp either"
+    );
+}
+
 /// Wait and read until `b` waits registered, through a refresh of its registration: a
 /// wait longer than a refresh's interval that nothing woke.
 fn settle_registered(b: &mut HostBackend, c: &Consumer, db: &str) {

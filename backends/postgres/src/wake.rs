@@ -370,7 +370,8 @@ impl PgListener {
              SELECT pg_catalog.setval(s, COALESCE(\
                  (SELECT (EXTRACT(epoch FROM pg_catalog.max(since)) * 1000)::bigint FROM {sleeper} \
                   WHERE since > pg_catalog.now() - interval '{ttl} seconds'), 1)) \
-             FROM (SELECT pg_catalog.to_regclass({stamp}) AS s) r WHERE s IS NOT NULL",
+             FROM (SELECT pg_catalog.to_regclass({stamp}) AS s) r \
+             WHERE pg_catalog.has_sequence_privilege(s, 'UPDATE')",
             key = sleeper_lock_key(&self.schema),
             ttl = SLEEPER_TTL.as_secs(),
             stamp = quote_literal(&stamp_name(&self.schema)),
@@ -457,11 +458,15 @@ impl PgListener {
         }
         // The stamp first, so that it is set before the row commits; a schema installed
         // before the stamp existed has none, and its capture functions do not read one.
+        // A role without the rights to set it registers all the same (the stamp is an
+        // optimisation; without it this reader wakes by its fallback poll).
         script.push_str(&format!(
             "SELECT pg_catalog.setval(s, GREATEST(\
                  (EXTRACT(epoch FROM pg_catalog.now()) * 1000)::bigint, \
                  pg_catalog.pg_sequence_last_value(s))) \
-             FROM (SELECT pg_catalog.to_regclass({}) AS s) r WHERE s IS NOT NULL; ",
+             FROM (SELECT pg_catalog.to_regclass({}) AS s) r \
+             WHERE pg_catalog.has_sequence_privilege(s, 'UPDATE') \
+               AND pg_catalog.has_sequence_privilege(s, 'SELECT'); ",
             quote_literal(&stamp_name(&self.schema))
         ));
         script.push_str(&format!(
