@@ -1364,10 +1364,10 @@ fn a_backlog_in_another_table_is_read_without_lingering() {
         .expect("allow a long series");
     conn.query_drop(
         "INSERT INTO b WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
-         WHERE i < 10000) SELECT i FROM n",
+         WHERE i < 30000) SELECT i FROM n",
     )
     .expect("the backlog");
-    read_backlog_beside_a_stream(&mut b, &c, "b", 10_000, |next_a| {
+    read_backlog_beside_a_stream(&mut b, &c, "b", 30_000, |next_a| {
         conn.query_drop(format!(
             "INSERT INTO a WITH RECURSIVE n(i) AS (SELECT {next_a} UNION ALL SELECT i + 1 \
              FROM n WHERE i < {}) SELECT i FROM n",

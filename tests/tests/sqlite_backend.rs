@@ -1701,12 +1701,12 @@ fn a_backlog_in_another_table_is_read_without_lingering() {
     b.register(&c, &["a".into(), "b".into()], StartFrom::Oldest)
         .expect("register");
     db.write(
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10000) \
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 30000) \
          INSERT INTO b SELECT i FROM n;",
     );
     // A hundred rows of the stream before every read: dense (the sqlite3 tool takes a few
     // milliseconds to start), and fewer than a read takes.
-    read_backlog_beside_a_stream(&mut b, &c, "b", 10_000, |next_a| {
+    read_backlog_beside_a_stream(&mut b, &c, "b", 30_000, |next_a| {
         db.write(&format!(
             "WITH RECURSIVE n(i) AS (SELECT {next_a} UNION ALL SELECT i + 1 FROM n \
              WHERE i < {}) INSERT INTO a SELECT i FROM n;",

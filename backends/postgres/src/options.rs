@@ -557,9 +557,9 @@ mod tests {
     }
 
     #[test]
-    fn linger_defaults_to_5_ms_and_is_bounded() {
+    fn linger_defaults_to_20_ms_and_is_bounded() {
         let o = PgOptions::from_json(&json!({})).unwrap();
-        assert_eq!(o.linger, Duration::from_millis(5));
+        assert_eq!(o.linger, Duration::from_millis(20));
         let o = PgOptions::from_json(&json!({"linger_ms": 0})).unwrap();
         assert_eq!(o.linger, Duration::ZERO);
         let o = PgOptions::from_json(&json!({"linger_ms": 20})).unwrap();

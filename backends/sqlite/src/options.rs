@@ -108,9 +108,9 @@ mod tests {
     }
 
     #[test]
-    fn linger_defaults_to_5_ms_and_is_bounded() {
+    fn linger_defaults_to_20_ms_and_is_bounded() {
         let o = SqliteOptions::parse(&serde_json::json!({})).unwrap();
-        assert_eq!(o.linger().unwrap(), Duration::from_millis(5));
+        assert_eq!(o.linger().unwrap(), Duration::from_millis(20));
         let o = SqliteOptions::parse(&serde_json::json!({"linger_ms": 0})).unwrap();
         assert_eq!(o.linger().unwrap(), Duration::ZERO);
         let err = SqliteOptions::parse(&serde_json::json!({"linger_ms": 5000})).unwrap_err();
