@@ -62,9 +62,10 @@
 //! # A first test that costs writers one function call
 //!
 //! Testing `sleeper` is a query, which PL/pgSQL runs through the executor with a
-//! snapshot of its own: 6–9 µs per captured row with 8 writers (`pg_stat_statements`),
-//! half as much again as writing the log row, and under a steady stream nobody waits,
-//! so every one of those tests finds nothing. So registrations also keep
+//! snapshot of its own (`pg_stat_statements` gives it 6–9 µs per captured row with 8
+//! writers, though measured as the server's CPU per row, side by side, the saving was
+//! within noise; docs/benchmarks.md), and under a steady stream nobody waits, so every
+//! one of those tests finds nothing. So registrations also keep
 //! [`SLEEPER_STAMP`], a sequence, at the time of the latest registration that stands
 //! (milliseconds since the epoch), and a capture function first compares it with its
 //! transaction's start: `pg_sequence_last_value`, one function call that PL/pgSQL
