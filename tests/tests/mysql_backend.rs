@@ -1349,8 +1349,9 @@ fn an_install_of_the_previous_version_is_brought_up_to_date() {
 /// A consumer of two tables: one with a stream of a hundred rows per read, one with a
 /// backlog. MariaDB reads one table per fetch, in turn: a dense read of the stream that
 /// was not full still leaves the backlog's table unread, so no read may linger
-/// (`linger_ms`, a second here) before it. One wrong pause per round would make the drain
-/// take 20 s or more (20 reads of 500).
+/// (`linger_ms`, a second here) before it. One wrong pause per round (its first step, a
+/// quarter second, since the backlog's full reads end the streak) would make the drain
+/// take 15 s or more (60 reads of 500).
 #[test]
 fn a_backlog_in_another_table_is_read_without_lingering() {
     let (url, mut conn) = database(

@@ -1685,8 +1685,9 @@ fn an_ack_while_a_writer_holds_the_lock_is_kept_and_reading_goes_on_within_one_b
 /// A consumer of two tables: one with a stream of a few rows per read, one with a backlog.
 /// Reads of the stream are dense and not full, but the backlog's table is still to be read
 /// in the same turn: no read may linger (`linger_ms`) while a backlog waits. With the
-/// linger at a second, one wrong pause per round would make the drain take 20 s or more
-/// (20 reads of 500).
+/// linger at a second, one wrong pause per round (its first step, a quarter second, since
+/// the backlog's full reads end the streak) would make the drain take 15 s or more (60
+/// reads of 500).
 #[test]
 fn a_backlog_in_another_table_is_read_without_lingering() {
     let db = Db::new(

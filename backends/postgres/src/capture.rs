@@ -473,16 +473,10 @@ impl PgCapture<'_> {
                      PERFORM pg_notify({channel}, '');\n    \
                  END IF;"
             ),
-            // The first test is one function call (PL/pgSQL evaluates it without the
-            // executor); only when some reader registered lately does the second, a
-            // query, look for a registration that still stands (see [`crate::wake`]).
             NotifyMode::WhenIdle => format!(
-                "\n    IF {} THEN\n        \
-                     IF {two_phase_off} AND EXISTS (SELECT 1 FROM {} WHERE since > now() - interval '{} seconds') THEN\n            \
-                         PERFORM pg_notify({channel}, '');\n        \
-                     END IF;\n    \
+                "\n    IF {two_phase_off} AND EXISTS (SELECT 1 FROM {} WHERE since > now() - interval '{} seconds') THEN\n        \
+                     PERFORM pg_notify({channel}, '');\n    \
                  END IF;",
-                crate::wake::stamp_is_recent(self.schema),
                 self.q("sleeper"),
                 crate::wake::SLEEPER_TTL.as_secs()
             ),

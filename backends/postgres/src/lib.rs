@@ -253,7 +253,7 @@ impl Backend for PgBackend {
         let clear = self.listener.clear_if_busy();
         let batch = self.reader.fetch(&mut self.client, consumer, max, clear)?;
         self.listener
-            .read_done(&mut self.client, batch.changes.len(), max as usize, clear);
+            .read_done(batch.changes.len(), max as usize, clear);
         Ok(batch)
     }
 

@@ -27,10 +27,6 @@
 //! - `sleeper`: UNLOGGED, one row per reading connection (`pid`), with `since` set while
 //!   that reader waits for a wake-up (see [`crate::wake`]). Nothing in it matters after a
 //!   crash, hence UNLOGGED: writing it costs no WAL.
-//! - `sleeper_stamp`: a sequence (UNLOGGED on PostgreSQL 15 and later) whose value is the
-//!   time of the latest registration in `sleeper`, in milliseconds since the epoch. The
-//!   capture functions read it with one function call, and test `sleeper` only when a
-//!   registration is recent (see [`crate::wake`]).
 //!
 //! # Stable change ids
 //!
@@ -468,21 +464,6 @@ pub(crate) fn bookkeeping_ddl(
              pid integer PRIMARY KEY,\n    \
              since timestamptz\n)",
         q("sleeper")
-    ));
-    // The time of the latest registration, for the writers' cheap first test. Setting it
-    // is not transactional, and an UNLOGGED sequence (PostgreSQL 15+) writes no WAL, so
-    // registering still waits for no flush.
-    let version: i32 = client
-        .query_one(
-            "SELECT pg_catalog.current_setting('server_version_num')::int",
-            &[],
-        )
-        .map_err(PgError::sql("read the server's version"))?
-        .get(0);
-    ddl.push(format!(
-        "CREATE {}SEQUENCE IF NOT EXISTS {} AS bigint",
-        if version >= 150000 { "UNLOGGED " } else { "" },
-        q(crate::wake::SLEEPER_STAMP)
     ));
     // change: the change as delivered (JSON, opaque here). source_table: as the
     // consumer spelled it.

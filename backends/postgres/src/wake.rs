@@ -59,38 +59,6 @@
 //! so that the table stays a page or so. The rows live in an UNLOGGED table:
 //! registering writes no WAL and waits for no flush.
 //!
-//! # A first test that costs writers one function call
-//!
-//! Testing `sleeper` is a query, which PL/pgSQL runs through the executor with a
-//! snapshot of its own (`pg_stat_statements` gives it 6–9 µs per captured row with 8
-//! writers, though measured as the server's CPU per row, side by side, the saving was
-//! within noise; docs/benchmarks.md), and under a steady stream nobody waits, so every
-//! one of those tests finds nothing. So registrations also keep
-//! [`SLEEPER_STAMP`], a sequence, at the time of the latest registration that stands
-//! (milliseconds since the epoch), and a capture function first compares it with its
-//! transaction's start: `pg_sequence_last_value`, one function call that PL/pgSQL
-//! evaluates without the executor. Only when the stamp is within [`SLEEPER_TTL`] does it
-//! test `sleeper`.
-//!
-//! - A registration sets the stamp (forward only) before its row commits, since `setval`
-//!   is not transactional: every test that would see the row, after (1) committed, sees
-//!   the stamp first, and the analysis above is unchanged.
-//! - A fetch that clears the registration, and a backend dropped while registered, then
-//!   set the stamp to the latest registration that still stands, or to long ago. Both
-//!   registering and lowering take one advisory lock (per schema) for their
-//!   transaction, and the lowering reads `sleeper` in a statement that starts after the
-//!   lock was granted: a registration under way holds the lock until it has committed,
-//!   so it is seen, and the stamp never drops below a registration that stands.
-//! - A crashed reader's registration lapses after [`SLEEPER_TTL`], and the stamp with it.
-//! - The capture function finds the sequence with `to_regclass`: a stamp dropped by hand
-//!   makes writers skip the test (readers then wake by their fallback poll) instead of
-//!   failing the write, and install creates it again.
-//! - Mixed versions during an upgrade: a daemon older than the stamp registers without
-//!   setting it, so capture functions installed by a newer one do not notify it, and it
-//!   reads by its fallback poll (250 ms by default) until it is upgraded. A newer daemon
-//!   on a schema installed before the stamp existed sets no stamp, and the older capture
-//!   functions test `sleeper` as they did.
-//!
 //! With `notify = "always"` the triggers notify unconditionally; readers register all the
 //! same, so a daemon configured `always` is still woken by triggers that another daemon
 //! installed `when-idle`. A schema without a `sleeper` table (installed by an older
@@ -120,7 +88,10 @@
 //! stream (`epidemic bench`-style runs, 8 writers, reader attached, 4 interleaved
 //! rounds: 0.50–0.53 of the unwatched rate without it, median 0.72 with 5 ms; `off`
 //! 0.64–0.88; the server's CPU per change for the reader 10.6 µs at 5 ms, 6.9 µs at
-//! 10 ms, 3.8 µs at 20 ms). The price is latency under a dense stream only, `linger` at most; a
+//! 10 ms, 3.8 µs at 20 ms, docs/benchmarks.md). The hold of [`DENSE_HOLD`] still
+//! counts from the dense read: a lingered read that is not dense (the stream slowed or
+//! stopped) is followed by a registration, as a trickle's would be. The price is latency
+//! under a dense stream only, `linger` at most; a
 //! trickle (fewer than four changes per read, or fewer than one per 0.5 ms) is read at
 //! once, so its latency stays that of a notification, and a backlog (full reads) is
 //! read without pause. This only moves reads: the registration protocol above is
@@ -166,7 +137,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
 
 use crate::error::PgError;
-use crate::ident::{quote_ident, quote_literal, Ident};
+use crate::ident::{quote_ident, Ident};
 use crate::options::{NotifyMode, PgOptions};
 
 /// The fallback poll interval, unless configured, on a server that allows prepared
@@ -212,34 +183,6 @@ pub(crate) const REFRESH_EVERY: Duration = Duration::from_secs(3);
 /// How often a registering reader deletes `sleeper` rows of connections that are gone:
 /// housekeeping only, since such a row stops counting after [`SLEEPER_TTL`].
 pub(crate) const CLEANUP_EVERY: Duration = Duration::from_secs(60);
-
-/// The sequence that holds the time of the latest registration (see the module docs).
-pub(crate) const SLEEPER_STAMP: &str = "sleeper_stamp";
-
-/// The SQL expression, in a capture function, that tells whether some reader registered
-/// within [`SLEEPER_TTL`]: one function call on the stamp, no query. NULL (false) when
-/// the stamp was never set or the sequence is missing (a write must never fail).
-pub(crate) fn stamp_is_recent(schema: &Ident) -> String {
-    format!(
-        "pg_catalog.pg_sequence_last_value(pg_catalog.to_regclass({})) > \
-         (EXTRACT(epoch FROM pg_catalog.now()) * 1000)::bigint - {}",
-        quote_literal(&stamp_name(schema)),
-        SLEEPER_TTL.as_millis()
-    )
-}
-
-/// The stamp's qualified name.
-fn stamp_name(schema: &Ident) -> String {
-    format!("{}.{}", schema.quoted(), quote_ident(SLEEPER_STAMP))
-}
-
-/// The advisory lock that orders registrations against lowering the stamp.
-fn sleeper_lock_key(schema: &Ident) -> String {
-    format!(
-        "pg_catalog.hashtext({})",
-        quote_literal(&format!("epidemic sleepers {schema}"))
-    )
-}
 
 pub(crate) struct PgListener {
     /// The schema: the channel's name and where `sleeper` is.
@@ -333,14 +276,10 @@ impl PgListener {
     }
 
     /// A fetch ended: how many changes it returned of the `max` asked for, and whether it
-    /// was to clear the registration (if it returned changes, it did; the stamp then
-    /// comes down to the registrations that still stand).
-    pub fn read_done(&mut self, client: &mut Client, changes: usize, max: usize, cleared: bool) {
+    /// was to clear the registration (if it returned changes, it did).
+    pub fn read_done(&mut self, changes: usize, max: usize, cleared: bool) {
         if changes > 0 && cleared {
             self.registered = None;
-            // Best effort: a stamp left up only makes writers test `sleeper` until it
-            // lapses, and a lost connection shows at the next statement.
-            let _ = client.batch_execute(&self.stamp_lowering(""));
         }
         self.busy = changes > 0;
         // One statement reads every log table of the consumer: fewer than `max` is all.
@@ -357,28 +296,9 @@ impl PgListener {
             return;
         }
         let sleeper = format!("{}.{}", self.schema.quoted(), quote_ident("sleeper"));
-        let _ = client.batch_execute(&self.stamp_lowering(&format!(
-            "DELETE FROM {sleeper} WHERE pid = pg_catalog.pg_backend_pid(); "
-        )));
-    }
-
-    /// `then` (statements ending in `; `), then the stamp set to the latest registration
-    /// that still stands, or to 1 (long ago) when none does; one transaction, under the
-    /// lock that registrations take, so that a registration committing meanwhile is
-    /// seen (the setval's statement takes its snapshot after the lock was granted).
-    fn stamp_lowering(&self, then: &str) -> String {
-        let sleeper = format!("{}.{}", self.schema.quoted(), quote_ident("sleeper"));
-        format!(
-            "SELECT pg_catalog.pg_advisory_xact_lock({key}); {then}\
-             SELECT pg_catalog.setval(s, COALESCE(\
-                 (SELECT (EXTRACT(epoch FROM pg_catalog.max(since)) * 1000)::bigint FROM {sleeper} \
-                  WHERE since > pg_catalog.now() - interval '{ttl} seconds'), 1)) \
-             FROM (SELECT pg_catalog.to_regclass({stamp}) AS s) r \
-             WHERE pg_catalog.has_sequence_privilege(s, 'UPDATE')",
-            key = sleeper_lock_key(&self.schema),
-            ttl = SLEEPER_TTL.as_secs(),
-            stamp = quote_literal(&stamp_name(&self.schema)),
-        )
+        let _ = client.batch_execute(&format!(
+            "DELETE FROM {sleeper} WHERE pid = pg_catalog.pg_backend_pid()"
+        ));
     }
 
     /// Objects in the schema may have been created or dropped (install, uninstall).
@@ -449,29 +369,13 @@ impl PgListener {
     /// overwrites it if it registers.
     fn registration(&self, cleanup: bool) -> String {
         let sleeper = format!("{}.{}", self.schema.quoted(), quote_ident("sleeper"));
-        let mut script = format!(
-            "SELECT pg_catalog.pg_advisory_xact_lock({}); ",
-            sleeper_lock_key(&self.schema)
-        );
+        let mut script = String::new();
         if cleanup {
             script.push_str(&format!(
                 "DELETE FROM {sleeper} s WHERE NOT EXISTS \
                  (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = s.pid); "
             ));
         }
-        // The stamp first, so that it is set before the row commits; a schema installed
-        // before the stamp existed has none, and its capture functions do not read one.
-        // A role without the rights to set it registers all the same (the stamp is an
-        // optimisation; without it this reader wakes by its fallback poll).
-        script.push_str(&format!(
-            "SELECT pg_catalog.setval(s, GREATEST(\
-                 (EXTRACT(epoch FROM pg_catalog.now()) * 1000)::bigint, \
-                 pg_catalog.pg_sequence_last_value(s))) \
-             FROM (SELECT pg_catalog.to_regclass({}) AS s) r \
-             WHERE pg_catalog.has_sequence_privilege(s, 'UPDATE') \
-               AND pg_catalog.has_sequence_privilege(s, 'SELECT'); ",
-            quote_literal(&stamp_name(&self.schema))
-        ));
         script.push_str(&format!(
             "INSERT INTO {sleeper} (pid, since) VALUES (pg_catalog.pg_backend_pid(), pg_catalog.now()) \
              ON CONFLICT (pid) DO UPDATE SET since = EXCLUDED.since"

@@ -171,13 +171,16 @@ mod tests {
         // nothing.
         let long = Duration::from_secs(20);
         let mut l = Linger::new(long);
-        assert!(timed_read(&mut l) < long / 2, "the first read");
+        assert!(timed_read(&mut l) < long / 8, "the first read");
         assert!(l.after_read(100, false));
-        assert!(timed_read(&mut l) < long / 2, "after a read that left more");
+        assert!(l.next_wait().is_zero());
+        assert!(timed_read(&mut l) < long / 8, "after a read that left more");
         assert!(!l.after_read(1, true));
-        assert!(timed_read(&mut l) < long / 2, "after a trickle");
+        assert!(l.next_wait().is_zero());
+        assert!(timed_read(&mut l) < long / 8, "after a trickle");
         assert!(!l.after_read(0, true));
-        assert!(timed_read(&mut l) < long / 2, "after nothing");
+        assert!(l.next_wait().is_zero());
+        assert!(timed_read(&mut l) < long / 8, "after nothing");
     }
 
     #[test]
