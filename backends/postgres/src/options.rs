@@ -354,8 +354,8 @@ pub struct PgOptions {
     /// taken for dead (default 30 s); `None` when set to 0 (no watch, no keepalive
     /// tuning, no heartbeat). See [`crate::stream`].
     pub dead_peer_timeout: Option<Duration>,
-    /// How long a reader behind a dense stream lets changes gather between two reads
-    /// (default 5 ms; zero: read again at once). See [`crate::wake`], "A dense stream".
+    /// The longest a reader behind a dense stream lets changes gather between two reads
+    /// (default 20 ms; zero: read again at once). See [`crate::wake`], "A dense stream".
     pub linger: Duration,
 }
 

@@ -91,10 +91,9 @@
 //! 10 ms, 3.8 µs at 20 ms, docs/benchmarks.md). The hold of [`DENSE_HOLD`] still
 //! counts from the dense read: a lingered read that is not dense (the stream slowed or
 //! stopped) is followed by a registration, as a trickle's would be. The price is latency
-//! under a dense stream only, `linger` at most; a
-//! trickle (fewer than four changes per read, or fewer than one per 0.5 ms) is read at
-//! once, so its latency stays that of a notification, and a backlog (full reads) is
-//! read without pause. This only moves reads: the registration protocol above is
+//! under a dense stream only, `linger` at most; a trickle (fewer than four changes per
+//! read, or fewer than one per 0.5 ms) is read at once, so its latency stays that of a
+//! notification, and a backlog (full reads) is read without pause. This only moves reads: the registration protocol above is
 //! unchanged whenever the reader blocks.
 //!
 //! # A reader that goes away
